@@ -1,0 +1,40 @@
+"""corral: keeps pools of worker processes alive.
+
+Start N workers, notice at once when one dies or hangs, restart it with backoff under a restart
+budget, shut everything down within one deadline, and say what happened and why.
+"""
+
+from corral.errors import CorralError, GaveUp, NotPicklable, SupervisorStateError
+from corral.events import Event, EventKind, ExitRecord
+from corral.exitstatus import ExitStatus
+from corral.heartbeat import beat, in_worker, ready, set_status
+from corral.policy import Backoff, RestartBudget, RestartPolicy
+from corral.spec import PoolSpec
+from corral.states import StopReason, WorkerState
+from corral.status import WorkerStatus
+from corral.supervisor import Supervisor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backoff",
+    "CorralError",
+    "Event",
+    "EventKind",
+    "ExitRecord",
+    "ExitStatus",
+    "GaveUp",
+    "NotPicklable",
+    "PoolSpec",
+    "RestartBudget",
+    "RestartPolicy",
+    "StopReason",
+    "Supervisor",
+    "SupervisorStateError",
+    "WorkerState",
+    "WorkerStatus",
+    "beat",
+    "in_worker",
+    "ready",
+    "set_status",
+]

@@ -1,0 +1,113 @@
+"""What runs first in every worker process, before the user's target.
+
+It puts the worker in its own process group (so stopping it reaches its children), makes sure it
+dies with the supervisor (a parent-death signal plus a watch on the multiprocessing parent sentinel,
+which also covers forkserver children), resets signal dispositions inherited from the supervisor,
+sets the process title and attaches the heartbeat slot and the stack-dump handler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import faulthandler
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class BootConfig:
+    pool: str
+    index: int
+    name: str
+    supervisor_pid: int
+    heartbeat_path: str | None
+    wake_path: str | None
+    ready_on_beat: bool
+    dump_signal: int | None
+    pdeathsig: bool  # the supervisor is our real parent (fork, spawn)
+
+
+def _set_pdeathsig(sig: int) -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def _reset_signals() -> None:
+    # A forked worker inherits the supervisor's Python handlers (a CLI's handlers only enqueue,
+    # which would make the worker ignore SIGTERM) and the spawning thread's signal mask.
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1,
+                signal.SIGUSR2, signal.SIGCHLD, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    with contextlib.suppress(ValueError):
+        signal.set_wakeup_fd(-1)
+
+
+def _kill_own_group() -> None:
+    try:
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+    finally:
+        os._exit(1)
+
+
+def _watch_parent() -> None:
+    """Backstop for the parent-death signal: the parent sentinel hits EOF when it dies."""
+    parent = multiprocessing.parent_process()
+    sentinel = getattr(parent, "sentinel", None) if parent is not None else None
+    if sentinel is None:
+        return
+
+    def watch() -> None:
+        try:
+            multiprocessing.connection.wait([sentinel])
+        except Exception:
+            return
+        _kill_own_group()
+
+    threading.Thread(target=watch, name="corral-parent-watch", daemon=True).start()
+
+
+def run_worker(config: BootConfig, target: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    """The multiprocessing target of every worker: prepare, then ``target(index, *args)``."""
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass  # already a group leader (the supervisor set it first)
+    _reset_signals()
+    if config.pdeathsig:
+        _set_pdeathsig(signal.SIGKILL)
+        # If the supervisor died before prctl, no signal will come: check by hand.
+        if os.getppid() != config.supervisor_pid:
+            _kill_own_group()
+    _watch_parent()
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(f"corral: {config.pool} worker {config.index}")
+    except Exception:  # a title is a nicety, never a reason to fail
+        pass
+    dump_fd = -1
+    if config.dump_signal is not None:
+        # Evidence from a hung worker: a C-level handler dumps every thread's stack into a memfd
+        # the supervisor reads through /proc, even when the interpreter itself is stuck.
+        dump_fd = os.memfd_create(f"corral-dump-{config.index}", 0)
+        faulthandler.register(config.dump_signal, file=dump_fd, all_threads=True, chain=False)
+    if config.heartbeat_path is not None:
+        from corral import heartbeat
+
+        heartbeat._attach(config.heartbeat_path, config.index, dump_fd, config.wake_path,
+                          config.ready_on_beat)
+    target(config.index, *args)

@@ -1,0 +1,60 @@
+"""A heap of deadlines keyed by (worker id, kind); setting a key again replaces its deadline."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Hashable
+
+__all__ = ["Deadlines"]
+
+
+class Deadlines:
+    """Deadlines with lazy cancellation: O(log n) set, pop and cancel."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Hashable]] = []
+        self._live: dict[Hashable, tuple[float, int]] = {}
+        self._seq = itertools.count()
+
+    def set(self, key: Hashable, when: float) -> None:
+        seq = next(self._seq)
+        self._live[key] = (when, seq)
+        heapq.heappush(self._heap, (when, seq, key))
+
+    def cancel(self, key: Hashable) -> None:
+        self._live.pop(key, None)
+
+    def get(self, key: Hashable) -> float | None:
+        entry = self._live.get(key)
+        return None if entry is None else entry[0]
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._live
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def _drop_stale(self) -> None:
+        heap = self._heap
+        while heap:
+            when, seq, key = heap[0]
+            if self._live.get(key) == (when, seq):
+                return
+            heapq.heappop(heap)
+
+    def next_due(self) -> float | None:
+        """When the earliest live deadline falls, or None."""
+        self._drop_stale()
+        return self._heap[0][0] if self._heap else None
+
+    def pop_due(self, now: float) -> list[Hashable]:
+        """Remove and return the keys whose deadline is <= now, earliest first."""
+        due: list[Hashable] = []
+        while True:
+            self._drop_stale()
+            if not self._heap or self._heap[0][0] > now:
+                return due
+            _, _, key = heapq.heappop(self._heap)
+            del self._live[key]
+            due.append(key)

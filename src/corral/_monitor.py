@@ -1,0 +1,777 @@
+"""The monitor: the one thread that owns every worker record of a pool.
+
+Data flow::
+
+    public methods --command--> queue --1 byte--> wakeup pipe --+
+    spawner thread --result---> queue --1 byte--> wakeup pipe --+
+    worker ready() ---------------------1 byte--> wakeup pipe --+--> connection.wait(...)
+    worker exits --> pidfd / forkserver sentinel readable ------+        |
+    next deadline (backoff over, stop timeout, liveness, dump) --timeout-+
+                                                                         v
+                                              triggers -> states.check -> actions
+
+It never sleeps a fixed tick: each round blocks until something happens or the next deadline
+falls. Starting processes (up to tens of ms under spawn/forkserver) is done by a separate,
+long-lived spawner thread, so a restart never delays the supervision of other workers, and the
+parent-death signal of the workers is tied to a thread that lives as long as the pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import queue
+import random
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+from corral import states
+from corral._bootstrap import BootConfig, run_worker
+from corral._deadlines import Deadlines
+from corral.errors import GaveUp
+from corral.events import Event, EventKind, ExitRecord
+from corral.exitstatus import ExitStatus
+from corral.heartbeat import HeartbeatTable
+from corral.policy import BackoffState, BudgetWindow
+from corral.process import WorkerProcess
+from corral.spec import PoolSpec
+from corral.states import StopReason, Trigger, WorkerState
+from corral.status import WorkerStatus
+
+log = logging.getLogger("corral.supervisor")
+
+S = WorkerState
+_DUMP_SIGNAL = signal.SIGRTMIN + 3  # rarely used by applications; faulthandler's C handler
+_DUMP_STEP = 0.005  # how often a stack dump is checked for completion (only while one is due)
+_DUMP_MAX = 0.1  # the longest a hung worker may take to write its dump
+_HISTORY = 32  # exit records kept for GaveUp and status
+
+
+@dataclass
+class _Worker:
+    index: int
+    name: str
+    args: tuple[Any, ...]
+    backoff: BackoffState
+    state: WorkerState = S.PENDING
+    proc: WorkerProcess | None = None
+    generation: int = 0
+    restarts: int = 0
+    ready: bool = False
+    last_exit: ExitRecord | None = None
+    # Set when corral decided to stop the current process: why, and what follows its exit.
+    stop_reason: StopReason | None = None
+    after_stop: str = "policy"  # "policy" | "restart" | "remove" | "stay"
+    stop_detail: str | None = None
+    dump_started: float = 0.0
+    dump_size: int = -1
+    started_once: bool = False
+
+    @property
+    def who(self) -> str:
+        pid = self.proc.pid if self.proc else None
+        return f"worker {self.name!r} (index {self.index}, pid {pid})"
+
+
+@dataclass
+class _Command:
+    name: str
+    args: tuple[Any, ...] = ()
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        self.result, self.error = result, error
+        self.done.set()
+
+
+class Monitor:
+    """Runs a pool. Created and driven by :class:`corral.Supervisor`; not public."""
+
+    def __init__(self, spec: PoolSpec, emit: Callable[[Event], None]) -> None:
+        self.spec = spec
+        self._emit_cb = emit
+        self._ctx = multiprocessing.get_context(spec.start_method)
+        self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_lock = threading.Lock()  # _wake() must never write to a closed, reused fd
+        self._spawn_q: queue.SimpleQueue[tuple[int, int, BootConfig, tuple[Any, ...]] | None] = (
+            queue.SimpleQueue())
+        self._workers: dict[int, _Worker] = {}
+        self._by_waitable: dict[Any, _Worker] = {}
+        self._deadlines = Deadlines()
+        self._budget = BudgetWindow(spec.budget)
+        self._history: deque[ExitRecord] = deque(maxlen=_HISTORY)
+        self._rng = random.Random()
+        self._hb = HeartbeatTable(spec.workers)
+        self._stopping = False
+        self._stop_waiters: list[_Command] = []
+        self._rolling: deque[int] = deque()
+        self._rolling_current: int | None = None
+        self._rolling_waiters: list[_Command] = []
+        self._ready_waiters: list[tuple[int | None, _Command]] = []
+        self.gave_up: GaveUp | None = None
+        self.finished = threading.Event()
+        self._snapshot: tuple[WorkerStatus, ...] = ()
+        self._thread = threading.Thread(target=self._run, name=f"corral-monitor[{spec.name}]",
+                                        daemon=True)
+        self._spawner = threading.Thread(target=self._spawn_loop,
+                                         name=f"corral-spawner[{spec.name}]", daemon=True)
+        self._needs_ready_scan = spec.ready_when != "started"
+
+    # ----------------------------------------------------------------- called from other threads
+
+    def start(self, initial: list[tuple[str, tuple[Any, ...]]]) -> None:
+        for index, (name, args) in enumerate(initial):
+            self._workers[index] = _Worker(index, name, args, BackoffState(self.spec.backoff))
+        self._spawner.start()
+        self._thread.start()
+
+    def call(self, name: str, *args: Any, wait: bool = True, timeout: float | None = None) -> Any:
+        """Run a command on the monitor thread; wait for its result unless ``wait`` is False."""
+        cmd = _Command(name, args)
+        if self.finished.is_set() and name != "stop":
+            raise RuntimeError("the pool has stopped")
+        self._commands.put(cmd)
+        self._wake()
+        if not wait:
+            return None
+        if not cmd.done.wait(timeout):
+            raise TimeoutError(f"{name} did not finish within {timeout} s")
+        if cmd.error is not None:
+            raise cmd.error
+        return cmd.result
+
+    def snapshot(self) -> tuple[WorkerStatus, ...]:
+        return self._snapshot
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+    def _wake(self) -> None:
+        with self._wake_lock, contextlib.suppress(BlockingIOError, OSError):
+            if self._wake_w >= 0:
+                os.write(self._wake_w, b"\0")
+
+    # ------------------------------------------------------------------------- spawner thread
+
+    def _spawn_loop(self) -> None:
+        target: Callable[..., Any] = run_worker
+        while True:
+            item = self._spawn_q.get()
+            if item is None:
+                return
+            index, generation, boot, args = item
+            result: WorkerProcess | BaseException
+            if self._stopping:
+                result = _SpawnSkipped()
+            else:
+                try:
+                    result = WorkerProcess.start(
+                        self._ctx, target, (boot, self.spec.target, args), boot.name,
+                        self.spec.daemon)
+                except BaseException as exc:  # reported to the monitor as a failed start
+                    result = exc
+            self._commands.put(_Command("spawned", (index, generation, result)))
+            self._wake()
+
+    # --------------------------------------------------------------------------- monitor loop
+
+    def _run(self) -> None:
+        try:
+            now = time.monotonic()
+            for w in list(self._workers.values()):
+                self._spawn(w, now)
+            while not self.finished.is_set():
+                self._round()
+        except BaseException:
+            log.critical("pool %r: the monitor thread failed; stopping every worker",
+                         self.spec.name, exc_info=True)
+            self._emergency_kill()
+            raise
+        finally:
+            self._spawn_q.put(None)
+
+    def _round(self) -> None:
+        due = self._deadlines.next_due()
+        timeout = None if due is None else max(0.0, due - time.monotonic())
+        ready = multiprocessing.connection.wait([self._wake_r, *self._by_waitable], timeout)
+        woke = False
+        for obj in ready:
+            if obj == self._wake_r:
+                woke = True
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self._wake_r, 4096):
+                        pass
+            else:
+                w = self._by_waitable.get(obj)
+                if w is not None:
+                    self._on_exit(w)
+        if woke:
+            while True:
+                try:
+                    cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                self._dispatch(cmd)
+            if self._needs_ready_scan:
+                self._scan_ready(time.monotonic())
+        now = time.monotonic()
+        for key in self._deadlines.pop_due(now):
+            self._on_deadline(key, now)
+        self._maybe_finish()
+
+    def _dispatch(self, cmd: _Command) -> None:
+        handler = getattr(self, f"_cmd_{cmd.name}")
+        try:
+            handler(cmd)
+        except Exception as exc:
+            cmd.finish(error=exc)
+
+    # ------------------------------------------------------------------------------ transitions
+
+    def _move(self, w: _Worker, trigger: Trigger, new: WorkerState) -> None:
+        states.check(w.state, trigger, new, w.who)
+        w.state = new
+
+    def _spawn(self, w: _Worker, now: float) -> None:
+        """Queue a start of ``w`` for the spawner thread (state PENDING)."""
+        w.generation += 1
+        w.ready = False
+        self._hb.reset(w.index)
+        if w.started_once:
+            w.restarts += 1
+        w.started_once = True
+        boot = BootConfig(
+            pool=self.spec.name, index=w.index, name=w.name, supervisor_pid=os.getpid(),
+            heartbeat_path=self._hb.path, wake_path=f"/proc/{os.getpid()}/fd/{self._wake_w}",
+            ready_on_beat=self.spec.ready_when == "beat",
+            dump_signal=_DUMP_SIGNAL if self.spec.heartbeat_timeout is not None else None,
+            pdeathsig=self.spec.start_method != "forkserver")
+        self._spawn_q.put((w.index, w.generation, boot, w.args))
+
+    def _cmd_spawned(self, cmd: _Command) -> None:
+        index, generation, result = cmd.args
+        cmd.finish()
+        w = self._workers.get(index)
+        if w is None or w.generation != generation or w.state is not S.PENDING:
+            if isinstance(result, WorkerProcess):  # a start nobody wants any more
+                result.send_group(signal.SIGKILL)
+                self._orphans_reap(result)
+            return
+        now = time.monotonic()
+        if isinstance(result, BaseException):
+            if isinstance(result, _SpawnSkipped):
+                self._move(w, Trigger.SPAWN_FAILED, S.STOPPED)
+                return
+            log.error("%s: could not start a process: %s: %s", w.who, type(result).__name__,
+                      result, exc_info=result if not isinstance(result, OSError) else None)
+            record = ExitRecord(w.index, w.name, None, None, StopReason.SPAWN_FAILED,
+                                time.time(), 0.0, f"{type(result).__name__}: {result}")
+            self._after_death(w, Trigger.SPAWN_FAILED, record, now)
+            return
+        w.proc = result
+        self._by_waitable[result.waitable()] = w
+        self._move(w, Trigger.SPAWNED, S.STARTING)
+        log.info("%s started", w.who)
+        self._emit(EventKind.SPAWNED, w)
+        if w.stop_reason is not None:
+            # Stopped while it was being started: stop it now that it exists.
+            self._signal_stop(w, now)
+            return
+        if self.spec.ready_when == "started":
+            self._become_ready(w)
+        self._arm_liveness(w, now)
+
+    def _become_ready(self, w: _Worker) -> None:
+        self._move(w, Trigger.READY, S.RUNNING if w.state is not S.STOPPING else S.STOPPING)
+        if w.state is S.RUNNING:
+            w.ready = True
+            log.debug("%s is ready", w.who)
+            self._emit(EventKind.READY, w)
+            self._arm_liveness(w, time.monotonic())
+            self._check_rolling(w)
+            self._check_ready_waiters()
+
+    def _scan_ready(self, now: float) -> None:
+        for w in self._workers.values():
+            if w.state is S.STARTING and w.proc is not None and (
+                    self._hb.ready_at(w.index) > 0
+                    or (self.spec.ready_when == "beat" and self._hb.last_beat(w.index) > 0)):
+                self._become_ready(w)
+
+    # ---------------------------------------------------------------------------- exits
+
+    def _on_exit(self, w: _Worker) -> None:
+        proc = w.proc
+        assert proc is not None
+        # Take the rest of its group down while the dead worker still holds the group id.
+        proc.kill_group_leftovers()
+        status = proc.reap()
+        if status is None:
+            return  # not really gone yet (cannot happen with pidfds); wait again
+        del self._by_waitable[proc.waitable()]
+        proc.close()
+        now = time.monotonic()
+        self._deadlines.cancel((w.index, "kill"))
+        self._deadlines.cancel((w.index, "dump"))
+        if w.stop_reason is not None:
+            reason = w.stop_reason
+        elif status.signal is not None:
+            reason = StopReason.KILLED
+        else:
+            reason = StopReason.EXITED
+        record = ExitRecord(w.index, w.name, proc.pid, status, reason, time.time(),
+                            now - proc.started, w.stop_detail)
+        w.proc = None
+        w.ready = False
+        self._after_death(w, Trigger.EXITED, record, now)
+
+    def _after_death(self, w: _Worker, trigger: Trigger, record: ExitRecord, now: float) -> None:
+        """Record an ended process and decide what comes next for its worker."""
+        w.last_exit = record
+        self._history.append(record)
+        after, w.stop_reason, w.stop_detail = w.after_stop, None, None
+        w.after_stop = "policy"
+        self._log_exit(record)
+        self._emit(EventKind.EXITED, w, exit=record)
+        if self._stopping or after == "stay":
+            self._move(w, trigger, S.STOPPED)
+        elif after == "remove":
+            self._move(w, trigger, S.STOPPED)
+            del self._workers[w.index]
+        elif after == "restart":
+            self._move(w, trigger, S.PENDING)
+            self._emit(EventKind.RESTARTING, w, delay=0.0)
+            self._spawn(w, now)
+        else:
+            self._restart_per_policy(w, trigger, record, now)
+        if self._rolling_current == w.index and w.state is not S.PENDING:
+            self._rolling_advance()  # the rolling restart cannot wait for this one
+
+    def _restart_per_policy(self, w: _Worker, trigger: Trigger, record: ExitRecord,
+                            now: float) -> None:
+        clean = (record.exit is not None and record.exit.clean
+                 and record.reason is StopReason.EXITED)
+        if not self.spec.restart_policy.wants_restart(clean_exit=clean):
+            self._move(w, trigger, S.EXITED)
+            log.info("%s will not be restarted (restart=%r)", w.who,
+                     self.spec.restart_policy.value)
+            return
+        if not self._budget.try_spend(now):
+            self._move(w, trigger, S.STOPPED)
+            self._give_up(now)
+            return
+        delay = w.backoff.on_death(record.uptime, self._rng)
+        self._emit(EventKind.RESTARTING, w, delay=delay)
+        if delay <= 0:
+            self._move(w, trigger, S.PENDING)
+            self._spawn(w, now)
+        else:
+            self._move(w, trigger, S.BACKOFF)
+            log.info("%s restarts in %.3fs (failure %d in a row)", w.who, delay, w.backoff.streak)
+            self._deadlines.set((w.index, "backoff"), now + delay)
+
+    def _log_exit(self, record: ExitRecord) -> None:
+        if record.reason.by_corral:
+            log.info("%s", record.describe())
+        else:
+            log.warning("%s", record.describe())
+        if record.detail and record.reason in (StopReason.HUNG, StopReason.STARTUP_TIMEOUT):
+            log.warning("stack of hung worker %r (pid %s):\n%s", record.name, record.pid,
+                        record.detail)
+
+    def _give_up(self, now: float) -> None:
+        budget = self.spec.budget
+        last = list(self._history)[-10:]
+        lines = "\n".join("  " + r.describe() for r in last)
+        message = (f"pool {self.spec.name!r} gave up: more than {budget.max_restarts} restarts "
+                   f"within {budget.window:g}s. Last exits:\n{lines}")
+        log.error("%s", message)
+        self.gave_up = GaveUp(message, last)
+        self._emit(EventKind.GAVE_UP, None, message=message)
+        self._begin_stop(self.spec.stop_timeout, StopReason.GAVE_UP, now)
+
+    # ------------------------------------------------------------------------------- stopping
+
+    def _stop_worker(self, w: _Worker, reason: StopReason, after: str, now: float,
+                     detail: str | None = None, dump: bool = False) -> None:
+        """Stop one worker's process gracefully; ``after`` says what follows its exit."""
+        if w.state is S.STOPPING:
+            # Already going: keep the stronger follow-up (a shutdown beats a restart).
+            if after in ("stay", "remove"):
+                w.after_stop = after
+            return
+        w.stop_reason, w.after_stop, w.stop_detail = reason, after, detail
+        if w.state is S.PENDING:
+            self._move(w, Trigger.STOP, S.PENDING)  # stopped as soon as its process appears
+            return
+        self._move(w, Trigger.STOP, S.STOPPING)
+        assert w.proc is not None
+        if dump and self._request_dump(w, now):
+            return
+        self._signal_stop(w, now)
+
+    def _signal_stop(self, w: _Worker, now: float, grace: float | None = None) -> None:
+        if w.state is not S.STOPPING:
+            self._move(w, Trigger.STOP, S.STOPPING)
+        assert w.proc is not None
+        grace = self.spec.stop_timeout if grace is None else grace
+        if grace <= 0:
+            self._kill(w)
+            return
+        w.proc.send_group(self.spec.stop_signal)
+        w.proc.send_group(signal.SIGCONT)  # a stopped process could not handle it otherwise
+        if (w.index, "kill") not in self._deadlines:
+            self._deadlines.set((w.index, "kill"), now + grace)
+
+    def _kill(self, w: _Worker) -> None:
+        if w.proc is None:
+            return
+        log.warning("%s did not stop within its grace; sending SIGKILL", w.who)
+        w.proc.send_group(signal.SIGKILL)
+
+    def _begin_stop(self, timeout: float, reason: StopReason, now: float) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        self._rolling.clear()
+        for w in list(self._workers.values()):
+            self._deadlines.cancel((w.index, "backoff"))
+            if w.state in (S.BACKOFF, S.EXITED):
+                self._move(w, Trigger.STOP, S.STOPPED)
+            elif w.state is S.STOPPING:
+                w.after_stop = "stay"
+                w.stop_reason = w.stop_reason or reason
+            elif w.state in (S.PENDING, S.STARTING, S.RUNNING):
+                w.stop_reason, w.after_stop = reason, "stay"
+                if w.state is S.PENDING:
+                    self._move(w, Trigger.STOP, S.PENDING)
+                else:
+                    self._move(w, Trigger.STOP, S.STOPPING)
+                    self._signal_stop(w, now, grace=timeout)
+        self._deadlines.cancel(("pool", "liveness"))
+        # One deadline for the whole pool: stragglers are killed together.
+        for w in self._workers.values():
+            self._deadlines.cancel((w.index, "kill"))
+        if timeout > 0:
+            self._deadlines.set(("pool", "kill"), now + timeout)
+
+    def _maybe_finish(self) -> None:
+        if not self._stopping:
+            if (self._workers and all(w.state.final for w in self._workers.values())
+                    and not self._rolling_waiters):
+                # Every worker finished and none will be restarted: the pool is done.
+                log.info("pool %r: every worker has finished", self.spec.name)
+                self._begin_stop(0.0, StopReason.SHUTDOWN, time.monotonic())
+            else:
+                return
+        if any(not w.state.final for w in self._workers.values()):
+            return
+        self._deadlines = Deadlines()
+        self._publish()
+        self._hb.close()
+        with self._wake_lock:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
+        self.finished.set()
+        self._emit(EventKind.STOPPED, None, message="gave up" if self.gave_up else "stopped")
+        for cmd in self._stop_waiters + [c for _, c in self._ready_waiters] + self._rolling_waiters:
+            cmd.finish()
+        log.info("pool %r stopped", self.spec.name)
+
+    def _emergency_kill(self) -> None:
+        for w in self._workers.values():
+            if w.proc is not None:
+                w.proc.send_group(signal.SIGKILL)
+                self._orphans_reap(w.proc)
+        self.finished.set()
+
+    @staticmethod
+    def _orphans_reap(proc: WorkerProcess) -> None:
+        # Blocking reap of a SIGKILLed process: takes well under a millisecond.
+        multiprocessing.connection.wait([proc.waitable()], timeout=5)
+        proc.kill_group_leftovers()
+        proc.reap()
+        proc.close()
+
+    # ------------------------------------------------------------------------------ deadlines
+
+    def _on_deadline(self, key: Hashable, now: float) -> None:
+        assert isinstance(key, tuple)
+        owner, kind = key
+        if owner == "pool":
+            if kind == "kill":
+                for straggler in self._workers.values():
+                    if straggler.state is S.STOPPING:
+                        self._kill(straggler)
+            elif kind == "liveness":
+                self._check_liveness(now)
+            return
+        w = self._workers.get(owner)
+        if w is None:
+            return
+        if kind == "backoff" and w.state is S.BACKOFF:
+            self._move(w, Trigger.BACKOFF_OVER, S.PENDING)
+            self._spawn(w, now)
+        elif kind == "kill" and w.state is S.STOPPING:
+            self._move(w, Trigger.KILL, S.STOPPING)
+            self._kill(w)
+        elif kind == "dump" and w.state is S.STOPPING:
+            self._collect_dump(w, now)
+
+    # ------------------------------------------------------------------ liveness and evidence
+
+    def _arm_liveness(self, w: _Worker, now: float) -> None:
+        """Make sure the liveness deadline covers a newly started worker."""
+        due = self._due(w)
+        if due is None:
+            return
+        current = self._deadlines.get(("pool", "liveness"))
+        if current is None or due[0] < current:
+            self._deadlines.set(("pool", "liveness"), due[0])
+
+    def _due(self, w: _Worker) -> tuple[float, StopReason] | None:
+        """When ``w`` must next have shown life, and what it is if it has not."""
+        if w.proc is None or w.state not in (S.STARTING, S.RUNNING):
+            return None
+        hbt, sut = self.spec.heartbeat_timeout, self.spec.startup_timeout
+        started = w.proc.started
+        if w.state is S.STARTING and sut is not None:
+            # Still in its startup grace: only the grace counts, however it beats.
+            return started + sut, StopReason.STARTUP_TIMEOUT
+        if hbt is None:
+            return None
+        last = self._hb.last_beat(w.index)
+        if last > 0:
+            return last + hbt, StopReason.HUNG
+        # Never beat: allowed the startup grace (or one heartbeat timeout) from its start.
+        return started + (sut if sut is not None else hbt), StopReason.STARTUP_TIMEOUT
+
+    def _check_liveness(self, now: float) -> None:
+        """Find hung and never-started workers; re-arm for the earliest next due time."""
+        if self._needs_ready_scan:
+            self._scan_ready(now)
+        earliest: float | None = None
+        for w in list(self._workers.values()):
+            due = self._due(w)
+            if due is None:
+                continue
+            when, reason = due
+            if when > now:
+                earliest = when if earliest is None else min(earliest, when)
+                continue
+            assert w.proc is not None
+            last = self._hb.last_beat(w.index)
+            what = (f"no heartbeat for {now - last:.3f}s" if reason is StopReason.HUNG
+                    else f"not ready {now - w.proc.started:.3f}s after start")
+            log.warning("%s is %s (%s); collecting a stack dump, then stopping it", w.who,
+                        reason.value, what)
+            self._emit(EventKind.UNHEALTHY, w, message=f"{reason.value}: {what}")
+            self._stop_worker(w, reason, "policy", now, detail=what, dump=True)
+        if earliest is not None:
+            self._deadlines.set(("pool", "liveness"), earliest)
+
+    def _request_dump(self, w: _Worker, now: float) -> bool:
+        assert w.proc is not None
+        fd = self._hb.read(w.index).dump_fd
+        if fd < 0:
+            return False
+        w.dump_size, w.dump_started = -1, now
+        if not w.proc.send(_DUMP_SIGNAL):
+            return False
+        w.proc.send(signal.SIGCONT)  # a SIGSTOPped worker can still run the C handler
+        self._deadlines.set((w.index, "dump"), now + _DUMP_STEP)
+        return True
+
+    def _collect_dump(self, w: _Worker, now: float) -> None:
+        assert w.proc is not None
+        fd = self._hb.read(w.index).dump_fd
+        path = f"/proc/{w.proc.pid}/fd/{fd}"
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            size = 0
+        done = size > 0 and size == w.dump_size
+        if not done and now - w.dump_started < _DUMP_MAX:
+            w.dump_size = size
+            self._deadlines.set((w.index, "dump"), now + _DUMP_STEP)
+            return
+        text = ""
+        try:
+            with open(path, "rb") as fh:
+                text = fh.read(256 * 1024).decode("utf-8", "replace")
+        except OSError:
+            pass
+        if not text:
+            text = "(no stack dump: the process could not run the handler, e.g. it was stopped)"
+        w.stop_detail = f"{w.stop_detail}\n{text}" if w.stop_detail else text
+        self._signal_stop(w, now, grace=self.spec.kill_grace)
+
+    # -------------------------------------------------------------------------------- commands
+
+    def _cmd_stop(self, cmd: _Command) -> None:
+        (timeout,) = cmd.args
+        if self.finished.is_set():
+            cmd.finish()
+            return
+        self._stop_waiters.append(cmd)
+        self._begin_stop(self.spec.stop_timeout if timeout is None else timeout,
+                         StopReason.SHUTDOWN, time.monotonic())
+
+    def _check_not_stopping(self) -> None:
+        if self._stopping:
+            raise RuntimeError(f"pool {self.spec.name!r} is stopping")
+
+    def _cmd_scale(self, cmd: _Command) -> None:
+        n, prepared = cmd.args  # prepared: {index: (name, args)} for every index < n
+        self._check_not_stopping()
+        now = time.monotonic()
+        for index in range(n):
+            w = self._workers.get(index)
+            if w is None:
+                name, args = prepared[index]
+                w = _Worker(index, name, args, BackoffState(self.spec.backoff))
+                self._workers[index] = w
+                self._spawn(w, now)
+            elif w.after_stop == "remove":
+                w.after_stop = "restart"  # scaled back up while it was going: replace it
+        for index in sorted(self._workers)[n:] if len(self._workers) > n else ():
+            w = self._workers[index]
+            if w.state.alive or w.state is S.PENDING:
+                self._stop_worker(w, StopReason.SCALED_DOWN, "remove", now)
+            else:
+                self._deadlines.cancel((index, "backoff"))
+                if w.state is S.BACKOFF:
+                    self._move(w, Trigger.STOP, S.STOPPED)
+                del self._workers[index]
+        cmd.finish()
+
+    def _cmd_restart(self, cmd: _Command) -> None:
+        (index,) = cmd.args
+        self._check_not_stopping()
+        self._restart_one(index, time.monotonic())
+        cmd.finish()
+
+    def _restart_one(self, index: int, now: float) -> None:
+        w = self._workers.get(index)
+        if w is None:
+            raise IndexError(f"no worker with index {index} (pool has {len(self._workers)})")
+        if w.state in (S.BACKOFF, S.EXITED):
+            self._deadlines.cancel((index, "backoff"))
+            self._move(w, Trigger.RESTART, S.PENDING)
+            self._spawn(w, now)
+        elif w.state in (S.STARTING, S.RUNNING):
+            self._stop_worker(w, StopReason.RESTARTED, "restart", now)
+        # PENDING or STOPPING: a new process is on its way already.
+
+    def _cmd_restart_all(self, cmd: _Command) -> None:
+        self._check_not_stopping()
+        self._rolling_waiters.append(cmd)
+        if self._rolling or self._rolling_current is not None:
+            return  # one rolling restart at a time; this caller waits for it
+        self._rolling.extend(sorted(self._workers))
+        self._rolling_advance()
+
+    def _rolling_advance(self) -> None:
+        now = time.monotonic()
+        self._rolling_current = None
+        while self._rolling:
+            index = self._rolling.popleft()
+            w = self._workers.get(index)
+            if w is None or w.state.final:
+                continue
+            self._rolling_current = index
+            self._restart_one(index, now)
+            return
+        for cmd in self._rolling_waiters:
+            cmd.finish()
+        self._rolling_waiters.clear()
+
+    def _check_rolling(self, w: _Worker) -> None:
+        if self._rolling_current == w.index and w.state is S.RUNNING:
+            self._rolling_advance()
+
+    def _cmd_wait_ready(self, cmd: _Command) -> None:
+        (n,) = cmd.args
+        self._ready_waiters.append((n, cmd))
+        self._check_ready_waiters()
+
+    def _check_ready_waiters(self) -> None:
+        if not self._ready_waiters:
+            return
+        ready = sum(1 for w in self._workers.values() if w.state is S.RUNNING)
+        keep = []
+        for n, cmd in self._ready_waiters:
+            if ready >= (len(self._workers) if n is None else n):
+                cmd.finish(ready)
+            else:
+                keep.append((n, cmd))
+        self._ready_waiters = keep
+
+    def _cmd_cancel(self, cmd: _Command) -> None:
+        (target,) = cmd.args
+        self._ready_waiters = [(n, c) for n, c in self._ready_waiters if c is not target]
+        cmd.finish()
+
+    # -------------------------------------------------------------------------------- outputs
+
+    def _emit(self, kind: EventKind, w: _Worker | None, *, exit: ExitRecord | None = None,
+              delay: float | None = None, message: str = "") -> None:
+        pid = w.proc.pid if w is not None and w.proc is not None else (
+            exit.pid if exit else None)
+        self._emit_cb(Event(kind, self.spec.name, w.index if w else None, w.name if w else None,
+                            pid, time.time(), exit, delay, message))
+
+    def _build_status(self) -> tuple[WorkerStatus, ...]:
+        now = time.monotonic()
+        live = not self.finished.is_set()
+        out = []
+        for index in sorted(self._workers):
+            w = self._workers[index]
+            proc = w.proc
+            reading = self._hb.read(index) if proc is not None and live else None
+            backoff_at = self._deadlines.get((index, "backoff"))
+            out.append(WorkerStatus(
+                index=index, name=w.name, pid=proc.pid if proc else None, state=w.state,
+                ready=w.ready, restarts=w.restarts,
+                started_at=proc.started_wall if proc else None,
+                uptime=0.0 if proc is None else now - proc.started,
+                heartbeat_age=(now - reading.last_beat
+                               if reading and reading.last_beat > 0 else None),
+                status_text=reading.status if reading else "",
+                last_exit=w.last_exit,
+                next_restart_in=None if backoff_at is None else max(0.0, backoff_at - now)))
+        return tuple(out)
+
+    def _publish(self) -> None:
+        """Keep the final view for ``status()`` calls after the monitor has ended."""
+        self._snapshot = self._build_status()
+
+    def _cmd_status(self, cmd: _Command) -> None:
+        cmd.finish(self._build_status())
+
+    def history(self) -> tuple[ExitRecord, ...]:
+        return tuple(self._history)
+
+
+class _SpawnSkipped(Exception):
+    """The pool began stopping before this start came up."""
+
+
+def describe_exit(status: ExitStatus) -> str:
+    return status.describe()

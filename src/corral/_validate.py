@@ -1,0 +1,60 @@
+"""Small argument checks whose errors name the parameter, what was expected and what was given."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def _given(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def number(name: str, value: Any, *, minimum: float = 0.0, strict: bool = False,
+           allow_inf: bool = False) -> float:
+    """Check that ``value`` is a real number >= minimum (> when ``strict``); return it as float."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {_given(value)}")
+    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if strict and not value > minimum:
+        raise ValueError(f"{name} must be > {minimum:g}, got {value!r}")
+    if not strict and not value >= minimum:
+        raise ValueError(f"{name} must be >= {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def optional_number(name: str, value: Any, *, minimum: float = 0.0,
+                    strict: bool = False) -> float | None:
+    if value is None:
+        return None
+    return number(name, value, minimum=minimum, strict=strict)
+
+
+def integer(name: str, value: Any, *, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {_given(value)}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return value
+
+
+def callable_(name: str, value: Any, *, optional: bool = False) -> Any:
+    if value is None and optional:
+        return None
+    if not callable(value):
+        expected = "a callable or None" if optional else "a callable"
+        raise TypeError(f"{name} must be {expected}, got {_given(value)}")
+    return value
+
+
+def boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {_given(value)}")
+    return value
+
+
+def choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value

@@ -1,0 +1,43 @@
+"""corral's exceptions: one base class and a few precise, picklable subclasses."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from corral.events import ExitRecord
+
+__all__ = [
+    "CorralError",
+    "GaveUp",
+    "NotPicklable",
+    "SupervisorStateError",
+]
+
+
+class CorralError(Exception):
+    """Base class of every error corral raises on purpose."""
+
+
+class SupervisorStateError(CorralError, RuntimeError):
+    """A method was called in a state that does not allow it (e.g. ``start()`` twice)."""
+
+
+class NotPicklable(CorralError, TypeError):
+    """The target or its arguments cannot be sent to a spawn/forkserver child."""
+
+
+class GaveUp(CorralError):
+    """The pool used up its restart budget and stopped.
+
+    Attributes:
+        history: the last exits that led to giving up, oldest first.
+    """
+
+    def __init__(self, message: str, history: Sequence[ExitRecord] = ()) -> None:
+        super().__init__(message)
+        self.history: tuple[ExitRecord, ...] = tuple(history)
+
+    def __reduce__(self) -> tuple[type[GaveUp], tuple[str, tuple[ExitRecord, ...]]]:
+        return (type(self), (str(self), self.history))

@@ -1,0 +1,85 @@
+"""Decoding how a process ended: exit code, or signal name and core dump, with a likely cause."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+
+__all__ = ["ExitStatus", "signal_name"]
+
+# Likely causes, for log lines and error messages.
+_SIGNAL_HINTS = {
+    signal.SIGKILL: "perhaps the OOM killer, or someone ran kill -9",
+    signal.SIGSEGV: "a crash in native code (a C extension or ctypes)",
+    signal.SIGBUS: "a crash in native code, or a truncated memory-mapped file",
+    signal.SIGABRT: "abort() in native code, or a failed assertion in a C library",
+    signal.SIGFPE: "an arithmetic fault in native code",
+    signal.SIGILL: "an illegal instruction in native code",
+    signal.SIGPIPE: "it wrote to a closed pipe or socket",
+}
+_CODE_HINTS = {
+    1: "an uncaught exception, most likely (see the worker's stderr)",
+    2: "a usage error, or a SystemExit(2)",
+    120: "an error while flushing stdout/stderr at interpreter exit",
+    137: "a shell or launcher reported SIGKILL (perhaps the OOM killer)",
+}
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How one process ended. Exactly one of ``code`` and ``signal`` is set."""
+
+    code: int | None = None
+    signal: int | None = None
+    core_dumped: bool = False
+
+    @classmethod
+    def from_returncode(cls, returncode: int, core_dumped: bool = False) -> ExitStatus:
+        """From a multiprocessing/subprocess style returncode (negative = killed by signal)."""
+        if returncode < 0:
+            return cls(signal=-returncode, core_dumped=core_dumped)
+        return cls(code=returncode)
+
+    @classmethod
+    def from_wait_status(cls, status: int) -> ExitStatus:
+        """From a raw ``os.waitpid`` status."""
+        if os.WIFSIGNALED(status):
+            return cls(signal=os.WTERMSIG(status), core_dumped=os.WCOREDUMP(status))
+        return cls(code=os.waitstatus_to_exitcode(status))
+
+    @property
+    def clean(self) -> bool:
+        return self.code == 0
+
+    @property
+    def returncode(self) -> int:
+        return -self.signal if self.signal is not None else (self.code or 0)
+
+    @property
+    def signal_name(self) -> str | None:
+        return None if self.signal is None else signal_name(self.signal)
+
+    @property
+    def hint(self) -> str | None:
+        if self.signal is not None:
+            return _SIGNAL_HINTS.get(signal.Signals(self.signal)) if self.signal in set(
+                signal.Signals) else None
+        return _CODE_HINTS.get(self.code or 0)
+
+    def describe(self) -> str:
+        """``exit code 1`` / ``SIGSEGV(-11), core dumped``."""
+        if self.signal is not None:
+            text = f"{self.signal_name}(-{self.signal})"
+            return text + (", core dumped" if self.core_dumped else "")
+        return f"exit code {self.code}"
+
+    def __str__(self) -> str:
+        return self.describe()

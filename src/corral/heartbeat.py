@@ -1,0 +1,201 @@
+"""Heartbeats and readiness through shared memory: no IPC, no lock, no extra process.
+
+The supervisor owns one shared file (created in /dev/shm and unlinked at once, so nothing is left
+behind even if the supervisor is SIGKILLed); a worker maps it through ``/proc/<supervisor>/fd/<n>``
+and writes ``time.monotonic()`` stamps into its own slot. CLOCK_MONOTONIC is the same clock in every
+process, so the supervisor compares the stamps with its own clock.
+
+Worker side: :func:`beat`, :func:`ready`, :func:`set_status`. Outside a corral worker they do
+nothing and return False, so code that calls them also runs unsupervised.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["HeartbeatTable", "SlotReading", "beat", "in_worker", "ready", "set_status"]
+
+# One slot per worker index: 8 doubles, then the status text.
+#   [0] last beat (monotonic), 0 = never   [1] ready at (monotonic), 0 = not yet
+#   [2] pid of the writer                  [3] status sequence (odd while writing)
+#   [4] fd of the worker's stack-dump memfd, -1 = none
+_SLOT = 256
+_DOUBLES = _SLOT // 8
+_TEXT_AT = 64
+_TEXT_MAX = _SLOT - _TEXT_AT - 2
+
+_monotonic = time.monotonic
+_view: Any = None  # the whole table as a memoryview of doubles, in a worker
+_base = 0  # this worker's first double
+_wake_fd = -1  # the supervisor's wakeup pipe: readiness is worth one write
+_first_beat_pending = False  # ready_when="beat": the first beat also signals readiness
+
+
+def beat() -> bool:
+    """Tell the supervisor this worker is making progress. ~100 ns; no system call, no lock."""
+    view = _view
+    if view is None:
+        return False
+    view[_base] = _monotonic()
+    if _first_beat_pending:
+        _notify_ready()
+    return True
+
+
+def ready() -> bool:
+    """Tell the supervisor this worker can take work (STARTING -> RUNNING). Also a beat."""
+    view = _view
+    if view is None:
+        return False
+    now = _monotonic()
+    view[_base] = now
+    if view[_base + 1] == 0.0:
+        view[_base + 1] = now
+        _notify_ready()
+    return True
+
+
+def _notify_ready() -> None:
+    global _first_beat_pending
+    _first_beat_pending = False
+    if _wake_fd >= 0:
+        try:
+            os.write(_wake_fd, b"r")
+        except OSError:
+            pass  # full (the supervisor is awake anyway) or gone (we are about to be killed)
+
+
+def set_status(text: str) -> bool:
+    """Publish a short status text (e.g. "loading model"); shown in ``status()``."""
+    view = _view
+    if view is None:
+        return False
+    data = text.encode("utf-8", "replace")[:_TEXT_MAX]
+    raw = view.obj  # the mmap
+    assert isinstance(raw, mmap.mmap)
+    at = _base * 8 + _TEXT_AT
+    seq = view[_base + 3]
+    view[_base + 3] = seq + 1  # odd: a reader retries
+    raw[at : at + 2] = len(data).to_bytes(2, "little")
+    raw[at + 2 : at + 2 + len(data)] = data
+    view[_base + 3] = seq + 2
+    return True
+
+
+def in_worker() -> bool:
+    """True inside a process started by corral (after its bootstrap ran)."""
+    return _view is not None
+
+
+def _attach(path: str, index: int, dump_fd: int = -1, wake_path: str | None = None,
+            ready_on_beat: bool = False) -> None:
+    """Map the supervisor's table in a worker (called by the bootstrap)."""
+    global _view, _base, _wake_fd, _first_beat_pending
+    if wake_path is not None:
+        try:
+            _wake_fd = os.open(wake_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            _wake_fd = -1
+    _first_beat_pending = ready_on_beat
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        mm = mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+    view = memoryview(mm).cast("d")
+    base = index * _DOUBLES
+    view[base + 2] = float(os.getpid())
+    view[base + 4] = float(dump_fd)
+    _view, _base = view, base
+
+
+@dataclass(frozen=True)
+class SlotReading:
+    last_beat: float  # monotonic, 0 = never
+    ready_at: float  # monotonic, 0 = not ready
+    pid: int
+    dump_fd: int
+    status: str
+
+
+class HeartbeatTable:
+    """The supervisor's side: one slot per worker index; grows with ``ensure``."""
+
+    def __init__(self, capacity: int) -> None:
+        directory = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+        fd, path = tempfile.mkstemp(prefix="corral-hb-", dir=directory)
+        os.unlink(path)  # reachable only through our fd from now on: nothing to clean up
+        self._fd = fd
+        self._capacity = 0
+        self._mm: mmap.mmap | None = None
+        self._view: Any = None  # memoryview of doubles (typeshed only knows int items)
+        self.ensure(max(capacity, 8))
+
+    @property
+    def path(self) -> str:
+        """What a worker opens: our fd, through /proc (works for every start method)."""
+        return f"/proc/{os.getpid()}/fd/{self._fd}"
+
+    def ensure(self, capacity: int) -> None:
+        if capacity <= self._capacity:
+            return
+        capacity = max(capacity, self._capacity * 2)
+        os.ftruncate(self._fd, capacity * _SLOT)
+        if self._view is not None:
+            self._view.release()
+        if self._mm is not None:
+            self._mm.close()
+        self._mm = mmap.mmap(self._fd, capacity * _SLOT)
+        self._view = memoryview(self._mm).cast("d")
+        self._capacity = capacity
+
+    def reset(self, index: int) -> None:
+        """Clear a slot before a new process takes it: no inherited beat or readiness."""
+        self.ensure(index + 1)
+        assert self._mm is not None
+        self._mm[index * _SLOT : (index + 1) * _SLOT] = bytes(_SLOT)
+        assert self._view is not None
+        self._view[index * _DOUBLES + 4] = -1.0
+
+    def last_beat(self, index: int) -> float:
+        assert self._view is not None
+        return float(self._view[index * _DOUBLES])
+
+    def ready_at(self, index: int) -> float:
+        assert self._view is not None
+        return float(self._view[index * _DOUBLES + 1])
+
+    def read(self, index: int) -> SlotReading:
+        view, mm = self._view, self._mm
+        assert view is not None and mm is not None
+        base = index * _DOUBLES
+        status = ""
+        for _ in range(10):
+            seq = view[base + 3]
+            if int(seq) % 2:
+                continue
+            at = index * _SLOT + _TEXT_AT
+            n = min(int.from_bytes(mm[at : at + 2], "little"), _TEXT_MAX)
+            raw = mm[at + 2 : at + 2 + n]
+            if view[base + 3] == seq:
+                status = raw.decode("utf-8", "replace")
+                break
+        return SlotReading(view[base], view[base + 1], int(view[base + 2]),
+                           int(view[base + 4]), status)
+
+    def close(self) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

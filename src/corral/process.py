@@ -1,0 +1,135 @@
+"""A running worker process: start, signal (its group too), wait object, reap, exit decoding.
+
+Every OS call the monitor makes about a process goes through here, so the state machine can be
+driven by a fake in unit tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import multiprocessing
+import multiprocessing.process
+import os
+import signal
+import time
+from multiprocessing.context import BaseContext
+from typing import Any
+
+from corral.exitstatus import ExitStatus
+
+__all__ = ["WorkerProcess"]
+
+
+class WorkerProcess:
+    """One process of one worker. Created and started by the spawner thread."""
+
+    def __init__(self, process: multiprocessing.process.BaseProcess, start_method: str) -> None:
+        self.process = process
+        self.start_method = start_method
+        self.pid: int = process.pid or 0
+        self.started = time.monotonic()
+        self.started_wall = time.time()
+        self._pidfd = -1
+        self.exit: ExitStatus | None = None
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except OSError:
+            pass  # already gone and reaped (forkserver): the sentinel still tells us
+        try:
+            # Both sides set the group, so a kill right after start already reaches it.
+            os.setpgid(self.pid, self.pid)
+        except OSError:
+            pass
+
+    @classmethod
+    def start(cls, ctx: BaseContext, target: Any, args: tuple[Any, ...], name: str,
+              daemon: bool) -> WorkerProcess:
+        proc = ctx.Process(target=target, args=args, name=name, daemon=daemon)  # type: ignore[attr-defined]
+        proc.start()
+        # multiprocessing polls (and so reaps) every child it knows of whenever any process is
+        # started; take ours out of that set so only the monitor reaps it.
+        multiprocessing.process._children.discard(proc)  # type: ignore[attr-defined]
+        return cls(proc, ctx.get_start_method())
+
+    def waitable(self) -> Any:
+        """What becomes ready when the process has exited.
+
+        A pidfd for our own children (the multiprocessing sentinel is a pipe that grandchildren
+        may inherit, so it can stay open after the worker died); the sentinel under forkserver,
+        where it carries the exit status from the forkserver.
+        """
+        if self.start_method == "forkserver" or self._pidfd < 0:
+            return self.process.sentinel
+        return self._pidfd
+
+    def send(self, sig: int) -> bool:
+        """Signal the worker process alone. False if it is already gone."""
+        try:
+            if self._pidfd >= 0:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            else:
+                os.kill(self.pid, sig)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def send_group(self, sig: int) -> bool:
+        """Signal the worker's process group (its children too); falls back to the worker."""
+        if self.exit is None:
+            try:
+                os.killpg(self.pid, sig)
+                return True
+            except ProcessLookupError:
+                pass  # not a group leader yet (still booting) or the group is empty
+            except PermissionError:
+                pass
+        return self.send(sig) if self.exit is None else False
+
+    def kill_group_leftovers(self) -> None:
+        """SIGKILL what is left of the worker's group once the worker itself has exited."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+
+    def reap(self) -> ExitStatus | None:
+        """Collect the exit status if the process has ended (non-blocking)."""
+        if self.exit is not None:
+            return self.exit
+        popen = getattr(self.process, "_popen", None)
+        if self.start_method != "forkserver" and popen is not None:
+            try:
+                result = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG)
+            except ChildProcessError:
+                result = None
+                code = self.process.exitcode  # someone else reaped it through multiprocessing
+                if code is None:
+                    return None
+                self.exit = ExitStatus.from_returncode(code)
+            else:
+                if result is None:
+                    return None
+                if result.si_code == os.CLD_EXITED:
+                    self.exit = ExitStatus(code=result.si_status)
+                else:
+                    self.exit = ExitStatus(signal=result.si_status,
+                                           core_dumped=result.si_code == os.CLD_DUMPED)
+                popen.returncode = self.exit.returncode  # keep Process.exitcode/is_alive right
+        else:
+            code = self.process.exitcode  # forkserver: read from the sentinel
+            if code is None:
+                return None
+            self.exit = ExitStatus.from_returncode(code)
+        return self.exit
+
+    def close(self) -> None:
+        """Release the pidfd and multiprocessing's pipes (only after reaping)."""
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+        try:
+            self.process.close()
+        except ValueError:
+            pass  # still running: never happens after reap()
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                raise

@@ -1,0 +1,161 @@
+"""Frozen, validated configuration of a pool: what to run, how many, and the policies.
+
+Every field is checked in ``__post_init__``; a bad value raises TypeError/ValueError naming the
+field, what was expected and what was given, before any process exists.
+"""
+
+from __future__ import annotations
+
+import pickle
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from corral import _validate as v
+from corral.errors import NotPicklable
+from corral.policy import Backoff, RestartBudget, RestartPolicy
+
+__all__ = ["READY_WHEN", "START_METHODS", "PoolSpec", "check_picklable"]
+
+START_METHODS = ("fork", "spawn", "forkserver")
+READY_WHEN = ("started", "ready", "beat")
+
+# Signals whose handlers corral's worker bootstrap installs or that the OS will not let us use.
+_BAD_STOP_SIGNALS = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT, signal.SIGCHLD}
+
+
+def _describe_callable(fn: Any) -> str:
+    qualname = getattr(fn, "__qualname__", None) or repr(fn)
+    module = getattr(fn, "__module__", None)
+    return f"{module}.{qualname}" if module else str(qualname)
+
+
+def check_picklable(what: str, value: Any, start_method: str) -> None:
+    """Raise :class:`NotPicklable` if ``value`` cannot be sent to a ``start_method`` child.
+
+    Args:
+        what: the parameter's name, for the message.
+        value: the object to check.
+        start_method: "fork" skips the check (nothing is pickled).
+    """
+    if start_method == "fork":
+        return
+    try:
+        pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # PicklingError, AttributeError, TypeError: all mean the same here
+        shown = _describe_callable(value) if callable(value) else repr(value)[:80]
+        raise NotPicklable(
+            f"{what} {shown} cannot be pickled, which start_method={start_method!r} requires "
+            f"({type(exc).__name__}: {exc}). Use a module-level function (not a lambda, closure "
+            "or nested function) with picklable arguments, or start_method='fork'."
+        ) from exc
+    module = getattr(value, "__module__", None)
+    if callable(value) and module == "__main__":
+        main = sys.modules.get("__main__")
+        if main is not None and getattr(main, "__file__", None) is None:
+            raise NotPicklable(
+                f"{what} {_describe_callable(value)} is defined in an interactive __main__, "
+                f"which a start_method={start_method!r} child cannot import. Move it into a "
+                "module, or use start_method='fork'."
+            )
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """What a :class:`~corral.Supervisor` runs and how it keeps it running.
+
+    Args:
+        target: ``target(index, *args)`` runs in each worker process.
+        workers: how many workers, >= 0.
+        args: ``args(index) -> tuple`` of extra positional arguments, or None.
+        names: ``names(index) -> str``, the worker's name (default ``"<name>-<index>"``).
+        name: the pool's name, used in logs and process titles.
+        start_method: "fork", "spawn" or "forkserver" (default: forkserver, safe with threads).
+        restart: "always", "on-failure" or "never" (a :class:`RestartPolicy`).
+        backoff: delays between restarts of one worker (a :class:`Backoff`).
+        budget: pool-wide restart limit (a :class:`RestartBudget`); past it the pool gives up.
+        stop_signal: sent to each worker's process group to stop it gracefully.
+        stop_timeout: seconds the whole pool gets to stop before SIGKILL.
+        heartbeat_timeout: a worker silent for longer is hung (None: no heartbeat check).
+        startup_timeout: grace before the first beat/ready is required (None: no limit).
+        ready_when: "started" (ready once running), "ready" (``corral.ready()``) or "beat".
+        kill_grace: after a hung worker's stack dump and stop signal, seconds before SIGKILL.
+        daemon: multiprocessing's daemon flag for the workers.
+    """
+
+    target: Callable[..., Any]
+    workers: int = 1
+    args: Callable[[int], tuple[Any, ...]] | None = None
+    names: Callable[[int], str] | None = None
+    name: str = ""
+    start_method: str = "forkserver"
+    restart: RestartPolicy | str = RestartPolicy.ALWAYS
+    backoff: Backoff = field(default_factory=Backoff)
+    budget: RestartBudget = field(default_factory=RestartBudget)
+    stop_signal: int = signal.SIGTERM
+    stop_timeout: float = 5.0
+    heartbeat_timeout: float | None = None
+    startup_timeout: float | None = None
+    ready_when: str = "started"
+    kill_grace: float = 1.0
+    daemon: bool = False
+
+    def __post_init__(self) -> None:
+        v.callable_("target", self.target)
+        v.integer("workers", self.workers)
+        v.callable_("args", self.args, optional=True)
+        v.callable_("names", self.names, optional=True)
+        if not isinstance(self.name, str):
+            raise TypeError(f"name must be a str, got {self.name!r} ({type(self.name).__name__})")
+        if not self.name:
+            object.__setattr__(self, "name", getattr(self.target, "__name__", "pool"))
+        v.choice("start_method", self.start_method, START_METHODS)
+        object.__setattr__(self, "restart", RestartPolicy.parse(self.restart))
+        if not isinstance(self.backoff, Backoff):
+            raise TypeError(f"backoff must be a corral.Backoff, got {self.backoff!r}")
+        if not isinstance(self.budget, RestartBudget):
+            raise TypeError(f"budget must be a corral.RestartBudget, got {self.budget!r}")
+        if isinstance(self.stop_signal, bool) or not isinstance(self.stop_signal, int):
+            raise TypeError(f"stop_signal must be a signal number, got {self.stop_signal!r}")
+        try:
+            sig = signal.Signals(self.stop_signal)
+        except ValueError:
+            raise ValueError(
+                f"stop_signal must be a valid signal, got {self.stop_signal!r}") from None
+        if sig in _BAD_STOP_SIGNALS:
+            raise ValueError(f"stop_signal must be catchable (not {sig.name}), got {sig.name}")
+        object.__setattr__(self, "stop_signal", sig)
+        v.number("stop_timeout", self.stop_timeout)
+        v.optional_number("heartbeat_timeout", self.heartbeat_timeout, strict=True)
+        v.optional_number("startup_timeout", self.startup_timeout, strict=True)
+        v.choice("ready_when", self.ready_when, READY_WHEN)
+        v.number("kill_grace", self.kill_grace)
+        v.boolean("daemon", self.daemon)
+        check_picklable("target", self.target, self.start_method)
+
+    @property
+    def restart_policy(self) -> RestartPolicy:
+        assert isinstance(self.restart, RestartPolicy)
+        return self.restart
+
+    def worker_name(self, index: int) -> str:
+        if self.names is None:
+            return f"{self.name}-{index}"
+        name = self.names(index)
+        if not isinstance(name, str):
+            raise TypeError(f"names({index}) must return a str, got {name!r}")
+        return name
+
+    def worker_args(self, index: int) -> tuple[Any, ...]:
+        if self.args is None:
+            return ()
+        args = self.args(index)
+        if not isinstance(args, tuple):
+            raise TypeError(
+                f"args({index}) must return a tuple of extra arguments, got {args!r} "
+                f"({type(args).__name__}); wrap a single value as (value,)"
+            )
+        check_picklable(f"args({index})", args, self.start_method)
+        return args
