@@ -30,6 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +42,7 @@ from corral.events import Event, EventKind, ExitRecord
 from corral.exitstatus import ExitStatus
 from corral.heartbeat import HeartbeatTable
 from corral.policy import BackoffState, BudgetWindow
-from corral.process import WorkerProcess
+from corral.process import WorkerHandle, WorkerProcess
 from corral.spec import PoolSpec
 from corral.states import StopReason, Trigger, WorkerState
 from corral.status import WorkerStatus
@@ -74,6 +75,9 @@ class _Worker:
     dump_started: float = 0.0
     dump_size: int = -1
     started_once: bool = False
+    health_failures: int = 0
+    health_pending: Future[bool] | None = None
+    health_last: str = ""
 
     @property
     def who(self) -> str:
@@ -127,6 +131,9 @@ class Monitor:
         self._spawner = threading.Thread(target=self._spawn_loop,
                                          name=f"corral-spawner[{spec.name}]", daemon=True)
         self._needs_ready_scan = spec.ready_when != "started"
+        # Health checks and memory readings run here, never on the monitor thread.
+        self._checks: ThreadPoolExecutor | None = None
+        self._memory_pending = False
 
     # ----------------------------------------------------------------- called from other threads
 
@@ -150,6 +157,11 @@ class Monitor:
         if cmd.error is not None:
             raise cmd.error
         return cmd.result
+
+    def _post(self, name: str, *args: Any) -> None:
+        """Hand a result to the monitor thread from any other thread."""
+        self._commands.put(_Command(name, args))
+        self._wake()
 
     def snapshot(self) -> tuple[WorkerStatus, ...]:
         return self._snapshot
@@ -185,8 +197,7 @@ class Monitor:
                         self.spec.daemon)
                 except BaseException as exc:  # reported to the monitor as a failed start
                     result = exc
-            self._commands.put(_Command("spawned", (index, generation, result)))
-            self._wake()
+            self._post("spawned", index, generation, result)
 
     # --------------------------------------------------------------------------- monitor loop
 
@@ -292,6 +303,11 @@ class Monitor:
             # Stopped while it was being started: stop it now that it exists.
             self._signal_stop(w, now)
             return
+        if self.spec.max_age is not None:
+            jitter = self._rng.uniform(-self.spec.max_age_jitter, self.spec.max_age_jitter)
+            self._deadlines.set((w.index, "age"), result.started + self.spec.max_age * (1 + jitter))
+        if self.spec.max_memory is not None and ("pool", "memory") not in self._deadlines:
+            self._deadlines.set(("pool", "memory"), now + self.spec.memory_check_interval)
         if self.spec.ready_when == "started":
             self._become_ready(w)
         self._arm_liveness(w, now)
@@ -302,7 +318,11 @@ class Monitor:
             w.ready = True
             log.debug("%s is ready", w.who)
             self._emit(EventKind.READY, w)
-            self._arm_liveness(w, time.monotonic())
+            now = time.monotonic()
+            self._arm_liveness(w, now)
+            if self.spec.health_check is not None:
+                w.health_failures = 0
+                self._deadlines.set((w.index, "health"), now + self.spec.health_check_interval)
             self._check_rolling(w)
             self._check_ready_waiters()
 
@@ -326,8 +346,8 @@ class Monitor:
         del self._by_waitable[proc.waitable()]
         proc.close()
         now = time.monotonic()
-        self._deadlines.cancel((w.index, "kill"))
-        self._deadlines.cancel((w.index, "dump"))
+        for kind in ("kill", "dump", "health", "health_timeout", "age"):
+            self._deadlines.cancel((w.index, kind))
         if w.stop_reason is not None:
             reason = w.stop_reason
         elif status.signal is not None:
@@ -483,6 +503,8 @@ class Monitor:
             return
         self._deadlines = Deadlines()
         self._publish()
+        if self._checks is not None:
+            self._checks.shutdown(wait=False, cancel_futures=True)
         self._hb.close()
         with self._wake_lock:
             os.close(self._wake_r)
@@ -521,6 +543,8 @@ class Monitor:
                         self._kill(straggler)
             elif kind == "liveness":
                 self._check_liveness(now)
+            elif kind == "memory":
+                self._measure_memory(now)
             return
         w = self._workers.get(owner)
         if w is None:
@@ -533,6 +557,16 @@ class Monitor:
             self._kill(w)
         elif kind == "dump" and w.state is S.STOPPING:
             self._collect_dump(w, now)
+        elif kind == "health" and w.state is S.RUNNING:
+            self._run_health_check(w, now)
+        elif kind == "health_timeout" and w.state is S.RUNNING:
+            self._health_failed(w, f"health check still running after "
+                                   f"{self.spec.health_check_timeout:g}s", now)
+        elif kind == "age" and w.state in (S.STARTING, S.RUNNING):
+            assert w.proc is not None
+            self._stop_worker(w, StopReason.RECYCLED_AGE, "restart", now,
+                              detail=f"age {now - w.proc.started:.1f}s > max_age "
+                                     f"{self.spec.max_age:g}s")
 
     # ------------------------------------------------------------------ liveness and evidence
 
@@ -621,6 +655,96 @@ class Monitor:
             text = "(no stack dump: the process could not run the handler, e.g. it was stopped)"
         w.stop_detail = f"{w.stop_detail}\n{text}" if w.stop_detail else text
         self._signal_stop(w, now, grace=self.spec.kill_grace)
+
+    # ------------------------------------------------------------- health checks and recycling
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._checks is None:
+            self._checks = ThreadPoolExecutor(
+                max_workers=max(2, min(64, len(self._workers) + 1)),
+                thread_name_prefix=f"corral-check[{self.spec.name}]")
+        return self._checks
+
+    def _run_health_check(self, w: _Worker, now: float) -> None:
+        check = self.spec.health_check
+        assert check is not None and w.proc is not None
+        interval = self.spec.health_check_interval
+        if w.health_pending is not None and not w.health_pending.done():
+            # The previous call still hangs: that is one more failure, and no second thread.
+            self._health_failed(w, "health check still running (hung)", now)
+            if w.state is S.RUNNING:
+                self._deadlines.set((w.index, "health"), now + interval)
+            return
+        handle = WorkerHandle(w.proc, w.index)
+        future = self._executor().submit(check, handle, w.index)
+        w.health_pending = future
+        generation = w.generation
+        future.add_done_callback(
+            lambda f: self._post("health_result", w.index, generation, f))
+        self._deadlines.set((w.index, "health_timeout"), now + self.spec.health_check_timeout)
+
+    def _cmd_health_result(self, cmd: _Command) -> None:
+        index, generation, future = cmd.args
+        cmd.finish()
+        w = self._workers.get(index)
+        if w is None or w.generation != generation or w.state is not S.RUNNING:
+            return
+        if (index, "health_timeout") not in self._deadlines:
+            return  # already counted as a timeout
+        self._deadlines.cancel((index, "health_timeout"))
+        now = time.monotonic()
+        error = future.exception()
+        if error is None and future.result() is True:
+            w.health_failures, w.health_last = 0, "ok"
+        elif error is not None:
+            self._health_failed(w, f"health check raised {type(error).__name__}: {error}", now)
+        else:
+            self._health_failed(w, f"health check returned {future.result()!r}", now)
+        if w.state is S.RUNNING:
+            self._deadlines.set((index, "health"), now + self.spec.health_check_interval)
+
+    def _health_failed(self, w: _Worker, why: str, now: float) -> None:
+        self._deadlines.cancel((w.index, "health_timeout"))
+        w.health_failures += 1
+        w.health_last = why
+        threshold = self.spec.failure_threshold
+        log.warning("%s: %s (failure %d of %d)", w.who, why, w.health_failures, threshold)
+        if w.health_failures >= threshold:
+            self._emit(EventKind.UNHEALTHY, w, message=why)
+            self._stop_worker(w, StopReason.UNHEALTHY, "policy", now,
+                              detail=f"{threshold} failed health checks in a row; last: {why}")
+        elif (w.index, "health") not in self._deadlines:
+            self._deadlines.set((w.index, "health"), now + self.spec.health_check_interval)
+
+    def _measure_memory(self, now: float) -> None:
+        self._deadlines.set(("pool", "memory"), now + self.spec.memory_check_interval)
+        if self._memory_pending:
+            return
+        targets = [(w.index, w.generation, w.proc.pid) for w in self._workers.values()
+                   if w.proc is not None and w.state in (S.STARTING, S.RUNNING)]
+        if not targets:
+            self._deadlines.cancel(("pool", "memory"))
+            return
+        self._memory_pending = True
+        future = self._executor().submit(_measure_rss, targets)
+        future.add_done_callback(lambda f: self._post("memory_result", f))
+
+    def _cmd_memory_result(self, cmd: _Command) -> None:
+        (future,) = cmd.args
+        cmd.finish()
+        self._memory_pending = False
+        limit = self.spec.max_memory
+        if future.exception() is not None or limit is None:
+            return
+        now = time.monotonic()
+        for index, generation, rss in future.result():
+            w = self._workers.get(index)
+            if w is None or w.generation != generation or rss <= limit:
+                continue
+            if w.state in (S.STARTING, S.RUNNING):
+                self._stop_worker(w, StopReason.RECYCLED_MEMORY, "restart", now,
+                                  detail=f"RSS {rss / 2**20:.1f} MiB > max_memory "
+                                         f"{limit / 2**20:.1f} MiB")
 
     # -------------------------------------------------------------------------------- commands
 
@@ -767,6 +891,24 @@ class Monitor:
 
     def history(self) -> tuple[ExitRecord, ...]:
         return tuple(self._history)
+
+
+def _measure_rss(targets: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """RSS of each worker plus its children (runs on a check thread)."""
+    import psutil
+
+    out = []
+    for index, generation, pid in targets:
+        try:
+            proc = psutil.Process(pid)
+            rss = proc.memory_info().rss
+            for child in proc.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    rss += child.memory_info().rss
+        except psutil.Error:
+            continue
+        out.append((index, generation, rss))
+    return out
 
 
 class _SpawnSkipped(Exception):

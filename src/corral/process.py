@@ -133,3 +133,42 @@ class WorkerProcess:
         except OSError as exc:
             if exc.errno != errno.EBADF:
                 raise
+
+
+class WorkerHandle:
+    """A read-only, thread-safe view of one worker process, shaped like multiprocessing.Process.
+
+    Given to health checks: ``pid``, ``name``, ``index``, ``is_alive()``, ``exitcode``. It never
+    reaps (multiprocessing's ``is_alive()`` would, stealing the exit status from the monitor).
+    """
+
+    def __init__(self, proc: WorkerProcess, index: int) -> None:
+        self._proc = proc
+        self.index = index
+        self.pid = proc.pid
+        self.name = proc.process.name
+        self.daemon = proc.process.daemon
+
+    def is_alive(self) -> bool:
+        if self._proc.exit is not None:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        try:  # a zombie (dead, not reaped yet) is not alive
+            with open(f"/proc/{self.pid}/stat", "rb") as fh:
+                return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+        except (OSError, IndexError):
+            return False
+
+    @property
+    def exitcode(self) -> int | None:
+        status = self._proc.exit
+        return None if status is None else status.returncode
+
+    def __repr__(self) -> str:
+        state = "alive" if self.is_alive() else f"exitcode={self.exitcode}"
+        return f"<WorkerHandle {self.name!r} index={self.index} pid={self.pid} {state}>"

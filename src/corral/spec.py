@@ -83,6 +83,13 @@ class PoolSpec:
         ready_when: "started" (ready once running), "ready" (``corral.ready()``) or "beat".
         kill_grace: after a hung worker's stack dump and stop signal, seconds before SIGKILL.
         daemon: multiprocessing's daemon flag for the workers.
+        health_check: ``health_check(process, index) -> bool`` run off the monitor thread on
+            each RUNNING worker every ``health_check_interval`` s; False, an exception or
+            running past ``health_check_timeout`` is a failure, and ``failure_threshold``
+            failures in a row make the worker unhealthy: it is restarted per the policy.
+        max_memory: bytes of RSS (the worker and its children) past which it is recycled,
+            checked every ``memory_check_interval`` s.
+        max_age: seconds after which a worker is recycled, spread by +/- ``max_age_jitter``.
     """
 
     target: Callable[..., Any]
@@ -101,6 +108,14 @@ class PoolSpec:
     ready_when: str = "started"
     kill_grace: float = 1.0
     daemon: bool = False
+    health_check: Callable[[Any, int], bool] | None = None
+    health_check_interval: float = 5.0
+    health_check_timeout: float = 5.0
+    failure_threshold: int = 3
+    max_memory: int | None = None
+    memory_check_interval: float = 1.0
+    max_age: float | None = None
+    max_age_jitter: float = 0.1
 
     def __post_init__(self) -> None:
         v.callable_("target", self.target)
@@ -133,6 +148,18 @@ class PoolSpec:
         v.choice("ready_when", self.ready_when, READY_WHEN)
         v.number("kill_grace", self.kill_grace)
         v.boolean("daemon", self.daemon)
+        v.callable_("health_check", self.health_check, optional=True)
+        v.number("health_check_interval", self.health_check_interval, strict=True)
+        v.number("health_check_timeout", self.health_check_timeout, strict=True)
+        v.integer("failure_threshold", self.failure_threshold, minimum=1)
+        if self.max_memory is not None:
+            v.integer("max_memory", self.max_memory, minimum=1)
+        v.number("memory_check_interval", self.memory_check_interval, strict=True)
+        v.optional_number("max_age", self.max_age, strict=True)
+        v.number("max_age_jitter", self.max_age_jitter)
+        if self.max_age_jitter >= 1:
+            raise ValueError(f"max_age_jitter must be a fraction in [0, 1), got "
+                             f"{self.max_age_jitter!r}")
         check_picklable("target", self.target, self.start_method)
 
     @property
