@@ -47,8 +47,6 @@ from corral.spec import PoolSpec
 from corral.states import StopReason, Trigger, WorkerState
 from corral.status import WorkerStatus
 
-log = logging.getLogger("corral.supervisor")
-
 S = WorkerState
 _DUMP_SIGNAL = signal.SIGRTMIN + 3  # rarely used by applications; faulthandler's C handler
 _DUMP_STEP = 0.005  # how often a stack dump is checked for completion (only while one is due)
@@ -104,6 +102,8 @@ class Monitor:
     def __init__(self, spec: PoolSpec, emit: Callable[[Event], None]) -> None:
         self.spec = spec
         self._emit_cb = emit
+        # One logger per pool ("corral.pool.<name>"), so a pool's logs can be tuned alone.
+        self.log = logging.getLogger(f"corral.pool.{spec.name}")
         self._ctx = multiprocessing.get_context(spec.start_method)
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -209,7 +209,7 @@ class Monitor:
             while not self.finished.is_set():
                 self._round()
         except BaseException:
-            log.critical("pool %r: the monitor thread failed; stopping every worker",
+            self.log.critical("pool %r: the monitor thread failed; stopping every worker",
                          self.spec.name, exc_info=True)
             self._emergency_kill()
             raise
@@ -288,7 +288,7 @@ class Monitor:
             if isinstance(result, _SpawnSkipped):
                 self._move(w, Trigger.SPAWN_FAILED, S.STOPPED)
                 return
-            log.error("%s: could not start a process: %s: %s", w.who, type(result).__name__,
+            self.log.error("%s: could not start a process: %s: %s", w.who, type(result).__name__,
                       result, exc_info=result if not isinstance(result, OSError) else None)
             record = ExitRecord(w.index, w.name, None, None, StopReason.SPAWN_FAILED,
                                 time.time(), 0.0, f"{type(result).__name__}: {result}")
@@ -297,7 +297,7 @@ class Monitor:
         w.proc = result
         self._by_waitable[result.waitable()] = w
         self._move(w, Trigger.SPAWNED, S.STARTING)
-        log.info("%s started", w.who)
+        self.log.info("%s started", w.who)
         self._emit(EventKind.SPAWNED, w)
         if w.stop_reason is not None:
             # Stopped while it was being started: stop it now that it exists.
@@ -316,7 +316,7 @@ class Monitor:
         self._move(w, Trigger.READY, S.RUNNING if w.state is not S.STOPPING else S.STOPPING)
         if w.state is S.RUNNING:
             w.ready = True
-            log.debug("%s is ready", w.who)
+            self.log.debug("%s is ready", w.who)
             self._emit(EventKind.READY, w)
             now = time.monotonic()
             self._arm_liveness(w, now)
@@ -388,7 +388,7 @@ class Monitor:
                  and record.reason is StopReason.EXITED)
         if not self.spec.restart_policy.wants_restart(clean_exit=clean):
             self._move(w, trigger, S.EXITED)
-            log.info("%s will not be restarted (restart=%r)", w.who,
+            self.log.info("%s will not be restarted (restart=%r)", w.who,
                      self.spec.restart_policy.value)
             return
         if not self._budget.try_spend(now):
@@ -402,16 +402,17 @@ class Monitor:
             self._spawn(w, now)
         else:
             self._move(w, trigger, S.BACKOFF)
-            log.info("%s restarts in %.3fs (failure %d in a row)", w.who, delay, w.backoff.streak)
+            self.log.info("%s restarts in %.3fs (failure %d in a row)", w.who, delay,
+                          w.backoff.streak)
             self._deadlines.set((w.index, "backoff"), now + delay)
 
     def _log_exit(self, record: ExitRecord) -> None:
         if record.reason.by_corral:
-            log.info("%s", record.describe())
+            self.log.info("%s", record.describe())
         else:
-            log.warning("%s", record.describe())
+            self.log.warning("%s", record.describe())
         if record.detail and record.reason in (StopReason.HUNG, StopReason.STARTUP_TIMEOUT):
-            log.warning("stack of hung worker %r (pid %s):\n%s", record.name, record.pid,
+            self.log.warning("stack of hung worker %r (pid %s):\n%s", record.name, record.pid,
                         record.detail)
 
     def _give_up(self, now: float) -> None:
@@ -420,7 +421,7 @@ class Monitor:
         lines = "\n".join("  " + r.describe() for r in last)
         message = (f"pool {self.spec.name!r} gave up: more than {budget.max_restarts} restarts "
                    f"within {budget.window:g}s. Last exits:\n{lines}")
-        log.error("%s", message)
+        self.log.error("%s", message)
         self.gave_up = GaveUp(message, last)
         self._emit(EventKind.GAVE_UP, None, message=message)
         self._begin_stop(self.spec.stop_timeout, StopReason.GAVE_UP, now)
@@ -461,7 +462,7 @@ class Monitor:
     def _kill(self, w: _Worker) -> None:
         if w.proc is None:
             return
-        log.warning("%s did not stop within its grace; sending SIGKILL", w.who)
+        self.log.warning("%s did not stop within its grace; sending SIGKILL", w.who)
         w.proc.send_group(signal.SIGKILL)
 
     def _begin_stop(self, timeout: float, reason: StopReason, now: float) -> None:
@@ -495,7 +496,7 @@ class Monitor:
             if (self._workers and all(w.state.final for w in self._workers.values())
                     and not self._rolling_waiters):
                 # Every worker finished and none will be restarted: the pool is done.
-                log.info("pool %r: every worker has finished", self.spec.name)
+                self.log.info("pool %r: every worker has finished", self.spec.name)
                 self._begin_stop(0.0, StopReason.SHUTDOWN, time.monotonic())
             else:
                 return
@@ -514,7 +515,7 @@ class Monitor:
         self._emit(EventKind.STOPPED, None, message="gave up" if self.gave_up else "stopped")
         for cmd in self._stop_waiters + [c for _, c in self._ready_waiters] + self._rolling_waiters:
             cmd.finish()
-        log.info("pool %r stopped", self.spec.name)
+        self.log.info("pool %r stopped", self.spec.name)
 
     def _emergency_kill(self) -> None:
         for w in self._workers.values():
@@ -613,7 +614,7 @@ class Monitor:
             last = self._hb.last_beat(w.index)
             what = (f"no heartbeat for {now - last:.3f}s" if reason is StopReason.HUNG
                     else f"not ready {now - w.proc.started:.3f}s after start")
-            log.warning("%s is %s (%s); collecting a stack dump, then stopping it", w.who,
+            self.log.warning("%s is %s (%s); collecting a stack dump, then stopping it", w.who,
                         reason.value, what)
             self._emit(EventKind.UNHEALTHY, w, message=f"{reason.value}: {what}")
             self._stop_worker(w, reason, "policy", now, detail=what, dump=True)
@@ -708,7 +709,7 @@ class Monitor:
         w.health_failures += 1
         w.health_last = why
         threshold = self.spec.failure_threshold
-        log.warning("%s: %s (failure %d of %d)", w.who, why, w.health_failures, threshold)
+        self.log.warning("%s: %s (failure %d of %d)", w.who, why, w.health_failures, threshold)
         if w.health_failures >= threshold:
             self._emit(EventKind.UNHEALTHY, w, message=why)
             self._stop_worker(w, StopReason.UNHEALTHY, "policy", now,
