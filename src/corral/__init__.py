@@ -16,6 +16,22 @@ from corral.supervisor import Supervisor
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "WorkerProcessManager": "corral.compat",
+    "HeartbeatHealthCheck": "corral.compat",
+    "HeartbeatUpdateNeverCalled": "corral.compat",
+}
+
+
+def __getattr__(name: str) -> object:
+    # The compatibility layer loads on first use: `import corral` stays light.
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'corral' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
 __all__ = [
     "Backoff",
     "CorralError",

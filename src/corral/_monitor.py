@@ -105,6 +105,8 @@ class Monitor:
         # One logger per pool ("corral.pool.<name>"), so a pool's logs can be tuned alone.
         self.log = logging.getLogger(f"corral.pool.{spec.name}")
         self._ctx = multiprocessing.get_context(spec.start_method)
+        if spec.start_method == "forkserver":
+            _preload_for_forkserver(self._ctx, spec.target)
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_lock = threading.Lock()  # _wake() must never write to a closed, reused fd
@@ -892,6 +894,25 @@ class Monitor:
 
     def history(self) -> tuple[ExitRecord, ...]:
         return tuple(self._history)
+
+
+def _preload_for_forkserver(ctx: Any, target: Callable[..., Any]) -> None:
+    """Have the forkserver import corral and the target's module once, not in every child.
+
+    Only takes effect if the forkserver has not started yet; the list is process-wide, so we add
+    to what is there rather than replace it.
+    """
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    current = list(getattr(server, "_preload_modules", None) or ["__main__"])
+    wanted = ["corral._bootstrap", "corral.heartbeat"]
+    module = getattr(target, "__module__", None)
+    if isinstance(module, str) and module != "__main__":
+        wanted.append(module)
+    missing = [m for m in wanted if m not in current]
+    if missing:
+        ctx.set_forkserver_preload(current + missing)
 
 
 def _measure_rss(targets: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
