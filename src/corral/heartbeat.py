@@ -75,7 +75,8 @@ def set_status(text: str) -> bool:
     view = _view
     if view is None:
         return False
-    data = text.encode("utf-8", "replace")[:_TEXT_MAX]
+    # Cut on a character boundary, not in the middle of a multi-byte one.
+    data = text.encode("utf-8", "replace")[:_TEXT_MAX].decode("utf-8", "ignore").encode("utf-8")
     raw = view.obj  # the mmap
     assert isinstance(raw, mmap.mmap)
     at = _base * 8 + _TEXT_AT
@@ -166,6 +167,12 @@ class HeartbeatTable:
     def last_beat(self, index: int) -> float:
         assert self._view is not None
         return float(self._view[index * _DOUBLES])
+
+    def all_beats(self) -> list[float]:
+        """Every slot's last beat at once (one strided copy, cheap for 512 workers)."""
+        assert self._view is not None
+        beats: list[float] = self._view[0::_DOUBLES].tolist()
+        return beats
 
     def ready_at(self, index: int) -> float:
         assert self._view is not None

@@ -84,13 +84,13 @@ class Backoff:
         """The delay before jitter for the ``streak``-th quick failure in a row (0 = none)."""
         if streak <= 0:
             return 0.0
-        # Guard the power against overflow for very long streaks.
-        exponent = min(streak - 1, 1024)
-        try:
-            raw = self.initial * self.multiplier**exponent
-        except OverflowError:
-            raw = math.inf
-        return min(self.cap, raw)
+        initial, multiplier, cap = self.initial, self.multiplier, self.cap
+        if initial == 0.0 or multiplier == 1.0:
+            return min(cap, initial)
+        # Compare in log space, so a long streak never computes a huge power.
+        if (streak - 1) * math.log(multiplier) >= math.log(cap / initial):
+            return cap
+        return min(cap, initial * multiplier ** (streak - 1))
 
     def delay(self, streak: int, rng: random.Random | None = None) -> float:
         base = self.base_delay(streak)

@@ -52,7 +52,7 @@ class WorkerProcess:
         multiprocessing.process._children.discard(proc)  # type: ignore[attr-defined]
         return cls(proc, ctx.get_start_method())
 
-    def waitable(self) -> Any:
+    def waitable(self) -> int:
         """What becomes ready when the process has exited.
 
         A pidfd for our own children (the multiprocessing sentinel is a pipe that grandchildren
