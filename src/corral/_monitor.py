@@ -14,7 +14,8 @@ It never sleeps a fixed tick: each round blocks until something happens or the n
 falls. The fds live in one epoll set, registered as workers come and go, so a round costs the
 same with 8 workers as with 512. Starting processes (up to tens of ms under spawn/forkserver) is
 done by a separate, long-lived spawner thread, so a restart never delays the supervision of
-other workers, and the parent-death signal of the workers is tied to a thread that lives as long as the pool.
+other workers, and the parent-death signal of the workers is tied to a thread that lives as
+long as the pool.
 """
 
 from __future__ import annotations
