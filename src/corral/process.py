@@ -12,13 +12,29 @@ import multiprocessing
 import multiprocessing.process
 import os
 import signal
+import sys
+import threading
 import time
 from multiprocessing.context import BaseContext
 from typing import Any
 
 from corral.exitstatus import ExitStatus
 
-__all__ = ["WorkerProcess"]
+__all__ = ["WorkerHandle", "WorkerProcess"]
+
+_forking = threading.local()
+
+
+def _after_fork_in_child() -> None:
+    # multiprocessing's fork child closes sys.stdin first thing; if another thread of the
+    # supervisor was blocked reading stdin at fork time, that object's lock is held forever in
+    # the child and the worker deadlocks. Hand the child a fresh stdin so nothing waits on it.
+    if getattr(_forking, "active", False):
+        _forking.active = False
+        sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class WorkerProcess:
@@ -46,7 +62,11 @@ class WorkerProcess:
     def start(cls, ctx: BaseContext, target: Any, args: tuple[Any, ...], name: str,
               daemon: bool) -> WorkerProcess:
         proc = ctx.Process(target=target, args=args, name=name, daemon=daemon)  # type: ignore[attr-defined]
-        proc.start()
+        _forking.active = True
+        try:
+            proc.start()
+        finally:
+            _forking.active = False
         # multiprocessing polls (and so reaps) every child it knows of whenever any process is
         # started; take ours out of that set so only the monitor reaps it.
         multiprocessing.process._children.discard(proc)  # type: ignore[attr-defined]
