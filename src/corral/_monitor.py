@@ -152,11 +152,7 @@ class Monitor:
 
     def call(self, name: str, *args: Any, wait: bool = True, timeout: float | None = None) -> Any:
         """Run a command on the monitor thread; wait for its result unless ``wait`` is False."""
-        cmd = _Command(name, args)
-        if self.finished.is_set() and name != "stop":
-            raise RuntimeError("the pool has stopped")
-        self._commands.put(cmd)
-        self._wake()
+        cmd = self.submit(name, *args)
         if not wait:
             return None
         if not cmd.done.wait(timeout):
@@ -164,6 +160,29 @@ class Monitor:
         if cmd.error is not None:
             raise cmd.error
         return cmd.result
+
+    def submit(self, name: str, *args: Any) -> _Command:
+        """Queue a command for the monitor thread.
+
+        Raises:
+            RuntimeError: the pool has stopped (except for "stop" and "status", answered at once).
+        """
+        cmd = _Command(name, args)
+        # Under the lock, a command is either queued before the monitor's final drain or sees
+        # `finished`: it can never be left unanswered.
+        with self._wake_lock:
+            if not self.finished.is_set():
+                self._commands.put(cmd)
+                with contextlib.suppress(BlockingIOError, OSError):
+                    os.write(self._wake_w, b"\0")
+                return cmd
+        if name == "status":
+            cmd.finish(self._snapshot)
+        elif name in ("stop", "cancel"):
+            cmd.finish()
+        else:
+            raise RuntimeError(f"pool {self.spec.name!r} has stopped")
+        return cmd
 
     def _post(self, name: str, *args: Any) -> None:
         """Hand a result to the monitor thread from any other thread."""
@@ -523,18 +542,35 @@ class Monitor:
             os.close(self._wake_r)
             os.close(self._wake_w)
             self._wake_r = self._wake_w = -1
-        self.finished.set()
+            self.finished.set()
         self._emit(EventKind.STOPPED, None, message="gave up" if self.gave_up else "stopped")
+        self._answer_waiters()
+        self.log.info("pool %r stopped", self.spec.name)
+
+    def _answer_waiters(self) -> None:
+        """Answer everyone still waiting on the monitor once it has finished."""
         for cmd in self._stop_waiters + [c for _, c in self._ready_waiters] + self._rolling_waiters:
             cmd.finish()
-        self.log.info("pool %r stopped", self.spec.name)
+        while True:  # commands that came in during the last round
+            try:
+                late = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if late.name == "status":
+                late.finish(self._snapshot)
+            elif late.name in ("stop", "cancel", "spawned", "health_result", "memory_result"):
+                late.finish()
+            else:
+                late.finish(error=RuntimeError(f"pool {self.spec.name!r} has stopped"))
 
     def _emergency_kill(self) -> None:
         for w in self._workers.values():
             if w.proc is not None:
                 w.proc.send_group(signal.SIGKILL)
                 self._orphans_reap(w.proc)
-        self.finished.set()
+        with self._wake_lock:
+            self.finished.set()
+        self._answer_waiters()
 
     @staticmethod
     def _orphans_reap(proc: WorkerProcess) -> None:

@@ -182,11 +182,7 @@ class Supervisor:
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
             raise ValueError(f"n must be None or an int >= 0, got {n!r}")
         monitor = self._require_started()
-        from corral._monitor import _Command
-
-        cmd = _Command("wait_ready", (n,))
-        monitor._commands.put(cmd)
-        monitor._wake()
+        cmd = monitor.submit("wait_ready", n)
         if not cmd.done.wait(timeout):
             monitor.call("cancel", cmd, wait=False)
             raise TimeoutError(
@@ -203,14 +199,8 @@ class Supervisor:
         monitor = self._monitor
         if monitor is None:
             return ()
-        if not monitor.finished.is_set():
-            try:
-                result: tuple[WorkerStatus, ...] = monitor.call("status", timeout=10)
-                return result
-            except RuntimeError:
-                pass  # stopped meanwhile
-        monitor.finished.wait(10)
-        return monitor.snapshot()
+        result: tuple[WorkerStatus, ...] = monitor.call("status")
+        return result
 
     def pids(self) -> list[int]:
         """Pids of the worker processes alive now."""
