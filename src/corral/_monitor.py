@@ -235,9 +235,14 @@ class Monitor:
             while not self.finished.is_set():
                 self._round()
         except BaseException:
-            self.log.critical("pool %r: the monitor thread failed; stopping every worker",
-                         self.spec.name, exc_info=True)
-            self._emergency_kill()
+            try:
+                # A raising log handler must not keep us from cleaning up.
+                self.log.critical("pool %r: the monitor thread failed; stopping every worker",
+                                  self.spec.name, exc_info=True)
+            except Exception:
+                pass
+            finally:
+                self._emergency_kill()
             raise
         finally:
             self._spawn_q.put(None)
@@ -566,8 +571,9 @@ class Monitor:
     def _emergency_kill(self) -> None:
         for w in self._workers.values():
             if w.proc is not None:
-                w.proc.send_group(signal.SIGKILL)
-                self._orphans_reap(w.proc)
+                with contextlib.suppress(Exception):
+                    w.proc.send_group(signal.SIGKILL)
+                    self._orphans_reap(w.proc)
         with self._wake_lock:
             self.finished.set()
         self._answer_waiters()
