@@ -33,7 +33,7 @@ class BootConfig:
     wake_path: str | None
     ready_on_beat: bool
     dump_signal: int | None
-    pdeathsig: bool  # the supervisor is our real parent (fork, spawn)
+    forkserver: bool  # our parent is multiprocessing's forkserver, not the supervisor
 
 
 def _set_pdeathsig(sig: int) -> bool:
@@ -80,6 +80,24 @@ def _watch_parent() -> None:
     threading.Thread(target=watch, name="corral-parent-watch", daemon=True).start()
 
 
+def _release_forkserver() -> None:
+    """Drop our copy of the forkserver's "alive" pipe.
+
+    Every forkserver child inherits the write end; while any child holds it the forkserver
+    outlives a dead supervisor, and so would its children. Without it, the forkserver exits when
+    the supervisor dies, and our parent-death signal (set against the forkserver) fires even if
+    this worker is stuck in native code and its watch thread cannot run.
+    """
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if server is not None and isinstance(fd, int):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        server._forkserver_alive_fd = None
+
+
 def run_worker(config: BootConfig, target: Callable[..., Any], args: tuple[Any, ...]) -> None:
     """The multiprocessing target of every worker: prepare, then ``target(index, *args)``."""
     try:
@@ -87,11 +105,15 @@ def run_worker(config: BootConfig, target: Callable[..., Any], args: tuple[Any, 
     except OSError:
         pass  # already a group leader (the supervisor set it first)
     _reset_signals()
-    if config.pdeathsig:
-        _set_pdeathsig(signal.SIGKILL)
-        # If the supervisor died before prctl, no signal will come: check by hand.
-        if os.getppid() != config.supervisor_pid:
-            _kill_own_group()
+    parent = os.getppid()
+    if config.forkserver:
+        _release_forkserver()
+    else:
+        parent = config.supervisor_pid
+    _set_pdeathsig(signal.SIGKILL)
+    # If our parent died before prctl, no signal will come: check by hand.
+    if os.getppid() != parent or parent == 1:
+        _kill_own_group()
     _watch_parent()
     try:
         import setproctitle

@@ -125,6 +125,7 @@ class Monitor:
         self._rng = random.Random()
         self._hb = HeartbeatTable(spec.workers)
         self._stopping = False
+        self._stop_deadline = 0.0  # monotonic; set once stopping begins
         self._stop_waiters: list[_Command] = []
         self._rolling: deque[int] = deque()
         self._rolling_current: int | None = None
@@ -302,7 +303,7 @@ class Monitor:
             heartbeat_path=self._hb.path, wake_path=f"/proc/{os.getpid()}/fd/{self._wake_w}",
             ready_on_beat=self.spec.ready_when == "beat",
             dump_signal=_DUMP_SIGNAL if self.spec.heartbeat_timeout is not None else None,
-            pdeathsig=self.spec.start_method != "forkserver")
+            forkserver=self.spec.start_method == "forkserver")
         self._spawn_q.put((w.index, w.generation, boot, w.args))
 
     def _cmd_spawned(self, cmd: _Command) -> None:
@@ -333,8 +334,10 @@ class Monitor:
         self.log.info("%s started", w.who)
         self._emit(EventKind.SPAWNED, w)
         if w.stop_reason is not None:
-            # Stopped while it was being started: stop it now that it exists.
-            self._signal_stop(w, now)
+            # Stopped while it was being started: stop it now that it exists, within what is
+            # left of the pool's deadline if the whole pool is stopping.
+            grace = max(0.0, self._stop_deadline - now) if self._stopping else None
+            self._signal_stop(w, now, grace=grace)
             return
         if self.spec.max_age is not None:
             jitter = self._rng.uniform(-self.spec.max_age_jitter, self.spec.max_age_jitter)
@@ -504,6 +507,7 @@ class Monitor:
         if self._stopping:
             return
         self._stopping = True
+        self._stop_deadline = now + timeout
         self._rolling.clear()
         for w in list(self._workers.values()):
             self._deadlines.cancel((w.index, "backoff"))
@@ -523,8 +527,9 @@ class Monitor:
         # One deadline for the whole pool: stragglers are killed together.
         for w in self._workers.values():
             self._deadlines.cancel((w.index, "kill"))
-        if timeout > 0:
-            self._deadlines.set(("pool", "kill"), now + timeout)
+        # Always set, even for 0: workers already STOPPING (a restart in progress) lost their
+        # own kill deadline just above.
+        self._deadlines.set(("pool", "kill"), now + timeout)
 
     def _maybe_finish(self) -> None:
         if not self._stopping:

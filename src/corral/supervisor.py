@@ -118,7 +118,8 @@ class Supervisor:
         if timeout is not None and (isinstance(timeout, bool)
                                     or not isinstance(timeout, int | float) or timeout < 0):
             raise ValueError(f"timeout must be None or a number >= 0, got {timeout!r}")
-        monitor = self._monitor
+        with self._lock:  # a start() in progress finishes first, then is stopped
+            monitor = self._monitor
         if monitor is None:
             return
         if not monitor.finished.is_set():
@@ -126,8 +127,9 @@ class Supervisor:
         if wait:
             monitor.finished.wait()
             monitor.join()
-            if self._dispatcher is not None:
-                self._dispatcher.join(timeout=5)
+            dispatcher = self._dispatcher
+            if dispatcher is not None and dispatcher is not threading.current_thread():
+                dispatcher.join(timeout=5)
         _running.discard(self)
 
     def wait(self, timeout: float | None = None) -> bool:
