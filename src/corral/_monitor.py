@@ -141,6 +141,8 @@ class Monitor:
         self._needs_ready_scan = spec.ready_when != "started"
         # Health checks and memory readings run here, never on the monitor thread.
         self._checks: ThreadPoolExecutor | None = None
+        # Memory readings get their own thread: hung health checks cannot starve recycling.
+        self._memory_reader: ThreadPoolExecutor | None = None
         self._memory_pending = False
 
     # ----------------------------------------------------------------- called from other threads
@@ -294,6 +296,9 @@ class Monitor:
         """Queue a start of ``w`` for the spawner thread (state PENDING)."""
         w.generation += 1
         w.ready = False
+        # A new process starts with a clean health record: a check still hanging on its
+        # predecessor is not its fault.
+        w.health_pending, w.health_failures, w.health_last = None, 0, ""
         self._hb.reset(w.index)
         if w.started_once:
             w.restarts += 1
@@ -302,7 +307,7 @@ class Monitor:
             pool=self.spec.name, index=w.index, name=w.name, supervisor_pid=os.getpid(),
             heartbeat_path=self._hb.path, wake_path=f"/proc/{os.getpid()}/fd/{self._wake_w}",
             ready_on_beat=self.spec.ready_when == "beat",
-            dump_signal=_DUMP_SIGNAL if self.spec.heartbeat_timeout is not None else None,
+            dump_signal=_DUMP_SIGNAL,
             forkserver=self.spec.start_method == "forkserver")
         self._spawn_q.put((w.index, w.generation, boot, w.args))
 
@@ -544,8 +549,9 @@ class Monitor:
             return
         self._deadlines = Deadlines()
         self._publish()
-        if self._checks is not None:
-            self._checks.shutdown(wait=False, cancel_futures=True)
+        for executor in (self._checks, self._memory_reader):
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
         self._hb.close()
         self._poller.close()
         with self._wake_lock:
@@ -632,12 +638,25 @@ class Monitor:
 
     def _arm_liveness(self, w: _Worker, now: float) -> None:
         """Make sure the liveness deadline covers a newly started (or ready) worker."""
-        due = self._due(w, self._hb.last_beat(w.index))
+        last = self._hb.last_beat(w.index)
+        due = self._due(w, last)
         if due is None:
             return
+        when = self._next_look(due[0], last, now)
         current = self._deadlines.get(("pool", "liveness"))
-        if current is None or due[0] < current:
-            self._deadlines.set(("pool", "liveness"), due[0])
+        if current is None or when < current:
+            self._deadlines.set(("pool", "liveness"), when)
+
+    def _next_look(self, due: float, last: float, now: float) -> float:
+        """When to look at a worker next: its due time, or sooner while it has never beaten.
+
+        A first beat wakes nobody, so a worker inside a long startup grace is looked at again
+        after one heartbeat timeout; from then on its deadline is ``last beat + timeout``.
+        """
+        hbt = self.spec.heartbeat_timeout
+        if last == 0.0 and hbt is not None:
+            return min(due, now + hbt)
+        return due
 
     def _due(self, w: _Worker, last: float) -> tuple[float, StopReason] | None:
         """When ``w`` must next have shown life, and what it is if it has not.
@@ -675,8 +694,9 @@ class Monitor:
             if due is None:
                 continue
             if due[0] > now:
-                if earliest is None or due[0] < earliest:
-                    earliest = due[0]
+                when = self._next_look(due[0], beats[w.index], now)
+                if earliest is None or when < earliest:
+                    earliest = when
             else:
                 late.append((w, due[1], beats[w.index]))
         for w, reason, last in late:
@@ -796,7 +816,10 @@ class Monitor:
             self._deadlines.cancel(("pool", "memory"))
             return
         self._memory_pending = True
-        future = self._executor().submit(_measure_rss, targets)
+        if self._memory_reader is None:
+            self._memory_reader = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"corral-memory[{self.spec.name}]")
+        future = self._memory_reader.submit(_measure_rss, targets)
         future.add_done_callback(lambda f: self._post("memory_result", f))
 
     def _cmd_memory_result(self, cmd: _Command) -> None:

@@ -111,9 +111,16 @@ def _attach(path: str, index: int, dump_fd: int = -1, wake_path: str | None = No
         os.close(fd)
     view = memoryview(mm).cast("d")
     base = index * _DOUBLES
+    # A process this worker forks is not the worker: its beats must not hide a hung worker.
+    os.register_at_fork(after_in_child=_detach)
     view[base + 2] = float(os.getpid())
     view[base + 4] = float(dump_fd)
     _view, _base = view, base
+
+
+def _detach() -> None:
+    global _view, _wake_fd, _first_beat_pending
+    _view, _wake_fd, _first_beat_pending = None, -1, False
 
 
 @dataclass(frozen=True)
