@@ -4,6 +4,8 @@ Start N workers, notice at once when one dies or hangs, restart it with backoff 
 budget, shut everything down within one deadline, and say what happened and why.
 """
 
+from typing import TYPE_CHECKING
+
 from corral.errors import CorralError, GaveUp, NotPicklable, SupervisorStateError
 from corral.events import Event, EventKind, ExitRecord
 from corral.exitstatus import ExitStatus
@@ -13,6 +15,13 @@ from corral.spec import PoolSpec
 from corral.states import StopReason, WorkerState
 from corral.status import WorkerStatus
 from corral.supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from corral.compat import (
+        HeartbeatHealthCheck,
+        HeartbeatUpdateNeverCalled,
+        WorkerProcessManager,
+    )
 
 __version__ = "0.1.0"
 
@@ -40,6 +49,8 @@ __all__ = [
     "ExitRecord",
     "ExitStatus",
     "GaveUp",
+    "HeartbeatHealthCheck",
+    "HeartbeatUpdateNeverCalled",
     "NotPicklable",
     "PoolSpec",
     "RestartBudget",
@@ -47,6 +58,7 @@ __all__ = [
     "StopReason",
     "Supervisor",
     "SupervisorStateError",
+    "WorkerProcessManager",
     "WorkerState",
     "WorkerStatus",
     "beat",

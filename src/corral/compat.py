@@ -31,6 +31,7 @@ import os
 import select
 import signal
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -121,7 +122,8 @@ class HeartbeatHealthCheck:
     def update_heartbeat(self, idx: int) -> None:
         """Record a beat of this worker (call it from the work loop, in the worker).
 
-        ``idx`` is accepted for compatibility: a worker always beats in its own slot.
+        ``idx`` is accepted for compatibility: a worker always beats in its own slot. Outside
+        a corral worker (a process this manager did not start) it does nothing.
 
         Raises:
             RuntimeError: called in the main process rather than in a worker.
@@ -177,7 +179,8 @@ class _Target:
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
         # Lets corral preload the worker's module in the forkserver, as for a plain function.
-        self.__module__ = getattr(fn, "__module__", __name__)
+        inner = fn.func if isinstance(fn, functools.partial) else fn
+        self.__module__ = getattr(inner, "__module__", None) or __name__
 
     def __call__(self, idx: int, *args: Any) -> None:
         try:
@@ -407,10 +410,10 @@ class WorkerProcessManager:
         #: The name of this manager's corral pool; its logs go to ``corral.pool.<pool_name>``.
         self.pool_name = f"{name}[{number}]".replace(".", "_")
         self._logger = logging.getLogger(f"corral.pool.{self.pool_name}")
+        self._quiet = False
         log_filter = _LogFilter(self)
         self._logger.addFilter(log_filter)
         weakref.finalize(self, self._logger.removeFilter, log_filter)
-        self._quiet = False
         self._lock = threading.RLock()
         self._sup: Supervisor | None = None
         self._stopped = True
@@ -449,7 +452,10 @@ class WorkerProcessManager:
     # ------------------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Start the worker processes and their supervision; returns at once.
+        """Start the worker processes and their supervision.
+
+        Returns once every worker process has been started (as the original), without waiting
+        for them to be ready.
 
         ``args_fn`` and ``worker_name_fn`` are called for every worker before any process is
         started: if one raises, nothing is left running and the error propagates.
@@ -479,9 +485,12 @@ class WorkerProcessManager:
             self._sup = sup
             self._stopped = False
             # The original started every process inside start(): callers read pids right after.
+            # Events wake this wait; the 1 s re-check only matters if the monitor itself died.
+            deadline = time.monotonic() + SPAWN_WAIT
             with self._spawn_cond:
-                if not self._spawn_cond.wait_for(
-                        lambda: not self._unspawned or not sup.running, SPAWN_WAIT):
+                while self._unspawned and sup.running and time.monotonic() < deadline:
+                    self._spawn_cond.wait(1.0)
+                if self._unspawned and sup.running:
                     self._logger.warning("start(): %d worker(s) not started after %gs; they "
                                          "start in the background", len(self._unspawned),
                                          SPAWN_WAIT)
@@ -529,9 +538,11 @@ class WorkerProcessManager:
         )
         if not self.enable_monitoring or hc is None:
             return options
+        if isinstance(hc, HeartbeatHealthCheck):
+            # Its first beat makes a worker ready; it gets the startup grace to get there.
+            options.update(startup_timeout=hc.startup_grace)
         if isinstance(hc, HeartbeatHealthCheck) and hc._is_native():
-            options.update(heartbeat_timeout=hc.heartbeat_timeout,
-                           startup_timeout=hc.startup_grace)
+            options.update(heartbeat_timeout=hc.heartbeat_timeout)
         else:
             options.update(health_check=self._checker(hc),
                            health_check_interval=self.health_check_interval,
@@ -546,6 +557,11 @@ class WorkerProcessManager:
             try:
                 # Truthy is healthy, as the original's `if not healthy` had it.
                 return bool(fn(process, idx))
+            except HeartbeatUpdateNeverCalled as exc:
+                # A subclassed heartbeat check before any beat: the original did not restart
+                # for this either, it warned.
+                logger.warning("Exception during health_check_fn: %s", exc)
+                return True
             except Exception as exc:
                 # corral logs the failure in one line; this adds where it came from.
                 logger.warning("Exception during health_check_fn for worker %r (index %d): %s",
@@ -618,6 +634,7 @@ class WorkerProcessManager:
         return self._sup
 
     def _statuses(self) -> tuple[WorkerStatus, ...]:
+        self._check_owner()
         sup = self._sup
         return sup.status() if sup is not None else ()
 
@@ -631,6 +648,7 @@ class WorkerProcessManager:
 
     def running_pids(self) -> list[int]:
         """The pids of the worker processes alive now."""
+        self._check_owner()
         sup = self._sup
         return sup.pids() if sup is not None else []
 
