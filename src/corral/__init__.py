@@ -22,6 +22,13 @@ if TYPE_CHECKING:
         HeartbeatUpdateNeverCalled,
         WorkerProcessManager,
     )
+    from corral.pool import (
+        MemoryLimitExceeded,
+        PoolBroken,
+        ProcessPool,
+        TaskTimeout,
+        WorkerLost,
+    )
 
 __version__ = "0.1.0"
 
@@ -29,11 +36,16 @@ _LAZY = {
     "WorkerProcessManager": "corral.compat",
     "HeartbeatHealthCheck": "corral.compat",
     "HeartbeatUpdateNeverCalled": "corral.compat",
+    "ProcessPool": "corral.pool",
+    "WorkerLost": "corral.pool",
+    "TaskTimeout": "corral.pool",
+    "MemoryLimitExceeded": "corral.pool",
+    "PoolBroken": "corral.pool",
 }
 
 
 def __getattr__(name: str) -> object:
-    # The compatibility layer loads on first use: `import corral` stays light.
+    # The compatibility layer and the pool load on first use: `import corral` stays light.
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'corral' has no attribute {name!r}")
@@ -51,13 +63,18 @@ __all__ = [
     "GaveUp",
     "HeartbeatHealthCheck",
     "HeartbeatUpdateNeverCalled",
+    "MemoryLimitExceeded",
     "NotPicklable",
+    "PoolBroken",
     "PoolSpec",
+    "ProcessPool",
     "RestartBudget",
     "RestartPolicy",
     "StopReason",
     "Supervisor",
     "SupervisorStateError",
+    "TaskTimeout",
+    "WorkerLost",
     "WorkerProcessManager",
     "WorkerState",
     "WorkerStatus",
