@@ -195,6 +195,20 @@ class _Target:
         return repr(self.fn)
 
 
+def _compat_backoff(delay: float) -> Backoff:
+    """The backoff that ``restart_timeout`` stands for.
+
+    Every restart waits ``restart_timeout`` on a timer of its own: no streak reset, no jitter,
+    never giving up (as the original). ``restart_timeout=0`` restarts a worker that ran a while
+    at once, but a worker that dies at once every time is slowed to at most one start per 2 s
+    (the original's poll) instead of hundreds a second.
+    """
+    if delay > 0:
+        return Backoff(initial=delay, multiplier=1.0, cap=delay, jitter=0.0,
+                       reset_after=math.inf)
+    return Backoff(initial=0.05, multiplier=2.0, cap=2.0, jitter=0.1, reset_after=10.0)
+
+
 def _default_args(idx: int) -> tuple[Any, ...]:
     return ()
 
@@ -526,10 +540,7 @@ class WorkerProcessManager:
             target=_Target(self.worker_fn), workers=self.num_workers, args=args, names=names,
             name=self.pool_name, start_method=method, daemon=self.daemon,
             stop_timeout=stop_timeout,
-            # Every restart waits restart_timeout, on a timer of its own: never a streak
-            # reset, never jitter, never giving up (as the original).
-            backoff=Backoff(initial=delay, multiplier=1.0, cap=delay, jitter=0.0,
-                            reset_after=math.inf),
+            backoff=_compat_backoff(delay),
             budget=RestartBudget(max_restarts=None),
             restart="always" if self.enable_monitoring else "never",
             # With a heartbeat check, the first beat is what makes a worker ready: until then
