@@ -199,14 +199,14 @@ def _compat_backoff(delay: float) -> Backoff:
     """The backoff that ``restart_timeout`` stands for.
 
     Every restart waits ``restart_timeout`` on a timer of its own: no streak reset, no jitter,
-    never giving up (as the original). ``restart_timeout=0`` restarts a worker that ran a while
-    at once, but a worker that dies at once every time is slowed to at most one start per 2 s
-    (the original's poll) instead of hundreds a second.
+    never giving up (as the original). ``restart_timeout=0`` restarts a worker that ran for half
+    a second or more at once, but one that dies at once every time is slowed down, to at most
+    one start per 2 s (the original's poll), instead of hundreds a second.
     """
     if delay > 0:
         return Backoff(initial=delay, multiplier=1.0, cap=delay, jitter=0.0,
                        reset_after=math.inf)
-    return Backoff(initial=0.05, multiplier=2.0, cap=2.0, jitter=0.1, reset_after=10.0)
+    return Backoff(initial=0.01, multiplier=2.0, cap=2.0, jitter=0.1, reset_after=0.5)
 
 
 def _default_args(idx: int) -> tuple[Any, ...]:
