@@ -20,6 +20,10 @@ forkserver or spawn) happen on a separate long-lived spawner thread, so a restar
 results of other workers, and the workers' parent-death signal is tied to a thread that lives as
 long as the pool.
 
+A spare worker (``spare_workers``) is started ahead and kept idle; when a worker dies or leaves,
+the spare takes its place in the same round, so the next task waits for no process start, and a
+new spare is started once that task is done.
+
 The manager never blocks on a worker: it reads replies without blocking and reassembles frames
 itself, writes a task in one non-blocking write to an empty socket, and hands the rest of a large
 task to a short-lived sender thread.
@@ -98,6 +102,11 @@ _BIG_HDR = struct.Struct("!Q")
 _QUIT = _HDR.pack(0)  # an empty frame
 _HISTORY = 10  # exits quoted when the pool breaks
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+# A promoted spare's own replacement is started once the task it took is done, or after this
+# many seconds: a process start (fork copies page tables holding the GIL; the child's boot takes
+# a CPU) would otherwise delay that task's result, the one the spare is there to speed up.
+_SPARE_HOLD = 0.05
+_SPARE_GRACE = 0.002
 
 # Worker states.
 _SPAWNING = "spawning"  # queued for the spawner thread; no process yet
@@ -106,6 +115,9 @@ _IDLE = "idle"
 _BUSY = "busy"  # running a task
 _LEAVING = "leaving"  # told to quit, or killed: waiting for its exit; no longer counts
 _ACTIVE = frozenset({_SPAWNING, _BOOTING, _IDLE, _BUSY})
+# A spare (``_Worker.spare``) goes through _SPAWNING, _BOOTING and _IDLE like any worker, but is
+# counted apart (``_Core._spares``), is never in the idle queue and never gets a task until it
+# is promoted to take the place of a worker that left.
 
 _DEFAULT: Any = object()  # "use the pool's default" in submit_task()
 
@@ -285,12 +297,13 @@ class _Task:
 class _Worker:
     __slots__ = ("big", "big_got", "booted", "conn", "dead", "dump_fd", "dump_size",
                  "dump_started", "dump_task", "dumping", "eof", "fd", "id", "init_error",
-                 "leave_reason", "next_mem", "proc", "ps", "rbuf", "slot", "state", "statm", "task",
-                 "tasks_done", "waitable", "watching")
+                 "leave_reason", "next_mem", "proc", "ps", "rbuf", "slot", "spare", "state",
+                 "statm", "task", "tasks_done", "waitable", "watching")
 
-    def __init__(self, wid: int, slot: int) -> None:
+    def __init__(self, wid: int, slot: int, spare: bool = False) -> None:
         self.id = wid
         self.slot = slot  # heartbeat table slot (also in the process title)
+        self.spare = spare  # started ahead, idle until promoted (see _promote_spares)
         self.state = _SPAWNING
         self.proc: WorkerProcess | None = None
         self.conn: Connection | None = None
@@ -325,6 +338,7 @@ class _Worker:
 class _Config:
     name: str
     max_workers: int
+    spare_workers: int
     start_method: str
     initializer: Callable[..., Any] | None
     initargs: tuple[Any, ...]
@@ -359,10 +373,11 @@ class _Core:
         self.thread: threading.Thread | None = None
         self.finished = threading.Event()
         self.pids: tuple[int, ...] = ()
+        self.spare_pids: tuple[int, ...] = ()
         self.counters: dict[str, int] = dict.fromkeys(
             ("started", "tasks_done", "workers_lost", "tasks_lost", "retried", "timeouts",
              "cancelled_running", "recycled_tasks", "recycled_memory", "killed_memory",
-             "boot_failures"), 0)
+             "boot_failures", "spares_promoted"), 0)
         self._wake_lock = threading.Lock()
         self._wake_r = self._wake_w = -1
         self._wake_pending = False
@@ -381,18 +396,21 @@ class _Core:
         self._ep = select.epoll()
         self._watch: dict[int, tuple[int, _Worker | None]] = {self._wake_r: (_WAKE, None)}
         self._ep.register(self._wake_r, select.EPOLLIN)
-        self._hb = HeartbeatTable(2 * cfg.max_workers + 2)
+        self._hb = HeartbeatTable(2 * (cfg.max_workers + cfg.spare_workers) + 2)
         self._free_slots: list[int] = []
         self._next_slot = 0
         self._workers: dict[int, _Worker] = {}
         self._idle: deque[_Worker] = deque()
-        self._active = 0  # workers in _ACTIVE states
+        self._active = 0  # workers in _ACTIVE states, spares not included
+        self._spares = 0  # spares in _ACTIVE states
         self._busy = 0
         self._spawning = 0
         self._deadlines = Deadlines()
         self._budget = BudgetWindow(cfg.budget)
         self._backoff = BackoffState(cfg.backoff)
         self._spawn_after = 0.0
+        # A promoted spare's first task, and until when it holds back new spares (_SPARE_HOLD).
+        self._hold: tuple[_Worker, _Task | None, float] | None = None
         self._history: deque[ExitRecord] = deque(maxlen=_HISTORY)
         self._last_init_error: str | None = None
         self._rng = random.Random()
@@ -488,7 +506,7 @@ class _Core:
                 self._wake_r = self._wake_w = -1
             self._ep.close()
             self._hb.close()
-            self.pids = ()
+            self.pids = self.spare_pids = ()
             self.finished.set()
             _live_cores.discard(self)
 
@@ -532,7 +550,8 @@ class _Core:
                 self._on_deadline(key, now)
         if self._idle and self.pending:
             self._dispatch()
-        if self._active < self.cfg.max_workers:
+        if self._active < self.cfg.max_workers or (
+                self._spares < self.cfg.spare_workers and not self._held(now)):
             self._fill(now)
         if self.shutdown_requested or self.broken is not None:
             self._maybe_close(now)
@@ -541,10 +560,11 @@ class _Core:
 
     def _set_state(self, w: _Worker, new: str) -> None:
         old = w.state
-        if old in _ACTIVE:
-            self._active -= 1
-        if new in _ACTIVE:
-            self._active += 1
+        delta = (new in _ACTIVE) - (old in _ACTIVE)
+        if w.spare:
+            self._spares += delta
+        else:
+            self._active += delta
         if old == _BUSY:
             self._busy -= 1
         if new == _BUSY:
@@ -568,17 +588,65 @@ class _Core:
             self._unwatch_fd(w.fd)
 
     def _publish(self) -> None:
-        self.pids = tuple(w.proc.pid for w in self._workers.values() if w.proc is not None)
+        workers = self._workers.values()
+        self.pids = tuple(w.proc.pid for w in workers if w.proc is not None)
+        self.spare_pids = tuple(w.proc.pid for w in workers
+                                if w.spare and w.proc is not None and w.state in _ACTIVE)
 
     # ------------------------------------------------------------------------------- spawning
 
     def _fill(self, now: float) -> None:
-        if self._closing or self.broken is not None or now < self._spawn_after:
+        if self._closing or self.broken is not None:
             return
-        while self._active < self.cfg.max_workers:
-            self._spawn_worker()
+        cfg = self.cfg
+        if self._active < cfg.max_workers and self._spares:
+            self._promote_spares(now)  # no process start: not held back by the backoff
+        if now < self._spawn_after:
+            return
+        while self._active < cfg.max_workers:
+            self._spawn_worker(spare=False)
+        if not self._held(now):
+            while self._spares < cfg.spare_workers:
+                self._spawn_worker(spare=True)
 
-    def _spawn_worker(self) -> None:
+    def _held(self, now: float) -> bool:
+        """Whether new spares wait for a promoted spare's first task (see _SPARE_HOLD)."""
+        hold = self._hold
+        if hold is None:
+            return False
+        w, t, until = hold
+        if now >= until:
+            self._hold = None
+            return False
+        if t is not None and not (w.task is t and w.state == _BUSY):
+            # Done: its result's consumer gets a moment to run before a fork takes the GIL.
+            self._hold = (w, None, min(until, now + _SPARE_GRACE))
+            self._deadlines.set(("pool", "spare"), min(until, now + _SPARE_GRACE))
+        return True
+
+    def _promote_spares(self, now: float) -> None:
+        """Fill the places of workers that left with spares, the readiest first."""
+        rank = {_IDLE: 0, _BOOTING: 1, _SPAWNING: 2}
+        spares = sorted((w for w in self._workers.values()
+                         if w.spare and w.state in rank and not (w.eof or w.dead or w.dumping)),
+                        key=lambda w: (rank[w.state], w.id))
+        if not spares:
+            return
+        for w in spares:
+            if self._active >= self.cfg.max_workers:
+                break
+            self._spares -= 1
+            self._active += 1
+            w.spare = False
+            self.counters["spares_promoted"] += 1
+            if w.state == _IDLE:
+                self._became_idle(w)  # takes the next task now, if there is one
+                if w.state == _BUSY and self._hold is None:
+                    self._hold = (w, w.task, now + _SPARE_HOLD)
+                    self._deadlines.set(("pool", "spare"), now + _SPARE_HOLD)
+        self._publish()
+
+    def _spawn_worker(self, spare: bool) -> None:
         cfg = self.cfg
         if self._free_slots:
             slot = self._free_slots.pop()
@@ -587,9 +655,12 @@ class _Core:
             self._next_slot += 1
             self._hb.ensure(slot + 1)
         self._hb.reset(slot)
-        w = _Worker(next(self._ids), slot)
+        w = _Worker(next(self._ids), slot, spare)
         self._workers[w.id] = w
-        self._active += 1
+        if spare:
+            self._spares += 1
+        else:
+            self._active += 1
         self._spawning += 1
         pid = os.getpid()
         boot = BootConfig(
@@ -794,8 +865,8 @@ class _Core:
             self._resolve(t, exc=value)
 
     def _became_idle(self, w: _Worker) -> None:
-        if w.eof or w.dead:
-            return  # dying: its exit will be handled
+        if w.eof or w.dead or w.spare:
+            return  # dying (its exit will be handled), or a spare: no task until promoted
         t = self._next_task()
         if t is not None:
             self._send(w, t)
@@ -994,7 +1065,8 @@ class _Core:
                 log.error("pool %r: worker pid %d died while starting: %s", self.cfg.name,
                           proc.pid, how)
         else:
-            log.warning("pool %r: idle worker pid %d died: %s", self.cfg.name, proc.pid, how)
+            log.warning("pool %r: %s worker pid %d died: %s", self.cfg.name,
+                        "spare" if w.spare else "idle", proc.pid, how)
         self._crashed(record, now, boot=not w.booted)
 
     def _crashed(self, record: ExitRecord, now: float, boot: bool) -> None:
@@ -1036,7 +1108,7 @@ class _Core:
     def _on_deadline(self, key: Any, now: float) -> None:
         owner, kind = key
         if owner == "pool":
-            if kind == "spawn":
+            if kind == "spawn" or kind == "spare":
                 self._fill(now)
             elif kind == "kill":
                 for straggler in self._workers.values():
@@ -1328,6 +1400,12 @@ class ProcessPool(Executor):
 
     Args:
         max_workers: number of worker processes (default: the CPUs this process may use).
+        spare_workers: extra workers kept started and ready, but idle, beyond ``max_workers``.
+            When a worker dies or leaves (crash, timeout, cancellation, recycling) a spare takes
+            its place at once, so the next task does not wait for a process to start; a new
+            spare is then started in the background. A spare never runs a task until it takes
+            a place; one that dies counts against ``budget`` like any worker. 0: none (each
+            replacement is started when it is needed).
         start_method: "forkserver" (default), "spawn" or "fork".
         initializer: ``initializer(*initargs)`` runs in each worker before its first task. A
             worker whose initializer raises counts as a crash (backoff, restart budget).
@@ -1358,7 +1436,8 @@ class ProcessPool(Executor):
     result, an exception, or cancelled.
     """
 
-    def __init__(self, max_workers: int | None = None, *, start_method: str = "forkserver",
+    def __init__(self, max_workers: int | None = None, *, spare_workers: int = 1,
+                 start_method: str = "forkserver",
                  initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = (),
                  task_timeout: float | None = None, retries: int = 0,
                  max_tasks_per_worker: int | None = None,
@@ -1369,6 +1448,7 @@ class ProcessPool(Executor):
         if max_workers is None:
             max_workers = _default_workers()
         v.integer("max_workers", max_workers, minimum=1)
+        v.integer("spare_workers", spare_workers)
         v.choice("start_method", start_method, START_METHODS)
         v.callable_("initializer", initializer, optional=True)
         if not isinstance(initargs, tuple):
@@ -1406,7 +1486,8 @@ class ProcessPool(Executor):
         if not isinstance(name, str) or not name:
             raise TypeError(f"name must be a non-empty str, got {name!r}")
         self._cfg = _Config(
-            name=name, max_workers=max_workers, start_method=start_method,
+            name=name, max_workers=max_workers, spare_workers=spare_workers,
+            start_method=start_method,
             initializer=initializer, initargs=initargs,
             task_timeout=None if task_timeout is None else float(task_timeout), retries=retries,
             max_tasks_per_worker=max_tasks_per_worker,
@@ -1566,11 +1647,20 @@ class ProcessPool(Executor):
 
     def worker_pids(self) -> tuple[int, ...]:
         """The pids of the worker processes that exist right now (starting, idle, busy or
-        leaving)."""
+        leaving), spares included (see :meth:`spare_pids`)."""
         return self._core.pids
 
+    def spare_pids(self) -> tuple[int, ...]:
+        """The pids of the spare workers right now (starting or ready; see ``spare_workers``).
+
+        A spare that takes a worker's place leaves this list but stays in
+        :meth:`worker_pids`.
+        """
+        return self._core.spare_pids
+
     def stats(self) -> dict[str, int]:
-        """Counters: workers started and lost, tasks done, lost, retried, timed out, ..."""
+        """Counters: workers started (spares too) and lost, tasks done, lost, retried, timed
+        out, spares promoted, ..."""
         return dict(self._core.counters)
 
     @property

@@ -128,7 +128,8 @@ def test_a_dead_worker_fails_only_its_task(no_leaks: set[int]) -> None:
         assert [f.result(timeout=20) for f in slow] == [i * 2 for i in range(6)]
         assert [f.result(timeout=20) for f in more] == [i * i for i in range(50)]
         wait_for(lambda: not pid_alive(err.pid), 5, "the dead worker to be reaped")
-        wait_for(lambda: len(pool.worker_pids()) == 3, 10, "a replacement worker")
+        # 3 workers and the spare (the old spare took the dead worker's place).
+        wait_for(lambda: len(pool.worker_pids()) == 4, 10, "a replacement worker")
         assert err.pid not in pool.worker_pids()
         # The error crosses process boundaries intact.
         copy = pickle.loads(pickle.dumps(err))
@@ -466,7 +467,7 @@ from corral.pool import ProcessPool
 if __name__ == "__main__":
     pool = ProcessPool(2, start_method={method!r})
     futures = [pool.submit(pool_tasks.{task}, *{args!r}) for _ in range(2)]
-    while len(pool.worker_pids()) < 2 or not all(f.running() for f in futures):
+    while len(pool.worker_pids()) < {nproc} or not all(f.running() for f in futures):
         time.sleep(0.01)
     print(" ".join(map(str, pool.worker_pids())), flush=True)
     {end}
@@ -474,10 +475,10 @@ if __name__ == "__main__":
 
 
 def _run_script(tmp_path: Path, method: str, task: str, args: tuple[Any, ...],
-                end: str) -> subprocess.Popen[str]:
+                end: str, nproc: int = 2) -> subprocess.Popen[str]:
     script = tmp_path / "pool_script.py"
     script.write_text(_SCRIPT.format(tests=str(Path(tasks.__file__).parent), method=method,
-                                     task=task, args=args, end=end))
+                                     task=task, args=args, end=end, nproc=nproc))
     return subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
 
 
@@ -485,12 +486,13 @@ def _run_script(tmp_path: Path, method: str, task: str, args: tuple[Any, ...],
 @pytest.mark.timeout(60)
 def test_workers_die_with_a_killed_parent(no_leaks: set[int], tmp_path: Path,
                                           start_method: str) -> None:
-    proc = _run_script(tmp_path, start_method, "hang_in_here", (), "time.sleep(3600)")
+    # 3: the two busy workers and the spare, which must die with the parent too.
+    proc = _run_script(tmp_path, start_method, "hang_in_here", (), "time.sleep(3600)", nproc=3)
     try:
         assert proc.stdout is not None
         pids = [int(p) for p in proc.stdout.readline().split()]
         no_leaks.update(pids)
-        assert len(pids) == 2 and all(pid_alive(p) for p in pids)
+        assert len(pids) == 3 and all(pid_alive(p) for p in pids)
         proc.kill()  # SIGKILL: no clean-up code runs in the parent
         proc.wait(10)
         wait_for(lambda: not any(pid_alive(p) for p in pids), 10, "the orphaned workers to die")
@@ -544,3 +546,108 @@ def test_asyncio_run_in_executor_and_wrap_future(no_leaks: set[int], tmp_path: P
         assert wrapped == 5 and cancelled
         worker_pid = int(marker.read_text())
         wait_for(lambda: not pid_alive(worker_pid), 5, "the cancelled task's worker to die")
+
+
+# ----------------------------------------------------------------------------- spare workers
+
+
+def _ready_spare(pool: ProcessPool) -> int:
+    (spare,) = wait_for(pool.spare_pids, 20, "a spare worker")
+    return spare
+
+
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+@pytest.mark.timeout(60)
+def test_a_spare_takes_the_place_of_a_killed_worker(no_leaks: set[int], tmp_path: Path,
+                                                    start_method: str) -> None:
+    marker = tmp_path / "running"
+    with running_pool(no_leaks, max_workers=1, spare_workers=1,
+                      start_method=start_method) as pool:
+        worker = pool.submit(tasks.getpid).result(timeout=20)
+        spare = _ready_spare(pool)
+        assert spare != worker and set(pool.worker_pids()) == {worker, spare}
+        busy = pool.submit(tasks.hang_after_marker, str(marker))
+        assert int(wait_for(lambda: marker.exists() and marker.read_text(), 20,
+                            "the task to start")) == worker
+        os.kill(worker, signal.SIGKILL)
+        assert pool.submit(tasks.getpid).result(timeout=20) == spare
+        with pytest.raises(WorkerLost):
+            busy.result(timeout=20)
+        # A new spare is started in the background.
+        new_spare = _ready_spare(pool)
+        assert new_spare not in (worker, spare)
+        wait_for(lambda: set(pool.worker_pids()) == {spare, new_spare}, 10,
+                 "the dead worker to be reaped")
+        stats = pool.stats()
+        assert stats["spares_promoted"] == 1 and stats["workers_lost"] == 1
+        assert stats["started"] == 3
+
+
+@pytest.mark.timeout(60)
+def test_a_spare_replaces_a_recycled_worker(no_leaks: set[int]) -> None:
+    with running_pool(no_leaks, max_workers=1, spare_workers=1, max_tasks_per_worker=1) as pool:
+        first = pool.submit(tasks.getpid).result(timeout=20)  # starts the pool
+        spare = _ready_spare(pool)
+        assert pool.submit(tasks.getpid).result(timeout=20) not in (first, spare)
+        assert pool.submit(tasks.getpid).result(timeout=20) == spare
+        assert pool.stats()["recycled_tasks"] >= 1 and pool.stats()["spares_promoted"] >= 1
+
+
+@pytest.mark.timeout(60)
+def test_a_spare_gets_no_task_and_its_death_is_replaced_and_counted(no_leaks: set[int]) -> None:
+    with running_pool(no_leaks, max_workers=1, spare_workers=1,
+                      budget=RestartBudget(max_restarts=1, window=60)) as pool:
+        worker = pool.submit(tasks.getpid).result(timeout=20)
+        spare = _ready_spare(pool)
+        # Tasks queue up for the only worker; the idle spare never takes one.
+        futures = [pool.submit(tasks.pid_and_value, i) for i in range(50)]
+        assert [f.result(timeout=20) for f in futures] == [(worker, i) for i in range(50)]
+        os.kill(spare, signal.SIGKILL)
+        new_spare = wait_for(lambda: [p for p in pool.spare_pids() if p != spare], 20,
+                             "a new spare")[0]
+        assert pool.stats()["workers_lost"] == 1 and pool.stats()["spares_promoted"] == 0
+        assert pool.submit(tasks.getpid).result(timeout=20) == worker
+        # A spare's death spends the restart budget like any other: one more breaks the pool.
+        os.kill(new_spare, signal.SIGKILL)
+        wait_for(lambda: pool.broken, 20, "the pool to break")
+        with pytest.raises(PoolBroken, match="SIGKILL"):
+            pool.submit(tasks.square, 1)
+
+
+@pytest.mark.parametrize("how", ["shutdown", "terminate"])
+@pytest.mark.timeout(60)
+def test_shutdown_and_terminate_stop_the_spares(no_leaks: set[int], how: str) -> None:
+    pool = ProcessPool(2, spare_workers=2, start_method="fork", stop_timeout=2.0)
+    try:
+        assert pool.submit(tasks.square, 3).result(timeout=20) == 9
+        spares = wait_for(lambda: len(pool.spare_pids()) == 2 and pool.spare_pids(), 20,
+                          "two spares")
+        pids = set(wait_for(lambda: len(pool.worker_pids()) == 4 and pool.worker_pids(), 20,
+                            "four processes"))
+        no_leaks.update(pids)
+        assert set(spares) <= pids
+    finally:
+        no_leaks.update(pool.worker_pids())
+        if how == "shutdown":
+            pool.shutdown(wait=True)
+        else:
+            pool.terminate(wait=True)
+    assert pool.worker_pids() == () and pool.spare_pids() == ()
+    for pid in pids:
+        assert not pid_alive(pid)
+
+
+@pytest.mark.timeout(60)
+def test_no_spares_with_spare_workers_0(no_leaks: set[int]) -> None:
+    with running_pool(no_leaks, max_workers=2, spare_workers=0) as pool:
+        victim = pool.submit(tasks.kill_self)
+        assert [pool.submit(tasks.square, i).result(timeout=20) for i in range(5)] == [
+            i * i for i in range(5)]
+        with pytest.raises(WorkerLost):
+            victim.result(timeout=20)
+        wait_for(lambda: len(pool.worker_pids()) == 2, 10, "a replacement worker")
+        assert pool.spare_pids() == ()
+        futures = [pool.submit(tasks.pid_and_value, i) for i in range(20)]
+        assert {f.result(timeout=20)[0] for f in futures} <= set(pool.worker_pids())
+        stats = pool.stats()
+        assert stats["spares_promoted"] == 0 and stats["started"] == 3
