@@ -122,10 +122,25 @@ def peers() -> list[Peer]:
 # ------------------------------------------------------------------------------ throughput
 
 
+def _settle_spares(pool: Any, timeout: float = 10.0) -> None:
+    """Measure corral in its steady state: wait until its warm spare has booted (idle), so its
+    start-up is not charged to the throughput figure (other pools have no spare to start)."""
+    core = getattr(pool, "_core", None)
+    if core is None or not hasattr(pool, "spare_pids"):
+        return
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        spares = [w for w in list(core._workers.values()) if w.spare and w.proc is not None]
+        if len(spares) >= pool._cfg.spare_workers and all(w.state == "idle" for w in spares):
+            return
+        time.sleep(0.005)
+
+
 def throughput(peer: Peer, workers: int, n: int, fn: Callable[..., Any], arg: Any) -> float:
     pool = peer.make(workers)
     try:
         wait([peer.submit(pool, tiny, i) for i in range(workers * 4)])  # every worker up
+        _settle_spares(pool)
         t0 = time.perf_counter()
         futures = [peer.submit(pool, fn, arg) for _ in range(n)]
         for f in futures:
