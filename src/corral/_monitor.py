@@ -42,16 +42,21 @@ from corral._bootstrap import BootConfig, run_worker
 from corral._deadlines import Deadlines
 from corral.errors import GaveUp
 from corral.events import Event, EventKind, ExitRecord
-from corral.exitstatus import ExitStatus
 from corral.heartbeat import HeartbeatTable
 from corral.policy import BackoffState, BudgetWindow
-from corral.process import WorkerHandle, WorkerProcess
+from corral.process import (
+    DUMP_SIGNAL,
+    WorkerHandle,
+    WorkerProcess,
+    read_stack_dump,
+    stack_dump_size,
+)
 from corral.spec import PoolSpec
 from corral.states import StopReason, Trigger, WorkerState
 from corral.status import WorkerStatus
 
 S = WorkerState
-_DUMP_SIGNAL = signal.SIGRTMIN + 3  # rarely used by applications; faulthandler's C handler
+_DUMP_SIGNAL = DUMP_SIGNAL
 _DUMP_STEP = 0.005  # how often a stack dump is checked for completion (only while one is due)
 _DUMP_MAX = 0.1  # the longest a hung worker may take to write its dump
 _HISTORY = 32  # exit records kept for GaveUp and status
@@ -725,22 +730,13 @@ class Monitor:
     def _collect_dump(self, w: _Worker, now: float) -> None:
         assert w.proc is not None
         fd = self._hb.read(w.index).dump_fd
-        path = f"/proc/{w.proc.pid}/fd/{fd}"
-        try:
-            size = os.stat(path).st_size
-        except OSError:
-            size = 0
+        size = stack_dump_size(w.proc.pid, fd)
         done = size > 0 and size == w.dump_size
         if not done and now - w.dump_started < _DUMP_MAX:
             w.dump_size = size
             self._deadlines.set((w.index, "dump"), now + _DUMP_STEP)
             return
-        text = ""
-        try:
-            with open(path, "rb") as fh:
-                text = fh.read(256 * 1024).decode("utf-8", "replace")
-        except OSError:
-            pass
+        text = read_stack_dump(w.proc.pid, fd)
         if not text:
             text = "(no stack dump: the process could not run the handler, e.g. it was stopped)"
         w.stop_detail = f"{w.stop_detail}\n{text}" if w.stop_detail else text
@@ -1026,6 +1022,3 @@ def _measure_rss(targets: list[tuple[int, int, int]]) -> list[tuple[int, int, in
 class _SpawnSkipped(Exception):
     """The pool began stopping before this start came up."""
 
-
-def describe_exit(status: ExitStatus) -> str:
-    return status.describe()

@@ -71,7 +71,7 @@ from corral.events import ExitRecord
 from corral.exitstatus import ExitStatus
 from corral.heartbeat import HeartbeatTable
 from corral.policy import Backoff, BackoffState, BudgetWindow, RestartBudget
-from corral.process import WorkerProcess
+from corral.process import DUMP_SIGNAL, WorkerProcess, read_stack_dump, stack_dump_size
 from corral.spec import START_METHODS
 from corral.states import StopReason
 
@@ -93,7 +93,7 @@ _T = TypeVar("_T")
 _P = ParamSpec("_P")
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
-_DUMP_SIGNAL = signal.SIGRTMIN + 3  # faulthandler's C handler in the worker (see _bootstrap)
+_DUMP_SIGNAL = DUMP_SIGNAL  # faulthandler's C handler in the worker (see _bootstrap)
 _DUMP_STEP = 0.005  # how often a stack dump is checked for completion (only while one is due)
 _DUMP_MAX = 0.2  # the longest a hung worker may take to write its dump
 _READ_SIZE = 1 << 16
@@ -1214,21 +1214,12 @@ class _Core:
     def _collect_dump(self, w: _Worker, now: float) -> None:
         if not w.dumping or w.proc is None:
             return
-        path = f"/proc/{w.proc.pid}/fd/{w.dump_fd}"
-        try:
-            size = os.stat(path).st_size
-        except OSError:
-            size = 0
+        size = stack_dump_size(w.proc.pid, w.dump_fd)
         if not (size > 0 and size == w.dump_size) and now - w.dump_started < _DUMP_MAX:
             w.dump_size = size
             self._deadlines.set((w.id, "dump"), now + _DUMP_STEP)
             return
-        text = ""
-        try:
-            with open(path, "rb") as fh:
-                text = fh.read(256 * 1024).decode("utf-8", "replace")
-        except OSError:
-            pass
+        text = read_stack_dump(w.proc.pid, w.dump_fd)
         self._dump_done(w, text or "(no stack dump: the worker could not write one)")
 
     def _dump_done(self, w: _Worker, dump: str) -> None:

@@ -20,7 +20,29 @@ from typing import Any
 
 from corral.exitstatus import ExitStatus
 
-__all__ = ["WorkerHandle", "WorkerProcess"]
+__all__ = ["DUMP_SIGNAL", "WorkerHandle", "WorkerProcess", "read_stack_dump",
+           "stack_dump_size"]
+
+# The signal on which every worker's bootstrap registers faulthandler's C-level handler, writing
+# all threads' stacks into a memfd; rarely used by applications.
+DUMP_SIGNAL = signal.SIGRTMIN + 3
+
+
+def stack_dump_size(pid: int, fd: int) -> int:
+    """Bytes written so far to a worker's stack-dump memfd (0 if unreadable)."""
+    try:
+        return os.stat(f"/proc/{pid}/fd/{fd}").st_size
+    except OSError:
+        return 0
+
+
+def read_stack_dump(pid: int, fd: int, limit: int = 256 * 1024) -> str:
+    """The text of a worker's stack dump, read through /proc while the worker still exists."""
+    try:
+        with open(f"/proc/{pid}/fd/{fd}", "rb") as fh:
+            return fh.read(limit).decode("utf-8", "replace")
+    except OSError:
+        return ""
 
 _forking = threading.local()
 
