@@ -232,14 +232,15 @@ def running(sup: corral.Supervisor, name: str, not_pid: int | None = None,
 
 
 def helper_processes() -> set[int]:
-    """multiprocessing's forkserver and resource tracker: shared helpers, not pool processes."""
+    """multiprocessing's forkserver and resource tracker, and corral's keeper (it kills what the
+    workers leave behind if this process dies): shared helpers, not pool processes."""
     helpers = set()
     for child in psutil.Process().children(recursive=False):
         try:
             cmd = " ".join(child.cmdline())
         except psutil.Error:
             continue
-        if "forkserver" in cmd or "resource_tracker" in cmd:
+        if "forkserver" in cmd or "resource_tracker" in cmd or "corral-keeper" in cmd:
             helpers.add(child.pid)
     return helpers
 
@@ -392,7 +393,7 @@ def script(sup: corral.Supervisor, obs: Observer) -> list[str]:
     elif not any(not gone(p) for _, p in obs.seen.values()):
         out(f"{stamp()} no process left: none of the {len(obs.seen)} pids is alive, and this "
             f"demo has no descendants other than multiprocessing's forkserver / resource "
-            f"tracker ({len(helpers)}), which exit with it")
+            f"tracker and corral's keeper ({len(helpers)}), which exit with it")
     return failures
 
 

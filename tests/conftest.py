@@ -41,14 +41,15 @@ def pid_alive(pid: int) -> bool:
 
 
 def _helper_processes() -> set[int]:
-    """multiprocessing's forkserver and resource tracker: long-lived helpers, not leaks."""
+    """multiprocessing's forkserver and resource tracker, and corral's keeper (one per
+    supervising process, see corral._keeper): long-lived helpers, not leaks."""
     out = set()
     for child in psutil.Process().children(recursive=False):
         try:
             cmd = " ".join(child.cmdline())
         except psutil.Error:
             continue
-        if "forkserver" in cmd or "resource_tracker" in cmd:
+        if "forkserver" in cmd or "resource_tracker" in cmd or "corral-keeper" in cmd:
             out.add(child.pid)
     return out
 

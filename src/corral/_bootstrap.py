@@ -11,14 +11,18 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import faulthandler
+import fcntl
 import multiprocessing
 import multiprocessing.connection
 import os
+import resource
 import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from corral.process import DUMP_NAME, close_internal_fds
 
 _PR_SET_PDEATHSIG = 1
 
@@ -45,6 +49,7 @@ class BootConfig:
     ready_on_beat: bool
     dump_signal: int | None
     forkserver: bool  # our parent is multiprocessing's forkserver, not the supervisor
+    forked: bool = False  # started with fork: we inherited the supervisor's own fds
 
 
 def _set_pdeathsig(sig: int) -> bool:
@@ -87,7 +92,40 @@ def _watch_parent() -> None:
             return
         _kill_own_group()
 
-    threading.Thread(target=watch, name="corral-parent-watch", daemon=True).start()
+    _start_quiet_thread(watch, "corral-parent-watch")
+
+
+def _start_quiet_thread(fn: Callable[[], None], name: str) -> None:
+    """Start a daemon thread that never receives a signal meant for the worker.
+
+    A thread inherits the mask of the thread that starts it: block every signal around the
+    start, so the new thread is born with all of them blocked (a process-directed signal then
+    goes to a thread that has not blocked it: the user's), and restore ours.
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        threading.Thread(target=fn, name=name, daemon=True).start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _make_dump_fd(index: int) -> int:
+    """A memfd for faulthandler's stack dumps, moved to a high fd number.
+
+    A worker that closes its fds and opens its own files reuses low numbers; up here the dump's
+    fd is unlikely to be closed or reused, and the supervisor checks it is still this memfd
+    before it asks for a dump.
+    """
+    fd = os.memfd_create(f"{DUMP_NAME}-{index}", os.MFD_CLOEXEC)
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            soft = 1 << 16
+        high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, max(3, min(soft, 1 << 16) - 16))
+    except OSError:
+        return fd  # no room up there: a low number still works, the check still applies
+    os.close(fd)
+    return high
 
 
 def _release_forkserver() -> None:
@@ -110,6 +148,8 @@ def _release_forkserver() -> None:
 
 def run_worker(config: BootConfig, target: Callable[..., Any], args: tuple[Any, ...]) -> None:
     """The multiprocessing target of every worker: prepare, then ``target(index, *args)``."""
+    if config.forked:
+        close_internal_fds()
     try:
         os.setpgid(0, 0)
     except OSError:
@@ -136,7 +176,7 @@ def run_worker(config: BootConfig, target: Callable[..., Any], args: tuple[Any, 
     if config.dump_signal is not None:
         # Evidence from a hung worker: a C-level handler dumps every thread's stack into a memfd
         # the supervisor reads through /proc, even when the interpreter itself is stuck.
-        dump_fd = os.memfd_create(f"corral-dump-{config.index}", 0)
+        dump_fd = _make_dump_fd(config.index)
         faulthandler.register(config.dump_signal, file=dump_fd, all_threads=True, chain=False)
     if config.heartbeat_path is not None:
         from corral import heartbeat

@@ -40,7 +40,8 @@ from typing import Any
 from corral import states
 from corral._bootstrap import BootConfig, run_worker
 from corral._deadlines import Deadlines
-from corral.errors import GaveUp
+from corral._fdlimit import explain_fd_error
+from corral.errors import GaveUp, SupervisorStateError
 from corral.events import Event, EventKind, ExitRecord
 from corral.heartbeat import HeartbeatTable
 from corral.policy import BackoffState, BudgetWindow
@@ -48,6 +49,9 @@ from corral.process import (
     DUMP_SIGNAL,
     WorkerHandle,
     WorkerProcess,
+    disown_fd,
+    dump_fd_is_ours,
+    own_fd,
     read_stack_dump,
     stack_dump_size,
 )
@@ -60,6 +64,11 @@ _DUMP_SIGNAL = DUMP_SIGNAL
 _DUMP_STEP = 0.005  # how often a stack dump is checked for completion (only while one is due)
 _DUMP_MAX = 0.1  # the longest a hung worker may take to write its dump
 _HISTORY = 32  # exit records kept for GaveUp and status
+_MAX_WAIT = 86400.0  # the longest single wait: a day
+# A worker recycled for memory is SIGKILLed during its grace once its RSS passes this multiple of
+# max_memory, checked every _RECYCLE_CHECK seconds while it stops.
+_HARD_MEMORY = 1.25
+_RECYCLE_CHECK = 0.1
 
 
 @dataclass
@@ -84,6 +93,7 @@ class _Worker:
     health_failures: int = 0
     health_pending: Future[bool] | None = None
     health_last: str = ""
+    last_spawn: float = 0.0  # monotonic time its latest start was queued
 
     @property
     def who(self) -> str:
@@ -115,21 +125,40 @@ class Monitor:
         self._ctx = multiprocessing.get_context(spec.start_method)
         if spec.start_method == "forkserver":
             _preload_for_forkserver(self._ctx, spec.target)
+        # The heartbeat table first: it is the one resource that can fail for lack of space,
+        # and nothing else exists yet to clean up if it does.
+        self._hb = HeartbeatTable(spec.workers)
+        own_fd(self._hb.fd)
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except BaseException:
+            self._hb.close()
+            raise
+        own_fd(self._wake_r)
+        own_fd(self._wake_w)
         self._wake_lock = threading.Lock()  # _wake() must never write to a closed, reused fd
         self._spawn_q: queue.SimpleQueue[tuple[int, int, BootConfig, tuple[Any, ...]] | None] = (
             queue.SimpleQueue())
         self._workers: dict[int, _Worker] = {}
         self._by_fd: dict[int, _Worker] = {}
-        self._poller = select.epoll()
+        try:
+            self._poller = select.epoll()
+        except BaseException:
+            self._close_fds()
+            raise
+        own_fd(self._poller.fileno())
         self._poller.register(self._wake_r, select.EPOLLIN)
+        # Processes that exist and are not reaped yet, for signals sent from other threads
+        # (stop(wait=False)); the monitor adds and removes under the lock, before reaping.
+        self._live_lock = threading.Lock()
+        self._live: dict[int, WorkerProcess] = {}
         self._deadlines = Deadlines()
         self._budget = BudgetWindow(spec.budget)
         self._history: deque[ExitRecord] = deque(maxlen=_HISTORY)
         self._rng = random.Random()
-        self._hb = HeartbeatTable(spec.workers)
         self._stopping = False
+        self._stop_request: float | None = None  # set by request_stop() before any signal
         self._stop_deadline = 0.0  # monotonic; set once stopping begins
         self._stop_waiters: list[_Command] = []
         self._rolling: deque[int] = deque()
@@ -157,6 +186,11 @@ class Monitor:
             self._workers[index] = _Worker(index, name, args, BackoffState(self.spec.backoff))
         self._spawner.start()
         self._thread.start()
+
+    def discard(self) -> None:
+        """Undo a monitor whose start() did not complete (no process was started)."""
+        self._spawn_q.put(None)
+        self._close_fds()
 
     def call(self, name: str, *args: Any, wait: bool = True, timeout: float | None = None) -> Any:
         """Run a command on the monitor thread; wait for its result unless ``wait`` is False."""
@@ -206,6 +240,25 @@ class Monitor:
     @property
     def thread(self) -> threading.Thread:
         return self._thread
+
+    def request_stop(self, grace: float, sig: int) -> None:
+        """Begin stopping the pool from the calling thread (any thread).
+
+        The stop signal reaches every live worker's group before this returns, even if the
+        process exits right after (Duck's ``App.stop()`` calls ``os._exit`` next). The monitor
+        is told first, so an exit this signal causes is never taken for a crash.
+        """
+        self._stop_request = grace
+        self._signal_now(sig)
+        self.submit("stop", grace)
+
+    def _signal_now(self, sig: int) -> None:
+        with self._live_lock:
+            for proc in self._live.values():
+                if sig == signal.SIGKILL:
+                    proc.send_group(sig)
+                else:
+                    proc.send_stop(sig)
 
     def _wake(self) -> None:
         with self._wake_lock, contextlib.suppress(BlockingIOError, OSError):
@@ -257,8 +310,12 @@ class Monitor:
 
     def _round(self) -> None:
         due = self._deadlines.next_due()
-        timeout = None if due is None else max(0.0, due - time.monotonic())
+        # A far deadline (stop(timeout=math.inf)) is no reason to overflow epoll's int of ms.
+        timeout = None if due is None else min(_MAX_WAIT, max(0.0, due - time.monotonic()))
         ready = self._poller.poll(-1 if timeout is None else timeout)
+        if self._stop_request is not None and not self._stopping:
+            # Before any exit of this round: a worker our stop signal ended is no crash.
+            self._begin_stop(self._stop_request, StopReason.SHUTDOWN, time.monotonic())
         woke = False
         for fd, _ in ready:
             if fd == self._wake_r:
@@ -300,6 +357,7 @@ class Monitor:
     def _spawn(self, w: _Worker, now: float) -> None:
         """Queue a start of ``w`` for the spawner thread (state PENDING)."""
         w.generation += 1
+        w.last_spawn = now
         w.ready = False
         # A new process starts with a clean health record: a check still hanging on its
         # predecessor is not its fault.
@@ -313,7 +371,8 @@ class Monitor:
             heartbeat_path=self._hb.path, wake_path=f"/proc/{os.getpid()}/fd/{self._wake_w}",
             ready_on_beat=self.spec.ready_when == "beat",
             dump_signal=_DUMP_SIGNAL,
-            forkserver=self.spec.start_method == "forkserver")
+            forkserver=self.spec.start_method == "forkserver",
+            forked=self.spec.start_method == "fork")
         self._spawn_q.put((w.index, w.generation, boot, w.args))
 
     def _cmd_spawned(self, cmd: _Command) -> None:
@@ -330,13 +389,16 @@ class Monitor:
             if isinstance(result, _SpawnSkipped):
                 self._move(w, Trigger.SPAWN_FAILED, S.STOPPED)
                 return
-            self.log.error("%s: could not start a process: %s: %s", w.who, type(result).__name__,
-                      result, exc_info=result if not isinstance(result, OSError) else None)
+            text = explain_fd_error(result)
+            self.log.error("%s: could not start a process: %s", w.who, text,
+                           exc_info=result if not isinstance(result, OSError) else None)
             record = ExitRecord(w.index, w.name, None, None, StopReason.SPAWN_FAILED,
-                                time.time(), 0.0, f"{type(result).__name__}: {result}")
+                                time.time(), 0.0, text)
             self._after_death(w, Trigger.SPAWN_FAILED, record, now)
             return
         w.proc = result
+        with self._live_lock:
+            self._live[result.pid] = result
         fd = result.waitable()
         self._by_fd[fd] = w
         self._poller.register(fd, select.EPOLLIN)
@@ -384,10 +446,15 @@ class Monitor:
     def _on_exit(self, w: _Worker) -> None:
         proc = w.proc
         assert proc is not None
-        # Take the rest of its group down while the dead worker still holds the group id.
+        # Take the rest of its group down while the dead worker still holds the group id, and
+        # stop other threads signalling it before its pid can be reused.
         proc.kill_group_leftovers()
+        with self._live_lock:
+            self._live.pop(proc.pid, None)
         status = proc.reap()
         if status is None:
+            with self._live_lock:
+                self._live[proc.pid] = proc
             return  # not really gone yet (cannot happen with pidfds); wait again
         fd = proc.waitable()
         del self._by_fd[fd]
@@ -421,6 +488,7 @@ class Monitor:
         elif after == "remove":
             self._move(w, trigger, S.STOPPED)
             del self._workers[w.index]
+            self._check_ready_waiters()
         elif after == "restart":
             self._move(w, trigger, S.PENDING)
             self._emit(EventKind.RESTARTING, w, delay=0.0)
@@ -436,6 +504,7 @@ class Monitor:
                  and record.reason is StopReason.EXITED)
         if not self.spec.restart_policy.wants_restart(clean_exit=clean):
             self._move(w, trigger, S.EXITED)
+            self._check_ready_waiters()
             self.log.info("%s will not be restarted (restart=%r)", w.who,
                      self.spec.restart_policy.value)
             return
@@ -444,6 +513,11 @@ class Monitor:
             self._give_up(now)
             return
         delay = w.backoff.on_death(record.uptime, self._rng)
+        cooldown = self.spec.restart_cooldown
+        if cooldown > 0 and w.last_spawn > 0:
+            # At least `cooldown` between two starts of this worker: a crash loop is throttled,
+            # a worker that ran longer than that is restarted at once.
+            delay = max(delay, w.last_spawn + cooldown - now)
         self._emit(EventKind.RESTARTING, w, delay=delay)
         if delay <= 0:
             self._move(w, trigger, S.PENDING)
@@ -502,8 +576,7 @@ class Monitor:
         if grace <= 0:
             self._kill(w)
             return
-        w.proc.send_group(self.spec.stop_signal)
-        w.proc.send_group(signal.SIGCONT)  # a stopped process could not handle it otherwise
+        w.proc.send_stop(self.spec.stop_signal)
         if (w.index, "kill") not in self._deadlines:
             self._deadlines.set((w.index, "kill"), now + grace)
 
@@ -557,21 +630,34 @@ class Monitor:
         for executor in (self._checks, self._memory_reader):
             if executor is not None:
                 executor.shutdown(wait=False, cancel_futures=True)
-        self._hb.close()
-        self._poller.close()
+        self._close_fds()
         with self._wake_lock:
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            self._wake_r = self._wake_w = -1
             self.finished.set()
         self._emit(EventKind.STOPPED, None, message="gave up" if self.gave_up else "stopped")
         self._answer_waiters()
         self.log.info("pool %r stopped", self.spec.name)
 
+    def _close_fds(self) -> None:
+        """Release the pool's own fds: the wakeup pipe, the epoll set, the heartbeat table."""
+        with self._wake_lock:
+            for fd in (self._wake_r, self._wake_w):
+                if fd >= 0:
+                    disown_fd(fd)
+                    os.close(fd)
+            self._wake_r = self._wake_w = -1
+        poller = getattr(self, "_poller", None)
+        if poller is not None and not poller.closed:
+            disown_fd(poller.fileno())
+            poller.close()
+        disown_fd(self._hb.fd)
+        self._hb.close()
+
     def _answer_waiters(self) -> None:
         """Answer everyone still waiting on the monitor once it has finished."""
-        for cmd in self._stop_waiters + [c for _, c in self._ready_waiters] + self._rolling_waiters:
+        for cmd in self._stop_waiters + self._rolling_waiters:
             cmd.finish()
+        for n, cmd in self._ready_waiters:
+            cmd.finish(error=self.not_ready_error(n))
         while True:  # commands that came in during the last round
             try:
                 late = self._commands.get_nowait()
@@ -590,6 +676,8 @@ class Monitor:
                 with contextlib.suppress(Exception):
                     w.proc.send_group(signal.SIGKILL)
                     self._orphans_reap(w.proc)
+        with contextlib.suppress(Exception):
+            self._close_fds()
         with self._wake_lock:
             self.finished.set()
         self._answer_waiters()
@@ -720,6 +808,12 @@ class Monitor:
         fd = self._hb.read(w.index).dump_fd
         if fd < 0:
             return False
+        if not dump_fd_is_ours(w.proc.pid, fd):
+            # The worker closed its fds (and may have opened a file of its own on that number):
+            # a dump would land in the user's file. Go without one, and say why.
+            note = (f"(no stack dump: the worker closed or replaced corral's dump file, fd {fd})")
+            w.stop_detail = f"{w.stop_detail}\n{note}" if w.stop_detail else note
+            return False
         w.dump_size, w.dump_started = -1, now
         if not w.proc.send(_DUMP_SIGNAL):
             return False
@@ -803,11 +897,18 @@ class Monitor:
             self._deadlines.set((w.index, "health"), now + self.spec.health_check_interval)
 
     def _measure_memory(self, now: float) -> None:
-        self._deadlines.set(("pool", "memory"), now + self.spec.memory_check_interval)
+        # A worker in its graceful recycle is watched closely: it may still be growing.
+        recycling = any(w.state is S.STOPPING and w.stop_reason is StopReason.RECYCLED_MEMORY
+                        for w in self._workers.values())
+        interval = self.spec.memory_check_interval
+        if recycling:
+            interval = min(interval, _RECYCLE_CHECK)
+        self._deadlines.set(("pool", "memory"), now + interval)
         if self._memory_pending:
             return
         targets = [(w.index, w.generation, w.proc.pid) for w in self._workers.values()
-                   if w.proc is not None and w.state in (S.STARTING, S.RUNNING)]
+                   if w.proc is not None and (w.state in (S.STARTING, S.RUNNING) or (
+                       w.state is S.STOPPING and w.stop_reason is StopReason.RECYCLED_MEMORY))]
         if not targets:
             self._deadlines.cancel(("pool", "memory"))
             return
@@ -834,6 +935,18 @@ class Monitor:
                 self._stop_worker(w, StopReason.RECYCLED_MEMORY, "restart", now,
                                   detail=f"RSS {rss / 2**20:.1f} MiB > max_memory "
                                          f"{limit / 2**20:.1f} MiB")
+                due = self._deadlines.get(("pool", "memory"))
+                if due is not None and due > now + _RECYCLE_CHECK:
+                    self._deadlines.set(("pool", "memory"), now + _RECYCLE_CHECK)
+            elif (w.state is S.STOPPING and w.stop_reason is StopReason.RECYCLED_MEMORY
+                  and rss > limit * _HARD_MEMORY and w.proc is not None):
+                # Its graceful stop must not let memory run away: past the hard limit, SIGKILL.
+                self.log.warning("%s still grows during its graceful recycle (RSS %.1f MiB > "
+                                 "%.0f%% of max_memory); sending SIGKILL", w.who, rss / 2**20,
+                                 _HARD_MEMORY * 100)
+                w.stop_detail = (f"{w.stop_detail}; killed at RSS {rss / 2**20:.1f} MiB during "
+                                 "the grace")
+                w.proc.send_group(signal.SIGKILL)
 
     # -------------------------------------------------------------------------------- commands
 
@@ -853,6 +966,7 @@ class Monitor:
     def _cmd_scale(self, cmd: _Command) -> None:
         n, prepared = cmd.args  # prepared: {index: (name, args)} for every index < n
         self._check_not_stopping()
+        self._hb.ensure(n)  # the one step that can fail (no shared memory): before any change
         now = time.monotonic()
         for index in range(n):
             w = self._workers.get(index)
@@ -873,6 +987,7 @@ class Monitor:
                     self._move(w, Trigger.STOP, S.STOPPED)
                 del self._workers[index]
         cmd.finish()
+        self._check_ready_waiters()
 
     def _cmd_restart(self, cmd: _Command) -> None:
         (index,) = cmd.args
@@ -925,12 +1040,19 @@ class Monitor:
         self._check_ready_waiters()
 
     def _check_ready_waiters(self) -> None:
+        """Answer the wait_ready() callers whose count is reached.
+
+        Workers on their way out (scaled down) and workers that finished for good (restart
+        policy) are not waited for: "all" means every worker that is meant to run.
+        """
         if not self._ready_waiters:
             return
-        ready = sum(1 for w in self._workers.values() if w.state is S.RUNNING)
+        wanted = [w for w in self._workers.values()
+                  if w.after_stop != "remove" and not w.state.final]
+        ready = sum(1 for w in wanted if w.state is S.RUNNING)
         keep = []
         for n, cmd in self._ready_waiters:
-            if ready >= (len(self._workers) if n is None else n):
+            if ready >= (len(wanted) if n is None else n):
                 cmd.finish(ready)
             else:
                 keep.append((n, cmd))
@@ -980,6 +1102,14 @@ class Monitor:
 
     def history(self) -> tuple[ExitRecord, ...]:
         return tuple(self._history)
+
+    def not_ready_error(self, n: int | None) -> BaseException:
+        """What wait_ready() raises once the pool has stopped before enough workers were ready."""
+        if self.gave_up is not None:
+            return self.gave_up
+        return SupervisorStateError(
+            f"pool {self.spec.name!r} stopped before {'all' if n is None else n} worker(s) "
+            "were ready")
 
 
 def _preload_for_forkserver(ctx: Any, target: Callable[..., Any]) -> None:

@@ -58,3 +58,25 @@ def choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
+
+
+def timeout(name: str, value: Any) -> float | None:
+    """A timeout: None or ``math.inf`` (no limit), or a number >= 0. Returns None for no limit."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be None or a number of seconds >= 0, got {_given(value)}")
+    if math.isnan(value):
+        raise ValueError(f"{name} must be None or a number of seconds >= 0, got nan")
+    if value < 0:
+        raise ValueError(f"{name} must be None or a number of seconds >= 0, got {value!r}")
+    return None if math.isinf(value) else float(value)
+
+
+def index(name: str, value: Any) -> int:
+    """A worker index: an int >= 0 (a bool is refused, though it is an int)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a worker index (an int >= 0), got {_given(value)}")
+    if value < 0:
+        raise ValueError(f"{name} must be a worker index (an int >= 0), got {value!r}")
+    return value

@@ -30,6 +30,7 @@ import multiprocessing
 import os
 import select
 import signal
+import sys
 import threading
 import time
 import weakref
@@ -195,18 +196,23 @@ class _Target:
         return repr(self.fn)
 
 
-def _compat_backoff(delay: float) -> Backoff:
-    """The backoff that ``restart_timeout`` stands for.
+def _compat_restart(delay: float) -> dict[str, Any]:
+    """The Supervisor options that ``restart_timeout`` stands for.
 
-    Every restart waits ``restart_timeout`` on a timer of its own: no streak reset, no jitter,
-    never giving up (as the original). ``restart_timeout=0`` restarts a worker that ran for half
-    a second or more at once, but one that dies at once every time is slowed down, to at most
-    one start per 2 s (the original's poll), instead of hundreds a second.
+    The original restarted a dead worker as soon as its poll saw it, then slept
+    ``restart_timeout`` as a cool-down. Here a dead worker is restarted at once, and
+    ``restart_timeout`` is the least time between two starts of the same worker (a timer of its
+    own, never delaying the others): a crash loop restarts once per ``restart_timeout``.
+    ``restart_timeout=0`` restarts a worker that ran for half a second or more at once, but one
+    that dies at once every time is slowed down, to at most one start per 2 s (the original's
+    poll), instead of hundreds a second. No jitter, never giving up (as the original).
     """
     if delay > 0:
-        return Backoff(initial=delay, multiplier=1.0, cap=delay, jitter=0.0,
-                       reset_after=math.inf)
-    return Backoff(initial=0.01, multiplier=2.0, cap=2.0, jitter=0.1, reset_after=0.5)
+        return {"backoff": Backoff(initial=0.0, multiplier=1.0, cap=0.0, jitter=0.0,
+                                   reset_after=math.inf),
+                "restart_cooldown": delay}
+    return {"backoff": Backoff(initial=0.01, multiplier=2.0, cap=2.0, jitter=0.1,
+                               reset_after=0.5)}
 
 
 def _default_args(idx: int) -> tuple[Any, ...]:
@@ -318,6 +324,40 @@ class WorkerProcessInfo:
         return f"<WorkerProcessInfo name={self.name!r} index={self.index} pid={self.pid}>"
 
 
+# Exits after which the original said "Detected unhealthy/dead worker ..., restarting...".
+_DUCK_RESTARTS = frozenset({StopReason.EXITED, StopReason.KILLED, StopReason.HUNG,
+                            StopReason.STARTUP_TIMEOUT, StopReason.UNHEALTHY})
+
+
+def _configured_above(logger: logging.Logger) -> bool:
+    """True if the application has put a handler on this logger's way up (basicConfig, or a
+    handler on "corral"): then its configuration, not ours, decides what is shown."""
+    node: logging.Logger | None = logger.parent
+    while node is not None:
+        if node.handlers:
+            return True
+        if not node.propagate:
+            return False
+        node = node.parent
+    return False
+
+
+class _DefaultConsole(logging.StreamHandler):  # type: ignore[type-arg]
+    """Shows a manager's log lines on stderr, as Duck's console logger did, until the
+    application configures logging itself; from then on it is silent."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s"))
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        logger = logging.getLogger(record.name)
+        if _configured_above(logger):
+            return False
+        self.stream = sys.stderr  # whatever stderr is now (a test's capture, a redirect)
+        return bool(super().handle(record))
+
+
 class _LogFilter(logging.Filter):
     """Applies enable_logs, verbose_logs and stop(no_logging=True) to one manager's pool logger.
 
@@ -333,6 +373,13 @@ class _LogFilter(logging.Filter):
         if manager is None:
             return True
         if not manager.enable_logs or manager._quiet:
+            return False
+        logger = manager._logger
+        if (manager._own_level and _configured_above(logger)
+                and logger.parent is not None
+                and record.levelno < logger.parent.getEffectiveLevel()):
+            # We lowered this logger to INFO for our console; an application that configured
+            # logging gets only what its own levels let through.
             return False
         if not manager.verbose_logs:
             if isinstance(record.msg, str) and record.msg.startswith("stack of hung worker"):
@@ -428,6 +475,15 @@ class WorkerProcessManager:
         log_filter = _LogFilter(self)
         self._logger.addFilter(log_filter)
         weakref.finalize(self, self._logger.removeFilter, log_filter)
+        # Duck printed its lines (info included) without any set-up: do the same until the
+        # application configures logging (see _DefaultConsole and _LogFilter).
+        self._own_level = self._logger.level == logging.NOTSET
+        if self._own_level:
+            self._logger.setLevel(logging.INFO)
+        console = _DefaultConsole()
+        self._logger.addHandler(console)
+        weakref.finalize(self, self._logger.removeHandler, console)
+        self._spawned: set[int] = set()
         self._lock = threading.RLock()
         self._sup: Supervisor | None = None
         self._stopped = True
@@ -493,6 +549,7 @@ class WorkerProcessManager:
             sup = Supervisor(spec=None, **self._options(method))
             sup.subscribe(self._on_event)
             self._quiet = False
+            self._spawned.clear()
             with self._spawn_cond:
                 self._unspawned = set(range(self.num_workers))
             sup.start()  # raises before starting anything if args_fn/worker_name_fn fail
@@ -540,7 +597,7 @@ class WorkerProcessManager:
             target=_Target(self.worker_fn), workers=self.num_workers, args=args, names=names,
             name=self.pool_name, start_method=method, daemon=self.daemon,
             stop_timeout=stop_timeout,
-            backoff=_compat_backoff(delay),
+            **_compat_restart(delay),
             budget=RestartBudget(max_restarts=None),
             restart="always" if self.enable_monitoring else "never",
             # With a heartbeat check, the first beat is what makes a worker ready: until then
@@ -583,6 +640,7 @@ class WorkerProcessManager:
 
     def _on_event(self, event: Event) -> None:
         """Runs on the pool's event thread."""
+        self._log_like_duck(event)
         if event.kind in (EventKind.SPAWNED, EventKind.EXITED, EventKind.STOPPED):
             with self._spawn_cond:
                 if event.kind is EventKind.STOPPED:
@@ -601,6 +659,23 @@ class WorkerProcessManager:
                 "worker %r never called update_heartbeat(idx) within its startup grace of "
                 "%gs (HeartbeatHealthCheck(startup_grace=...)); it is restarted. Call "
                 "update_heartbeat before handling any task.", event.name, hc.startup_grace)
+
+    def _log_like_duck(self, event: Event) -> None:
+        """The original's familiar lines, beside corral's own (cause, stack dump)."""
+        log = self._logger
+        record = event.exit
+        if event.kind is EventKind.SPAWNED and event.index is not None:
+            if event.index in self._spawned:
+                log.warning("Restarted worker process %s (pid=%s)", event.name, event.pid)
+            self._spawned.add(event.index)
+        elif event.kind is EventKind.EXITED and record is not None:
+            if record.reason in _DUCK_RESTARTS and self.enable_monitoring:
+                log.warning("Detected unhealthy/dead worker (%s, pid=%s), restarting...",
+                            record.name, record.pid)
+            elif (record.reason is StopReason.SHUTDOWN and record.exit is not None
+                  and record.exit.signal == signal.SIGKILL):
+                log.warning("Worker process %s (pid=%s) did not shut down gracefully.",
+                            record.name, record.pid)
 
     def stop(self, graceful: bool = True, wait: bool = True, monitor_stop_timeout: float = 0.5,
              no_logging: bool = False) -> None:

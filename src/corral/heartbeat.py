@@ -11,6 +11,7 @@ nothing and return False, so code that calls them also runs unsupervised.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import tempfile
@@ -132,36 +133,117 @@ class SlotReading:
     status: str
 
 
+# Where the table may live, in order: an anonymous memfd (no filesystem, so a full or read-only
+# /dev/shm does not matter), then /dev/shm, then the temporary directory. CORRAL_SHM_DIR names
+# the one directory to use instead.
+SHM_DIR_ENV = "CORRAL_SHM_DIR"
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Allocate ``size`` bytes of the file now: no space is an OSError here, never a SIGBUS later.
+
+    A sparse file on a full tmpfs maps fine, and the first write to a page it cannot back kills
+    the process with SIGBUS; posix_fallocate allocates every page up front instead.
+    """
+    os.ftruncate(fd, size)
+    os.posix_fallocate(fd, 0, size)
+
+
+def _open_backing(size: int) -> tuple[int, str]:
+    """An fd of ``size`` reserved bytes of shared memory, and where it lives.
+
+    Raises:
+        OSError: no place could reserve it; the message lists every place tried and why.
+    """
+    override = os.environ.get(SHM_DIR_ENV)
+    places: list[str | None] = [override] if override else [None, "/dev/shm",
+                                                              tempfile.gettempdir()]
+    failures = []
+    last_errno = errno.ENOSPC
+    for directory in places:
+        fd = -1
+        try:
+            if directory is None:
+                if not hasattr(os, "memfd_create"):
+                    continue
+                fd = os.memfd_create("corral-heartbeats", os.MFD_CLOEXEC)
+                where = "memfd"
+            else:
+                fd, path = tempfile.mkstemp(prefix="corral-hb-", dir=directory)
+                os.unlink(path)  # reachable only through our fd from now on: nothing to clean up
+                where = directory
+            _reserve(fd, size)
+            return fd, where
+        except OSError as exc:
+            failures.append(f"{directory or 'memfd'}: {exc.strerror or exc}")
+            last_errno = exc.errno or last_errno
+            if fd >= 0:
+                os.close(fd)
+    raise OSError(
+        last_errno,
+        f"corral could not reserve {size} bytes of shared memory for the heartbeat table "
+        f"({'; '.join(failures) or 'no place to try'}). Free space in /dev/shm (in Docker: "
+        f"--shm-size), or set {SHM_DIR_ENV} to a writable directory with free space.")
+
+
 class HeartbeatTable:
-    """The supervisor's side: one slot per worker index; grows with ``ensure``."""
+    """The supervisor's side: one slot per worker index; grows with ``ensure``.
+
+    Raises:
+        OSError: the shared memory could not be reserved (see :func:`_open_backing`).
+    """
 
     def __init__(self, capacity: int) -> None:
-        directory = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-        fd, path = tempfile.mkstemp(prefix="corral-hb-", dir=directory)
-        os.unlink(path)  # reachable only through our fd from now on: nothing to clean up
-        self._fd = fd
-        self._capacity = 0
+        self._capacity = max(capacity, 8)
+        self._fd, self.where = _open_backing(self._capacity * _SLOT)
         self._mm: mmap.mmap | None = None
         self._view: Any = None  # memoryview of doubles (typeshed only knows int items)
-        self.ensure(max(capacity, 8))
+        try:
+            self._map()
+        except BaseException:
+            os.close(self._fd)
+            raise
 
     @property
     def path(self) -> str:
         """What a worker opens: our fd, through /proc (works for every start method)."""
         return f"/proc/{os.getpid()}/fd/{self._fd}"
 
-    def ensure(self, capacity: int) -> None:
-        if capacity <= self._capacity:
-            return
-        capacity = max(capacity, self._capacity * 2)
-        os.ftruncate(self._fd, capacity * _SLOT)
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def _map(self) -> None:
         if self._view is not None:
             self._view.release()
         if self._mm is not None:
             self._mm.close()
-        self._mm = mmap.mmap(self._fd, capacity * _SLOT)
+        self._mm = mmap.mmap(self._fd, self._capacity * _SLOT)
         self._view = memoryview(self._mm).cast("d")
+
+    def ensure(self, capacity: int) -> None:
+        """Make room for ``capacity`` slots (at least doubling).
+
+        Raises:
+            OSError: the larger table could not be reserved; the table is unchanged.
+        """
+        if capacity <= self._capacity:
+            return
+        capacity = max(capacity, self._capacity * 2)
+        try:
+            os.posix_fallocate(self._fd, 0, capacity * _SLOT)
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"corral could not grow the heartbeat table to {capacity} workers "
+                f"({capacity * _SLOT} bytes in {self.where}): {exc.strerror}. Free space "
+                f"there (in Docker: --shm-size), or set {SHM_DIR_ENV}.") from exc
         self._capacity = capacity
+        self._map()
 
     def reset(self, index: int) -> None:
         """Clear a slot before a new process takes it: no inherited beat or readiness."""

@@ -18,14 +18,64 @@ import time
 from multiprocessing.context import BaseContext
 from typing import Any
 
+from corral._keeper import keeper
 from corral.exitstatus import ExitStatus
 
-__all__ = ["DUMP_SIGNAL", "WorkerHandle", "WorkerProcess", "read_stack_dump",
-           "stack_dump_size"]
+__all__ = [
+    "DUMP_NAME",
+    "DUMP_SIGNAL",
+    "WorkerHandle",
+    "WorkerProcess",
+    "close_internal_fds",
+    "disown_fd",
+    "dump_fd_is_ours",
+    "own_fd",
+    "read_stack_dump",
+    "stack_dump_size",
+]
 
 # The signal on which every worker's bootstrap registers faulthandler's C-level handler, writing
 # all threads' stacks into a memfd; rarely used by applications.
 DUMP_SIGNAL = signal.SIGRTMIN + 3
+# The name of a worker's stack-dump memfd (``/proc/<pid>/fd/<n>`` reads "/memfd:<name> (deleted)").
+DUMP_NAME = "corral-dump"
+
+# fds the supervising process opened for its own use (epoll, wakeup pipes, pidfds, sentinels,
+# the heartbeat table, pool sockets): a worker started with fork inherits them all, and closes
+# them first thing (close_internal_fds), so it holds only what it needs and no sibling's fds.
+_internal_fds: set[int] = set()
+
+
+def own_fd(fd: int) -> int:
+    """Mark ``fd`` as the supervisor's own: fork-started workers close it. Returns ``fd``."""
+    _internal_fds.add(fd)
+    return fd
+
+
+def disown_fd(fd: int) -> None:
+    """Forget ``fd`` (call before closing it, so a worker never closes a reused number)."""
+    _internal_fds.discard(fd)
+
+
+def close_internal_fds(keep: tuple[int, ...] = ()) -> None:
+    """In a fork-started worker: close the supervisor's own fds it inherited."""
+    for fd in list(_internal_fds):
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    _internal_fds.clear()
+
+
+def dump_fd_is_ours(pid: int, fd: int) -> bool:
+    """True if ``fd`` of ``pid`` still is corral's stack-dump memfd.
+
+    A worker may close its fds and open its own files: the number faulthandler writes to could
+    then be a user's file, which must never receive (or be read as) a stack dump.
+    """
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}").startswith(f"/memfd:{DUMP_NAME}")
+    except OSError:
+        return False
 
 
 def stack_dump_size(pid: int, fd: int) -> int:
@@ -70,15 +120,21 @@ class WorkerProcess:
         self.started_wall = time.time()
         self._pidfd = -1
         self.exit: ExitStatus | None = None
+        # The signal corral already sent the group to stop it (so it is not sent twice).
+        self.stop_sent: int | None = None
         try:
-            self._pidfd = os.pidfd_open(self.pid)
+            self._pidfd = own_fd(os.pidfd_open(self.pid))
         except OSError:
             pass  # already gone and reaped (forkserver): the sentinel still tells us
+        with contextlib.suppress(OSError, ValueError):
+            own_fd(process.sentinel)
         try:
             # Both sides set the group, so a kill right after start already reaches it.
             os.setpgid(self.pid, self.pid)
         except OSError:
             pass
+        # Whatever is left in the group dies with this process, however it ends.
+        keeper.register(self.pid)
 
     @classmethod
     def start(cls, ctx: BaseContext, target: Any, args: tuple[Any, ...], name: str,
@@ -115,6 +171,15 @@ class WorkerProcess:
             return True
         except ProcessLookupError:
             return False
+
+    def send_stop(self, sig: int) -> None:
+        """Send the stop signal to the group once (then SIGCONT, so a stopped process handles
+        it); a second stop request for the same signal sends nothing."""
+        if self.stop_sent == sig:
+            return
+        self.stop_sent = sig
+        self.send_group(sig)
+        self.send_group(signal.SIGCONT)
 
     def send_group(self, sig: int) -> bool:
         """Signal the worker's process group (its children too); falls back to the worker."""
@@ -161,13 +226,17 @@ class WorkerProcess:
             if code is None:
                 return None
             self.exit = ExitStatus.from_returncode(code)
+        keeper.unregister(self.pid)  # reaped: its group id may be reused from now on
         return self.exit
 
     def close(self) -> None:
         """Release the pidfd and multiprocessing's pipes (only after reaping)."""
         if self._pidfd >= 0:
+            disown_fd(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = -1
+        with contextlib.suppress(ValueError):
+            disown_fd(self.process.sentinel)
         try:
             self.process.close()
         except ValueError:

@@ -75,6 +75,9 @@ class PoolSpec:
         start_method: "fork", "spawn" or "forkserver" (default: forkserver, safe with threads).
         restart: "always", "on-failure" or "never" (a :class:`RestartPolicy`).
         backoff: delays between restarts of one worker (a :class:`Backoff`).
+        restart_cooldown: the least seconds between two starts of the same worker; a
+            restart the policy wants sooner waits for the rest (0: none). Throttles a crash
+            loop while a worker that ran longer is restarted at once.
         budget: pool-wide restart limit (a :class:`RestartBudget`); past it the pool gives up.
         stop_signal: sent to each worker's process group to stop it gracefully.
         stop_timeout: seconds the whole pool gets to stop before SIGKILL.
@@ -101,6 +104,7 @@ class PoolSpec:
     restart: RestartPolicy | str = RestartPolicy.ALWAYS
     backoff: Backoff = field(default_factory=Backoff)
     budget: RestartBudget = field(default_factory=RestartBudget)
+    restart_cooldown: float = 0.0
     stop_signal: int = signal.SIGTERM
     stop_timeout: float = 5.0
     heartbeat_timeout: float | None = None
@@ -132,6 +136,7 @@ class PoolSpec:
             raise TypeError(f"backoff must be a corral.Backoff, got {self.backoff!r}")
         if not isinstance(self.budget, RestartBudget):
             raise TypeError(f"budget must be a corral.RestartBudget, got {self.budget!r}")
+        v.number("restart_cooldown", self.restart_cooldown)
         if isinstance(self.stop_signal, bool) or not isinstance(self.stop_signal, int):
             raise TypeError(f"stop_signal must be a signal number, got {self.stop_signal!r}")
         try:

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
-import queue
+import math
+import os
+import signal
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
 
+from corral import _validate as v
+from corral._eventqueue import EventQueue
+from corral._fdlimit import ensure_fd_room
+from corral._keeper import keeper
 from corral._monitor import Monitor
 from corral.errors import SupervisorStateError
 from corral.events import Event, EventKind, ExitRecord
@@ -21,6 +29,8 @@ __all__ = ["Supervisor"]
 log = logging.getLogger("corral.supervisor")
 
 _running: weakref.WeakSet[Supervisor] = weakref.WeakSet()
+# After stop(), how long the subscribers' thread may take to deliver the last events.
+_EVENTS_DRAIN = 1.0
 
 
 @atexit.register
@@ -28,10 +38,21 @@ def _stop_all_at_exit() -> None:
     # A program that forgets stop() must not leave workers behind (or hang in multiprocessing's
     # own exit handler, which would join non-daemon workers forever).
     for sup in list(_running):
+        if sup._owner_pid != os.getpid():
+            continue  # a forked child: not ours to stop (and no monitor here to wait for)
         try:
             sup.stop()
         except Exception:
             log.exception("stopping pool %r at exit failed", sup.spec.name)
+
+
+def _after_fork_in_child() -> None:
+    # The child of os.fork() in a supervising program has no monitor thread: its copies of the
+    # parent's supervisors refuse to work (RuntimeError) and exit must not wait for them.
+    _running.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Supervisor:
@@ -63,10 +84,11 @@ class Supervisor:
             self.spec = PoolSpec(target, **options)
         self._monitor: Monitor | None = None
         self._subscribers: list[Callable[[Event], None]] = []
-        self._events: queue.SimpleQueue[Event | None] = queue.SimpleQueue()
+        self._events = EventQueue(self.spec.name)
         self._dispatcher: threading.Thread | None = None
         self._prepared: dict[int, tuple[str, tuple[Any, ...]]] = {}
         self._lock = threading.Lock()
+        self._owner_pid = os.getpid()
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -78,17 +100,33 @@ class Supervisor:
             TypeError, NotPicklable: ``names``/``args`` returned something unusable. Nothing
                 has been started when this is raised.
         """
+        self._check_owner()
         with self._lock:
             if self._monitor is not None:
                 raise SupervisorStateError(
                     f"pool {self.spec.name!r} was already started; make a new Supervisor")
             initial = self._prepare(self.spec.workers)
-            self._dispatcher = threading.Thread(target=self._dispatch_events,
-                                                name=f"corral-events[{self.spec.name}]",
-                                                daemon=True)
-            self._dispatcher.start()
-            self._monitor = Monitor(self.spec, self._events.put)
-            self._monitor.start([initial[i] for i in range(self.spec.workers)])
+            ensure_fd_room(self.spec.workers)
+            keeper.start()
+            # The monitor's resources first (they can fail: no shared memory, no fds), then the
+            # threads, each undone if a later one cannot start: nothing is left behind.
+            monitor = Monitor(self.spec, self._events.put)
+            dispatcher = threading.Thread(target=self._dispatch_events,
+                                          name=f"corral-events[{self.spec.name}]", daemon=True)
+            try:
+                dispatcher.start()
+            except BaseException:
+                monitor.discard()
+                raise
+            self._dispatcher = dispatcher
+            try:
+                monitor.start([initial[i] for i in range(self.spec.workers)])
+            except BaseException:
+                monitor.discard()
+                self._events.put(Event(EventKind.STOPPED, self.spec.name, None, None, None,
+                                       time.time(), message="failed to start"))
+                raise
+            self._monitor = monitor
             _running.add(self)
         log.info("pool %r: starting %d worker(s) (start method %s)", self.spec.name,
                  self.spec.workers, self.spec.start_method)
@@ -108,28 +146,37 @@ class Supervisor:
     def stop(self, timeout: float | None = None, wait: bool = True) -> None:
         """Stop every worker: the stop signal to all at once, one deadline, then SIGKILL.
 
-        Idempotent and callable from any thread.
+        The stop signal reaches every live worker's process group before this returns, sent
+        from the calling thread, even with ``wait=False``: a program that exits right after
+        still stops its workers' children. Idempotent and callable from any thread.
 
         Args:
-            timeout: seconds for the whole pool (default: the spec's ``stop_timeout``);
-                0 kills at once.
-            wait: block until every worker has been reaped.
+            timeout: seconds for the whole pool (default None: the spec's ``stop_timeout``);
+                0 kills at once; ``math.inf``: no SIGKILL, wait for the workers to exit.
+            wait: block until every worker has been reaped. Subscribers get at most a second
+                more to take the last events; one that blocks does not hold stop() up.
+
+        Raises:
+            TypeError, ValueError: ``timeout`` is not None or a number >= 0 (nan included).
         """
-        if timeout is not None and (isinstance(timeout, bool)
-                                    or not isinstance(timeout, int | float) or timeout < 0):
-            raise ValueError(f"timeout must be None or a number >= 0, got {timeout!r}")
+        grace = self.spec.stop_timeout if timeout is None else v.timeout("timeout", timeout)
+        if grace is None:
+            grace = math.inf
+        v.boolean("wait", wait)
+        self._check_owner()
         with self._lock:  # a start() in progress finishes first, then is stopped
             monitor = self._monitor
         if monitor is None:
             return
         if not monitor.finished.is_set():
-            monitor.call("stop", timeout, wait=False)
+            with contextlib.suppress(RuntimeError):  # it finished meanwhile
+                monitor.request_stop(grace, signal_for(self.spec, grace))
         if wait:
             monitor.finished.wait()
             monitor.join()
             dispatcher = self._dispatcher
             if dispatcher is not None and dispatcher is not threading.current_thread():
-                dispatcher.join(timeout=5)
+                dispatcher.join(timeout=_EVENTS_DRAIN)
         _running.discard(self)
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -138,6 +185,7 @@ class Supervisor:
         Raises:
             GaveUp: the pool used up its restart budget (carries the last exits).
         """
+        timeout = v.timeout("timeout", timeout)
         monitor = self._require_started()
         if not monitor.finished.wait(timeout):
             return False
@@ -156,15 +204,26 @@ class Supervisor:
     # ------------------------------------------------------------------------------ control
 
     def scale(self, n: int) -> None:
-        """Run ``n`` workers: start new ones, or stop the highest-numbered gracefully."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be an int >= 0, got {n!r}")
+        """Run ``n`` workers: start new ones, or stop the highest-numbered gracefully.
+
+        Raises:
+            TypeError, ValueError: ``n`` is not an int >= 0.
+            OSError: no room for the heartbeats of ``n`` workers (shared memory) or their fds.
+        """
+        v.integer("n", n)
         monitor = self._require_started()
         prepared = self._prepare(n)
+        ensure_fd_room(n)
         monitor.call("scale", n, prepared)
 
     def restart(self, index: int) -> None:
-        """Restart one worker now (gracefully; no backoff, not counted in the budget)."""
+        """Restart one worker now (gracefully; no backoff, not counted in the budget).
+
+        Raises:
+            TypeError, ValueError: ``index`` is not an int >= 0 (a bool is refused).
+            IndexError: there is no worker with that index.
+        """
+        v.index("index", index)
         self._require_started().call("restart", index)
 
     def restart_all(self, timeout: float | None = None) -> None:
@@ -173,18 +232,28 @@ class Supervisor:
         Raises:
             TimeoutError: not finished within ``timeout`` (it carries on in the background).
         """
+        timeout = v.timeout("timeout", timeout)
         self._require_started().call("restart_all", timeout=timeout)
 
     def wait_ready(self, n: int | None = None, timeout: float | None = None) -> int:
-        """Block until ``n`` workers (default: all) are RUNNING; return how many are.
+        """Block until ``n`` workers (default: every worker meant to run) are RUNNING.
+
+        Returns:
+            How many workers are RUNNING and ready.
 
         Raises:
             TimeoutError: fewer were ready within ``timeout``.
+            GaveUp: the pool used up its restart budget (now or before the call).
+            SupervisorStateError: the pool stopped before enough workers were ready.
         """
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-            raise ValueError(f"n must be None or an int >= 0, got {n!r}")
+        if n is not None:
+            v.integer("n", n)
+        timeout = v.timeout("timeout", timeout)
         monitor = self._require_started()
-        cmd = monitor.submit("wait_ready", n)
+        try:
+            cmd = monitor.submit("wait_ready", n)
+        except RuntimeError:
+            raise monitor.not_ready_error(n) from None
         if not cmd.done.wait(timeout):
             monitor.call("cancel", cmd, wait=False)
             raise TimeoutError(
@@ -198,6 +267,7 @@ class Supervisor:
 
     def status(self) -> tuple[WorkerStatus, ...]:
         """An immutable snapshot of every worker."""
+        self._check_owner()
         monitor = self._monitor
         if monitor is None:
             return ()
@@ -210,6 +280,7 @@ class Supervisor:
 
     def history(self) -> tuple[ExitRecord, ...]:
         """The most recent exits, oldest first."""
+        self._check_owner()
         return self._monitor.history() if self._monitor else ()
 
     @property
@@ -225,13 +296,20 @@ class Supervisor:
         self._subscribers.append(callback)
 
     def unsubscribe(self, callback: Callable[[Event], None]) -> None:
-        self._subscribers.remove(callback)
+        """Stop calling ``callback``.
+
+        Raises:
+            ValueError: ``callback`` is not subscribed.
+        """
+        try:
+            self._subscribers.remove(callback)
+        except ValueError:
+            raise ValueError(f"callback {callback!r} is not subscribed to pool "
+                             f"{self.spec.name!r}") from None
 
     def _dispatch_events(self) -> None:
         while True:
             event = self._events.get()
-            if event is None:
-                return
             for callback in list(self._subscribers):
                 try:
                     callback(event)
@@ -240,7 +318,14 @@ class Supervisor:
             if event.kind is EventKind.STOPPED:
                 return
 
+    def _check_owner(self) -> None:
+        if os.getpid() != self._owner_pid:
+            raise RuntimeError(
+                f"pool {self.spec.name!r} belongs to process {self._owner_pid}; this is a forked "
+                f"child (pid {os.getpid()}), which has no monitor. Make a new Supervisor here.")
+
     def _require_started(self) -> Monitor:
+        self._check_owner()
         if self._monitor is None:
             raise SupervisorStateError(f"pool {self.spec.name!r} has not been started")
         return self._monitor
@@ -250,3 +335,8 @@ class Supervisor:
         return f"<Supervisor {self.spec.name!r} {state} workers={self.spec.workers}>"
 
 
+
+
+def signal_for(spec: PoolSpec, grace: float) -> int:
+    """The signal a stop with ``grace`` seconds sends first: SIGKILL for no grace at all."""
+    return signal.SIGKILL if grace <= 0 else int(spec.stop_signal)

@@ -1,0 +1,64 @@
+"""A bounded queue of events between the monitor and the subscribers' thread.
+
+The monitor must never block on a slow subscriber, and a crash loop must not grow memory without
+bound. Past ``maxlen`` events the oldest waiting event is dropped (the newest are the ones that
+say what is happening now); the pool's STOPPED event, always the last, is never dropped. Each run
+of drops is logged once, with its count, when it starts and when the queue has drained.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+
+from corral.events import Event, EventKind
+
+__all__ = ["DEFAULT_MAXLEN", "EventQueue"]
+
+log = logging.getLogger("corral.supervisor")
+
+DEFAULT_MAXLEN = 10_000
+
+
+class EventQueue:
+    """Many producers (the monitor), one consumer (the dispatcher thread)."""
+
+    def __init__(self, pool: str, maxlen: int = DEFAULT_MAXLEN) -> None:
+        self._pool = pool
+        self._maxlen = maxlen
+        self._items: deque[Event] = deque()
+        self._cv = threading.Condition(threading.Lock())
+        self.dropped = 0  # in all
+        self._dropping = 0  # in the current run of drops
+
+    def put(self, event: Event) -> None:
+        with self._cv:
+            if len(self._items) >= self._maxlen and event.kind is not EventKind.STOPPED:
+                self._items.popleft()
+                self.dropped += 1
+                self._dropping += 1
+                if self._dropping == 1:
+                    log.warning("pool %r: event subscribers are too slow; dropping the oldest "
+                                "waiting events (the queue keeps the newest %d)", self._pool,
+                                self._maxlen)
+            self._items.append(event)
+            self._cv.notify()
+
+    def get(self) -> Event:
+        """The next event (blocks)."""
+        with self._cv:
+            while not self._items:
+                self._cv.wait()
+            event = self._items.popleft()
+            dropped = self._dropping if not self._items else 0
+            if dropped:
+                self._dropping = 0
+        if dropped:
+            log.warning("pool %r: %d event(s) were dropped for slow subscribers", self._pool,
+                        dropped)
+        return event
+
+    def __len__(self) -> int:
+        with self._cv:
+            return len(self._items)
