@@ -22,9 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from corral import heartbeat
 from corral.process import DUMP_NAME, close_internal_fds
 
 _PR_SET_PDEATHSIG = 1
+# Where a worker's dump memfd goes (minus 16): far above what a program reuses after closing its
+# fds, and a small fd table (a larger one costs the kernel more at every start).
+_DUMP_FD_AT = 1024
 
 # Loaded once here, in the supervisor, so forked workers inherit them instead of paying for the
 # import and the dlopen at every start (about 1.4 ms of a fork restart).
@@ -32,10 +36,17 @@ try:
     import setproctitle as _setproctitle
 except ImportError:  # a title is a nicety, never a reason to fail
     _setproctitle = None  # type: ignore[assignment]
+_prctl: Any
 try:
-    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
-except OSError:
-    _libc = None
+    _libc = ctypes.CDLL(None, use_errno=True)
+    # Looked up (and typed) here, once: a dlsym and argument conversion in every child cost
+    # tens of microseconds of each start.
+    _prctl = _libc.prctl
+    _prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                       ctypes.c_ulong)
+    _prctl.restype = ctypes.c_int
+except (OSError, AttributeError):
+    _prctl = None
 
 
 @dataclass(frozen=True)
@@ -50,23 +61,38 @@ class BootConfig:
     dump_signal: int | None
     forkserver: bool  # our parent is multiprocessing's forkserver, not the supervisor
     forked: bool = False  # started with fork: we inherited the supervisor's own fds
+    # fork only (never pickled): the supervisor's table, whose mapping the child shares, and
+    # the write end of its wakeup pipe, which the child keeps.
+    table: Any = None
+    wake_fd: int = -1
+    # Signals the supervisor has handlers for, which a fork child must reset (None: check all).
+    reset_signals: tuple[int, ...] | None = None
 
 
 def _set_pdeathsig(sig: int) -> bool:
-    try:
-        return _libc is not None and bool(_libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0)
-    except AttributeError:
-        return False
+    return _prctl is not None and _prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0
 
 
-def _reset_signals() -> None:
+_RESET_TO_DEFAULT = (signal.SIGTERM, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU,
+                     signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD, signal.SIGQUIT)
+
+
+def signals_to_reset() -> tuple[int, ...]:
+    """In the supervisor: the signals whose handlers a fork child must reset (usually none)."""
+    out = [sig for sig in _RESET_TO_DEFAULT if signal.getsignal(sig) is not signal.SIG_DFL]
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        out.append(signal.SIGINT)
+    return tuple(out)
+
+
+def _reset_signals(which: tuple[int, ...] | None) -> None:
     # A forked worker inherits the supervisor's Python handlers (a CLI's handlers only enqueue,
-    # which would make the worker ignore SIGTERM) and the spawning thread's signal mask.
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1,
-                signal.SIGUSR2, signal.SIGCHLD, signal.SIGQUIT):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # which would make the worker ignore SIGTERM) and the spawning thread's signal mask. Only
+    # what differs is changed: every call here costs each start (page faults in a new child).
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    for sig in signals_to_reset() if which is None else which:
+        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT
+                      else signal.SIG_DFL)
     with contextlib.suppress(ValueError):
         signal.set_wakeup_fd(-1)
 
@@ -120,8 +146,8 @@ def _make_dump_fd(index: int) -> int:
     try:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         if soft == resource.RLIM_INFINITY:
-            soft = 1 << 16
-        high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, max(3, min(soft, 1 << 16) - 16))
+            soft = _DUMP_FD_AT
+        high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, max(3, min(soft, _DUMP_FD_AT) - 16))
     except OSError:
         return fd  # no room up there: a low number still works, the check still applies
     os.close(fd)
@@ -149,12 +175,12 @@ def _release_forkserver() -> None:
 def run_worker(config: BootConfig, target: Callable[..., Any], args: tuple[Any, ...]) -> None:
     """The multiprocessing target of every worker: prepare, then ``target(index, *args)``."""
     if config.forked:
-        close_internal_fds()
+        close_internal_fds(keep=(config.wake_fd,))
     try:
         os.setpgid(0, 0)
     except OSError:
         pass  # already a group leader (the supervisor set it first)
-    _reset_signals()
+    _reset_signals(config.reset_signals)
     parent = os.getppid()
     if config.forkserver:
         _release_forkserver()
@@ -178,9 +204,10 @@ def run_worker(config: BootConfig, target: Callable[..., Any], args: tuple[Any, 
         # the supervisor reads through /proc, even when the interpreter itself is stuck.
         dump_fd = _make_dump_fd(config.index)
         faulthandler.register(config.dump_signal, file=dump_fd, all_threads=True, chain=False)
-    if config.heartbeat_path is not None:
-        from corral import heartbeat
-
+    if config.table is not None:
+        heartbeat._attach_view(config.table.view, config.index, dump_fd, config.wake_fd,
+                               config.ready_on_beat)
+    elif config.heartbeat_path is not None:
         heartbeat._attach(config.heartbeat_path, config.index, dump_fd, config.wake_path,
                           config.ready_on_beat)
     target(config.index, *args)

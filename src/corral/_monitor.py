@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corral import states
-from corral._bootstrap import BootConfig, run_worker
+from corral._bootstrap import BootConfig, run_worker, signals_to_reset
 from corral._deadlines import Deadlines
 from corral._fdlimit import explain_fd_error
 from corral.errors import GaveUp, SupervisorStateError
@@ -65,6 +65,10 @@ _DUMP_STEP = 0.005  # how often a stack dump is checked for completion (only whi
 _DUMP_MAX = 0.1  # the longest a hung worker may take to write its dump
 _HISTORY = 32  # exit records kept for GaveUp and status
 _MAX_WAIT = 86400.0  # the longest single wait: a day
+# The spawner reports starts queued together in batches of at most this many, or this long.
+_SPAWN_BATCH = 32
+_SPAWN_BATCH_TIME = 0.005
+_LIVENESS = ("pool", "liveness")
 # A worker recycled for memory is SIGKILLed during its grace once its RSS passes this multiple of
 # max_memory, checked every _RECYCLE_CHECK seconds while it stops.
 _HARD_MEMORY = 1.25
@@ -140,7 +144,10 @@ class Monitor:
         self._wake_lock = threading.Lock()  # _wake() must never write to a closed, reused fd
         self._spawn_q: queue.SimpleQueue[tuple[int, int, BootConfig, tuple[Any, ...]] | None] = (
             queue.SimpleQueue())
-        self._workers: dict[int, _Worker] = {}
+        self._workers: dict[int, _Worker] = {}  # index -> its record; only via _add/_remove
+        self._counts: dict[WorkerState, int] = dict.fromkeys(WorkerState, 0)  # per state
+        self._dense = True  # the indexes are 0..len(_workers)-1 (the liveness fast path)
+        self._scaling_down = False  # some worker is on its way out (after_stop == "remove")
         self._by_fd: dict[int, _Worker] = {}
         try:
             self._poller = select.epoll()
@@ -173,6 +180,11 @@ class Monitor:
         self._spawner = threading.Thread(target=self._spawn_loop,
                                          name=f"corral-spawner[{spec.name}]", daemon=True)
         self._needs_ready_scan = spec.ready_when != "started"
+        # Under fork the child shares our mapping of the table and keeps the wakeup pipe's
+        # write end: nothing to open or map at each start.
+        self._fork_extras: dict[str, Any] = {}
+        if spec.start_method == "fork":
+            self._fork_extras = dict(forked=True, table=self._hb, wake_fd=self._wake_w)
         # Health checks and memory readings run here, never on the monitor thread.
         self._checks: ThreadPoolExecutor | None = None
         # Memory readings get their own thread: hung health checks cannot starve recycling.
@@ -183,7 +195,7 @@ class Monitor:
 
     def start(self, initial: list[tuple[str, tuple[Any, ...]]]) -> None:
         for index, (name, args) in enumerate(initial):
-            self._workers[index] = _Worker(index, name, args, BackoffState(self.spec.backoff))
+            self._add(_Worker(index, name, args, BackoffState(self.spec.backoff)))
         self._spawner.start()
         self._thread.start()
 
@@ -269,22 +281,37 @@ class Monitor:
 
     def _spawn_loop(self) -> None:
         target: Callable[..., Any] = run_worker
+        queue_ = self._spawn_q
         while True:
-            item = self._spawn_q.get()
+            item = queue_.get()
+            # Starts queued together (a pool's start, a scale-up) are reported together: one
+            # wake-up of the monitor for the batch, not one per process. A lone restart is
+            # reported at once.
+            batch: list[tuple[int, int, WorkerProcess | BaseException]] = []
+            began = time.monotonic()
+            while item is not None:
+                index, generation, boot, args = item
+                result: WorkerProcess | BaseException
+                if self._stopping:
+                    result = _SpawnSkipped()
+                else:
+                    try:
+                        result = WorkerProcess.start(
+                            self._ctx, target, (boot, self.spec.target, args), boot.name,
+                            self.spec.daemon)
+                    except BaseException as exc:  # reported to the monitor as a failed start
+                        result = exc
+                batch.append((index, generation, result))
+                if len(batch) >= _SPAWN_BATCH or time.monotonic() - began > _SPAWN_BATCH_TIME:
+                    break
+                try:
+                    item = queue_.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._post("spawned", batch)
             if item is None:
                 return
-            index, generation, boot, args = item
-            result: WorkerProcess | BaseException
-            if self._stopping:
-                result = _SpawnSkipped()
-            else:
-                try:
-                    result = WorkerProcess.start(
-                        self._ctx, target, (boot, self.spec.target, args), boot.name,
-                        self.spec.daemon)
-                except BaseException as exc:  # reported to the monitor as a failed start
-                    result = exc
-            self._post("spawned", index, generation, result)
 
     # --------------------------------------------------------------------------- monitor loop
 
@@ -309,13 +336,30 @@ class Monitor:
             self._spawn_q.put(None)
 
     def _round(self) -> None:
-        due = self._deadlines.next_due()
-        # A far deadline (stop(timeout=math.inf)) is no reason to overflow epoll's int of ms.
-        timeout = None if due is None else min(_MAX_WAIT, max(0.0, due - time.monotonic()))
-        ready = self._poller.poll(-1 if timeout is None else timeout)
+        deadlines = self._deadlines
+        due = deadlines.next_due()
+        if due is None:
+            ready = self._poller.poll(-1)
+        else:
+            # A far deadline (stop(timeout=math.inf)) is no reason to overflow epoll's int of ms.
+            ready = self._poller.poll(min(_MAX_WAIT, max(0.0, due - time.monotonic())))
+        changed = bool(ready)
         if self._stop_request is not None and not self._stopping:
             # Before any exit of this round: a worker our stop signal ended is no crash.
             self._begin_stop(self._stop_request, StopReason.SHUTDOWN, time.monotonic())
+            changed = True
+        if ready:
+            self._on_ready(ready)
+        now = time.monotonic()
+        if due is not None and due <= now:
+            for key in deadlines.pop_due(now):
+                self._on_deadline(key, now)
+        if changed or self._stopping:
+            # Workers reach a final state only through an exit or a command (a deadline at
+            # most starts a stop), so an idle liveness round skips this.
+            self._maybe_finish()
+
+    def _on_ready(self, ready: list[tuple[int, int]]) -> None:
         woke = False
         for fd, _ in ready:
             if fd == self._wake_r:
@@ -336,10 +380,6 @@ class Monitor:
                 self._dispatch(cmd)
             if self._needs_ready_scan:
                 self._scan_ready(time.monotonic())
-        now = time.monotonic()
-        for key in self._deadlines.pop_due(now):
-            self._on_deadline(key, now)
-        self._maybe_finish()
 
     def _dispatch(self, cmd: _Command) -> None:
         handler = getattr(self, f"_cmd_{cmd.name}")
@@ -352,7 +392,23 @@ class Monitor:
 
     def _move(self, w: _Worker, trigger: Trigger, new: WorkerState) -> None:
         states.check(w.state, trigger, new, w.who)
+        self._counts[w.state] -= 1
+        self._counts[new] += 1
         w.state = new
+
+    def _add(self, w: _Worker) -> None:
+        self._workers[w.index] = w
+        self._counts[w.state] += 1
+        self._dense = max(self._workers) == len(self._workers) - 1
+
+    def _remove(self, w: _Worker) -> None:
+        del self._workers[w.index]
+        self._counts[w.state] -= 1
+        self._dense = not self._workers or max(self._workers) == len(self._workers) - 1
+        self._note_scaling()
+
+    def _note_scaling(self) -> None:
+        self._scaling_down = any(w.after_stop == "remove" for w in self._workers.values())
 
     def _spawn(self, w: _Worker, now: float) -> None:
         """Queue a start of ``w`` for the spawner thread (state PENDING)."""
@@ -372,12 +428,18 @@ class Monitor:
             ready_on_beat=self.spec.ready_when == "beat",
             dump_signal=_DUMP_SIGNAL,
             forkserver=self.spec.start_method == "forkserver",
-            forked=self.spec.start_method == "fork")
+            reset_signals=signals_to_reset() if self._fork_extras else None,
+            **self._fork_extras)
         self._spawn_q.put((w.index, w.generation, boot, w.args))
 
     def _cmd_spawned(self, cmd: _Command) -> None:
-        index, generation, result = cmd.args
+        (batch,) = cmd.args
         cmd.finish()
+        for index, generation, result in batch:
+            self._spawned(index, generation, result)
+
+    def _spawned(self, index: int, generation: int, result: WorkerProcess | BaseException,
+                 ) -> None:
         w = self._workers.get(index)
         if w is None or w.generation != generation or w.state is not S.PENDING:
             if isinstance(result, WorkerProcess):  # a start nobody wants any more
@@ -487,7 +549,7 @@ class Monitor:
             self._move(w, trigger, S.STOPPED)
         elif after == "remove":
             self._move(w, trigger, S.STOPPED)
-            del self._workers[w.index]
+            self._remove(w)
             self._check_ready_waiters()
         elif after == "restart":
             self._move(w, trigger, S.PENDING)
@@ -574,16 +636,20 @@ class Monitor:
         assert w.proc is not None
         grace = self.spec.stop_timeout if grace is None else grace
         if grace <= 0:
-            self._kill(w)
+            self._kill(w, at_once=True)
             return
         w.proc.send_stop(self.spec.stop_signal)
         if (w.index, "kill") not in self._deadlines:
             self._deadlines.set((w.index, "kill"), now + grace)
 
-    def _kill(self, w: _Worker) -> None:
-        if w.proc is None:
+    def _kill(self, w: _Worker, at_once: bool = False) -> None:
+        if w.proc is None or w.proc.stop_sent == signal.SIGKILL:
             return
-        self.log.warning("%s did not stop within its grace; sending SIGKILL", w.who)
+        if at_once:
+            self.log.info("%s: stopping with SIGKILL at once (no grace)", w.who)
+        else:
+            self.log.warning("%s did not stop within its grace; sending SIGKILL", w.who)
+        w.proc.stop_sent = signal.SIGKILL
         w.proc.send_group(signal.SIGKILL)
 
     def _begin_stop(self, timeout: float, reason: StopReason, now: float) -> None:
@@ -615,15 +681,16 @@ class Monitor:
         self._deadlines.set(("pool", "kill"), now + timeout)
 
     def _maybe_finish(self) -> None:
+        counts = self._counts
+        final = counts[S.EXITED] + counts[S.STOPPED]
         if not self._stopping:
-            if (self._workers and all(w.state.final for w in self._workers.values())
-                    and not self._rolling_waiters):
+            if self._workers and final == len(self._workers) and not self._rolling_waiters:
                 # Every worker finished and none will be restarted: the pool is done.
                 self.log.info("pool %r: every worker has finished", self.spec.name)
                 self._begin_stop(0.0, StopReason.SHUTDOWN, time.monotonic())
             else:
                 return
-        if any(not w.state.final for w in self._workers.values()):
+        if final < len(self._workers):
             return
         self._deadlines = Deadlines()
         self._publish()
@@ -693,6 +760,9 @@ class Monitor:
     # ------------------------------------------------------------------------------ deadlines
 
     def _on_deadline(self, key: Hashable, now: float) -> None:
+        if key == _LIVENESS:
+            self._check_liveness(now)
+            return
         assert isinstance(key, tuple)
         owner, kind = key
         if owner == "pool":
@@ -777,6 +847,15 @@ class Monitor:
         Runs once per earliest deadline, not per worker: with N workers beating, the pool wakes
         about once per (heartbeat_timeout - beat interval), and each wake is one pass.
         """
+        hbt = self.spec.heartbeat_timeout
+        n = len(self._workers)
+        if hbt is not None and n and self._dense and self._counts[S.RUNNING] == n:
+            # The steady state, in C: every worker RUNNING and beating; the next look is due
+            # one timeout after the oldest beat. (The wake-up itself is most of the idle cost.)
+            oldest = self._hb.oldest_beat(n)
+            if oldest > 0 and oldest + hbt > now:
+                self._deadlines.set(_LIVENESS, oldest + hbt)
+                return
         if self._needs_ready_scan:
             self._scan_ready(now)
         beats = self._hb.all_beats()
@@ -973,7 +1052,7 @@ class Monitor:
             if w is None:
                 name, args = prepared[index]
                 w = _Worker(index, name, args, BackoffState(self.spec.backoff))
-                self._workers[index] = w
+                self._add(w)
                 self._spawn(w, now)
             elif w.after_stop == "remove":
                 w.after_stop = "restart"  # scaled back up while it was going: replace it
@@ -985,8 +1064,9 @@ class Monitor:
                 self._deadlines.cancel((index, "backoff"))
                 if w.state is S.BACKOFF:
                     self._move(w, Trigger.STOP, S.STOPPED)
-                del self._workers[index]
+                self._remove(w)
         cmd.finish()
+        self._note_scaling()
         self._check_ready_waiters()
 
     def _cmd_restart(self, cmd: _Command) -> None:
@@ -1047,12 +1127,15 @@ class Monitor:
         """
         if not self._ready_waiters:
             return
-        wanted = [w for w in self._workers.values()
-                  if w.after_stop != "remove" and not w.state.final]
-        ready = sum(1 for w in wanted if w.state is S.RUNNING)
+        counts = self._counts
+        wanted = len(self._workers) - counts[S.EXITED] - counts[S.STOPPED]
+        if self._scaling_down:
+            wanted -= sum(1 for w in self._workers.values()
+                          if w.after_stop == "remove" and not w.state.final)
+        ready = counts[S.RUNNING]  # a worker being removed is STOPPING or PENDING, never RUNNING
         keep = []
         for n, cmd in self._ready_waiters:
-            if ready >= (len(wanted) if n is None else n):
+            if ready >= (wanted if n is None else n):
                 cmd.finish(ready)
             else:
                 keep.append((n, cmd))

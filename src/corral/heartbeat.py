@@ -97,20 +97,27 @@ def in_worker() -> bool:
 def _attach(path: str, index: int, dump_fd: int = -1, wake_path: str | None = None,
             ready_on_beat: bool = False) -> None:
     """Map the supervisor's table in a worker (called by the bootstrap)."""
-    global _view, _base, _wake_fd, _first_beat_pending
+    wake_fd = -1
     if wake_path is not None:
         try:
-            _wake_fd = os.open(wake_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            wake_fd = os.open(wake_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
-            _wake_fd = -1
-    _first_beat_pending = ready_on_beat
+            wake_fd = -1
     fd = os.open(path, os.O_RDWR)
     try:
         size = os.fstat(fd).st_size
         mm = mmap.mmap(fd, size)
     finally:
         os.close(fd)
-    view = memoryview(mm).cast("d")
+    _attach_view(memoryview(mm).cast("d"), index, dump_fd, wake_fd, ready_on_beat)
+
+
+def _attach_view(view: Any, index: int, dump_fd: int, wake_fd: int,
+                 ready_on_beat: bool) -> None:
+    """Use an already mapped table (a fork child shares the supervisor's mapping)."""
+    global _view, _base, _wake_fd, _first_beat_pending
+    _wake_fd = wake_fd
+    _first_beat_pending = ready_on_beat
     base = index * _DOUBLES
     # A process this worker forks is not the worker: its beats must not hide a hung worker.
     os.register_at_fork(after_in_child=_detach)
@@ -214,6 +221,11 @@ class HeartbeatTable:
         return self._fd
 
     @property
+    def view(self) -> Any:
+        """The mapped table; a fork child uses it as is (the mapping is shared)."""
+        return self._view
+
+    @property
     def capacity(self) -> int:
         return self._capacity
 
@@ -262,6 +274,11 @@ class HeartbeatTable:
         assert self._view is not None
         beats: list[float] = self._view[0::_DOUBLES].tolist()
         return beats
+
+    def oldest_beat(self, n: int) -> float:
+        """The earliest last beat of slots 0..n-1 (0 if one has never beaten)."""
+        assert self._view is not None
+        return float(min(self._view[0 : n * _DOUBLES : _DOUBLES]))
 
     def ready_at(self, index: int) -> float:
         assert self._view is not None

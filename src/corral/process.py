@@ -174,12 +174,13 @@ class WorkerProcess:
 
     def send_stop(self, sig: int) -> None:
         """Send the stop signal to the group once (then SIGCONT, so a stopped process handles
-        it); a second stop request for the same signal sends nothing."""
-        if self.stop_sent == sig:
+        it); a second stop request for the same signal, or any after SIGKILL, sends nothing."""
+        if self.stop_sent == sig or self.stop_sent == signal.SIGKILL:
             return
         self.stop_sent = sig
         self.send_group(sig)
-        self.send_group(signal.SIGCONT)
+        if sig != signal.SIGKILL:
+            self.send_group(signal.SIGCONT)
 
     def send_group(self, sig: int) -> bool:
         """Signal the worker's process group (its children too); falls back to the worker."""

@@ -110,7 +110,7 @@ class Supervisor:
             keeper.start()
             # The monitor's resources first (they can fail: no shared memory, no fds), then the
             # threads, each undone if a later one cannot start: nothing is left behind.
-            monitor = Monitor(self.spec, self._events.put)
+            monitor = Monitor(self.spec, self._emit)
             dispatcher = threading.Thread(target=self._dispatch_events,
                                           name=f"corral-events[{self.spec.name}]", daemon=True)
             try:
@@ -306,6 +306,12 @@ class Supervisor:
         except ValueError:
             raise ValueError(f"callback {callback!r} is not subscribed to pool "
                              f"{self.spec.name!r}") from None
+
+    def _emit(self, event: Event) -> None:
+        # With nobody subscribed an event costs nothing (no wake-up of the events thread);
+        # STOPPED always goes through, it ends that thread.
+        if self._subscribers or event.kind is EventKind.STOPPED:
+            self._events.put(event)
 
     def _dispatch_events(self) -> None:
         while True:
