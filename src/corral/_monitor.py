@@ -97,7 +97,7 @@ class _Worker:
     health_failures: int = 0
     health_pending: Future[bool] | None = None
     health_last: str = ""
-    last_spawn: float = 0.0  # monotonic time its latest start was queued
+    last_restart: float = 0.0  # monotonic time its latest restart was queued (0: none yet)
 
     @property
     def who(self) -> str:
@@ -154,7 +154,6 @@ class Monitor:
         except BaseException:
             self._close_fds()
             raise
-        own_fd(self._poller.fileno())
         self._poller.register(self._wake_r, select.EPOLLIN)
         # Processes that exist and are not reaped yet, for signals sent from other threads
         # (stop(wait=False)); the monitor adds and removes under the lock, before reaping.
@@ -413,7 +412,6 @@ class Monitor:
     def _spawn(self, w: _Worker, now: float) -> None:
         """Queue a start of ``w`` for the spawner thread (state PENDING)."""
         w.generation += 1
-        w.last_spawn = now
         w.ready = False
         # A new process starts with a clean health record: a check still hanging on its
         # predecessor is not its fault.
@@ -421,6 +419,7 @@ class Monitor:
         self._hb.reset(w.index)
         if w.started_once:
             w.restarts += 1
+            w.last_restart = now
         w.started_once = True
         boot = BootConfig(
             pool=self.spec.name, index=w.index, name=w.name, supervisor_pid=os.getpid(),
@@ -576,10 +575,10 @@ class Monitor:
             return
         delay = w.backoff.on_death(record.uptime, self._rng)
         cooldown = self.spec.restart_cooldown
-        if cooldown > 0 and w.last_spawn > 0:
-            # At least `cooldown` between two starts of this worker: a crash loop is throttled,
-            # a worker that ran longer than that is restarted at once.
-            delay = max(delay, w.last_spawn + cooldown - now)
+        if cooldown > 0 and w.last_restart > 0:
+            # At least `cooldown` between two restarts of this worker: the first is at once,
+            # a crash loop is throttled, a worker that ran longer than that restarts at once.
+            delay = max(delay, w.last_restart + cooldown - now)
         self._emit(EventKind.RESTARTING, w, delay=delay)
         if delay <= 0:
             self._move(w, trigger, S.PENDING)
@@ -654,6 +653,10 @@ class Monitor:
 
     def _begin_stop(self, timeout: float, reason: StopReason, now: float) -> None:
         if self._stopping:
+            if now + timeout < self._stop_deadline:
+                # A second stop with a shorter deadline (stop(inf), then stop(5)) shortens it.
+                self._stop_deadline = now + timeout
+                self._deadlines.set(("pool", "kill"), self._stop_deadline)
             return
         self._stopping = True
         self._stop_deadline = now + timeout
@@ -714,7 +717,6 @@ class Monitor:
             self._wake_r = self._wake_w = -1
         poller = getattr(self, "_poller", None)
         if poller is not None and not poller.closed:
-            disown_fd(poller.fileno())
             poller.close()
         disown_fd(self._hb.fd)
         self._hb.close()

@@ -517,7 +517,8 @@ class WorkerProcessManager:
             # A forked copy has no monitor thread: waiting on it would hang forever.
             raise RuntimeError(
                 "a WorkerProcessManager can only be used in the process that created it "
-                f"(pid {self._owner_pid}), not in pid {os.getpid()}")
+                f"(pid {self._owner_pid}), not in pid {os.getpid()}, a forked child, which has "
+                "no monitor")
 
     # ------------------------------------------------------------------------------ lifecycle
 

@@ -237,6 +237,7 @@ class HeartbeatTable:
         self._mm = mmap.mmap(self._fd, self._capacity * _SLOT)
         self._view = memoryview(self._mm).cast("d")
 
+
     def ensure(self, capacity: int) -> None:
         """Make room for ``capacity`` slots (at least doubling).
 

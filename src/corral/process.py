@@ -40,27 +40,40 @@ DUMP_SIGNAL = signal.SIGRTMIN + 3
 # The name of a worker's stack-dump memfd (``/proc/<pid>/fd/<n>`` reads "/memfd:<name> (deleted)").
 DUMP_NAME = "corral-dump"
 
-# fds the supervising process opened for its own use (epoll, wakeup pipes, pidfds, sentinels,
-# the heartbeat table, pool sockets): a worker started with fork inherits them all, and closes
-# them first thing (close_internal_fds), so it holds only what it needs and no sibling's fds.
-_internal_fds: set[int] = set()
+# Raw fds the supervising process opened for its own use (wakeup pipes, pidfds, multiprocessing's
+# pipes to each child, the heartbeat table): a worker started with fork inherits them all, and
+# closes them first thing (close_internal_fds), so it holds no sibling's fds. Only raw ints are
+# registered: an fd owned by a Python object (an epoll, a Connection) could be closed a second
+# time by that object in the child, after the number was reused; those are one per pool.
+# Each fd is recorded with its identity, so a number reused before the child closes it is kept.
+_internal_fds: dict[int, tuple[int, int]] = {}
 
 
 def own_fd(fd: int) -> int:
     """Mark ``fd`` as the supervisor's own: fork-started workers close it. Returns ``fd``."""
-    _internal_fds.add(fd)
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return fd
+    _internal_fds[fd] = (st.st_dev, st.st_ino)
     return fd
 
 
 def disown_fd(fd: int) -> None:
     """Forget ``fd`` (call before closing it, so a worker never closes a reused number)."""
-    _internal_fds.discard(fd)
+    _internal_fds.pop(fd, None)
 
 
 def close_internal_fds(keep: tuple[int, ...] = ()) -> None:
     """In a fork-started worker: close the supervisor's own fds it inherited."""
-    for fd in list(_internal_fds):
-        if fd not in keep:
+    for fd, ident in list(_internal_fds.items()):
+        if fd in keep:
+            continue
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == ident:
             with contextlib.suppress(OSError):
                 os.close(fd)
     _internal_fds.clear()
@@ -94,6 +107,20 @@ def read_stack_dump(pid: int, fd: int, limit: int = 256 * 1024) -> str:
     except OSError:
         return ""
 
+def _popen_fds(process: multiprocessing.process.BaseProcess) -> tuple[int, ...]:
+    """The fds multiprocessing keeps in the parent for ``process`` (closed by its finalizer)."""
+    popen = getattr(process, "_popen", None)
+    fds: set[int] = set()
+    sentinel = getattr(popen, "sentinel", None)
+    if isinstance(sentinel, int):
+        fds.add(sentinel)
+    # Popen_fork: Finalize(self, util.close_fds, (parent_r, parent_w)).
+    args = getattr(getattr(popen, "finalizer", None), "_args", None)
+    if isinstance(args, tuple):
+        fds.update(fd for fd in args if isinstance(fd, int) and not isinstance(fd, bool))
+    return tuple(fds)
+
+
 _forking = threading.local()
 
 
@@ -126,8 +153,11 @@ class WorkerProcess:
             self._pidfd = own_fd(os.pidfd_open(self.pid))
         except OSError:
             pass  # already gone and reaped (forkserver): the sentinel still tells us
-        with contextlib.suppress(OSError, ValueError):
-            own_fd(process.sentinel)
+        # multiprocessing's pipes to this child (its sentinel, and under fork the write end
+        # whose EOF tells the child we died): a sibling started later must not hold them.
+        self._mp_fds = _popen_fds(process)
+        for fd in self._mp_fds:
+            own_fd(fd)
         try:
             # Both sides set the group, so a kill right after start already reaches it.
             os.setpgid(self.pid, self.pid)
@@ -236,8 +266,8 @@ class WorkerProcess:
             disown_fd(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = -1
-        with contextlib.suppress(ValueError):
-            disown_fd(self.process.sentinel)
+        for fd in self._mp_fds:
+            disown_fd(fd)
         try:
             self.process.close()
         except ValueError:

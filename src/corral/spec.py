@@ -75,9 +75,9 @@ class PoolSpec:
         start_method: "fork", "spawn" or "forkserver" (default: forkserver, safe with threads).
         restart: "always", "on-failure" or "never" (a :class:`RestartPolicy`).
         backoff: delays between restarts of one worker (a :class:`Backoff`).
-        restart_cooldown: the least seconds between two starts of the same worker; a
-            restart the policy wants sooner waits for the rest (0: none). Throttles a crash
-            loop while a worker that ran longer is restarted at once.
+        restart_cooldown: the least seconds between two restarts of the same worker; a
+            restart the policy wants sooner waits for the rest (0: none). The first restart is
+            never delayed by it; a crash loop is throttled to one restart per cool-down.
         budget: pool-wide restart limit (a :class:`RestartBudget`); past it the pool gives up.
         stop_signal: sent to each worker's process group to stop it gracefully.
         stop_timeout: seconds the whole pool gets to stop before SIGKILL.

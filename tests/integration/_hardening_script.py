@@ -1,0 +1,136 @@
+"""A supervising program in its own process, for the hardening tests that kill it, fork it or
+let it exit abruptly.
+
+Usage: python _hardening_script.py MODE START_METHOD FLAGDIR [N]
+
+Modes:
+  native-wait   a Supervisor whose workers each start ``sleep 600``; prints the worker pids as a
+                JSON line once every worker is ready, then waits to be killed.
+  duck-exit     WorkerProcessManager, the same workers; prints the pids, then does what Duck's
+                App.stop() does: stop(graceful=True, wait=False) and os._exit(0).
+  fork-child    a Supervisor, then os.fork(): the child calls status() and stop() (which must
+                raise RuntimeError at once) and exits normally (atexit must not block); the
+                parent prints a JSON line with what the child saw, stops its pool and exits.
+  fork-compat   the same with a WorkerProcessManager.
+  logs          a WorkerProcessManager with logging not configured (the default), one worker
+                killed and replaced, then stop(): Duck's lines must reach stderr.
+  logs-config   the same after logging.basicConfig(level=WARNING).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def _wait_files(flagdir: Path, prefix: str, n: int, timeout: float = 30.0) -> list[Path]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = sorted(p for p in flagdir.iterdir()
+                       if p.name.startswith(prefix) and not p.name.endswith(".tmp"))
+        if len(found) >= n:
+            return found
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {n} {prefix} files")
+        time.sleep(0.01)
+
+
+def _report(flagdir: Path, n: int, worker_pids: list[int]) -> None:
+    files = _wait_files(flagdir, "gc-", n)
+    grandchildren = [int(p.read_text()) for p in files]
+    print(json.dumps({"workers": worker_pids, "grandchildren": grandchildren}), flush=True)
+
+
+def main() -> None:
+    import hardening_workers as hw
+
+    import corral
+
+    mode, method, flagdir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    n = int(sys.argv[4]) if len(sys.argv) > 4 else 3
+    if mode == "native-wait":
+        sup = corral.Supervisor(hw.with_sleep_child, workers=n, args=lambda i: (str(flagdir),),
+                                start_method=method, ready_when="ready")
+        sup.start()
+        sup.wait_ready(timeout=30)
+        _report(flagdir, n, sup.pids())
+        threading.Event().wait()
+    elif mode == "duck-exit":
+        manager = corral.WorkerProcessManager(
+            hw.duck_with_sleep_child, n, args_fn=lambda idx: (str(flagdir),),
+            start_method=method, enable_logs=False)
+        manager.start()
+        _report(flagdir, n, manager.running_pids())
+        manager.stop(graceful=True, wait=False)
+        os._exit(0)
+    elif mode in ("fork-child", "fork-compat"):
+        if mode == "fork-child":
+            sup = corral.Supervisor(hw.exits_on_sigterm, workers=1, start_method=method)
+            sup.start()
+            calls = {"status": sup.status, "stop": sup.stop, "scale": lambda: sup.scale(2)}
+        else:
+            manager = corral.WorkerProcessManager(hw.sleep_duck, 1, start_method=method,
+                                                  enable_logs=False)
+            manager.start()
+            calls = {"status": manager.status, "stop": manager.stop,
+                     "running_pids": manager.running_pids}
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            seen = {}
+            for name, call in calls.items():
+                try:
+                    call()
+                    seen[name] = "returned"
+                except RuntimeError as exc:
+                    seen[name] = f"RuntimeError: {exc}"
+            os.write(w, json.dumps(seen).encode())
+            os.close(w)
+            sys.exit(0)  # a normal exit: atexit handlers run and must not block
+        os.close(w)
+        data = b""
+        while chunk := os.read(r, 65536):
+            data += chunk
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps({"child": json.loads(data or b"{}"),
+                          "child_exit": os.waitstatus_to_exitcode(status)}), flush=True)
+        if mode == "fork-child":
+            sup.stop()
+        else:
+            manager.stop()
+    elif mode in ("logs", "logs-config"):
+        if mode == "logs-config":
+            logging.basicConfig(level=logging.WARNING, format="CONFIGURED %(message)s")
+        manager = corral.WorkerProcessManager(
+            hw.sleep_duck, 2, worker_name_fn=lambda idx: f"duck-worker-{idx}",
+            restart_timeout=2, start_method=method)
+        manager.start()
+        victim = manager.running_pids()[1]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:
+            pids = manager.running_pids()
+            if len(pids) == 2 and victim not in pids:
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit("the killed worker was not replaced")
+            time.sleep(0.01)
+        manager.stop(wait=False)
+        print(json.dumps({"victim": victim}), flush=True)
+        sup = manager.supervisor
+        assert sup is not None
+        sup.wait(timeout=10)
+        # At exit corral's own handler joins the events thread, so its last lines are out.
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    main()

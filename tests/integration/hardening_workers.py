@@ -1,0 +1,109 @@
+"""Worker targets for the hardening tests (issue 9): module level, so every start method can
+import them. Coordination with the test goes through files in a per-test directory."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import corral
+
+
+def _forever() -> None:
+    while True:
+        time.sleep(3600)
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.rename(path)
+
+
+MARKER = Path(__file__).resolve().parent / "_term_marker.py"
+
+
+def _start_marker(index: int, flagdir: str, block: bool = False) -> None:
+    """Start a grandchild in the worker's group (as a view starting a subprocess would); report
+    its pid once it is set up (with ``block``: once it blocks SIGTERM)."""
+    child = subprocess.Popen([sys.executable, str(MARKER), flagdir, *(["block"] if block else [])])
+    ready = Path(flagdir) / f"ready-{child.pid}"
+    while not ready.exists():
+        time.sleep(0.005)  # the grandchild is booting; bounded by the test's timeout
+    _write(Path(flagdir) / f"gc-{index}-{os.getpid()}", str(child.pid))
+
+
+def with_sleep_child(index: int, flagdir: str, block: bool = False) -> None:
+    _start_marker(index, flagdir, block)
+    corral.ready()
+    _forever()
+
+
+def duck_with_sleep_child(idx: int, flagdir: str) -> None:
+    """The same for WorkerProcessManager (worker_fn(idx, *args))."""
+    _start_marker(idx, flagdir)
+    _forever()
+
+
+def blocks_sigterm(index: int, flagdir: str) -> None:
+    """Block SIGTERM in the main thread (a sigwait-style drain would); report once blocked."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    _write(Path(flagdir) / f"blocked-{index}-{os.getpid()}", "1")
+    corral.ready()
+    _forever()
+
+
+def reports_fds(index: int, flagdir: str) -> None:
+    """Report how many fds this worker holds, then wait."""
+    _write(Path(flagdir) / f"fds-{index}", str(len(os.listdir("/proc/self/fd"))))
+    corral.ready()
+    _forever()
+
+
+def hijacks_dump_fd(index: int, flagdir: str) -> None:
+    """Put a file of its own on corral's dump fd number, then stop beating (hung)."""
+    dump_fd = -1
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith("/memfd:corral-dump"):
+                dump_fd = int(name)
+        except OSError:
+            continue
+    user_file = Path(flagdir) / f"user-{index}.txt"
+    user_file.write_text("user data\n")
+    fd = os.open(user_file, os.O_RDWR | os.O_APPEND)
+    if dump_fd >= 0:
+        os.dup2(fd, dump_fd)
+    _write(Path(flagdir) / f"hijacked-{index}-{os.getpid()}", str(dump_fd))
+    corral.beat()
+    _forever()  # no more beats: hung
+
+
+def ignores_sigterm_and_leaks(index: int, flagdir: str, chunk: int) -> None:
+    """Ignore SIGTERM and grow by ``chunk`` bytes every 50 ms, without bound."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    hoard: list[bytes] = []
+    _write(Path(flagdir) / f"leaker-{index}-{os.getpid()}", "1")
+    corral.ready()
+    while True:
+        hoard.append(os.urandom(16) * (chunk // 16))
+        time.sleep(0.05)
+
+
+def exits_on_sigterm(index: int) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    corral.ready()
+    _forever()
+
+
+def crash_at_once_duck(idx: int, *args: Any) -> None:
+    os._exit(3)
+
+
+def sleep_duck(idx: int, *args: Any) -> None:
+    _forever()

@@ -1,0 +1,550 @@
+"""Regression tests for what broke when corral was attacked (issue 9), one or more per item."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import hardening_workers as hw
+import pytest
+import workers
+from _helpers import FAST, EventLog, in_state, pool, status_of, wait_gone
+
+import corral
+from conftest import START_METHODS, pid_alive, wait_for
+from corral import EventKind, StopReason, WorkerState
+from corral._eventqueue import EventQueue
+from corral._keeper import keeper
+from corral.events import Event
+from corral.heartbeat import SHM_DIR_ENV, HeartbeatTable
+
+HERE = Path(__file__).resolve().parent
+SCRIPT = HERE / "_hardening_script.py"
+
+
+# ------------------------------------------------------------------------- 1. shared memory
+
+
+@contextlib.contextmanager
+def small_tmpfs(tmp_path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted for the test (root only), unmounted afterwards."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root (the tests run as root on CI)")
+    mnt = tmp_path / "shm"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                          capture_output=True, timeout=30)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+
+
+def fill(directory: Path) -> None:
+    """Take every free byte of ``directory``'s filesystem."""
+    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 4096)
+    finally:
+        os.close(fd)
+
+
+def threads_and_fds() -> tuple[int, int]:
+    return threading.active_count(), len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.timeout(60)
+def test_full_dev_shm_is_bypassed(no_leaks: set[int], tmp_path: Path) -> None:
+    """A full /dev/shm (Docker's 64 MB) no longer matters: the table lives in a memfd, reserved
+    up front. Run under a private mount namespace whose /dev/shm is a full 64 KiB tmpfs."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) for a private /dev/shm")
+    code = (
+        f"import os, sys; sys.path[:0] = [{str(HERE)!r}, {str(HERE.parent)!r}]\n"
+        "import corral, hardening_workers as hw\n"
+        "try:\n"
+        "    with open('/dev/shm/filler', 'wb') as fh:\n"
+        "        while True: fh.write(b'\\0' * 4096); fh.flush()\n"
+        "except OSError: pass\n"
+        "sup = corral.Supervisor(hw.exits_on_sigterm, workers=2, start_method='fork',\n"
+        "                        ready_when='ready')\n"
+        "sup.start(); sup.wait_ready(timeout=30); sup.scale(20); sup.wait_ready(timeout=60)\n"
+        "print(len(sup.pids()), flush=True)\n"
+        "sup.stop()\n"
+    )
+    done = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         "mount -t tmpfs -o size=64k tmpfs /dev/shm && exec \"$0\" -c \"$1\"",
+         sys.executable, code], capture_output=True, timeout=50)
+    if b"mount:" in done.stderr and done.returncode != 0:
+        pytest.skip(f"cannot mount over /dev/shm here: {done.stderr.decode().strip()}")
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().strip() == "20"
+
+
+@pytest.mark.timeout(60)
+def test_no_space_is_a_clear_oserror_and_leaks_nothing(no_leaks: set[int], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    with small_tmpfs(tmp_path, "16k") as mnt:
+        fill(mnt)
+        monkeypatch.setenv(SHM_DIR_ENV, str(mnt))
+        keeper.start()  # once per process, whatever happens next: not a leak
+        before = threads_and_fds()
+        for _ in range(3):
+            sup = corral.Supervisor(hw.exits_on_sigterm, workers=2, start_method="fork")
+            with pytest.raises(OSError, match=r"could not reserve .* shared memory") as info:
+                sup.start()
+            assert SHM_DIR_ENV in str(info.value) and str(mnt) in str(info.value)
+            assert not sup.running
+        wait_for(lambda: threads_and_fds() == before, 5, f"threads and fds back to {before}")
+
+
+@pytest.mark.timeout(60)
+def test_growth_without_space_fails_scale_not_the_pool(no_leaks: set[int], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # 8 KiB: room for the first table (8 slots, 2 KiB) but not for 200 workers' (50 KiB).
+    with small_tmpfs(tmp_path, "8k") as mnt:
+        monkeypatch.setenv(SHM_DIR_ENV, str(mnt))
+        with pool(no_leaks, hw.exits_on_sigterm, workers=2, start_method="fork",
+                  ready_when="ready") as (sup, _log):
+            sup.wait_ready(timeout=30)
+            with pytest.raises(OSError, match="could not grow the heartbeat table"):
+                sup.scale(200)
+            assert sup.running and len(sup.status()) == 2
+            sup.scale(3)  # still within what fits
+            assert sup.wait_ready(timeout=30) == 3
+
+
+def test_table_falls_back_when_memfd_is_refused(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SHM_DIR_ENV, str(tmp_path))
+    table = HeartbeatTable(4)
+    try:
+        assert table.where == str(tmp_path)
+        assert not list(tmp_path.iterdir())  # unlinked at once
+    finally:
+        table.close()
+
+
+# ---------------------------------------------------------------- 2. orphans, abrupt deaths
+
+
+def run_script(mode: str, method: str, flagdir: Path, started: set[int],
+               n: int = 3) -> tuple[subprocess.Popen[bytes], dict[str, list[int]]]:
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), mode, method, str(flagdir), str(n)],
+                            stdout=subprocess.PIPE, cwd=HERE)
+    started.add(proc.pid)
+    assert proc.stdout is not None
+    try:
+        line = proc.stdout.readline()
+        assert line, "the script printed nothing"
+        info = json.loads(line)
+    except BaseException:
+        proc.kill()
+        proc.wait(10)
+        proc.stdout.close()
+        raise
+    for pids in info.values():
+        if isinstance(pids, list):
+            started.update(pids)
+    return proc, info
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.timeout(90)
+def test_grandchildren_die_within_a_second_of_a_sigkilled_supervisor(
+        method: str, no_leaks: set[int], tmp_path: Path) -> None:
+    proc, info = run_script("native-wait", method, tmp_path, no_leaks)
+    try:
+        assert all(pid_alive(p) for p in info["grandchildren"])
+        proc.kill()
+        proc.wait(10)
+        t0 = time.monotonic()
+        # Generous for a loaded machine; the keeper acts within milliseconds.
+        wait_gone(info["workers"] + info["grandchildren"], 5, "workers and grandchildren")
+        assert time.monotonic() - t0 < 5
+    finally:
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.timeout(90)
+def test_duck_stop_then_os_exit_leaves_nothing(method: str, no_leaks: set[int],
+                                               tmp_path: Path) -> None:
+    """Duck's App.stop(): stop(graceful=True, wait=False), then os._exit(0) at once."""
+    proc, info = run_script("duck-exit", method, tmp_path, no_leaks)
+    try:
+        assert proc.wait(30) == 0
+        wait_gone(info["workers"] + info["grandchildren"], 5, "workers and their children")
+    finally:
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.timeout(60)
+def test_stop_without_wait_signals_every_group_before_it_returns(
+        method: str, no_leaks: set[int], tmp_path: Path) -> None:
+    """The grandchildren block SIGTERM: right after stop(wait=False) returns, it must be pending
+    in each of them (sent by the calling thread, not later by the monitor)."""
+    with pool(no_leaks, hw.with_sleep_child, workers=2,
+              args=lambda i: (str(tmp_path), True), start_method=method, ready_when="ready",
+              stop_timeout=1.0) as (sup, _log):
+        sup.wait_ready(timeout=30)
+        files = wait_for(lambda: [p for p in tmp_path.glob("gc-*") if p.suffix != ".tmp"]
+                         if len(list(tmp_path.glob("gc-*"))) >= 2 else None, 15, "gc files")
+        grandchildren = [int(p.read_text()) for p in files]
+        no_leaks.update(grandchildren)
+        sup.stop(wait=False)
+        for pid in grandchildren:
+            assert signal.SIGTERM in pending_signals(pid), pid
+        sup.wait(timeout=30)
+        wait_gone(grandchildren, 10, "the grandchildren (SIGKILL at the deadline)")
+
+
+def pending_signals(pid: int) -> set[int]:
+    """Signals pending for ``pid`` (process-wide and for its threads), from /proc."""
+    pending = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("ShdPnd", "SigPnd"):
+            pending |= int(value.strip(), 16)
+    return {sig for sig in range(1, 65) if pending & (1 << (sig - 1))}
+
+
+# -------------------------------------------------------------------------------- 3. fork
+
+
+@pytest.mark.parametrize("mode", ["fork-child", "fork-compat"])
+@pytest.mark.timeout(60)
+def test_a_forked_child_gets_runtime_errors_and_exits(mode: str, no_leaks: set[int],
+                                                     tmp_path: Path) -> None:
+    proc, info = run_script(mode, "forkserver", tmp_path, no_leaks)
+    try:
+        assert proc.wait(30) == 0
+        child = info["child"]
+        assert info["child_exit"] == 0, info  # exited: the atexit hook did not block
+        assert child, info
+        for name, outcome in child.items():
+            assert outcome.startswith("RuntimeError"), (name, outcome)
+            assert "fork" in outcome, outcome
+    finally:
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+# ------------------------------------------------------------------------ 4. signal masks
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.timeout(60)
+def test_corral_threads_in_a_worker_never_take_its_signals(method: str, no_leaks: set[int],
+                                                          tmp_path: Path) -> None:
+    """A worker that blocks SIGTERM must not die of it through one of corral's threads."""
+    with pool(no_leaks, hw.blocks_sigterm, workers=1, args=lambda i: (str(tmp_path),),
+              start_method=method, ready_when="ready", stop_timeout=1.0) as (sup, log):
+        sup.wait_ready(timeout=30)
+        sup.stop()
+        (record,) = [e.exit for e in log.of(EventKind.EXITED) if e.exit is not None]
+        assert record.exit is not None
+        assert record.exit.signal == signal.SIGKILL, record.describe()
+
+
+# --------------------------------------------------------------------------- 5. wait_ready
+
+
+@pytest.mark.timeout(60)
+def test_wait_ready_after_scale_down(no_leaks: set[int]) -> None:
+    with pool(no_leaks, workers.graceful, workers=4, start_method="fork",
+              ready_when="ready") as (sup, _log):
+        assert sup.wait_ready(timeout=30) == 4
+        sup.scale(2)
+        assert sup.wait_ready(timeout=10) == 2
+        assert sup.wait_ready(timeout=None) == 2
+
+
+@pytest.mark.timeout(60)
+def test_random_scales_never_wedge_wait_ready(no_leaks: set[int]) -> None:
+    import random
+
+    rng = random.Random(7)
+    with pool(no_leaks, workers.graceful, workers=2, start_method="fork",
+              ready_when="ready") as (sup, _log):
+        for _ in range(40):
+            sup.scale(rng.randint(0, 5))
+        n = rng.randint(1, 4)
+        sup.scale(n)
+        assert sup.wait_ready(timeout=30) == n
+
+
+@pytest.mark.timeout(60)
+def test_wait_ready_raises_gave_up(no_leaks: set[int]) -> None:
+    with pool(no_leaks, workers.crash_at_once, workers=2, start_method="fork",
+              ready_when="ready",
+              budget=corral.RestartBudget(max_restarts=3, window=60)) as (sup, _log):
+        with pytest.raises(corral.GaveUp):
+            sup.wait_ready(timeout=30)  # gives up while we wait
+        with pytest.raises(corral.GaveUp):
+            sup.wait_ready(timeout=30)  # and after
+
+
+@pytest.mark.timeout(60)
+def test_wait_ready_raises_when_the_pool_is_stopped_meanwhile(no_leaks: set[int]) -> None:
+    with pool(no_leaks, workers.crash_at_once, workers=1, start_method="fork",
+              ready_when="ready", backoff=corral.Backoff(initial=5, cap=5)) as (sup, _log):
+        threading.Timer(0.2, sup.stop).start()
+        with pytest.raises(corral.SupervisorStateError, match="stopped before"):
+            sup.wait_ready(timeout=30)
+
+
+# ---------------------------------------------------------------- 6. compat restart_timeout
+
+
+@pytest.mark.timeout(60)
+def test_compat_restart_timeout_restarts_at_once_and_throttles_loops(no_leaks: set[int]) -> None:
+    manager = corral.WorkerProcessManager(hw.sleep_duck, 2, restart_timeout=2,
+                                          start_method="fork", enable_logs=False)
+    manager.start()
+    try:
+        no_leaks.update(manager.running_pids())
+        victim = manager.running_pids()[0]
+        t0 = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(manager.running_pids()) == 2 and victim not in
+                 manager.running_pids(), 10, "the replacement")
+        # At once, not after restart_timeout (2 s): generous for a loaded machine.
+        assert time.monotonic() - t0 < 1.5
+        no_leaks.update(manager.running_pids())
+    finally:
+        manager.stop()
+    loop = corral.WorkerProcessManager(hw.crash_at_once_duck, 1, restart_timeout=1,
+                                       start_method="fork", enable_logs=False)
+    loop.start()
+    try:
+        sup = loop.supervisor
+        assert sup is not None
+        events = EventLog()
+        sup.subscribe(events)
+        t0 = time.monotonic()
+        time.sleep(2.5)  # a window to count restarts in (not a wait for a condition)
+        starts = len(events.of(EventKind.SPAWNED))
+        elapsed = time.monotonic() - t0
+        # One start per restart_timeout at most (a crash loop is throttled).
+        assert starts <= elapsed / 1.0 + 1, starts
+        no_leaks.update(events.pids())
+    finally:
+        loop.stop()
+
+
+# ---------------------------------------------------------------------------- 7. Duck's logs
+
+
+@pytest.mark.timeout(60)
+def test_compat_prints_ducks_lines_when_logging_is_not_configured(no_leaks: set[int],
+                                                                 tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(SCRIPT), "logs", "fork", str(tmp_path)],
+                          capture_output=True, timeout=50, cwd=HERE)
+    assert done.returncode == 0, done.stderr.decode()
+    victim = json.loads(done.stdout)["victim"]
+    err = done.stderr.decode()
+    assert f"Detected unhealthy/dead worker (duck-worker-1, pid={victim}), restarting..." in err
+    assert "Restarted worker process duck-worker-1 (pid=" in err
+    assert "Stopped worker process manager." in err
+    assert "SIGKILL(-9)" in err  # corral's own detail beside Duck's line
+    assert "[WARNING]" in err and "[INFO]" in err  # formatted, not the bare last resort
+
+
+@pytest.mark.timeout(60)
+def test_compat_stays_out_of_a_configured_logging(no_leaks: set[int], tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(SCRIPT), "logs-config", "fork", str(tmp_path)],
+                          capture_output=True, timeout=50, cwd=HERE)
+    assert done.returncode == 0, done.stderr.decode()
+    err = done.stderr.decode()
+    lines = err.splitlines()
+    detected = [ln for ln in lines if "Detected unhealthy/dead worker" in ln]
+    assert len(detected) == 1 and detected[0].startswith("CONFIGURED "), err
+    assert "Stopped worker process manager." not in err  # INFO: below the app's WARNING
+    assert "[WARNING]" not in err  # our console stays silent
+
+
+# --------------------------------------------------------------------------------- 8. fds
+
+
+@pytest.mark.timeout(90)
+def test_fork_workers_do_not_hold_their_siblings_fds(no_leaks: set[int], tmp_path: Path) -> None:
+    n = 40
+    with pool(no_leaks, hw.reports_fds, workers=n, args=lambda i: (str(tmp_path),),
+              start_method="fork", ready_when="ready") as (sup, _log):
+        sup.wait_ready(timeout=60)
+        counts = [int((tmp_path / f"fds-{i}").read_text()) for i in range(n)]
+        # Every worker holds the same fds (pytest's and its own), however many siblings
+        # started before it: none of theirs.
+        assert max(counts) - min(counts) <= 2, counts
+
+
+@pytest.mark.timeout(120)
+def test_soft_fd_limit_is_raised_for_a_large_pool(no_leaks: set[int]) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the hard RLIMIT_NOFILE ({hard}) is too low to raise anything")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        with pool(no_leaks, workers.sleeper, workers=200, start_method="fork") as (sup, _log):
+            assert sup.wait_ready(timeout=90) == 200
+            assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 256
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# ---------------------------------------------------------------------- 9. the dump's fd
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.timeout(60)
+def test_a_dump_never_lands_in_a_users_file(method: str, no_leaks: set[int],
+                                            tmp_path: Path) -> None:
+    with pool(no_leaks, hw.hijacks_dump_fd, workers=1, args=lambda i: (str(tmp_path),),
+              start_method=method, heartbeat_timeout=1.0, startup_timeout=30,
+              ready_when="beat", kill_grace=0.5) as (sup, log):
+        wait_for(lambda: list(tmp_path.glob("hijacked-0-*[0-9]")), 30, "the hijack")
+        exited = log.wait(lambda ev: [e for e in ev if e.kind is EventKind.EXITED], 30,
+                          "the hung worker's exit")
+        record = exited[0].exit
+        assert record is not None and record.reason is StopReason.HUNG
+        assert "no stack dump: the worker closed or replaced corral's dump file" in (
+            record.detail or "")
+        assert (tmp_path / "user-0.txt").read_text() == "user data\n"
+        sup.stop()
+
+
+# ------------------------------------------------------------- 11. subscribers and memory
+
+
+@pytest.mark.timeout(60)
+def test_a_blocking_subscriber_does_not_stretch_stop(no_leaks: set[int]) -> None:
+    release = threading.Event()
+
+    def blocker(event: Event) -> None:
+        release.wait(30)
+
+    try:
+        with pool(no_leaks, hw.exits_on_sigterm, workers=2, start_method="fork",
+                  ready_when="ready", stop_timeout=2.0) as (sup, _log):
+            sup.subscribe(blocker)
+            sup.wait_ready(timeout=30)
+            sup.scale(3)  # an event the blocker sits on
+            sup.wait_ready(timeout=30)
+            t0 = time.monotonic()
+            sup.stop()
+            # Workers exit on SIGTERM at once; the subscriber gets ~1 s, never the deadline.
+            assert time.monotonic() - t0 < 2.0 + 1.5
+    finally:
+        release.set()
+
+
+def test_event_queue_is_bounded_and_keeps_the_newest(caplog: pytest.LogCaptureFixture) -> None:
+    q = EventQueue("p", maxlen=3)
+
+    def ev(kind: EventKind, i: int) -> Event:
+        return Event(kind, "p", i, None, None, 0.0)
+
+    with caplog.at_level(logging.WARNING, "corral.supervisor"):
+        for i in range(5):
+            q.put(ev(EventKind.SPAWNED, i))
+        q.put(ev(EventKind.STOPPED, 99))  # never dropped, even on a full queue
+        got = [q.get().index for _ in range(len(q))]
+    assert got == [2, 3, 4, 99]
+    assert q.dropped == 2
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any("too slow" in m for m in warnings)
+    assert any("2 event(s) were dropped" in m for m in warnings)
+
+
+@pytest.mark.timeout(60)
+def test_memory_cannot_run_away_during_a_graceful_recycle(no_leaks: set[int],
+                                                         tmp_path: Path) -> None:
+    mib = 2**20
+    with pool(no_leaks, hw.ignores_sigterm_and_leaks, workers=1,
+              args=lambda i: (str(tmp_path), 8 * mib), start_method="fork",
+              ready_when="ready", max_memory=100 * mib, memory_check_interval=0.2,
+              stop_timeout=20.0) as (_sup, log):
+        exited = log.wait(lambda ev: [e for e in ev if e.kind is EventKind.EXITED], 40,
+                          "the recycled worker's exit")
+        record = exited[0].exit
+        assert record is not None and record.reason is StopReason.RECYCLED_MEMORY
+        assert record.exit is not None and record.exit.signal == signal.SIGKILL
+        # Killed during its 20 s grace, not after it.
+        assert record.uptime < 15, record.describe()
+        assert "killed at RSS" in (record.detail or "")
+
+
+# ---------------------------------------------------------------------- 12. validation
+
+
+@pytest.mark.timeout(60)
+def test_public_methods_validate_their_arguments(no_leaks: set[int]) -> None:
+    with pool(no_leaks, hw.exits_on_sigterm, workers=2, start_method="fork",
+              ready_when="ready") as (sup, _log):
+        sup.wait_ready(timeout=30)
+        before = threads_and_fds()
+        with pytest.raises(ValueError, match=r"timeout.*nan"):
+            sup.stop(timeout=math.nan)
+        with pytest.raises(ValueError, match="timeout"):
+            sup.stop(timeout=-1)
+        with pytest.raises(TypeError, match="timeout"):
+            sup.stop(timeout="1")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"index.*bool"):
+            sup.restart(True)
+        with pytest.raises(ValueError, match="index"):
+            sup.restart(-1)
+        with pytest.raises(IndexError):
+            sup.restart(7)
+        for bad in (math.nan, -1):
+            with pytest.raises(ValueError, match="timeout"):
+                sup.wait_ready(timeout=bad)
+            with pytest.raises(ValueError, match="timeout"):
+                sup.restart_all(timeout=bad)
+        with pytest.raises(TypeError, match="timeout"):
+            sup.wait(timeout="x")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="not subscribed"):
+            sup.unsubscribe(print)
+        with pytest.raises(TypeError, match="n must be an int"):
+            sup.scale(2.0)  # type: ignore[arg-type]
+        assert sup.running and threads_and_fds() == before
+        assert sup.wait(timeout=0) is False
+        # A stop with no limit: these workers exit on SIGTERM.
+        sup.stop(timeout=math.inf)
+        assert not sup.running
+        assert all(s.state is WorkerState.STOPPED for s in sup.status())
+
+
+@pytest.mark.timeout(60)
+def test_stop_with_an_infinite_timeout_waits_without_a_crash(no_leaks: set[int]) -> None:
+    with pool(no_leaks, workers.ignore_sigterm, workers=1, start_method="fork",
+              ready_when="ready", backoff=FAST) as (sup, _log):
+        sup.wait_ready(timeout=30)
+        pid = status_of(sup, 0).pid
+        assert pid is not None
+        sup.stop(timeout=1e300, wait=False)
+        in_state(sup, 0, WorkerState.STOPPING, 10)
+        assert sup.running  # waiting for the worker, not crashed
+        sup.stop(timeout=0)  # the user gives up waiting
+        assert not sup.running and not pid_alive(pid)
