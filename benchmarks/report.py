@@ -108,6 +108,10 @@ def rows(quick: bool, storm_window: float, idle_sizes: list[int]) -> list[Row]:
             targets.append(Target("<= 2x floor", ratio_at_most(2.0, "floor")))
         out.append(Row(f"recovery4.{m}", f"recovery, 4 killed at once, {m} (all 4 back)", "ms",
                        1e3, targets, chart=m == "fork"))
+    out.append(Row("recovery_duck.fork",
+                   "recovery, fork, WorkerProcessManager(restart_timeout=2) as Duck calls it",
+                   "ms", 1e3, [Target("compat <= 2x floor",
+                                      ratio_at_most(2.0, "floor", system="compat"))]))
     for m in ("fork", "forkserver", "spawn"):
         out.append(Row(f"recovery_bare.{m}",
                        f"  floor detail: bare kill->pidfd->reap->start, {m}", "ms", 1e3))

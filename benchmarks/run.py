@@ -143,6 +143,15 @@ def plan(quick: bool, compat: bool) -> tuple[list[Job], dict[str, Any]]:
              "multi": (1 if q else 4) if slow else (2 if q else 10),
              "phase": [0.0, 2.0] if slow else [0.02, 0.3]},
             30 if slow else 10, f"recovery: {system}, fork")
+    # Duck's own call: restart_timeout=2. Kills rotate over 4 workers, each worker killed at
+    # most every ~2.5 s (a restart within the cool-down of the last one waits, by design).
+    for system in wpms:
+        slow = system == "original"
+        add("recovery", system,
+            {"method": "fork", "single": (3 if q else 8) if slow else (4 if q else 12),
+             "multi": 0, "restart_timeout": 2.0, "key": "recovery_duck",
+             "paired_floor": not slow, "phase": [0.6, 0.7] if not slow else [0.6, 2.6]},
+            40 if slow else 15, f"recovery: {system}, fork, restart_timeout=2 (Duck's call)")
     # 2. hang detection
     add("hang", "corral", {"reps": 3 if q else 10,
                            "beat_for": [0.1, 0.2] if q else [0.25, 0.35]}, 10, "hang: corral")

@@ -62,7 +62,7 @@ class Pool:
     def __init__(self, system: str, worker: str, n: int, probe: Probe, *,
                  method: str = "fork", heartbeat: float | None = None,
                  extra: tuple[Any, ...] = (), stop_timeout: float = 1.0,
-                 backoff: Any = None) -> None:
+                 backoff: Any = None, restart_timeout: float = 0.0) -> None:
         self.system = system
         self.probe = probe
         self.sup: Any = None
@@ -82,10 +82,11 @@ class Pool:
             if heartbeat is not None:
                 self.hc = hc_cls(heartbeat)
             # The original at its most favourable: restart_timeout=0 (its default 5 s sleep
-            # after each restart only adds to its latencies), no log output.
+            # after each restart only adds to its latencies), no log output. The "Duck" rows
+            # pass restart_timeout=2, as Duck's own server calls it.
             self.wpm = wpm_cls(
                 getattr(bw, "wpm_" + worker), n, args_fn=lambda i: (path, *extra),
-                health_check_fn=self.hc, restart_timeout=0, enable_logs=False,
+                health_check_fn=self.hc, restart_timeout=restart_timeout, enable_logs=False,
                 verbose_logs=False, process_stop_timeout=stop_timeout)
 
     def start(self) -> None:
@@ -166,8 +167,10 @@ def sc_recovery(p: Params) -> Result:
     lo, hi = p.get("phase", (0.02, 0.06))
     paired = p.get("paired_floor", False)
     timeout = p.get("timeout", 15)
+    key = p.get("key", "recovery")
     probe = Probe()
-    pool = Pool(system, "sleeper", n, probe, method=method)
+    pool = Pool(system, "sleeper", n, probe, method=method,
+                restart_timeout=p.get("restart_timeout", 0.0))
     ctx = multiprocessing.get_context(method)
     floor_single: list[float] = []
     floor_multi: list[float] = []
@@ -229,11 +232,11 @@ def sc_recovery(p: Params) -> Result:
                 if rec.index in old_pids and rec.pid != old_pids[rec.index]:
                     replaced[rec.index] = rec.value
             multi.append(max(replaced.values()) - t0)
-        out: Result = {f"recovery.{method}": single}
+        out: Result = {f"{key}.{method}": single}
         if multi:
             out[f"recovery4.{method}"] = multi
         if paired:
-            floor: Result = {f"recovery.{method}": floor_single}
+            floor: Result = {f"{key}.{method}": floor_single}
             if floor_multi:
                 floor[f"recovery4.{method}"] = floor_multi
             out["by_system"] = {"floor": floor}
