@@ -459,3 +459,12 @@ def test_slow_console_throttles_child_through_the_pipe_and_loses_nothing(loop) -
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+def test_fast_json_lines_equal_record_to_json(loop) -> None:
+    from corral._logs import _json_lines, record_to_json
+
+    records = [rec(), rec(b'q"uo\\te \x01 \xc3\xa9 \xff', "stderr", more=True),
+               LogRecord(1.5, 'we"ird', 3, None, "stdout", b"")]
+    lines = _json_lines(records).decode().splitlines()
+    assert [json.loads(x) for x in lines] == [record_to_json(r) for r in records]
