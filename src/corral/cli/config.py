@@ -117,6 +117,7 @@ def load_text(text: str, path: str = "corral.toml", *, check_privileges: bool = 
 
 def find_config(directory: str = ".") -> str | None:
     """``corral.toml`` in ``directory``, else a pyproject.toml there with ``[tool.corral]``."""
+    directory = os.path.abspath(directory)
     first = os.path.join(directory, "corral.toml")
     if os.path.isfile(first):
         return first
