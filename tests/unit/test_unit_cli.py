@@ -342,3 +342,10 @@ def test_import_corral_stays_light() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": SRC}, timeout=30, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_example_config_passes_check() -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "corral.toml"
+    out = corral("check", "-c", str(example))
+    assert out.returncode == 0, out.stderr
+    assert "start order: clock -> web" in out.stdout

@@ -118,6 +118,18 @@ def _client(state: _State, timeout: float | None = 10.0) -> Iterator[ControlClie
         fail(str(exc), EXIT_ERROR)
 
 
+def _config_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``-c FILE`` after the verb too (``corral check -c FILE``), same as before it."""
+
+    def remember(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        if value:
+            ctx.ensure_object(_State).config_path = value
+
+    return click.option("-c", "--config", "_config", type=click.Path(dir_okay=False),
+                        default=None, expose_value=False, callback=remember,
+                        is_eager=True, help="The config file.")(fn)
+
+
 def _target(text: str) -> dict[str, Any]:
     """``PROGRAM[:INDEX]`` -> {"program": ..., "index": ...}."""
     name, sep, index = text.partition(":")
@@ -153,16 +165,13 @@ def cli(ctx: click.Context, config_path: str | None, socket: str | None) -> None
               '"log:REGEX".')
 @click.option("--json-logs", is_flag=True, help="Print output as JSON lines.")
 @click.option("--http", default=None, metavar="HOST:PORT", help="Serve /metrics etc. there.")
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="The config file (same as `corral -c FILE run`).")
+@_config_option
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
 def run(state: _State, numprocs: int | None, name: str | None, stop_timeout: float | None,
         restart: str | None, ready: str | None, json_logs: bool, http: str | None,
-        config_path: str | None, command: tuple[str, ...]) -> None:
+        command: tuple[str, ...]) -> None:
     """Run in the foreground: `corral run -n 4 -- CMD ARGS...` or `corral run -c FILE`."""
-    if config_path:
-        state.config_path = config_path
     if command:
         if state.config_path:
             fail("give either a command after -- or a config file (-c), not both", EXIT_USAGE)
@@ -185,6 +194,7 @@ def run(state: _State, numprocs: int | None, name: str | None, stop_timeout: flo
 
 
 @cli.command()
+@_config_option
 @click.pass_obj
 def check(state: _State) -> None:
     """Validate the config file; print every error; exit 1 if there is any."""
@@ -326,6 +336,7 @@ def signal_(state: _State, target: str, sig: str) -> None:
 
 
 @cli.command()
+@_config_option
 @click.pass_obj
 def reload(state: _State) -> None:
     """Re-read the config file and apply only what changed."""
