@@ -261,16 +261,16 @@ def top(state: _State, interval: float, once: bool) -> None:
     with _client(state) as client:
         payload = client.call("status", {"resources": True})
         if once or not console.is_terminal:
-            console.print(render.status_table(payload))
+            console.print(render.top_view(payload))
             return
         # Live redraws in place (cursor moves, no clear): no flicker. Ctrl-C quits.
-        with Live(render.status_table(payload), console=console, auto_refresh=False,
+        with Live(render.top_view(payload), console=console, auto_refresh=False,
                   screen=False, transient=False) as live:
             try:
                 while True:
                     time.sleep(interval)
                     payload = client.call("status", {"resources": True})
-                    live.update(render.status_table(payload), refresh=True)
+                    live.update(render.top_view(payload), refresh=True)
             except KeyboardInterrupt:
                 pass
 

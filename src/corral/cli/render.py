@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
@@ -22,6 +23,7 @@ __all__ = [
     "format_log_line",
     "status_exit_code",
     "status_table",
+    "top_view",
 ]
 
 # LSB Core 3.1, 20.2 "Init Script Actions": exit codes of the `status` action.
@@ -102,6 +104,17 @@ def status_table(payload: dict[str, Any], programs: Sequence[str] = (), *,
                 format_duration(w.get("heartbeat_age")), format_bytes(w.get("rss")),
                 "-" if cpu is None else f"{cpu:.1f}%", w.get("status_text") or "")
     return table
+
+
+def top_view(payload: dict[str, Any], *, now: float | None = None) -> Group:
+    """``corral top``: a one-line summary over the status table."""
+    info = payload.get("corral") or {}
+    workers = [w for p in payload.get("programs", []) for w in p["workers"]]
+    running = sum(1 for w in workers if w["state"] == "running")
+    clock = time.strftime("%H:%M:%S", time.localtime(time.time() if now is None else now))
+    head = Text(f"corral pid {info.get('pid', '?')}, up {format_duration(info.get('uptime'))}"
+                f" | {running}/{len(workers)} workers running | {clock}", style="bold")
+    return Group(head, Text(""), status_table(payload))
 
 
 def _state(state: str, extra: str = "") -> Text:
