@@ -110,3 +110,13 @@ def wait_for_fds(baseline: int, timeout: float = 5.0) -> int:
         if n <= baseline + 3 or time.monotonic() > deadline:
             return n
         time.sleep(0.01)
+
+
+@pytest.fixture(params=["plain", "writer"])
+def loop(request: pytest.FixtureRequest) -> Iterator[object]:
+    """A selectors-based corral._loop.Loop, with and without the optional add_writer."""
+    from selector_loop import SelectorLoop, SelectorWriterLoop
+
+    lp = SelectorLoop() if request.param == "plain" else SelectorWriterLoop()
+    yield lp
+    lp.close()

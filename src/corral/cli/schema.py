@@ -1,0 +1,112 @@
+"""The versioned JSON shapes of `corral status --json`, events and logs (docs/json-schema.md).
+
+The supervisor side builds them with these functions, the CLI reads them; both import this
+module, so the shape lives in one place. It imports no CLI library.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from corral.events import Event, ExitRecord
+from corral.status import WorkerStatus
+
+__all__ = [
+    "EVENT_SCHEMA",
+    "LOG_SCHEMA",
+    "STATUS_SCHEMA",
+    "event_to_json",
+    "exit_to_json",
+    "program_to_json",
+    "status_payload",
+    "worker_to_json",
+]
+
+STATUS_SCHEMA = "corral.status/1"
+EVENT_SCHEMA = "corral.event/1"
+LOG_SCHEMA = "corral.log/1"
+
+
+def exit_to_json(rec: ExitRecord | None) -> dict[str, Any] | None:
+    if rec is None:
+        return None
+    ex = rec.exit
+    return {
+        "code": ex.code if ex else None,
+        "signal": ex.signal_name if ex else None,
+        "signum": ex.signal if ex else None,
+        "core_dumped": bool(ex and ex.core_dumped),
+        "reason": rec.reason.value,
+        "by_corral": rec.reason.by_corral,
+        "at": rec.at,
+        "uptime": round(rec.uptime, 3),
+        "pid": rec.pid,
+        "description": rec.describe(),
+        "detail": rec.detail,
+    }
+
+
+def worker_to_json(ws: WorkerStatus, *, rss: int | None = None,
+                   cpu_percent: float | None = None) -> dict[str, Any]:
+    return {
+        "index": ws.index,
+        "name": ws.name,
+        "pid": ws.pid,
+        "state": ws.state.value,
+        "ready": ws.ready,
+        "restarts": ws.restarts,
+        "started_at": ws.started_at,
+        "uptime": round(ws.uptime, 3),
+        "heartbeat_age": None if ws.heartbeat_age is None else round(ws.heartbeat_age, 3),
+        "status_text": ws.status_text,
+        "last_exit": exit_to_json(ws.last_exit),
+        "next_restart_in": (None if ws.next_restart_in is None
+                            else round(ws.next_restart_in, 3)),
+        "rss": rss,
+        "cpu_percent": cpu_percent,
+    }
+
+
+def program_to_json(name: str, kind: str, workers: list[dict[str, Any]], *,
+                    numprocs: int | None = None, gave_up: bool = False) -> dict[str, Any]:
+    """One program; ``state`` summarises its workers (see docs/json-schema.md)."""
+    states = [w["state"] for w in workers]
+    if gave_up:
+        state = "gave up"
+    elif not workers or all(s in ("stopped", "exited") for s in states):
+        state = "stopped"
+    elif all(s == "running" for s in states):
+        state = "running"
+    elif any(s in ("backoff", "exited", "stopped") for s in states):
+        state = "degraded"
+    else:
+        state = "starting"
+    return {"name": name, "kind": kind, "numprocs": len(workers) if numprocs is None
+            else numprocs, "state": state, "gave_up": gave_up, "workers": workers}
+
+
+def status_payload(programs: list[dict[str, Any]], *, pid: int, version: str,
+                   uptime: float, config: str | None, socket: str | None) -> dict[str, Any]:
+    return {"schema": STATUS_SCHEMA,
+            "corral": {"pid": pid, "version": version, "uptime": round(uptime, 3),
+                       "config": config, "socket": socket},
+            "programs": programs}
+
+
+def event_to_json(ev: Event, *, caller: dict[str, int] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "schema": EVENT_SCHEMA,
+        "kind": ev.kind.value,
+        "pool": ev.pool,
+        "index": ev.index,
+        "name": ev.name,
+        "pid": ev.pid,
+        "at": ev.at,
+        "reason": ev.exit.reason.value if ev.exit else None,
+        "exit": exit_to_json(ev.exit),
+        "delay": ev.delay,
+        "message": ev.message,
+    }
+    if caller is not None:
+        out["caller"] = caller
+    return out
