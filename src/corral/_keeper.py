@@ -45,15 +45,6 @@ try:
 except OSError:
     pidfd = -1
 groups = set()
-def kill_all():
-    for g in groups:
-        try:
-            os.killpg(g, signal.SIGKILL)
-        except OSError:
-            pass
-    os._exit(0)
-if pidfd < 0 or os.getppid() != sup:
-    kill_all()
 buf = b""
 def take(chunk):
     global buf
@@ -64,6 +55,25 @@ def take(chunk):
             groups.add(int(line[1:]))
         elif line[:1] == b"-":
             groups.discard(int(line[1:]))
+def kill_all():
+    # Take what is still in the pipe first: a group registered just before the end (or
+    # before this keeper had even started, if the supervisor died that early).
+    try:
+        while select.select([0], [], [], 0)[0]:
+            chunk = os.read(0, 65536)
+            if not chunk:
+                break
+            take(chunk)
+    except OSError:
+        pass
+    for g in groups:
+        try:
+            os.killpg(g, signal.SIGKILL)
+        except OSError:
+            pass
+    os._exit(0)
+if pidfd < 0 or os.getppid() != sup:
+    kill_all()
 poller = select.poll()
 poller.register(0, select.POLLIN)
 poller.register(pidfd, select.POLLIN)
@@ -76,15 +86,6 @@ while True:
             if pidfd not in ready:
                 continue
     # EOF (every write end closed: the supervisor is gone) or the supervisor's pidfd fired.
-    # Take what is still in the pipe first: a group registered just before the end.
-    try:
-        while select.select([0], [], [], 0)[0]:
-            chunk = os.read(0, 65536)
-            if not chunk:
-                break
-            take(chunk)
-    except OSError:
-        pass
     kill_all()
 """
 
