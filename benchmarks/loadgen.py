@@ -464,8 +464,7 @@ class _Client:
                 resp = await read_response(conn.reader, self.cfg.method)
             outcome = OK if 200 <= resp.status < 300 else NON_2XX
             reusable = resp.keep_alive
-        except (OSError, TimeoutError, PrematureClose, ProtocolError,
-                asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+        except Exception as exc:  # every failure is recorded, none escapes the task
             outcome = classify(exc)
             if outcome == OTHER and len(res.error_samples) < _MAX_SAMPLES:
                 res.error_samples.append(f"{type(exc).__name__}: {exc}")
