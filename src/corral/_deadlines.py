@@ -43,6 +43,12 @@ class Deadlines:
                 return
             heapq.heappop(heap)
 
+    def peek(self) -> float | None:
+        """The earliest entry's time, cheaply: it may belong to a cancelled deadline (so a
+        caller may wake early, then find nothing due), never later than the true one."""
+        heap = self._heap
+        return heap[0][0] if heap else None
+
     def next_due(self) -> float | None:
         """When the earliest live deadline falls, or None."""
         self._drop_stale()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -68,7 +69,6 @@ _MAX_WAIT = 86400.0  # the longest single wait: a day
 # The spawner reports starts queued together in batches of at most this many, or this long.
 _SPAWN_BATCH = 32
 _SPAWN_BATCH_TIME = 0.005
-_LIVENESS = ("pool", "liveness")
 # A worker recycled for memory is SIGKILLed during its grace once its RSS passes this multiple of
 # max_memory, checked every _RECYCLE_CHECK seconds while it stops.
 _HARD_MEMORY = 1.25
@@ -147,6 +147,8 @@ class Monitor:
         self._workers: dict[int, _Worker] = {}  # index -> its record; only via _add/_remove
         self._counts: dict[WorkerState, int] = dict.fromkeys(WorkerState, 0)  # per state
         self._dense = True  # the indexes are 0..len(_workers)-1 (the liveness fast path)
+        self._hbt = spec.heartbeat_timeout or 0.0
+        self._steady = 0  # see _note_steady
         self._scaling_down = False  # some worker is on its way out (after_stop == "remove")
         self._by_fd: dict[int, _Worker] = {}
         try:
@@ -160,6 +162,9 @@ class Monitor:
         self._live_lock = threading.Lock()
         self._live: dict[int, WorkerProcess] = {}
         self._deadlines = Deadlines()
+        # When to look at the workers' heartbeats next (the pool's one liveness deadline, kept
+        # apart from the heap because it moves at every look); inf: not needed.
+        self._live_at = math.inf
         self._budget = BudgetWindow(spec.budget)
         self._history: deque[ExitRecord] = deque(maxlen=_HISTORY)
         self._rng = random.Random()
@@ -335,28 +340,49 @@ class Monitor:
             self._spawn_q.put(None)
 
     def _round(self) -> None:
-        deadlines = self._deadlines
-        due = deadlines.next_due()
-        if due is None:
+        live_at = self._live_at
+        heap_due = self._deadlines.peek()  # may be a cancelled entry: then we wake early
+        due = live_at if heap_due is None or live_at < heap_due else heap_due
+        if due == math.inf:
             ready = self._poller.poll(-1)
         else:
             # A far deadline (stop(timeout=math.inf)) is no reason to overflow epoll's int of ms.
             ready = self._poller.poll(min(_MAX_WAIT, max(0.0, due - time.monotonic())))
-        changed = bool(ready)
+        if not ready and self._stop_request is None:
+            # The idle round of a pool with heartbeats (a liveness look every ~second): kept
+            # lean, since on a VM the wake-up itself is most of its cost.
+            now = time.monotonic()
+            if live_at <= now:
+                # Every worker RUNNING and beating (the steady state): the next look is due one
+                # timeout after the oldest beat, found in C.
+                n = self._steady
+                oldest = self._hb.oldest_beat(n) if n else 0.0
+                if oldest > 0 and oldest + self._hbt > now:
+                    self._live_at = oldest + self._hbt
+                else:
+                    self._live_at = math.inf
+                    self._check_liveness(now)
+            if heap_due is not None and heap_due <= now:
+                for key in self._deadlines.pop_due(now):
+                    self._on_deadline(key, now)
+            if self._stopping:
+                self._maybe_finish()
+            return
         if self._stop_request is not None and not self._stopping:
             # Before any exit of this round: a worker our stop signal ended is no crash.
             self._begin_stop(self._stop_request, StopReason.SHUTDOWN, time.monotonic())
-            changed = True
         if ready:
             self._on_ready(ready)
         now = time.monotonic()
-        if due is not None and due <= now:
-            for key in deadlines.pop_due(now):
+        if self._live_at <= now:
+            self._live_at = math.inf
+            self._check_liveness(now)
+        if self._deadlines.peek() is not None:
+            for key in self._deadlines.pop_due(now):
                 self._on_deadline(key, now)
-        if changed or self._stopping:
-            # Workers reach a final state only through an exit or a command (a deadline at
-            # most starts a stop), so an idle liveness round skips this.
-            self._maybe_finish()
+        # Workers reach a final state only through an exit or a command (a deadline at most
+        # starts a stop), so only such rounds look for the end.
+        self._maybe_finish()
 
     def _on_ready(self, ready: list[tuple[int, int]]) -> None:
         woke = False
@@ -394,17 +420,27 @@ class Monitor:
         self._counts[w.state] -= 1
         self._counts[new] += 1
         w.state = new
+        self._note_steady()
 
     def _add(self, w: _Worker) -> None:
         self._workers[w.index] = w
         self._counts[w.state] += 1
         self._dense = max(self._workers) == len(self._workers) - 1
+        self._note_steady()
 
     def _remove(self, w: _Worker) -> None:
         del self._workers[w.index]
         self._counts[w.state] -= 1
         self._dense = not self._workers or max(self._workers) == len(self._workers) - 1
         self._note_scaling()
+        self._note_steady()
+
+    def _note_steady(self) -> None:
+        """``_steady``: n when heartbeats are watched and workers 0..n-1 are all RUNNING (then
+        one C-level min over their beats decides the next liveness look), else 0."""
+        n = len(self._workers)
+        self._steady = (n if self._hbt and self._dense and self._counts[S.RUNNING] == n
+                        else 0)
 
     def _note_scaling(self) -> None:
         self._scaling_down = any(w.after_stop == "remove" for w in self._workers.values())
@@ -675,7 +711,7 @@ class Monitor:
                 else:
                     self._move(w, Trigger.STOP, S.STOPPING)
                     self._signal_stop(w, now, grace=timeout)
-        self._deadlines.cancel(("pool", "liveness"))
+        self._live_at = math.inf
         # One deadline for the whole pool: stragglers are killed together.
         for w in self._workers.values():
             self._deadlines.cancel((w.index, "kill"))
@@ -762,9 +798,6 @@ class Monitor:
     # ------------------------------------------------------------------------------ deadlines
 
     def _on_deadline(self, key: Hashable, now: float) -> None:
-        if key == _LIVENESS:
-            self._check_liveness(now)
-            return
         assert isinstance(key, tuple)
         owner, kind = key
         if owner == "pool":
@@ -772,8 +805,6 @@ class Monitor:
                 for straggler in self._workers.values():
                     if straggler.state is S.STOPPING:
                         self._kill(straggler)
-            elif kind == "liveness":
-                self._check_liveness(now)
             elif kind == "memory":
                 self._measure_memory(now)
             return
@@ -808,9 +839,8 @@ class Monitor:
         if due is None:
             return
         when = self._next_look(due[0], last, now)
-        current = self._deadlines.get(("pool", "liveness"))
-        if current is None or when < current:
-            self._deadlines.set(("pool", "liveness"), when)
+        if when < self._live_at:
+            self._live_at = when
 
     def _next_look(self, due: float, last: float, now: float) -> float:
         """When to look at a worker next: its due time, or sooner while it has never beaten.
@@ -849,14 +879,11 @@ class Monitor:
         Runs once per earliest deadline, not per worker: with N workers beating, the pool wakes
         about once per (heartbeat_timeout - beat interval), and each wake is one pass.
         """
-        hbt = self.spec.heartbeat_timeout
-        n = len(self._workers)
-        if hbt is not None and n and self._dense and self._counts[S.RUNNING] == n:
-            # The steady state, in C: every worker RUNNING and beating; the next look is due
-            # one timeout after the oldest beat. (The wake-up itself is most of the idle cost.)
+        n = self._steady
+        if n:
             oldest = self._hb.oldest_beat(n)
-            if oldest > 0 and oldest + hbt > now:
-                self._deadlines.set(_LIVENESS, oldest + hbt)
+            if oldest > 0 and oldest + self._hbt > now:
+                self._live_at = oldest + self._hbt
                 return
         if self._needs_ready_scan:
             self._scan_ready(now)
@@ -882,7 +909,7 @@ class Monitor:
             self._emit(EventKind.UNHEALTHY, w, message=f"{reason.value}: {what}")
             self._stop_worker(w, reason, "policy", now, detail=what, dump=True)
         if earliest is not None:
-            self._deadlines.set(("pool", "liveness"), earliest)
+            self._live_at = earliest
 
     def _request_dump(self, w: _Worker, now: float) -> bool:
         assert w.proc is not None
