@@ -122,6 +122,10 @@ def init_fail() -> None:
     raise RuntimeError("initializer says no")
 
 
+def init_fail_differently() -> None:
+    raise RuntimeError(f"initializer says no in pid {os.getpid()}")
+
+
 def start_grandchild(path: str) -> None:
     """Start a long-sleeping child, write its pid to ``path``, then hang."""
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
