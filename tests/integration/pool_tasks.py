@@ -143,3 +143,57 @@ def make_bytes(n: int) -> bytes:
 
 def init_hang_in_here() -> None:
     hang_in_here()
+
+
+# ------------------------------------------------------- pickling in both directions (futures)
+
+
+def _exit_now() -> None:
+    sys.exit(1)
+
+
+class ExitAtUnpickle:
+    """Unpickling it raises SystemExit (in the worker for a task, in the parent for a result)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _exit_now, ()
+
+
+class ExitAtPickle:
+    """Pickling it raises SystemExit."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        sys.exit(1)
+
+
+class ErrorAtUnpickle:
+    """Unpickling it raises ValueError."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return int, ("not a number",)
+
+
+def return_instance(cls: type) -> Any:
+    return cls()
+
+
+def identity(x: Any) -> Any:
+    return x
+
+
+def exit_task() -> None:
+    sys.exit(3)
+
+
+def raise_runtime() -> None:
+    raise RuntimeError(123)  # the remote line the traceback must show
+
+
+def init_put(queue: Any, lock: Any, event: Any) -> None:
+    with lock:
+        queue.put(os.getpid())
+    event.set()
+
+
+class Payload:
+    """A result whose lifetime the parent watches with a weakref."""

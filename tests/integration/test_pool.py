@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-import concurrent.futures.process
 import logging
 import os
 import pickle
@@ -14,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -331,7 +331,7 @@ def test_past_the_restart_budget_the_pool_breaks_cleanly(no_leaks: set[int]) -> 
         message = str(info.value)
         assert "restart budget" in message and "initializer says no" in message
         assert isinstance(info.value, cf.BrokenExecutor)
-        assert isinstance(info.value, cf.process.BrokenProcessPool)
+        assert isinstance(info.value, BrokenProcessPool)
         assert info.value.history
         assert pool.broken
         with pytest.raises(PoolBroken):
