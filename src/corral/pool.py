@@ -325,8 +325,8 @@ class _Task:
 class _Worker:
     __slots__ = ("big", "big_got", "booted", "conn", "dead", "dump_fd", "dump_size",
                  "dump_started", "dump_task", "dumping", "eof", "fd", "id", "init_error",
-                 "init_exc", "init_summary", "leave_reason", "next_mem", "proc", "ps", "rbuf", "slot", "spare",
-                 "state", "statm", "task", "tasks_done", "waitable", "watching")
+                 "init_exc", "init_summary", "leave_reason", "next_mem", "proc", "ps", "rbuf",
+                 "slot", "spare", "state", "statm", "task", "tasks_done", "waitable", "watching")
 
     def __init__(self, wid: int, slot: int, spare: bool = False) -> None:
         self.id = wid
