@@ -620,6 +620,9 @@ def test_a_spare_takes_the_place_of_a_killed_worker(no_leaks: set[int], tmp_path
 def test_a_spare_replaces_a_recycled_worker(no_leaks: set[int]) -> None:
     with running_pool(no_leaks, max_workers=1, spare_workers=1, max_tasks_per_worker=1) as pool:
         first = pool.submit(tasks.getpid).result(timeout=20)  # starts the pool
+        # Once the recycled worker is gone, the first spare has taken its place; the spare now
+        # is the next one.
+        wait_for(lambda: first not in pool.worker_pids(), 20, "the recycled worker to leave")
         spare = _ready_spare(pool)
         assert pool.submit(tasks.getpid).result(timeout=20) not in (first, spare)
         assert pool.submit(tasks.getpid).result(timeout=20) == spare
