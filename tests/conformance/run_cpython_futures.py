@@ -262,8 +262,10 @@ def _child(args: argparse.Namespace) -> int:
 
     class Result(unittest.TextTestResult):
         def startTest(self, test: unittest.TestCase) -> None:
-            # A hung test: every thread's stack, then the run ends (reported as a timeout).
-            print(f"\n[{test.id()}]", file=sys.stderr, flush=True)
+            # A hung test: every thread's stack (the test's name in it), then the run ends
+            # (reported as a timeout).
+            if args.verbose:
+                print(f"\n[{test.id()}]", file=sys.stderr, flush=True)
             faulthandler.dump_traceback_later(timeout, exit=True)
             super().startTest(test)
 
