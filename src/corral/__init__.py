@@ -22,11 +22,13 @@ if TYPE_CHECKING:
         HeartbeatUpdateNeverCalled,
         WorkerProcessManager,
     )
+    from corral.futures import ProcessPoolExecutor
     from corral.pool import (
         MemoryLimitExceeded,
         PoolBroken,
         ProcessPool,
         TaskTimeout,
+        UnpicklingFailed,
         WorkerLost,
     )
 
@@ -37,6 +39,8 @@ _LAZY = {
     "HeartbeatHealthCheck": "corral.compat",
     "HeartbeatUpdateNeverCalled": "corral.compat",
     "ProcessPool": "corral.pool",
+    "ProcessPoolExecutor": "corral.futures",
+    "UnpicklingFailed": "corral.pool",
     "WorkerLost": "corral.pool",
     "TaskTimeout": "corral.pool",
     "MemoryLimitExceeded": "corral.pool",
@@ -68,12 +72,14 @@ __all__ = [
     "PoolBroken",
     "PoolSpec",
     "ProcessPool",
+    "ProcessPoolExecutor",
     "RestartBudget",
     "RestartPolicy",
     "StopReason",
     "Supervisor",
     "SupervisorStateError",
     "TaskTimeout",
+    "UnpicklingFailed",
     "WorkerLost",
     "WorkerProcessManager",
     "WorkerState",

@@ -238,11 +238,13 @@ class WorkerProcess:
             try:
                 result = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG)
             except ChildProcessError:
-                result = None
-                code = self.process.exitcode  # someone else reaped it through multiprocessing
-                if code is None:
-                    return None
-                self.exit = ExitStatus.from_returncode(code)
+                # Our own child, yet not ours to wait for: someone else collected it, so it
+                # has exited. Through multiprocessing, the code is known; through the host's
+                # os.wait()/waitpid(-1) (a generic SIGCHLD reaper), it is lost for good, and
+                # waiting on would never end (the pidfd stays readable).
+                code = popen.returncode
+                self.exit = (ExitStatus.unknown_status() if code is None
+                             else ExitStatus.from_returncode(code))
             else:
                 if result is None:
                     return None
@@ -271,7 +273,12 @@ class WorkerProcess:
         try:
             self.process.close()
         except ValueError:
-            pass  # still running: never happens after reap()
+            # multiprocessing still thinks it runs: reaped by someone else, status unknown
+            # (see reap()). Release its sentinel all the same.
+            popen = getattr(self.process, "_popen", None)
+            if popen is not None and self.exit is not None:
+                with contextlib.suppress(OSError):
+                    popen.close()
         except OSError as exc:
             if exc.errno != errno.EBADF:
                 raise
