@@ -161,7 +161,7 @@ class Monitor:
         # (stop(wait=False)); the monitor adds and removes under the lock, before reaping.
         self._live_lock = threading.Lock()
         self._live: dict[int, WorkerProcess] = {}
-        self._deadlines = Deadlines()
+        self._deadlines: Deadlines[Any] = Deadlines()
         # When to look at the workers' heartbeats next (the pool's one liveness deadline, kept
         # apart from the heap because it moves at every look); inf: not needed.
         self._live_at = math.inf

@@ -65,14 +65,23 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from corral import _pool_worker
 from corral import _validate as v
-from corral._bootstrap import BootConfig, run_worker
+from corral._bootstrap import BootConfig, run_worker, signals_to_reset
 from corral._deadlines import Deadlines
+from corral._keeper import keeper
 from corral.errors import CorralError, GaveUp, NotPicklable
 from corral.events import ExitRecord
 from corral.exitstatus import ExitStatus
 from corral.heartbeat import HeartbeatTable
 from corral.policy import Backoff, BackoffState, BudgetWindow, RestartBudget
-from corral.process import DUMP_SIGNAL, WorkerProcess, read_stack_dump, stack_dump_size
+from corral.process import (
+    DUMP_SIGNAL,
+    WorkerProcess,
+    disown_fd,
+    dump_fd_is_ours,
+    own_fd,
+    read_stack_dump,
+    stack_dump_size,
+)
 from corral.spec import START_METHODS
 from corral.states import StopReason
 
@@ -434,6 +443,7 @@ class _Core:
                 unstarted (the next submit tries again).
         """
         cfg = self.cfg
+        keeper.start()  # workers' process groups die with this process, however it ends
         self._ctx = (cfg.context if cfg.context is not None
                      else multiprocessing.get_context(cfg.start_method))
         self._ep: Any = None
@@ -456,7 +466,7 @@ class _Core:
         self._spares = 0  # spares in _ACTIVE states
         self._busy = 0
         self._spawning = 0
-        self._deadlines = Deadlines()
+        self._deadlines: Deadlines[Any] = Deadlines()
         self._budget = BudgetWindow(cfg.budget)
         self._backoff = BackoffState(cfg.backoff)
         self._spawn_after = 0.0
@@ -556,6 +566,10 @@ class _Core:
                 result = _SpawnSkipped()
             else:
                 ours, theirs = multiprocessing.Pipe(duplex=True)
+                # Ours is the supervisor's own: a fork-started sibling must not hold it (it
+                # lives as long as this pool, whose spawner frame keeps the Connection alive
+                # in every fork child too, so it is never closed twice there).
+                own_fd(ours.fileno())
                 try:
                     proc = WorkerProcess.start(
                         self._ctx, run_worker,
@@ -565,6 +579,7 @@ class _Core:
                         boot.name, False)
                     result = (proc, ours)
                 except BaseException as exc:  # reported to the manager as a failed start
+                    disown_fd(ours.fileno())
                     ours.close()
                     result = exc
                 finally:
@@ -752,10 +767,13 @@ class _Core:
             self._active += 1
         self._spawning += 1
         pid = os.getpid()
+        fork = self._ctx.get_start_method() == "fork"
         boot = BootConfig(
             pool=cfg.name, index=slot, name=f"{cfg.name}-{slot}", supervisor_pid=pid,
             heartbeat_path=self._hb.path, wake_path=None, ready_on_beat=False,
-            dump_signal=_DUMP_SIGNAL, forkserver=cfg.start_method == "forkserver")
+            dump_signal=_DUMP_SIGNAL, forkserver=self._ctx.get_start_method() == "forkserver",
+            forked=fork, table=self._hb if fork else None,
+            reset_signals=signals_to_reset() if fork else None)
         self._request_spawn((w.id, boot))
 
     def _cmd_spawned(self, wid: int, result: tuple[WorkerProcess, Connection] | BaseException,
@@ -808,6 +826,7 @@ class _Core:
             w.statm = -1
         if w.conn is not None:
             self._unwatch_conn(w)
+            disown_fd(w.fd)
             w.conn.close()
             w.conn = None
             w.fd = -1
@@ -1362,7 +1381,11 @@ class _Core:
         proc = w.proc
         assert proc is not None
         fd = self._hb.read(w.slot).dump_fd
-        if fd < 0 or not proc.send(_DUMP_SIGNAL):
+        if fd < 0 or not dump_fd_is_ours(proc.pid, fd):
+            # None yet, or the task closed corral's dump file (and may have opened one of its
+            # own on that number): never write a dump into a user's file.
+            return False
+        if not proc.send(_DUMP_SIGNAL):
             return False
         proc.send(signal.SIGCONT)  # a stopped worker can still run the C handler
         w.dump_fd, w.dump_size, w.dump_started = fd, -1, now
@@ -1523,6 +1546,15 @@ def _send_rest(fd: int, bufs: list[memoryview]) -> None:
 _live_cores: weakref.WeakSet[_Core] = weakref.WeakSet()
 
 
+def _after_fork_in_child() -> None:
+    # The child of os.fork() in a program with a pool has no manager thread: its copies of the
+    # parent's pools refuse to work (RuntimeError) and exit must not wait for them.
+    _live_cores.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 @atexit.register
 def _shutdown_all_at_exit() -> None:
     # A program that forgets shutdown() must not leave workers behind. Like
@@ -1535,6 +1567,11 @@ def _shutdown_all_at_exit() -> None:
     for core in list(_live_cores):
         if core.thread is not None:
             core.thread.join()
+
+
+def _finalize(core: _Core, owner: int) -> None:
+    if os.getpid() == owner:  # a forked child's copy has nothing to shut down
+        core.request_shutdown(False)
 
 
 def _default_workers() -> int:
@@ -1676,8 +1713,9 @@ class ProcessPool(Executor):
             _check_spawnable(cfg.start_method, cfg.initializer, cfg.initargs)
         self._cfg = cfg
         self._core = _Core(cfg)
+        self._owner_pid = os.getpid()
         # Dropped without shutdown(): finish the submitted tasks, then stop the workers.
-        weakref.finalize(self, self._core.request_shutdown, False)
+        weakref.finalize(self, _finalize, self._core, self._owner_pid)
 
     # ----------------------------------------------------------------------------- submitting
 
@@ -1738,8 +1776,16 @@ class ProcessPool(Executor):
             v.integer("retries", retries)
         return self._submit(fn, args, kwargs, timeout, retries, fn)
 
+    def _check_owner(self) -> None:
+        if os.getpid() != self._owner_pid:
+            raise RuntimeError(
+                f"pool {self._cfg.name!r} belongs to process {self._owner_pid}; this is a "
+                f"forked child (pid {os.getpid()}), which has no manager thread. Make a new "
+                "pool here.")
+
     def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                 timeout: float | None, retries: int, label: Any) -> Future[Any]:
+        self._check_owner()
         v.callable_("fn", fn)
         core = self._core
         if core.broken is not None:
@@ -1842,7 +1888,9 @@ class ProcessPool(Executor):
                 (their workers killed) instead of waited for.
         """
         wait = _flag("wait", wait)
-        self._core.request_shutdown(_flag("cancel_futures", cancel_futures), wait=wait)
+        cancel_futures = _flag("cancel_futures", cancel_futures)
+        self._check_owner()
+        self._core.request_shutdown(cancel_futures, wait=wait)
         if wait:
             self._join()
 
@@ -1853,6 +1901,7 @@ class ProcessPool(Executor):
         process is gone (about a millisecond per worker).
         """
         wait = _flag("wait", wait)
+        self._check_owner()
         self._core.request_shutdown(True, terminate=True)
         if wait:
             self._join()

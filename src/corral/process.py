@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.process
 import os
 import signal
@@ -228,6 +229,16 @@ class WorkerProcess:
         """SIGKILL what is left of the worker's group once the worker itself has exited."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
+
+    def kill_and_reap(self, timeout: float = 5.0) -> None:
+        """SIGKILL the process and its group, wait for it (well under a millisecond), reap it
+        and release it: for a process nobody wants (a start that came too late, an emergency).
+        """
+        self.send_group(signal.SIGKILL)
+        multiprocessing.connection.wait([self.waitable()], timeout=timeout)
+        self.kill_group_leftovers()
+        self.reap()
+        self.close()
 
     def reap(self) -> ExitStatus | None:
         """Collect the exit status if the process has ended (non-blocking)."""
