@@ -7,12 +7,12 @@ budget, shut everything down within one deadline, and say what happened and why.
 from typing import TYPE_CHECKING
 
 from corral.errors import CorralError, GaveUp, NotPicklable, SupervisorStateError
-from corral.events import Event, EventKind, ExitRecord
+from corral.events import Event, EventKind, ExitRecord, StopReason
 from corral.exitstatus import ExitStatus
 from corral.heartbeat import beat, in_worker, ready, set_status
-from corral.policy import Backoff, RestartBudget, RestartPolicy
+from corral.policy import Backoff, RestartBudget, RestartPolicy, Strategy
 from corral.spec import PoolSpec
-from corral.states import StopReason, WorkerState
+from corral.states import WorkerState
 from corral.status import WorkerStatus
 from corral.supervisor import Supervisor
 
@@ -76,6 +76,7 @@ __all__ = [
     "RestartBudget",
     "RestartPolicy",
     "StopReason",
+    "Strategy",
     "Supervisor",
     "SupervisorStateError",
     "TaskTimeout",

@@ -15,7 +15,7 @@ import signal
 
 from corral.process import (
     DUMP_SIGNAL,
-    WorkerProcess,
+    ProcessLike,
     dump_fd_is_ours,
     read_stack_dump,
     stack_dump_size,
@@ -35,14 +35,14 @@ class StackDump:
 
     __slots__ = ("fd", "proc", "size", "started")
 
-    def __init__(self, proc: WorkerProcess, fd: int, now: float) -> None:
+    def __init__(self, proc: ProcessLike, fd: int, now: float) -> None:
         self.proc = proc
         self.fd = fd
         self.started = now
         self.size = -1
 
     @classmethod
-    def begin(cls, proc: WorkerProcess, fd: int, now: float) -> StackDump | str:
+    def begin(cls, proc: ProcessLike, fd: int, now: float) -> StackDump | str:
         """Ask ``proc`` for a dump into its memfd ``fd``.
 
         Returns:

@@ -114,6 +114,9 @@ class Reactor(Generic[K]):
         own_fd(self._wake_r)
         own_fd(self._wake_w)
         self._epoll.register(self._wake_r, select.EPOLLIN)
+        # Called (loop thread) after a batch in which the wake pipe was readable: an owner that
+        # lets its workers write to wake_fd (readiness) looks at them then.
+        self.on_wake: Callable[[], None] | None = None
         self.rounds = 0  # completed rounds (a liveness probe can watch it move)
         self.last_round = clock()
 
@@ -265,8 +268,10 @@ class Reactor(Generic[K]):
         if len(batch) > 1:
             watch = self._watch
             batch = sorted(batch, key=lambda e: watch[e[0]].priority if e[0] in watch else 0)
+        woke = False
         for fd, events in batch:
             if fd == self._wake_r:
+                woke = True
                 with contextlib.suppress(BlockingIOError):
                     while os.read(self._wake_r, 4096):
                         pass
@@ -284,6 +289,8 @@ class Reactor(Generic[K]):
                 if writer is not None and writer.writer is not None:
                     writer.writer()
         self.run_inbox()
+        if woke and self.on_wake is not None:
+            self.on_wake()
 
     def run_inbox(self) -> None:
         inbox = self._inbox

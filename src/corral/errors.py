@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CorralError",
     "GaveUp",
+    "IllegalTransition",
     "NotPicklable",
     "SupervisorStateError",
 ]
@@ -23,6 +24,10 @@ class CorralError(Exception):
 
 class SupervisorStateError(CorralError, RuntimeError):
     """A method was called in a state that does not allow it (e.g. ``start()`` twice)."""
+
+
+class IllegalTransition(CorralError, RuntimeError):
+    """The monitor tried a move the state table does not allow (a bug in corral)."""
 
 
 class NotPicklable(CorralError, TypeError, pickle.PicklingError):

@@ -69,7 +69,7 @@ from corral._bootstrap import BootConfig, run_worker, signals_to_reset
 from corral._deadlines import Deadlines
 from corral._keeper import keeper
 from corral.errors import CorralError, GaveUp, NotPicklable
-from corral.events import ExitRecord
+from corral.events import ExitRecord, StopReason
 from corral.exitstatus import ExitStatus
 from corral.heartbeat import HeartbeatTable
 from corral.policy import Backoff, BackoffState, BudgetWindow, RestartBudget
@@ -83,7 +83,6 @@ from corral.process import (
     stack_dump_size,
 )
 from corral.spec import START_METHODS
-from corral.states import StopReason
 
 if TYPE_CHECKING:
     import psutil

@@ -214,7 +214,7 @@ class Supervisor:
         monitor = self._require_started()
         prepared = self._prepare(n)
         ensure_fd_room(n)
-        monitor.call("scale", n, prepared)
+        monitor.call(monitor.do_scale, n, prepared)
 
     def restart(self, index: int) -> None:
         """Restart one worker now (gracefully; no backoff, not counted in the budget).
@@ -224,7 +224,8 @@ class Supervisor:
             IndexError: there is no worker with that index.
         """
         v.index("index", index)
-        self._require_started().call("restart", index)
+        monitor = self._require_started()
+        monitor.call(monitor.do_restart, index)
 
     def restart_all(self, timeout: float | None = None) -> None:
         """Rolling restart: one worker at a time, each replacement ready before the next.
@@ -233,7 +234,8 @@ class Supervisor:
             TimeoutError: not finished within ``timeout`` (it carries on in the background).
         """
         timeout = v.timeout("timeout", timeout)
-        self._require_started().call("restart_all", timeout=timeout)
+        monitor = self._require_started()
+        monitor.call(monitor.do_restart_all, timeout=timeout)
 
     def wait_ready(self, n: int | None = None, timeout: float | None = None) -> int:
         """Block until ``n`` workers (default: every worker meant to run) are RUNNING.
@@ -250,12 +252,9 @@ class Supervisor:
             v.integer("n", n)
         timeout = v.timeout("timeout", timeout)
         monitor = self._require_started()
-        try:
-            cmd = monitor.submit("wait_ready", n)
-        except RuntimeError:
-            raise monitor.not_ready_error(n) from None
+        cmd = monitor.submit(monitor.do_wait_ready, n)
         if not cmd.done.wait(timeout):
-            monitor.call("cancel", cmd, wait=False)
+            monitor.call(monitor.do_cancel, cmd, wait=False)
             raise TimeoutError(
                 f"pool {self.spec.name!r}: fewer than {n if n is not None else 'all'} workers "
                 f"ready within {timeout}s")
@@ -271,7 +270,7 @@ class Supervisor:
         monitor = self._monitor
         if monitor is None:
             return ()
-        result: tuple[WorkerStatus, ...] = monitor.call("status")
+        result: tuple[WorkerStatus, ...] = monitor.call(monitor.do_status)
         return result
 
     def pids(self) -> list[int]:

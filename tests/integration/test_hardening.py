@@ -22,12 +22,12 @@ import workers
 from _helpers import FAST, EventLog, in_state, pool, status_of, wait_gone
 
 import corral
-from conftest import START_METHODS, pid_alive, wait_for
 from corral import EventKind, StopReason, WorkerState
 from corral._eventqueue import EventQueue
 from corral._keeper import keeper
 from corral.events import Event
 from corral.heartbeat import SHM_DIR_ENV, HeartbeatTable
+from support import START_METHODS, pid_alive, wait_for
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "_hardening_script.py"
