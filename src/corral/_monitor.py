@@ -142,7 +142,6 @@ class Monitor(ControlPart, WatchPart):
         self._memory_pending = False
         self.gave_up: GaveUp | None = None
         self.finished = threading.Event()
-        self._begun = False
         self._snapshot: tuple[WorkerStatus, ...] = ()
         self._thread = threading.Thread(target=self._run, name=f"corral-monitor[{spec.name}]",
                                         daemon=True)
@@ -161,25 +160,34 @@ class Monitor(ControlPart, WatchPart):
         self._thread.start()
 
     def begin(self, initial: list[tuple[str, tuple[Any, ...]]]) -> None:
-        """The slots and the spawner thread, without the monitor thread: unit tests then drive
-        the loop themselves with :meth:`step`."""
+        """The slots, the spawner thread and the first starts, without the monitor thread (unit
+        tests then drive the loop themselves with :meth:`step`).
+
+        The first starts are queued here, on the caller's thread, before the monitor thread
+        exists: the spawner forks while the monitor thread is still being started.
+        """
         for index, (name, args) in enumerate(initial):
             self._add(WorkerSlot(index, name, args, BackoffState(self.spec.backoff)))
         self._spawner.start()
+        now = self._clock()
+        for w in list(self._slots.values()):
+            self._spawn(w, now)
 
     def step(self, max_wait: float) -> None:
         """One round of the loop on the calling thread, waiting at most ``max_wait`` real
-        seconds (unit tests, with a fake clock; the first call also queues the first starts)."""
-        if not self._begun:
-            self._begun = True
-            now = self._clock()
-            for w in list(self._slots.values()):
-                self._spawn(w, now)
+        seconds (unit tests, with a fake clock)."""
         self._round(max_wait)
 
     def discard(self) -> None:
-        """Undo a monitor whose start() did not complete (no process was started)."""
-        self._spawner.close()
+        """Undo a monitor whose start() did not complete: whatever the spawner started is
+        killed, and every resource is released."""
+        self._stopping = True  # queued starts that have not begun are skipped
+        self._spawner.close(timeout=30)
+        for callback, args in self._reactor.drain_inbox():
+            if callback == self._spawned_batch:
+                for _, result in args[0]:
+                    if not isinstance(result, BaseException):
+                        result.kill_and_reap()
         self._close()
 
     def call(self, fn: Callable[..., None], *args: Any, wait: bool = True,
@@ -246,10 +254,6 @@ class Monitor(ControlPart, WatchPart):
 
     def _run(self) -> None:
         try:
-            self._begun = True
-            now = self._clock()
-            for w in list(self._slots.values()):
-                self._spawn(w, now)
             while not self.finished.is_set():
                 self._round()
         except BaseException:

@@ -111,14 +111,12 @@ class Supervisor:
             # The monitor's resources first (they can fail: no shared memory, no fds), then the
             # threads, each undone if a later one cannot start: nothing is left behind.
             monitor = Monitor(self.spec, self._emit)
-            dispatcher = threading.Thread(target=self._dispatch_events,
-                                          name=f"corral-events[{self.spec.name}]", daemon=True)
-            try:
-                dispatcher.start()
-            except BaseException:
-                monitor.discard()
-                raise
-            self._dispatcher = dispatcher
+            if self._subscribers:  # else it starts with the first subscribe()
+                try:
+                    self._start_dispatcher()
+                except BaseException:
+                    monitor.discard()
+                    raise
             try:
                 monitor.start([initial[i] for i in range(self.spec.workers)])
             except BaseException:
@@ -292,7 +290,19 @@ class Supervisor:
         """Call ``callback(event)`` for every lifecycle event, on a separate thread."""
         if not callable(callback):
             raise TypeError(f"callback must be callable, got {callback!r}")
-        self._subscribers.append(callback)
+        with self._lock:
+            self._subscribers.append(callback)
+            if self._monitor is not None:
+                self._start_dispatcher()
+
+    def _start_dispatcher(self) -> None:
+        """The subscribers' thread, started with the first subscriber (under ``_lock``)."""
+        if self._dispatcher is not None:
+            return
+        dispatcher = threading.Thread(target=self._dispatch_events,
+                                      name=f"corral-events[{self.spec.name}]", daemon=True)
+        dispatcher.start()
+        self._dispatcher = dispatcher
 
     def unsubscribe(self, callback: Callable[[Event], None]) -> None:
         """Stop calling ``callback``.
@@ -307,8 +317,8 @@ class Supervisor:
                              f"{self.spec.name!r}") from None
 
     def _emit(self, event: Event) -> None:
-        # With nobody subscribed an event costs nothing (no wake-up of the events thread);
-        # STOPPED always goes through, it ends that thread.
+        # With nobody subscribed an event costs nothing (no events thread at all); STOPPED
+        # always goes through, it ends that thread.
         if self._subscribers or event.kind is EventKind.STOPPED:
             self._events.put(event)
 
