@@ -52,6 +52,7 @@ from corral._reactor import Reactor
 from corral._reply import Reply
 from corral._slots import POOL, AfterStop, Deadline, DeadlineKey, WorkerSlot
 from corral._spawner import Spawner, SpawnSkipped, preload_for_forkserver
+from corral._stats import PoolStats
 from corral.errors import GaveUp, SupervisorStateError
 from corral.events import Event, EventKind, ExitRecord, StopReason
 from corral.heartbeat import HeartbeatTable
@@ -63,6 +64,10 @@ from corral.status import WorkerStatus
 
 S = WorkerState
 _HISTORY = 32  # exit records kept for GaveUp and status
+
+
+def _pong(reply: Reply) -> None:
+    reply.finish(True)
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,8 @@ class Monitor(ControlPart, WatchPart):
         self._live_lock = threading.Lock()
         self._live: dict[int, ProcessLike] = {}
         self._budget = BudgetWindow(spec.budget)
+        self.stats = PoolStats()  # for metrics; read from other threads through snapshot()
+        self.stats.budget_remaining = spec.budget.max_restarts
         self._history: deque[ExitRecord] = deque(maxlen=_HISTORY)
         self._rng = random.Random()
         self._stopping = False
@@ -239,10 +246,15 @@ class Monitor(ControlPart, WatchPart):
             f"pool {self.spec.name!r} stopped before {'all' if n is None else n} worker(s) "
             "were ready")
 
-    @property
-    def last_round(self) -> float:
-        """When the monitor last finished a round (monotonic): /livez reads it."""
-        return self._reactor.last_round
+    def ping(self, timeout: float) -> bool:
+        """True if the monitor thread answers within ``timeout`` seconds: it is not wedged
+        (an idle loop blocks in epoll, so the time of its last round says nothing)."""
+        if self.finished.is_set():
+            return False
+        try:
+            return bool(self.call(_pong, timeout=timeout))
+        except (TimeoutError, RuntimeError):
+            return False
 
     # ------------------------------------------------------------------------- spawner thread
 
@@ -400,6 +412,9 @@ class Monitor(ControlPart, WatchPart):
             self._after_death(w, Trigger.SPAWN_FAILED, record, now)
             return
         w.proc = result
+        if w.died_at:
+            self.stats.restarted(w.died_why, now - w.died_at)
+            w.died_at = 0.0
         with self._live_lock:
             self._live[result.pid] = result
         # Exits after replies and commands of the same batch (priority 1).
@@ -490,6 +505,8 @@ class Monitor(ControlPart, WatchPart):
         """Record an ended process and decide what comes next for its slot."""
         w.last_exit = record
         self._history.append(record)
+        self.stats.exited(record)
+        w.died_at, w.died_why = now, record.reason.name.lower()
         after, w.stop_reason, w.stop_detail = w.after_stop, None, None
         w.after_stop = AfterStop.POLICY
         self._log_exit(record)
@@ -524,7 +541,9 @@ class Monitor(ControlPart, WatchPart):
                           self.spec.restart_policy.value)
             self._check_ready_waiters()
             return
-        if not self._budget.try_spend(now):
+        spent = self._budget.try_spend(now)
+        self.stats.budget_remaining = self._budget.remaining(now)
+        if not spent:
             self._move(w, trigger, S.STOPPED)
             self._give_up(now)
             return

@@ -25,6 +25,7 @@ from corral._liveness import due, next_look
 from corral._reactor import Reactor
 from corral._reply import Reply
 from corral._slots import POOL, AfterStop, Deadline, DeadlineKey, WorkerSlot
+from corral._stats import PoolStats
 from corral.errors import GaveUp
 from corral.events import EventKind, ExitRecord, StopReason
 from corral.heartbeat import HeartbeatTable
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
         _needs_ready_scan: bool
         _memory_pending: bool
         _budget: BudgetWindow
+        stats: PoolStats
         _stopping: bool
         _history: deque[ExitRecord]
         _stop_deadline: float
@@ -316,6 +318,7 @@ class ControlPart(_Core):
                    f"within {budget.window:g}s. Last exits:\n{lines}")
         self.log.error("%s", message)
         self.gave_up = GaveUp(message, last)
+        self.stats.gave_up = True
         self._emit(EventKind.GAVE_UP, None, message=message)
         self._begin_stop(self.spec.stop_timeout, StopReason.GAVE_UP, now)
 

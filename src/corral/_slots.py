@@ -103,6 +103,8 @@ class WorkerSlot:
     health_failures: int = 0
     health_pending: Future[bool] | None = None
     health_last: str = ""
+    died_at: float = 0.0  # monotonic time its last process's end was seen (metrics)
+    died_why: str = ""  # the StopReason value of that end
 
     @property
     def who(self) -> str:

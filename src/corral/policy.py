@@ -174,3 +174,11 @@ class BudgetWindow:
             return False
         self.times.append(now)
         return True
+
+    def remaining(self, now: float) -> int | None:
+        """Restarts still allowed at ``now`` (None: no limit)."""
+        limit = self.budget.max_restarts
+        if limit is None:
+            return None
+        horizon = now - self.budget.window
+        return limit - sum(1 for t in self.times if t > horizon)
