@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 __all__ = ["Deadlines"]
@@ -27,6 +27,11 @@ class Deadlines(Generic[K]):
 
     def cancel(self, key: K) -> None:
         self._live.pop(key, None)
+
+    def cancel_where(self, predicate: Callable[[K], bool]) -> None:
+        """Cancel every deadline whose key matches (O(n): for an owner that is done)."""
+        for key in [k for k in self._live if predicate(k)]:
+            del self._live[key]
 
     def get(self, key: K) -> float | None:
         entry = self._live.get(key)

@@ -96,7 +96,8 @@ class Monitor(ControlPart, WatchPart):
 
     def __init__(self, spec: PoolSpec, emit: Callable[[Event], None], *,
                  clock: Callable[[], float] = time.monotonic,
-                 start_process: StartProcess | None = None) -> None:
+                 start_process: StartProcess | None = None,
+                 host: Reactor[Any] | None = None) -> None:
         self.spec = spec
         self._emit_cb = emit
         self._clock = clock
@@ -110,16 +111,23 @@ class Monitor(ControlPart, WatchPart):
         # and nothing else exists yet to clean up if it does.
         self._hb = HeartbeatTable(spec.workers)
         own_fd(self._hb.fd)
+        # Hosted: this pool's loop runs as a guest on a reactor the caller drives (the corral
+        # command runs every program's pool, its log pipes and its control socket on one
+        # thread); else the monitor has a reactor and a thread of its own.
+        self._hosted = host is not None
         try:
-            self._reactor: Reactor[DeadlineKey] = Reactor(
-                f"pool {spec.name!r}", on_deadline=self._on_deadline, clock=clock)
+            self._reactor: Reactor[Any] = host if host is not None else Reactor(
+                f"pool {spec.name!r}", clock=clock)
         except BaseException:
             self._hb.close()
             raise
-        self._reactor.on_wake = self._on_wake
+        self._dl = self._reactor.deadline_space(self._cb(self._on_deadline))
+        self._wake_cb = self._cb(self._on_wake)
+        self._reactor.add_wake_callback(self._wake_cb)
         self._spawner: Spawner[SpawnRequest, ProcessLike] = Spawner(
             f"corral-spawner[{spec.name}]", self._start_process,
-            lambda batch: self._reactor.call_soon_threadsafe(self._spawned_batch, batch),
+            lambda batch: self._reactor.call_soon_threadsafe(self._cb(self._spawned_batch),
+                                                             batch),
             lambda: self._stopping, lambda proc: proc.kill_and_reap())
         self._slots: dict[int, WorkerSlot] = {}
         self._counts: dict[WorkerState, int] = dict.fromkeys(WorkerState, 0)
@@ -162,7 +170,11 @@ class Monitor(ControlPart, WatchPart):
     # ----------------------------------------------------------------- called from other threads
 
     def start(self, initial: list[tuple[str, tuple[Any, ...]]]) -> None:
-        """Start the spawner and monitor threads with one slot per ``(name, args)``."""
+        """Start the spawner and monitor threads with one slot per ``(name, args)`` (hosted:
+        the host's thread begins the pool)."""
+        if self._hosted:
+            self._reactor.call_soon_threadsafe(self._cb(self.begin), initial)
+            return
         self.begin(initial)
         self._thread.start()
 
@@ -211,7 +223,7 @@ class Monitor(ControlPart, WatchPart):
     def submit(self, fn: Callable[..., None], *args: Any) -> Reply:
         reply = Reply()
         try:
-            self._reactor.call_soon_threadsafe(self._run_command, reply, fn, args)
+            self._reactor.call_soon_threadsafe(self._cb(self._run_command), reply, fn, args)
         except RuntimeError:
             self._answer_late(reply, fn)
         return reply
@@ -233,7 +245,10 @@ class Monitor(ControlPart, WatchPart):
         self.submit(self.do_stop, grace)
 
     def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
+        if self._hosted:
+            self.finished.wait(timeout)
+        else:
+            self._thread.join(timeout)
 
     def history(self) -> tuple[ExitRecord, ...]:
         return tuple(self._history)
@@ -320,10 +335,54 @@ class Monitor(ControlPart, WatchPart):
         self._maybe_finish()
 
     def _run_command(self, reply: Reply, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        if self.finished.is_set():  # hosted: the host's loop runs on after this pool ended
+            self._answer_late(reply, fn)
+            return
         try:
             fn(reply, *args)
         except Exception as exc:
             reply.finish(error=exc)
+
+    def _cb(self, fn: Callable[..., None]) -> Callable[..., None]:
+        """``fn`` as a callback of the reactor: as is when the monitor runs its own rounds;
+        hosted, wrapped to do what a round does around it (see :meth:`_guarded`)."""
+        if not self._hosted:
+            return fn
+
+        def guarded(*args: Any) -> None:
+            self._guarded(fn, args)
+
+        return guarded
+
+    def _guarded(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        """Hosted: one callback, with what ``_round`` does around a batch: a stop requested by
+        another thread begins first, the end of the pool is looked for after, and a failure
+        of this pool's loop stops this pool, never the host's loop."""
+        if self.finished.is_set() and fn != self._spawned_batch and fn != self._run_command:
+            return
+        try:
+            if self._stop_request is not None and not self._stopping:
+                self._begin_stop(self._stop_request, StopReason.SHUTDOWN, self._clock())
+            fn(*args)
+            self._live_changed()
+            if not self.finished.is_set():
+                self._maybe_finish()
+        except Exception:
+            try:
+                self.log.critical("pool %r: its loop failed; stopping every worker",
+                                  self.spec.name, exc_info=True)
+            except Exception:
+                pass
+            finally:
+                self._emergency_kill()
+
+    def _live_changed(self) -> None:
+        """Hosted: the liveness look is a keyed deadline (no round of our own checks it)."""
+        if self._hosted:
+            if self._live_at < math.inf:
+                self._dl.set((POOL, Deadline.LIVENESS), self._live_at)
+            else:
+                self._dl.cancel((POOL, Deadline.LIVENESS))
 
     def _on_wake(self) -> None:
         # A worker's ready() writes a byte to the wake pipe.
@@ -395,7 +454,8 @@ class Monitor(ControlPart, WatchPart):
     def _spawned(self, index: int, generation: int, result: ProcessLike | BaseException,
                  ) -> None:
         w = self._slots.get(index)
-        if w is None or w.generation != generation or w.state is not S.PENDING:
+        if (w is None or w.generation != generation or w.state is not S.PENDING
+                or self.finished.is_set()):
             if not isinstance(result, BaseException):  # a start nobody wants any more
                 result.kill_and_reap()
             return
@@ -418,7 +478,8 @@ class Monitor(ControlPart, WatchPart):
         with self._live_lock:
             self._live[result.pid] = result
         # Exits after replies and commands of the same batch (priority 1).
-        self._reactor.add_reader(result.waitable(), lambda: self._on_exit(w), priority=1)
+        self._reactor.add_reader(result.waitable(), self._cb(lambda: self._on_exit(w)),
+                                 priority=1)
         self._move(w, Trigger.SPAWNED, S.STARTING)
         self.log.info("%s started", w.who)
         self._emit(EventKind.SPAWNED, w)
@@ -430,11 +491,10 @@ class Monitor(ControlPart, WatchPart):
             return
         if self.spec.max_age is not None:
             jitter = self._rng.uniform(-self.spec.max_age_jitter, self.spec.max_age_jitter)
-            self._reactor.set_deadline((w.index, Deadline.AGE),
+            self._dl.set((w.index, Deadline.AGE),
                                        result.started + self.spec.max_age * (1 + jitter))
-        if self.spec.max_memory is not None and not self._reactor.has_deadline(
-                (POOL, Deadline.MEMORY)):
-            self._reactor.set_deadline((POOL, Deadline.MEMORY),
+        if self.spec.max_memory is not None and (POOL, Deadline.MEMORY) not in self._dl:
+            self._dl.set((POOL, Deadline.MEMORY),
                                        now + self.spec.memory_check_interval)
         if self.spec.ready_when == "started":
             self._become_ready(w)
@@ -450,7 +510,7 @@ class Monitor(ControlPart, WatchPart):
             self._arm_liveness(w, now)
             if self.spec.health_check is not None:
                 w.health_failures = 0
-                self._reactor.set_deadline((w.index, Deadline.HEALTH),
+                self._dl.set((w.index, Deadline.HEALTH),
                                            now + self.spec.health_check_interval)
             if self._rolling_current == w.index:
                 self._rolling_advance()
@@ -486,7 +546,7 @@ class Monitor(ControlPart, WatchPart):
         now = self._clock()
         for kind in (Deadline.KILL, Deadline.DUMP, Deadline.HEALTH, Deadline.HEALTH_TIMEOUT,
                      Deadline.AGE):
-            self._reactor.cancel_deadline((w.index, kind))
+            self._dl.cancel((w.index, kind))
         w.dump = None
         if w.stop_reason is not None:
             reason = w.stop_reason
@@ -563,7 +623,7 @@ class Monitor(ControlPart, WatchPart):
             self._move(w, trigger, S.BACKOFF)
             self.log.info("%s restarts in %.3fs (failure %d in a row)", w.who, delay,
                           w.backoff.streak)
-            self._reactor.set_deadline((w.index, Deadline.BACKOFF), now + delay)
+            self._dl.set((w.index, Deadline.BACKOFF), now + delay)
 
     def _maybe_finish(self) -> None:
         counts = self._counts
@@ -586,8 +646,16 @@ class Monitor(ControlPart, WatchPart):
         self.log.info("pool %r stopped", self.spec.name)
 
     def _close(self) -> None:
-        """Release the pool's fds: the reactor's, and the heartbeat table."""
-        self._reactor.close()
+        """Release the pool's fds: its reactor's (hosted: its part of the host's), and the
+        heartbeat table."""
+        if self._hosted:
+            self._dl.clear()
+            self._reactor.remove_wake_callback(self._wake_cb)
+            with self._live_lock:
+                for proc in self._live.values():
+                    self._reactor.remove_reader(proc.waitable())
+        else:
+            self._reactor.close()
         self._hb.close()
 
     def _emergency_kill(self) -> None:
@@ -617,6 +685,9 @@ class Monitor(ControlPart, WatchPart):
                 self._measure_memory(now)
             elif kind is Deadline.GROUP:
                 self._group_maybe_restart(now)
+            elif kind is Deadline.LIVENESS:
+                self._live_at = math.inf
+                self._check_liveness(now)
             return
         w = self._slots.get(owner)
         if w is None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from corral._evidence import STEP, StackDump
 from corral._health import HealthRunner
 from corral._liveness import due, next_look
-from corral._reactor import Reactor
+from corral._reactor import DeadlineSpace, Reactor
 from corral._reply import Reply
 from corral._slots import POOL, AfterStop, Deadline, DeadlineKey, WorkerSlot
 from corral._stats import PoolStats
@@ -61,6 +61,8 @@ if TYPE_CHECKING:
         _budget: BudgetWindow
         stats: PoolStats
         _stopping: bool
+        _hosted: bool
+        _dl: DeadlineSpace[DeadlineKey]
         _history: deque[ExitRecord]
         _stop_deadline: float
         _stop_waiters: list[Reply]
@@ -94,6 +96,7 @@ if TYPE_CHECKING:
         def _begin_dump(self, w: WorkerSlot, now: float) -> bool: ...
         def _rolling_advance(self) -> None: ...
         def _group_maybe_restart(self, now: float) -> None: ...
+        def _live_changed(self) -> None: ...
 else:
     _Core = object
 
@@ -173,7 +176,7 @@ class WatchPart(_Core):
             w.stop_detail = f"{w.stop_detail}\n{started}" if w.stop_detail else started
             return False
         w.dump = started
-        self._reactor.set_deadline((w.index, Deadline.DUMP), now + STEP)
+        self._dl.set((w.index, Deadline.DUMP), now + STEP)
         return True
 
     def _collect_dump(self, w: WorkerSlot, now: float) -> None:
@@ -182,7 +185,7 @@ class WatchPart(_Core):
             return
         text = dump.poll(now)
         if text is None:
-            self._reactor.set_deadline((w.index, Deadline.DUMP), now + STEP)
+            self._dl.set((w.index, Deadline.DUMP), now + STEP)
             return
         w.dump = None
         w.stop_detail = f"{w.stop_detail}\n{text}" if w.stop_detail else text
@@ -198,7 +201,7 @@ class WatchPart(_Core):
             # The previous call still hangs: that is one more failure, and no second thread.
             self._health_failed(w, "health check still running (hung)", now)
             if w.state is S.RUNNING:
-                self._reactor.set_deadline((w.index, Deadline.HEALTH), now + interval)
+                self._dl.set((w.index, Deadline.HEALTH), now + interval)
             return
         handle = WorkerHandle(w.proc, w.index, w.name, self.spec.daemon)
         future = self._health.check(check, handle, w.index)
@@ -206,7 +209,7 @@ class WatchPart(_Core):
         generation = w.generation
         future.add_done_callback(lambda f: self._hand_over(self._health_result, w.index,
                                                            generation, f))
-        self._reactor.set_deadline((w.index, Deadline.HEALTH_TIMEOUT),
+        self._dl.set((w.index, Deadline.HEALTH_TIMEOUT),
                                    now + self.spec.health_check_timeout)
 
     def _hand_over(self, fn: Callable[..., None], *args: Any) -> None:
@@ -219,9 +222,9 @@ class WatchPart(_Core):
         w = self._slots.get(index)
         if w is None or w.generation != generation or w.state is not S.RUNNING:
             return
-        if not self._reactor.has_deadline((index, Deadline.HEALTH_TIMEOUT)):
+        if (index, Deadline.HEALTH_TIMEOUT) not in self._dl:
             return  # already counted as a timeout
-        self._reactor.cancel_deadline((index, Deadline.HEALTH_TIMEOUT))
+        self._dl.cancel((index, Deadline.HEALTH_TIMEOUT))
         now = self._clock()
         error = future.exception()
         if error is None and future.result() is True:
@@ -231,11 +234,11 @@ class WatchPart(_Core):
         else:
             self._health_failed(w, f"health check returned {future.result()!r}", now)
         if w.state is S.RUNNING:
-            self._reactor.set_deadline((index, Deadline.HEALTH),
+            self._dl.set((index, Deadline.HEALTH),
                                        now + self.spec.health_check_interval)
 
     def _health_failed(self, w: WorkerSlot, why: str, now: float) -> None:
-        self._reactor.cancel_deadline((w.index, Deadline.HEALTH_TIMEOUT))
+        self._dl.cancel((w.index, Deadline.HEALTH_TIMEOUT))
         w.health_failures += 1
         w.health_last = why
         threshold = self.spec.failure_threshold
@@ -244,8 +247,8 @@ class WatchPart(_Core):
             self._emit(EventKind.UNHEALTHY, w, message=why)
             self._stop_worker(w, StopReason.UNHEALTHY, AfterStop.POLICY, now,
                               detail=f"{threshold} failed health checks in a row; last: {why}")
-        elif not self._reactor.has_deadline((w.index, Deadline.HEALTH)):
-            self._reactor.set_deadline((w.index, Deadline.HEALTH),
+        elif (w.index, Deadline.HEALTH) not in self._dl:
+            self._dl.set((w.index, Deadline.HEALTH),
                                        now + self.spec.health_check_interval)
 
     def _recycling_for_memory(self, w: WorkerSlot) -> bool:
@@ -256,14 +259,14 @@ class WatchPart(_Core):
         interval = self.spec.memory_check_interval
         if any(self._recycling_for_memory(w) for w in self._slots.values()):
             interval = min(interval, _RECYCLE_CHECK)
-        self._reactor.set_deadline((POOL, Deadline.MEMORY), now + interval)
+        self._dl.set((POOL, Deadline.MEMORY), now + interval)
         if self._memory_pending:
             return
         targets = [(w.index, w.generation, w.proc.pid) for w in self._slots.values()
                    if w.proc is not None and (w.state in (S.STARTING, S.RUNNING)
                                               or self._recycling_for_memory(w))]
         if not targets:
-            self._reactor.cancel_deadline((POOL, Deadline.MEMORY))
+            self._dl.cancel((POOL, Deadline.MEMORY))
             return
         self._memory_pending = True
         future = self._health.measure(targets)
@@ -283,9 +286,9 @@ class WatchPart(_Core):
                 self._stop_worker(w, StopReason.RECYCLED_MEMORY, AfterStop.RESTART, now,
                                   detail=f"RSS {rss / 2**20:.1f} MiB > max_memory "
                                          f"{limit / 2**20:.1f} MiB")
-                when = self._reactor.deadline((POOL, Deadline.MEMORY))
+                when = self._dl.get((POOL, Deadline.MEMORY))
                 if when is not None and when > now + _RECYCLE_CHECK:
-                    self._reactor.set_deadline((POOL, Deadline.MEMORY), now + _RECYCLE_CHECK)
+                    self._dl.set((POOL, Deadline.MEMORY), now + _RECYCLE_CHECK)
             elif (self._recycling_for_memory(w) and rss > limit * _HARD_MEMORY
                   and w.proc is not None):
                 # Its graceful stop must not let memory run away: past the hard limit, SIGKILL.
@@ -350,8 +353,8 @@ class ControlPart(_Core):
             self._kill(w, at_once=True)
             return
         w.proc.send_stop(self.spec.stop_signal)
-        if not self._reactor.has_deadline((w.index, Deadline.KILL)):
-            self._reactor.set_deadline((w.index, Deadline.KILL), now + grace)
+        if (w.index, Deadline.KILL) not in self._dl:
+            self._dl.set((w.index, Deadline.KILL), now + grace)
 
     def _kill(self, w: WorkerSlot, at_once: bool = False) -> None:
         if w.proc is None or w.proc.stop_sent == signal.SIGKILL:
@@ -368,15 +371,15 @@ class ControlPart(_Core):
             if now + timeout < self._stop_deadline:
                 # A second stop with a shorter deadline (stop(inf), then stop(5)) shortens it.
                 self._stop_deadline = now + timeout
-                self._reactor.set_deadline((POOL, Deadline.STOP), self._stop_deadline)
+                self._dl.set((POOL, Deadline.STOP), self._stop_deadline)
             return
         self._stopping = True
         self._stop_deadline = now + timeout
         self._rolling.clear()
         self._group = None
-        self._reactor.cancel_deadline((POOL, Deadline.GROUP))
+        self._dl.cancel((POOL, Deadline.GROUP))
         for w in list(self._slots.values()):
-            self._reactor.cancel_deadline((w.index, Deadline.BACKOFF))
+            self._dl.cancel((w.index, Deadline.BACKOFF))
             if w.state in (S.BACKOFF, S.EXITED):
                 self._move(w, Trigger.STOP, S.STOPPED)
             elif w.state is S.STOPPING:
@@ -392,10 +395,10 @@ class ControlPart(_Core):
         self._live_at = math.inf
         # One deadline for the whole pool: stragglers are killed together.
         for w in self._slots.values():
-            self._reactor.cancel_deadline((w.index, Deadline.KILL))
+            self._dl.cancel((w.index, Deadline.KILL))
         # Always set, even for 0: workers already STOPPING (a restart in progress) lost their
         # own kill deadline just above.
-        self._reactor.set_deadline((POOL, Deadline.STOP), now + timeout)
+        self._dl.set((POOL, Deadline.STOP), now + timeout)
 
     # ------------------------------------------------------ commands (on the monitor thread)
 
@@ -430,7 +433,7 @@ class ControlPart(_Core):
             if w.state.alive or w.state is S.PENDING:
                 self._stop_worker(w, StopReason.SCALED_DOWN, AfterStop.REMOVE, now)
             else:
-                self._reactor.cancel_deadline((index, Deadline.BACKOFF))
+                self._dl.cancel((index, Deadline.BACKOFF))
                 if w.state is S.BACKOFF:
                     self._move(w, Trigger.STOP, S.STOPPED)
                 self._remove(w)
@@ -450,7 +453,7 @@ class ControlPart(_Core):
         if w is None:
             raise IndexError(f"no worker with index {index} (pool has {len(self._slots)})")
         if w.state in (S.BACKOFF, S.EXITED):
-            self._reactor.cancel_deadline((index, Deadline.BACKOFF))
+            self._dl.cancel((index, Deadline.BACKOFF))
             self._move(w, Trigger.RESTART, S.PENDING)
             self._spawn(w, now)
         elif w.state in (S.STARTING, S.RUNNING):
@@ -519,6 +522,8 @@ class ControlPart(_Core):
             reply.finish()
         for n, reply in self._ready_waiters:
             reply.finish(error=self.not_ready_error(n))
+        if self._hosted:
+            return  # the host's loop runs on: late hand-overs see `finished` when they run
         for callback, args in self._reactor.drain_inbox():  # came in during the last round
             if callback == self._run_command:
                 reply, fn, _ = args
@@ -567,7 +572,7 @@ class ControlPart(_Core):
         for m in others:
             group.members.add(m.index)
             if m.state is S.BACKOFF:
-                self._reactor.cancel_deadline((m.index, Deadline.BACKOFF))
+                self._dl.cancel((m.index, Deadline.BACKOFF))
                 continue  # already down: it waits for the group
             if m.state is S.STOPPING:
                 if m.after_stop in (AfterStop.POLICY, AfterStop.RESTART):
@@ -586,7 +591,7 @@ class ControlPart(_Core):
         if group is None or group.down:
             return
         if now < group.not_before:
-            self._reactor.set_deadline((POOL, Deadline.GROUP), group.not_before)
+            self._dl.set((POOL, Deadline.GROUP), group.not_before)
             return
         self._group = None
         for index in sorted(group.members):
@@ -606,7 +611,7 @@ class ControlPart(_Core):
             w = self._slots[index]
             proc = w.proc
             reading = self._hb.read(index) if proc is not None and live else None
-            backoff_at = self._reactor.deadline((index, Deadline.BACKOFF)) if live else None
+            backoff_at = self._dl.get((index, Deadline.BACKOFF)) if live else None
             out.append(WorkerStatus(
                 index=index, name=w.name, pid=proc.pid if proc else None, state=w.state,
                 ready=w.ready, restarts=w.restarts,

@@ -41,7 +41,7 @@ from typing import Any, Generic, TypeVar
 from corral._deadlines import Deadlines
 from corral.process import disown_fd, own_fd
 
-__all__ = ["MAX_WAIT", "Reactor", "Timer"]
+__all__ = ["MAX_WAIT", "DeadlineSpace", "Reactor", "Timer"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,37 @@ class Timer:
         return f"<Timer at {self.when:.3f} {self.callback!r}>"
 
 
+class DeadlineSpace(Generic[K]):
+    """One owner's keyed deadlines on a reactor it may share with other owners.
+
+    Keys live in the reactor's one heap as ``(space, key)``; a due key is handed to this
+    space's ``on_deadline(key, now)``. Several loops (say, the pools of one ``corral run``) can
+    so share one reactor thread without their keys colliding.
+    """
+
+    __slots__ = ("_reactor", "on_deadline")
+
+    def __init__(self, reactor: Reactor[Any], on_deadline: Callable[[K, float], None]) -> None:
+        self._reactor = reactor
+        self.on_deadline = on_deadline
+
+    def set(self, key: K, when: float) -> None:
+        self._reactor._deadlines.set((self, key), when)
+
+    def cancel(self, key: K) -> None:
+        self._reactor._deadlines.cancel((self, key))
+
+    def get(self, key: K) -> float | None:
+        return self._reactor._deadlines.get((self, key))
+
+    def __contains__(self, key: object) -> bool:
+        return (self, key) in self._reactor._deadlines
+
+    def clear(self) -> None:
+        """Forget every deadline of this space (its owner is done)."""
+        self._reactor._deadlines.cancel_where(lambda k: isinstance(k, tuple) and k[0] is self)
+
+
 class _Watch:
     __slots__ = ("mask", "priority", "reader", "writer")
 
@@ -98,7 +129,7 @@ class Reactor(Generic[K]):
         self.name = name
         self.clock = clock
         self._on_deadline = on_deadline
-        self._deadlines: Deadlines[K | Timer] = Deadlines()
+        self._deadlines: Deadlines[Any] = Deadlines()
         self._watch: dict[int, _Watch] = {}
         self._inbox: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
         self._wake_lock = threading.Lock()  # never write to a closed (or reused) fd
@@ -116,7 +147,7 @@ class Reactor(Generic[K]):
         self._epoll.register(self._wake_r, select.EPOLLIN)
         # Called (loop thread) after a batch in which the wake pipe was readable: an owner that
         # lets its workers write to wake_fd (readiness) looks at them then.
-        self.on_wake: Callable[[], None] | None = None
+        self._on_wake: list[Callable[[], None]] = []
         self.rounds = 0  # completed rounds (a liveness probe can watch it move)
         self.last_round = clock()
 
@@ -148,6 +179,19 @@ class Reactor(Generic[K]):
                 self._wake_pending = True
                 with contextlib.suppress(BlockingIOError):
                     os.write(self._wake_w, b"\0")
+
+    def add_wake_callback(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (loop thread) after each batch in which the wake pipe was
+        readable: an owner that lets its workers write to :attr:`wake_fd` looks at them then."""
+        self._on_wake.append(callback)
+
+    def remove_wake_callback(self, callback: Callable[[], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._on_wake.remove(callback)
+
+    def deadline_space(self, on_deadline: Callable[[Any, float], None]) -> DeadlineSpace[Any]:
+        """A keyed-deadline space of one owner of this reactor (see :class:`DeadlineSpace`)."""
+        return DeadlineSpace(self, on_deadline)
 
     @property
     def wake_fd(self) -> int:
@@ -289,8 +333,9 @@ class Reactor(Generic[K]):
                 if writer is not None and writer.writer is not None:
                     writer.writer()
         self.run_inbox()
-        if woke and self.on_wake is not None:
-            self.on_wake()
+        if woke:
+            for callback in list(self._on_wake):
+                callback()
 
     def run_inbox(self) -> None:
         inbox = self._inbox
@@ -306,6 +351,8 @@ class Reactor(Generic[K]):
         for key in self._deadlines.pop_due(now):
             if isinstance(key, Timer):
                 key.callback(*key.args)
+            elif type(key) is tuple and len(key) == 2 and isinstance(key[0], DeadlineSpace):
+                key[0].on_deadline(key[1], now)
             elif on_deadline is not None:
                 on_deadline(key, now)
 

@@ -43,10 +43,11 @@ class Deadline(enum.Enum):
     STOP                      the pool's stop deadline: SIGKILL every straggler      POOL
     MEMORY                    time to measure the workers' RSS                       POOL
     GROUP                     a group restart's backoff is over                      POOL
+    LIVENESS                  look at the heartbeats (hosted monitors only)          POOL
     ========================  =====================================================  =========
 
-    The liveness look (heartbeats) is not here: it moves at every look, so it is kept apart
-    from the heap (see ``Monitor._live_at``).
+    A monitor with a thread of its own keeps the liveness look apart from the heap (it moves at
+    every look: see ``Monitor._live_at``); a hosted one uses LIVENESS.
     """
 
     BACKOFF = "backoff"
@@ -58,6 +59,7 @@ class Deadline(enum.Enum):
     STOP = "stop"
     MEMORY = "memory"
     GROUP = "group"
+    LIVENESS = "liveness"
 
 
 POOL = -1  # the owner of pool-wide deadlines

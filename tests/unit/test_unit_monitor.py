@@ -94,7 +94,7 @@ def test_start_ready_crash_backoff_restart(harness_factory: Callable[..., Harnes
     record = h.mon._slots[0].last_exit
     assert record is not None and record.reason is StopReason.EXITED
     assert record.exit is not None and record.exit.code == 1
-    assert h.mon._reactor.deadline((0, Deadline.BACKOFF)) == h.clock() + 1.0
+    assert h.mon._dl.get((0, Deadline.BACKOFF)) == h.clock() + 1.0
     # Nothing happens until the backoff is over...
     h.mon.step(0.05)
     assert h.state(0) is S.BACKOFF and len(h.starter.started) == 1
@@ -222,3 +222,43 @@ def test_scale_down_then_wait_ready(harness_factory: Callable[..., Harness]) -> 
     h.until(waiter.done.is_set, what="wait_ready answered")
     assert waiter.result == 2
     h.until(lambda: len(h.mon._slots) == 2, what="two slots left")
+
+
+def test_two_pools_hosted_on_one_reactor() -> None:
+    """The corral command runs every program's pool on one reactor thread (its own)."""
+    from corral._reactor import Reactor
+
+    clock = fakes.FakeClock()
+    reactor: Reactor[Any] = Reactor("host", clock=clock)
+    starters = [fakes.FakeStarter(clock), fakes.FakeStarter(clock)]
+    events: list[Event] = []
+    mons = [Monitor(corral.PoolSpec(target, workers=2, name=f"p{i}", start_method="fork",
+                                    backoff=corral.Backoff(initial=0, cap=0)),
+                    events.append, clock=clock, start_process=starters[i], host=reactor)
+            for i in range(2)]
+    try:
+        for i, mon in enumerate(mons):
+            mon.start([(f"p{i}-{j}", ()) for j in range(2)])
+
+        def until(cond: Callable[[], bool], what: str) -> None:
+            for _ in range(200):
+                if cond():
+                    return
+                reactor.run_once(extra=clock() + 0.1)
+            assert cond(), what
+
+        until(lambda: all(m._counts[S.RUNNING] == 2 for m in mons), "both pools RUNNING")
+        starters[0].current(1).die(code=1)  # a crash in pool 0 alone
+        until(lambda: len(starters[0].started) == 3 and mons[0]._counts[S.RUNNING] == 2,
+              "pool 0 restarted its worker")
+        assert len(starters[1].started) == 2
+        mons[0].request_stop(1.0, signal.SIGTERM)
+        until(mons[0].finished.is_set, "pool 0 stopped")
+        assert not mons[1].finished.is_set()
+        mons[1].request_stop(1.0, signal.SIGTERM)
+        until(mons[1].finished.is_set, "pool 1 stopped")
+        assert not reactor.closed  # the host's reactor is the host's to close
+    finally:
+        for st in starters:
+            st.close_all()
+        reactor.close()
