@@ -67,6 +67,8 @@ class BootConfig:
     wake_fd: int = -1
     # Signals the supervisor has handlers for, which a fork child must reset (None: check all).
     reset_signals: tuple[int, ...] | None = None
+    # Where stdout and stderr go (paths of the supervisor's pipe ends, for log capture).
+    stdio: tuple[str | None, str | None] | None = None
 
 
 def _set_pdeathsig(sig: int) -> bool:
@@ -135,6 +137,21 @@ def _start_quiet_thread(fn: Callable[[], None], name: str) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def _redirect_stdio(paths: tuple[str | None, str | None]) -> None:
+    """Send fds 1 and 2 to the supervisor's log pipes (opened through /proc, which works under
+    every start method), line-buffered so a worker's lines arrive as it prints them."""
+    import sys
+
+    for target, path, stream in ((1, paths[0], sys.stdout), (2, paths[1], sys.stderr)):
+        if path is None:
+            continue
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        os.dup2(fd, target)
+        os.close(fd)
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+
+
 def _make_dump_fd(index: int) -> int:
     """A memfd for faulthandler's stack dumps, moved to a high fd number.
 
@@ -176,6 +193,8 @@ def run_worker(config: BootConfig, target: Callable[..., Any], args: tuple[Any, 
     """The multiprocessing target of every worker: prepare, then ``target(index, *args)``."""
     if config.forked:
         close_internal_fds(keep=(config.wake_fd,))
+    if config.stdio is not None:
+        _redirect_stdio(config.stdio)
     try:
         os.setpgid(0, 0)
     except OSError:

@@ -45,6 +45,7 @@ from typing import Any
 
 from corral import states
 from corral._bootstrap import BootConfig, run_worker, signals_to_reset
+from corral._command import CommandProcess, Launch
 from corral._fdlimit import explain_fd_error
 from corral._health import HealthRunner
 from corral._monitor_parts import ControlPart, GroupRestart, WatchPart
@@ -53,6 +54,7 @@ from corral._reply import Reply
 from corral._slots import POOL, AfterStop, Deadline, DeadlineKey, WorkerSlot
 from corral._spawner import Spawner, SpawnSkipped, preload_for_forkserver
 from corral._stats import PoolStats
+from corral._workerio import WorkerIO
 from corral.errors import GaveUp, SupervisorStateError
 from corral.events import Event, EventKind, ExitRecord, StopReason
 from corral.heartbeat import HeartbeatTable
@@ -78,6 +80,7 @@ class SpawnRequest:
     generation: int
     boot: BootConfig
     args: tuple[Any, ...]
+    launch: Launch | None = None  # pipes and env from the worker IO
 
 
 StartProcess = Callable[[SpawnRequest], ProcessLike]
@@ -97,14 +100,15 @@ class Monitor(ControlPart, WatchPart):
     def __init__(self, spec: PoolSpec, emit: Callable[[Event], None], *,
                  clock: Callable[[], float] = time.monotonic,
                  start_process: StartProcess | None = None,
-                 host: Reactor[Any] | None = None) -> None:
+                 host: Reactor[Any] | None = None, io: WorkerIO | None = None) -> None:
         self.spec = spec
         self._emit_cb = emit
         self._clock = clock
+        self._io = io
         # One logger per pool ("corral.pool.<name>"), so a pool's logs can be tuned alone.
         self.log = logging.getLogger(f"corral.pool.{spec.name}")
         self._ctx = multiprocessing.get_context(spec.start_method)
-        if spec.start_method == "forkserver" and start_process is None:
+        if spec.start_method == "forkserver" and start_process is None and spec.command is None:
             preload_for_forkserver(self._ctx, [getattr(spec.target, "__module__", "")])
         self._start_process: StartProcess = start_process or self._start_worker
         # The heartbeat table first: it is the one resource that can fail for lack of space,
@@ -274,8 +278,17 @@ class Monitor(ControlPart, WatchPart):
     # ------------------------------------------------------------------------- spawner thread
 
     def _start_worker(self, req: SpawnRequest) -> ProcessLike:
-        return WorkerProcess.start(self._ctx, run_worker, (req.boot, self.spec.target, req.args),
-                                   req.boot.name, self.spec.daemon)
+        spec = self.spec
+        if spec.command is not None:
+            try:
+                return CommandProcess.start(spec.command, env=spec.env, cwd=spec.cwd,
+                                            user=spec.user, group=spec.group, umask=spec.umask,
+                                            launch=req.launch)
+            finally:
+                if req.launch is not None:
+                    req.launch.close_child_ends()  # the child has its copies now
+        return WorkerProcess.start(self._ctx, run_worker, (req.boot, spec.target, req.args),
+                                   req.boot.name, spec.daemon)
 
     # --------------------------------------------------------------------------- monitor loop
 
@@ -384,6 +397,31 @@ class Monitor(ControlPart, WatchPart):
             else:
                 self._dl.cancel((POOL, Deadline.LIVENESS))
 
+    # ------------------------------------------ from the worker IO, on the loop thread
+
+    def _slot_of(self, index: int, pid: int) -> WorkerSlot | None:
+        w = self._slots.get(index)
+        return w if w is not None and w.proc is not None and w.proc.pid == pid else None
+
+    def mark_ready(self, index: int, pid: int) -> None:
+        """Worker ``index`` (process ``pid``) is ready: sd_notify READY=1, a probe passed."""
+        w = self._slot_of(index, pid)
+        if w is not None and w.state is S.STARTING:
+            now = self._clock()
+            self._hb.mark(index, now, ready=True)
+            self._become_ready(w)
+            self._live_changed()
+
+    def mark_beat(self, index: int, pid: int) -> None:
+        """Worker ``index`` showed life (sd_notify WATCHDOG=1)."""
+        if self._slot_of(index, pid) is not None:
+            self._hb.mark(index, self._clock())
+
+    def mark_status(self, index: int, pid: int, text: str) -> None:
+        """Worker ``index`` published a status text (sd_notify STATUS=...)."""
+        if self._slot_of(index, pid) is not None:
+            self._hb.set_status_text(index, text)
+
     def _on_wake(self) -> None:
         # A worker's ready() writes a byte to the wake pipe.
         if self._needs_ready_scan:
@@ -436,6 +474,11 @@ class Monitor(ControlPart, WatchPart):
             w.restarts += 1
             w.last_restart = now
         w.started_once = True
+        launch = self._io.launch(w.index, w.name) if self._io is not None else None
+        stdio: tuple[str | None, str | None] | None = None
+        if launch is not None and self.spec.command is None:
+            stdio = tuple(None if fd is None else f"/proc/{os.getpid()}/fd/{fd}"  # type: ignore[assignment]
+                          for fd in (launch.stdout, launch.stderr))
         boot = BootConfig(
             pool=self.spec.name, index=w.index, name=w.name, supervisor_pid=os.getpid(),
             heartbeat_path=self._hb.path,
@@ -443,22 +486,26 @@ class Monitor(ControlPart, WatchPart):
             ready_on_beat=self.spec.ready_when == "beat",
             dump_signal=DUMP_SIGNAL, forkserver=self.spec.start_method == "forkserver",
             reset_signals=signals_to_reset() if self._fork_extras else None,
-            **self._fork_extras)
-        self._spawner.request(SpawnRequest(w.index, w.generation, boot, w.args))
+            stdio=stdio, **self._fork_extras)
+        self._spawner.request(SpawnRequest(w.index, w.generation, boot, w.args, launch))
 
     def _spawned_batch(self, batch: list[tuple[SpawnRequest, ProcessLike | BaseException]],
                        ) -> None:
         for req, result in batch:
-            self._spawned(req.index, req.generation, result)
+            self._spawned(req, result)
 
-    def _spawned(self, index: int, generation: int, result: ProcessLike | BaseException,
-                 ) -> None:
+    def _spawned(self, req: SpawnRequest, result: ProcessLike | BaseException) -> None:
+        index, generation, launch = req.index, req.generation, req.launch
         w = self._slots.get(index)
         if (w is None or w.generation != generation or w.state is not S.PENDING
                 or self.finished.is_set()):
             if not isinstance(result, BaseException):  # a start nobody wants any more
                 result.kill_and_reap()
+            if launch is not None and self._io is not None:
+                self._io.not_started(launch)
             return
+        if isinstance(result, BaseException) and launch is not None and self._io is not None:
+            self._io.not_started(launch)
         now = self._clock()
         if isinstance(result, BaseException):
             if isinstance(result, SpawnSkipped):
@@ -472,6 +519,8 @@ class Monitor(ControlPart, WatchPart):
             self._after_death(w, Trigger.SPAWN_FAILED, record, now)
             return
         w.proc = result
+        if launch is not None and self._io is not None:
+            self._io.started(w.index, w.name, result, launch)
         if w.died_at:
             self.stats.restarted(w.died_why, now - w.died_at)
             w.died_at = 0.0
@@ -543,6 +592,8 @@ class Monitor(ControlPart, WatchPart):
             return  # not really gone yet (cannot happen with pidfds); wait again
         self._reactor.remove_reader(proc.waitable())
         proc.close()
+        if self._io is not None:
+            self._io.ended(w.index, proc.pid)
         now = self._clock()
         for kind in (Deadline.KILL, Deadline.DUMP, Deadline.HEALTH, Deadline.HEALTH_TIMEOUT,
                      Deadline.AGE):
@@ -629,7 +680,10 @@ class Monitor(ControlPart, WatchPart):
         counts = self._counts
         final = counts[S.EXITED] + counts[S.STOPPED]
         if not self._stopping:
-            if self._slots and final == len(self._slots) and not self._rolling_waiters:
+            # Hosted (the corral command): a program whose workers are all stopped or exited
+            # stays, to be started again; it ends only when stopped.
+            if (self._slots and final == len(self._slots) and not self._rolling_waiters
+                    and not self._hosted):
                 # Every worker finished and none will be restarted: the pool is done.
                 self.log.info("pool %r: every worker has finished", self.spec.name)
                 self._begin_stop(0.0, StopReason.SHUTDOWN, self._clock())
@@ -648,6 +702,8 @@ class Monitor(ControlPart, WatchPart):
     def _close(self) -> None:
         """Release the pool's fds: its reactor's (hosted: its part of the host's), and the
         heartbeat table."""
+        if self._io is not None:
+            self._io.close()
         if self._hosted:
             self._dl.clear()
             self._reactor.remove_wake_callback(self._wake_cb)

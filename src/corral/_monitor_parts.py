@@ -483,6 +483,51 @@ class ControlPart(_Core):
             reply.finish()
         self._rolling_waiters.clear()
 
+    def do_hold(self, reply: Reply, indexes: list[int] | None) -> None:
+        """Stop workers and keep them stopped (``corral stop web:2``); None: every worker."""
+        self._check_not_stopping()
+        now = self._clock()
+        for index in sorted(self._slots) if indexes is None else indexes:
+            w = self._slots.get(index)
+            if w is None:
+                raise IndexError(f"no worker with index {index} (pool has {len(self._slots)})")
+            if w.state in (S.BACKOFF, S.EXITED):
+                self._dl.cancel((index, Deadline.BACKOFF))
+                self._move(w, Trigger.STOP, S.STOPPED)
+            elif w.state is S.STOPPING:
+                w.after_stop = AfterStop.STAY
+            elif w.state is not S.STOPPED:
+                self._stop_worker(w, StopReason.STOPPED, AfterStop.STAY, now,
+                                  detail="stopped on request")
+        reply.finish()
+        self._check_ready_waiters()
+
+    def do_release(self, reply: Reply, indexes: list[int] | None) -> None:
+        """Start workers that were stopped or have exited (``corral start web``)."""
+        self._check_not_stopping()
+        now = self._clock()
+        for index in sorted(self._slots) if indexes is None else indexes:
+            w = self._slots.get(index)
+            if w is None:
+                raise IndexError(f"no worker with index {index} (pool has {len(self._slots)})")
+            if w.state.final:
+                self._move(w, Trigger.RESTART, S.PENDING)
+                self._spawn(w, now)
+            elif w.state is S.STOPPING and w.after_stop is AfterStop.STAY:
+                w.after_stop = AfterStop.RESTART
+        reply.finish()
+
+    def do_signal(self, reply: Reply, indexes: list[int] | None, sig: int) -> None:
+        """Send ``sig`` to the process group of workers (every one: None); answers how many."""
+        sent = 0
+        for index in sorted(self._slots) if indexes is None else indexes:
+            w = self._slots.get(index)
+            if w is None:
+                raise IndexError(f"no worker with index {index} (pool has {len(self._slots)})")
+            if w.proc is not None and w.proc.send_group(sig):
+                sent += 1
+        reply.finish(sent)
+
     def do_wait_ready(self, reply: Reply, n: int | None) -> None:
         self._ready_waiters.append((n, reply))
         self._check_ready_waiters()

@@ -25,6 +25,7 @@ class StopReason(enum.Enum):
     RESTARTED = "restarted on request"
     GROUP_RESTART = "restarted with its group"  # one_for_all / rest_for_one
     SHUTDOWN = "shut down"
+    STOPPED = "stopped on request"  # kept stopped (the corral command's `stop`)
     GAVE_UP = "pool gave up"
 
     @property

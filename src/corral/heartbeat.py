@@ -276,6 +276,27 @@ class HeartbeatTable:
         beats: list[float] = self._view[0::_DOUBLES].tolist()
         return beats
 
+    def mark(self, index: int, now: float, ready: bool = False) -> None:
+        """A beat (and readiness) for ``index`` from the supervisor's side: a command worker
+        speaks sd_notify (WATCHDOG=1, READY=1), and corral writes its slot for it."""
+        assert self._view is not None
+        base = index * _DOUBLES
+        self._view[base] = now
+        if ready and self._view[base + 1] == 0.0:
+            self._view[base + 1] = now
+
+    def set_status_text(self, index: int, text: str) -> None:
+        """The status text of ``index`` (sd_notify STATUS=...), as ``set_status`` writes it."""
+        assert self._view is not None and self._mm is not None
+        data = text.encode("utf-8", "replace")[:_TEXT_MAX].decode("utf-8", "ignore").encode()
+        base = index * _DOUBLES
+        at = index * _SLOT + _TEXT_AT
+        seq = self._view[base + 3]
+        self._view[base + 3] = seq + 1
+        self._mm[at : at + 2] = len(data).to_bytes(2, "little")
+        self._mm[at + 2 : at + 2 + len(data)] = data
+        self._view[base + 3] = seq + 2
+
     def oldest_beat(self, n: int) -> float:
         """The earliest last beat of slots 0..n-1 (0 if one has never beaten)."""
         assert self._view is not None

@@ -6,10 +6,11 @@ field, what was expected and what was given, before any process exists.
 
 from __future__ import annotations
 
+import os
 import pickle
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,7 +68,13 @@ class PoolSpec:
     """What a :class:`~corral.Supervisor` runs and how it keeps it running.
 
     Args:
-        target: ``target(index, *args)`` runs in each worker process.
+        target: ``target(index, *args)`` runs in each worker process (or give ``command``).
+        command: instead of a target, the argv of a program each worker runs (no shell):
+            ``["python", "worker.py", "--flag"]``. It gets the same process group, stop
+            deadline, keeper, backoff and budget; ``ready_when="ready"`` waits for its
+            sd_notify ``READY=1`` when something provides a notify socket (the corral command).
+        env: a command's environment (default: the supervisor's).
+        cwd, user, group, umask: where and as whom a command runs (user/group need root).
         workers: how many workers, >= 0.
         args: ``args(index) -> tuple`` of extra positional arguments, or None.
         names: ``names(index) -> str``, the worker's name (default ``"<name>-<index>"``).
@@ -98,7 +105,7 @@ class PoolSpec:
         max_age: seconds after which a worker is recycled, spread by +/- ``max_age_jitter``.
     """
 
-    target: Callable[..., Any]
+    target: Callable[..., Any] | None = None
     workers: int = 1
     args: Callable[[int], tuple[Any, ...]] | None = None
     names: Callable[[int], str] | None = None
@@ -124,16 +131,55 @@ class PoolSpec:
     memory_check_interval: float = 1.0
     max_age: float | None = None
     max_age_jitter: float = 0.1
+    command: Sequence[str] | None = None
+    env: Mapping[str, str] | None = None
+    cwd: str | None = None
+    user: int | str | None = None
+    group: int | str | None = None
+    umask: int | None = None
 
     def __post_init__(self) -> None:
-        v.callable_("target", self.target)
+        if self.command is not None:
+            if self.target is not None:
+                raise TypeError("give either target or command, not both")
+            if (isinstance(self.command, str | bytes) or not isinstance(self.command, Sequence)
+                    or not self.command or not all(isinstance(a, str) for a in self.command)):
+                raise TypeError(f"command must be a non-empty list of str (an argv, no "
+                                f"shell), got {self.command!r}")
+            object.__setattr__(self, "command", tuple(self.command))
+            if self.env is not None:
+                if not isinstance(self.env, Mapping) or not all(
+                        isinstance(k, str) and isinstance(x, str) for k, x in self.env.items()):
+                    raise TypeError(f"env must be a mapping of str to str, got {self.env!r}")
+                object.__setattr__(self, "env", dict(self.env))
+            if self.cwd is not None and not isinstance(self.cwd, str):
+                raise TypeError(f"cwd must be a str or None, got {self.cwd!r}")
+            for key in ("user", "group"):
+                value = getattr(self, key)
+                if value is not None and (isinstance(value, bool)
+                                          or not isinstance(value, int | str)):
+                    raise TypeError(f"{key} must be a name, an id or None, got {value!r}")
+            if self.umask is not None:
+                v.integer("umask", self.umask)
+                if self.umask > 0o777:
+                    raise ValueError(f"umask must be in 0..0o777, got {self.umask:#o}")
+        elif self.target is None:
+            raise TypeError("PoolSpec needs a target (a callable) or a command (an argv)")
+        else:
+            v.callable_("target", self.target)
+            for key in ("env", "cwd", "user", "group", "umask"):
+                if getattr(self, key) is not None:
+                    raise TypeError(f"{key} is for command workers; a target worker inherits "
+                                    "the supervisor's")
         v.integer("workers", self.workers)
         v.callable_("args", self.args, optional=True)
         v.callable_("names", self.names, optional=True)
         if not isinstance(self.name, str):
             raise TypeError(f"name must be a str, got {self.name!r} ({type(self.name).__name__})")
         if not self.name:
-            object.__setattr__(self, "name", getattr(self.target, "__name__", "pool"))
+            default = (os.path.basename(self.command[0]) if self.command
+                       else getattr(self.target, "__name__", "pool"))
+            object.__setattr__(self, "name", default or "pool")
         v.choice("start_method", self.start_method, START_METHODS)
         object.__setattr__(self, "restart", RestartPolicy.parse(self.restart))
         object.__setattr__(self, "strategy", Strategy.parse(self.strategy))
@@ -170,7 +216,8 @@ class PoolSpec:
         if self.max_age_jitter >= 1:
             raise ValueError(f"max_age_jitter must be a fraction in [0, 1), got "
                              f"{self.max_age_jitter!r}")
-        check_picklable("target", self.target, self.start_method)
+        if self.target is not None:
+            check_picklable("target", self.target, self.start_method)
 
     @property
     def restart_policy(self) -> RestartPolicy:

@@ -77,6 +77,8 @@ TRANSITIONS: dict[tuple[WorkerState, Trigger], frozenset[WorkerState]] = {
     (S.EXITED, T.RESTART): frozenset({S.PENDING}),
     (S.EXITED, T.STOP): frozenset({S.EXITED, S.STOPPED}),
     (S.STOPPED, T.STOP): frozenset({S.STOPPED}),
+    # STOPPED -> PENDING: started again on request (the corral command's `start`).
+    (S.STOPPED, T.RESTART): frozenset({S.PENDING}),
 }
 
 

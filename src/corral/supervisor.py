@@ -19,6 +19,8 @@ from corral._eventqueue import EventQueue
 from corral._fdlimit import ensure_fd_room
 from corral._keeper import keeper
 from corral._monitor import Monitor
+from corral._reactor import Reactor
+from corral._workerio import WorkerIO
 from corral.errors import SupervisorStateError
 from corral.events import Event, EventKind, ExitRecord
 from corral.spec import PoolSpec
@@ -69,7 +71,8 @@ class Supervisor:
     """
 
     def __init__(self, target: Callable[..., Any] | None = None, workers: int | None = None, *,
-                 spec: PoolSpec | None = None, **options: Any) -> None:
+                 spec: PoolSpec | None = None, _host: Reactor[Any] | None = None,
+                 _io: WorkerIO | None = None, **options: Any) -> None:
         if spec is not None:
             if target is not None or workers is not None or options:
                 raise TypeError("pass either spec= or target/workers/options, not both")
@@ -77,11 +80,15 @@ class Supervisor:
                 raise TypeError(f"spec must be a corral.PoolSpec, got {spec!r}")
             self.spec = spec
         else:
-            if target is None:
-                raise TypeError("Supervisor() needs a target (or spec=)")
+            if target is None and options.get("command") is None:
+                raise TypeError("Supervisor() needs a target, a command= or a spec=")
             if workers is not None:
                 options["workers"] = workers
             self.spec = PoolSpec(target, **options)
+        # Internal (the corral command): run the monitor on the caller's reactor, with log
+        # pipes and notify sockets.
+        self._host = _host
+        self._io = _io
         self._monitor: Monitor | None = None
         self._subscribers: list[Callable[[Event], None]] = []
         self._events = EventQueue(self.spec.name)
@@ -110,7 +117,7 @@ class Supervisor:
             keeper.start()
             # The monitor's resources first (they can fail: no shared memory, no fds), then the
             # threads, each undone if a later one cannot start: nothing is left behind.
-            monitor = Monitor(self.spec, self._emit)
+            monitor = Monitor(self.spec, self._emit, host=self._host, io=self._io)
             if self._subscribers:  # else it starts with the first subscribe()
                 try:
                     self._start_dispatcher()

@@ -51,6 +51,11 @@ class RunOptions:
     socket: str
     json_logs: bool
     http: str | None = None
+    config_path: str | None = None  # the file (None: a command line)
+
+    @property
+    def config_dir(self) -> str | None:
+        return os.path.dirname(os.path.abspath(self.config_path)) if self.config_path else None
 
 
 Runner = Callable[[RunOptions], int]
@@ -187,10 +192,14 @@ def run(state: _State, numprocs: int | None, name: str | None, stop_timeout: flo
                  "corral run -n 4 -- CMD ...", EXIT_USAGE)
         config = state.config()
     socket = state.socket or config.socket_path
-    if _runner is None:
-        fail("`corral run` is not wired to the supervisor in this build (the configuration "
-             "is valid; see `corral check`)", EXIT_UNIMPLEMENTED)
-    sys.exit(_runner(RunOptions(config, socket, json_logs or config.log.json, http)))
+    runner: Runner
+    if _runner is not None:
+        runner = _runner
+    else:
+        from corral.cli.runner import run as runner
+    path = None if command else config.path
+    sys.exit(runner(RunOptions(config, socket, json_logs or config.log.json, http,
+                               config_path=path)))
 
 
 @cli.command()

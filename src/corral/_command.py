@@ -1,0 +1,164 @@
+"""Command workers: an exec'd program in its own process group, with the same guarantees.
+
+A :class:`CommandProcess` is what the monitor holds for a worker that runs a command instead of
+a Python target (``PoolSpec(command=[...])``): a pidfd for its exit, its own process group (the
+stop signal and the final SIGKILL reach its children), the keeper (its group dies with the
+supervisor, since an exec'd program cannot carry corral's parent-death watch), reaped by pid.
+
+It is started with ``subprocess.Popen`` (``process_group=0``, ``close_fds``; CPython uses vfork
+or posix_spawn when it can), never with a ``preexec_fn`` (unsafe in a process with threads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing.connection
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from corral._keeper import keeper
+from corral.exitstatus import ExitStatus
+from corral.process import disown_fd, own_fd
+
+__all__ = ["CommandProcess", "Launch"]
+
+
+@dataclass
+class Launch:
+    """What one start of a command gets beyond the pool's settings (from the worker IO).
+
+    Attributes:
+        env: variables to add (NOTIFY_SOCKET, ...).
+        stdout, stderr: fds the child writes to (write ends of pipes; None: inherit ours).
+        pass_fds: other fds the child keeps (listening sockets).
+        readers: our ends of the pipes, for the worker IO once the process exists.
+    """
+
+    env: dict[str, str] = field(default_factory=dict)
+    stdout: int | None = None
+    stderr: int | None = None
+    pass_fds: tuple[int, ...] = ()
+    readers: tuple[int, ...] = ()
+
+    def close_child_ends(self) -> None:
+        for fd in (self.stdout, self.stderr):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.stdout = self.stderr = None
+
+    def close_readers(self) -> None:
+        for fd in self.readers:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.readers = ()
+
+
+class CommandProcess:
+    """One running command (a ``ProcessLike``)."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.exit: ExitStatus | None = None
+        self.stop_sent: int | None = None
+        self._pidfd = -1
+        try:
+            self._pidfd = own_fd(os.pidfd_open(self.pid))
+        except OSError:
+            pass
+        keeper.register(self.pid)  # process_group=0: its group id is its pid
+
+    @classmethod
+    def start(cls, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+              cwd: str | None = None, user: int | str | None = None,
+              group: int | str | None = None, umask: int | None = None,
+              launch: Launch | None = None) -> CommandProcess:
+        """Start ``argv`` in a new process group.
+
+        Raises:
+            OSError: it could not be started (no such program, permission, limits).
+        """
+        launch = launch or Launch()
+        full_env = dict(os.environ if env is None else env)
+        full_env.update(launch.env)
+        popen = subprocess.Popen(
+            list(argv), stdin=subprocess.DEVNULL, stdout=launch.stdout, stderr=launch.stderr,
+            env=full_env, cwd=cwd, user=user, group=group,
+            umask=-1 if umask is None else umask, process_group=0, close_fds=True,
+            pass_fds=launch.pass_fds)
+        return cls(popen)
+
+    def waitable(self) -> int:
+        return self._pidfd
+
+    def send(self, sig: int) -> bool:
+        if self.exit is not None:
+            return False
+        try:
+            if self._pidfd >= 0:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            else:
+                os.kill(self.pid, sig)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def send_group(self, sig: int) -> bool:
+        if self.exit is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, sig)
+                return True
+        return self.send(sig)
+
+    def send_stop(self, sig: int) -> None:
+        if self.stop_sent == sig or self.stop_sent == signal.SIGKILL:
+            return
+        self.stop_sent = sig
+        self.send_group(sig)
+        if sig != signal.SIGKILL:
+            self.send_group(signal.SIGCONT)
+
+    def kill_group_leftovers(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+
+    def reap(self) -> ExitStatus | None:
+        if self.exit is not None:
+            return self.exit
+        try:
+            result = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG)
+        except ChildProcessError:
+            # Collected by someone else (a foreign reaper): its status is lost for good.
+            self.exit = ExitStatus.unknown_status()
+        else:
+            if result is None:
+                return None
+            if result.si_code == os.CLD_EXITED:
+                self.exit = ExitStatus(code=result.si_status)
+            else:
+                self.exit = ExitStatus(signal=result.si_status,
+                                       core_dumped=result.si_code == os.CLD_DUMPED)
+        self.popen.returncode = self.exit.returncode if self.exit.returncode is not None else -1
+        keeper.unregister(self.pid)
+        return self.exit
+
+    def kill_and_reap(self, timeout: float = 5.0) -> None:
+        self.send_group(signal.SIGKILL)
+        if self._pidfd >= 0:
+            multiprocessing.connection.wait([self._pidfd], timeout=timeout)
+        self.kill_group_leftovers()
+        self.reap()
+        self.close()
+
+    def close(self) -> None:
+        if self._pidfd >= 0:
+            disown_fd(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
