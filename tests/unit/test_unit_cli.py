@@ -258,9 +258,7 @@ def test_check(tmp_path: Path) -> None:
     assert out.returncode == 0 and "ok" in out.stdout and "web (2x command)" in out.stdout
 
 
-def test_run_is_a_clear_stub_until_wired(tmp_path: Path) -> None:
-    out = corral("run", "-n", "4", "--", sys.executable, "-c", "print(1)", "--flag")
-    assert out.returncode == 3 and "not wired" in out.stderr
+def test_run_refuses_bad_arguments_before_starting_anything(tmp_path: Path) -> None:
     out = corral("run", "-n", "4", "--restart", "sometimes", "--", "x")
     assert out.returncode == 2
     out = corral("run", "-c", str(tmp_path / "missing.toml"))

@@ -211,10 +211,34 @@ def test_rejects_bad_parameter(kwargs: dict[str, Any], exc: type[Exception],
         PoolSpec(work, **kwargs)
 
 
-@pytest.mark.parametrize("target", [None, 3, "work", ("work",)])
+@pytest.mark.parametrize("target", [3, "work", ("work",)])
 def test_rejects_non_callable_target(target: object) -> None:
     with pytest.raises(TypeError, match=r"^target must be a callable, got"):
         PoolSpec(target)  # type: ignore[arg-type]
+
+
+def test_needs_a_target_or_a_command() -> None:
+    with pytest.raises(TypeError, match=r"needs a target \(a callable\) or a command"):
+        PoolSpec(None)
+    with pytest.raises(TypeError, match="either target or command"):
+        PoolSpec(work, command=["true"])
+
+
+@pytest.mark.parametrize("command", ["sleep 1", [], ["sleep", 1], [b"sleep"]])
+def test_rejects_a_bad_command(command: object) -> None:
+    with pytest.raises(TypeError, match=r"^command must be a non-empty list of str"):
+        PoolSpec(command=command)  # type: ignore[arg-type]
+
+
+def test_command_options() -> None:
+    spec = PoolSpec(command=["sleep", "10"], env={"A": "1"}, cwd="/", umask=0o22)
+    assert spec.command == ("sleep", "10") and spec.name == "sleep" and spec.env == {"A": "1"}
+    with pytest.raises(TypeError, match="env must be a mapping of str to str"):
+        PoolSpec(command=["true"], env={"A": 1})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="umask must be in"):
+        PoolSpec(command=["true"], umask=0o1777)
+    with pytest.raises(TypeError, match="cwd is for command workers"):
+        PoolSpec(work, cwd="/")
 
 
 def test_validation_errors_are_not_notpicklable() -> None:

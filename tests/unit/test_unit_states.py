@@ -82,7 +82,7 @@ def test_some_transitions_that_must_stay_illegal() -> None:
     # A few the monitor must never make; guards against the table being loosened by accident.
     for state, trigger, new in [
         (S.PENDING, T.READY, S.RUNNING),  # no process yet
-        (S.STOPPED, T.RESTART, S.PENDING),  # stopped by corral stays stopped
+        (S.STOPPED, T.BACKOFF_OVER, S.PENDING),  # stopped by corral stays stopped...
         (S.STOPPING, T.READY, S.RUNNING),  # readiness does not cancel a stop
         (S.BACKOFF, T.EXITED, S.PENDING),  # nothing runs in backoff
         (S.EXITED, T.SPAWNED, S.STARTING),
@@ -91,6 +91,11 @@ def test_some_transitions_that_must_stay_illegal() -> None:
     ]:
         with pytest.raises(IllegalTransition):
             check(state, trigger, new, WHO)
+
+
+def test_a_stopped_worker_starts_again_only_when_asked() -> None:
+    # ...unless someone asks: `corral start web:2` after `corral stop web:2`.
+    check(S.STOPPED, T.RESTART, S.PENDING, WHO)
 
 
 def test_every_state_can_be_stopped() -> None:
