@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import faulthandler
 import fcntl
 import multiprocessing
@@ -191,6 +192,78 @@ def _release_forkserver() -> None:
 
 def run_worker(config: BootConfig, target: Callable[..., Any], args: tuple[Any, ...]) -> None:
     """The multiprocessing target of every worker: prepare, then ``target(index, *args)``."""
+    armed, dump_fd = _prepare(config)
+    _take_slot(config, config.index, config.name, dump_fd)
+    _last_steps(config, armed)
+    target(config.index, *args)
+
+
+@dataclass(frozen=True)
+class Handover:
+    """What a standby gets when it takes a worker's place (pickled through its pipe)."""
+
+    index: int
+    name: str
+    args: tuple[Any, ...]
+    heartbeat_path: str | None
+    wake_path: str | None
+    ready_on_beat: bool
+    stdio: tuple[str | None, str | None] | None
+
+
+def run_standby(config: BootConfig, target: Callable[..., Any], conn: Any,
+                warm_up: Callable[[], Any] | str | None) -> None:
+    """The multiprocessing target of a standby: boot, warm up, then wait for a worker's place.
+
+    Everything that does not depend on which worker it becomes is done before it is needed
+    (process group, signals, parent-death protection, the dump handler, the target's module,
+    the warm-up hook); at the handover it takes the slot (heartbeats, title, stdio) and runs
+    ``target(index, *args)``, so a replacement runs user code within about a millisecond.
+
+    Messages on ``conn``: to the supervisor ``("h",)`` once ready, ``("i", traceback)`` if
+    ``warm_up`` raised (then it exits); from it one pickled :class:`Handover`, or EOF / an
+    empty message: exit.
+    """
+    import pickle
+    import traceback
+
+    armed, dump_fd = _prepare(config)
+    if warm_up is not None:
+        try:
+            if isinstance(warm_up, str):
+                import importlib
+
+                module, _, attr = warm_up.partition(":")
+                warm_up = getattr(importlib.import_module(module), attr)
+            assert callable(warm_up)
+            warm_up()
+        except BaseException:
+            with contextlib.suppress(OSError):
+                conn.send_bytes(pickle.dumps(("i", traceback.format_exc())))
+            raise SystemExit(3) from None
+        _reset_signals(None)  # whatever the warm-up did, the worker starts from the defaults
+    _last_steps(config, armed)
+    conn.send_bytes(pickle.dumps(("h",)))
+    try:
+        data = conn.recv_bytes()
+    except (EOFError, OSError):
+        raise SystemExit(0) from None
+    if not data:
+        raise SystemExit(0)
+    hand: Handover = pickle.loads(data)
+    conn.close()
+    if hand.stdio is not None:
+        _redirect_stdio(hand.stdio)
+    slot = dataclasses.replace(config, index=hand.index, name=hand.name,
+                               heartbeat_path=hand.heartbeat_path, wake_path=hand.wake_path,
+                               ready_on_beat=hand.ready_on_beat)
+    _take_slot(slot, hand.index, hand.name, dump_fd)
+    target(hand.index, *hand.args)
+
+
+def _prepare(config: BootConfig) -> tuple[bool, int]:
+    """What every worker (or standby) does first: fds, stdio, group, signals, parent death,
+    the dump handler. Returns (the parent-death signal is armed, the dump memfd)."""
     if config.forked:
         close_internal_fds(keep=(config.wake_fd,))
     if config.stdio is not None:
@@ -209,21 +282,31 @@ def run_worker(config: BootConfig, target: Callable[..., Any], args: tuple[Any, 
     # If our parent died before prctl, no signal will come: check by hand.
     if os.getppid() != parent or parent == 1:
         _kill_own_group()
-    if _setproctitle is not None:
-        with contextlib.suppress(Exception):
-            _setproctitle.setproctitle(f"corral: {config.pool} worker {config.index}")
     dump_fd = -1
     if config.dump_signal is not None:
         # Evidence from a hung worker: a C-level handler dumps every thread's stack into a memfd
         # the supervisor reads through /proc, even when the interpreter itself is stuck.
-        dump_fd = _make_dump_fd(config.index)
+        dump_fd = _make_dump_fd(max(config.index, 0))
         faulthandler.register(config.dump_signal, file=dump_fd, all_threads=True, chain=False)
-    if config.table is not None:
-        heartbeat._attach_view(config.table.view, config.index, dump_fd, config.wake_fd,
-                               config.ready_on_beat)
+    return armed, dump_fd
+
+
+def _take_slot(config: BootConfig, index: int, name: str, dump_fd: int) -> None:
+    """Become worker ``index``: its title and its heartbeat slot."""
+    if _setproctitle is not None:
+        with contextlib.suppress(Exception):
+            _setproctitle.setproctitle(f"corral: {config.pool} worker {index}")
+    table = config.table
+    if table is not None and index < table.capacity:
+        # A fork child shares the supervisor's mapping (from when it was forked: a slot past
+        # it, added since, is opened like under spawn).
+        heartbeat._attach_view(table.view, index, dump_fd, config.wake_fd, config.ready_on_beat)
     elif config.heartbeat_path is not None:
-        heartbeat._attach(config.heartbeat_path, config.index, dump_fd, config.wake_path,
+        heartbeat._attach(config.heartbeat_path, index, dump_fd, config.wake_path,
                           config.ready_on_beat)
+
+
+def _last_steps(config: BootConfig, armed: bool) -> None:
     # Last: every fd above is opened while this process has one thread. With a second one,
     # growing the fd table (the dump memfd sits at a high number) waits for an RCU grace
     # period in the kernel, ~8 ms of every forkserver start.
@@ -232,4 +315,3 @@ def run_worker(config: BootConfig, target: Callable[..., Any], args: tuple[Any, 
         # the supervisor itself. Under fork/spawn the signal is tied to the supervisor's
         # long-lived spawner thread, and the thread would cost ~0.6 ms of every restart.
         _watch_parent()
-    target(config.index, *args)

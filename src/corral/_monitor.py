@@ -44,11 +44,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from corral import states
-from corral._bootstrap import BootConfig, run_worker, signals_to_reset
+from corral._bootstrap import BootConfig, run_standby, run_worker, signals_to_reset
 from corral._command import CommandProcess, Launch
 from corral._fdlimit import explain_fd_error
 from corral._health import HealthRunner
 from corral._monitor_parts import ControlPart, GroupRestart, WatchPart
+from corral._monitor_standby import Standby, StandbyPart
 from corral._reactor import Reactor
 from corral._reply import Reply
 from corral._slots import POOL, AfterStop, Deadline, DeadlineKey, WorkerSlot
@@ -81,12 +82,13 @@ class SpawnRequest:
     boot: BootConfig
     args: tuple[Any, ...]
     launch: Launch | None = None  # pipes and env from the worker IO
+    standby: Standby | None = None  # a hot standby's start (index < 0)
 
 
 StartProcess = Callable[[SpawnRequest], ProcessLike]
 
 
-class Monitor(ControlPart, WatchPart):
+class Monitor(StandbyPart, ControlPart, WatchPart):
     """Runs a pool. Created and driven by :class:`corral.Supervisor`; not public.
 
     Args:
@@ -161,6 +163,7 @@ class Monitor(ControlPart, WatchPart):
         self._memory_pending = False
         self.gave_up: GaveUp | None = None
         self.finished = threading.Event()
+        self._standby_init()
         self._snapshot: tuple[WorkerStatus, ...] = ()
         self._thread = threading.Thread(target=self._run, name=f"corral-monitor[{spec.name}]",
                                         daemon=True)
@@ -195,6 +198,7 @@ class Monitor(ControlPart, WatchPart):
         now = self._clock()
         for w in list(self._slots.values()):
             self._spawn(w, now)
+        self._replenish(now)  # standbys after the workers
 
     def step(self, max_wait: float) -> None:
         """One round of the loop on the calling thread, waiting at most ``max_wait`` real
@@ -279,6 +283,20 @@ class Monitor(ControlPart, WatchPart):
 
     def _start_worker(self, req: SpawnRequest) -> ProcessLike:
         spec = self.spec
+        if req.standby is not None:
+            ours, theirs = multiprocessing.Pipe(duplex=True)
+            own_fd(ours.fileno())
+            try:
+                proc = WorkerProcess.start(
+                    self._ctx, run_standby, (req.boot, spec.target, theirs, spec.standby_init),
+                    req.boot.name, spec.daemon)
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
+            req.standby.pending_conn = ours
+            return proc
         if spec.command is not None:
             try:
                 return CommandProcess.start(spec.command, env=spec.env, cwd=spec.cwd,
@@ -487,12 +505,28 @@ class Monitor(ControlPart, WatchPart):
             dump_signal=DUMP_SIGNAL, forkserver=self.spec.start_method == "forkserver",
             reset_signals=signals_to_reset() if self._fork_extras else None,
             stdio=stdio, **self._fork_extras)
+        if self._standbys and self._give_place(w, boot, launch):
+            return  # a hot standby took its place: no process start
         self._spawner.request(SpawnRequest(w.index, w.generation, boot, w.args, launch))
 
     def _spawned_batch(self, batch: list[tuple[SpawnRequest, ProcessLike | BaseException]],
                        ) -> None:
         for req, result in batch:
-            self._spawned(req, result)
+            if req.standby is not None:
+                self._standby_spawned(req.standby, result, req.standby.pending_conn)
+            else:
+                self._spawned(req, result)
+
+    def _request_standby(self, sb: Standby) -> None:
+        boot = BootConfig(
+            pool=self.spec.name, index=-1, name=f"{self.spec.name}-{sb.name}",
+            supervisor_pid=os.getpid(), heartbeat_path=self._hb.path,
+            wake_path=f"/proc/{os.getpid()}/fd/{self._reactor.wake_fd}",
+            ready_on_beat=self.spec.ready_when == "beat", dump_signal=DUMP_SIGNAL,
+            forkserver=self.spec.start_method == "forkserver",
+            reset_signals=signals_to_reset() if self._fork_extras else None,
+            **self._fork_extras)
+        self._spawner.request(SpawnRequest(-sb.id, 0, boot, (), None, sb))
 
     def _spawned(self, req: SpawnRequest, result: ProcessLike | BaseException) -> None:
         index, generation, launch = req.index, req.generation, req.launch
@@ -689,7 +723,7 @@ class Monitor(ControlPart, WatchPart):
                 self._begin_stop(0.0, StopReason.SHUTDOWN, self._clock())
             else:
                 return
-        if final < len(self._slots):
+        if final < len(self._slots) or self._standbys:
             return
         self._publish()
         self._health.shutdown()
@@ -715,6 +749,12 @@ class Monitor(ControlPart, WatchPart):
         self._hb.close()
 
     def _emergency_kill(self) -> None:
+        for sb in list(self._standbys.values()):
+            if sb.proc is not None:
+                try:
+                    sb.proc.kill_and_reap()
+                except Exception:
+                    pass
         for w in self._slots.values():
             if w.proc is not None:
                 try:
@@ -737,6 +777,7 @@ class Monitor(ControlPart, WatchPart):
                 for straggler in self._slots.values():
                     if straggler.state is S.STOPPING:
                         self._kill(straggler)
+                self._kill_standbys()
             elif kind is Deadline.MEMORY:
                 self._measure_memory(now)
             elif kind is Deadline.GROUP:
@@ -744,6 +785,8 @@ class Monitor(ControlPart, WatchPart):
             elif kind is Deadline.LIVENESS:
                 self._live_at = math.inf
                 self._check_liveness(now)
+            elif kind is Deadline.STANDBY:
+                self._replenish(now)
             return
         w = self._slots.get(owner)
         if w is None:

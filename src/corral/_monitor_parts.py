@@ -97,6 +97,8 @@ if TYPE_CHECKING:
         def _rolling_advance(self) -> None: ...
         def _group_maybe_restart(self, now: float) -> None: ...
         def _live_changed(self) -> None: ...
+        def _stop_standbys(self) -> None: ...
+        def _standby_statuses(self, now: float) -> list[WorkerStatus]: ...
 else:
     _Core = object
 
@@ -375,6 +377,7 @@ class ControlPart(_Core):
             return
         self._stopping = True
         self._stop_deadline = now + timeout
+        self._stop_standbys()
         self._rolling.clear()
         self._group = None
         self._dl.cancel((POOL, Deadline.GROUP))
@@ -667,6 +670,8 @@ class ControlPart(_Core):
                 status_text=reading.status if reading else "",
                 last_exit=w.last_exit,
                 next_restart_in=None if backoff_at is None else max(0.0, backoff_at - now)))
+        if live:
+            out.extend(self._standby_statuses(now))
         return tuple(out)
 
     def _publish(self) -> None:

@@ -44,6 +44,7 @@ class Deadline(enum.Enum):
     MEMORY                    time to measure the workers' RSS                       POOL
     GROUP                     a group restart's backoff is over                      POOL
     LIVENESS                  look at the heartbeats (hosted monitors only)          POOL
+    STANDBY                   a new standby may start (its backoff is over)          POOL
     ========================  =====================================================  =========
 
     A monitor with a thread of its own keeps the liveness look apart from the heap (it moves at
@@ -60,6 +61,7 @@ class Deadline(enum.Enum):
     MEMORY = "memory"
     GROUP = "group"
     LIVENESS = "liveness"
+    STANDBY = "standby"
 
 
 POOL = -1  # the owner of pool-wide deadlines

@@ -88,3 +88,4 @@ class Event:
     exit: ExitRecord | None = None
     delay: float | None = None  # RESTARTING: seconds until the restart
     message: str = ""
+    standby: bool = False  # about a hot standby (index None), not a worker

@@ -73,6 +73,14 @@ class PoolSpec:
             ``["python", "worker.py", "--flag"]``. It gets the same process group, stop
             deadline, keeper, backoff and budget; ``ready_when="ready"`` waits for its
             sd_notify ``READY=1`` when something provides a notify socket (the corral command).
+        standby: hot standby processes kept booted (the target's module imported, the warm-up
+            run), each holding no worker index: a worker that must be restarted takes one
+            at once and runs user code within about a millisecond, and a new standby boots in
+            the background. Costs K idle processes (their memory). 0: none.
+        standby_init: a warm-up run in each standby before it is needed (a callable, or
+            "module:function"): load a model, open pools; what it builds is inherited by
+            the worker's target. A standby whose warm-up raises is reported and replaced with
+            backoff; workers are then started cold meanwhile.
         env: a command's environment (default: the supervisor's).
         cwd, user, group, umask: where and as whom a command runs (user/group need root).
         workers: how many workers, >= 0.
@@ -131,6 +139,8 @@ class PoolSpec:
     memory_check_interval: float = 1.0
     max_age: float | None = None
     max_age_jitter: float = 0.1
+    standby: int = 0
+    standby_init: Callable[[], Any] | str | None = None
     command: Sequence[str] | None = None
     env: Mapping[str, str] | None = None
     cwd: str | None = None
@@ -216,8 +226,19 @@ class PoolSpec:
         if self.max_age_jitter >= 1:
             raise ValueError(f"max_age_jitter must be a fraction in [0, 1), got "
                              f"{self.max_age_jitter!r}")
+        v.integer("standby", self.standby)
+        init = self.standby_init
+        if init is not None and not callable(init) and not (
+                isinstance(init, str) and init.count(":") == 1 and all(init.split(":"))):
+            raise TypeError(f'standby_init must be a callable or "module:function", got '
+                            f"{init!r}")
+        if self.command is not None and (self.standby or init is not None):
+            raise ValueError("standby is for Python targets: a command cannot be started "
+                             "before it is needed")
         if self.target is not None:
             check_picklable("target", self.target, self.start_method)
+            if callable(init):
+                check_picklable("standby_init", init, self.start_method)
 
     @property
     def restart_policy(self) -> RestartPolicy:

@@ -26,6 +26,8 @@ class WorkerStatus:
         last_exit: how its previous process ended, or None.
         last_reason: why it last stopped, or None.
         next_restart_in: seconds until a scheduled restart (BACKOFF), or None.
+        standby: True for a hot standby (``PoolSpec(standby=K)``): its ``index`` is
+            negative, ``state`` STARTING while it boots and RUNNING once ready.
     """
 
     index: int
@@ -40,6 +42,7 @@ class WorkerStatus:
     status_text: str
     last_exit: ExitRecord | None
     next_restart_in: float | None
+    standby: bool = False  # a hot standby (index < 0), not a worker
 
     @property
     def alive(self) -> bool:
