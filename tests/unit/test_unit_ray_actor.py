@@ -197,3 +197,19 @@ def test_local_slot_outside_a_worker_and_after_detach() -> None:
     finally:
         slot.detach()
     assert not corral.in_worker() and corral.beat() is False
+
+
+def test_actor_options_are_checked_before_anything_starts() -> None:
+    from corral.ray import validate_options
+
+    assert validate_options(None) == {}
+    opts = {"num_cpus": 0.5, "scheduling_strategy": "SPREAD", "runtime_env": {"env_vars": {}}}
+    assert validate_options(opts) == opts
+    with pytest.raises(ValueError, match="must not set 'max_restarts'"):
+        validate_options({"max_restarts": 3})
+    with pytest.raises(ValueError, match="must not set 'lifetime'"):
+        validate_options({"lifetime": "detached"})
+    with pytest.raises(ValueError, match="unknown option 'num_cpu'"):
+        validate_options({"num_cpu": 1})
+    with pytest.raises(TypeError, match="ray_options must be a dict"):
+        validate_options([("num_cpus", 1)])  # type: ignore[arg-type]
