@@ -7,12 +7,12 @@ budget, shut everything down within one deadline, and say what happened and why.
 from typing import TYPE_CHECKING
 
 from corral.errors import CorralError, GaveUp, NotPicklable, SupervisorStateError
-from corral.events import Event, EventKind, ExitRecord
+from corral.events import Event, EventKind, ExitRecord, StopReason
 from corral.exitstatus import ExitStatus
 from corral.heartbeat import beat, in_worker, ready, set_status
-from corral.policy import Backoff, RestartBudget, RestartPolicy
+from corral.policy import Backoff, RestartBudget, RestartPolicy, Strategy
 from corral.spec import PoolSpec
-from corral.states import StopReason, WorkerState
+from corral.states import WorkerState
 from corral.status import WorkerStatus
 from corral.supervisor import Supervisor
 
@@ -22,11 +22,13 @@ if TYPE_CHECKING:
         HeartbeatUpdateNeverCalled,
         WorkerProcessManager,
     )
+    from corral.futures import ProcessPoolExecutor
     from corral.pool import (
         MemoryLimitExceeded,
         PoolBroken,
         ProcessPool,
         TaskTimeout,
+        UnpicklingFailed,
         WorkerLost,
     )
 
@@ -37,6 +39,8 @@ _LAZY = {
     "HeartbeatHealthCheck": "corral.compat",
     "HeartbeatUpdateNeverCalled": "corral.compat",
     "ProcessPool": "corral.pool",
+    "ProcessPoolExecutor": "corral.futures",
+    "UnpicklingFailed": "corral.pool",
     "WorkerLost": "corral.pool",
     "TaskTimeout": "corral.pool",
     "MemoryLimitExceeded": "corral.pool",
@@ -68,12 +72,15 @@ __all__ = [
     "PoolBroken",
     "PoolSpec",
     "ProcessPool",
+    "ProcessPoolExecutor",
     "RestartBudget",
     "RestartPolicy",
     "StopReason",
+    "Strategy",
     "Supervisor",
     "SupervisorStateError",
     "TaskTimeout",
+    "UnpicklingFailed",
     "WorkerLost",
     "WorkerProcessManager",
     "WorkerState",

@@ -190,11 +190,6 @@ def run_worker(config: BootConfig, target: Callable[..., Any], args: tuple[Any, 
     # If our parent died before prctl, no signal will come: check by hand.
     if os.getppid() != parent or parent == 1:
         _kill_own_group()
-    if config.forkserver or not armed:
-        # The forkserver may outlive the supervisor for a moment (or prctl is missing): watch
-        # the supervisor itself. Under fork/spawn the signal is tied to the supervisor's
-        # long-lived spawner thread, and the thread would cost ~0.6 ms of every restart.
-        _watch_parent()
     if _setproctitle is not None:
         with contextlib.suppress(Exception):
             _setproctitle.setproctitle(f"corral: {config.pool} worker {config.index}")
@@ -210,4 +205,12 @@ def run_worker(config: BootConfig, target: Callable[..., Any], args: tuple[Any, 
     elif config.heartbeat_path is not None:
         heartbeat._attach(config.heartbeat_path, config.index, dump_fd, config.wake_path,
                           config.ready_on_beat)
+    # Last: every fd above is opened while this process has one thread. With a second one,
+    # growing the fd table (the dump memfd sits at a high number) waits for an RCU grace
+    # period in the kernel, ~8 ms of every forkserver start.
+    if config.forkserver or not armed:
+        # The forkserver may outlive the supervisor for a moment (or prctl is missing): watch
+        # the supervisor itself. Under fork/spawn the signal is tied to the supervisor's
+        # long-lived spawner thread, and the thread would cost ~0.6 ms of every restart.
+        _watch_parent()
     target(config.index, *args)

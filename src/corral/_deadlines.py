@@ -1,35 +1,43 @@
-"""A heap of deadlines keyed by (worker id, kind); setting a key again replaces its deadline."""
+"""A heap of deadlines under typed keys; setting a key again replaces its deadline."""
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
 __all__ = ["Deadlines"]
 
+K = TypeVar("K", bound=Hashable)
 
-class Deadlines:
+
+class Deadlines(Generic[K]):
     """Deadlines with lazy cancellation: O(log n) set, pop and cancel."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Hashable]] = []
-        self._live: dict[Hashable, tuple[float, int]] = {}
+        self._heap: list[tuple[float, int, K]] = []
+        self._live: dict[K, tuple[float, int]] = {}
         self._seq = itertools.count()
 
-    def set(self, key: Hashable, when: float) -> None:
+    def set(self, key: K, when: float) -> None:
         seq = next(self._seq)
         self._live[key] = (when, seq)
         heapq.heappush(self._heap, (when, seq, key))
 
-    def cancel(self, key: Hashable) -> None:
+    def cancel(self, key: K) -> None:
         self._live.pop(key, None)
 
-    def get(self, key: Hashable) -> float | None:
+    def cancel_where(self, predicate: Callable[[K], bool]) -> None:
+        """Cancel every deadline whose key matches (O(n): for an owner that is done)."""
+        for key in [k for k in self._live if predicate(k)]:
+            del self._live[key]
+
+    def get(self, key: K) -> float | None:
         entry = self._live.get(key)
         return None if entry is None else entry[0]
 
-    def __contains__(self, key: Hashable) -> bool:
+    def __contains__(self, key: object) -> bool:
         return key in self._live
 
     def __len__(self) -> int:
@@ -43,14 +51,20 @@ class Deadlines:
                 return
             heapq.heappop(heap)
 
+    def peek(self) -> float | None:
+        """The earliest entry's time, cheaply: it may belong to a cancelled deadline (so a
+        caller may wake early, then find nothing due), never later than the true one."""
+        heap = self._heap
+        return heap[0][0] if heap else None
+
     def next_due(self) -> float | None:
         """When the earliest live deadline falls, or None."""
         self._drop_stale()
         return self._heap[0][0] if self._heap else None
 
-    def pop_due(self, now: float) -> list[Hashable]:
+    def pop_due(self, now: float) -> list[K]:
         """Remove and return the keys whose deadline is <= now, earliest first."""
-        due: list[Hashable] = []
+        due: list[K] = []
         while True:
             self._drop_stale()
             if not self._heap or self._heap[0][0] > now:

@@ -140,6 +140,8 @@ class _Keeper:
 
     def register(self, pgid: int) -> None:
         """Kill group ``pgid`` if this process dies before :meth:`unregister`."""
+        if self._fd < 0 or self._pid != os.getpid():
+            self.start()  # pools start it up front; this covers any other caller
         self._send(b"+%d\n" % pgid)
 
     def unregister(self, pgid: int) -> None:

@@ -8,12 +8,17 @@ without blocking.
     pool -> worker:  pickle((fn, args, kwargs))     a task
                      b"" (an empty frame)           quit
     worker -> pool:  pickle(("h",))                 ready for tasks (the initializer ran)
-                     pickle(("i", text))            the initializer failed (exit follows)
+                     pickle(("i", text, exc))       the initializer raised exc (None if exc
+                                                    cannot be pickled); text is its traceback;
+                                                    the worker exits next
                      pickle(("r", value))           the task's result
                      pickle(("e", exc, text))       the task raised exc; text is its traceback
-                     pickle(("u", text, tb))        the task ended, but its result or exception
-                                                    could not be sent (or the task could not be
-                                                    unpickled here); tb may be ""
+                                                    (also a BaseException such as SystemExit
+                                                    raised while pickling the result)
+                     pickle(("u", text, tb, exc))   the task ended, but its result or exception
+                                                    could not be pickled: exc is that error (None
+                                                    if it cannot be pickled itself); tb may be ""
+                     pickle(("t", text, tb))        the task could not be unpickled here
 """
 
 from __future__ import annotations
@@ -42,30 +47,62 @@ def _error_frame(exc: BaseException) -> bytes:
         # arguments it does not pass on) would only fail in the parent: find out here.
         pickle.loads(frame)
     except BaseException as perr:
-        return pickle.dumps(("u", (
+        return _unpicklable_frame(
             f"the task raised {type(exc).__name__}: {_safe_str(exc)}, which could not be "
-            f"pickled to send it back ({type(perr).__name__}: {_safe_str(perr)})"), text),
-            _PROTOCOL)
+            f"pickled to send it back ({type(perr).__name__}: {_safe_str(perr)})", text, perr)
     return frame
 
 
+def _unpicklable_frame(text: str, tb: str, err: BaseException) -> bytes:
+    try:
+        return pickle.dumps(("u", text, tb, err), _PROTOCOL)
+    except BaseException:
+        return pickle.dumps(("u", text, tb, None), _PROTOCOL)
+
+
+def _result_frame(result: Any) -> bytes:
+    try:
+        return pickle.dumps(("r", result), _PROTOCOL)
+    except Exception as exc:
+        return _unpicklable_frame(
+            f"the task's result ({type(result).__name__}) could not be pickled to send it "
+            f"back ({type(exc).__name__}: {_safe_str(exc)})",
+            "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), exc)
+    except BaseException as exc:  # SystemExit from a __reduce__: the task's outcome, as raised
+        return _error_frame(exc)
+
+
 def main(index: int, conn: Connection, initializer: Callable[..., Any] | None,
-         initargs: tuple[Any, ...]) -> None:
-    """The worker loop (``run_worker``'s target)."""
+         initargs: tuple[Any, ...], init_logger: str | None = None) -> None:
+    """The worker loop (``run_worker``'s target).
+
+    ``init_logger``: a logger that an initializer's failure is also logged to, in the worker
+    (``concurrent.futures`` for the drop-in executor, as the standard library does).
+    """
     del index  # the slot number is in the process title already
     if initializer is not None:
         try:
             initializer(*initargs)
-        except BaseException:
+        except BaseException as exc:
             text = traceback.format_exc()
+            if init_logger is not None:
+                import logging
+
+                logging.getLogger(init_logger).critical("Exception in initializer:",
+                                                        exc_info=True)
             try:
-                conn.send_bytes(pickle.dumps(("i", text), _PROTOCOL))
+                try:
+                    frame = pickle.dumps(("i", text, exc), _PROTOCOL)
+                    pickle.loads(frame)
+                except BaseException:
+                    frame = pickle.dumps(("i", text, None), _PROTOCOL)
+                conn.send_bytes(frame)
             except OSError:
                 pass
             raise SystemExit(1) from None
     recv, send = conn.recv_bytes, conn.send_bytes
-    loads, dumps = pickle.loads, pickle.dumps
-    send(dumps(("h",), _PROTOCOL))
+    loads = pickle.loads
+    send(pickle.dumps(("h",), _PROTOCOL))
     while True:
         try:
             data = recv()
@@ -75,11 +112,13 @@ def main(index: int, conn: Connection, initializer: Callable[..., Any] | None,
             return  # quit
         try:
             fn, args, kwargs = loads(data)
-        except BaseException as exc:
-            send(dumps(("u", (
+        except BaseException as exc:  # SystemExit from a __reduce__ too: the worker carries on
+            send(pickle.dumps(("t", (
                 f"the task could not be unpickled in the worker ({type(exc).__name__}: "
                 f"{_safe_str(exc)}); its function and arguments must be importable there: "
-                "module-level, from a module the worker can import"), ""), _PROTOCOL))
+                "module-level, from a module the worker can import"),
+                "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))),
+                _PROTOCOL))
             continue
         del data
         try:
@@ -89,12 +128,7 @@ def main(index: int, conn: Connection, initializer: Callable[..., Any] | None,
             continue
         finally:
             del fn, args, kwargs
-        try:
-            out = dumps(("r", result), _PROTOCOL)
-        except BaseException as exc:
-            out = dumps(("u", (
-                f"the task's result ({type(result).__name__}) could not be pickled to send it "
-                f"back ({type(exc).__name__}: {_safe_str(exc)})"), ""), _PROTOCOL)
+        out = _result_frame(result)
         del result
         send(out)
         del out

@@ -18,7 +18,7 @@ seconds later without delaying the others, one stop deadline for the whole pool,
 workers that ignore SIGTERM, process groups, no orphans, and every start method.
 
 Where the original's behaviour was a defect, the fixed behaviour is documented on the method;
-docs/compat.md lists every difference.
+README.md ("Coming from Duck's WorkerProcessManager") lists every difference.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import logging
 import math
 import multiprocessing
 import os
-import select
 import signal
 import sys
 import threading
@@ -38,12 +37,12 @@ from collections.abc import Callable
 from typing import Any
 
 from corral import _validate as v
-from corral.errors import SupervisorStateError
-from corral.events import Event, EventKind
+from corral.errors import CorralError, SupervisorStateError
+from corral.events import Event, EventKind, StopReason
 from corral.heartbeat import beat
 from corral.policy import Backoff, RestartBudget
+from corral.process import pid_running, wait_exit
 from corral.spec import START_METHODS, check_picklable
-from corral.states import StopReason
 from corral.status import WorkerStatus
 from corral.supervisor import Supervisor
 
@@ -68,7 +67,7 @@ _pool_numbers = iter(range(1, 2**62))
 _pool_numbers_lock = threading.Lock()
 
 
-class HeartbeatUpdateNeverCalled(Exception):
+class HeartbeatUpdateNeverCalled(CorralError):
     """Raised by :meth:`HeartbeatHealthCheck.check_health` if no worker has ever beaten."""
 
 
@@ -239,15 +238,6 @@ def _spread(result: Any) -> tuple[Any, ...]:
     return (result,)
 
 
-def _pid_running(pid: int) -> bool:
-    """True if ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False
-
-
 class WorkerProcessInfo:
     """One worker process of a :class:`WorkerProcessManager`, shaped like
     ``multiprocessing.Process``: ``pid``, ``name``, ``daemon``, ``is_alive()``, ``exitcode``,
@@ -276,7 +266,7 @@ class WorkerProcessInfo:
     def is_alive(self) -> bool:
         s = self._current()
         return (s is not None and self.pid is not None and s.pid == self.pid and s.alive
-                and _pid_running(self.pid))
+                and pid_running(self.pid))
 
     @property
     def exitcode(self) -> int | None:
@@ -291,19 +281,8 @@ class WorkerProcessInfo:
 
     def join(self, timeout: float | None = None) -> None:
         """Wait until the process has exited (at most ``timeout`` seconds)."""
-        if self.pid is None or not self.is_alive():
-            return
-        try:
-            fd = os.pidfd_open(self.pid)
-        except OSError:
-            return  # already gone
-        try:
-            # A pidfd becomes readable when the process exits: no polling loop.
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
-            poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
-        finally:
-            os.close(fd)
+        if self.pid is not None and self.is_alive():
+            wait_exit(self.pid, timeout)
 
     def _send(self, sig: int) -> None:
         if self.pid is not None and self.is_alive():

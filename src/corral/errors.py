@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -11,6 +12,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CorralError",
     "GaveUp",
+    "IllegalTransition",
     "NotPicklable",
     "SupervisorStateError",
 ]
@@ -24,8 +26,16 @@ class SupervisorStateError(CorralError, RuntimeError):
     """A method was called in a state that does not allow it (e.g. ``start()`` twice)."""
 
 
-class NotPicklable(CorralError, TypeError):
-    """The target or its arguments cannot be sent to a spawn/forkserver child."""
+class IllegalTransition(CorralError, RuntimeError):
+    """The monitor tried a move the state table does not allow (a bug in corral)."""
+
+
+class NotPicklable(CorralError, TypeError, pickle.PicklingError):
+    """The target, its arguments or a result cannot be pickled to reach the other process.
+
+    A ``TypeError`` (what pickle raises for most such objects) and a ``pickle.PicklingError``
+    (what ``concurrent.futures`` code expects).
+    """
 
 
 class GaveUp(CorralError):

@@ -6,9 +6,30 @@ import enum
 from dataclasses import dataclass
 
 from corral.exitstatus import ExitStatus
-from corral.states import StopReason
 
-__all__ = ["Event", "EventKind", "ExitRecord"]
+__all__ = ["Event", "EventKind", "ExitRecord", "StopReason"]
+
+
+class StopReason(enum.Enum):
+    """Why a worker's process ended (what ``status()`` and the events report)."""
+
+    EXITED = "exited"  # exited by itself with a code
+    KILLED = "killed by signal"  # died of a signal corral did not send
+    SPAWN_FAILED = "spawn failed"
+    HUNG = "hung"  # no heartbeat within the timeout
+    STARTUP_TIMEOUT = "startup timeout"  # never became ready within the startup grace
+    UNHEALTHY = "unhealthy"  # the health check failed too often
+    RECYCLED_MEMORY = "recycled: memory"
+    RECYCLED_AGE = "recycled: age"
+    SCALED_DOWN = "scaled down"
+    RESTARTED = "restarted on request"
+    GROUP_RESTART = "restarted with its group"  # one_for_all / rest_for_one
+    SHUTDOWN = "shut down"
+    GAVE_UP = "pool gave up"
+
+    @property
+    def by_corral(self) -> bool:
+        return self not in (StopReason.EXITED, StopReason.KILLED, StopReason.SPAWN_FAILED)
 
 
 class EventKind(enum.Enum):
@@ -45,7 +66,9 @@ class ExitRecord:
 
     def describe(self) -> str:
         how = self.exit.describe() if self.exit else "no process"
-        text = f"worker {self.name!r} (index {self.index}, pid {self.pid}): {self.reason.value}, "
+        why = (self.detail if self.reason is StopReason.GROUP_RESTART and self.detail
+               else self.reason.value)
+        text = f"worker {self.name!r} (index {self.index}, pid {self.pid}): {why}, "
         text += f"{how} after {self.uptime:.2f}s"
         hint = self.exit.hint if self.exit and not self.reason.by_corral else None
         return text + (f" ({hint})" if hint else "")

@@ -33,9 +33,18 @@ def signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
+_UNKNOWN_HINT = ("reaped by another part of the program: os.wait() or os.waitpid(-1, ...) "
+                 "collected it first")
+
+
 @dataclass(frozen=True)
 class ExitStatus:
-    """How one process ended. Exactly one of ``code`` and ``signal`` is set."""
+    """How one process ended. At most one of ``code`` and ``signal`` is set.
+
+    Neither is set when the status is unknown (``unknown``): the process has exited, but
+    another part of the program collected its status first (``os.wait()``,
+    ``os.waitpid(-1, ...)``, a generic SIGCHLD reaper), so nobody can read it any more.
+    """
 
     code: int | None = None
     signal: int | None = None
@@ -55,13 +64,25 @@ class ExitStatus:
             return cls(signal=os.WTERMSIG(status), core_dumped=os.WCOREDUMP(status))
         return cls(code=os.waitstatus_to_exitcode(status))
 
+    @classmethod
+    def unknown_status(cls) -> ExitStatus:
+        """A process that has exited, with a status nobody can read (reaped elsewhere)."""
+        return cls()
+
+    @property
+    def unknown(self) -> bool:
+        return self.code is None and self.signal is None
+
     @property
     def clean(self) -> bool:
         return self.code == 0
 
     @property
-    def returncode(self) -> int:
-        return -self.signal if self.signal is not None else (self.code or 0)
+    def returncode(self) -> int | None:
+        """multiprocessing/subprocess style: the code, or minus the signal; None if unknown."""
+        if self.signal is not None:
+            return -self.signal
+        return self.code
 
     @property
     def signal_name(self) -> str | None:
@@ -69,13 +90,17 @@ class ExitStatus:
 
     @property
     def hint(self) -> str | None:
+        if self.unknown:
+            return _UNKNOWN_HINT
         if self.signal is not None:
             return _SIGNAL_HINTS.get(signal.Signals(self.signal)) if self.signal in set(
                 signal.Signals) else None
         return _CODE_HINTS.get(self.code or 0)
 
     def describe(self) -> str:
-        """``exit code 1`` / ``SIGSEGV(-11), core dumped``."""
+        """``exit code 1`` / ``SIGSEGV(-11), core dumped`` / ``unknown exit status``."""
+        if self.unknown:
+            return "unknown exit status"
         if self.signal is not None:
             text = f"{self.signal_name}(-{self.signal})"
             return text + (", core dumped" if self.core_dumped else "")

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from corral import _validate as v
 
-__all__ = ["Backoff", "BackoffState", "BudgetWindow", "RestartBudget", "RestartPolicy"]
+__all__ = ["Backoff", "BackoffState", "BudgetWindow", "RestartBudget", "RestartPolicy",
+           "Strategy"]
 
 
 class RestartPolicy(enum.Enum):
@@ -42,6 +43,26 @@ class RestartPolicy(enum.Enum):
         if self is RestartPolicy.ON_FAILURE:
             return not clean_exit
         return False
+
+
+class Strategy(enum.Enum):
+    """Which workers a failure restarts (OTP's supervision strategies, by worker index)."""
+
+    ONE_FOR_ONE = "one_for_one"  # the failed worker alone
+    ONE_FOR_ALL = "one_for_all"  # every worker (one rank's death invalidates the others)
+    REST_FOR_ONE = "rest_for_one"  # the failed worker and every worker of a higher index
+
+    @classmethod
+    def parse(cls, value: Strategy | str) -> Strategy:
+        if isinstance(value, Strategy):
+            return value
+        if isinstance(value, str):
+            for member in cls:
+                if member.value == value.replace("-", "_").lower():
+                    return member
+        raise ValueError(
+            "strategy must be one of 'one_for_one', 'one_for_all', 'rest_for_one' (or a "
+            f"Strategy), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -153,3 +174,11 @@ class BudgetWindow:
             return False
         self.times.append(now)
         return True
+
+    def remaining(self, now: float) -> int | None:
+        """Restarts still allowed at ``now`` (None: no limit)."""
+        limit = self.budget.max_restarts
+        if limit is None:
+            return None
+        horizon = now - self.budget.window
+        return limit - sum(1 for t in self.times if t > horizon)

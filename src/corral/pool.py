@@ -50,7 +50,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import BrokenExecutor, Executor, Future, InvalidStateError
+from concurrent.futures import Executor, Future, InvalidStateError
 from concurrent.futures._base import (
     CANCELLED,
     CANCELLED_AND_NOTIFIED,
@@ -58,22 +58,31 @@ from concurrent.futures._base import (
     PENDING,
     RUNNING,
 )
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from corral import _pool_worker
 from corral import _validate as v
-from corral._bootstrap import BootConfig, run_worker
+from corral._bootstrap import BootConfig, run_worker, signals_to_reset
 from corral._deadlines import Deadlines
+from corral._keeper import keeper
 from corral.errors import CorralError, GaveUp, NotPicklable
-from corral.events import ExitRecord
+from corral.events import ExitRecord, StopReason
 from corral.exitstatus import ExitStatus
 from corral.heartbeat import HeartbeatTable
 from corral.policy import Backoff, BackoffState, BudgetWindow, RestartBudget
-from corral.process import DUMP_SIGNAL, WorkerProcess, read_stack_dump, stack_dump_size
+from corral.process import (
+    DUMP_SIGNAL,
+    WorkerProcess,
+    disown_fd,
+    dump_fd_is_ours,
+    own_fd,
+    read_stack_dump,
+    stack_dump_size,
+)
 from corral.spec import START_METHODS
-from corral.states import StopReason
 
 if TYPE_CHECKING:
     import psutil
@@ -84,6 +93,7 @@ __all__ = [
     "ProcessPool",
     "RemoteTraceback",
     "TaskTimeout",
+    "UnpicklingFailed",
     "WorkerLost",
 ]
 
@@ -125,10 +135,12 @@ _DEFAULT: Any = object()  # "use the pool's default" in submit_task()
 # ------------------------------------------------------------------------------------ errors
 
 
-class WorkerLost(CorralError):
+class WorkerLost(CorralError, BrokenProcessPool):
     """The worker process running a task died before it replied.
 
-    Only this task fails; the pool replaces the worker and carries on.
+    Only this task fails; the pool replaces the worker and carries on. For code written for
+    ``concurrent.futures`` it is a ``BrokenProcessPool`` (the task's worker broke), though the
+    pool itself is not broken.
 
     Attributes:
         pid: the worker's pid.
@@ -190,12 +202,23 @@ class TaskTimeout(CorralError, TimeoutError):
         return (type(self), (str(self), self.timeout, self.pid, self.dump))
 
 
-class PoolBroken(GaveUp, BrokenExecutor):
-    """The pool used up its restart budget (or failed internally) and takes no more tasks.
+class PoolBroken(GaveUp, BrokenProcessPool):
+    """The pool takes no more tasks: it used up its restart budget, its initializer failed
+    twice in a row the same way (the ``__cause__`` is the initializer's exception), or it could
+    not start its threads.
 
     Tasks that had not started fail with it, and so does ``submit()``. It is a
     :class:`corral.GaveUp` (``history`` lists the last worker exits) and a
-    :class:`concurrent.futures.BrokenExecutor`.
+    ``concurrent.futures.process.BrokenProcessPool``.
+    """
+
+
+class UnpicklingFailed(CorralError, BrokenProcessPool, pickle.UnpicklingError):
+    """A task could not be unpickled in its worker, or its result in the parent.
+
+    Only this task fails; the worker and the pool carry on. The ``__cause__`` holds the error
+    (for a task, its traceback in the worker). It is a ``BrokenProcessPool``, as
+    ``concurrent.futures`` reports these, and a ``pickle.UnpicklingError``.
     """
 
 
@@ -208,6 +231,19 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return self.tb
+
+
+def _safe_str(obj: object) -> str:
+    try:
+        return str(obj)
+    except BaseException:
+        return f"<{type(obj).__name__} whose str() failed>"
+
+
+def _last_line(text: str) -> str:
+    """The last non-empty line of a traceback: ``ValueError: the message``."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else text
 
 
 def _describe(fn: Any) -> str:
@@ -297,8 +333,8 @@ class _Task:
 class _Worker:
     __slots__ = ("big", "big_got", "booted", "conn", "dead", "dump_fd", "dump_size",
                  "dump_started", "dump_task", "dumping", "eof", "fd", "id", "init_error",
-                 "leave_reason", "next_mem", "proc", "ps", "rbuf", "slot", "spare", "state",
-                 "statm", "task", "tasks_done", "waitable", "watching")
+                 "init_exc", "init_summary", "leave_reason", "next_mem", "proc", "ps", "rbuf",
+                 "slot", "spare", "state", "statm", "task", "tasks_done", "waitable", "watching")
 
     def __init__(self, wid: int, slot: int, spare: bool = False) -> None:
         self.id = wid
@@ -320,6 +356,8 @@ class _Worker:
         self.booted = False
         self.leave_reason = ""
         self.init_error: str | None = None
+        self.init_exc: BaseException | None = None  # what its initializer raised
+        self.init_summary: str | None = None  # its last line, if its initializer raised
         self.ps: psutil.Process | None = None  # RSS when /proc/<pid>/statm cannot be read
         self.statm = -1  # an open /proc/<pid>/statm: its RSS in one pread, ~2 us
         self.next_mem = math.inf
@@ -351,6 +389,8 @@ class _Config:
     backoff: Backoff
     budget: RestartBudget
     stop_timeout: float
+    context: Any = None  # a multiprocessing context to start workers with (else start_method's)
+    drop_in: bool = False  # concurrent.futures behaviours (see corral.futures)
 
 
 class _SpawnSkipped(Exception):
@@ -369,6 +409,7 @@ class _Core:
         self.pending: deque[_Task] = deque()  # appended by submitters, popped by the manager
         self.commands: deque[tuple[Any, ...]] = deque()
         self.shutdown_requested = False
+        self.terminate_at_exit = False  # shutdown(wait=False, cancel_futures=True)
         self.broken: PoolBroken | None = None
         self.thread: threading.Thread | None = None
         self.finished = threading.Event()
@@ -389,14 +430,33 @@ class _Core:
         return next(self._ids)
 
     def start(self) -> None:
-        """Start the manager and spawner threads (under ``lock``, at the first submit)."""
+        """Start the manager and spawner threads (under ``lock``, at the first submit).
+
+        All or nothing: if anything fails, whatever was set up is released and nothing is left
+        running.
+
+        Raises:
+            PoolBroken: a thread could not be started (thread limits, interpreter shutdown);
+                the pool is broken for good.
+            OSError: a pipe, epoll or the heartbeat table could not be created; the pool stays
+                unstarted (the next submit tries again).
+        """
         cfg = self.cfg
-        self._ctx = multiprocessing.get_context(cfg.start_method)
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._ep = select.epoll()
-        self._watch: dict[int, tuple[int, _Worker | None]] = {self._wake_r: (_WAKE, None)}
-        self._ep.register(self._wake_r, select.EPOLLIN)
-        self._hb = HeartbeatTable(2 * (cfg.max_workers + cfg.spare_workers) + 2)
+        keeper.start()  # workers' process groups die with this process, however it ends
+        self._ctx = (cfg.context if cfg.context is not None
+                     else multiprocessing.get_context(cfg.start_method))
+        self._ep: Any = None
+        self._hb: Any = None
+        try:
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self._ep = select.epoll()
+            self._watch: dict[int, tuple[int, _Worker | None]] = {
+                self._wake_r: (_WAKE, None)}
+            self._ep.register(self._wake_r, select.EPOLLIN)
+            self._hb = HeartbeatTable(2 * (cfg.max_workers + cfg.spare_workers) + 2)
+        except BaseException:
+            self._release()
+            raise
         self._free_slots: list[int] = []
         self._next_slot = 0
         self._workers: dict[int, _Worker] = {}
@@ -405,7 +465,7 @@ class _Core:
         self._spares = 0  # spares in _ACTIVE states
         self._busy = 0
         self._spawning = 0
-        self._deadlines = Deadlines()
+        self._deadlines: Deadlines[Any] = Deadlines()
         self._budget = BudgetWindow(cfg.budget)
         self._backoff = BackoffState(cfg.backoff)
         self._spawn_after = 0.0
@@ -413,6 +473,9 @@ class _Core:
         self._hold: tuple[_Worker, _Task | None, float] | None = None
         self._history: deque[ExitRecord] = deque(maxlen=_HISTORY)
         self._last_init_error: str | None = None
+        # How the last worker that could not start failed (see _start_failed); a worker that
+        # boots clears it.
+        self._last_start_failure: str | None = None
         self._rng = random.Random()
         self._closing = False
         self._stop_spawning = False
@@ -421,11 +484,44 @@ class _Core:
         self._spawn_cv = threading.Condition(threading.Lock())
         self._spawner = threading.Thread(target=self._spawn_loop,
                                          name=f"corral-pool-spawner[{cfg.name}]", daemon=True)
-        self.thread = threading.Thread(target=self._run, name=f"corral-pool[{cfg.name}]",
-                                       daemon=True)
-        self._spawner.start()
-        self.thread.start()
+        thread = threading.Thread(target=self._run, name=f"corral-pool[{cfg.name}]",
+                                  daemon=True)
+        try:
+            self._spawner.start()
+            thread.start()
+        except BaseException as exc:
+            if self._spawner.ident is not None:
+                self._request_spawn(None)
+                self._spawner.join()
+            self._release()
+            self.broken = PoolBroken(
+                f"pool {cfg.name!r} is broken: it could not start its threads "
+                f"({type(exc).__name__}: {exc})")
+            self.broken.__cause__ = exc
+            self.finished.set()
+            raise self.broken_error() from exc
+        self.thread = thread
         _live_cores.add(self)
+
+    def _release(self) -> None:
+        """Close the wakeup pipe, epoll and the heartbeat table (whichever exist)."""
+        with self._wake_lock:
+            for fd in (self._wake_r, self._wake_w):
+                if fd >= 0:
+                    os.close(fd)
+            self._wake_r = self._wake_w = -1
+        if self._ep is not None:
+            self._ep.close()
+        if self._hb is not None:
+            self._hb.close()
+
+    def broken_error(self) -> PoolBroken:
+        """A fresh copy of the error the pool broke with (each raise gets its own traceback)."""
+        broken = self.broken
+        assert broken is not None
+        err = PoolBroken(str(broken), broken.history)
+        err.__cause__ = broken.__cause__
+        return err
 
     def wake(self) -> None:
         if self._wake_pending:
@@ -440,9 +536,14 @@ class _Core:
         self.commands.append(command)
         self.wake()
 
-    def request_shutdown(self, cancel_futures: bool, terminate: bool = False) -> None:
+    def request_shutdown(self, cancel_futures: bool, terminate: bool = False,
+                         wait: bool = True) -> None:
         with self.lock:
             self.shutdown_requested = True
+            if cancel_futures and not wait:
+                # The caller wants neither the queued tasks nor to wait for the running ones:
+                # at interpreter exit, running tasks are stopped rather than waited for.
+                self.terminate_at_exit = True
             started = self.thread is not None
         if started:
             self.post(("terminate",) if terminate else ("shutdown", cancel_futures))
@@ -464,13 +565,20 @@ class _Core:
                 result = _SpawnSkipped()
             else:
                 ours, theirs = multiprocessing.Pipe(duplex=True)
+                # Ours is the supervisor's own: a fork-started sibling must not hold it (it
+                # lives as long as this pool, whose spawner frame keeps the Connection alive
+                # in every fork child too, so it is never closed twice there).
+                own_fd(ours.fileno())
                 try:
                     proc = WorkerProcess.start(
                         self._ctx, run_worker,
-                        (boot, _pool_worker.main, (theirs, cfg.initializer, cfg.initargs)),
+                        (boot, _pool_worker.main,
+                         (theirs, cfg.initializer, cfg.initargs,
+                          "concurrent.futures" if cfg.drop_in else None)),
                         boot.name, False)
                     result = (proc, ours)
                 except BaseException as exc:  # reported to the manager as a failed start
+                    disown_fd(ours.fileno())
                     ours.close()
                     result = exc
                 finally:
@@ -500,12 +608,7 @@ class _Core:
                 if cmd[0] == "spawned" and isinstance(cmd[2], tuple):
                     _kill_and_reap(cmd[2][0])
                     cmd[2][1].close()
-            with self._wake_lock:
-                os.close(self._wake_r)
-                os.close(self._wake_w)
-                self._wake_r = self._wake_w = -1
-            self._ep.close()
-            self._hb.close()
+            self._release()
             self.pids = self.spare_pids = ()
             self.finished.set()
             _live_cores.discard(self)
@@ -589,9 +692,9 @@ class _Core:
 
     def _publish(self) -> None:
         workers = self._workers.values()
-        self.pids = tuple(w.proc.pid for w in workers if w.proc is not None)
-        self.spare_pids = tuple(w.proc.pid for w in workers
-                                if w.spare and w.proc is not None and w.state in _ACTIVE)
+        # Spares apart: max_workers is what the user sees running tasks (see spare_workers).
+        self.pids = tuple(w.proc.pid for w in workers if w.proc is not None and not w.spare)
+        self.spare_pids = tuple(w.proc.pid for w in workers if w.spare and w.proc is not None)
 
     # ------------------------------------------------------------------------------- spawning
 
@@ -663,10 +766,13 @@ class _Core:
             self._active += 1
         self._spawning += 1
         pid = os.getpid()
+        fork = self._ctx.get_start_method() == "fork"
         boot = BootConfig(
             pool=cfg.name, index=slot, name=f"{cfg.name}-{slot}", supervisor_pid=pid,
             heartbeat_path=self._hb.path, wake_path=None, ready_on_beat=False,
-            dump_signal=_DUMP_SIGNAL, forkserver=cfg.start_method == "forkserver")
+            dump_signal=_DUMP_SIGNAL, forkserver=self._ctx.get_start_method() == "forkserver",
+            forked=fork, table=self._hb if fork else None,
+            reset_signals=signals_to_reset() if fork else None)
         self._request_spawn((w.id, boot))
 
     def _cmd_spawned(self, wid: int, result: tuple[WorkerProcess, Connection] | BaseException,
@@ -679,12 +785,16 @@ class _Core:
             self._forget(w)
             if isinstance(result, _SpawnSkipped):
                 return
-            log.error("pool %r: could not start a worker: %s: %s", self.cfg.name,
-                      type(result).__name__, result)
             self.counters["boot_failures"] += 1
+            what = f"{type(result).__name__}: {result}"
             record = ExitRecord(w.slot, f"{self.cfg.name}-{w.slot}", None, None,
-                                StopReason.SPAWN_FAILED, time.time(), 0.0,
-                                f"{type(result).__name__}: {result}")
+                                StopReason.SPAWN_FAILED, time.time(), 0.0, what)
+            # An OSError (no memory, process or fd limits) may pass; anything else (pickling
+            # the initializer's arguments, say) fails the same way every time.
+            if not isinstance(result, OSError) and self._start_failed(
+                    what, f"a worker could not be started ({what})", result, record):
+                return
+            log.error("pool %r: could not start a worker: %s", self.cfg.name, what)
             self._crashed(record, now, boot=True)
             return
         proc, conn = result
@@ -715,6 +825,7 @@ class _Core:
             w.statm = -1
         if w.conn is not None:
             self._unwatch_conn(w)
+            disown_fd(w.fd)
             w.conn.close()
             w.conn = None
             w.fd = -1
@@ -802,41 +913,55 @@ class _Core:
         try:
             msg = pickle.loads(data)
             kind = msg[0]
-        except Exception as exc:
+        except BaseException as exc:  # a __reduce__ may raise anything, SystemExit included
             t = w.task
             if w.state == _BUSY and t is not None:
-                self._task_finished(w, t, NotPicklable(
-                    f"the reply to {t.label} could not be unpickled in the parent "
-                    f"({type(exc).__name__}: {exc})"), ok=False)
+                unreadable = UnpicklingFailed(
+                    f"the result of {t.label} could not be unpickled in the parent "
+                    f"({type(exc).__name__}: {_safe_str(exc)})")
+                unreadable.__cause__ = exc
+                self._task_finished(w, t, unreadable, ok=False)
             else:
                 log.error("pool %r: unreadable message from worker pid %s: %s: %s",
-                          self.cfg.name, w.pid, type(exc).__name__, exc)
+                          self.cfg.name, w.pid, type(exc).__name__, _safe_str(exc))
             return
-        if kind == "r" or kind == "e" or kind == "u":
+        if kind == "r" or kind == "e" or kind == "u" or kind == "t":
             t = w.task
             if w.state != _BUSY or t is None:
                 return  # a reply for a task given up on (cannot happen: we stop reading)
             if kind == "r":
                 self._task_finished(w, t, msg[1], ok=True)
-            elif kind == "e":
-                remote = msg[1]
-                remote.__cause__ = RemoteTraceback(f'\n"""\n{msg[2]}"""')
-                self._task_finished(w, t, remote, ok=False)
-            else:
-                err = NotPicklable(f"{t.label}: {msg[1]}")
-                if msg[2]:
-                    err.__cause__ = RemoteTraceback(f'\n"""\n{msg[2]}"""')
-                self._task_finished(w, t, err, ok=False)
+                return
+            err: BaseException
+            if kind == "e":
+                err, tb = msg[1], msg[2]
+            elif kind == "u":  # its result (or exception) could not be pickled
+                _, text, tb, original = msg
+                if self.cfg.drop_in and original is not None:
+                    err = original  # as concurrent.futures reports it
+                else:
+                    err = NotPicklable(f"{t.label}: {text}")
+            else:  # "t": the task could not be unpickled in the worker
+                err = UnpicklingFailed(f"{t.label}: {msg[1]}")
+                tb = msg[2]
+            if tb:
+                err.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
+            self._task_finished(w, t, err, ok=False)
         elif kind == "h":
             if w.state == _BOOTING:
                 w.booted = True
                 self._deadlines.cancel((w.id, "boot"))
                 self._backoff.streak = 0  # a worker that boots ends a crash loop
+                self._last_start_failure = None
                 log.debug("pool %r: worker pid %s is ready", self.cfg.name, w.pid)
                 self._set_state(w, _IDLE)
                 self._became_idle(w)
         elif kind == "i":
             w.init_error = f"its initializer raised:\n{msg[1]}"
+            w.init_summary = _last_line(msg[1])
+            w.init_exc = msg[2]
+            if w.init_exc is not None:
+                w.init_exc.__cause__ = RemoteTraceback(f'\n"""\n{msg[1]}"""')
 
     def _task_finished(self, w: _Worker, t: _Task, value: Any, ok: bool) -> None:
         w.task = None
@@ -928,8 +1053,16 @@ class _Core:
             # the write with EPIPE.
             rest = [memoryview(header)[n:], memoryview(payload)] if n < len(header) else [
                 memoryview(payload)[n - len(header):]]
-            threading.Thread(target=_send_rest, args=(os.dup(w.fd), rest),
-                             name="corral-pool-sender", daemon=True).start()
+            fd = os.dup(w.fd)
+            try:
+                threading.Thread(target=_send_rest, args=(fd, rest),
+                                 name="corral-pool-sender", daemon=True).start()
+            except BaseException as exc:  # no thread (limits, interpreter exit): half sent
+                os.close(fd)
+                w.task = None
+                t.worker = None
+                self._leave(w, "could not send a task", "kill")
+                self._resolve(t, exc=exc)
 
     def _arm(self, w: _Worker) -> None:
         """Make sure a timer covers the running task's timeout and its next memory check.
@@ -1032,14 +1165,14 @@ class _Core:
         if w.dumping:
             self._dump_done(w, "(no stack dump: the worker ended before it was written)")
         if prior == _LEAVING:
-            if status.clean or w.leave_reason not in ("recycled: max_tasks_per_worker",
-                                                      "recycled: max_memory_per_worker",
-                                                      "shutdown"):
-                log.debug("pool %r: worker pid %d (%s) ended: %s", self.cfg.name, proc.pid,
-                          w.leave_reason, status)
-            else:
-                log.warning("pool %r: worker pid %d (%s) ended with %s", self.cfg.name,
-                            proc.pid, w.leave_reason, status)
+            # corral asked it to leave (shutdown, recycling, timeout, cancellation), or killed
+            # it: no news, whatever the status (a SIGKILL is most likely ours). Anything worth
+            # a warning (a worker that ignored the quit) was logged when it happened.
+            level = (logging.DEBUG if status.clean or status.signal == signal.SIGKILL
+                     else logging.INFO)
+            log.log(level, "pool %r: worker pid %d (%s) ended: %s", self.cfg.name, proc.pid,
+                    w.leave_reason, status.describe() + (
+                        f" ({status.hint})" if status.unknown else ""))
             self._fill(now)
             return
         # It died by itself (or before it could take the task it was sent).
@@ -1059,9 +1192,31 @@ class _Core:
             self.counters["boot_failures"] += 1
             if w.init_error:
                 self._last_init_error = w.init_error
-                log.error("pool %r: worker pid %d could not start (%s): %s", self.cfg.name,
-                          proc.pid, how, w.init_error.rstrip())
+                if self.broken is not None:
+                    log.debug("pool %r: worker pid %d could not start either: %s",
+                              self.cfg.name, proc.pid, _last_line(w.init_error))
+                    self._history.append(record)
+                    return
+                summary = w.init_summary
+                if summary is not None and self._start_failed(f"initializer: {summary}",
+                                      f"its initializer failed the same way in two new workers "
+                                      f"in a row: {summary}", w.init_exc, record):
+                    return
+                # The traceback is logged here, once: a second failure like it breaks the pool
+                # with a one-line summary. (The drop-in's workers log it themselves, as
+                # concurrent.futures' do.)
+                if summary is None:  # a startup timeout, with a stack dump
+                    log.error("pool %r: worker pid %d could not start (%s): %s", self.cfg.name,
+                              proc.pid, how, w.init_error.rstrip())
+                else:
+                    log.warning("pool %r: worker pid %d could not start: its initializer raised "
+                                "%s; trying a new worker%s", self.cfg.name, proc.pid, summary,
+                                "" if self.cfg.drop_in else "\n" + w.init_error.rstrip())
             else:
+                if (status.code and self.broken is None and self._start_failed(
+                        f"exit: {how}", f"two new workers in a row died while starting: {how}. "
+                        "Their stderr says why (an import error, most likely).", None, record)):
+                    return
                 log.error("pool %r: worker pid %d died while starting: %s", self.cfg.name,
                           proc.pid, how)
         else:
@@ -1086,22 +1241,43 @@ class _Core:
                          self.cfg.name, delay, self._backoff.streak)
         self._fill(now)
 
-    def _break(self) -> None:
-        budget = self.cfg.budget
+    def _start_failed(self, key: str, reason: str, cause: BaseException | None,
+                      record: ExitRecord) -> bool:
+        """A new worker could not start. Twice in a row the same way is a broken pool.
+
+        An initializer that raises (or arguments that cannot reach the worker) fail the same
+        way on every new worker: retrying until the restart budget runs out only delays the
+        error. Returns True if the pool broke.
+        """
+        if key != self._last_start_failure:
+            self._last_start_failure = key
+            return False
+        self._history.append(record)
+        self._break(reason, cause)
+        return True
+
+    def _break(self, reason: str | None = None, cause: BaseException | None = None) -> None:
         last = list(self._history)
-        lines = "\n".join("  " + r.describe() for r in last)
-        message = (f"pool {self.cfg.name!r} is broken: its workers died more than "
-                   f"{budget.max_restarts} times within {budget.window:g}s (the restart "
-                   f"budget). Last exits:\n{lines}")
-        if self._last_init_error:
-            message += f"\nThe last worker that could not start: {self._last_init_error.rstrip()}"
+        if reason is not None:
+            message = f"pool {self.cfg.name!r} is broken: {reason}"  # __cause__: the details
+        else:
+            budget = self.cfg.budget
+            lines = "\n".join("  " + r.describe() for r in last)
+            message = (f"pool {self.cfg.name!r} is broken: its workers died more than "
+                       f"{budget.max_restarts} times within {budget.window:g}s (the restart "
+                       f"budget). Last exits:\n{lines}")
+            if self._last_init_error:
+                message += ("\nThe last worker that could not start: "
+                            f"{self._last_init_error.rstrip()}")
         log.error("%s", message)
+        broken = PoolBroken(message, last)
+        broken.__cause__ = cause
         with self.lock:
-            self.broken = PoolBroken(message, last)
+            self.broken = broken
         self._deadlines.cancel(("pool", "spawn"))
         while self.pending:
             t = self.pending.popleft()
-            self._resolve(t, exc=PoolBroken(message, last))
+            self._resolve(t, exc=self.broken_error())
 
     # ------------------------------------------------------------------------- deadlines
 
@@ -1204,7 +1380,11 @@ class _Core:
         proc = w.proc
         assert proc is not None
         fd = self._hb.read(w.slot).dump_fd
-        if fd < 0 or not proc.send(_DUMP_SIGNAL):
+        if fd < 0 or not dump_fd_is_ours(proc.pid, fd):
+            # None yet, or the task closed corral's dump file (and may have opened one of its
+            # own on that number): never write a dump into a user's file.
+            return False
+        if not proc.send(_DUMP_SIGNAL):
             return False
         proc.send(signal.SIGCONT)  # a stopped worker can still run the C handler
         w.dump_fd, w.dump_size, w.dump_started = fd, -1, now
@@ -1253,17 +1433,28 @@ class _Core:
                      self.cfg.name, t.label, w.pid)
             self._leave(w, "cancelled", "kill")
 
-    def _cmd_shutdown(self, cancel_futures: bool) -> None:
+    def _cmd_shutdown(self, cancel_futures: bool, keep_committed: bool = True) -> None:
         if cancel_futures:
+            # The next tasks for workers that are still starting are as good as started (as
+            # in concurrent.futures, whose call queue holds them): they run. The rest is
+            # cancelled.
+            keep = (max(0, self._active - self._busy) if keep_committed and not self._closing
+                    else 0)
+            kept: list[_Task] = []
             while self.pending:
                 t = self.pending.popleft()
-                if not t.done:
-                    self._drop(t)
-                    t.future._cancel(allow_running=t.attempts > 0)
+                if t.done:
+                    continue
+                if len(kept) < keep and t.future._start_running():
+                    kept.append(t)
+                    continue
+                self._drop(t)
+                t.future._cancel(allow_running=t.attempts > 0)
+            self.pending.extend(kept)
 
     def _cmd_terminate(self) -> None:
         """Cancel every task, running ones too (their workers are killed), and close."""
-        self._cmd_shutdown(cancel_futures=True)
+        self._cmd_shutdown(cancel_futures=True, keep_committed=False)
         for w in list(self._workers.values()):
             t = w.task
             if w.state == _BUSY and t is not None:
@@ -1305,7 +1496,8 @@ class _Core:
         """The manager failed: kill every worker and fail every task, so that nothing hangs."""
         message = "the pool's manager thread failed (a bug in corral; see the log)"
         with self.lock:
-            self.broken = PoolBroken(f"pool {self.cfg.name!r} is broken: {message}")
+            self.broken = PoolBroken(f"pool {self.cfg.name!r} is broken: {message}",
+                                     list(getattr(self, "_history", ())))
         self._stop_spawning = True
         for w in list(getattr(self, "_workers", {}).values()):
             for t in (w.task, w.dump_task):
@@ -1353,15 +1545,32 @@ def _send_rest(fd: int, bufs: list[memoryview]) -> None:
 _live_cores: weakref.WeakSet[_Core] = weakref.WeakSet()
 
 
+def _after_fork_in_child() -> None:
+    # The child of os.fork() in a program with a pool has no manager thread: its copies of the
+    # parent's pools refuse to work (RuntimeError) and exit must not wait for them.
+    _live_cores.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 @atexit.register
 def _shutdown_all_at_exit() -> None:
     # A program that forgets shutdown() must not leave workers behind. Like
     # concurrent.futures, submitted tasks still run to completion first.
     for core in list(_live_cores):
-        core.request_shutdown(cancel_futures=False)
+        if core.terminate_at_exit:
+            core.post(("terminate",))
+        else:
+            core.request_shutdown(cancel_futures=False)
     for core in list(_live_cores):
         if core.thread is not None:
             core.thread.join()
+
+
+def _finalize(core: _Core, owner: int) -> None:
+    if os.getpid() == owner:  # a forked child's copy has nothing to shut down
+        core.request_shutdown(False)
 
 
 def _default_workers() -> int:
@@ -1391,18 +1600,23 @@ class ProcessPool(Executor):
 
     Args:
         max_workers: number of worker processes (default: the CPUs this process may use).
-        spare_workers: extra workers kept started and ready, but idle, beyond ``max_workers``.
-            When a worker dies or leaves (crash, timeout, cancellation, recycling) a spare takes
-            its place at once, so the next task does not wait for a process to start; a new
-            spare is then started in the background. A spare never runs a task until it takes
-            a place; one that dies counts against ``budget`` like any worker. 0: none (each
-            replacement is started when it is needed).
+        spare_workers: extra workers kept started and ready, but idle, beyond ``max_workers``
+            (they do not count against it, and are listed by :meth:`spare_pids`, not
+            :meth:`worker_pids`). When a worker dies or leaves (crash, timeout, cancellation,
+            recycling) a spare takes its place at once, so the next task does not wait for a
+            process to start; a new spare is then started in the background. A spare never
+            runs a task until it takes a place; one that dies counts against ``budget`` like
+            any worker. 0: none (each replacement is started when it is needed).
         start_method: "forkserver" (default), "spawn" or "fork".
         initializer: ``initializer(*initargs)`` runs in each worker before its first task. A
-            worker whose initializer raises counts as a crash (backoff, restart budget).
-        initargs: arguments for the initializer.
+            worker whose initializer raises counts as a crash (backoff, restart budget); two
+            new workers in a row whose initializer raises the same way break the pool at once
+            (:class:`PoolBroken`, whose ``__cause__`` is the initializer's exception).
+        initargs: arguments for the initializer. They reach each worker as
+            ``multiprocessing.Process`` arguments do, so ``multiprocessing`` queues, locks and
+            events work under every start method.
         task_timeout: default per-task timeout, seconds from when the task starts running
-            (None: none). :meth:`submit_task` overrides it per task.
+            (None or ``math.inf``: none). :meth:`submit_task` overrides it per task.
         retries: default number of times a task whose worker died (:class:`WorkerLost`) is run
             again on another worker. Only for idempotent tasks; timeouts are not retried.
         max_tasks_per_worker: replace a worker after this many tasks (None: never).
@@ -1421,10 +1635,25 @@ class ProcessPool(Executor):
         stop_timeout: seconds a worker asked to quit (recycling, shutdown) gets before SIGKILL.
         name: the pool's name, in logs and process titles.
 
-    Every task is pickled when it is submitted (so a function or argument that cannot be
-    pickled is refused by ``submit()`` with :class:`corral.NotPicklable`, whatever the start
-    method) and runs as ``fn(*args, **kwargs)`` in a worker. Every future ends exactly once: a
-    result, an exception, or cancelled.
+    Raises:
+        TypeError, ValueError: a bad argument (the message names it).
+        NotPicklable: under forkserver or spawn, ``initializer`` or ``initargs`` cannot be
+            pickled.
+
+    Every task is pickled when it is submitted, so a function or argument that cannot be
+    pickled is refused by ``submit()`` with :class:`corral.NotPicklable` (a ``TypeError`` and a
+    ``pickle.PicklingError``), whatever the start method. (:class:`corral.ProcessPoolExecutor`
+    reports it through the future instead, as ``concurrent.futures`` does.) A task runs as
+    ``fn(*args, **kwargs)`` in a worker. Every future ends exactly once: a result, an
+    exception, or cancelled.
+
+    What a future may raise besides the task's own exception (with its remote traceback as
+    ``__cause__``): :class:`WorkerLost` (its worker died; a ``BrokenProcessPool``),
+    :class:`TaskTimeout` (a ``TimeoutError``), :class:`MemoryLimitExceeded`,
+    :class:`NotPicklable` (its result could not be pickled), :class:`UnpicklingFailed` (the
+    task could not be unpickled in the worker, or its result in the parent; a
+    ``BrokenProcessPool``), :class:`PoolBroken`; and a ``SystemExit`` that the task (or its
+    result's pickling) raised in the worker.
     """
 
     def __init__(self, max_workers: int | None = None, *, spare_workers: int = 1,
@@ -1445,24 +1674,14 @@ class ProcessPool(Executor):
         if not isinstance(initargs, tuple):
             raise TypeError(f"initargs must be a tuple, got {initargs!r} "
                             f"({type(initargs).__name__})")
-        if start_method != "fork":
-            for what, value in (("initializer", initializer), ("initargs", initargs)):
-                try:
-                    pickle.dumps(value, _PROTOCOL)
-                except Exception as exc:
-                    raise NotPicklable(
-                        f"{what} {_describe(value) if callable(value) else repr(value)[:80]} "
-                        f"cannot be pickled, which start_method={start_method!r} requires "
-                        f"({type(exc).__name__}: {exc}). Use a module-level function with "
-                        "picklable arguments, or start_method='fork'.") from exc
-        v.optional_number("task_timeout", task_timeout, strict=True)
+        task_timeout = _timeout("task_timeout", task_timeout)
         v.integer("retries", retries)
         if max_tasks_per_worker is not None:
             v.integer("max_tasks_per_worker", max_tasks_per_worker, minimum=1)
         if max_memory_per_worker is not None:
             v.integer("max_memory_per_worker", max_memory_per_worker, minimum=1)
         v.number("memory_check_interval", memory_check_interval, strict=True)
-        v.optional_number("startup_timeout", startup_timeout, strict=True)
+        startup_timeout = _timeout("startup_timeout", startup_timeout)
         if backoff is None:
             # A pool's crash loop is an initializer or import failure: retry fast, and let the
             # restart budget break the pool within seconds rather than minutes.
@@ -1476,20 +1695,26 @@ class ProcessPool(Executor):
         v.number("stop_timeout", stop_timeout)
         if not isinstance(name, str) or not name:
             raise TypeError(f"name must be a non-empty str, got {name!r}")
-        self._cfg = _Config(
+        self._setup(_Config(
             name=name, max_workers=max_workers, spare_workers=spare_workers,
             start_method=start_method,
             initializer=initializer, initargs=initargs,
-            task_timeout=None if task_timeout is None else float(task_timeout), retries=retries,
+            task_timeout=task_timeout, retries=retries,
             max_tasks_per_worker=max_tasks_per_worker,
             max_memory_per_worker=max_memory_per_worker,
             memory_check_interval=float(memory_check_interval),
-            startup_timeout=None if startup_timeout is None else float(startup_timeout),
+            startup_timeout=startup_timeout,
             backoff=backoff, budget=budget,
-            stop_timeout=float(stop_timeout))
-        self._core = _Core(self._cfg)
+            stop_timeout=float(stop_timeout)))
+
+    def _setup(self, cfg: _Config) -> None:
+        if cfg.start_method != "fork":
+            _check_spawnable(cfg.start_method, cfg.initializer, cfg.initargs)
+        self._cfg = cfg
+        self._core = _Core(cfg)
+        self._owner_pid = os.getpid()
         # Dropped without shutdown(): finish the submitted tasks, then stop the workers.
-        weakref.finalize(self, self._core.request_shutdown, False)
+        weakref.finalize(self, _finalize, self._core, self._owner_pid)
 
     # ----------------------------------------------------------------------------- submitting
 
@@ -1500,6 +1725,7 @@ class ProcessPool(Executor):
         Every keyword goes to ``fn``; for per-task options use :meth:`submit_task`.
 
         Raises:
+            TypeError: ``fn`` is not callable.
             NotPicklable: ``fn`` or an argument cannot be pickled.
             PoolBroken: the pool is broken.
             RuntimeError: after ``shutdown()``.
@@ -1512,53 +1738,85 @@ class ProcessPool(Executor):
         """Run ``fn(*args, **kwargs)`` in a worker, with per-task options.
 
         Args:
+            fn: a callable (module-level under forkserver and spawn).
+            args: the positional arguments: a tuple, list or other iterable (not a str).
+            kwargs: the keyword arguments (a dict with str keys), or None.
             timeout: seconds from when the task starts running; past it the worker is killed
-                after a stack dump and the future raises :class:`TaskTimeout`. None: no limit.
-                Default: the pool's ``task_timeout``.
+                after a stack dump and the future raises :class:`TaskTimeout`. None or
+                ``math.inf``: no limit. Default: the pool's ``task_timeout``.
             retries: how many times to run the task again on another worker if its worker
                 dies (it must be idempotent). Default: the pool's ``retries``.
+
+        Raises:
+            TypeError, ValueError: a bad argument (the message names it).
+            NotPicklable, PoolBroken, RuntimeError: as :meth:`submit`.
         """
+        v.callable_("fn", fn)
+        if isinstance(args, str | bytes | bytearray) or not isinstance(args, Iterable):
+            raise TypeError(f"args must be a tuple (or another iterable of positional "
+                            f"arguments, not a string), got {args!r} ({type(args).__name__}); "
+                            "for one argument write args=(value,)")
         args = tuple(args)
         if kwargs is None:
             kwargs = {}
         elif not isinstance(kwargs, dict):
             raise TypeError(f"kwargs must be a dict or None, got {kwargs!r} "
                             f"({type(kwargs).__name__})")
-        if timeout is _DEFAULT:
-            timeout = self._cfg.task_timeout
         else:
-            timeout = v.optional_number("timeout", timeout, strict=True)
+            bad = [k for k in kwargs if not isinstance(k, str)]
+            if bad:
+                raise TypeError(f"kwargs keys must be str (argument names), got {bad[0]!r} "
+                                f"({type(bad[0]).__name__})")
+        timeout = (self._cfg.task_timeout if timeout is _DEFAULT
+                   else _timeout("timeout", timeout))
         if retries is _DEFAULT:
             retries = self._cfg.retries
         else:
             v.integer("retries", retries)
         return self._submit(fn, args, kwargs, timeout, retries, fn)
 
+    def _check_owner(self) -> None:
+        if os.getpid() != self._owner_pid:
+            raise RuntimeError(
+                f"pool {self._cfg.name!r} belongs to process {self._owner_pid}; this is a "
+                f"forked child (pid {os.getpid()}), which has no manager thread. Make a new "
+                "pool here.")
+
     def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                 timeout: float | None, retries: int, label: Any) -> Future[Any]:
-        if not callable(fn):
-            raise TypeError(f"fn must be a callable, got {fn!r} ({type(fn).__name__})")
+        self._check_owner()
+        v.callable_("fn", fn)
         core = self._core
         if core.broken is not None:
-            raise PoolBroken(str(core.broken), core.broken.history)
+            raise core.broken_error()
         if core.shutdown_requested:
             raise RuntimeError("cannot schedule new futures after shutdown")
+        fut: _PoolFuture[Any] = _PoolFuture(core)
+        refused: BaseException | None = None
         try:
             payload = pickle.dumps((fn, args, kwargs), _PROTOCOL)
         except Exception as exc:
-            raise self._not_picklable(fn, args, kwargs, exc) from exc
-        if (self._cfg.start_method != "fork" and getattr(fn, "__module__", None) == "__main__"
-                and getattr(sys.modules.get("__main__"), "__file__", None) is None):
-            raise NotPicklable(
-                f"fn {_describe(fn)} is defined in an interactive __main__, which a "
-                f"start_method={self._cfg.start_method!r} worker cannot import. Move it into "
-                "a module, or use start_method='fork'.")
-        fut: _PoolFuture[Any] = _PoolFuture(core)
+            refused = self._refuse(fn, args, kwargs, exc)
+        else:
+            if (self._cfg.start_method != "fork"
+                    and getattr(fn, "__module__", None) == "__main__"
+                    and getattr(sys.modules.get("__main__"), "__file__", None) is None):
+                refused = NotPicklable(
+                    f"fn {_describe(fn)} is defined in an interactive __main__, which a "
+                    f"start_method={self._cfg.start_method!r} worker cannot import. Move it "
+                    "into a module, or use start_method='fork'.")
+        if refused is not None:
+            if not self._cfg.drop_in:
+                raise refused
+            # concurrent.futures reports it through the future.
+            fut.set_running_or_notify_cancel()
+            fut.set_exception(refused)
+            return fut
         task = _Task(core.next_id(), fut, payload, label, timeout, retries)
         fut._task = task
         with core.lock:
             if core.broken is not None:
-                raise PoolBroken(str(core.broken), core.broken.history)
+                raise core.broken_error()
             if core.shutdown_requested:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if core.thread is None:
@@ -1567,9 +1825,8 @@ class ProcessPool(Executor):
         core.wake()
         return fut
 
-    @staticmethod
-    def _not_picklable(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-                       exc: Exception) -> NotPicklable:
+    def _refuse(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                exc: Exception) -> BaseException:
         what = "the task"
         for name, value in (("fn", fn), ("args", args), ("kwargs", kwargs)):
             try:
@@ -1577,21 +1834,31 @@ class ProcessPool(Executor):
             except Exception:
                 what = f"{name} {_describe(value)}" if name == "fn" else name
                 break
-        return NotPicklable(
-            f"{what} cannot be pickled ({type(exc).__name__}: {exc}); every task is sent to its "
-            "worker by pickle. Use a module-level function (not a lambda, closure or nested "
-            "function) and picklable arguments.")
+        advice = ("every task is sent to its worker by pickle. Use a module-level function (not "
+                  "a lambda, closure or nested function) and picklable arguments.")
+        if self._cfg.drop_in:
+            # The very exception pickle raised, as concurrent.futures reports it, with advice.
+            exc.add_note(f"corral: {what} cannot be pickled; {advice}")
+            return exc
+        err = NotPicklable(f"{what} cannot be pickled ({type(exc).__name__}: {exc}); {advice}")
+        err.__cause__ = exc
+        return err
 
     def map(self, fn: Callable[..., _T], *iterables: Iterable[Any],
             timeout: float | None = None, chunksize: int = 1) -> Iterator[_T]:
         """Like ``concurrent.futures.Executor.map``: results in order, ``chunksize`` items a task.
 
-        ``timeout`` bounds the wait for all results (as in concurrent.futures); each task gets
-        the pool's ``task_timeout``. Leaving the iterator early cancels the tasks that have
-        not started; running ones finish.
+        ``timeout`` bounds the wait for all results (as in concurrent.futures; None or
+        ``math.inf``: no limit); each task gets the pool's ``task_timeout``. Leaving the
+        iterator early cancels the tasks that have not started; running ones finish. Each
+        result is released as it is yielded.
+
+        Raises:
+            TypeError, ValueError: a bad argument (the message names it).
         """
+        v.callable_("fn", fn)
         v.integer("chunksize", chunksize, minimum=1)
-        v.optional_number("timeout", timeout)
+        timeout = _timeout("timeout", timeout, allow_zero=True)
         end = None if timeout is None else time.monotonic() + timeout
         futures: list[Future[Any]] = []
         try:
@@ -1616,8 +1883,13 @@ class ProcessPool(Executor):
         Args:
             wait: block until every task has ended and every worker process is gone.
             cancel_futures: cancel the tasks that have not started (running ones finish).
+                With ``wait=False`` too, tasks still running at interpreter exit are stopped
+                (their workers killed) instead of waited for.
         """
-        self._core.request_shutdown(cancel_futures)
+        wait = _flag("wait", wait)
+        cancel_futures = _flag("cancel_futures", cancel_futures)
+        self._check_owner()
+        self._core.request_shutdown(cancel_futures, wait=wait)
         if wait:
             self._join()
 
@@ -1627,6 +1899,8 @@ class ProcessPool(Executor):
         Every future that has not finished ends cancelled. ``wait``: block until every worker
         process is gone (about a millisecond per worker).
         """
+        wait = _flag("wait", wait)
+        self._check_owner()
         self._core.request_shutdown(True, terminate=True)
         if wait:
             self._join()
@@ -1638,14 +1912,14 @@ class ProcessPool(Executor):
 
     def worker_pids(self) -> tuple[int, ...]:
         """The pids of the worker processes that exist right now (starting, idle, busy or
-        leaving), spares included (see :meth:`spare_pids`)."""
+        leaving), spares not included: at most ``max_workers``, but for workers on their way
+        out (recycled, killed) whose places are already taken."""
         return self._core.pids
 
     def spare_pids(self) -> tuple[int, ...]:
-        """The pids of the spare workers right now (starting or ready; see ``spare_workers``).
+        """The pids of the spare workers right now (see ``spare_workers``).
 
-        A spare that takes a worker's place leaves this list but stays in
-        :meth:`worker_pids`.
+        A spare that takes a worker's place moves to :meth:`worker_pids`.
         """
         return self._core.spare_pids
 
@@ -1662,8 +1936,60 @@ class ProcessPool(Executor):
         core = self._core
         state = ("broken" if core.broken else "shut down" if core.shutdown_requested
                  else "running" if core.thread is not None else "not started")
-        return (f"<corral.ProcessPool {self._cfg.name!r} max_workers={self._cfg.max_workers} "
+        return (f"<corral.{type(self).__name__} {self._cfg.name!r} "
+                f"max_workers={self._cfg.max_workers} "
                 f"start_method={self._cfg.start_method!r} {state}>")
+
+
+def _flag(name: str, value: Any) -> bool:
+    """A bool (0 and 1 pass too, as concurrent.futures code sometimes writes them)."""
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+
+
+def _timeout(name: str, value: Any, *, allow_zero: bool = False) -> float | None:
+    """A timeout in seconds: > 0 (>= 0 with ``allow_zero``); None or ``math.inf``: none."""
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool) and value == math.inf:
+        return None
+    return v.number(name, value, strict=not allow_zero)
+
+
+class _DryRunPopen:
+    """Stands for the process being started while initargs are test-pickled (_check_spawnable).
+
+    multiprocessing lets its queues, locks and events be pickled only while a process is being
+    started (they reach the child as Process arguments); this makes the test pickling look like
+    that, without duplicating any fd.
+    """
+
+    @staticmethod
+    def duplicate_for_child(fd: int) -> int:
+        return fd
+
+    @staticmethod
+    def DupFd(fd: int) -> int:  # multiprocessing's name
+        return fd
+
+
+def _check_spawnable(start_method: str, initializer: Any, initargs: tuple[Any, ...]) -> None:
+    """Refuse at once what a forkserver/spawn worker could never receive."""
+    from multiprocessing import context
+
+    for what, value in (("initializer", initializer), ("initargs", initargs)):
+        context.set_spawning_popen(_DryRunPopen())  # type: ignore[arg-type]
+        try:
+            pickle.dumps(value, _PROTOCOL)
+        except Exception as exc:
+            raise NotPicklable(
+                f"{what} {_describe(value) if callable(value) else repr(value)[:80]} "
+                f"cannot be pickled, which start_method={start_method!r} requires "
+                f"({type(exc).__name__}: {exc}). Use a module-level function with "
+                "picklable arguments, or start_method='fork'.") from exc
+        finally:
+            context.set_spawning_popen(None)
 
 
 def _cancel_pending(futures: Iterable[Future[Any]]) -> None:
@@ -1674,15 +2000,25 @@ def _cancel_pending(futures: Iterable[Future[Any]]) -> None:
             f.cancel()
 
 
+def _result(fut: Future[Any], end: float | None) -> Any:
+    # A function of its own, so that neither the future nor its result outlives the call in a
+    # local variable of the generator below.
+    return fut.result() if end is None else fut.result(end - time.monotonic())
+
+
 def _results(futures: list[Future[Any]], end: float | None, chunked: bool) -> Iterator[Any]:
+    # Holds no reference to a result it has yielded (concurrent.futures' test_free_reference):
+    # futures are popped, results yielded straight from the call, chunks popped item by item.
     try:
-        futures.reverse()  # pop from the end: each future is released once consumed
+        futures.reverse()
         while futures:
-            f = futures.pop()
-            result = f.result() if end is None else f.result(end - time.monotonic())
             if chunked:
-                yield from result
+                chunk = _result(futures.pop(), end)
+                chunk.reverse()
+                while chunk:
+                    yield chunk.pop()
+                del chunk
             else:
-                yield result
+                yield _result(futures.pop(), end)
     finally:
         _cancel_pending(futures)

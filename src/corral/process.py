@@ -1,7 +1,10 @@
 """A running worker process: start, signal (its group too), wait object, reap, exit decoding.
 
-Every OS call the monitor makes about a process goes through here, so the state machine can be
-driven by a fake in unit tests.
+Every OS call the monitor and the pool make about a process goes through a :class:`ProcessLike`
+(a :class:`WorkerProcess` here), so their state machines are driven by a fake in unit tests
+(``tests/unit/fakes.py``). Also: the supervisor's own fds that fork children close
+(:func:`own_fd`), reading stack dumps, and small process facts (:func:`pid_running`,
+:func:`wait_exit`).
 """
 
 from __future__ import annotations
@@ -9,14 +12,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.process
 import os
+import select
 import signal
 import sys
 import threading
 import time
 from multiprocessing.context import BaseContext
-from typing import Any
+from typing import Any, Protocol
 
 from corral._keeper import keeper
 from corral.exitstatus import ExitStatus
@@ -24,14 +29,17 @@ from corral.exitstatus import ExitStatus
 __all__ = [
     "DUMP_NAME",
     "DUMP_SIGNAL",
+    "ProcessLike",
     "WorkerHandle",
     "WorkerProcess",
     "close_internal_fds",
     "disown_fd",
     "dump_fd_is_ours",
     "own_fd",
+    "pid_running",
     "read_stack_dump",
     "stack_dump_size",
+    "wait_exit",
 ]
 
 # The signal on which every worker's bootstrap registers faulthandler's C-level handler, writing
@@ -136,6 +144,56 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+class ProcessLike(Protocol):
+    """What the monitor and the pool use of a process (a :class:`WorkerProcess`, or a fake)."""
+
+    pid: int
+    started: float  # monotonic
+    started_wall: float  # time.time()
+    exit: ExitStatus | None
+    stop_sent: int | None
+
+    def waitable(self) -> int: ...
+
+    def send(self, sig: int) -> bool: ...
+
+    def send_group(self, sig: int) -> bool: ...
+
+    def send_stop(self, sig: int) -> None: ...
+
+    def kill_group_leftovers(self) -> None: ...
+
+    def kill_and_reap(self, timeout: float = 5.0) -> None: ...
+
+    def reap(self) -> ExitStatus | None: ...
+
+    def close(self) -> None: ...
+
+
+def pid_running(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie (never reaps anything)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def wait_exit(pid: int, timeout: float | None = None) -> None:
+    """Wait until ``pid`` has exited (at most ``timeout`` seconds), without reaping it: a pidfd
+    becomes readable when the process ends, so there is no polling loop."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return  # already gone
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
+    finally:
+        os.close(fd)
+
+
 class WorkerProcess:
     """One process of one worker. Created and started by the spawner thread."""
 
@@ -229,6 +287,16 @@ class WorkerProcess:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
 
+    def kill_and_reap(self, timeout: float = 5.0) -> None:
+        """SIGKILL the process and its group, wait for it (well under a millisecond), reap it
+        and release it: for a process nobody wants (a start that came too late, an emergency).
+        """
+        self.send_group(signal.SIGKILL)
+        multiprocessing.connection.wait([self.waitable()], timeout=timeout)
+        self.kill_group_leftovers()
+        self.reap()
+        self.close()
+
     def reap(self) -> ExitStatus | None:
         """Collect the exit status if the process has ended (non-blocking)."""
         if self.exit is not None:
@@ -238,11 +306,13 @@ class WorkerProcess:
             try:
                 result = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG)
             except ChildProcessError:
-                result = None
-                code = self.process.exitcode  # someone else reaped it through multiprocessing
-                if code is None:
-                    return None
-                self.exit = ExitStatus.from_returncode(code)
+                # Our own child, yet not ours to wait for: someone else collected it, so it
+                # has exited. Through multiprocessing, the code is known; through the host's
+                # os.wait()/waitpid(-1) (a generic SIGCHLD reaper), it is lost for good, and
+                # waiting on would never end (the pidfd stays readable).
+                code = popen.returncode
+                self.exit = (ExitStatus.unknown_status() if code is None
+                             else ExitStatus.from_returncode(code))
             else:
                 if result is None:
                     return None
@@ -271,7 +341,12 @@ class WorkerProcess:
         try:
             self.process.close()
         except ValueError:
-            pass  # still running: never happens after reap()
+            # multiprocessing still thinks it runs: reaped by someone else, status unknown
+            # (see reap()). Release its sentinel all the same.
+            popen = getattr(self.process, "_popen", None)
+            if popen is not None and self.exit is not None:
+                with contextlib.suppress(OSError):
+                    popen.close()
         except OSError as exc:
             if exc.errno != errno.EBADF:
                 raise
@@ -284,27 +359,17 @@ class WorkerHandle:
     reaps (multiprocessing's ``is_alive()`` would, stealing the exit status from the monitor).
     """
 
-    def __init__(self, proc: WorkerProcess, index: int) -> None:
+    def __init__(self, proc: ProcessLike, index: int, name: str, daemon: bool = False) -> None:
         self._proc = proc
         self.index = index
         self.pid = proc.pid
-        self.name = proc.process.name
-        self.daemon = proc.process.daemon
+        self.name = name
+        self.daemon = daemon
 
     def is_alive(self) -> bool:
         if self._proc.exit is not None:
             return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        try:  # a zombie (dead, not reaped yet) is not alive
-            with open(f"/proc/{self.pid}/stat", "rb") as fh:
-                return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-        except (OSError, IndexError):
-            return False
+        return pid_running(self.pid)
 
     @property
     def exitcode(self) -> int | None:

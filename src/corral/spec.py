@@ -15,7 +15,7 @@ from typing import Any
 
 from corral import _validate as v
 from corral.errors import NotPicklable
-from corral.policy import Backoff, RestartBudget, RestartPolicy
+from corral.policy import Backoff, RestartBudget, RestartPolicy, Strategy
 
 __all__ = ["READY_WHEN", "START_METHODS", "PoolSpec", "check_picklable"]
 
@@ -74,6 +74,9 @@ class PoolSpec:
         name: the pool's name, used in logs and process titles.
         start_method: "fork", "spawn" or "forkserver" (default: forkserver, safe with threads).
         restart: "always", "on-failure" or "never" (a :class:`RestartPolicy`).
+        strategy: which workers a failure restarts (a :class:`Strategy`): "one_for_one" (the
+            failed one), "one_for_all" (all of them, together, charged once to the budget) or
+            "rest_for_one" (it and every worker of a higher index).
         backoff: delays between restarts of one worker (a :class:`Backoff`).
         restart_cooldown: the least seconds between two restarts of the same worker; a
             restart the policy wants sooner waits for the rest (0: none). The first restart is
@@ -102,6 +105,7 @@ class PoolSpec:
     name: str = ""
     start_method: str = "forkserver"
     restart: RestartPolicy | str = RestartPolicy.ALWAYS
+    strategy: Strategy | str = Strategy.ONE_FOR_ONE
     backoff: Backoff = field(default_factory=Backoff)
     budget: RestartBudget = field(default_factory=RestartBudget)
     restart_cooldown: float = 0.0
@@ -132,6 +136,7 @@ class PoolSpec:
             object.__setattr__(self, "name", getattr(self.target, "__name__", "pool"))
         v.choice("start_method", self.start_method, START_METHODS)
         object.__setattr__(self, "restart", RestartPolicy.parse(self.restart))
+        object.__setattr__(self, "strategy", Strategy.parse(self.strategy))
         if not isinstance(self.backoff, Backoff):
             raise TypeError(f"backoff must be a corral.Backoff, got {self.backoff!r}")
         if not isinstance(self.budget, RestartBudget):
@@ -171,6 +176,11 @@ class PoolSpec:
     def restart_policy(self) -> RestartPolicy:
         assert isinstance(self.restart, RestartPolicy)
         return self.restart
+
+    @property
+    def supervision_strategy(self) -> Strategy:
+        assert isinstance(self.strategy, Strategy)
+        return self.strategy
 
     def worker_name(self, index: int) -> str:
         if self.names is None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import enum
 
-from corral.errors import CorralError
+from corral.errors import IllegalTransition
+from corral.events import StopReason  # re-exported: it used to live here
 
 __all__ = ["TRANSITIONS", "IllegalTransition", "StopReason", "Trigger", "WorkerState", "check"]
 
@@ -40,31 +41,6 @@ class Trigger(enum.Enum):
     KILL = "stop timeout"  # the grace ran out: SIGKILL
     BACKOFF_OVER = "backoff over"
     RESTART = "restart"  # asked to start again now (restart(i), rolling restart)
-
-
-class StopReason(enum.Enum):
-    """Why a worker's process ended (what ``status()`` and the events report)."""
-
-    EXITED = "exited"  # exited by itself with a code
-    KILLED = "killed by signal"  # died of a signal corral did not send
-    SPAWN_FAILED = "spawn failed"
-    HUNG = "hung"  # no heartbeat within the timeout
-    STARTUP_TIMEOUT = "startup timeout"  # never became ready within the startup grace
-    UNHEALTHY = "unhealthy"  # the health check failed too often
-    RECYCLED_MEMORY = "recycled: memory"
-    RECYCLED_AGE = "recycled: age"
-    SCALED_DOWN = "scaled down"
-    RESTARTED = "restarted on request"
-    SHUTDOWN = "shut down"
-    GAVE_UP = "pool gave up"
-
-    @property
-    def by_corral(self) -> bool:
-        return self not in (StopReason.EXITED, StopReason.KILLED, StopReason.SPAWN_FAILED)
-
-
-class IllegalTransition(CorralError, RuntimeError):
-    """The monitor tried a move the table does not allow (a bug in corral)."""
 
 
 S, T = WorkerState, Trigger

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from corral.events import ExitRecord
-from corral.states import StopReason, WorkerState
+from corral.events import ExitRecord, StopReason
+from corral.states import WorkerState
 
 __all__ = ["WorkerStatus"]
 

@@ -111,14 +111,12 @@ class Supervisor:
             # The monitor's resources first (they can fail: no shared memory, no fds), then the
             # threads, each undone if a later one cannot start: nothing is left behind.
             monitor = Monitor(self.spec, self._emit)
-            dispatcher = threading.Thread(target=self._dispatch_events,
-                                          name=f"corral-events[{self.spec.name}]", daemon=True)
-            try:
-                dispatcher.start()
-            except BaseException:
-                monitor.discard()
-                raise
-            self._dispatcher = dispatcher
+            if self._subscribers:  # else it starts with the first subscribe()
+                try:
+                    self._start_dispatcher()
+                except BaseException:
+                    monitor.discard()
+                    raise
             try:
                 monitor.start([initial[i] for i in range(self.spec.workers)])
             except BaseException:
@@ -214,7 +212,7 @@ class Supervisor:
         monitor = self._require_started()
         prepared = self._prepare(n)
         ensure_fd_room(n)
-        monitor.call("scale", n, prepared)
+        monitor.call(monitor.do_scale, n, prepared)
 
     def restart(self, index: int) -> None:
         """Restart one worker now (gracefully; no backoff, not counted in the budget).
@@ -224,7 +222,8 @@ class Supervisor:
             IndexError: there is no worker with that index.
         """
         v.index("index", index)
-        self._require_started().call("restart", index)
+        monitor = self._require_started()
+        monitor.call(monitor.do_restart, index)
 
     def restart_all(self, timeout: float | None = None) -> None:
         """Rolling restart: one worker at a time, each replacement ready before the next.
@@ -233,7 +232,8 @@ class Supervisor:
             TimeoutError: not finished within ``timeout`` (it carries on in the background).
         """
         timeout = v.timeout("timeout", timeout)
-        self._require_started().call("restart_all", timeout=timeout)
+        monitor = self._require_started()
+        monitor.call(monitor.do_restart_all, timeout=timeout)
 
     def wait_ready(self, n: int | None = None, timeout: float | None = None) -> int:
         """Block until ``n`` workers (default: every worker meant to run) are RUNNING.
@@ -250,12 +250,9 @@ class Supervisor:
             v.integer("n", n)
         timeout = v.timeout("timeout", timeout)
         monitor = self._require_started()
-        try:
-            cmd = monitor.submit("wait_ready", n)
-        except RuntimeError:
-            raise monitor.not_ready_error(n) from None
+        cmd = monitor.submit(monitor.do_wait_ready, n)
         if not cmd.done.wait(timeout):
-            monitor.call("cancel", cmd, wait=False)
+            monitor.call(monitor.do_cancel, cmd, wait=False)
             raise TimeoutError(
                 f"pool {self.spec.name!r}: fewer than {n if n is not None else 'all'} workers "
                 f"ready within {timeout}s")
@@ -271,7 +268,7 @@ class Supervisor:
         monitor = self._monitor
         if monitor is None:
             return ()
-        result: tuple[WorkerStatus, ...] = monitor.call("status")
+        result: tuple[WorkerStatus, ...] = monitor.call(monitor.do_status)
         return result
 
     def pids(self) -> list[int]:
@@ -293,7 +290,19 @@ class Supervisor:
         """Call ``callback(event)`` for every lifecycle event, on a separate thread."""
         if not callable(callback):
             raise TypeError(f"callback must be callable, got {callback!r}")
-        self._subscribers.append(callback)
+        with self._lock:
+            self._subscribers.append(callback)
+            if self._monitor is not None:
+                self._start_dispatcher()
+
+    def _start_dispatcher(self) -> None:
+        """The subscribers' thread, started with the first subscriber (under ``_lock``)."""
+        if self._dispatcher is not None:
+            return
+        dispatcher = threading.Thread(target=self._dispatch_events,
+                                      name=f"corral-events[{self.spec.name}]", daemon=True)
+        dispatcher.start()
+        self._dispatcher = dispatcher
 
     def unsubscribe(self, callback: Callable[[Event], None]) -> None:
         """Stop calling ``callback``.
@@ -308,8 +317,8 @@ class Supervisor:
                              f"{self.spec.name!r}") from None
 
     def _emit(self, event: Event) -> None:
-        # With nobody subscribed an event costs nothing (no wake-up of the events thread);
-        # STOPPED always goes through, it ends that thread.
+        # With nobody subscribed an event costs nothing (no events thread at all); STOPPED
+        # always goes through, it ends that thread.
         if self._subscribers or event.kind is EventKind.STOPPED:
             self._events.put(event)
 

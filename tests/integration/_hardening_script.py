@@ -12,6 +12,9 @@ Modes:
                 raise RuntimeError at once) and exits normally (atexit must not block); the
                 parent prints a JSON line with what the child saw, stops its pool and exits.
   fork-compat   the same with a WorkerProcessManager.
+  pool-wait     a ProcessPool whose running tasks each start a grandchild; prints their pids,
+                then waits to be killed.
+  fork-pool     a ProcessPool, then os.fork(): like fork-child.
   logs          a WorkerProcessManager with logging not configured (the default), one worker
                 killed and replaced, then stop(): Duck's lines must reach stderr.
   logs-config   the same after logging.basicConfig(level=WARNING).
@@ -69,8 +72,18 @@ def main() -> None:
         _report(flagdir, n, manager.running_pids())
         manager.stop(graceful=True, wait=False)
         os._exit(0)
-    elif mode in ("fork-child", "fork-compat"):
-        if mode == "fork-child":
+    elif mode == "pool-wait":
+        pool = corral.ProcessPool(n, start_method=method, spare_workers=0)
+        futures = [pool.submit(hw.task_with_sleep_child, str(flagdir)) for _ in range(n)]
+        _report(flagdir, n, list(pool.worker_pids()))
+        del futures
+        threading.Event().wait()
+    elif mode in ("fork-child", "fork-compat", "fork-pool"):
+        if mode == "fork-pool":
+            pool = corral.ProcessPool(1, start_method=method)
+            pool.submit(abs, -1).result(timeout=30)
+            calls = {"submit": lambda: pool.submit(abs, -2), "shutdown": pool.shutdown}
+        elif mode == "fork-child":
             sup = corral.Supervisor(hw.exits_on_sigterm, workers=1, start_method=method)
             sup.start()
             calls = {"status": sup.status, "stop": sup.stop, "scale": lambda: sup.scale(2)}
@@ -101,7 +114,9 @@ def main() -> None:
         _, status = os.waitpid(pid, 0)
         print(json.dumps({"child": json.loads(data or b"{}"),
                           "child_exit": os.waitstatus_to_exitcode(status)}), flush=True)
-        if mode == "fork-child":
+        if mode == "fork-pool":
+            pool.shutdown()
+        elif mode == "fork-child":
             sup.stop()
         else:
             manager.stop()

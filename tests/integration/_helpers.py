@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import corral
-from conftest import pid_alive, wait_for
 from corral import Event, EventKind, WorkerState
+from support import pid_alive, wait_for
 
 T = TypeVar("T")
 

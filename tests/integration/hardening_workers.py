@@ -107,3 +107,32 @@ def crash_at_once_duck(idx: int, *args: Any) -> None:
 
 def sleep_duck(idx: int, *args: Any) -> None:
     _forever()
+
+
+def task_with_sleep_child(flagdir: str) -> None:
+    """A pool task that starts a grandchild in its worker's group, reports it, then runs on."""
+    _start_marker(os.getpid(), flagdir)
+    _forever()
+
+
+def task_fd_count(hold: float) -> int:
+    """How many fds this pool worker holds (after keeping it busy for ``hold`` s)."""
+    time.sleep(hold)  # so that every worker of the pool takes one of these tasks
+    return len(os.listdir("/proc/self/fd"))
+
+
+def task_hijacks_dump_fd(flagdir: str) -> None:
+    """Put a file of its own on corral's dump fd number, then run past the task's timeout."""
+    dump_fd = -1
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith("/memfd:corral-dump"):
+                dump_fd = int(name)
+        except OSError:
+            continue
+    user_file = Path(flagdir) / "user-task.txt"
+    user_file.write_text("user data\n")
+    fd = os.open(user_file, os.O_RDWR | os.O_APPEND)
+    if dump_fd >= 0:
+        os.dup2(fd, dump_fd)
+    _forever()

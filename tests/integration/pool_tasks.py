@@ -122,6 +122,10 @@ def init_fail() -> None:
     raise RuntimeError("initializer says no")
 
 
+def init_fail_differently() -> None:
+    raise RuntimeError(f"initializer says no in pid {os.getpid()}")
+
+
 def start_grandchild(path: str) -> None:
     """Start a long-sleeping child, write its pid to ``path``, then hang."""
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
@@ -139,3 +143,57 @@ def make_bytes(n: int) -> bytes:
 
 def init_hang_in_here() -> None:
     hang_in_here()
+
+
+# ------------------------------------------------------- pickling in both directions (futures)
+
+
+def _exit_now() -> None:
+    sys.exit(1)
+
+
+class ExitAtUnpickle:
+    """Unpickling it raises SystemExit (in the worker for a task, in the parent for a result)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _exit_now, ()
+
+
+class ExitAtPickle:
+    """Pickling it raises SystemExit."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        sys.exit(1)
+
+
+class ErrorAtUnpickle:
+    """Unpickling it raises ValueError."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return int, ("not a number",)
+
+
+def return_instance(cls: type) -> Any:
+    return cls()
+
+
+def identity(x: Any) -> Any:
+    return x
+
+
+def exit_task() -> None:
+    sys.exit(3)
+
+
+def raise_runtime() -> None:
+    raise RuntimeError(123)  # the remote line the traceback must show
+
+
+def init_put(queue: Any, lock: Any, event: Any) -> None:
+    with lock:
+        queue.put(os.getpid())
+    event.set()
+
+
+class Payload:
+    """A result whose lifetime the parent watches with a weakref."""

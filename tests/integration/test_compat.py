@@ -26,9 +26,9 @@ import compat_workers as cw
 import pytest
 
 import corral
-from conftest import START_METHODS, descendants, pid_alive, wait_for
 from corral import HeartbeatHealthCheck, HeartbeatUpdateNeverCalled, WorkerProcessManager
 from corral.compat import STOP_TIMEOUT_CEILING, WorkerProcessInfo
+from support import START_METHODS, descendants, pid_alive, wait_for
 
 # ------------------------------------------------------------------------------------ helpers
 

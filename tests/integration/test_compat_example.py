@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import START_METHODS, pid_alive, wait_for
+from support import START_METHODS, pid_alive, wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "duck_usage.py"
 

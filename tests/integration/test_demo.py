@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import pid_alive
+from support import pid_alive
 
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.py"
 RUN_TIMEOUT = 90

@@ -28,8 +28,8 @@ from _helpers import (
     wait_value,
 )
 
-from conftest import START_METHODS, kill_pids, pid_alive, wait_for
 from corral import EventKind, RestartPolicy, StopReason, WorkerState
+from support import START_METHODS, kill_pids, pid_alive, wait_for
 
 
 @dataclass(frozen=True)

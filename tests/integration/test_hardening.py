@@ -22,12 +22,12 @@ import workers
 from _helpers import FAST, EventLog, in_state, pool, status_of, wait_gone
 
 import corral
-from conftest import START_METHODS, pid_alive, wait_for
 from corral import EventKind, StopReason, WorkerState
 from corral._eventqueue import EventQueue
 from corral._keeper import keeper
 from corral.events import Event
 from corral.heartbeat import SHM_DIR_ENV, HeartbeatTable
+from support import START_METHODS, pid_alive, wait_for
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "_hardening_script.py"
@@ -185,6 +185,21 @@ def test_grandchildren_die_within_a_second_of_a_sigkilled_supervisor(
 
 @pytest.mark.parametrize("method", START_METHODS)
 @pytest.mark.timeout(90)
+def test_task_children_die_with_a_sigkilled_pool_host(method: str, no_leaks: set[int],
+                                                      tmp_path: Path) -> None:
+    proc, info = run_script("pool-wait", method, tmp_path, no_leaks, n=2)
+    try:
+        assert all(pid_alive(p) for p in info["grandchildren"])
+        proc.kill()
+        proc.wait(10)
+        wait_gone(info["workers"] + info["grandchildren"], 5, "pool workers and task children")
+    finally:
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.timeout(90)
 def test_duck_stop_then_os_exit_leaves_nothing(method: str, no_leaks: set[int],
                                                tmp_path: Path) -> None:
     """Duck's App.stop(): stop(graceful=True, wait=False), then os._exit(0) at once."""
@@ -231,7 +246,7 @@ def pending_signals(pid: int) -> set[int]:
 # -------------------------------------------------------------------------------- 3. fork
 
 
-@pytest.mark.parametrize("mode", ["fork-child", "fork-compat"])
+@pytest.mark.parametrize("mode", ["fork-child", "fork-compat", "fork-pool"])
 @pytest.mark.timeout(60)
 def test_a_forked_child_gets_runtime_errors_and_exits(mode: str, no_leaks: set[int],
                                                      tmp_path: Path) -> None:
@@ -398,6 +413,14 @@ def test_fork_workers_do_not_hold_their_siblings_fds(no_leaks: set[int], tmp_pat
         assert max(counts) - min(counts) <= 2, counts
 
 
+@pytest.mark.timeout(60)
+def test_fork_pool_workers_do_not_hold_their_siblings_fds(no_leaks: set[int]) -> None:
+    with corral.ProcessPool(8, start_method="fork", spare_workers=0) as p:
+        counts = list(p.map(hw.task_fd_count, [0.5] * 8))
+        no_leaks.update(p.worker_pids())
+    assert max(counts) - min(counts) <= 2, counts
+
+
 @pytest.mark.timeout(120)
 def test_soft_fd_limit_is_raised_for_a_large_pool(no_leaks: set[int]) -> None:
     import resource
@@ -433,6 +456,18 @@ def test_a_dump_never_lands_in_a_users_file(method: str, no_leaks: set[int],
             record.detail or "")
         assert (tmp_path / "user-0.txt").read_text() == "user data\n"
         sup.stop()
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.timeout(60)
+def test_a_task_timeout_dump_never_lands_in_a_users_file(method: str, no_leaks: set[int],
+                                                         tmp_path: Path) -> None:
+    with corral.ProcessPool(1, start_method=method, spare_workers=0) as p:
+        fut = p.submit_task(hw.task_hijacks_dump_fd, args=(str(tmp_path),), timeout=1.0)
+        with pytest.raises(corral.TaskTimeout, match="no stack dump"):
+            fut.result(timeout=30)
+        no_leaks.update(p.worker_pids())
+    assert (tmp_path / "user-task.txt").read_text() == "user data\n"
 
 
 # ------------------------------------------------------------- 11. subscribers and memory

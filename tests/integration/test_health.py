@@ -19,8 +19,8 @@ import pytest
 from _helpers import pool, read_pid, running_with_new_pid, status_of, stays_empty
 
 import corral
-from conftest import START_METHODS, wait_for
 from corral import EventKind, StopReason, WorkerState
+from support import START_METHODS, wait_for
 
 
 def _flagdir_args(tmp_path: Path, *extra: object) -> Callable[[int], tuple[object, ...]]:

@@ -24,8 +24,8 @@ import pytest
 from _helpers import pool, read_pid, running_with_new_pid, status_of, stays_empty
 
 import corral
-from conftest import START_METHODS, wait_for
 from corral import EventKind, StopReason, WorkerState
+from support import START_METHODS, wait_for
 
 # Generous against a noisy 2-core machine: workers beat every 0.05 s.
 HBT = 1.0

@@ -12,8 +12,8 @@ import workers
 from _helpers import pool
 
 import corral
-from conftest import descendants, pid_alive, wait_for
 from corral import EventKind, StopReason
+from support import descendants, pid_alive, wait_for
 
 # No delay between restarts, no budget: as many cycles per second as the machine allows.
 NO_DELAY = corral.Backoff(initial=0.0, cap=0.0, jitter=0.0, reset_after=0.0)

@@ -15,8 +15,8 @@ import workers
 from _helpers import pool, running_with_new_pid, status_of, wait_gone
 
 import corral
-from conftest import START_METHODS, descendants, pid_alive, wait_for
 from corral import EventKind, StopReason, WorkerState
+from support import START_METHODS, descendants, pid_alive, wait_for
 
 # ------------------------------------------------------------------------ backoff and budget
 

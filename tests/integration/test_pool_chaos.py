@@ -57,7 +57,7 @@ def test_chaos(no_leaks: set[int], start_method: str, n_tasks: int, n_kills: int
         while len(killed) < n_kills and not all_done.is_set():
             pids = pool.worker_pids()
             seen.update(pids)
-            no_leaks.update(pids)
+            no_leaks.update(pids, pool.spare_pids())
             if pids:
                 pid = rng.choice(pids)
                 try:
@@ -88,7 +88,7 @@ def test_chaos(no_leaks: set[int], start_method: str, n_tasks: int, n_kills: int
         assert not not_done, f"{len(not_done)} futures never ended (seed {seed})"
     finally:
         all_done.set()
-        no_leaks.update(pool.worker_pids())
+        no_leaks.update(pool.worker_pids(), pool.spare_pids())
         t0 = time.monotonic()
         pool.shutdown(wait=True, cancel_futures=True)
         assert time.monotonic() - t0 < 20, "shutdown took too long"

@@ -13,8 +13,8 @@ import workers
 from _helpers import EventLog, pool, start_supervisor_script, stays_empty, wait_gone
 
 import corral
-from conftest import START_METHODS, descendants, pid_alive, wait_for
 from corral import EventKind, StopReason, WorkerState
+from support import START_METHODS, descendants, pid_alive, wait_for
 
 
 def _alive_descendants() -> set[int]:

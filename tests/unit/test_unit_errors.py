@@ -82,3 +82,11 @@ def test_exit_record_describe() -> None:
     hung = ExitRecord(index=2, name="w-2", pid=103, exit=ExitStatus(signal=9),
                       reason=StopReason.HUNG, at=0.0, uptime=12.0)
     assert hung.describe() == "worker 'w-2' (index 2, pid 103): hung, SIGKILL(-9) after 12.00s"
+
+
+def test_not_picklable_is_a_pickling_error() -> None:
+    import pickle
+
+    assert issubclass(NotPicklable, pickle.PicklingError)
+    with pytest.raises(pickle.PicklingError):
+        raise NotPicklable("x")

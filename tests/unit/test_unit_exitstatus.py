@@ -108,3 +108,12 @@ def test_frozen_and_hashable() -> None:
     with pytest.raises(AttributeError):
         st.code = 2  # type: ignore[misc]
     assert len({ExitStatus(code=1), ExitStatus(code=1), ExitStatus(signal=9)}) == 2
+
+
+def test_unknown_status_says_who_took_it() -> None:
+    st = ExitStatus.unknown_status()
+    assert st.unknown and st == ExitStatus()
+    assert not st.clean and st.returncode is None and st.signal_name is None
+    assert st.describe() == "unknown exit status"
+    assert st.hint is not None and "os.waitpid(-1" in st.hint and "os.wait()" in st.hint
+    assert not ExitStatus(code=0).unknown and not ExitStatus(signal=9).unknown

@@ -1,0 +1,144 @@
+"""The one long-lived thread that starts a pool's processes.
+
+Starting a process takes about a millisecond with fork and tens of milliseconds with forkserver or
+spawn; it happens here, never on the loop thread, so a restart never delays the supervision of
+the other workers. The thread lives as long as its pool, which matters: Linux ties a child's
+parent-death signal to the *thread* that forked it.
+
+Requests queued together (a pool's start, a scale-up) are delivered together: one hand-over to
+the loop for the batch, not one per process. A lone restart is delivered at once.
+
+    loop thread --request(req)--> queue --> spawner thread: start(req) -> WorkerProcess | error
+                                                  |
+    loop thread <--deliver([(req, result), ...]) --+   (through the reactor's inbox)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.context import BaseContext
+from typing import Any, Generic, TypeVar
+
+from corral.process import WorkerProcess
+
+__all__ = ["BATCH_SIZE", "BATCH_TIME", "SpawnSkipped", "Spawner", "preload_for_forkserver"]
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")  # a request: whatever the owner needs to start one process
+P = TypeVar("P")  # what a start makes (a WorkerProcess, or the pool's (process, socket) pair)
+
+BATCH_SIZE = 32
+BATCH_TIME = 0.005  # seconds: a batch is delivered at the latest this long after its first start
+
+
+class SpawnSkipped(Exception):
+    """The pool began stopping before this start came up: nothing was started."""
+
+
+class Spawner(Generic[R, P]):
+    """Starts processes on its own thread and hands the results back in batches.
+
+    Args:
+        name: the thread's name.
+        start: ``start(request) -> P``, run on the spawner thread; what it raises is delivered
+            as the result.
+        deliver: ``deliver(batch)`` with ``batch = [(request, P | BaseException), ...]``, run on
+            the spawner thread; it hands the batch to the loop (``call_soon_threadsafe``). If
+            it raises (the loop has closed), the started processes are passed to ``discard``.
+        skip: ``skip() -> bool``: True once the pool is stopping; queued starts then become
+            :class:`SpawnSkipped` without starting anything.
+        discard: ``discard(P)``: kill and release a process nobody can take any more.
+    """
+
+    def __init__(self, name: str, start: Callable[[R], P],
+                 deliver: Callable[[list[tuple[R, P | BaseException]]], None],
+                 skip: Callable[[], bool], discard: Callable[[P], None]) -> None:
+        self._start = start
+        self._deliver = deliver
+        self._skip = skip
+        self._discard = discard
+        self._queue: queue.SimpleQueue[R | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        """Start the thread (raises what threading raises: the owner undoes its set-up)."""
+        self._thread.start()
+
+    def request(self, req: R) -> None:
+        """Queue one start (any thread)."""
+        self._queue.put(req)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Let the thread finish what is queued and end; wait up to ``timeout`` for it."""
+        self._queue.put(None)
+        if timeout is not None and self._thread.is_alive() and (
+                self._thread is not threading.current_thread()):
+            self._thread.join(timeout)
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+    def _run(self) -> None:
+        q = self._queue
+        while True:
+            item = q.get()
+            batch: list[tuple[R, P | BaseException]] = []
+            began = time.monotonic()
+            while item is not None:
+                result: P | BaseException
+                if self._skip():
+                    result = SpawnSkipped()
+                else:
+                    try:
+                        result = self._start(item)
+                    except BaseException as exc:  # delivered as a failed start
+                        result = exc
+                batch.append((item, result))
+                if len(batch) >= BATCH_SIZE or time.monotonic() - began > BATCH_TIME:
+                    break
+                try:
+                    item = q.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                try:
+                    self._deliver(batch)
+                except Exception:
+                    # Nobody will take these any more (the loop has closed): no orphans.
+                    for _, result in batch:
+                        if not isinstance(result, BaseException):
+                            with contextlib.suppress(Exception):
+                                self._discard(result)
+            if item is None:
+                return
+
+
+def preload_for_forkserver(ctx: BaseContext, modules: list[str]) -> None:
+    """Have the forkserver import corral and the given modules once, not in every child.
+
+    Only takes effect if the forkserver has not started yet; the list is process-wide, so we add
+    to what is there rather than replace it. (CPython 3.11-3.13 never preloads ``__main__``.)
+    """
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    current = list(getattr(server, "_preload_modules", None) or ["__main__"])
+    wanted = ["corral._bootstrap", "corral.heartbeat",
+              *(m for m in modules if isinstance(m, str) and m != "__main__")]
+    missing = [m for m in wanted if m not in current]
+    if missing:
+        set_preload: Any = getattr(ctx, "set_forkserver_preload", None)
+        if set_preload is not None:
+            set_preload(current + missing)
+
+
+def kill_and_reap(proc: WorkerProcess) -> None:
+    """SIGKILL a process nobody wants (and its group), reap it, release it."""
+    proc.kill_and_reap()

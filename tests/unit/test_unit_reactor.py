@@ -1,0 +1,156 @@
+"""The reactor: fds, merged wake-ups, the inbox, typed deadlines, batches and priorities."""
+
+from __future__ import annotations
+
+import enum
+import os
+import threading
+
+import pytest
+
+from corral._loop import WriterLoop
+from corral._reactor import Reactor
+
+
+class Kind(enum.Enum):
+    A = "a"
+    B = "b"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def reactor() -> Reactor[tuple[int, Kind]]:
+    r: Reactor[tuple[int, Kind]] = Reactor("test")
+    yield r  # type: ignore[misc]
+    r.close()
+
+
+def test_is_a_writer_loop(reactor: Reactor[tuple[int, Kind]]) -> None:
+    assert isinstance(reactor, WriterLoop)
+
+
+def test_reader_callback_runs_when_readable(reactor: Reactor[tuple[int, Kind]]) -> None:
+    r, w = os.pipe()
+    seen: list[bytes] = []
+    reactor.add_reader(r, lambda: seen.append(os.read(r, 10)))
+    os.write(w, b"hi")
+    reactor.run_once()
+    assert seen == [b"hi"]
+    reactor.remove_reader(r)
+    os.write(w, b"again")
+    assert reactor.get_events(0) == []
+    os.close(r)
+    os.close(w)
+
+
+def test_lower_priority_runs_first_in_a_batch(reactor: Reactor[tuple[int, Kind]]) -> None:
+    (r1, w1), (r2, w2) = os.pipe(), os.pipe()
+    order: list[str] = []
+    reactor.add_reader(r1, lambda: order.append("exit") or os.read(r1, 10), priority=1)
+    reactor.add_reader(r2, lambda: order.append("reply") or os.read(r2, 10), priority=0)
+    os.write(w1, b"x")
+    os.write(w2, b"x")
+    batch = reactor.get_events(1)
+    assert len(batch) == 2
+    reactor.process_events(batch)
+    assert order == ["reply", "exit"]
+    for fd in (r1, w1, r2, w2):
+        os.close(fd)
+
+
+def test_inbox_from_other_threads_and_merged_wakeups(reactor: Reactor[tuple[int, Kind]]) -> None:
+    got: list[int] = []
+    threads = [threading.Thread(target=reactor.call_soon_threadsafe, args=(got.append, i))
+               for i in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Fifty hand-overs, at most one byte in the pipe.
+    assert len(os.read(reactor._wake_r, 100)) == 1
+    reactor._wake_pending = False
+    reactor.process_events([])
+    assert sorted(got) == list(range(50))
+
+
+def test_wake_interrupts_a_wait(reactor: Reactor[tuple[int, Kind]]) -> None:
+    timer = threading.Timer(0.05, reactor.wake)
+    timer.start()
+    batch = reactor.get_events(30)  # returns well before 30 s
+    timer.join()
+    assert [fd for fd, _ in batch] == [reactor._wake_r]
+
+
+def test_keyed_deadlines_replace_and_fire_in_order() -> None:
+    clock = FakeClock()
+    fired: list[tuple[tuple[int, Kind], float]] = []
+    r: Reactor[tuple[int, Kind]] = Reactor("t", on_deadline=lambda k, now: fired.append((k, now)),
+                                           clock=clock)
+    try:
+        r.set_deadline((1, Kind.A), 1005.0)
+        r.set_deadline((2, Kind.B), 1002.0)
+        r.set_deadline((1, Kind.A), 1001.0)  # replaces 1005
+        assert r.timeout() == pytest.approx(1.0)
+        clock.now = 1003.0
+        r.run_due(clock.now)
+        assert [k for k, _ in fired] == [(1, Kind.A), (2, Kind.B)]
+        assert r.timeout() is None
+        r.set_deadline((3, Kind.A), 1010.0)
+        r.cancel_deadline((3, Kind.A))
+        clock.now = 2000.0
+        r.run_due(clock.now)
+        assert len(fired) == 2
+    finally:
+        r.close()
+
+
+def test_timers_and_the_extra_deadline() -> None:
+    clock = FakeClock()
+    r: Reactor[tuple[int, Kind]] = Reactor("t", clock=clock)
+    try:
+        calls: list[str] = []
+        t1 = r.call_later(5, calls.append, "five")
+        r.call_at(1002.0, calls.append, "two")
+        assert r.timeout(extra=1001.0) == pytest.approx(1.0)
+        t1.cancel()
+        clock.now = 1010.0
+        r.run_due(clock.now)
+        assert calls == ["two"]
+    finally:
+        r.close()
+
+
+def test_far_deadlines_do_not_overflow(reactor: Reactor[tuple[int, Kind]]) -> None:
+    reactor.set_deadline((1, Kind.A), 1e300)
+    timeout = reactor.timeout()
+    assert timeout is not None and timeout <= 86400
+    assert reactor.get_events(0) == []
+
+
+def test_closed_refuses_hand_overs_and_frees_its_fds() -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    r: Reactor[tuple[int, Kind]] = Reactor("t")
+    r.close()
+    r.close()
+    assert len(os.listdir("/proc/self/fd")) == before
+    with pytest.raises(RuntimeError, match="closed"):
+        r.call_soon_threadsafe(print)
+
+
+def test_writer_callbacks(reactor: Reactor[tuple[int, Kind]]) -> None:
+    r, w = os.pipe()
+    wrote: list[int] = []
+    reactor.add_writer(w, lambda: wrote.append(os.write(w, b"x")))
+    reactor.run_once()
+    assert wrote == [1]
+    reactor.remove_writer(w)
+    assert not reactor.watching(w)
+    os.close(r)
+    os.close(w)
