@@ -85,6 +85,7 @@ def recovery(rounds: int, with_spare: bool) -> dict[str, list[float]]:
                     done: threading.Event = done) -> None:
             box["detect"] = time.monotonic()
             box["cause"] = end.cause
+            old.close()
             # What the monitor would do with a zero backoff: start the replacement now.
             box["new"] = RayWorker.start(target, 0, name="bench-0", pool="bench",
                                          spare=box["spare"])

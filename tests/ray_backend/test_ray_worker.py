@@ -7,6 +7,7 @@ latencies are printed (``pytest -s``) and measured properly in benchmarks/ray_be
 from __future__ import annotations
 
 import os
+import select
 import signal
 import statistics
 import sys
@@ -20,6 +21,7 @@ import psutil
 import pytest
 import ray
 
+from corral.events import StopReason
 from corral.exitstatus import ExitStatus
 from corral.ray import (
     ActorExit,
@@ -30,7 +32,6 @@ from corral.ray import (
     RayStartFailed,
     RayWorker,
 )
-from corral.states import StopReason
 from ray_backend import ray_targets
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("ray_cluster")]
@@ -86,6 +87,7 @@ def start() -> Iterator[Callable[..., tuple[RayWorker, Exits]]]:
         worker.kill()
     for worker in started:
         assert worker.wait(10), f"{worker!r}: Ray never reported its end"
+        worker.close()
         wait_gone(worker.pid)
 
 
@@ -139,8 +141,12 @@ def test_sigkill_of_the_actor_is_an_actor_death(
     for i in range(10):
         worker, exits = start(ray_targets.beating, index=i)
         worker.probe(timeout=10)
+        poller = select.poll()
+        poller.register(worker.waitable(), select.POLLIN)
+        assert poller.poll(0) == []
         t0 = time.monotonic()
         os.kill(worker.pid, signal.SIGKILL)
+        assert poller.poll(10_000), "the waitable fd never became readable"
         assert exits.event.wait(10), "the death was never reported"
         latencies.append(exits.calls[0][2] - t0)
         end = exits.calls[0][1]

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 import corral
-from conftest import wait_for
 from corral import heartbeat as hb
 from corral.ray._actor import RayBoot, StopRequested, WorkerActor
+from support import wait_for
 
 pytestmark = pytest.mark.timeout(20)
 

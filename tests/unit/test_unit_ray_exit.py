@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
+from corral.events import StopReason
 from corral.exitstatus import ExitStatus
 from corral.ray import DeathCause, decode
-from corral.states import StopReason
 
 rx = pytest.importorskip("ray.exceptions", reason="Ray is not installed (pip install corral[ray])")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from corral.events import StopReason
 from corral.ray import Liveness, ProbeFailure, default_probe_interval
-from corral.states import StopReason
 
 pytestmark = pytest.mark.timeout(10)
 

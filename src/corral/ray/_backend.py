@@ -7,7 +7,12 @@ What the monitor holds instead of a WorkerProcess::
     send_stop() / kill() / stop(grace)
     run() ends (returned, raised, actor died, killed, OOM, node lost)
         --> Ray completes run()'s future --> the reaper thread: ray.kill, decode
+        --> worker.ended set, waitable() fd readable (like a pidfd, for the reactor)
         --> on_exit(worker, ActorExit)  (exactly once, on the reaper thread)
+
+Its pid, started, started_wall, stop_sent, send/send_group/send_stop, waitable, kill_and_reap,
+kill_group_leftovers and close follow process.ProcessLike; how it ended is ``ended`` (an
+ActorExit), not ``exit``/``reap()``: Ray often cannot say which signal ended a process.
 
 Nothing polls: a death is reported by Ray completing the pending ``run()`` call (measured 6-10 ms
 after a SIGKILL on this machine), and the reaper thread sleeps on a queue until then.
@@ -212,7 +217,7 @@ class RayWorker:
         pid, node_id: its process and Ray node (from the actor's first answer).
         started: our monotonic time when its actor answered.
         actor: the Ray actor handle.
-        exit: how it ended, once known (then also passed to ``on_exit``).
+        ended: how it ended, once known (then also passed to ``on_exit``).
     """
 
     def __init__(self, actor: Any, run_ref: Any, index: int, name: str, pid: int, node_id: str,
@@ -225,9 +230,12 @@ class RayWorker:
         self.node_id = node_id
         self.started = time.monotonic()
         self.started_wall = time.time()
-        self.exit: ActorExit | None = None
-        self.stop_sent = False
+        self.ended: ActorExit | None = None
+        # As WorkerProcess.stop_sent: the "signal" already sent to stop it (SIGKILL = killed).
+        self.stop_sent: int | None = None
         self.killed = False
+        # Readable once the end is known: the monitor's reactor watches it like a pidfd.
+        self._event_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._on_exit = on_exit
         self._run_future: Future[Any] = run_ref.future()
         self._done = threading.Event()
@@ -332,12 +340,49 @@ class RayWorker:
 
     # ----------------------------------------------------------------------- stopping
 
-    def send_stop(self) -> None:
-        """Ask the target to stop (StopRequested in its thread), once; returns at once."""
-        if self.stop_sent or self.exit is not None:
+    def send_stop(self, sig: int = signal.SIGTERM) -> None:
+        """Ask the target to stop (StopRequested in its thread), once; returns at once.
+
+        ``sig`` is only recorded in ``stop_sent`` (as WorkerProcess does): an actor cannot
+        receive a signal (see NOTES.md), whatever the pool's stop_signal is.
+        """
+        if self.stop_sent is not None or self.ended is not None:
             return
-        self.stop_sent = True
+        self.stop_sent = sig
         self.actor.request_stop.remote()
+
+    def send(self, sig: int) -> bool:
+        """WorkerProcess's seam, mapped: SIGKILL kills the actor, SIGCONT does nothing, any
+        other signal is a stop request. False if it has already ended."""
+        if self.ended is not None:
+            return False
+        if sig == signal.SIGKILL:
+            self.kill()
+        elif sig != signal.SIGCONT:
+            self.send_stop(sig)
+        return True
+
+    send_group = send  # an actor has no process group of corral's: the same as send()
+
+    def kill_group_leftovers(self) -> None:
+        """Nothing to do: Ray ends the actor's process (its children are Ray's business)."""
+
+    def waitable(self) -> int:
+        """An fd that becomes readable once the end is known (for the reactor)."""
+        return self._event_fd
+
+    def kill_and_reap(self, timeout: float = 5.0) -> None:
+        """Kill, wait for Ray to report the end (at most ``timeout`` s), release the fd."""
+        self.kill()
+        self.wait(timeout)
+        self.close()
+
+    def close(self) -> None:
+        """Release the waitable fd (after the end was handled)."""
+        with self._lock:
+            if self._event_fd >= 0:
+                os.close(self._event_fd)
+                self._event_fd = -1
 
     def kill(self) -> None:
         """End the actor's process now (``ray.kill``; skips atexit handlers). Idempotent."""
@@ -347,6 +392,7 @@ class RayWorker:
             if self.killed:
                 return
             self.killed = True
+            self.stop_sent = signal.SIGKILL
         try:
             ray.kill(self.actor, no_restart=True)
         except Exception as exc:  # already gone, or the cluster went away
@@ -359,7 +405,9 @@ class RayWorker:
                 os.kill(self.pid, signal.SIGKILL)
 
     def stop(self, grace: float) -> ActorExit | None:
-        """Stop cooperatively, then kill at the deadline; wait for the end (blocking).
+        """Stop cooperatively, then kill at the deadline; wait for the end (blocking), and
+        release the waitable fd. For callers without a reactor: the monitor uses send_stop(),
+        its own deadline and kill() instead.
 
         Returns how it ended (None only if Ray never reported the end, e.g. the cluster is
         gone).
@@ -368,13 +416,16 @@ class RayWorker:
         if grace > 0:
             self.send_stop()
             if self.wait(grace):
-                return self.exit
-        if self.exit is None:
+                self.close()
+                return self.ended
+        if self.ended is None:
             log.warning("worker %r (pid %s) did not stop within %.3gs; killing its actor",
                         self.name, self.pid, grace)
             self.kill()
         self.wait(max(5.0, deadline - time.monotonic()))
-        return self.exit
+        if self.ended is not None:
+            self.close()
+        return self.ended
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the end is known (on_exit has been called). True if it is."""
@@ -382,7 +433,7 @@ class RayWorker:
 
     @property
     def alive(self) -> bool:
-        return self.exit is None
+        return self.ended is None
 
     # ---------------------------------------------------------------------- the end
 
@@ -392,13 +443,16 @@ class RayWorker:
             outcome: Any = self._run_future.result(timeout=0)
         except BaseException as exc:
             outcome = exc
-        exit_ = decode(outcome, stop_requested=self.stop_sent)
+        exit_ = decode(outcome, stop_requested=self.stop_sent is not None)
         if exit_.cause in (DeathCause.RETURNED, DeathCause.EXITED, DeathCause.RAISED,
                            DeathCause.UNAVAILABLE, DeathCause.ERROR):
             # run() is over but the actor's process lives on (or is unreachable): end it, as a
             # local worker's process ends when its target does.
             self.kill()
-        self.exit = exit_
+        self.ended = exit_
+        with self._lock:
+            if self._event_fd >= 0:
+                os.eventfd_write(self._event_fd, 1)
         level = logging.INFO if exit_.stop_requested or self.killed else logging.WARNING
         log.log(level, "worker %r (index %d, pid %s, node %s): %s after %.2fs", self.name,
                 self.index, self.pid, self.node_id[:12], exit_.describe(),
@@ -408,5 +462,5 @@ class RayWorker:
             self._on_exit(self, exit_)
 
     def __repr__(self) -> str:
-        state = "alive" if self.exit is None else self.exit.cause.value
+        state = "alive" if self.ended is None else self.ended.cause.value
         return f"<RayWorker {self.name!r} index={self.index} pid={self.pid} {state}>"

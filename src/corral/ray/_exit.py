@@ -33,9 +33,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from corral.events import ExitRecord
+from corral.events import ExitRecord, StopReason
 from corral.exitstatus import ExitStatus
-from corral.states import StopReason
 
 __all__ = ["ActorExit", "DeathCause", "decode"]
 

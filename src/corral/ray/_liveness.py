@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from corral.states import StopReason
+from corral.events import StopReason
 
 __all__ = ["Liveness", "ProbeFailure", "Verdict", "default_probe_interval"]
 
