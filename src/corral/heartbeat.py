@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["HeartbeatTable", "SlotReading", "beat", "in_worker", "ready", "set_status"]
+__all__ = ["HeartbeatTable", "LocalSlot", "SlotReading", "beat", "in_worker", "ready", "set_status"]
 
 # One slot per worker index: 8 doubles, then the status text.
 #   [0] last beat (monotonic), 0 = never   [1] ready at (monotonic), 0 = not yet
@@ -129,6 +129,24 @@ def _attach_view(view: Any, index: int, dump_fd: int, wake_fd: int,
 def _detach() -> None:
     global _view, _wake_fd, _first_beat_pending
     _view, _wake_fd, _first_beat_pending = None, -1, False
+
+
+def _read_slot(view: Any, mm: mmap.mmap, index: int) -> SlotReading:
+    """One slot of a table, the status text read consistently (retried while being written)."""
+    base = index * _DOUBLES
+    status = ""
+    for _ in range(10):
+        seq = view[base + 3]
+        if int(seq) % 2:
+            continue
+        at = index * _SLOT + _TEXT_AT
+        n = min(int.from_bytes(mm[at : at + 2], "little"), _TEXT_MAX)
+        raw = mm[at + 2 : at + 2 + n]
+        if view[base + 3] == seq:
+            status = raw.decode("utf-8", "replace")
+            break
+    return SlotReading(view[base], view[base + 1], int(view[base + 2]), int(view[base + 4]),
+                       status)
 
 
 @dataclass(frozen=True)
@@ -307,22 +325,8 @@ class HeartbeatTable:
         return float(self._view[index * _DOUBLES + 1])
 
     def read(self, index: int) -> SlotReading:
-        view, mm = self._view, self._mm
-        assert view is not None and mm is not None
-        base = index * _DOUBLES
-        status = ""
-        for _ in range(10):
-            seq = view[base + 3]
-            if int(seq) % 2:
-                continue
-            at = index * _SLOT + _TEXT_AT
-            n = min(int.from_bytes(mm[at : at + 2], "little"), _TEXT_MAX)
-            raw = mm[at + 2 : at + 2 + n]
-            if view[base + 3] == seq:
-                status = raw.decode("utf-8", "replace")
-                break
-        return SlotReading(view[base], view[base + 1], int(view[base + 2]),
-                           int(view[base + 4]), status)
+        assert self._view is not None and self._mm is not None
+        return _read_slot(self._view, self._mm, index)
 
     def close(self) -> None:
         if self._view is not None:
@@ -334,3 +338,36 @@ class HeartbeatTable:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+class LocalSlot:
+    """One heartbeat slot in this process's own memory, for a supervisor that cannot map a table.
+
+    A worker whose supervisor is not its parent, possibly on another machine (a Ray actor), has
+    no shared table to write into. It attaches a LocalSlot instead: :func:`beat`, :func:`ready`
+    and :func:`set_status` then write here exactly as they would into a supervisor's table (same
+    code, same cost), and whatever answers the supervisor's probes reads it with :meth:`read`.
+    The stamps are this process's ``time.monotonic()``: compare them with each other (did the
+    worker beat since the last look?), never with another machine's clock.
+    """
+
+    def __init__(self) -> None:
+        self._mm = mmap.mmap(-1, _SLOT)  # anonymous, private to this process and its forks
+        self._view: Any = memoryview(self._mm).cast("d")
+        self._view[4] = -1.0  # no stack-dump fd
+
+    def attach(self, ready_on_beat: bool = False) -> None:
+        """Make this slot the one this process's beat()/ready()/set_status() write to.
+
+        Args:
+            ready_on_beat: the first beat also counts as ready() (``ready_when="beat"``).
+        """
+        _attach_view(self._view, 0, -1, -1, ready_on_beat)
+
+    def detach(self) -> None:
+        """Stop writing here: beat() and friends do nothing again (if this slot was attached)."""
+        if _view is self._view:
+            _detach()
+
+    def read(self) -> SlotReading:
+        return _read_slot(self._view, self._mm, 0)

@@ -1,0 +1,152 @@
+"""corral on Ray: from SIGKILL of a worker actor to its replacement running, with RayWorker.
+
+Each round starts a worker (a target that calls ``corral.ready()`` and beats), SIGKILLs its
+actor's pid, and, from the ``on_exit`` callback, starts the replacement at once (no backoff),
+then probes it until it reports ready. Three figures per round:
+
+- detect: SIGKILL -> on_exit called (Ray completes the pending run() call);
+- started: SIGKILL -> replacement actor answered (RayWorker.start returned);
+- ready: SIGKILL -> the replacement's probe says ready() was called;
+
+next to the floor, measured in the same run: creating a bare Ray actor to its first method
+reply. A last row replaces the worker with a spare actor made ahead (RayWorker.make_spare), as
+a pool could keep one warm. Needs Ray (``pip install 'corral[ray]'``); starts its own local
+cluster. Run::
+
+    python benchmarks/ray_bench.py [--quick] [--rounds N] [--cpus N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+import corral
+
+
+def target(index: int) -> None:
+    corral.ready()
+    while True:
+        corral.beat()
+        time.sleep(0.02)
+
+
+def _wait_ready(worker: Any, timeout: float = 30.0) -> float:
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = worker.probe(timeout=timeout)
+        if reply.ready:
+            return reply.received
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{worker!r} not ready after {timeout}s")
+        time.sleep(0.001)
+
+
+def floor(ray: Any, rounds: int) -> list[float]:
+    """A bare actor: creation to its first method reply (what any Ray restart costs)."""
+
+    @ray.remote
+    class Bare:
+        def pid(self) -> int:
+            return os.getpid()
+
+    out = []
+    for _ in range(rounds):
+        t0 = time.monotonic()
+        actor = Bare.remote()
+        ray.get(actor.pid.remote())
+        out.append(time.monotonic() - t0)
+        ray.kill(actor)
+    return out
+
+
+def recovery(rounds: int, with_spare: bool) -> dict[str, list[float]]:
+    """SIGKILL -> replacement, the replacement a new actor, or a spare made ahead of time."""
+    from corral.ray import ActorExit, DeathCause, RayWorker
+
+    times: dict[str, list[float]] = {"detect": [], "started": [], "ready": []}
+    worker = RayWorker.start(target, 0, name="bench-0", pool="bench")
+    _wait_ready(worker)
+    for _ in range(rounds):
+        done = threading.Event()
+        box: dict[str, Any] = {"spare": RayWorker.make_spare() if with_spare else None}
+
+        def on_exit(old: RayWorker, end: ActorExit, box: dict[str, Any] = box,
+                    done: threading.Event = done) -> None:
+            box["detect"] = time.monotonic()
+            box["cause"] = end.cause
+            old.close()
+            # What the monitor would do with a zero backoff: start the replacement now.
+            box["new"] = RayWorker.start(target, 0, name="bench-0", pool="bench",
+                                         spare=box["spare"])
+            box["started"] = time.monotonic()
+            done.set()
+
+        worker._on_exit = on_exit  # the bench's own callback for this round
+        t0 = time.monotonic()
+        os.kill(worker.pid, signal.SIGKILL)
+        if not done.wait(30):
+            raise TimeoutError("the death was never reported")
+        assert box["cause"] is DeathCause.DIED, box["cause"]
+        worker = box["new"]
+        ready = _wait_ready(worker)
+        times["detect"].append(box["detect"] - t0)
+        times["started"].append(box["started"] - t0)
+        times["ready"].append(ready - t0)
+    worker.stop(grace=2)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="5 rounds")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--cpus", type=int, default=4, help="num_cpus of the local cluster")
+    opts = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)  # no log line per killed worker
+    rounds = 5 if opts.quick else opts.rounds
+    try:
+        import ray
+    except ImportError:
+        print("Ray is not installed: pip install 'corral[ray]'", file=sys.stderr)
+        raise SystemExit(2) from None
+    from corral.ray import connect
+
+    os.environ.pop("RAY_ADDRESS", None)
+    t0 = time.monotonic()
+    connect(num_cpus=opts.cpus, include_dashboard=False, logging_level="ERROR",
+            log_to_driver=False)
+    init = time.monotonic() - t0
+    try:
+        base = floor(ray, rounds)
+        rec = recovery(rounds, with_spare=False)
+        spare = recovery(rounds, with_spare=True)
+    finally:
+        ray.shutdown()
+    print(f"Ray {ray.__version__}, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+          f"local cluster of {opts.cpus} CPUs (ray.init {init:.2f}s), {rounds} rounds")
+    base_med = statistics.median(base)
+    print(f"{'':<44} {'median ms':>10} {'max ms':>9} {'vs floor':>9}")
+    rows = [("floor: bare actor created -> first reply", base),
+            ("SIGKILL -> on_exit (death detected)", rec["detect"]),
+            ("SIGKILL -> replacement actor answered", rec["started"]),
+            ("SIGKILL -> replacement ready (probe)", rec["ready"]),
+            ("with a spare actor: SIGKILL -> ready", spare["ready"])]
+    for name, values in rows:
+        med = statistics.median(values)
+        print(f"{name:<44} {med * 1e3:>10.1f} {max(values) * 1e3:>9.1f} "
+              f"{med / base_med:>8.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Targets run inside Ray actors by the tests (sent by value: actors cannot import this file)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import corral
+
+
+def beating(index: int, marker: str = "", interval: float = 0.02) -> None:
+    """A cooperative worker: ready, then beats until stopped; its finally block leaves a mark."""
+    corral.set_status(f"worker {index} beating")
+    corral.ready()
+    try:
+        while True:
+            corral.beat()
+            time.sleep(interval)
+    finally:
+        if marker:
+            with open(marker, "w") as fh:
+                fh.write(f"cleaned up {os.getpid()}")
+
+
+def sleeper(index: int) -> None:
+    """Uncooperative: ready, then blocked in one long native sleep (a stop request waits)."""
+    corral.ready()
+    corral.beat()
+    time.sleep(600)
+
+
+def stops_beating(index: int, beats: int = 5) -> None:
+    """Beats a few times, then keeps running Python code without beating (a hung loop)."""
+    corral.ready()
+    for _ in range(beats):
+        corral.beat()
+        time.sleep(0.02)
+    while True:
+        time.sleep(0.05)  # short sleeps: a stop request lands here
+
+
+def raises(index: int) -> None:
+    def inner() -> None:
+        raise ValueError(f"worker {index} failed on purpose")
+
+    corral.ready()
+    inner()
+
+
+def exits(index: int, code: int) -> None:
+    raise SystemExit(code)
+
+
+def returns(index: int) -> None:
+    corral.beat()
+
+
+def env_status(index: int, name: str) -> None:
+    corral.set_status(os.environ.get(name, "<unset>"))
+    corral.ready()
+    while True:
+        corral.beat()
+        time.sleep(0.05)
+
