@@ -57,6 +57,25 @@ def sleeper(index: int, path: str) -> None:
     _sleep_forever()
 
 
+MODEL: object = None  # what a slow warm-up builds (a model, a pool of connections)
+WARM_UP = 2.0  # seconds
+
+
+def warm_up() -> None:
+    """A slow boot: what `standby_init` runs ahead in a standby."""
+    global MODEL
+    time.sleep(WARM_UP)
+    MODEL = object()
+
+
+def slow_boot_sleeper(index: int, path: str) -> None:
+    """A worker that needs its model before it can serve: 2 s cold, at once from a standby."""
+    if MODEL is None:
+        warm_up()
+    report(path, START, index, time.monotonic())
+    _sleep_forever()
+
+
 def beater(index: int, path: str, period: float) -> None:
     """corral: report the first line, then beat every ``period`` seconds."""
     t = time.monotonic()

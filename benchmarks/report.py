@@ -108,6 +108,22 @@ def rows(quick: bool, storm_window: float, idle_sizes: list[int]) -> list[Row]:
             targets.append(Target("<= 2x floor", ratio_at_most(2.0, "floor")))
         out.append(Row(f"recovery4.{m}", f"recovery, 4 killed at once, {m} (all 4 back)", "ms",
                        1e3, targets, chart=m == "fork"))
+    for m in ("fork", "forkserver", "spawn"):
+        out.append(Row(f"recovery_standby.{m}",
+                       f"recovery, {m}, standby=1: SIGKILL -> replacement's 1st line "
+                       "(floor: fork kill->pidfd->start)", "ms",
+                       1e3, [Target("<= 1.0x the fork floor", ratio_at_most(1.0, "floor"))],
+                       chart=True))
+    for m in ("fork", "forkserver", "spawn"):
+        out.append(Row(f"recovery_standby4.{m}", f"  4 killed at once, {m}, standby=2: all back",
+                       "ms", 1e3))
+        for k, nth in ((1, "1st"), (2, "2nd"), (3, "3rd"), (4, "4th")):
+            out.append(Row(f"recovery_standby4.{m}.{k}", f"    the {nth} back", "ms", 1e3))
+    out.append(Row("warm_cold.forkserver",
+                   "recovery with a 2 s warm-up, no standby: SIGKILL -> serving", "ms", 1e3))
+    out.append(Row("warm_standby.forkserver",
+                   "recovery with a 2 s warm-up, standby=1 (warm-up in standby_init)", "ms", 1e3,
+                   [Target("< 50 ms", below(50.0))]))
     out.append(Row("recovery_duck.fork",
                    "recovery, fork, WorkerProcessManager(restart_timeout=2) as Duck calls it",
                    "ms", 1e3, [Target("compat <= 2x floor",

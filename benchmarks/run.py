@@ -152,6 +152,24 @@ def plan(quick: bool, compat: bool) -> tuple[list[Job], dict[str, Any]]:
              "multi": 0, "restart_timeout": 2.0, "key": "recovery_duck",
              "paired_floor": not slow, "phase": [0.6, 0.7] if not slow else [0.6, 2.6]},
             40 if slow else 15, f"recovery: {system}, fork, restart_timeout=2 (Duck's call)")
+    # Hot standbys (issue 16): SIGKILL -> the replacement's first line with standby=1, judged
+    # against the fork floor of the same run under every start method; four killed at once
+    # with standby=2 (two through standbys, two cold); a 2 s warm-up with and without.
+    for m in ("fork", "forkserver", "spawn"):
+        single = (3 if q else 12)
+        add("recovery", "corral", {"method": m, "single": single, "multi": 0 if q else 4,
+                                   "paired_floor": True, "floor_method": "fork",
+                                   "standby": 1 if q else 2, "key": "recovery_standby",
+                                   "phase": [0.03, 0.08]},
+            1.5 * single + 12, f"recovery: corral, {m}, standby (and the fork floor, paired)")
+    add("recovery", "corral", {"method": "forkserver", "single": 2 if q else 4, "multi": 0,
+                               "worker": "slow_boot_sleeper", "key": "warm_cold",
+                               "phase": [0.1, 0.2]},
+        15, "recovery: corral, a 2 s warm-up, no standby")
+    add("recovery", "corral", {"method": "forkserver", "single": 2 if q else 4, "multi": 0,
+                               "worker": "slow_boot_sleeper", "key": "warm_standby",
+                               "standby": 1, "warm_up": True, "phase": [0.1, 0.2]},
+        20, "recovery: corral, a 2 s warm-up, standby=1")
     # 2. hang detection
     add("hang", "corral", {"reps": 3 if q else 10,
                            "beat_for": [0.1, 0.2] if q else [0.25, 0.35]}, 10, "hang: corral")

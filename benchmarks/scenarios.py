@@ -62,7 +62,8 @@ class Pool:
     def __init__(self, system: str, worker: str, n: int, probe: Probe, *,
                  method: str = "fork", heartbeat: float | None = None,
                  extra: tuple[Any, ...] = (), stop_timeout: float = 1.0,
-                 backoff: Any = None, restart_timeout: float = 0.0) -> None:
+                 backoff: Any = None, restart_timeout: float = 0.0, standby: int = 0,
+                 standby_init: Any = None) -> None:
         self.system = system
         self.probe = probe
         self.sup: Any = None
@@ -76,7 +77,8 @@ class Pool:
                 # A worker killed after any uptime restarts at once (the recovery figure); a
                 # crash storm passes the default Backoff.
                 backoff=backoff if backoff is not None else corral.Backoff(reset_after=0),
-                budget=corral.RestartBudget(max_restarts=None), stop_timeout=stop_timeout)
+                budget=corral.RestartBudget(max_restarts=None), stop_timeout=stop_timeout,
+                standby=standby, standby_init=standby_init)
         else:
             wpm_cls, hc_cls = wpm_classes(system)
             if heartbeat is not None:
@@ -168,10 +170,14 @@ def sc_recovery(p: Params) -> Result:
     paired = p.get("paired_floor", False)
     timeout = p.get("timeout", 15)
     key = p.get("key", "recovery")
+    standby = p.get("standby", 0)
     probe = Probe()
-    pool = Pool(system, "sleeper", n, probe, method=method,
-                restart_timeout=p.get("restart_timeout", 0.0))
-    ctx = multiprocessing.get_context(method)
+    pool = Pool(system, p.get("worker", "sleeper"), n, probe, method=method,
+                restart_timeout=p.get("restart_timeout", 0.0), standby=standby,
+                standby_init=bw.warm_up if p.get("warm_up") else None)
+    # The floor is a bare start of the same method, or of fork ("standby" rows are judged
+    # against the fork floor whatever their own start method).
+    ctx = multiprocessing.get_context(p.get("floor_method", method))
     floor_single: list[float] = []
     floor_multi: list[float] = []
 
@@ -190,6 +196,24 @@ def sc_recovery(p: Params) -> Result:
             proc.join(10)
         return last - t0
 
+    def bare_recovery() -> float:
+        """The whole floor of a restart: SIGKILL a bare process, see its pidfd readable,
+        reap it, start a bare process -> its first line (the standby rows' floor)."""
+        victim = ctx.Process(target=bw.sleeper, args=(2000, probe.path))
+        victim.start()
+        probe.next(timeout, bw.START, "a bare victim's first line")
+        pidfd = os.pidfd_open(victim.pid)  # type: ignore[arg-type]
+        t0 = time.monotonic()
+        os.kill(victim.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        select.select([pidfd], [], [], 10)
+        os.close(pidfd)
+        victim.join(10)
+        proc = ctx.Process(target=bw.first_line, args=(probe.path, 1000))
+        proc.start()
+        rec = probe.next(timeout, bw.START, "a bare replacement's first line")
+        proc.join(10)
+        return rec.value - t0
+
     try:
         pool.start()
         current = wait_starts(probe, n, 30 + n * 0.2)
@@ -201,7 +225,9 @@ def sc_recovery(p: Params) -> Result:
         for r in range(p["single"]):
             if paired:
                 pause(lo, hi)
-                floor_single.append(bare_starts(1))
+                floor_single.append(bare_recovery() if standby else bare_starts(1))
+            if standby:
+                wait_standbys(pool, standby)
             time.sleep(waits[r])  # a random phase: the original polls every 2 s
             idx = r % n
             old = current[idx].pid
@@ -214,12 +240,15 @@ def sc_recovery(p: Params) -> Result:
                     break
             single.append(rec.value - t0)
         multi = []
+        per_rank: dict[int, list[float]] = {}
         victims = list(range(min(4, n)))
         waits = phases(p.get("multi", 0), lo, hi)
         for r in range(p.get("multi", 0)):
             if paired:
                 pause(lo, hi)
                 floor_multi.append(bare_starts(len(victims)))
+            if standby:
+                wait_standbys(pool, standby)
             time.sleep(waits[r])
             old_pids = {i: current[i].pid for i in victims}
             t0 = time.monotonic()
@@ -232,17 +261,32 @@ def sc_recovery(p: Params) -> Result:
                 if rec.index in old_pids and rec.pid != old_pids[rec.index]:
                     replaced[rec.index] = rec.value
             multi.append(max(replaced.values()) - t0)
+            if standby:  # each of the 4, in the order they came back
+                for k, at in enumerate(sorted(replaced.values())):
+                    per_rank.setdefault(k, []).append(at - t0)
         out: Result = {f"{key}.{method}": single}
         if multi:
-            out[f"recovery4.{method}"] = multi
+            out[f"{'recovery4' if key == 'recovery' else key + '4'}.{method}"] = multi
+        for k, samples in per_rank.items():
+            out[f"{key}4.{method}.{k + 1}"] = samples
         if paired:
             floor: Result = {f"{key}.{method}": floor_single}
             if floor_multi:
-                floor[f"recovery4.{method}"] = floor_multi
+                floor[f"{'recovery4' if key == 'recovery' else key + '4'}.{method}"] = (
+                    floor_multi)
             out["by_system"] = {"floor": floor}
         return out
     finally:
         finish(pool, probe)
+
+
+def wait_standbys(pool: Pool, n: int, timeout: float = 60.0) -> None:
+    """Until ``n`` hot standbys are ready (each kill is answered by a ready one)."""
+    deadline = time.monotonic() + timeout
+    while sum(1 for s in pool.sup.status() if s.standby and s.ready) < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{n} standby(s) not ready within {timeout}s")
+        time.sleep(0.005)
 
 
 def finish(pool: Pool | None, probe: Probe) -> None:

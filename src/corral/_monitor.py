@@ -40,19 +40,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from corral import states
 from corral._bootstrap import BootConfig, run_standby, run_worker, signals_to_reset
-from corral._command import CommandProcess, Launch
+from corral._command import CommandProcess
 from corral._fdlimit import explain_fd_error
 from corral._health import HealthRunner
 from corral._monitor_parts import ControlPart, GroupRestart, WatchPart
 from corral._monitor_standby import Standby, StandbyPart
 from corral._reactor import Reactor
 from corral._reply import Reply
-from corral._slots import POOL, AfterStop, Deadline, DeadlineKey, WorkerSlot
+from corral._slots import POOL, AfterStop, Deadline, DeadlineKey, SpawnRequest, WorkerSlot
 from corral._spawner import Spawner, SpawnSkipped, preload_for_forkserver
 from corral._stats import PoolStats
 from corral._workerio import WorkerIO
@@ -71,18 +70,6 @@ _HISTORY = 32  # exit records kept for GaveUp and status
 
 def _pong(reply: Reply) -> None:
     reply.finish(True)
-
-
-@dataclass(frozen=True)
-class SpawnRequest:
-    """One start for the spawner thread."""
-
-    index: int
-    generation: int
-    boot: BootConfig
-    args: tuple[Any, ...]
-    launch: Launch | None = None  # pipes and env from the worker IO
-    standby: Standby | None = None  # a hot standby's start (index < 0)
 
 
 StartProcess = Callable[[SpawnRequest], ProcessLike]
@@ -164,6 +151,8 @@ class Monitor(StandbyPart, ControlPart, WatchPart):
         self.gave_up: GaveUp | None = None
         self.finished = threading.Event()
         self._standby_init()
+        self._hb_path = self._hb.path
+        self._wake_path = f"/proc/{os.getpid()}/fd/{self._reactor.wake_fd}"
         self._snapshot: tuple[WorkerStatus, ...] = ()
         self._thread = threading.Thread(target=self._run, name=f"corral-monitor[{spec.name}]",
                                         daemon=True)
@@ -283,6 +272,7 @@ class Monitor(StandbyPart, ControlPart, WatchPart):
 
     def _start_worker(self, req: SpawnRequest) -> ProcessLike:
         spec = self.spec
+        assert req.boot is not None  # only a standby's handover has none, and is no start
         if req.standby is not None:
             ours, theirs = multiprocessing.Pipe(duplex=True)
             own_fd(ours.fileno())
@@ -497,6 +487,8 @@ class Monitor(StandbyPart, ControlPart, WatchPart):
         if launch is not None and self.spec.command is None:
             stdio = tuple(None if fd is None else f"/proc/{os.getpid()}/fd/{fd}"  # type: ignore[assignment]
                           for fd in (launch.stdout, launch.stderr))
+        if self._standbys and self._give_place(w, stdio, launch):
+            return  # a hot standby took its place: no process start
         boot = BootConfig(
             pool=self.spec.name, index=w.index, name=w.name, supervisor_pid=os.getpid(),
             heartbeat_path=self._hb.path,
@@ -505,8 +497,6 @@ class Monitor(StandbyPart, ControlPart, WatchPart):
             dump_signal=DUMP_SIGNAL, forkserver=self.spec.start_method == "forkserver",
             reset_signals=signals_to_reset() if self._fork_extras else None,
             stdio=stdio, **self._fork_extras)
-        if self._standbys and self._give_place(w, boot, launch):
-            return  # a hot standby took its place: no process start
         self._spawner.request(SpawnRequest(w.index, w.generation, boot, w.args, launch))
 
     def _spawned_batch(self, batch: list[tuple[SpawnRequest, ProcessLike | BaseException]],
@@ -625,9 +615,6 @@ class Monitor(StandbyPart, ControlPart, WatchPart):
                 self._live[proc.pid] = proc
             return  # not really gone yet (cannot happen with pidfds); wait again
         self._reactor.remove_reader(proc.waitable())
-        proc.close()
-        if self._io is not None:
-            self._io.ended(w.index, proc.pid)
         now = self._clock()
         for kind in (Deadline.KILL, Deadline.DUMP, Deadline.HEALTH, Deadline.HEALTH_TIMEOUT,
                      Deadline.AGE):
@@ -644,6 +631,10 @@ class Monitor(StandbyPart, ControlPart, WatchPart):
         w.proc = None
         w.ready = False
         self._after_death(w, Trigger.EXITED, record, now)
+        # After the decision (a standby may already run in its place): the rest can wait.
+        proc.close()
+        if self._io is not None:
+            self._io.ended(w.index, proc.pid)
 
     def _after_death(self, w: WorkerSlot, trigger: Trigger, record: ExitRecord,
                      now: float) -> None:
@@ -654,8 +645,15 @@ class Monitor(StandbyPart, ControlPart, WatchPart):
         w.died_at, w.died_why = now, record.reason.name.lower()
         after, w.stop_reason, w.stop_detail = w.after_stop, None, None
         w.after_stop = AfterStop.POLICY
-        self._log_exit(record)
         self._emit(EventKind.EXITED, w, exit=record)
+        try:
+            self._decide(w, trigger, record, now, after)
+        finally:
+            # Logged after the decision: a replacement (a standby) is already on its way.
+            self._log_exit(record)
+
+    def _decide(self, w: WorkerSlot, trigger: Trigger, record: ExitRecord, now: float,
+                after: AfterStop) -> None:
         if self._stopping or after is AfterStop.STAY:
             self._move(w, trigger, S.STOPPED)
         elif after is AfterStop.REMOVE:

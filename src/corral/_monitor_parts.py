@@ -11,6 +11,7 @@ Both run on the monitor thread only and use the monitor's state (see ``_monitor.
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 from collections import deque
@@ -36,7 +37,6 @@ from corral.states import Trigger, WorkerState
 from corral.status import WorkerStatus
 
 if TYPE_CHECKING:
-    import logging
     import threading
 
 
@@ -307,10 +307,9 @@ class ControlPart(_Core):
     """Stopping workers, giving up, commands and their answers, and group restarts."""
 
     def _log_exit(self, record: ExitRecord) -> None:
-        if record.reason.by_corral:
-            self.log.info("%s", record.describe())
-        else:
-            self.log.warning("%s", record.describe())
+        level = logging.INFO if record.reason.by_corral else logging.WARNING
+        if self.log.isEnabledFor(level):  # describe() is not free: only when it is shown
+            self.log.log(level, "%s", record.describe())
         if record.detail and record.reason in (StopReason.HUNG, StopReason.STARTUP_TIMEOUT):
             self.log.warning("stack of hung worker %r (pid %s):\n%s", record.name, record.pid,
                              record.detail)

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
-from corral._bootstrap import BootConfig, Handover
+from corral._bootstrap import Handover
 from corral._command import Launch
-from corral._slots import WorkerSlot
+from corral._slots import POOL, Deadline, DeadlineKey, SpawnRequest, WorkerSlot
 from corral.events import Event, EventKind, ExitRecord, StopReason
 from corral.policy import BackoffState
 from corral.process import ProcessLike
@@ -33,7 +33,7 @@ from corral.states import WorkerState
 from corral.status import WorkerStatus
 
 if TYPE_CHECKING:
-    from corral._reactor import Reactor
+    from corral._reactor import DeadlineSpace, Reactor
     from corral.heartbeat import HeartbeatTable
     from corral.spec import PoolSpec
 
@@ -46,6 +46,9 @@ if TYPE_CHECKING:
         _stopping: bool
         _emit_cb: Callable[[Event], None]
         _live: dict[int, ProcessLike]
+        _hb_path: str
+        _wake_path: str
+        _dl: DeadlineSpace[DeadlineKey]
 
         def _cb(self, fn: Callable[..., None]) -> Callable[..., None]: ...
         def _request_standby(self, sb: Standby) -> None: ...
@@ -105,9 +108,7 @@ class StandbyPart(_Core):
             self._request_standby(sb)
 
     def _dl_standby(self, when: float) -> None:
-        from corral._slots import POOL, Deadline
-
-        self._dl.set((POOL, Deadline.STANDBY), when)  # type: ignore[attr-defined]
+        self._dl.set((POOL, Deadline.STANDBY), when)
 
     def _standby_spawned(self, sb: Standby, result: ProcessLike | BaseException,
                          conn: Connection | None) -> None:
@@ -203,35 +204,36 @@ class StandbyPart(_Core):
                 return sb
         return None
 
-    def _give_place(self, w: WorkerSlot, boot: BootConfig, launch: Launch | None) -> bool:
+    def _give_place(self, w: WorkerSlot, stdio: tuple[str | None, str | None] | None,
+                    launch: Launch | None) -> bool:
         """Give worker ``w``'s place to a ready standby; False if none can take it (then
-        the caller starts a process as usual)."""
+        the caller starts a process as usual). On the restart path: kept lean, the message
+        goes out first and the bookkeeping follows."""
         sb = self._take_standby()
         if sb is None:
             return False
-        stdio = boot.stdio
         try:
-            data = pickle.dumps(Handover(w.index, w.name, w.args, boot.heartbeat_path,
-                                         boot.wake_path, boot.ready_on_beat, stdio),
-                                pickle.HIGHEST_PROTOCOL)
+            data = pickle.dumps(Handover(w.index, w.name, w.args, self._hb_path,
+                                         self._wake_path, self.spec.ready_when == "beat",
+                                         stdio), pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # arguments a fork child could inherit, but not be sent
             self.log.debug("%s: its arguments cannot be sent to a standby (%s); starting it "
                            "cold", w.who, exc)
             return False
-        assert sb.conn is not None and sb.proc is not None
+        conn, proc = sb.conn, sb.proc
+        assert conn is not None and proc is not None
         try:
-            sb.conn.send_bytes(data)
+            conn.send_bytes(data)
         except OSError:
             return False  # it died just now: its exit is handled next
-        self._reactor.remove_reader(sb.conn.fileno())
-        sb.conn.close()
+        self._reactor.remove_reader(conn.fileno())
+        conn.close()
         sb.conn = None
         del self._standbys[sb.id]
-        self.log.info("%s takes over %s (pid %s)", sb.name, w.who.replace("pid None", "no pid"),
-                      sb.proc.pid)
-        from corral._monitor import SpawnRequest
-
-        self._spawned(SpawnRequest(w.index, w.generation, boot, w.args, launch), sb.proc)
+        if self.log.isEnabledFor(logging.INFO):
+            self.log.info("%s (pid %s) takes the place of worker %r (index %d)", sb.name,
+                          proc.pid, w.name, w.index)
+        self._spawned(SpawnRequest(w.index, w.generation, None, w.args, launch), proc)
         # Its successor starts a moment later: a process start (a fork copies page tables
         # holding the GIL; the child's boot takes a CPU) would compete with the worker that
         # has just taken over, the one the standby is there to speed up.

@@ -9,13 +9,18 @@ from __future__ import annotations
 import enum
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from corral.events import ExitRecord, StopReason
 from corral.policy import BackoffState
 from corral.process import ProcessLike
 from corral.states import WorkerState
 
-__all__ = ["POOL", "AfterStop", "Deadline", "DeadlineKey", "WorkerSlot"]
+if TYPE_CHECKING:
+    from corral._bootstrap import BootConfig
+    from corral._command import Launch
+
+__all__ = ["POOL", "AfterStop", "Deadline", "DeadlineKey", "SpawnRequest", "WorkerSlot"]
 
 
 class AfterStop(enum.Enum):
@@ -114,3 +119,15 @@ class WorkerSlot:
     def who(self) -> str:
         pid = self.proc.pid if self.proc else None
         return f"worker {self.name!r} (index {self.index}, pid {pid})"
+
+
+@dataclass(frozen=True)
+class SpawnRequest:
+    """One start for the spawner thread (or a standby's handover, with no ``boot``)."""
+
+    index: int
+    generation: int
+    boot: BootConfig | None
+    args: tuple[Any, ...]
+    launch: Launch | None = None  # pipes and env from the worker IO
+    standby: Any = None  # a hot standby's start (an _monitor_standby.Standby; index < 0)

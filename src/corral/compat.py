@@ -702,7 +702,7 @@ class WorkerProcessManager:
     def _statuses(self) -> tuple[WorkerStatus, ...]:
         self._check_owner()
         sup = self._sup
-        return sup.status() if sup is not None else ()
+        return tuple(s for s in sup.status() if not s.standby) if sup is not None else ()
 
     def _heartbeat_ages(self) -> dict[int, float | None]:
         return {s.index: s.heartbeat_age for s in self._statuses()}

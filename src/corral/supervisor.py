@@ -279,8 +279,8 @@ class Supervisor:
         return result
 
     def pids(self) -> list[int]:
-        """Pids of the worker processes alive now."""
-        return [s.pid for s in self.status() if s.pid is not None and s.alive]
+        """Pids of the worker processes alive now (hot standbys not included)."""
+        return [s.pid for s in self.status() if s.pid is not None and s.alive and not s.standby]
 
     def history(self) -> tuple[ExitRecord, ...]:
         """The most recent exits, oldest first."""

@@ -1,0 +1,157 @@
+"""Hot standby workers (issue 16) under every start method: handover, failures, stops."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import standby_workers as sw
+from _helpers import pool, wait_value
+
+import corral
+from corral import EventKind, WorkerState
+from support import START_METHODS, pid_alive, wait_for
+
+
+def reports(flagdir: Path) -> dict[int, dict[str, Any]]:
+    """The latest report per pid."""
+    out = {}
+    for path in flagdir.glob("report-*.json"):
+        data = json.loads(path.read_text())
+        out[data["pid"]] = data
+    return out
+
+
+def ready_standby(sup: corral.Supervisor) -> corral.WorkerStatus | None:
+    return next((s for s in sup.status() if s.standby and s.ready), None)
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.timeout(90)
+def test_a_handed_over_worker_is_like_a_fresh_one(method: str, no_leaks: set[int],
+                                                  tmp_path: Path) -> None:
+    with pool(no_leaks, sw.report, workers=2, args=lambda i: (str(tmp_path),),
+              start_method=method, ready_when="ready", heartbeat_timeout=5,
+              startup_timeout=30, standby=1, standby_init=sw.warm) as (sup, log):
+        sup.wait_ready(timeout=60)
+        standby = wait_value(lambda: ready_standby(sup), 60, "a ready standby")
+        assert standby.index < 0 and standby.state is WorkerState.RUNNING
+        assert standby.pid is not None and standby.pid not in sup.pids()
+        fresh = {r["pid"]: r for r in reports(tmp_path).values()}
+        victim = sup.status()[1].pid
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        new = wait_value(lambda: next((s for s in sup.status() if s.index == 1 and s.ready
+                                       and s.pid not in (None, victim)), None), 30,
+                         "worker 1 replaced")
+        assert new.pid == standby.pid  # the standby took the place
+        got = wait_value(lambda: reports(tmp_path).get(new.pid), 30, "its report")
+        cold = fresh[sup.status()[0].pid]  # worker 0 was started the usual way
+        for key in ("title", "sigterm", "sigint", "mask", "stdin", "in_worker"):
+            expected = cold[key].replace(" 0", " 1") if key == "title" else cold[key]
+            assert got[key] == expected, (key, got[key], cold[key])
+        assert got["pgid"] == got["pid"]  # its own process group
+        assert got["model"] == f"loaded by {new.pid}"  # the warm-up's work is inherited
+        wait_value(lambda: (s := next(x for x in sup.status() if x.index == 1)).heartbeat_age
+                   is not None and s.heartbeat_age < 5 and s, 30, "its heartbeats seen")
+        # A new standby replaces the one used; the events tell both stories.
+        wait_value(lambda: (s := ready_standby(sup)) and s.pid != standby.pid and s, 60,
+                   "a new standby")
+        spawned = [e for e in log.of(EventKind.SPAWNED) if e.index == 1]
+        assert spawned[-1].pid == new.pid and not spawned[-1].standby
+        assert any(e.standby for e in log.of(EventKind.SPAWNED))
+        no_leaks.update(s.pid for s in sup.status() if s.pid)
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.timeout(90)
+def test_a_standby_killed_while_waiting_is_replaced_free(method: str, no_leaks: set[int],
+                                                         tmp_path: Path) -> None:
+    with pool(no_leaks, sw.report, workers=1, args=lambda i: (str(tmp_path),),
+              start_method=method, ready_when="ready", standby=1,
+              budget=corral.RestartBudget(max_restarts=0, window=60)) as (sup, log):
+        first = wait_value(lambda: ready_standby(sup), 60, "a ready standby")
+        assert first.pid is not None
+        os.kill(first.pid, signal.SIGKILL)
+        second = wait_value(lambda: (s := ready_standby(sup)) and s.pid != first.pid and s,
+                            60, "a new standby")
+        assert sup.running and second.pid is not None  # a budget of 0 was not touched
+        exited = [e for e in log.of(EventKind.EXITED) if e.standby]
+        assert exited and exited[0].pid == first.pid
+        no_leaks.update({first.pid, second.pid, *sup.pids()})
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.timeout(90)
+def test_a_failed_warm_up_falls_back_to_cold_starts(method: str, no_leaks: set[int],
+                                                    tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, "corral")
+    with pool(no_leaks, sw.report, workers=1, args=lambda i: (str(tmp_path),),
+              start_method=method, ready_when="ready", standby=1,
+              standby_init="standby_workers:warm_fails") as (sup, log):
+        sup.wait_ready(timeout=60)
+        wait_for(lambda: any("failed its warm-up" in r.getMessage() for r in caplog.records),
+                 60, "the warm-up failure reported")
+        message = next(r.getMessage() for r in caplog.records
+                       if "failed its warm-up" in r.getMessage())
+        assert "the model file is missing" in message and "ValueError" in message
+        victim = sup.pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        new = wait_value(lambda: next((s for s in sup.status() if s.index == 0 and s.ready
+                                       and s.pid not in (None, victim)), None), 30,
+                         "a cold replacement")
+        assert reports(tmp_path)[new.pid]["model"] is None  # started cold
+        no_leaks.update(e.pid for e in log.of(EventKind.SPAWNED) if e.pid)
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.timeout(90)
+def test_stop_during_a_handover_leaves_nothing(method: str, no_leaks: set[int],
+                                               tmp_path: Path) -> None:
+    with pool(no_leaks, sw.report, workers=2, args=lambda i: (str(tmp_path),),
+              start_method=method, ready_when="ready", standby=2,
+              stop_timeout=2.0) as (sup, log):
+        sup.wait_ready(timeout=60)
+        wait_for(lambda: sum(1 for s in sup.status() if s.standby and s.ready) == 2, 60,
+                 "two ready standbys")
+        everyone = {s.pid for s in sup.status() if s.pid}
+        no_leaks.update(everyone)
+        for pid in sup.pids():
+            os.kill(pid, signal.SIGKILL)
+        sup.stop()  # while the standbys take over
+        no_leaks.update(e.pid for e in log.of(EventKind.SPAWNED) if e.pid)
+        assert not any(pid_alive(p) for p in no_leaks)
+
+
+@pytest.mark.timeout(90)
+def test_four_killed_two_standbys(no_leaks: set[int], tmp_path: Path) -> None:
+    """Two come back through the standbys, two by a cold start; all four come back."""
+    with pool(no_leaks, sw.report, workers=4, args=lambda i: (str(tmp_path),),
+              start_method="forkserver", ready_when="ready", standby=2,
+              backoff=corral.Backoff(reset_after=0)) as (sup, log):
+        sup.wait_ready(timeout=60)
+        wait_for(lambda: sum(1 for s in sup.status() if s.standby and s.ready) == 2, 60,
+                 "two ready standbys")
+        standbys = {s.pid for s in sup.status() if s.standby}
+        old = set(sup.pids())
+        for pid in old:
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: len(sup.pids()) == 4 and not set(sup.pids()) & old, 60,
+                 "four replacements")
+        assert len(set(sup.pids()) & standbys) == 2
+        no_leaks.update(e.pid for e in log.of(EventKind.SPAWNED) if e.pid)
+
+
+def test_standby_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="standby must be >= 0"):
+        corral.PoolSpec(sw.report, standby=-1)
+    with pytest.raises(TypeError, match='standby_init must be a callable or "module:function"'):
+        corral.PoolSpec(sw.report, standby=1, standby_init="no-colon")
+    with pytest.raises(ValueError, match="standby is for Python targets"):
+        corral.PoolSpec(command=["sleep", "1"], standby=1)
