@@ -40,7 +40,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from corral import states
 from corral._bootstrap import BootConfig, run_standby, run_worker, signals_to_reset
@@ -48,6 +48,7 @@ from corral._command import CommandProcess
 from corral._fdlimit import explain_fd_error
 from corral._health import HealthRunner
 from corral._monitor_parts import ControlPart, GroupRestart, WatchPart
+from corral._monitor_remote import RemotePart
 from corral._monitor_standby import Standby, StandbyPart
 from corral._reactor import Reactor
 from corral._reply import Reply
@@ -75,7 +76,7 @@ def _pong(reply: Reply) -> None:
 StartProcess = Callable[[SpawnRequest], ProcessLike]
 
 
-class Monitor(StandbyPart, ControlPart, WatchPart):
+class Monitor(RemotePart, StandbyPart, ControlPart, WatchPart):
     """Runs a pool. Created and driven by :class:`corral.Supervisor`; not public.
 
     Args:
@@ -99,6 +100,14 @@ class Monitor(StandbyPart, ControlPart, WatchPart):
         self._ctx = multiprocessing.get_context(spec.start_method)
         if spec.start_method == "forkserver" and start_process is None and spec.command is None:
             preload_for_forkserver(self._ctx, [getattr(spec.target, "__module__", "")])
+        if start_process is None and spec.backend == "ray":
+            from corral.ray._starter import RayStarter, attach
+
+            attach()  # connects to (or starts) the Ray cluster: seconds, once per process
+            # A RayWorker is process-like (see corral.ray._backend), not a ProcessLike to mypy.
+            start_process = cast(StartProcess, RayStarter(
+                spec.name, spec.target, spec.ray_options, spec.ready_when == "beat",
+                spec.startup_timeout))
         self._start_process: StartProcess = start_process or self._start_worker
         # The heartbeat table first: it is the one resource that can fail for lack of space,
         # and nothing else exists yet to clean up if it does.
@@ -151,6 +160,9 @@ class Monitor(StandbyPart, ControlPart, WatchPart):
         self.gave_up: GaveUp | None = None
         self.finished = threading.Event()
         self._standby_init()
+        self._remote_init()
+        if self._remote:
+            self._hbt = 0.0  # no shared table: probes decide (see _monitor_remote)
         self._hb_path = self._hb.path
         self._wake_path = f"/proc/{os.getpid()}/fd/{self._reactor.wake_fd}"
         self._snapshot: tuple[WorkerStatus, ...] = ()
@@ -554,6 +566,8 @@ class Monitor(StandbyPart, ControlPart, WatchPart):
         self._reactor.add_reader(result.waitable(), self._cb(lambda: self._on_exit(w)),
                                  priority=1)
         self._move(w, Trigger.SPAWNED, S.STARTING)
+        if self._remote:
+            self._remote_started(w, now)
         self.log.info("%s started", w.who)
         self._emit(EventKind.SPAWNED, w)
         if w.stop_reason is not None:
@@ -622,12 +636,18 @@ class Monitor(StandbyPart, ControlPart, WatchPart):
         w.dump = None
         if w.stop_reason is not None:
             reason = w.stop_reason
+        elif getattr(proc, "exit_reason", None) is not None:  # a Ray actor: Ray's word
+            reason = proc.exit_reason  # type: ignore[attr-defined]
         elif status.signal is not None:
             reason = StopReason.KILLED
         else:
             reason = StopReason.EXITED
+        detail = w.stop_detail
+        remote_detail = getattr(proc, "exit_detail", None)
+        if remote_detail:
+            detail = f"{detail}\n{remote_detail}" if detail else remote_detail
         record = ExitRecord(w.index, w.name, proc.pid, status, reason, time.time(),
-                            now - proc.started, w.stop_detail)
+                            now - proc.started, detail)
         w.proc = None
         w.ready = False
         self._after_death(w, Trigger.EXITED, record, now)
@@ -736,6 +756,10 @@ class Monitor(StandbyPart, ControlPart, WatchPart):
         heartbeat table."""
         if self._io is not None:
             self._io.close()
+        if self._remote:
+            from corral.ray._starter import detach
+
+            detach()
         if self._hosted:
             self._dl.clear()
             self._reactor.remove_wake_callback(self._wake_cb)
@@ -785,6 +809,8 @@ class Monitor(StandbyPart, ControlPart, WatchPart):
                 self._check_liveness(now)
             elif kind is Deadline.STANDBY:
                 self._replenish(now)
+            elif kind is Deadline.PROBE:
+                self._probe_round(now)
             return
         w = self._slots.get(owner)
         if w is None:

@@ -61,6 +61,7 @@ if TYPE_CHECKING:
         _budget: BudgetWindow
         stats: PoolStats
         _stopping: bool
+        _remote: bool
         _hosted: bool
         _dl: DeadlineSpace[DeadlineKey]
         _history: deque[ExitRecord]
@@ -128,6 +129,8 @@ class WatchPart(_Core):
 
     def _arm_liveness(self, w: WorkerSlot, now: float) -> None:
         """Make sure the liveness look covers a newly started (or ready) worker."""
+        if self._remote:
+            return  # probes (see _monitor_remote)
         last = self._hb.last_beat(w.index)
         d = due(self.spec, w.state, w.proc.started if w.proc else None, last)
         if d is None:
@@ -148,6 +151,8 @@ class WatchPart(_Core):
             if oldest > 0 and oldest + self._hbt > now:
                 self._live_at = oldest + self._hbt
                 return
+        if self._remote:
+            return
         if self._needs_ready_scan:
             self._scan_ready(now)
         beats = self._hb.all_beats()
@@ -657,16 +662,19 @@ class ControlPart(_Core):
         for index in sorted(self._slots):
             w = self._slots[index]
             proc = w.proc
-            reading = self._hb.read(index) if proc is not None and live else None
+            reading = (self._hb.read(index) if proc is not None and live and not self._remote
+                       else None)
             backoff_at = self._dl.get((index, Deadline.BACKOFF)) if live else None
             out.append(WorkerStatus(
                 index=index, name=w.name, pid=proc.pid if proc else None, state=w.state,
                 ready=w.ready, restarts=w.restarts,
                 started_at=proc.started_wall if proc else None,
                 uptime=0.0 if proc is None else now - proc.started,
-                heartbeat_age=(now - reading.last_beat
-                               if reading and reading.last_beat > 0 else None),
-                status_text=reading.status if reading else "",
+                heartbeat_age=(now - reading.last_beat if reading and reading.last_beat > 0
+                               else w.remote.beat_age if w.remote is not None and proc
+                               else None),
+                status_text=(reading.status if reading
+                             else w.remote.status if w.remote is not None and proc else ""),
                 last_exit=w.last_exit,
                 next_restart_in=None if backoff_at is None else max(0.0, backoff_at - now)))
         if live:

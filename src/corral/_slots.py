@@ -50,6 +50,7 @@ class Deadline(enum.Enum):
     GROUP                     a group restart's backoff is over                      POOL
     LIVENESS                  look at the heartbeats (hosted monitors only)          POOL
     STANDBY                   a new standby may start (its backoff is over)          POOL
+    PROBE                     time to probe the remote workers (backend="ray")       POOL
     ========================  =====================================================  =========
 
     A monitor with a thread of its own keeps the liveness look apart from the heap (it moves at
@@ -65,6 +66,7 @@ class Deadline(enum.Enum):
     STOP = "stop"
     MEMORY = "memory"
     GROUP = "group"
+    PROBE = "probe"
     LIVENESS = "liveness"
     STANDBY = "standby"
 
@@ -112,6 +114,9 @@ class WorkerSlot:
     health_failures: int = 0
     health_pending: Future[bool] | None = None
     health_last: str = ""
+    liveness: Any = None  # remote workers: a corral.ray.Liveness fed by probes
+    probe: Any = None  # remote workers: (the outstanding probe's future, when it was sent)
+    remote: Any = None  # remote workers: the last probe reply (a ProbeReply)
     died_at: float = 0.0  # monotonic time its last process's end was seen (metrics)
     died_why: str = ""  # the StopReason value of that end
 

@@ -49,6 +49,9 @@ class ExitStatus:
     code: int | None = None
     signal: int | None = None
     core_dumped: bool = False
+    # Why the status is unknown, when it is not "reaped elsewhere" (a Ray actor: Ray does not
+    # say which signal ended it).
+    why_unknown: str | None = None
 
     @classmethod
     def from_returncode(cls, returncode: int, core_dumped: bool = False) -> ExitStatus:
@@ -65,9 +68,10 @@ class ExitStatus:
         return cls(code=os.waitstatus_to_exitcode(status))
 
     @classmethod
-    def unknown_status(cls) -> ExitStatus:
-        """A process that has exited, with a status nobody can read (reaped elsewhere)."""
-        return cls()
+    def unknown_status(cls, why: str | None = None) -> ExitStatus:
+        """A process that has exited, with a status nobody can read (by default: reaped
+        elsewhere; ``why`` says otherwise)."""
+        return cls(why_unknown=why)
 
     @property
     def unknown(self) -> bool:
@@ -91,7 +95,7 @@ class ExitStatus:
     @property
     def hint(self) -> str | None:
         if self.unknown:
-            return _UNKNOWN_HINT
+            return self.why_unknown or _UNKNOWN_HINT
         if self.signal is not None:
             return _SIGNAL_HINTS.get(signal.Signals(self.signal)) if self.signal in set(
                 signal.Signals) else None

@@ -81,6 +81,11 @@ class PoolSpec:
             "module:function"): load a model, open pools; what it builds is inherited by
             the worker's target. A standby whose warm-up raises is reported and replaced with
             backoff; workers are then started cold meanwhile.
+        backend: "local" (processes on this machine) or "ray" (each worker a Ray actor,
+            anywhere in the cluster; needs ``corral[ray]``). corral's policy, backoff, budget,
+            strategies, events and status apply; liveness comes from probes of the actors.
+        ray_options: actor options passed to Ray (num_cpus, num_gpus, resources,
+            scheduling_strategy such as "SPREAD", runtime_env, ...).
         env: a command's environment (default: the supervisor's).
         cwd, user, group, umask: where and as whom a command runs (user/group need root).
         workers: how many workers, >= 0.
@@ -139,6 +144,8 @@ class PoolSpec:
     memory_check_interval: float = 1.0
     max_age: float | None = None
     max_age_jitter: float = 0.1
+    backend: str = "local"
+    ray_options: Mapping[str, Any] | None = None
     standby: int = 0
     standby_init: Callable[[], Any] | str | None = None
     command: Sequence[str] | None = None
@@ -226,6 +233,18 @@ class PoolSpec:
         if self.max_age_jitter >= 1:
             raise ValueError(f"max_age_jitter must be a fraction in [0, 1), got "
                              f"{self.max_age_jitter!r}")
+        v.choice("backend", self.backend, ("local", "ray"))
+        if self.backend == "ray":
+            if self.command is not None:
+                raise ValueError("backend='ray' runs Python targets, not commands")
+            if self.standby:
+                raise ValueError("standby is not available with backend='ray' (a Ray restart "
+                                 "is an actor start, ~0.3 s)")
+            from corral.ray._backend import validate_options
+
+            object.__setattr__(self, "ray_options", validate_options(self.ray_options))
+        elif self.ray_options is not None:
+            raise ValueError("ray_options go with backend='ray'")
         v.integer("standby", self.standby)
         init = self.standby_init
         if init is not None and not callable(init) and not (
@@ -235,7 +254,7 @@ class PoolSpec:
         if self.command is not None and (self.standby or init is not None):
             raise ValueError("standby is for Python targets: a command cannot be started "
                              "before it is needed")
-        if self.target is not None:
+        if self.target is not None and self.backend == "local":
             check_picklable("target", self.target, self.start_method)
             if callable(init):
                 check_picklable("standby_init", init, self.start_method)

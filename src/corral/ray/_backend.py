@@ -435,6 +435,33 @@ class RayWorker:
     def alive(self) -> bool:
         return self.ended is None
 
+    # The monitor's view of the end (ProcessLike): status, and what corral calls the reason.
+    @property
+    def exit(self) -> Any:
+        ended = self.ended
+        if ended is None:
+            return None
+        from corral.exitstatus import ExitStatus
+
+        return ended.exit if ended.exit is not None else ExitStatus.unknown_status(
+            "Ray does not say how the actor's process ended (see the detail)")
+
+    def reap(self) -> Any:
+        """How it ended (an ExitStatus; unknown when Ray does not say), or None if not yet."""
+        return self.exit
+
+    @property
+    def exit_reason(self) -> Any:
+        return None if self.ended is None else self.ended.reason
+
+    @property
+    def exit_detail(self) -> str | None:
+        ended = self.ended
+        if ended is None:
+            return None
+        text = ended.detail if ended.hint is None else f"{ended.hint}\n{ended.detail}"
+        return f"{ended.cause.value}: {text.strip()}" if text.strip() else ended.cause.value
+
     # ---------------------------------------------------------------------- the end
 
     def _finish(self) -> None:
