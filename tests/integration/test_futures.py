@@ -26,7 +26,6 @@ from typing import Any
 import pool_tasks as tasks
 import pytest
 
-from conftest import START_METHODS, pid_alive, wait_for
 from corral import (
     NotPicklable,
     PoolBroken,
@@ -36,6 +35,7 @@ from corral import (
     WorkerLost,
 )
 from corral.pool import RemoteTraceback
+from helpers import START_METHODS, pid_alive, wait_for
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:This process .* is multi-threaded:DeprecationWarning")

@@ -1,0 +1,91 @@
+"""Test helpers: waiting on conditions with a deadline, processes by pid, fd counts.
+
+Imported as a module (``import helpers`` / ``from helpers import wait_for``), never from
+``conftest``: pytest imports conftest files itself, under names of its choosing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import psutil
+
+T = TypeVar("T")
+
+START_METHODS = ("fork", "spawn", "forkserver")
+
+
+def wait_for(condition: Callable[[], T], timeout: float = 10.0, what: str = "condition",
+             interval: float = 0.005) -> T:
+    """Return the first truthy value of ``condition()``; fail the test after ``timeout`` s.
+
+    A generous deadline for a real condition, never a fixed sleep.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` runs and is not a zombie."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _helper_processes() -> set[int]:
+    """multiprocessing's forkserver and resource tracker, and corral's keeper (one per
+    supervising process, see corral._keeper): long-lived helpers, not leaks."""
+    out = set()
+    for child in psutil.Process().children(recursive=False):
+        try:
+            cmd = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if "forkserver" in cmd or "resource_tracker" in cmd or "corral-keeper" in cmd:
+            out.add(child.pid)
+    return out
+
+
+def descendants() -> dict[int, psutil.Process]:
+    """Every process below this one, except multiprocessing's own helpers."""
+    helpers = _helper_processes()
+    return {p.pid: p for p in psutil.Process().children(recursive=True) if p.pid not in helpers}
+
+
+def kill_pids(pids: set[int]) -> None:
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def is_zombie(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_for_fds(baseline: int, timeout: float = 5.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        n = len(os.listdir("/proc/self/fd"))
+        if n <= baseline + 3 or time.monotonic() > deadline:
+            return n
+        time.sleep(0.01)
