@@ -132,16 +132,30 @@ def peers() -> list[Peer]:
 # ------------------------------------------------------------------------------ throughput
 
 
+def _worker_records(pool: Any) -> list[Any] | None:
+    """corral's worker records (this tree's layout or the one before corral.pool was split)."""
+    core = getattr(pool, "_core", None)
+    if core is not None:
+        return list(getattr(core, "_workers", {}).values())
+    manager = getattr(getattr(pool, "_runner", None), "manager", None)
+    if manager is not None:
+        return list(manager._roster.workers.values())
+    return None
+
+
 def _settle_spares(pool: Any, timeout: float = 10.0) -> None:
     """Measure corral in its steady state: wait until its warm spare has booted (idle), so its
-    start-up is not charged to the throughput figure (other pools have no spare to start)."""
-    manager = getattr(pool, "_manager", None) or getattr(pool, "_core", None)
-    if manager is None or not hasattr(pool, "spare_pids"):
+    start-up is not charged to the figure (other pools have no spare to start)."""
+    if not hasattr(pool, "spare_pids"):
         return
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        spares = [w for w in list(manager._workers.values()) if w.spare and w.proc is not None]
-        if len(spares) >= pool._cfg.spare_workers and all(w.state == "idle" for w in spares):
+        records = _worker_records(pool)
+        if records is None:
+            return
+        spares = [w for w in records if w.spare and w.proc is not None]
+        if len(spares) >= pool._cfg.spare_workers and all(
+                getattr(w.state, "value", w.state) == "idle" for w in spares):
             return
         time.sleep(0.005)
 
@@ -184,6 +198,10 @@ def recovery(peer: Peer, reps: int) -> tuple[list[float], str]:
             marker = tmp / f"busy-{rep}"
             busy = peer.submit(pool, block, str(marker))
             pid = _wait_file(marker)
+            # The steady state: a warm spare that has booted. (Killed sooner, the next task
+            # waits for the spare that replaced the last one to boot: a start, measured by
+            # the "no spare" rows.)
+            _settle_spares(pool)
             t0 = time.perf_counter()
             os.kill(pid, signal.SIGKILL)
             try:

@@ -264,7 +264,13 @@ class Reactor(Generic[K]):
         """Run the callbacks of one batch, then the inbox."""
         if len(batch) > 1:
             watch = self._watch
-            batch = sorted(batch, key=lambda e: watch[e[0]].priority if e[0] in watch else 0)
+            # Sorted only if it matters (most batches are all of one priority).
+            for fd, _ in batch:
+                w = watch.get(fd)
+                if w is not None and w.priority:
+                    batch = sorted(batch, key=lambda e: watch[e[0]].priority
+                                   if e[0] in watch else 0)
+                    break
         for fd, events in batch:
             if fd == self._wake_r:
                 with contextlib.suppress(BlockingIOError):

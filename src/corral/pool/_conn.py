@@ -25,7 +25,9 @@ class Sent(enum.Enum):
     WHOLE = "whole"  # in the socket
     SENDING = "sending"  # partly; a sender thread writes the rest
     GONE = "gone"  # the worker's end is closed: it never got the task
-    NO_THREAD = "no thread"  # partly, and no sender thread could be started: half sent
+
+
+_WHOLE, _GONE = Sent.WHOLE, Sent.GONE
 
 
 def read_frames(fd: int, decoder: FrameDecoder) -> tuple[list[Frame], bool]:
@@ -63,20 +65,21 @@ def read_frames(fd: int, decoder: FrameDecoder) -> tuple[list[Frame], bool]:
             return frames, False  # drained: spare the syscall that would say so
 
 
-def send_frame(fd: int, header: bytes, payload: bytes) -> tuple[Sent, BaseException | None]:
+def send_frame(fd: int, header: bytes, payload: bytes) -> Sent | BaseException:
     """Write one frame to ``fd`` (non-blocking); a sender thread writes what does not fit.
 
     Returns:
-        How it went, and with :attr:`Sent.NO_THREAD` why no thread could be started.
+        How it went: :attr:`Sent.WHOLE`, :attr:`Sent.SENDING` or :attr:`Sent.GONE`; or, if it
+        went out in part and no sender thread could be started, why (the frame is half sent).
     """
     try:
         n = os.writev(fd, [header, payload])
     except BlockingIOError:
         n = 0
     except OSError:
-        return Sent.GONE, None
+        return _GONE
     if n == len(header) + len(payload):
-        return Sent.WHOLE, None
+        return _WHOLE
     # The sender writes to its own copy of the fd, which it closes itself; the worker's death
     # ends the write with EPIPE.
     rest = ([memoryview(header)[n:], memoryview(payload)] if n < len(header)
@@ -88,8 +91,8 @@ def send_frame(fd: int, header: bytes, payload: bytes) -> tuple[Sent, BaseExcept
     except BaseException as exc:  # no thread (limits, interpreter exit)
         disown_fd(own)
         os.close(own)
-        return Sent.NO_THREAD, exc
-    return Sent.SENDING, None
+        return exc
+    return Sent.SENDING
 
 
 def _send_rest(fd: int, bufs: list[memoryview]) -> None:

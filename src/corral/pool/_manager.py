@@ -98,6 +98,7 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _SPAWNING, _BOOTING, _IDLE, _BUSY, _LEAVING = (
     WorkerState.SPAWNING, WorkerState.BOOTING, WorkerState.IDLE, WorkerState.BUSY,
     WorkerState.LEAVING)
+_WHOLE, _SENDING = Sent.WHOLE, Sent.SENDING
 _TIMER, _DUMP, _QUIT, _BOOT = (WorkerDeadline.TIMER, WorkerDeadline.DUMP, WorkerDeadline.QUIT,
                                WorkerDeadline.BOOT)
 
@@ -153,6 +154,7 @@ class PoolManager:
         self._limits = Limits(cfg, loop, table, self._counters, self._leave, self._task_lost)
         self._roster = Roster(shared, table)  # the records and their counts
         self._idle = self._roster.idle  # the same deque: idle non-spare workers
+        self._pending = shared.pending  # the same deque: tasks waiting to be sent
         self._spawn_after = 0.0  # no worker start before this (backoff), on the clock
         self._hold: _SpareHold | None = None  # a promoted spare's first task (SPARE_HOLD)
         self._closing = False  # shutting down: no new start; idle workers were told to quit
@@ -161,7 +163,7 @@ class PoolManager:
 
     def after_round(self, now: float) -> None:
         """After a round's events: hand out tasks, fill places, close when it is time."""
-        if self._idle and self.shared.pending:
+        if self._idle and self._pending:
             self._dispatch()
         cfg = self.cfg
         if self._roster.active < cfg.max_workers or (
@@ -399,20 +401,20 @@ class PoolManager:
         self._roster.set_state(w, _BUSY)
         if t.timeout is not None or self.cfg.max_memory_per_worker is not None:
             self._limits.started(w, t, self._clock())
-        sent, error = send_frame(w.fd, t.header, t.payload)
-        if sent is Sent.WHOLE or sent is Sent.SENDING:
+        sent = send_frame(w.fd, t.header, t.payload)
+        if sent is _WHOLE or sent is _SENDING:
             return
         w.task = None
         t.worker = None
-        if sent is Sent.GONE:
+        if not isinstance(sent, BaseException):  # GONE
             # The worker is already gone: the task never reached it. Give it to another one.
             t.attempts -= 1
             self.shared.pending.appendleft(t)
             self._roster.set_state(w, _IDLE)
             self._on_eof(w)
             return
-        self._leave(w, LeaveReason.SEND_FAILED, kill=True)  # half sent
-        t.resolve(exc=error)
+        self._leave(w, LeaveReason.SEND_FAILED, kill=True)  # half sent, no thread for the rest
+        t.resolve(exc=sent)
 
     # ------------------------------------------------------------------------------ outcomes
 

@@ -156,7 +156,7 @@ class PoolRunner:
                 # The caller wants neither the queued tasks nor to wait for the running ones:
                 # at interpreter exit, running tasks are stopped rather than waited for.
                 shared.terminate_at_exit = True
-            manager = self.manager if self.thread is not None else None
+            manager = self.manager  # None until started (opened, in tests)
         if manager is not None:
             if terminate:
                 self.post(manager.terminate)
@@ -245,12 +245,13 @@ class PoolRunner:
 
     def run(self) -> None:
         """The manager thread: rounds until every worker is gone after shutdown."""
-        manager = self.manager
-        assert manager is not None
+        manager, reactor = self.manager, self._reactor
+        assert manager is not None and reactor is not None
+        run_once, after_round = reactor.run_once, manager.after_round
         try:
             manager.fill(self._clock())
             while not manager.done:
-                self.step()
+                after_round(run_once())  # what step() does
         except BaseException:
             log.critical("pool %r: the manager thread failed; killing every worker",
                          self.cfg.name, exc_info=True)

@@ -177,6 +177,7 @@ class ProcessPool(Executor):
         self._cfg = cfg
         self._runner = PoolRunner(cfg)  # its threads, started at the first submit
         self._shared = self._runner.shared  # what submitters share with its manager thread
+        self._cancel_running = self._runner.cancel_running  # for every future (one object)
         self._owner_pid = os.getpid()
         # Dropped without shutdown(): finish the submitted tasks, then stop the workers.
         weakref.finalize(self, finalize, self._runner, self._owner_pid)
@@ -256,7 +257,7 @@ class ProcessPool(Executor):
             raise shared.broken_error()
         if shared.shutdown_requested:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        fut: PoolFuture[Any] = PoolFuture(runner.cancel_running)
+        fut: PoolFuture[Any] = PoolFuture(self._cancel_running)
         refused: BaseException | None = None
         try:
             payload = pickle.dumps((fn, args, kwargs), _PROTOCOL)
@@ -285,7 +286,7 @@ class ProcessPool(Executor):
             if shared.shutdown_requested:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if runner.thread is None:
-                runner.start(first=fn)
+                runner.start(first=label)  # the user's function (map: not run_chunk)
             shared.pending.append(task)
         runner.wake()
         return fut
