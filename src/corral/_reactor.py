@@ -336,8 +336,11 @@ class Reactor(Generic[K]):
                     os.close(fd)
             self._wake_r = self._wake_w = -1
         self._epoll.close()
+        # Let go of every callback: a closed reactor must not keep its owner alive (a cycle
+        # through the owner's bound methods would wait for the cyclic GC).
         self._watch.clear()
         self._deadlines = Deadlines()
+        self._on_deadline = None
 
     def drain_inbox(self) -> list[tuple[Callable[..., None], tuple[Any, ...]]]:
         """Take whatever is still in the inbox (after close(): hand-overs that came too late)."""

@@ -235,3 +235,22 @@ def test_corral_pool_keeps_its_public_names() -> None:
     assert corral.ProcessPool is ProcessPool and corral.WorkerLost is WorkerLost
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         pool_pkg.Nope  # noqa: B018
+
+
+def test_forkserver_preload_names_corral_and_the_users_modules() -> None:
+    import functools
+    import json
+
+    from corral.pool._runner import preload_modules
+
+    pool = ProcessPool(1, initializer=json.dumps, initargs=(1,))
+    assert preload_modules(pool._cfg, functools.partial(square, 2)) == [
+        "corral.pool._worker", "corral.pool.executor", "json", __name__]
+    main_fn = type("F", (), {"__module__": "__main__"})()
+    unknown = type("G", (), {"__module__": "not_imported_anywhere"})()
+    assert preload_modules(ProcessPool(1)._cfg, main_fn) == [
+        "corral.pool._worker", "corral.pool.executor"]
+    assert preload_modules(ProcessPool(1)._cfg, unknown)[-1] == "corral.pool.executor"
+    from corral import ProcessPoolExecutor
+
+    assert preload_modules(ProcessPoolExecutor(1)._cfg)[1] == "corral.futures"

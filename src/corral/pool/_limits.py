@@ -3,7 +3,7 @@ hung worker is killed (after a task timeout, or a startup timeout).
 
 The manager owns the records; this keeps their timers. A limit that trips takes the worker out
 of service through the manager's ``leave`` and fails (or retries) the task through its
-``task_lost``.
+``task_lost``, both handed in with the timer (not kept: no reference cycle with the manager).
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ log = logging.getLogger("corral.procpool")
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _TIMER, _DUMP = WorkerDeadline.TIMER, WorkerDeadline.DUMP
 
+Leave = Callable[[PoolWorker, LeaveReason, "bool | None"], None]
+TaskLost = Callable[[Task, WorkerLost], None]
+
 
 def rss(w: PoolWorker) -> int | None:
     """The worker's resident set size, bytes (None if it cannot be read: it is dying).
@@ -66,20 +69,14 @@ class Limits:
         loop: the manager's reactor (``(worker id, TIMER)`` and ``(worker id, DUMP)``).
         table: the heartbeat table, whose slots hold the workers' dump fds.
         counters: the pool's stats.
-        leave: the manager's ``leave(worker, reason, kill)``.
-        task_lost: the manager's ``task_lost(task, error)`` (it may retry the task).
     """
 
     def __init__(self, cfg: PoolConfig, loop: Reactor[DeadlineKey], table: HeartbeatTable,
-                 counters: dict[str, int],
-                 leave: Callable[[PoolWorker, LeaveReason, bool | None], None],
-                 task_lost: Callable[[Task, WorkerLost], None]) -> None:
+                 counters: dict[str, int]) -> None:
         self._cfg = cfg
         self._loop = loop
         self._table = table
         self._counters = counters
-        self._leave = leave
-        self._task_lost = task_lost
 
     def started(self, w: PoolWorker, t: Task, now: float) -> None:
         """``t`` was just sent to ``w``: arm its timeout and ``w``'s memory checks."""
@@ -104,42 +101,47 @@ class Limits:
         if current is None or need < current:
             self._loop.set_deadline(key, need)
 
-    def on_timer(self, w: PoolWorker, now: float) -> None:
+    def on_timer(self, w: PoolWorker, now: float, leave: Leave, task_lost: TaskLost) -> None:
+        """``w``'s timer fell: its task timed out, or its memory is checked.
+
+        Args:
+            leave: the manager's ``leave(worker, reason, kill)``.
+            task_lost: the manager's ``task_lost(task, error)`` (it may retry the task).
+        """
         t = w.task
         if w.state is not WorkerState.BUSY or t is None:
             return
         if now >= t.deadline:
-            self._timed_out(w, t, now)
+            w.task = None
+            self._counters["timeouts"] += 1
+            leave(w, LeaveReason.TIMEOUT, None)
+            w.dump_task = t
+            log.warning("pool %r: %s ran past its timeout of %gs on worker pid %s; collecting "
+                        "a stack dump, then killing it", self._cfg.name, t.label, t.timeout,
+                        w.pid)
+            self.dump_then_kill(w, now)
             return
         limit = self._cfg.max_memory_per_worker
         if limit is not None and now >= w.next_mem:
             w.next_mem = now + self._cfg.memory_check_interval
             used = rss(w)
             if used is not None and used > limit:
-                self._memory_kill(w, t, used, limit)
+                self._memory_kill(w, t, used, limit, leave, task_lost)
                 return
         self.arm(w)
 
-    def _memory_kill(self, w: PoolWorker, t: Task, used: int, limit: int) -> None:
+    def _memory_kill(self, w: PoolWorker, t: Task, used: int, limit: int, leave: Leave,
+                     task_lost: TaskLost) -> None:
         pid = w.pid
         w.task = None
         self._counters["killed_memory"] += 1
-        self._leave(w, LeaveReason.KILLED_MEMORY, True)
+        leave(w, LeaveReason.KILLED_MEMORY, True)
         attempts = f" (attempt {t.attempts} of {t.retries + 1})" if t.retries else ""
         msg = (f"worker pid {pid} used {used} bytes of memory (RSS) while running {t.label}, "
                f"over max_memory_per_worker={limit}; it was killed{attempts}")
         log.warning("pool %r: %s", self._cfg.name, msg)
-        self._task_lost(t, MemoryLimitExceeded(msg, pid, ExitStatus(signal=signal.SIGKILL),
-                                               t.attempts, used, limit))
-
-    def _timed_out(self, w: PoolWorker, t: Task, now: float) -> None:
-        w.task = None
-        self._counters["timeouts"] += 1
-        self._leave(w, LeaveReason.TIMEOUT, None)
-        w.dump_task = t
-        log.warning("pool %r: %s ran past its timeout of %gs on worker pid %s; collecting a "
-                    "stack dump, then killing it", self._cfg.name, t.label, t.timeout, w.pid)
-        self.dump_then_kill(w, now)
+        task_lost(t, MemoryLimitExceeded(msg, pid, ExitStatus(signal=signal.SIGKILL), t.attempts,
+                                         used, limit))
 
     # -- evidence
 

@@ -151,7 +151,7 @@ class PoolManager:
         self._method = method
         self._clock = clock
         self._brakes = Brakes(cfg, rng)
-        self._limits = Limits(cfg, loop, table, self._counters, self._leave, self._task_lost)
+        self._limits = Limits(cfg, loop, table, self._counters)
         self._roster = Roster(shared, table)  # the records and their counts
         self._idle = self._roster.idle  # the same deque: idle non-spare workers
         self._pending = shared.pending  # the same deque: tasks waiting to be sent
@@ -559,7 +559,7 @@ class PoolManager:
         if w is None or w.dead:
             return
         if kind is _TIMER:
-            self._limits.on_timer(w, now)
+            self._limits.on_timer(w, now, self._leave, self._task_lost)
         elif kind is _DUMP:
             self._limits.on_dump_step(w, now)
         elif kind is _BOOT and w.state is _BOOTING and not w.dumping:

@@ -281,6 +281,11 @@ class PoolRunner:
                             _discard(result)
         self._release()
         self.shared.pids = self.shared.spare_pids = ()
+        # No reference cycle may outlive the pool (runner -> manager -> spawner -> runner):
+        # the user's initargs (multiprocessing queues, say) must go when the pool object does.
+        self.manager = None
+        self._spawner = None
+        self._reactor = None
         self.finished.set()
         _live_runners.discard(self)
 
