@@ -4,11 +4,15 @@ Three figures, side by side in one run:
 
 1. throughput of 10,000 tiny tasks (submit each, wait for all);
 2. throughput of 200 tasks of 10 ms of CPU each;
-3. from a worker SIGKILL to the next task completing (one worker, so the replacement is on the
-   path), next to the floor: the time to start a bare worker process and hear from it.
+3. from a worker SIGKILL to the next task completing (one worker), next to the floor: the time
+   to start a bare worker process and hear from it. corral's default warm spare is let boot
+   before each kill (its steady state); the "no spare" rows put the replacement's start on the
+   path, each in a fresh process whose pool starts the forkserver (and so sets its preload).
 
-loky and pebble are optional (``pip install loky pebble`` into a scratch venv; corral is taken
-from ``src/`` beside this file). Run::
+loky and pebble are optional (``pip install loky pebble`` into a scratch venv). corral is taken
+from ``src/`` beside this file; install it into that venv too (``pip install -e .``): CPython's
+forkserver (3.11 to 3.13) does not get the parent's ``sys.path``, so it can preload only an
+installed corral. Run::
 
     python benchmarks/pool_bench.py [--quick] [--workers N]
 """
