@@ -565,7 +565,7 @@ def test_asyncio_run_in_executor_and_wrap_future(no_leaks: set[int], tmp_path: P
             # Cancelling the asyncio side cancels the running task and kills its worker.
             running = asyncio.ensure_future(
                 loop.run_in_executor(pool, tasks.hang_after_marker, str(marker)))
-            while not marker.exists():
+            while not (marker.exists() and marker.read_text()):  # its pid is in it
                 await asyncio.sleep(0.01)
             running.cancel()
             try:
