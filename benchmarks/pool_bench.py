@@ -4,11 +4,15 @@ Three figures, side by side in one run:
 
 1. throughput of 10,000 tiny tasks (submit each, wait for all);
 2. throughput of 200 tasks of 10 ms of CPU each;
-3. from a worker SIGKILL to the next task completing (one worker, so the replacement is on the
-   path), next to the floor: the time to start a bare worker process and hear from it.
+3. from a worker SIGKILL to the next task completing (one worker), next to the floor: the time
+   to start a bare worker process and hear from it. corral's default warm spare is let boot
+   before each kill (its steady state); the "no spare" rows put the replacement's start on the
+   path, each in a fresh process whose pool starts the forkserver (and so sets its preload).
 
-loky and pebble are optional (``pip install loky pebble`` into a scratch venv; corral is taken
-from ``src/`` beside this file). Run::
+loky and pebble are optional (``pip install loky pebble`` into a scratch venv). corral is taken
+from ``src/`` beside this file; install it into that venv too (``pip install -e .``): CPython's
+forkserver (3.11 to 3.13) does not get the parent's ``sys.path``, so it can preload only an
+installed corral. Run::
 
     python benchmarks/pool_bench.py [--quick] [--workers N]
 """
@@ -16,10 +20,12 @@ from ``src/`` beside this file). Run::
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,14 +38,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from corral.pool import ProcessPool, WorkerLost
 
-try:
-    import loky
-except ImportError:
-    loky = None
-try:
-    import pebble
-except ImportError:
-    pebble = None
+# Imported in main() only: under forkserver and spawn every worker re-runs this script's
+# top-level imports, and the peers' modules would be charged to every pool's worker starts.
+loky: Any = None
+pebble: Any = None
+
+
+def _import_peers() -> None:
+    global loky, pebble
+    try:
+        import loky
+    except ImportError:
+        loky = None
+    try:
+        import pebble
+    except ImportError:
+        pebble = None
 
 
 # ----------------------------------------------------------------------------- the tasks
@@ -122,16 +136,30 @@ def peers() -> list[Peer]:
 # ------------------------------------------------------------------------------ throughput
 
 
+def _worker_records(pool: Any) -> list[Any] | None:
+    """corral's worker records (this tree's layout or the one before corral.pool was split)."""
+    core = getattr(pool, "_core", None)
+    if core is not None:
+        return list(getattr(core, "_workers", {}).values())
+    manager = getattr(getattr(pool, "_runner", None), "manager", None)
+    if manager is not None:
+        return list(manager._roster.workers.values())
+    return None
+
+
 def _settle_spares(pool: Any, timeout: float = 10.0) -> None:
     """Measure corral in its steady state: wait until its warm spare has booted (idle), so its
-    start-up is not charged to the throughput figure (other pools have no spare to start)."""
-    core = getattr(pool, "_core", None)
-    if core is None or not hasattr(pool, "spare_pids"):
+    start-up is not charged to the figure (other pools have no spare to start)."""
+    if not hasattr(pool, "spare_pids"):
         return
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        spares = [w for w in list(core._workers.values()) if w.spare and w.proc is not None]
-        if len(spares) >= pool._cfg.spare_workers and all(w.state == "idle" for w in spares):
+        records = _worker_records(pool)
+        if records is None:
+            return
+        spares = [w for w in records if w.spare and w.proc is not None]
+        if len(spares) >= pool._cfg.spare_workers and all(
+                getattr(w.state, "value", w.state) == "idle" for w in spares):
             return
         time.sleep(0.005)
 
@@ -174,6 +202,10 @@ def recovery(peer: Peer, reps: int) -> tuple[list[float], str]:
             marker = tmp / f"busy-{rep}"
             busy = peer.submit(pool, block, str(marker))
             pid = _wait_file(marker)
+            # The steady state: a warm spare that has booted. (Killed sooner, the next task
+            # waits for the spare that replaced the last one to boot: a start, measured by
+            # the "no spare" rows.)
+            _settle_spares(pool)
             t0 = time.perf_counter()
             os.kill(pid, signal.SIGKILL)
             try:
@@ -249,7 +281,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer tasks and repetitions")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--reps", type=int, default=3, help="repetitions (median is shown)")
+    parser.add_argument("--no-spare-recovery", metavar="START_METHOD",
+                        help="(internal) print the recovery times of a spare-less pool as JSON")
     opts = parser.parse_args()
+    if opts.no_spare_recovery:
+        sm = opts.no_spare_recovery
+        peer = Peer("corral", lambda n: ProcessPool(n, start_method=sm, spare_workers=0),
+                    _executor_submit, lambda ex: ex.shutdown(), sm)
+        print(json.dumps(recovery(peer, opts.reps)[0]))
+        return
+    _import_peers()
     n_tiny, n_ten, reps = (2000, 50, 1) if opts.quick else (10_000, 200, opts.reps)
     print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {opts.workers} workers, "
           f"median of {reps}; loky {'yes' if loky else 'missing'}, "
@@ -288,6 +329,19 @@ def main() -> None:
               if floor and peer.name.startswith("corral") else "")
         print(f"{peer.name:<32} {statistics.median(times) * 1e3:>10.1f} "
               f"{max(times) * 1e3:>9.1f}  {'; '.join(x for x in (note, vs) if x)}")
+    # Without a warm spare the replacement's start is on the path: what a forkserver preload of
+    # corral (and of the task's module) shortens. Each in a fresh process whose pool is the
+    # first user of the forkserver, as in a program that makes its pool at start-up (the
+    # forkserver is one per process and takes its preload list when it starts).
+    for sm in ("forkserver", "fork"):
+        out = subprocess.run([sys.executable, __file__, "--no-spare-recovery", sm,
+                              "--reps", str(rec_reps)], capture_output=True, text=True,
+                             check=True).stdout
+        times = json.loads(out.strip().splitlines()[-1])
+        floor = floors[sm]
+        print(f"{f'corral {sm}, no spare':<32} {statistics.median(times) * 1e3:>10.1f} "
+              f"{max(times) * 1e3:>9.1f}  {statistics.median(times) / floor:.1f}x the {sm} "
+              "start floor")
     print("\nstart floor: Process.start() of a bare worker to its first message, median: "
           + ", ".join(f"{sm} {t * 1e3:.1f} ms" for sm, t in floors.items())
           + ".\nUnder forkserver and spawn every child re-runs this script's imports (CPython's "

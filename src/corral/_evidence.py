@@ -12,10 +12,10 @@ One collector with one set of timing constants serves the supervisor and the pro
 from __future__ import annotations
 
 import signal
+from typing import Protocol
 
 from corral.process import (
     DUMP_SIGNAL,
-    ProcessLike,
     dump_fd_is_ours,
     read_stack_dump,
     stack_dump_size,
@@ -30,19 +30,28 @@ NOT_OURS = "(no stack dump: the worker closed or replaced corral's dump file, fd
 NOTHING = "(no stack dump: the process could not run the handler, e.g. it was stopped)"
 
 
+class Signalable(Protocol):
+    """What a dump needs of a process (a :class:`corral.process.WorkerProcess`, or a fake)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    def send(self, sig: int) -> bool: ...
+
+
 class StackDump:
     """One dump being taken: :meth:`begin`, then :meth:`poll` every :data:`STEP` seconds."""
 
     __slots__ = ("fd", "proc", "size", "started")
 
-    def __init__(self, proc: ProcessLike, fd: int, now: float) -> None:
+    def __init__(self, proc: Signalable, fd: int, now: float) -> None:
         self.proc = proc
         self.fd = fd
         self.started = now
         self.size = -1
 
     @classmethod
-    def begin(cls, proc: ProcessLike, fd: int, now: float) -> StackDump | str:
+    def begin(cls, proc: Signalable, fd: int, now: float) -> StackDump | str:
         """Ask ``proc`` for a dump into its memfd ``fd``.
 
         Returns:

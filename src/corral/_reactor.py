@@ -311,7 +311,13 @@ class Reactor(Generic[K]):
         """Run the callbacks of one batch, then the inbox."""
         if len(batch) > 1:
             watch = self._watch
-            batch = sorted(batch, key=lambda e: watch[e[0]].priority if e[0] in watch else 0)
+            # Sorted only if it matters (most batches are all of one priority).
+            for fd, _ in batch:
+                w = watch.get(fd)
+                if w is not None and w.priority:
+                    batch = sorted(batch, key=lambda e: watch[e[0]].priority
+                                   if e[0] in watch else 0)
+                    break
         woke = False
         for fd, events in batch:
             if fd == self._wake_r:
@@ -384,8 +390,11 @@ class Reactor(Generic[K]):
                     os.close(fd)
             self._wake_r = self._wake_w = -1
         self._epoll.close()
+        # Let go of every callback: a closed reactor must not keep its owner alive (a cycle
+        # through the owner's bound methods would wait for the cyclic GC).
         self._watch.clear()
         self._deadlines = Deadlines()
+        self._on_deadline = None
 
     def drain_inbox(self) -> list[tuple[Callable[..., None], tuple[Any, ...]]]:
         """Take whatever is still in the inbox (after close(): hand-overs that came too late)."""

@@ -35,7 +35,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from corral.policy import Backoff, RestartBudget
-from corral.pool import ProcessPool, _Config, _default_workers
+from corral.pool._records import PoolConfig
+from corral.pool.executor import ProcessPool, _default_workers
 from corral.spec import START_METHODS
 
 __all__ = ["ProcessPoolExecutor"]
@@ -109,7 +110,7 @@ class ProcessPoolExecutor(ProcessPool):
         # What code written for the standard library sometimes reads.
         self._max_workers = max_workers
         self._mp_context = mp_context
-        self._setup(_Config(
+        self._setup(PoolConfig(
             name=f"ProcessPoolExecutor-{next(_names)}", max_workers=max_workers,
             spare_workers=1, start_method=start_method,
             initializer=initializer, initargs=tuple(initargs),
@@ -121,5 +122,5 @@ class ProcessPoolExecutor(ProcessPool):
     @property
     def _broken(self) -> str | bool:
         """As in the standard library: False, or why the pool is broken."""
-        broken = self._core.broken
+        broken = self._shared.broken
         return False if broken is None else str(broken)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import pid_alive, wait_for
+from support import pid_alive, wait_for
 
 HERE = Path(__file__).parent
 

@@ -26,7 +26,6 @@ from typing import Any
 import pool_tasks as tasks
 import pytest
 
-from conftest import START_METHODS, pid_alive, wait_for
 from corral import (
     NotPicklable,
     PoolBroken,
@@ -36,6 +35,7 @@ from corral import (
     WorkerLost,
 )
 from corral.pool import RemoteTraceback
+from support import START_METHODS, pid_alive, wait_for
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:This process .* is multi-threaded:DeprecationWarning")
@@ -274,7 +274,7 @@ def test_a_pool_whose_threads_cannot_start_fails_cleanly(no_leaks: set[int],
 # --------------------------------------------------------------- exit after shutdown(wait=False)
 
 _EXIT_SCRIPT = """
-import logging, sys, time
+import logging, os, sys, time
 sys.path.insert(0, {tests!r})
 import pool_tasks
 import corral
@@ -284,7 +284,8 @@ if __name__ == "__main__":
     pool = corral.ProcessPool(2, start_method={method!r})
     fut = pool.submit(pool_tasks.hang_after_marker, {marker!r})
     queued = [pool.submit(pool_tasks.square, i) for i in range(5)]
-    while not fut.running():
+    # Running in the worker, not only sent to it (a kill in between would be a fair outcome).
+    while not (os.path.exists({marker!r}) and open({marker!r}).read()):
         time.sleep(0.01)
     print(" ".join(map(str, pool.worker_pids() + pool.spare_pids())), flush=True)
     pool.shutdown(wait=False, cancel_futures=True)

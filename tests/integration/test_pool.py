@@ -22,7 +22,6 @@ import pool_tasks as tasks
 import psutil
 import pytest
 
-from conftest import START_METHODS, pid_alive, wait_for
 from corral import Backoff, ExitStatus, NotPicklable, RestartBudget
 from corral.pool import (
     MemoryLimitExceeded,
@@ -32,6 +31,7 @@ from corral.pool import (
     TaskTimeout,
     WorkerLost,
 )
+from support import START_METHODS, pid_alive, wait_for
 
 # fork is tested on purpose; Python 3.12+ warns about forking a process that has threads.
 pytestmark = pytest.mark.filterwarnings(
@@ -455,11 +455,11 @@ def test_a_dropped_pool_stops_its_workers(no_leaks: set[int]) -> None:
     pool = ProcessPool(2, start_method="fork")
     pid = pool.submit(tasks.getpid).result(timeout=20)
     no_leaks.update(pool.worker_pids(), pool.spare_pids())
-    core = pool._core
+    runner = pool._runner
     del pool
-    assert core.thread is not None
-    core.thread.join(20)
-    assert not core.thread.is_alive()
+    assert runner.thread is not None
+    runner.thread.join(20)
+    assert not runner.thread.is_alive()
     assert not pid_alive(pid)
 
 
@@ -565,7 +565,7 @@ def test_asyncio_run_in_executor_and_wrap_future(no_leaks: set[int], tmp_path: P
             # Cancelling the asyncio side cancels the running task and kills its worker.
             running = asyncio.ensure_future(
                 loop.run_in_executor(pool, tasks.hang_after_marker, str(marker)))
-            while not marker.exists():
+            while not (marker.exists() and marker.read_text()):  # its pid is in it
                 await asyncio.sleep(0.01)
             running.cancel()
             try:

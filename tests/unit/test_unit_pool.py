@@ -1,4 +1,5 @@
-"""ProcessPool without processes: argument checks, errors, the future's cancel semantics."""
+"""ProcessPool without processes: argument checks, errors, the future's cancel semantics, the
+public names of corral.pool."""
 
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ from corral.pool import (
     RemoteTraceback,
     TaskTimeout,
     WorkerLost,
-    _PoolFuture,
-    _Task,
 )
+from corral.pool._future import PoolFuture
+from corral.pool._records import Task
 from corral.states import StopReason
 
 
@@ -80,7 +81,7 @@ def test_submit_refuses_what_cannot_be_pickled_without_starting_anything() -> No
         pool.submit(square, x=threading.Lock())
     with pytest.raises(TypeError, match="fn must be a callable"):
         pool.submit(3)  # type: ignore[arg-type]
-    assert pool._core.thread is None  # no process, no thread
+    assert pool._runner.thread is None  # no process, no thread
     assert pool.worker_pids() == ()
     pool.shutdown()
 
@@ -97,7 +98,7 @@ def test_submit_task_checks_its_options(kwargs: dict[str, Any], error: type[Exce
     pool = ProcessPool(1, start_method="fork")
     with pytest.raises(error, match=name):
         pool.submit_task(square, (1,), **kwargs)
-    assert pool._core.thread is None
+    assert pool._runner.thread is None
     pool.shutdown()
 
 
@@ -154,18 +155,20 @@ def test_remote_traceback_prints_as_the_worker_traceback() -> None:
 # ----------------------------------------------------------------------------- the future
 
 
-class _FakeCore:
+class _Manager:
+    """Stands for the pool's manager: records the running tasks it is asked to cancel."""
+
     def __init__(self) -> None:
-        self.posted: list[tuple[Any, ...]] = []
+        self.posted: list[Task] = []
 
-    def post(self, command: tuple[Any, ...]) -> None:
-        self.posted.append(command)
+    def cancel_running(self, task: Task) -> None:
+        self.posted.append(task)
 
 
-def _future() -> tuple[_PoolFuture[Any], _FakeCore]:
-    core = _FakeCore()
-    fut: _PoolFuture[Any] = _PoolFuture(core)  # type: ignore[arg-type]
-    fut._task = _Task(1, fut, b"", square, None, 0)
+def _future() -> tuple[PoolFuture[Any], _Manager]:
+    core = _Manager()
+    fut: PoolFuture[Any] = PoolFuture(core.cancel_running)
+    fut._task = Task(1, fut, b"", square, None, 0)
     return fut, core
 
 
@@ -197,7 +200,7 @@ def test_cancel_running_asks_the_manager_to_kill_the_worker() -> None:
         list(cf.as_completed([fut], timeout=0))
     assert fut.cancel() is True
     assert fut.cancelled() and fut.done()
-    assert core.posted == [("cancel", fut._task)]
+    assert core.posted == [fut._task]
     assert fut.cancel() is True  # idempotent, posts nothing more
     assert len(core.posted) == 1
     assert list(cf.as_completed([fut], timeout=1)) == [fut]
@@ -221,3 +224,33 @@ def test_pool_default_backoff_and_budget() -> None:
     assert pool._cfg.start_method == "forkserver"
     assert "not started" in repr(pool)
     pool.shutdown()
+
+
+def test_corral_pool_keeps_its_public_names() -> None:
+    import corral
+    import corral.pool as pool_pkg
+
+    for name in pool_pkg.__all__:
+        assert getattr(pool_pkg, name) is getattr(corral, name, getattr(pool_pkg, name))
+    assert corral.ProcessPool is ProcessPool and corral.WorkerLost is WorkerLost
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        pool_pkg.Nope  # noqa: B018
+
+
+def test_forkserver_preload_names_corral_and_the_users_modules() -> None:
+    import functools
+    import json
+
+    from corral.pool._runner import preload_modules
+
+    pool = ProcessPool(1, initializer=json.dumps, initargs=(1,))
+    assert preload_modules(pool._cfg, functools.partial(square, 2)) == [
+        "corral.pool._worker", "corral.pool.executor", "json", __name__]
+    main_fn = type("F", (), {"__module__": "__main__"})()
+    unknown = type("G", (), {"__module__": "not_imported_anywhere"})()
+    assert preload_modules(ProcessPool(1)._cfg, main_fn) == [
+        "corral.pool._worker", "corral.pool.executor"]
+    assert preload_modules(ProcessPool(1)._cfg, unknown)[-1] == "corral.pool.executor"
+    from corral import ProcessPoolExecutor
+
+    assert preload_modules(ProcessPoolExecutor(1)._cfg)[1] == "corral.futures"

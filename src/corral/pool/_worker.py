@@ -1,24 +1,9 @@
 """The worker side of :class:`corral.ProcessPool`: run one task at a time, reply, repeat.
 
 It runs inside :func:`corral._bootstrap.run_worker` (process group, parent-death protection,
-stack-dump handler), so it only speaks the protocol. Frames use multiprocessing's Connection
-framing on the worker's own socket; the pool's manager thread reads and writes the other end
-without blocking.
-
-    pool -> worker:  pickle((fn, args, kwargs))     a task
-                     b"" (an empty frame)           quit
-    worker -> pool:  pickle(("h",))                 ready for tasks (the initializer ran)
-                     pickle(("i", text, exc))       the initializer raised exc (None if exc
-                                                    cannot be pickled); text is its traceback;
-                                                    the worker exits next
-                     pickle(("r", value))           the task's result
-                     pickle(("e", exc, text))       the task raised exc; text is its traceback
-                                                    (also a BaseException such as SystemExit
-                                                    raised while pickling the result)
-                     pickle(("u", text, tb, exc))   the task ended, but its result or exception
-                                                    could not be pickled: exc is that error (None
-                                                    if it cannot be pickled itself); tb may be ""
-                     pickle(("t", text, tb))        the task could not be unpickled here
+stack-dump handler), so it only speaks the protocol of :mod:`corral.pool._wire`, over its own
+socket with ``multiprocessing.Connection``'s framing; the pool's manager thread reads and writes
+the other end without blocking. It imports nothing of the pool but the wire's vocabulary.
 """
 
 from __future__ import annotations
@@ -29,7 +14,13 @@ from collections.abc import Callable, Iterable
 from multiprocessing.connection import Connection
 from typing import Any
 
+from corral.pool._wire import WireKind
+
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
+# Plain one-character strs, looked up once (they are pickled into every reply).
+_HELLO, _INIT_FAILED, _RESULT, _RAISED, _UNPICKLABLE, _UNDECODABLE = (
+    str(k.value) for k in (WireKind.HELLO, WireKind.INIT_FAILED, WireKind.RESULT,
+                           WireKind.RAISED, WireKind.UNPICKLABLE, WireKind.UNDECODABLE))
 
 
 def _safe_str(obj: object) -> str:
@@ -42,7 +33,7 @@ def _safe_str(obj: object) -> str:
 def _error_frame(exc: BaseException) -> bytes:
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
-        frame = pickle.dumps(("e", exc, text), _PROTOCOL)
+        frame = pickle.dumps((_RAISED, exc, text), _PROTOCOL)
         # An exception that pickles but cannot be rebuilt (a custom __init__ with required
         # arguments it does not pass on) would only fail in the parent: find out here.
         pickle.loads(frame)
@@ -55,14 +46,14 @@ def _error_frame(exc: BaseException) -> bytes:
 
 def _unpicklable_frame(text: str, tb: str, err: BaseException) -> bytes:
     try:
-        return pickle.dumps(("u", text, tb, err), _PROTOCOL)
+        return pickle.dumps((_UNPICKLABLE, text, tb, err), _PROTOCOL)
     except BaseException:
-        return pickle.dumps(("u", text, tb, None), _PROTOCOL)
+        return pickle.dumps((_UNPICKLABLE, text, tb, None), _PROTOCOL)
 
 
 def _result_frame(result: Any) -> bytes:
     try:
-        return pickle.dumps(("r", result), _PROTOCOL)
+        return pickle.dumps((_RESULT, result), _PROTOCOL)
     except Exception as exc:
         return _unpicklable_frame(
             f"the task's result ({type(result).__name__}) could not be pickled to send it "
@@ -92,17 +83,17 @@ def main(index: int, conn: Connection, initializer: Callable[..., Any] | None,
                                                         exc_info=True)
             try:
                 try:
-                    frame = pickle.dumps(("i", text, exc), _PROTOCOL)
+                    frame = pickle.dumps((_INIT_FAILED, text, exc), _PROTOCOL)
                     pickle.loads(frame)
                 except BaseException:
-                    frame = pickle.dumps(("i", text, None), _PROTOCOL)
+                    frame = pickle.dumps((_INIT_FAILED, text, None), _PROTOCOL)
                 conn.send_bytes(frame)
             except OSError:
                 pass
             raise SystemExit(1) from None
     recv, send = conn.recv_bytes, conn.send_bytes
     loads = pickle.loads
-    send(pickle.dumps(("h",), _PROTOCOL))
+    send(pickle.dumps((_HELLO,), _PROTOCOL))
     while True:
         try:
             data = recv()
@@ -113,7 +104,7 @@ def main(index: int, conn: Connection, initializer: Callable[..., Any] | None,
         try:
             fn, args, kwargs = loads(data)
         except BaseException as exc:  # SystemExit from a __reduce__ too: the worker carries on
-            send(pickle.dumps(("t", (
+            send(pickle.dumps((_UNDECODABLE, (
                 f"the task could not be unpickled in the worker ({type(exc).__name__}: "
                 f"{_safe_str(exc)}); its function and arguments must be importable there: "
                 "module-level, from a module the worker can import"),
