@@ -11,6 +11,7 @@ Both run on the monitor thread only and use the monitor's state (see ``_monitor.
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 from collections import deque
@@ -19,6 +20,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from corral._eventlog import event_extra
 from corral._evidence import STEP, StackDump
 from corral._health import HealthRunner
 from corral._liveness import due, next_look
@@ -27,7 +29,7 @@ from corral._reply import Reply
 from corral._slots import POOL, AfterStop, Deadline, DeadlineKey, WorkerSlot
 from corral._stats import PoolStats
 from corral.errors import GaveUp
-from corral.events import EventKind, ExitRecord, StopReason
+from corral.events import Event, EventKind, ExitRecord, StopReason
 from corral.heartbeat import HeartbeatTable
 from corral.policy import BackoffState, BudgetWindow, Strategy
 from corral.process import WorkerHandle
@@ -36,7 +38,6 @@ from corral.states import Trigger, WorkerState
 from corral.status import WorkerStatus
 
 if TYPE_CHECKING:
-    import logging
     import threading
 
 
@@ -85,7 +86,7 @@ if TYPE_CHECKING:
         def _begin_stop(self, timeout: float, reason: StopReason, now: float) -> None: ...
         def _emit(self, kind: EventKind, w: WorkerSlot | None, *,
                   exit: ExitRecord | None = None, delay: float | None = None,
-                  message: str = "") -> None: ...
+                  message: str = "") -> Event: ...
         def _run_command(self, reply: Reply, fn: Callable[..., None],
                          args: tuple[Any, ...]) -> None: ...
         def _spawned_batch(self, batch: Any) -> None: ...
@@ -160,9 +161,10 @@ class WatchPart(_Core):
             assert w.proc is not None
             what = (f"no heartbeat for {now - last:.3f}s" if reason is StopReason.HUNG
                     else f"not ready {now - w.proc.started:.3f}s after start")
+            event = self._emit(EventKind.UNHEALTHY, w, message=f"{reason.value}: {what}")
             self.log.warning("%s is %s (%s); collecting a stack dump, then stopping it", w.who,
-                             reason.value, what)
-            self._emit(EventKind.UNHEALTHY, w, message=f"{reason.value}: {what}")
+                             reason.value, what,
+                             extra=event_extra(self.log, logging.WARNING, event))
             self._stop_worker(w, reason, AfterStop.POLICY, now, detail=what, dump=True)
         self._live_at = min(self._live_at, earliest)
 
@@ -301,14 +303,14 @@ class WatchPart(_Core):
 class ControlPart(_Core):
     """Stopping workers, giving up, commands and their answers, and group restarts."""
 
-    def _log_exit(self, record: ExitRecord) -> None:
-        if record.reason.by_corral:
-            self.log.info("%s", record.describe())
-        else:
-            self.log.warning("%s", record.describe())
+    def _log_exit(self, record: ExitRecord, event: Event) -> None:
+        level = logging.INFO if record.reason.by_corral else logging.WARNING
+        self.log.log(level, "%s", record.describe(),
+                     extra=event_extra(self.log, level, event))
         if record.detail and record.reason in (StopReason.HUNG, StopReason.STARTUP_TIMEOUT):
             self.log.warning("stack of hung worker %r (pid %s):\n%s", record.name, record.pid,
-                             record.detail)
+                             record.detail,
+                             extra=event_extra(self.log, logging.WARNING, event))
 
     def _give_up(self, now: float) -> None:
         budget = self.spec.budget
@@ -316,10 +318,10 @@ class ControlPart(_Core):
         lines = "\n".join("  " + r.describe() for r in last)
         message = (f"pool {self.spec.name!r} gave up: more than {budget.max_restarts} restarts "
                    f"within {budget.window:g}s. Last exits:\n{lines}")
-        self.log.error("%s", message)
         self.gave_up = GaveUp(message, last)
         self.stats.gave_up = True
-        self._emit(EventKind.GAVE_UP, None, message=message)
+        event = self._emit(EventKind.GAVE_UP, None, message=message)
+        self.log.error("%s", message, extra=event_extra(self.log, logging.ERROR, event))
         self._begin_stop(self.spec.stop_timeout, StopReason.GAVE_UP, now)
 
     # ------------------------------------------------------------------------------- stopping
@@ -512,6 +514,12 @@ class ControlPart(_Core):
 
     def do_status(self, reply: Reply) -> None:
         reply.finish(self._build_status())
+
+    def do_observe(self, reply: Reply) -> None:
+        """For metrics and probes: every worker, the restarts the budget still allows now
+        (None: no limit), and whether the pool is stopping."""
+        reply.finish((self._build_status(), self._budget.remaining(self._clock()),
+                      self._stopping))
 
     def _answer_waiters(self) -> None:
         """Answer everyone still waiting on the monitor once it has finished."""
