@@ -24,6 +24,7 @@ from corral._eventlog import event_extra
 from corral._evidence import STEP, StackDump
 from corral._health import HealthRunner
 from corral._liveness import due, next_look
+from corral._observe import PoolSummary
 from corral._reactor import Reactor
 from corral._reply import Reply
 from corral._slots import POOL, AfterStop, Deadline, DeadlineKey, WorkerSlot
@@ -99,6 +100,7 @@ else:
     _Core = object
 
 S = WorkerState
+_ALIVE = frozenset(state for state in WorkerState if state.alive)
 
 
 @dataclass
@@ -515,11 +517,38 @@ class ControlPart(_Core):
     def do_status(self, reply: Reply) -> None:
         reply.finish(self._build_status())
 
-    def do_observe(self, reply: Reply) -> None:
-        """For metrics and probes: every worker, the restarts the budget still allows now
-        (None: no limit), and whether the pool is stopping."""
-        reply.finish((self._build_status(), self._budget.remaining(self._clock()),
-                      self._stopping))
+    def do_observe(self, reply: Reply, detail: bool) -> None:
+        """For metrics and probes (``corral._observe``): ``(summary, statuses or None)``.
+
+        ``detail``: also every worker's :class:`WorkerStatus` (per-worker metrics, /status);
+        without it only the pool-wide figures are computed (a scrape every second of a large
+        pool stays cheap).
+        """
+        now = self._clock()
+        counts = self._counts
+        ready, pids = 0, []
+        newest_start, oldest_beat = -math.inf, math.inf
+        beats = self._hb.all_beats()
+        running = S.RUNNING
+        for w in self._slots.values():
+            proc = w.proc
+            state = w.state
+            if state is running and w.ready:
+                ready += 1
+            if proc is not None and state in _ALIVE:
+                pids.append((w.index, proc.pid))
+                if proc.started > newest_start:
+                    newest_start = proc.started
+                beat = beats[w.index]
+                if 0 < beat < oldest_beat:
+                    oldest_beat = beat
+        summary = PoolSummary(
+            counts={state.value: n for state, n in counts.items()}, ready=ready,
+            wanted=len(self._slots) - counts[S.EXITED] - counts[S.STOPPED],
+            pids=tuple(pids), youngest=None if newest_start < 0 else now - newest_start,
+            oldest_beat_age=None if oldest_beat == math.inf else now - oldest_beat,
+            budget_remaining=self._budget.remaining(now), stopping=self._stopping)
+        reply.finish((summary, self._build_status() if detail else None))
 
     def _answer_waiters(self) -> None:
         """Answer everyone still waiting on the monitor once it has finished."""

@@ -1,6 +1,7 @@
 """What the HTTP endpoint and the metrics collector read of a pool, without prometheus_client.
 
-- :class:`PoolView`: one pool at one moment (its workers, counters, budget, readiness rule).
+- :class:`PoolView`: one pool at one moment (a :class:`PoolSummary`, counters, readiness rule,
+  and every worker's status when asked for).
 - :class:`PoolSource`: what the endpoint asks of a pool (``observe``, ``ping``). A
   :class:`corral.Supervisor` is adapted by :class:`SupervisorSource`; the CLI may pass its own.
 - :func:`readiness`: the /readyz rule, pure.
@@ -27,10 +28,53 @@ from corral.status import WorkerStatus
 if TYPE_CHECKING:
     from corral.supervisor import Supervisor
 
-__all__ = ["PoolSource", "PoolView", "RssCache", "Sources", "SupervisorSource", "parse_address",
-           "readiness", "ready_workers", "wanted_workers"]
+__all__ = ["PoolSource", "PoolSummary", "PoolView", "RssCache", "Sources", "SupervisorSource",
+           "is_ready", "parse_address", "readiness", "ready_workers", "wanted_workers"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class PoolSummary:
+    """Pool-wide figures, computed on the pool's loop in one pass (cheap for any size).
+
+    Attributes:
+        counts: workers by state value ("running": 4, ...; every state present).
+        ready: workers RUNNING and ready.
+        wanted: workers meant to run (all but EXITED and STOPPED ones).
+        pids: (index, pid) of every live worker process.
+        youngest: uptime of the youngest live process, seconds (None: none).
+        oldest_beat_age: seconds since the oldest last heartbeat of a live worker (None: no
+            live worker has beaten yet).
+        budget_remaining: restarts the budget still allows now (None: no limit).
+        stopping: the pool is stopping.
+    """
+
+    counts: dict[str, int]
+    ready: int
+    wanted: int
+    pids: tuple[tuple[int, int], ...]
+    youngest: float | None
+    oldest_beat_age: float | None
+    budget_remaining: int | None
+    stopping: bool = False
+
+    @classmethod
+    def of(cls, workers: Iterable[WorkerStatus], budget_remaining: int | None = None,
+           stopping: bool = False) -> PoolSummary:
+        """The same figures from statuses (a finished pool, or a source with statuses only)."""
+        workers = tuple(workers)
+        counts = dict.fromkeys((s.value for s in WorkerState), 0)
+        for w in workers:
+            counts[w.state.value] += 1
+        live = [w for w in workers if w.pid is not None and w.state.alive]
+        ages = [w.heartbeat_age for w in live if w.heartbeat_age is not None]
+        return cls(counts=counts, ready=ready_workers(workers),
+                   wanted=wanted_workers(workers),
+                   pids=tuple((w.index, w.pid) for w in live if w.pid is not None),
+                   youngest=min((w.uptime for w in live), default=None),
+                   oldest_beat_age=max(ages, default=None),
+                   budget_remaining=budget_remaining, stopping=stopping)
 
 
 @dataclass(frozen=True)
@@ -41,9 +85,9 @@ class PoolView:
         name: the pool (the ``pool`` label).
         kind: "target" (Python workers) or "command" (the CLI's command programs).
         state: "new" (not started), "running", "stopping", "stopped" or "gave up".
-        workers: every worker's status; None if the pool's loop did not answer in time.
+        summary: pool-wide figures; None if the pool's loop did not answer in time.
+        workers: every worker's status when asked for (``detail``), else None.
         stats: restart and exit counters (None: the pool keeps none).
-        budget_remaining: restarts still allowed in the budget's window (None: no limit).
         min_ready: workers that must be RUNNING and ready for /readyz (None: every worker
             meant to run).
         started_at: ``time.time()`` the pool started, or None.
@@ -53,27 +97,30 @@ class PoolView:
     name: str
     kind: str
     state: str
-    workers: tuple[WorkerStatus, ...] | None
+    summary: PoolSummary | None
+    workers: tuple[WorkerStatus, ...] | None = None
     stats: StatsSnapshot | None = None
-    budget_remaining: int | None = None
     min_ready: int | None = None
     started_at: float | None = None
     timeout: float = 0.0
 
     @property
     def responsive(self) -> bool:
-        return self.workers is not None
+        return self.summary is not None
 
 
 @runtime_checkable
 class PoolSource(Protocol):
     """A pool the endpoint can serve. Both methods are called on the endpoint's thread and
-    must return within about ``timeout`` seconds (never block without bound)."""
+    must return within about ``timeout`` seconds (never block without bound).
+
+    ``observe(timeout, detail)``: with ``detail``, :attr:`PoolView.workers` is filled too.
+    """
 
     @property
     def name(self) -> str: ...
 
-    def observe(self, timeout: float) -> PoolView: ...
+    def observe(self, timeout: float, detail: bool = False) -> PoolView: ...
 
     def ping(self, timeout: float) -> bool: ...
 
@@ -91,30 +138,29 @@ class SupervisorSource:
     def ping(self, timeout: float) -> bool:
         return self.sup.ping(timeout)
 
-    def observe(self, timeout: float) -> PoolView:
+    def observe(self, timeout: float, detail: bool = False) -> PoolView:
         sup = self.sup
         monitor = sup._monitor
         common: dict[str, Any] = dict(name=sup.spec.name, kind="target",
                                       min_ready=sup.min_ready, started_at=sup._started_at,
                                       timeout=timeout)
         if monitor is None:
-            return PoolView(state="new", workers=(), **common)
+            return PoolView(state="new", summary=PoolSummary.of(()), workers=(), **common)
         stats = monitor.stats.snapshot()
-        if monitor.finished.is_set():
-            return PoolView(state="gave up" if monitor.gave_up else "stopped",
-                            workers=sup.status(), stats=stats,
-                            budget_remaining=stats.budget_remaining, **common)
-        try:
-            workers, remaining, stopping = monitor.call(monitor.do_observe, timeout=timeout)
-        except TimeoutError:
-            return PoolView(state="running", workers=None, stats=stats,
-                            budget_remaining=stats.budget_remaining, **common)
-        except RuntimeError:  # it finished meanwhile: its last view
-            return PoolView(state="gave up" if monitor.gave_up else "stopped",
-                            workers=sup.status(), stats=stats,
-                            budget_remaining=stats.budget_remaining, **common)
-        return PoolView(state="stopping" if stopping else "running", workers=workers,
-                        stats=stats, budget_remaining=remaining, **common)
+        if not monitor.finished.is_set():
+            try:
+                summary, workers = monitor.call(monitor.do_observe, detail, timeout=timeout)
+            except TimeoutError:
+                return PoolView(state="running", summary=None, stats=stats, **common)
+            except RuntimeError:
+                pass  # it finished meanwhile: its last view, below
+            else:
+                return PoolView(state="stopping" if summary.stopping else "running",
+                                summary=summary, workers=workers, stats=stats, **common)
+        workers = sup.status()  # the view kept when it finished (answered at once)
+        return PoolView(state="gave up" if monitor.gave_up else "stopped",
+                        summary=PoolSummary.of(workers), workers=workers if detail else None,
+                        stats=stats, **common)
 
 
 class Sources:
@@ -186,6 +232,14 @@ def ready_workers(workers: Iterable[WorkerStatus]) -> int:
     return sum(1 for w in workers if w.state is WorkerState.RUNNING and w.ready)
 
 
+def is_ready(view: PoolView) -> bool:
+    """The /readyz verdict alone (what :func:`readiness` decides, without its text)."""
+    summary = view.summary
+    if view.state != "running" or summary is None:
+        return False
+    return summary.ready >= (summary.wanted if view.min_ready is None else view.min_ready)
+
+
 def readiness(view: PoolView) -> tuple[bool, str]:
     """The /readyz verdict for one pool, and a one-line reason that names the pool."""
     who = f"pool {view.name!r}"
@@ -195,15 +249,20 @@ def readiness(view: PoolView) -> tuple[bool, str]:
         return False, f"{who}: {view.state}"
     if view.state == "gave up":
         return False, f"{who}: gave up (restart budget used up)"
-    if view.workers is None:
+    summary = view.summary
+    if summary is None:
         return False, f"{who}: its loop did not answer within {view.timeout:g}s"
-    ready = ready_workers(view.workers)
-    needed = wanted_workers(view.workers) if view.min_ready is None else view.min_ready
-    text = f"{who}: {ready}/{len(view.workers)} workers ready, needs {needed}"
-    if ready >= needed:
+    needed = summary.wanted if view.min_ready is None else view.min_ready
+    total = sum(summary.counts.values())
+    text = f"{who}: {summary.ready}/{total} workers ready, needs {needed}"
+    if summary.ready >= needed:
         return True, text
-    waiting = [f"{w.name} {w.state.value}" for w in view.workers
-               if not (w.state is WorkerState.RUNNING and w.ready) and not w.state.final]
+    if view.workers is not None:
+        waiting = [f"{w.name} {w.state.value}" for w in view.workers
+                   if not (w.state is WorkerState.RUNNING and w.ready) and not w.state.final]
+    else:
+        waiting = [f"{n} {state}" for state, n in summary.counts.items()
+                   if n and state not in ("running", "exited", "stopped")]
     if waiting:
         shown = ", ".join(waiting[:5]) + (f" and {len(waiting) - 5} more" if len(waiting) > 5
                                           else "")

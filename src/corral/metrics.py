@@ -21,7 +21,6 @@ lists every family (README's table is checked against it).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,20 +32,24 @@ from prometheus_client.core import (
     Metric,
 )
 
-from corral._observe import PoolView, RssCache, Sources, readiness, ready_workers
+from corral._observe import PoolView, RssCache, Sources, is_ready
 from corral._stats import LATENCY_BUCKETS
 from corral._taskstats import FAILURE_KINDS, TASK_BUCKETS
 from corral.events import StopReason
-from corral.states import WorkerState
 
 __all__ = ["METRICS", "CorralCollector", "MetricDoc"]
 
-# Restart reasons that can precede a restart (a shut-down, scaled-down or given-up worker is
-# never restarted): exported at 0 from the start, so rate() sees a first restart.
-_RESTART_REASONS = tuple(r.name.lower() for r in StopReason
-                         if r not in (StopReason.SHUTDOWN, StopReason.SCALED_DOWN,
-                                      StopReason.GAVE_UP))
-_STATES = tuple(s.value for s in WorkerState)
+# The restart reasons of failures are exported at 0 from the start, so that increase() sees a
+# pool's first restart; the others (decisions: recycling, restart requests) appear when they
+# first happen. Every sample costs the scrape a few microseconds: a few, not every reason.
+_ZERO_RESTARTS = dict.fromkeys(
+    (r.name.lower() for r in (StopReason.EXITED, StopReason.KILLED, StopReason.SPAWN_FAILED,
+                              StopReason.HUNG, StopReason.STARTUP_TIMEOUT,
+                              StopReason.UNHEALTHY)), 0)
+# The restart latency is kept in the finer LATENCY_BUCKETS; exported at these bounds (a subset:
+# the cumulative counts stay exact), from a fork start (~1 ms) to a slow spawn (~0.25 s).
+_LATENCY_EXPORTED = (0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 10.0)
+_LATENCY_PICK = tuple(LATENCY_BUCKETS.index(b) for b in _LATENCY_EXPORTED)
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,7 @@ def _gauge(name: str, labels: list[str]) -> GaugeMetricFamily:
 
 def _histogram(name: str, bounds: tuple[float, ...]) -> tuple[HistogramMetricFamily,
                                                                list[str]]:
+    """The family and its bucket bounds as labels (``+Inf`` last)."""
     return (HistogramMetricFamily(name, _help(name), labels=["pool"]),
             [_bound(b) for b in bounds] + ["+Inf"])
 
@@ -185,14 +189,15 @@ class CorralCollector:
                 yield HistogramMetricFamily(d.name, d.help, labels=labels)
 
     def collect(self) -> Iterator[Metric]:
-        views = [src.observe(self.timeout) for src in self.sources.pools()]
+        views = [src.observe(self.timeout, self.per_worker) for src in self.sources.pools()]
         yield from self._pool_metrics(views)
         yield from self._task_metrics()
 
     # ------------------------------------------------------------------------ supervisors
 
     def _pool_metrics(self, views: list[PoolView]) -> Iterator[Metric]:
-        wl = ["pool", "worker"] if self.per_worker else ["pool"]
+        per_worker = self.per_worker
+        wl = ["pool", "worker"] if per_worker else ["pool"]
         workers = _gauge("corral_workers", ["pool", "state"])
         ready = _gauge("corral_workers_ready", ["pool"])
         ok = _gauge("corral_ready", ["pool"])
@@ -202,57 +207,48 @@ class CorralCollector:
         uptime = _gauge("corral_worker_uptime_seconds", wl)
         age = _gauge("corral_heartbeat_age_seconds", wl)
         rss = _gauge("corral_rss_bytes", wl)
-        latency, bounds = _histogram("corral_restart_latency_seconds", LATENCY_BUCKETS)
+        latency, bounds = _histogram("corral_restart_latency_seconds", _LATENCY_EXPORTED)
         gave_up = _gauge("corral_gave_up", ["pool"])
         budget = _gauge("corral_restart_budget_remaining", ["pool"])
         pids: dict[int, tuple[str, str]] = {}
         for view in views:
             pool = view.name
             responsive.add_metric([pool], 1.0 if view.responsive else 0.0)
-            ok.add_metric([pool], 1.0 if readiness(view)[0] else 0.0)
+            ok.add_metric([pool], 1.0 if is_ready(view) else 0.0)
             stats = view.stats
             if stats is not None:
-                counts = dict.fromkeys(_RESTART_REASONS, 0) | stats.restarts
-                for reason, n in counts.items():
+                for reason, n in (_ZERO_RESTARTS | stats.restarts).items():
                     restarts.add_metric([pool, reason], n)
                 for cause, n in stats.exits.items():
                     exits.add_metric([pool, cause], n)
-                latency.add_metric([pool], list(zip(bounds, stats.latency_buckets,
-                                                    strict=True)),
+                cumulative = stats.latency_buckets
+                picked = [cumulative[i] for i in _LATENCY_PICK] + [cumulative[-1]]
+                latency.add_metric([pool], list(zip(bounds, picked, strict=True)),
                                    stats.latency_sum)
                 gave_up.add_metric([pool], 1.0 if stats.gave_up else 0.0)
-            if view.budget_remaining is not None:
-                budget.add_metric([pool], view.budget_remaining)
-            if view.workers is None:
+            summary = view.summary
+            if summary is None:
                 continue
-            by_state = dict.fromkeys(_STATES, 0)
-            youngest, oldest_beat = math.inf, -1.0
-            for w in view.workers:
-                by_state[w.state.value] += 1
-                live = w.pid is not None and w.state.alive
-                if self.per_worker:
-                    index = str(w.index)
-                    if live:
-                        uptime.add_metric([pool, index], w.uptime)
-                    if w.heartbeat_age is not None:
-                        age.add_metric([pool, index], w.heartbeat_age)
-                else:
-                    if live:
-                        youngest = min(youngest, w.uptime)
-                    if w.heartbeat_age is not None:
-                        oldest_beat = max(oldest_beat, w.heartbeat_age)
-                if live and w.pid is not None:
-                    pids[w.pid] = (pool, str(w.index))
-            for state, n in by_state.items():
+            if summary.budget_remaining is not None:
+                budget.add_metric([pool], summary.budget_remaining)
+            for state, n in summary.counts.items():
                 workers.add_metric([pool, state], n)
-            ready.add_metric([pool], ready_workers(view.workers))
-            if not self.per_worker:
-                if youngest < math.inf:
-                    uptime.add_metric([pool], youngest)
-                if oldest_beat >= 0:
-                    age.add_metric([pool], oldest_beat)
+            ready.add_metric([pool], summary.ready)
+            for index, pid in summary.pids:
+                pids[pid] = (pool, str(index))
+            if per_worker and view.workers is not None:
+                for w in view.workers:
+                    if w.pid is not None and w.state.alive:
+                        uptime.add_metric([pool, str(w.index)], w.uptime)
+                        if w.heartbeat_age is not None:
+                            age.add_metric([pool, str(w.index)], w.heartbeat_age)
+            elif not per_worker:
+                if summary.youngest is not None:
+                    uptime.add_metric([pool], summary.youngest)
+                if summary.oldest_beat_age is not None:
+                    age.add_metric([pool], summary.oldest_beat_age)
         sizes = self._rss.get(pids)
-        if self.per_worker:
+        if per_worker:
             for pid, value in sizes.items():
                 rss.add_metric(list(pids[pid]), value)
         else:
@@ -261,7 +257,7 @@ class CorralCollector:
                 pool = pids[pid][0]
                 per_pool[pool] = per_pool.get(pool, 0) + value
             for view in views:
-                if view.workers is not None:
+                if view.summary is not None:
                     rss.add_metric([view.name], per_pool.get(view.name, 0))
         yield from (workers, ready, ok, responsive, restarts, exits, uptime, age, rss, latency,
                     gave_up, budget)
