@@ -99,7 +99,7 @@ class EventStream:
     def _put(self, event: Event) -> None:
         if self._closed:
             return
-        if len(self._items) >= self._maxsize and event.kind is not EventKind.STOPPED:
+        if len(self._items) >= self._maxsize:  # the newest stays, STOPPED included
             self._items.popleft()
             self.dropped += 1
             self._dropping += 1

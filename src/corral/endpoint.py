@@ -292,6 +292,7 @@ class Endpoint:
                 with contextlib.suppress(OSError):
                     sock.setblocking(False)
                     sock.send(_BUSY)
+                    sock.recv(65536)  # what came already: a close with unread input resets
                 sock.close()
                 continue
             sock.setblocking(False)
@@ -368,6 +369,13 @@ class Endpoint:
                 return
             out = out[n:]
         if not conn.keep:
+            # Read what the client sent that we will not use (an oversized head, a body):
+            # closing with unread input would reset the connection, and the client might
+            # lose the response before reading it.
+            with contextlib.suppress(OSError):
+                for _ in range(16):
+                    if not conn.sock.recv(65536):
+                        break
             self._drop(conn)
             return
         self._reactor.remove_writer(conn.fd)
@@ -460,6 +468,10 @@ class Endpoint:
         lines, ok = [], True
         for src in pools:
             good, why = readiness(src.observe(self.timeout))
+            if not good:
+                # Name the workers that are not ready (a second, detailed look: only when
+                # something is wrong, so a passing probe stays cheap).
+                good, why = readiness(src.observe(self.timeout, True))
             ok = ok and good
             lines.append(("[+] " if good else "[-] ") + why)
         lines.append("readyz check passed" if ok else "readyz check failed")
@@ -507,6 +519,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     endpoint: Endpoint
     protocol_version = "HTTP/1.1"  # keep-alive unless the client says otherwise
+    default_request_version = "HTTP/1.0"  # errors get a status line, even for junk
     server_version = "corral"
     sys_version = ""
     error_message_format = "%(code)d %(message)s: %(explain)s\n"
