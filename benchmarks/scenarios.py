@@ -62,7 +62,8 @@ class Pool:
     def __init__(self, system: str, worker: str, n: int, probe: Probe, *,
                  method: str = "fork", heartbeat: float | None = None,
                  extra: tuple[Any, ...] = (), stop_timeout: float = 1.0,
-                 backoff: Any = None, restart_timeout: float = 0.0) -> None:
+                 backoff: Any = None, restart_timeout: float = 0.0,
+                 http: str | None = None) -> None:
         self.system = system
         self.probe = probe
         self.sup: Any = None
@@ -76,7 +77,8 @@ class Pool:
                 # A worker killed after any uptime restarts at once (the recovery figure); a
                 # crash storm passes the default Backoff.
                 backoff=backoff if backoff is not None else corral.Backoff(reset_after=0),
-                budget=corral.RestartBudget(max_restarts=None), stop_timeout=stop_timeout)
+                budget=corral.RestartBudget(max_restarts=None), stop_timeout=stop_timeout,
+                http=http)
         else:
             wpm_cls, hc_cls = wpm_classes(system)
             if heartbeat is not None:
@@ -558,10 +560,82 @@ def sc_storm(p: Params) -> Result:
         finish(pool, probe)
 
 
+# ------------------------------------------------------------------------ metrics endpoint
+
+
+def _scrape(address: tuple[str, int], path: str, interval: float, count: int,
+            close: bool = False) -> dict[str, Any]:
+    """Run benchmarks/scraper.py (a process of its own) against ``address``; its report."""
+    import subprocess
+
+    args = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                         "scraper.py"),
+            address[0], str(address[1]), path, str(interval), str(count)]
+    out = subprocess.run(args + (["close"] if close else []), capture_output=True, text=True,
+                         timeout=60 + interval * count * 2, check=True)
+    report: dict[str, Any] = json.loads(out.stdout)
+    return report
+
+
+def sc_scrape(p: Params) -> Result:
+    """Supervisor CPU with the HTTP endpoint on, idle and then scraped every ``interval`` s,
+    and how long a scrape takes to answer; ``n`` workers beating every 0.2 s."""
+    n, window, interval = p["workers"], p["window"], p["interval"]
+    per_worker = p.get("per_worker", False)
+    probe = Probe()
+    pool = Pool("corral", "beater", n, probe, method="fork", heartbeat=5.0, extra=(0.2,),
+                http=None if per_worker else "127.0.0.1:0")
+    endpoint = None
+    load = os.getloadavg()[0]
+    try:
+        pool.start()
+        wait_starts(probe, n, 60 + n * 0.2)
+        if per_worker:
+            from corral.endpoint import Endpoint
+
+            endpoint = Endpoint("127.0.0.1:0", pools=[pool.sup], per_worker=True).start()
+            address = endpoint.address
+        else:
+            address = pool.sup.http_address
+        time.sleep(p.get("settle", 1.0))
+        tag = f"scrape.{n}" + (".pw" if per_worker else "")
+        out: Result = {"info": {"loadavg_1m_at_start": load, "workers": n,
+                                "per_worker": per_worker}}
+        # The first scrape reads every worker's RSS (later ones within 5 s reuse it).
+        first = _scrape(address, "/metrics", 0.0, 1)
+        out[f"{tag}.first"] = first["times"]
+        if p.get("cpu", True):
+            # Endpoint on, nobody asking: the baseline of the same pool in the same run.
+            cpu0, t0 = process_cpu(os.getpid()) or 0.0, time.monotonic()
+            time.sleep(window)
+            idle = ((process_cpu(os.getpid()) or 0.0) - cpu0) / (time.monotonic() - t0)
+            out[f"{tag}.idle"] = [idle * 10.0]
+        count = max(1, int(window / interval))
+        cpu0, t0 = process_cpu(os.getpid()) or 0.0, time.monotonic()
+        report = _scrape(address, "/metrics", interval, count)
+        elapsed = time.monotonic() - t0
+        cpu = (process_cpu(os.getpid()) or 0.0) - cpu0
+        if p.get("cpu", True):
+            out[f"{tag}.cpu"] = [cpu / elapsed * 10.0]  # CPU seconds per 10 s
+        out[f"{tag}.per_scrape"] = [cpu / count]
+        out[f"{tag}.latency"] = report["times"]
+        out["info"].update(size=report["size"], statuses=report["statuses"], scrapes=count,
+                           loadavg_1m_at_end=os.getloadavg()[0])
+        if p.get("probes"):
+            # Kubelet-style probes: a new connection each time.
+            report = _scrape(address, "/readyz", 0.0, 20, close=True)
+            out[f"{tag}.readyz"] = report["times"]
+        return out
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+        finish(pool, probe)
+
+
 SCENARIOS: dict[str, Callable[[Params], Result]] = {
     "recovery": sc_recovery, "floor_start": sc_floor_start, "floor_fork": sc_floor_fork,
     "hang": sc_hang, "beat": sc_beat, "idle": sc_idle, "shutdown": sc_shutdown,
-    "startup": sc_startup, "storm": sc_storm,
+    "startup": sc_startup, "storm": sc_storm, "scrape": sc_scrape,
 }
 
 

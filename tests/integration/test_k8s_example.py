@@ -10,10 +10,10 @@ from typing import Any
 import obs_workers
 import pytest
 import yaml
-from obs_support import get, scrape, value
 
 import corral
 from corral._observe import parse_address
+from obs_support import get, scrape, value
 from support import wait_for
 
 README = Path(__file__).resolve().parents[2] / "README.md"

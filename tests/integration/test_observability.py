@@ -10,19 +10,18 @@ import os
 import signal
 import socket
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import obs_workers
 import pytest
 from _helpers import EventLog, running_with_new_pid, status_of
-from obs_support import get, scrape, value
 
 import corral
 from corral import EventKind, WorkerState
 from corral.cli.schema import STATUS_SCHEMA, worker_to_json
 from corral.endpoint import Endpoint
+from obs_support import get, scrape, value
 from support import wait_for
 
 FAST = corral.Backoff(initial=0.01, multiplier=2.0, cap=0.05, jitter=0.0, reset_after=0)

@@ -13,11 +13,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from obs_support import get
 from test_unit_observability import FakeSource, worker
 
 from corral.endpoint import MAX_HEAD, Endpoint
 from corral.states import WorkerState
+from obs_support import get
 from support import wait_for
 
 S = WorkerState
@@ -240,7 +240,7 @@ def test_bad_arguments() -> None:
         Endpoint("127.0.0.1:0", timeout=0)
     with pytest.raises(TypeError, match="max_connections must be an int"):
         Endpoint("127.0.0.1:0", max_connections=1.5)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="expected a corral.Supervisor"):
+    with pytest.raises(TypeError, match=r"expected a corral\.Supervisor"):
         Endpoint("127.0.0.1:0", pools=["web"])
 
 

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -21,10 +21,10 @@ from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
 )
 from prometheus_client.parser import text_string_to_metric_families
-from test_unit_monitor import Harness, harness_factory  # noqa: F401
+from test_unit_monitor import Harness
 
 import corral
-from corral._observe import PoolSummary, PoolView, RssCache, parse_address, readiness, read_rss
+from corral._observe import PoolSummary, PoolView, RssCache, parse_address, read_rss, readiness
 from corral._stats import PoolStats
 from corral._taskstats import FAILURE_KINDS, TASK_BUCKETS, PoolTaskStats, outcome_of
 from corral.events import Event, EventKind, ExitRecord, StopReason
@@ -294,7 +294,7 @@ def test_collector_task_metrics_and_openmetrics() -> None:
     collector.remove("jobs")
     with pytest.raises(KeyError):
         collector.remove("jobs")
-    with pytest.raises(TypeError, match="expected a corral.Supervisor"):
+    with pytest.raises(TypeError, match=r"expected a corral\.Supervisor"):
         collector.add(object())
 
 
@@ -387,9 +387,16 @@ def test_rss_cache_rereads_at_its_interval() -> None:
 # ------------------------------------------------------------------- the monitor's summary
 
 
-def test_monitor_summary_with_fake_processes(harness_factory: Callable[..., Harness]) -> None:
-    budget = corral.RestartBudget(max_restarts=5, window=10.0)
-    h = harness_factory(3, heartbeat_timeout=100.0, budget=budget)
+@pytest.fixture
+def harness() -> Iterator[Harness]:
+    h = Harness(3, heartbeat_timeout=100.0,
+                budget=corral.RestartBudget(max_restarts=5, window=10.0))
+    yield h
+    h.close()
+
+
+def test_monitor_summary_with_fake_processes(harness: Harness) -> None:
+    h = harness
     h.until(lambda: h.states() == [S.RUNNING] * 3, what="all RUNNING")
     from corral._reply import Reply
 
