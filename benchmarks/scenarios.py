@@ -563,18 +563,39 @@ def sc_storm(p: Params) -> Result:
 # ------------------------------------------------------------------------ metrics endpoint
 
 
+class Scraper:
+    """benchmarks/scraper.py (a process of its own) against ``address``: started and ready
+    before :meth:`run`, so that a measurement around ``run()`` leaves its start out."""
+
+    def __init__(self, address: tuple[str, int], path: str, interval: float, count: int,
+                 close: bool = False) -> None:
+        import subprocess
+
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scraper.py")
+        args = [sys.executable, script, address[0], str(address[1]), path, str(interval),
+                str(count)] + (["close"] if close else [])
+        self.timeout = 60 + interval * count * 2
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            self.proc.kill()
+            raise RuntimeError(f"scraper did not start: {line!r}")
+
+    def run(self) -> dict[str, Any]:
+        """Let it scrape; wait for its report (the last answer is in when this returns)."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        report: dict[str, Any] = json.loads(self.proc.stdout.readline())
+        self.proc.wait(self.timeout)
+        return report
+
+
 def _scrape(address: tuple[str, int], path: str, interval: float, count: int,
             close: bool = False) -> dict[str, Any]:
-    """Run benchmarks/scraper.py (a process of its own) against ``address``; its report."""
-    import subprocess
-
-    args = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                         "scraper.py"),
-            address[0], str(address[1]), path, str(interval), str(count)]
-    out = subprocess.run(args + (["close"] if close else []), capture_output=True, text=True,
-                         timeout=60 + interval * count * 2, check=True)
-    report: dict[str, Any] = json.loads(out.stdout)
-    return report
+    return Scraper(address, path, interval, count, close).run()
 
 
 def sc_scrape(p: Params) -> Result:
@@ -611,8 +632,9 @@ def sc_scrape(p: Params) -> Result:
             idle = ((process_cpu(os.getpid()) or 0.0) - cpu0) / (time.monotonic() - t0)
             out[f"{tag}.idle"] = [idle * 10.0]
         count = max(1, int(window / interval))
+        scraper = Scraper(address, "/metrics", interval, count)
         cpu0, t0 = process_cpu(os.getpid()) or 0.0, time.monotonic()
-        report = _scrape(address, "/metrics", interval, count)
+        report = scraper.run()
         elapsed = time.monotonic() - t0
         cpu = (process_cpu(os.getpid()) or 0.0) - cpu0
         if p.get("cpu", True):

@@ -277,7 +277,7 @@ class RssCache:
     ``/proc/<pid>/statm`` (about 5 us; psutil takes 6x that).
     """
 
-    def __init__(self, interval: float = 5.0, clock: Any = time.monotonic) -> None:
+    def __init__(self, interval: float = 10.0, clock: Any = time.monotonic) -> None:
         self.interval = interval
         self._clock = clock
         self._values: dict[int, int] = {}

@@ -44,7 +44,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
@@ -57,6 +57,7 @@ from corral.process import disown_fd, own_fd
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
 
+    from corral._exposition import Renderer
     from corral.metrics import CorralCollector
 
 __all__ = ["Endpoint"]
@@ -97,17 +98,22 @@ class Endpoint:
         idle_timeout: seconds a kept-alive connection may wait for its next request.
         max_connections: connections open at once.
         config, socket_path: what /status reports as the config file and control socket.
+        status: ``status() -> dict``, the ``corral.status/1`` document /status serves (the
+            ``corral`` command passes what its control socket answers to ``status``, so both
+            are the same); default: built from the pools served. Called on the endpoint's
+            thread: it must not block for long.
 
     Raises:
         TypeError, ValueError: a bad argument (the message names it).
     """
 
     def __init__(self, address: str = "127.0.0.1:9100", *, pools: Iterable[Any] = (),
-                 per_worker: bool = False, timeout: float = 1.0, rss_interval: float = 5.0,
+                 per_worker: bool = False, timeout: float = 1.0, rss_interval: float = 10.0,
                  registry: CollectorRegistry | None = None, request_timeout: float = 5.0,
                  idle_timeout: float = 120.0, max_connections: int = 64,
                  process_metrics: bool = False, config: str | None = None,
-                 socket_path: str | None = None) -> None:
+                 socket_path: str | None = None,
+                 status: Callable[[], dict[str, Any]] | None = None) -> None:
         self._host, self._port = parse_address(address, "address")
         self.timeout = v.number("timeout", timeout, strict=True)
         self.request_timeout = v.number("request_timeout", request_timeout, strict=True)
@@ -118,6 +124,8 @@ class Endpoint:
         v.number("rss_interval", rss_interval)
         self.max_connections = max_connections
         self.config, self.socket_path = config, socket_path
+        self._status: Callable[[], dict[str, Any]] | None = v.callable_("status", status,
+                                                                        optional=True)
         self.sources = Sources()
         for p in pools:
             self.sources.add(p)
@@ -126,6 +134,7 @@ class Endpoint:
         self._given_registry = registry
         self._registry: CollectorRegistry | None = None
         self._collector: CorralCollector | None = None
+        self._renderer: Renderer | None = None
         self._listen: socket.socket | None = None
         self._reactor: Reactor[Any] | None = None
         self._thread: threading.Thread | None = None
@@ -167,8 +176,10 @@ class Endpoint:
                 raise RuntimeError("this Endpoint was already started; make a new one")
             from prometheus_client.registry import CollectorRegistry
 
+            from corral._exposition import Renderer
             from corral.metrics import CorralCollector
 
+            self._renderer = Renderer()
             self._collector = CorralCollector(self.sources, per_worker=self._per_worker,
                                               timeout=self.timeout,
                                               rss_interval=self._rss_interval)
@@ -314,7 +325,9 @@ class Endpoint:
         if conn.timer is not None:
             conn.timer.cancel()
         conn.timer = self._reactor.call_later(timeout, self._expire, conn)
-        self._reactor.add_reader(conn.fd, functools.partial(self._on_read, conn))
+        if not conn.reading:  # registered once: no epoll_ctl per request
+            conn.reading = True
+            self._reactor.add_reader(conn.fd, functools.partial(self._on_read, conn))
 
     def _on_read(self, conn: _Conn) -> None:
         try:
@@ -332,9 +345,15 @@ class Endpoint:
             conn.idle = False
             self._wait_request(conn, self.request_timeout)
         conn.buf += data
+        if conn.out is not None:  # still writing the last response: the next one waits
+            if len(conn.buf) > 2 * MAX_HEAD:
+                self._drop(conn)
+            return
         self._next_request(conn)
 
     def _next_request(self, conn: _Conn) -> None:
+        if conn.fd not in self._conns or conn.out is not None:
+            return  # gone, or still writing (it comes back here when done)
         end = _head_end(conn.buf)
         if end < 0 and len(conn.buf) <= MAX_HEAD:
             return  # more to come
@@ -348,8 +367,6 @@ class Endpoint:
         self._respond(conn, *self._handle(head, conn.peer))
 
     def _respond(self, conn: _Conn, response: bytes, keep: bool) -> None:
-        assert self._reactor is not None
-        self._reactor.remove_reader(conn.fd)
         conn.out = memoryview(response)
         conn.keep = keep and not self._closing
         self._flush(conn)
@@ -380,9 +397,10 @@ class Endpoint:
             return
         self._reactor.remove_writer(conn.fd)
         conn.out = None
-        if conn.buf:  # pipelined: the next request is here already
+        if conn.buf:  # pipelined: the next request is here already (next in this round,
+            # not by recursion: a client may send hundreds at once)
             self._wait_request(conn, self.request_timeout)
-            self._next_request(conn)
+            self._reactor.call_soon(self._next_request, conn)
         else:
             conn.idle = True
             self._wait_request(conn, self.idle_timeout)
@@ -439,11 +457,9 @@ class Endpoint:
                 or _is_loopback(name))
 
     def metrics(self, accept: str | None) -> tuple[bytes, str]:
-        from prometheus_client.exposition import choose_encoder
-
-        assert self._registry is not None
-        encoder, content_type = choose_encoder(accept or "")
-        return encoder(self._registry), content_type
+        """The /metrics body for this Accept header, and its content type."""
+        assert self._registry is not None and self._renderer is not None
+        return self._renderer.render(self._registry, accept or "")
 
     def livez(self, name: str | None) -> tuple[int, str]:
         pools = self._selected(name)
@@ -478,6 +494,8 @@ class Endpoint:
         return (200 if ok else 503), "\n".join(lines) + "\n"
 
     def status(self) -> dict[str, Any]:
+        if self._status is not None:
+            return self._status()
         from corral import __version__
         from corral.cli.schema import program_to_json, status_payload, worker_to_json
 
@@ -501,7 +519,7 @@ class Endpoint:
 
 
 class _Conn:
-    __slots__ = ("buf", "fd", "idle", "keep", "out", "peer", "sock", "timer")
+    __slots__ = ("buf", "fd", "idle", "keep", "out", "peer", "reading", "sock", "timer")
 
     def __init__(self, sock: socket.socket, peer: Any) -> None:
         self.sock = sock
@@ -511,6 +529,7 @@ class _Conn:
         self.out: memoryview | None = None  # a response being written
         self.keep = False  # keep the connection once the response is written
         self.idle = False  # kept alive, waiting for the next request
+        self.reading = False  # its reader is registered
         self.timer: Timer | None = None
 
 

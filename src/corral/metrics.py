@@ -147,7 +147,7 @@ class CorralCollector:
     """
 
     def __init__(self, pools: Iterable[Any] | Sources = (), *, per_worker: bool = False,
-                 timeout: float = 1.0, rss_interval: float = 5.0) -> None:
+                 timeout: float = 1.0, rss_interval: float = 10.0) -> None:
         from corral import _validate as v
 
         v.boolean("per_worker", per_worker)

@@ -233,6 +233,12 @@ def test_several_pools_and_a_registry_of_yours(web: FakeSource) -> None:
     assert b"corral_workers" not in __import__("prometheus_client").generate_latest(registry)
 
 
+def test_status_document_of_the_caller(web: FakeSource) -> None:
+    doc = {"schema": "corral.status/1", "corral": {"pid": 1}, "programs": []}
+    with Endpoint("127.0.0.1:0", pools=[web], status=lambda: doc).start() as ep:
+        assert json.loads(get(ep.address, "/status").body) == doc
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="address needs a host"):
         Endpoint(":9100")

@@ -451,3 +451,29 @@ def test_import_corral_stays_light() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.strip() == "", out.stdout
+
+
+def test_renderer_is_byte_for_byte_the_encoders_output() -> None:
+    """Families rendered one by one, unchanged ones from the cache: the same bytes as the
+    encoder writes for the whole registry, in both formats, as the figures move."""
+    from prometheus_client.exposition import choose_encoder
+
+    from corral._exposition import Renderer
+
+    clock_age = [0.5]
+    web = FakeSource("web", [worker(0, beat=0.5), worker(1, beat=0.1)])
+    stats = PoolTaskStats("jobs")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(CorralCollector([web, stats], rss_interval=3600))
+    renderer = Renderer()
+    for accept in ("", "application/openmetrics-text; version=1.0.0", "text/plain"):
+        for step in range(3):
+            clock_age[0] += 1
+            web.workers = [worker(0, beat=clock_age[0]), worker(1, beat=0.1)]
+            if step == 1:
+                stats.submitted()
+                web.workers.append(worker(2, S.BACKOFF))
+            encoder, ctype = choose_encoder(accept)
+            body, got_type = renderer.render(registry, accept)
+            assert got_type == ctype
+            assert body == encoder(registry), (accept, step)
