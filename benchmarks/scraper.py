@@ -4,8 +4,8 @@ Prints ``ready`` once it runs, then waits for a line on stdin (so that the calle
 measurement window leaves out this process's start), then GETs ``PATH`` ``COUNT`` times, one
 every ``INTERVAL`` seconds, on one kept-alive connection as Prometheus does (``close``: a new
 connection each time, as the kubelet's probes do), and prints a JSON object: each answer's time
-in seconds (request sent -> body read), the body size and the status codes. Only the standard library: it runs in a process of its own, so its CPU is
-not the supervisor's.
+in seconds (request sent -> body read), the body size and the status codes. Only the standard
+library: it runs in a process of its own, so its CPU is not the supervisor's.
 """
 
 from __future__ import annotations

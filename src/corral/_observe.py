@@ -126,10 +126,17 @@ class PoolSource(Protocol):
 
 
 class SupervisorSource:
-    """A :class:`corral.Supervisor` as a :class:`PoolSource`."""
+    """A :class:`corral.Supervisor` as a :class:`PoolSource`.
 
-    def __init__(self, sup: Supervisor) -> None:
+    Args:
+        sup: the pool.
+        kind: what /status calls it: "target" (Python workers) or "command" (the ``corral``
+            command's command programs).
+    """
+
+    def __init__(self, sup: Supervisor, kind: str = "target") -> None:
         self.sup = sup
+        self.kind = kind
 
     @property
     def name(self) -> str:
@@ -141,7 +148,7 @@ class SupervisorSource:
     def observe(self, timeout: float, detail: bool = False) -> PoolView:
         sup = self.sup
         monitor = sup._monitor
-        common: dict[str, Any] = dict(name=sup.spec.name, kind="target",
+        common: dict[str, Any] = dict(name=sup.spec.name, kind=self.kind,
                                       min_ready=sup.min_ready, started_at=sup._started_at,
                                       timeout=timeout)
         if monitor is None:
