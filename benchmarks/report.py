@@ -169,6 +169,20 @@ def rows(quick: bool, storm_window: float, idle_sizes: list[int]) -> list[Row]:
         for n in ((8,) if quick else (8, 32, 128)):
             out.append(Row(f"startup.{m}.{n}", f"start-up, {n} workers, {m}: all 1st lines",
                            "ms", 1e3))
+    out.append(Row("scrape.64.cpu", "metrics: supervisor CPU, 64 workers, scraped every 1 s",
+                   "ms/10s", 1e3, [Target("< 5 ms per 10 s", below(5.0))]))
+    out.append(Row("scrape.64.idle", "  same pool, endpoint on, nobody scraping", "ms/10s",
+                   1e3))
+    out.append(Row("scrape.64.per_scrape", "  CPU per scrape, 64 workers", "ms", 1e3))
+    out.append(Row("scrape.64.latency", "  answer time of /metrics, 64 workers", "ms", 1e3))
+    out.append(Row("scrape.64.readyz", "  answer time of /readyz, new connection each", "ms",
+                   1e3))
+    out.append(Row("scrape.512.latency", "metrics: answer time of /metrics, 512 workers", "ms",
+                   1e3, [Target("< 50 ms", below(50.0))]))
+    out.append(Row("scrape.512.first", "  first scrape (reads 512 RSS)", "ms", 1e3))
+    out.append(Row("scrape.512.per_scrape", "  CPU per scrape, 512 workers", "ms", 1e3))
+    out.append(Row("scrape.512.pw.latency", "  with per-worker series (1,536 more)", "ms",
+                   1e3, [Target("< 50 ms", below(50.0))]))
     w = f"{storm_window:g} s"
     # corral: its default Backoff; original/compat: restart_timeout=0, as everywhere here.
     out.append(Row("storm.restarts", f"crash storm, as configured: restarts in {w}",

@@ -113,6 +113,7 @@ def plan(quick: bool, compat: bool) -> tuple[list[Job], dict[str, Any]]:
         "idle_window": 1.0 if q else 10.0,
         "storm_window": 1.5 if q else 10.0,
         "startup_sizes": [8] if q else [8, 32, 128],
+        "scrape_window": 3.0 if q else 10.0,
     }
     jobs: list[Job] = []
 
@@ -218,6 +219,16 @@ def plan(quick: bool, compat: bool) -> tuple[list[Job], dict[str, Any]]:
                           ("floor", "forkserver"), *[(s, "fork") for s in wpms]]:
             add("startup", system, {"workers": n, "method": m, "reps": 1 if q else 3},
                 n * 0.1, f"start-up: {system}, {n} workers, {m}")
+    # 9. the metrics endpoint: CPU scraped every second (64), answer time (512)
+    sw = cfg["scrape_window"]
+    add("scrape", "corral", {"workers": 64, "window": sw, "interval": 1.0, "probes": True},
+        2 * sw + 5, "metrics endpoint: 64 workers, scraped every 1 s")
+    add("scrape", "corral", {"workers": 512, "window": sw, "interval": 0.2, "cpu": False},
+        sw + 20, "metrics endpoint: 512 workers, answer time")
+    if not q:
+        add("scrape", "corral", {"workers": 512, "window": sw, "interval": 0.2, "cpu": False,
+                                 "per_worker": True},
+            sw + 20, "metrics endpoint: 512 workers, per-worker series, answer time")
     # 7. crash storm
     w = cfg["storm_window"]
     add("storm", "corral", {"window": w}, w, "crash storm: corral, default backoff")
@@ -369,6 +380,13 @@ NOTES = [
     "0.2 s with heartbeats on (heartbeat_timeout 5 s).",
     "shutdown: 8 workers each with a grandchild (sleep 600); stop timeout 1 s; processes still "
     "running (not zombies) the moment stop() returns are counted, then killed by pid.",
+    "metrics endpoint: Supervisor(http=...) with workers beating every 0.2 s (heartbeat_timeout "
+    "5 s); a scraper process (benchmarks/scraper.py, stdlib only) GETs /metrics on one "
+    "kept-alive connection as Prometheus does, once per interval; supervisor CPU = this "
+    "process's (its monitor, spawner and endpoint threads) over the scraping window, per 10 s, "
+    "beside the same pool with the endpoint on and nobody scraping; answer time = request sent "
+    "-> body read, in the scraper; the first scrape also reads every worker's RSS; /readyz "
+    "probes open a new connection each, as the kubelet does.",
     "The machine is shared (2 cores): the load average at start and end is given above. Under "
     "load every latency grows, corral's (a monitor thread, a spawner thread and the new child "
     "handing work along) more than a bare start's.",

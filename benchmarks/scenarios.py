@@ -63,7 +63,7 @@ class Pool:
                  method: str = "fork", heartbeat: float | None = None,
                  extra: tuple[Any, ...] = (), stop_timeout: float = 1.0,
                  backoff: Any = None, restart_timeout: float = 0.0, standby: int = 0,
-                 standby_init: Any = None) -> None:
+                 standby_init: Any = None, http: str | None = None) -> None:
         self.system = system
         self.probe = probe
         self.sup: Any = None
@@ -78,7 +78,7 @@ class Pool:
                 # crash storm passes the default Backoff.
                 backoff=backoff if backoff is not None else corral.Backoff(reset_after=0),
                 budget=corral.RestartBudget(max_restarts=None), stop_timeout=stop_timeout,
-                standby=standby, standby_init=standby_init)
+                standby=standby, standby_init=standby_init, http=http)
         else:
             wpm_cls, hc_cls = wpm_classes(system)
             if heartbeat is not None:
@@ -602,10 +602,104 @@ def sc_storm(p: Params) -> Result:
         finish(pool, probe)
 
 
+# ------------------------------------------------------------------------ metrics endpoint
+
+
+class Scraper:
+    """benchmarks/scraper.py (a process of its own) against ``address``: started and ready
+    before :meth:`run`, so that a measurement around ``run()`` leaves its start out."""
+
+    def __init__(self, address: tuple[str, int], path: str, interval: float, count: int,
+                 close: bool = False) -> None:
+        import subprocess
+
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scraper.py")
+        args = [sys.executable, script, address[0], str(address[1]), path, str(interval),
+                str(count)] + (["close"] if close else [])
+        self.timeout = 60 + interval * count * 2
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            self.proc.kill()
+            raise RuntimeError(f"scraper did not start: {line!r}")
+
+    def run(self) -> dict[str, Any]:
+        """Let it scrape; wait for its report (the last answer is in when this returns)."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        report: dict[str, Any] = json.loads(self.proc.stdout.readline())
+        self.proc.wait(self.timeout)
+        return report
+
+
+def _scrape(address: tuple[str, int], path: str, interval: float, count: int,
+            close: bool = False) -> dict[str, Any]:
+    return Scraper(address, path, interval, count, close).run()
+
+
+def sc_scrape(p: Params) -> Result:
+    """Supervisor CPU with the HTTP endpoint on, idle and then scraped every ``interval`` s,
+    and how long a scrape takes to answer; ``n`` workers beating every 0.2 s."""
+    n, window, interval = p["workers"], p["window"], p["interval"]
+    per_worker = p.get("per_worker", False)
+    probe = Probe()
+    pool = Pool("corral", "beater", n, probe, method="fork", heartbeat=5.0, extra=(0.2,),
+                http=None if per_worker else "127.0.0.1:0")
+    endpoint = None
+    load = os.getloadavg()[0]
+    try:
+        pool.start()
+        wait_starts(probe, n, 60 + n * 0.2)
+        if per_worker:
+            from corral.endpoint import Endpoint
+
+            endpoint = Endpoint("127.0.0.1:0", pools=[pool.sup], per_worker=True).start()
+            address = endpoint.address
+        else:
+            address = pool.sup.http_address
+        time.sleep(p.get("settle", 1.0))
+        tag = f"scrape.{n}" + (".pw" if per_worker else "")
+        out: Result = {"info": {"loadavg_1m_at_start": load, "workers": n,
+                                "per_worker": per_worker}}
+        # The first scrape reads every worker's RSS (later ones within 5 s reuse it).
+        first = _scrape(address, "/metrics", 0.0, 1)
+        out[f"{tag}.first"] = first["times"]
+        if p.get("cpu", True):
+            # Endpoint on, nobody asking: the baseline of the same pool in the same run.
+            cpu0, t0 = process_cpu(os.getpid()) or 0.0, time.monotonic()
+            time.sleep(window)
+            idle = ((process_cpu(os.getpid()) or 0.0) - cpu0) / (time.monotonic() - t0)
+            out[f"{tag}.idle"] = [idle * 10.0]
+        count = max(1, int(window / interval))
+        scraper = Scraper(address, "/metrics", interval, count)
+        cpu0, t0 = process_cpu(os.getpid()) or 0.0, time.monotonic()
+        report = scraper.run()
+        elapsed = time.monotonic() - t0
+        cpu = (process_cpu(os.getpid()) or 0.0) - cpu0
+        if p.get("cpu", True):
+            out[f"{tag}.cpu"] = [cpu / elapsed * 10.0]  # CPU seconds per 10 s
+        out[f"{tag}.per_scrape"] = [cpu / count]
+        out[f"{tag}.latency"] = report["times"]
+        out["info"].update(size=report["size"], statuses=report["statuses"], scrapes=count,
+                           loadavg_1m_at_end=os.getloadavg()[0])
+        if p.get("probes"):
+            # Kubelet-style probes: a new connection each time.
+            report = _scrape(address, "/readyz", 0.0, 20, close=True)
+            out[f"{tag}.readyz"] = report["times"]
+        return out
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+        finish(pool, probe)
+
+
 SCENARIOS: dict[str, Callable[[Params], Result]] = {
     "recovery": sc_recovery, "floor_start": sc_floor_start, "floor_fork": sc_floor_fork,
     "hang": sc_hang, "beat": sc_beat, "idle": sc_idle, "shutdown": sc_shutdown,
-    "startup": sc_startup, "storm": sc_storm,
+    "startup": sc_startup, "storm": sc_storm, "scrape": sc_scrape,
 }
 
 

@@ -17,6 +17,7 @@ from corral.status import WorkerStatus
 from corral.supervisor import Supervisor
 
 if TYPE_CHECKING:
+    from corral.aio import AsyncSupervisor
     from corral.compat import (
         HeartbeatHealthCheck,
         HeartbeatUpdateNeverCalled,
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 _LAZY = {
+    "AsyncSupervisor": "corral.aio",
     "WorkerProcessManager": "corral.compat",
     "HeartbeatHealthCheck": "corral.compat",
     "HeartbeatUpdateNeverCalled": "corral.compat",
@@ -49,7 +51,8 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> object:
-    # The compatibility layer and the pool load on first use: `import corral` stays light.
+    # The compatibility layer, the pool and asyncio load on first use: `import corral` stays
+    # light.
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'corral' has no attribute {name!r}")
@@ -58,6 +61,7 @@ def __getattr__(name: str) -> object:
     return getattr(importlib.import_module(module), name)
 
 __all__ = [
+    "AsyncSupervisor",
     "Backoff",
     "CorralError",
     "Event",

@@ -45,6 +45,7 @@ from typing import Any, cast
 from corral import states
 from corral._bootstrap import BootConfig, run_standby, run_worker, signals_to_reset
 from corral._command import CommandProcess
+from corral._eventlog import event_extra
 from corral._fdlimit import explain_fd_error
 from corral._health import HealthRunner
 from corral._monitor_parts import ControlPart, GroupRestart, WatchPart
@@ -229,8 +230,10 @@ class Monitor(RemotePart, StandbyPart, ControlPart, WatchPart):
         reply = self.submit(fn, *args)
         return reply.wait(timeout, getattr(fn, "__name__", "the command")) if wait else None
 
-    def submit(self, fn: Callable[..., None], *args: Any) -> Reply:
-        reply = Reply()
+    def submit(self, fn: Callable[..., None], *args: Any, reply: Reply | None = None) -> Reply:
+        """Queue ``fn(reply, *args)`` for the monitor thread; ``reply`` (default: a new one)
+        is finished with the answer (an asyncio caller passes one that wakes its loop)."""
+        reply = Reply() if reply is None else reply
         try:
             self._reactor.call_soon_threadsafe(self._cb(self._run_command), reply, fn, args)
         except RuntimeError:
@@ -568,8 +571,8 @@ class Monitor(RemotePart, StandbyPart, ControlPart, WatchPart):
         self._move(w, Trigger.SPAWNED, S.STARTING)
         if self._remote:
             self._remote_started(w, now)
-        self.log.info("%s started", w.who)
-        self._emit(EventKind.SPAWNED, w)
+        event = self._emit(EventKind.SPAWNED, w)
+        self.log.info("%s started", w.who, extra=event_extra(self.log, logging.INFO, event))
         if w.stop_reason is not None:
             # Stopped while it was being started: stop it now that it exists, within what is
             # left of the pool's deadline if the whole pool is stopping.
@@ -591,8 +594,9 @@ class Monitor(RemotePart, StandbyPart, ControlPart, WatchPart):
         self._move(w, Trigger.READY, S.RUNNING if w.state is not S.STOPPING else S.STOPPING)
         if w.state is S.RUNNING:
             w.ready = True
-            self.log.debug("%s is ready", w.who)
-            self._emit(EventKind.READY, w)
+            event = self._emit(EventKind.READY, w)
+            self.log.debug("%s is ready", w.who,
+                           extra=event_extra(self.log, logging.DEBUG, event))
             now = self._clock()
             self._arm_liveness(w, now)
             if self.spec.health_check is not None:
@@ -665,12 +669,12 @@ class Monitor(RemotePart, StandbyPart, ControlPart, WatchPart):
         w.died_at, w.died_why = now, record.reason.name.lower()
         after, w.stop_reason, w.stop_detail = w.after_stop, None, None
         w.after_stop = AfterStop.POLICY
-        self._emit(EventKind.EXITED, w, exit=record)
+        event = self._emit(EventKind.EXITED, w, exit=record)
         try:
             self._decide(w, trigger, record, now, after)
         finally:
             # Logged after the decision: a replacement (a standby) is already on its way.
-            self._log_exit(record)
+            self._log_exit(record, event)
 
     def _decide(self, w: WorkerSlot, trigger: Trigger, record: ExitRecord, now: float,
                 after: AfterStop) -> None:
@@ -718,14 +722,14 @@ class Monitor(RemotePart, StandbyPart, ControlPart, WatchPart):
             delay = max(delay, w.last_restart + cooldown - now)
         if self._restart_group(w, trigger, now, delay):
             return
-        self._emit(EventKind.RESTARTING, w, delay=delay)
+        event = self._emit(EventKind.RESTARTING, w, delay=delay)
         if delay <= 0:
             self._move(w, trigger, S.PENDING)
             self._spawn(w, now)
         else:
             self._move(w, trigger, S.BACKOFF)
             self.log.info("%s restarts in %.3fs (failure %d in a row)", w.who, delay,
-                          w.backoff.streak)
+                          w.backoff.streak, extra=event_extra(self.log, logging.INFO, event))
             self._dl.set((w.index, Deadline.BACKOFF), now + delay)
 
     def _maybe_finish(self) -> None:
@@ -747,9 +751,11 @@ class Monitor(RemotePart, StandbyPart, ControlPart, WatchPart):
         self._health.shutdown()
         self._close()
         self.finished.set()
-        self._emit(EventKind.STOPPED, None, message="gave up" if self.gave_up else "stopped")
+        event = self._emit(EventKind.STOPPED, None,
+                           message="gave up" if self.gave_up else "stopped")
         self._answer_waiters()
-        self.log.info("pool %r stopped", self.spec.name)
+        self.log.info("pool %r stopped", self.spec.name,
+                      extra=event_extra(self.log, logging.INFO, event))
 
     def _close(self) -> None:
         """Release the pool's fds: its reactor's (hosted: its part of the host's), and the
@@ -837,8 +843,10 @@ class Monitor(RemotePart, StandbyPart, ControlPart, WatchPart):
     # -------------------------------------------------------------------------------- outputs
 
     def _emit(self, kind: EventKind, w: WorkerSlot | None, *, exit: ExitRecord | None = None,
-              delay: float | None = None, message: str = "") -> None:
+              delay: float | None = None, message: str = "") -> Event:
         pid = w.proc.pid if w is not None and w.proc is not None else (
             exit.pid if exit else None)
-        self._emit_cb(Event(kind, self.spec.name, w.index if w else None, w.name if w else None,
-                            pid, time.time(), exit, delay, message))
+        event = Event(kind, self.spec.name, w.index if w else None, w.name if w else None,
+                      pid, time.time(), exit, delay, message)
+        self._emit_cb(event)
+        return event

@@ -20,15 +20,17 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from corral._eventlog import event_extra
 from corral._evidence import STEP, StackDump
 from corral._health import HealthRunner
 from corral._liveness import due, next_look
+from corral._observe import PoolSummary
 from corral._reactor import DeadlineSpace, Reactor
 from corral._reply import Reply
 from corral._slots import POOL, AfterStop, Deadline, DeadlineKey, WorkerSlot
 from corral._stats import PoolStats
 from corral.errors import GaveUp
-from corral.events import EventKind, ExitRecord, StopReason
+from corral.events import Event, EventKind, ExitRecord, StopReason
 from corral.heartbeat import HeartbeatTable
 from corral.policy import BackoffState, BudgetWindow, Strategy
 from corral.process import WorkerHandle
@@ -88,7 +90,7 @@ if TYPE_CHECKING:
         def _begin_stop(self, timeout: float, reason: StopReason, now: float) -> None: ...
         def _emit(self, kind: EventKind, w: WorkerSlot | None, *,
                   exit: ExitRecord | None = None, delay: float | None = None,
-                  message: str = "") -> None: ...
+                  message: str = "") -> Event: ...
         def _run_command(self, reply: Reply, fn: Callable[..., None],
                          args: tuple[Any, ...]) -> None: ...
         def _spawned_batch(self, batch: Any) -> None: ...
@@ -104,6 +106,7 @@ else:
     _Core = object
 
 S = WorkerState
+_ALIVE = frozenset(state for state in WorkerState if state.alive)
 
 
 @dataclass
@@ -170,9 +173,10 @@ class WatchPart(_Core):
             assert w.proc is not None
             what = (f"no heartbeat for {now - last:.3f}s" if reason is StopReason.HUNG
                     else f"not ready {now - w.proc.started:.3f}s after start")
+            event = self._emit(EventKind.UNHEALTHY, w, message=f"{reason.value}: {what}")
             self.log.warning("%s is %s (%s); collecting a stack dump, then stopping it", w.who,
-                             reason.value, what)
-            self._emit(EventKind.UNHEALTHY, w, message=f"{reason.value}: {what}")
+                             reason.value, what,
+                             extra=event_extra(self.log, logging.WARNING, event))
             self._stop_worker(w, reason, AfterStop.POLICY, now, detail=what, dump=True)
         self._live_at = min(self._live_at, earliest)
 
@@ -311,13 +315,15 @@ class WatchPart(_Core):
 class ControlPart(_Core):
     """Stopping workers, giving up, commands and their answers, and group restarts."""
 
-    def _log_exit(self, record: ExitRecord) -> None:
+    def _log_exit(self, record: ExitRecord, event: Event) -> None:
         level = logging.INFO if record.reason.by_corral else logging.WARNING
         if self.log.isEnabledFor(level):  # describe() is not free: only when it is shown
-            self.log.log(level, "%s", record.describe())
+            self.log.log(level, "%s", record.describe(),
+                         extra=event_extra(self.log, level, event))
         if record.detail and record.reason in (StopReason.HUNG, StopReason.STARTUP_TIMEOUT):
             self.log.warning("stack of hung worker %r (pid %s):\n%s", record.name, record.pid,
-                             record.detail)
+                             record.detail,
+                             extra=event_extra(self.log, logging.WARNING, event))
 
     def _give_up(self, now: float) -> None:
         budget = self.spec.budget
@@ -325,10 +331,10 @@ class ControlPart(_Core):
         lines = "\n".join("  " + r.describe() for r in last)
         message = (f"pool {self.spec.name!r} gave up: more than {budget.max_restarts} restarts "
                    f"within {budget.window:g}s. Last exits:\n{lines}")
-        self.log.error("%s", message)
         self.gave_up = GaveUp(message, last)
         self.stats.gave_up = True
-        self._emit(EventKind.GAVE_UP, None, message=message)
+        event = self._emit(EventKind.GAVE_UP, None, message=message)
+        self.log.error("%s", message, extra=event_extra(self.log, logging.ERROR, event))
         self._begin_stop(self.spec.stop_timeout, StopReason.GAVE_UP, now)
 
     # ------------------------------------------------------------------------------- stopping
@@ -567,6 +573,39 @@ class ControlPart(_Core):
 
     def do_status(self, reply: Reply) -> None:
         reply.finish(self._build_status())
+
+    def do_observe(self, reply: Reply, detail: bool) -> None:
+        """For metrics and probes (``corral._observe``): ``(summary, statuses or None)``.
+
+        ``detail``: also every worker's :class:`WorkerStatus` (per-worker metrics, /status);
+        without it only the pool-wide figures are computed (a scrape every second of a large
+        pool stays cheap).
+        """
+        now = self._clock()
+        counts = self._counts
+        ready, pids = 0, []
+        newest_start, oldest_beat = -math.inf, math.inf
+        beats = self._hb.all_beats()
+        running = S.RUNNING
+        for w in self._slots.values():
+            proc = w.proc
+            state = w.state
+            if state is running and w.ready:
+                ready += 1
+            if proc is not None and state in _ALIVE:
+                pids.append((w.index, proc.pid))
+                if proc.started > newest_start:
+                    newest_start = proc.started
+                beat = beats[w.index]
+                if 0 < beat < oldest_beat:
+                    oldest_beat = beat
+        summary = PoolSummary(
+            counts={state.value: n for state, n in counts.items()}, ready=ready,
+            wanted=len(self._slots) - counts[S.EXITED] - counts[S.STOPPED],
+            pids=tuple(pids), youngest=None if newest_start < 0 else now - newest_start,
+            oldest_beat_age=None if oldest_beat == math.inf else now - oldest_beat,
+            budget_remaining=self._budget.remaining(now), stopping=self._stopping)
+        reply.finish((summary, self._build_status() if detail else None))
 
     def _answer_waiters(self) -> None:
         """Answer everyone still waiting on the monitor once it has finished."""

@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from corral._slots import POOL, AfterStop, Deadline, DeadlineKey, WorkerSlot
-from corral.events import EventKind, ExitRecord, StopReason
+from corral.events import Event, EventKind, ExitRecord, StopReason
 from corral.states import WorkerState
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
         def _kill(self, w: WorkerSlot, at_once: bool = False) -> None: ...
         def _emit(self, kind: EventKind, w: WorkerSlot | None, *,
                   exit: ExitRecord | None = None, delay: float | None = None,
-                  message: str = "") -> None: ...
+                  message: str = "") -> Event: ...
 else:
     _Core = object
 

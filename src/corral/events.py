@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 from corral.exitstatus import ExitStatus
 
@@ -89,3 +90,10 @@ class Event:
     delay: float | None = None  # RESTARTING: seconds until the restart
     message: str = ""
     standby: bool = False  # about a hot standby (index None), not a worker
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``corral.event/1`` object (docs/json-schema.md), as ``corral events --json``
+        prints it and corral's log records carry it (``record.corral``)."""
+        from corral.cli.schema import event_to_json
+
+        return event_to_json(self)

@@ -12,7 +12,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from corral import _validate as v
 from corral._eventqueue import EventQueue
@@ -25,6 +25,10 @@ from corral.errors import SupervisorStateError
 from corral.events import Event, EventKind, ExitRecord
 from corral.spec import PoolSpec
 from corral.status import WorkerStatus
+
+if TYPE_CHECKING:
+    from corral._stats import StatsSnapshot
+    from corral.endpoint import Endpoint
 
 __all__ = ["Supervisor"]
 
@@ -65,13 +69,21 @@ class Supervisor:
         with Supervisor(serve, workers=4, heartbeat_timeout=5) as sup:
             sup.wait()
 
+    Args:
+        http: serve /metrics, /livez, /readyz and /status at this "HOST:PORT" while the pool
+            runs (``"127.0.0.1:9100"``; port 0: any free port, see :attr:`http_address`).
+            None: no endpoint. See :mod:`corral.endpoint`.
+        min_ready: workers that must be RUNNING and ready for /readyz to answer 200 (default
+            None: every worker meant to run).
+
     Raises:
         TypeError, ValueError: an invalid option, naming it (at construction).
         NotPicklable: the target cannot be sent to a spawn/forkserver child.
     """
 
     def __init__(self, target: Callable[..., Any] | None = None, workers: int | None = None, *,
-                 spec: PoolSpec | None = None, _host: Reactor[Any] | None = None,
+                 spec: PoolSpec | None = None, http: str | None = None,
+                 min_ready: int | None = None, _host: Reactor[Any] | None = None,
                  _io: WorkerIO | None = None, **options: Any) -> None:
         if spec is not None:
             if target is not None or workers is not None or options:
@@ -96,6 +108,16 @@ class Supervisor:
         self._prepared: dict[int, tuple[str, tuple[Any, ...]]] = {}
         self._lock = threading.Lock()
         self._owner_pid = os.getpid()
+        if http is not None:
+            from corral._observe import parse_address
+
+            parse_address(http, "http")
+        if min_ready is not None:
+            v.integer("min_ready", min_ready)
+        self._http = http
+        self.min_ready = min_ready
+        self._endpoint: Endpoint | None = None
+        self._started_at: float | None = None
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -114,28 +136,54 @@ class Supervisor:
                     f"pool {self.spec.name!r} was already started; make a new Supervisor")
             initial = self._prepare(self.spec.workers)
             ensure_fd_room(self.spec.workers)
-            keeper.start()
+            # The endpoint first: an address in use fails start() before any process exists.
+            endpoint = self._start_endpoint()
+            try:
+                keeper.start()
+            except BaseException:
+                self._close_endpoint(endpoint)
+                raise
             # The monitor's resources first (they can fail: no shared memory, no fds), then the
             # threads, each undone if a later one cannot start: nothing is left behind.
-            monitor = Monitor(self.spec, self._emit, host=self._host, io=self._io)
+            try:
+                monitor = Monitor(self.spec, self._emit, host=self._host, io=self._io)
+            except BaseException:
+                self._close_endpoint(endpoint)
+                raise
             if self._subscribers:  # else it starts with the first subscribe()
                 try:
                     self._start_dispatcher()
                 except BaseException:
                     monitor.discard()
+                    self._close_endpoint(endpoint)
                     raise
             try:
                 monitor.start([initial[i] for i in range(self.spec.workers)])
             except BaseException:
                 monitor.discard()
+                self._close_endpoint(endpoint)
                 self._events.put(Event(EventKind.STOPPED, self.spec.name, None, None, None,
                                        time.time(), message="failed to start"))
                 raise
+            self._started_at = time.time()
             self._monitor = monitor
             _running.add(self)
         log.info("pool %r: starting %d worker(s) (start method %s)", self.spec.name,
                  self.spec.workers, self.spec.start_method)
         return self
+
+    def _start_endpoint(self) -> Endpoint | None:
+        if self._http is None:
+            return None
+        from corral.endpoint import Endpoint
+
+        self._endpoint = Endpoint(self._http, pools=[self]).start()
+        return self._endpoint
+
+    def _close_endpoint(self, endpoint: Endpoint | None, wait: bool = True) -> None:
+        if endpoint is not None:
+            endpoint.close(wait=wait)
+            self._endpoint = None
 
     def _prepare(self, n: int) -> dict[int, tuple[str, tuple[Any, ...]]]:
         """Names and args for indexes < n, computed in the caller's thread so errors surface."""
@@ -182,6 +230,8 @@ class Supervisor:
             dispatcher = self._dispatcher
             if dispatcher is not None and dispatcher is not threading.current_thread():
                 dispatcher.join(timeout=_EVENTS_DRAIN)
+        # The endpoint answers 503 on /readyz while the pool stops; it goes with the pool.
+        self._close_endpoint(self._endpoint, wait=wait)
         _running.discard(self)
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -269,14 +319,39 @@ class Supervisor:
 
     # ------------------------------------------------------------------------------ inspection
 
-    def status(self) -> tuple[WorkerStatus, ...]:
-        """An immutable snapshot of every worker."""
+    def status(self, timeout: float | None = None) -> tuple[WorkerStatus, ...]:
+        """An immutable snapshot of every worker.
+
+        Raises:
+            TimeoutError: the monitor did not answer within ``timeout`` seconds (None: no
+                limit; it answers within microseconds unless it is wedged).
+        """
+        timeout = v.timeout("timeout", timeout)
         self._check_owner()
         monitor = self._monitor
         if monitor is None:
             return ()
-        result: tuple[WorkerStatus, ...] = monitor.call(monitor.do_status)
+        result: tuple[WorkerStatus, ...] = monitor.call(monitor.do_status, timeout=timeout)
         return result
+
+    def ping(self, timeout: float = 1.0) -> bool:
+        """True if the pool's monitor thread answers within ``timeout`` seconds (a liveness
+        probe: False once the pool has stopped, or if its loop is wedged)."""
+        monitor = self._monitor
+        return (monitor is not None and os.getpid() == self._owner_pid
+                and monitor.ping(timeout))
+
+    def stats_snapshot(self) -> StatsSnapshot | None:
+        """The pool's counters (restarts by reason, exits by cause, restart latency, budget),
+        None before start(). For metrics; see :mod:`corral.metrics`."""
+        monitor = self._monitor
+        return None if monitor is None else monitor.stats.snapshot()
+
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        """(host, port) the ``http=`` endpoint is bound to while the pool runs, else None."""
+        endpoint = self._endpoint
+        return None if endpoint is None else endpoint.address
 
     def pids(self) -> list[int]:
         """Pids of the worker processes alive now (hot standbys not included)."""

@@ -6,9 +6,10 @@ module, so the shape lives in one place. It imports no CLI library.
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
-from corral.events import Event, ExitRecord
+from corral.events import Event, ExitRecord, StopReason
 from corral.status import WorkerStatus
 
 __all__ = [
@@ -21,6 +22,8 @@ __all__ = [
     "status_payload",
     "worker_to_json",
 ]
+
+_DUMPED = (StopReason.HUNG, StopReason.STARTUP_TIMEOUT)
 
 STATUS_SCHEMA = "corral.status/1"
 EVENT_SCHEMA = "corral.event/1"
@@ -94,6 +97,9 @@ def status_payload(programs: list[dict[str, Any]], *, pid: int, version: str,
 
 
 def event_to_json(ev: Event, *, caller: dict[str, int] | None = None) -> dict[str, Any]:
+    """One event: what ``Event.to_json()``, ``corral events --json`` and the ``corral`` extra
+    of corral's log records carry (docs/json-schema.md)."""
+    rec = ev.exit
     out: dict[str, Any] = {
         "schema": EVENT_SCHEMA,
         "kind": ev.kind.value,
@@ -102,11 +108,20 @@ def event_to_json(ev: Event, *, caller: dict[str, int] | None = None) -> dict[st
         "name": ev.name,
         "pid": ev.pid,
         "at": ev.at,
-        "reason": ev.exit.reason.value if ev.exit else None,
-        "exit": exit_to_json(ev.exit),
+        "time": _iso(ev.at),
+        "reason": rec.reason.value if rec else None,
+        "exit": exit_to_json(rec),
         "delay": ev.delay,
         "message": ev.message,
+        "standby": ev.standby,
+        # A hung (or never ready) worker's stack dump, taken before it was killed.
+        "dump": rec.detail if rec and rec.reason in _DUMPED else None,
     }
     if caller is not None:
         out["caller"] = caller
     return out
+
+
+def _iso(at: float) -> str:
+    """A Unix time as ISO 8601 UTC with microseconds: ``2026-12-04T16:18:03.123456Z``."""
+    return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -1,0 +1,292 @@
+"""Prometheus metrics of corral's pools, collected from corral's own records at scrape time.
+
+:class:`CorralCollector` is a custom ``prometheus_client`` collector: each scrape asks every pool
+for one view (its workers, counters and budget: one round trip to its loop), so the workers
+need no multiprocess mode, no files and no shared memory of Prometheus's, and no series is left
+behind by a dead pid. Labels stay bounded:
+
+- ``pool``: the pools you registered;
+- ``state``: the 7 worker states; ``reason``: corral's StopReason names; ``cause``: signal
+  names and a few exit codes (others fold into "exit other"); ``kind``: 7 task failure kinds;
+- ``worker`` (the worker's index, never its pid) only with ``per_worker=True``: at most one
+  series per worker slot per metric.
+
+Without ``per_worker`` the per-worker gauges are pre-aggregated per pool with the operator a
+dashboard would use (the oldest heartbeat: max; the youngest worker's uptime: min; RSS: sum),
+so ``max by (pool) (corral_heartbeat_age_seconds)`` means the same in both modes.
+
+This module imports prometheus_client; ``import corral`` never imports it. :data:`METRICS`
+lists every family (README's table is checked against it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from corral._observe import PoolView, RssCache, Sources, is_ready
+from corral._stats import LATENCY_BUCKETS
+from corral._taskstats import FAILURE_KINDS, TASK_BUCKETS
+from corral.events import StopReason
+
+__all__ = ["METRICS", "CorralCollector", "MetricDoc"]
+
+# The restart reasons of failures are exported at 0 from the start, so that increase() sees a
+# pool's first restart; the others (decisions: recycling, restart requests) appear when they
+# first happen. Every sample costs the scrape a few microseconds: a few, not every reason.
+_ZERO_RESTARTS = dict.fromkeys(
+    (r.name.lower() for r in (StopReason.EXITED, StopReason.KILLED, StopReason.SPAWN_FAILED,
+                              StopReason.HUNG, StopReason.STARTUP_TIMEOUT,
+                              StopReason.UNHEALTHY)), 0)
+# The restart latency is kept in the finer LATENCY_BUCKETS; exported at these bounds (a subset:
+# the cumulative counts stay exact), from a fork start (~1 ms) to a slow spawn (~0.25 s).
+_LATENCY_EXPORTED = (0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 10.0)
+_LATENCY_PICK = tuple(LATENCY_BUCKETS.index(b) for b in _LATENCY_EXPORTED)
+
+
+@dataclass(frozen=True)
+class MetricDoc:
+    """One metric family as exposed (``name`` with its ``_total`` suffix for counters)."""
+
+    name: str
+    type: str
+    labels: tuple[str, ...]
+    help: str
+
+
+def _m(name: str, type_: str, labels: str, help_: str) -> MetricDoc:
+    return MetricDoc(name, type_, tuple(labels.split()), help_)
+
+
+METRICS: tuple[MetricDoc, ...] = (
+    _m("corral_workers", "gauge", "pool state", "Workers by state."),
+    _m("corral_workers_ready", "gauge", "pool", "Workers RUNNING and ready."),
+    _m("corral_ready", "gauge", "pool",
+       "1 if the pool passes /readyz (at least min_ready workers ready), else 0."),
+    _m("corral_monitor_responsive", "gauge", "pool",
+       "1 if the pool's loop answered this scrape in time, else 0."),
+    _m("corral_worker_restarts_total", "counter", "pool reason",
+       "Replacement processes started, by why the previous one ended (StopReason name)."),
+    _m("corral_worker_exits_total", "counter", "pool cause",
+       "Worker processes ended, by exit code or signal."),
+    _m("corral_worker_uptime_seconds", "gauge", "pool [worker]",
+       "Seconds the current process has run; per pool: the youngest live worker's."),
+    _m("corral_heartbeat_age_seconds", "gauge", "pool [worker]",
+       "Seconds since the last heartbeat; per pool: the oldest (max) of the live workers."),
+    _m("corral_rss_bytes", "gauge", "pool [worker]",
+       "Resident memory of the worker processes; per pool: the sum."),
+    _m("corral_restart_latency_seconds", "histogram", "pool",
+       "Death noticed -> replacement process started."),
+    _m("corral_gave_up", "gauge", "pool", "1 once the pool used up its restart budget."),
+    _m("corral_restart_budget_remaining", "gauge", "pool",
+       "Restarts still allowed in the budget's window (absent: no limit)."),
+    _m("corral_tasks_submitted_total", "counter", "pool", "ProcessPool tasks submitted."),
+    _m("corral_tasks_completed_total", "counter", "pool",
+       "ProcessPool tasks that returned a result."),
+    _m("corral_tasks_failed_total", "counter", "pool kind",
+       "ProcessPool tasks that failed, by kind: error (the task raised), worker_lost, "
+       "timeout, memory, unpicklable, not_picklable, pool_broken."),
+    _m("corral_tasks_cancelled_total", "counter", "pool", "ProcessPool tasks cancelled."),
+    _m("corral_tasks_retried_total", "counter", "pool",
+       "ProcessPool tasks run again after their worker died."),
+    _m("corral_tasks_queued", "gauge", "pool", "ProcessPool tasks waiting for a worker."),
+    _m("corral_tasks_running", "gauge", "pool", "ProcessPool tasks running in a worker."),
+    _m("corral_task_duration_seconds", "histogram", "pool",
+       "Seconds a ProcessPool task ran in its worker."),
+)
+_DOC = {d.name: d for d in METRICS}
+
+
+def _help(name: str) -> str:
+    return _DOC[name].help
+
+
+def _counter(name: str, labels: list[str]) -> CounterMetricFamily:
+    base = name.removesuffix("_total")
+    return CounterMetricFamily(base, _help(name), labels=labels)
+
+
+def _gauge(name: str, labels: list[str]) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, _help(name), labels=labels)
+
+
+def _histogram(name: str, bounds: tuple[float, ...]) -> tuple[HistogramMetricFamily,
+                                                               list[str]]:
+    """The family and its bucket bounds as labels (``+Inf`` last)."""
+    return (HistogramMetricFamily(name, _help(name), labels=["pool"]),
+            [_bound(b) for b in bounds] + ["+Inf"])
+
+
+def _bound(b: float) -> str:
+    return repr(float(b))
+
+
+class CorralCollector:
+    """A ``prometheus_client`` collector of corral pools (see the module docstring).
+
+    Args:
+        pools: what to collect: :class:`corral.Supervisor` objects, ``PoolSource`` objects
+            (the CLI's programs), ``PoolTaskStats`` or pools that carry one (``task_stats``);
+            or a ``Sources`` shared with an endpoint. More can be added later with :meth:`add`.
+        per_worker: also export per-worker series (label ``worker``, the index) of uptime,
+            heartbeat age and RSS, instead of one aggregate per pool.
+        timeout: seconds each pool's loop gets to answer a scrape; a pool that does not answer
+            is reported with ``corral_monitor_responsive 0`` and its counters only.
+        rss_interval: RSS of a worker is re-read at most this often (seconds).
+
+    Raises:
+        TypeError, ValueError: a bad argument (the message names it).
+    """
+
+    def __init__(self, pools: Iterable[Any] | Sources = (), *, per_worker: bool = False,
+                 timeout: float = 1.0, rss_interval: float = 10.0) -> None:
+        from corral import _validate as v
+
+        v.boolean("per_worker", per_worker)
+        self.timeout = v.number("timeout", timeout, strict=True)
+        v.number("rss_interval", rss_interval)
+        self.per_worker = per_worker
+        self.sources = pools if isinstance(pools, Sources) else Sources()
+        if not isinstance(pools, Sources):
+            for p in pools:
+                self.sources.add(p)
+        self._rss = RssCache(rss_interval)
+
+    def add(self, pool: Any) -> None:
+        """Collect ``pool`` too (see ``pools`` above).
+
+        Raises:
+            TypeError: not something corral can collect.
+            ValueError: a pool of that name is collected already.
+        """
+        self.sources.add(pool)
+
+    def remove(self, name: str) -> None:
+        """Stop collecting the pool (or task stats) called ``name``.
+
+        Raises:
+            KeyError: nothing of that name is collected.
+        """
+        self.sources.remove(name)
+
+    def describe(self) -> Iterator[Metric]:
+        """The families (no samples): lets a registry check for clashing names."""
+        for d in METRICS:
+            labels = [x for x in d.labels if not x.startswith("[")]
+            if d.type == "counter":
+                yield _counter(d.name, labels)
+            elif d.type == "gauge":
+                yield _gauge(d.name, labels)
+            else:
+                yield HistogramMetricFamily(d.name, d.help, labels=labels)
+
+    def collect(self) -> Iterator[Metric]:
+        views = [src.observe(self.timeout, self.per_worker) for src in self.sources.pools()]
+        yield from self._pool_metrics(views)
+        yield from self._task_metrics()
+
+    # ------------------------------------------------------------------------ supervisors
+
+    def _pool_metrics(self, views: list[PoolView]) -> Iterator[Metric]:
+        per_worker = self.per_worker
+        wl = ["pool", "worker"] if per_worker else ["pool"]
+        workers = _gauge("corral_workers", ["pool", "state"])
+        ready = _gauge("corral_workers_ready", ["pool"])
+        ok = _gauge("corral_ready", ["pool"])
+        responsive = _gauge("corral_monitor_responsive", ["pool"])
+        restarts = _counter("corral_worker_restarts_total", ["pool", "reason"])
+        exits = _counter("corral_worker_exits_total", ["pool", "cause"])
+        uptime = _gauge("corral_worker_uptime_seconds", wl)
+        age = _gauge("corral_heartbeat_age_seconds", wl)
+        rss = _gauge("corral_rss_bytes", wl)
+        latency, bounds = _histogram("corral_restart_latency_seconds", _LATENCY_EXPORTED)
+        gave_up = _gauge("corral_gave_up", ["pool"])
+        budget = _gauge("corral_restart_budget_remaining", ["pool"])
+        pids: dict[int, tuple[str, str]] = {}
+        for view in views:
+            pool = view.name
+            responsive.add_metric([pool], 1.0 if view.responsive else 0.0)
+            ok.add_metric([pool], 1.0 if is_ready(view) else 0.0)
+            stats = view.stats
+            if stats is not None:
+                for reason, n in (_ZERO_RESTARTS | stats.restarts).items():
+                    restarts.add_metric([pool, reason], n)
+                for cause, n in stats.exits.items():
+                    exits.add_metric([pool, cause], n)
+                cumulative = stats.latency_buckets
+                picked = [cumulative[i] for i in _LATENCY_PICK] + [cumulative[-1]]
+                latency.add_metric([pool], list(zip(bounds, picked, strict=True)),
+                                   stats.latency_sum)
+                gave_up.add_metric([pool], 1.0 if stats.gave_up else 0.0)
+            summary = view.summary
+            if summary is None:
+                continue
+            if summary.budget_remaining is not None:
+                budget.add_metric([pool], summary.budget_remaining)
+            for state, n in summary.counts.items():
+                workers.add_metric([pool, state], n)
+            ready.add_metric([pool], summary.ready)
+            for index, pid in summary.pids:
+                pids[pid] = (pool, str(index))
+            if per_worker and view.workers is not None:
+                for w in view.workers:
+                    if w.pid is not None and w.state.alive:
+                        uptime.add_metric([pool, str(w.index)], w.uptime)
+                        if w.heartbeat_age is not None:
+                            age.add_metric([pool, str(w.index)], w.heartbeat_age)
+            elif not per_worker:
+                if summary.youngest is not None:
+                    uptime.add_metric([pool], summary.youngest)
+                if summary.oldest_beat_age is not None:
+                    age.add_metric([pool], summary.oldest_beat_age)
+        sizes = self._rss.get(pids)
+        if per_worker:
+            for pid, value in sizes.items():
+                rss.add_metric(list(pids[pid]), value)
+        else:
+            per_pool: dict[str, int] = {}
+            for pid, value in sizes.items():
+                pool = pids[pid][0]
+                per_pool[pool] = per_pool.get(pool, 0) + value
+            for view in views:
+                if view.summary is not None:
+                    rss.add_metric([view.name], per_pool.get(view.name, 0))
+        yield from (workers, ready, ok, responsive, restarts, exits, uptime, age, rss, latency,
+                    gave_up, budget)
+
+    # -------------------------------------------------------------------------- task pools
+
+    def _task_metrics(self) -> Iterator[Metric]:
+        all_stats = [t.snapshot() for t in self.sources.tasks()]
+        if not all_stats:
+            return
+        submitted = _counter("corral_tasks_submitted_total", ["pool"])
+        completed = _counter("corral_tasks_completed_total", ["pool"])
+        failed = _counter("corral_tasks_failed_total", ["pool", "kind"])
+        cancelled = _counter("corral_tasks_cancelled_total", ["pool"])
+        retried = _counter("corral_tasks_retried_total", ["pool"])
+        queued = _gauge("corral_tasks_queued", ["pool"])
+        running = _gauge("corral_tasks_running", ["pool"])
+        duration, bounds = _histogram("corral_task_duration_seconds", TASK_BUCKETS)
+        for s in all_stats:
+            pool = s.pool
+            submitted.add_metric([pool], s.submitted)
+            completed.add_metric([pool], s.outcomes["ok"])
+            for kind in FAILURE_KINDS:
+                failed.add_metric([pool, kind], s.outcomes[kind])
+            cancelled.add_metric([pool], s.outcomes["cancelled"])
+            retried.add_metric([pool], s.retried)
+            queued.add_metric([pool], s.queued)
+            running.add_metric([pool], s.running)
+            duration.add_metric([pool], list(zip(bounds, s.duration_buckets, strict=True)),
+                                s.duration_sum)
+        yield from (submitted, completed, failed, cancelled, retried, queued, running,
+                    duration)

@@ -1,0 +1,268 @@
+"""The HTTP endpoint over real sockets, with fake pools (no worker processes): routes, methods,
+limits, keep-alive, Host checks, and that it costs nothing while nobody asks."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import select
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from test_unit_observability import FakeSource, worker
+
+from corral.endpoint import MAX_HEAD, Endpoint
+from corral.states import WorkerState
+from obs_support import get
+from support import wait_for
+
+S = WorkerState
+
+
+@pytest.fixture
+def web() -> FakeSource:
+    return FakeSource("web", [worker(0), worker(1)])
+
+
+@pytest.fixture
+def endpoint(web: FakeSource) -> Iterator[Endpoint]:
+    ep = Endpoint("127.0.0.1:0", pools=[web], request_timeout=1.0).start()
+    yield ep
+    ep.close()
+
+
+def raw(address: tuple[str, int], data: bytes, timeout: float = 10.0) -> bytes:
+    """Send ``data`` on a new connection; everything the server answers until it closes."""
+    with socket.create_connection(address, timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def test_routes(endpoint: Endpoint, web: FakeSource) -> None:
+    addr = endpoint.address
+    assert addr[1] > 0 and endpoint.url == f"http://127.0.0.1:{addr[1]}"
+    r = get(addr, "/livez")
+    assert r.status == 200 and "livez check passed" in r.text and web.pinged == 1
+    r = get(addr, "/readyz")
+    assert r.status == 200 and "[+] pool 'web': 2/2 workers ready, needs 2" in r.text
+    assert get(addr, "/readyz/web").status == 200
+    assert get(addr, "/readyz/nope").status == 404
+    assert get(addr, "/livez/nope").status == 404
+    r = get(addr, "/metrics")
+    assert r.status == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert 'corral_workers{pool="web",state="running"} 2.0' in r.text
+    assert "process_cpu_seconds_total" not in r.text  # not unless asked
+    doc = json.loads(get(addr, "/status").body)
+    assert doc["schema"] == "corral.status/1"
+    assert [w["index"] for w in doc["programs"][0]["workers"]] == [0, 1]
+    # OpenMetrics when asked for, by the Accept header.
+    r = get(addr, "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert r.headers["content-type"].startswith("application/openmetrics-text")
+    assert r.text.rstrip().endswith("# EOF")
+    # A query string is ignored; a HEAD has headers only.
+    assert get(addr, "/readyz?verbose").status == 200
+    r = get(addr, "/metrics", method="HEAD")
+    assert r.status == 200 and r.body == b"" and int(r.headers["content-length"]) > 100
+    assert r.headers["cache-control"] == "no-store"
+
+
+def test_not_ready_and_not_alive(endpoint: Endpoint, web: FakeSource) -> None:
+    web.workers = [worker(0), worker(1, S.BACKOFF)]
+    r = get(endpoint.address, "/readyz")
+    assert r.status == 503
+    assert "[-] pool 'web': 1/2 workers ready, needs 2; not ready: w-1 backoff" in r.text
+    web.responsive = False
+    r = get(endpoint.address, "/livez")
+    assert r.status == 503 and "did not answer" in r.text
+    r = get(endpoint.address, "/status")
+    assert json.loads(r.body)["programs"][0]["error"].startswith("its loop did not answer")
+
+
+@pytest.mark.parametrize(("request_bytes", "status"), [
+    (b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405),
+    (b"DELETE /status HTTP/1.1\r\n\r\n", 405),
+    (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 405),
+    (b"GET http://example.com/metrics HTTP/1.1\r\n\r\n", 404),  # never a proxy
+    (b"GET //example.com/ HTTP/1.1\r\n\r\n", 404),
+    (b"GET /metrics/ HTTP/1.1\r\n\r\n", 404),
+    (b"GET /readyz/web/x HTTP/1.1\r\n\r\n", 404),
+    (b"GET /../etc/passwd HTTP/1.1\r\n\r\n", 404),
+    (b"GET /livez HTTP/1.1\r\nHost: evil.example:9100\r\n\r\n", 403),  # DNS rebinding
+    (b"GET /livez HTTP/9.9\r\n\r\n", 505),
+    (b"garbage\r\n\r\n", 400),
+])
+def test_bad_requests(endpoint: Endpoint, request_bytes: bytes, status: int) -> None:
+    answer = raw(endpoint.address, request_bytes.replace(b"\r\n\r\n",
+                                                        b"\r\nConnection: close\r\n\r\n", 1))
+    assert answer.split(b"\r\n", 1)[0].split(b" ")[1] == str(status).encode(), answer[:300]
+    if status == 405:
+        assert b"Allow: GET, HEAD" in answer
+
+
+def test_loopback_host_names_pass(endpoint: Endpoint) -> None:
+    port = endpoint.address[1]
+    for host in ("localhost", f"localhost:{port}", f"127.0.0.1:{port}", "[::1]:9100"):
+        assert get(endpoint.address, "/livez", headers={"Host": host}).status == 200, host
+
+
+def test_limits_size_and_time(web: FakeSource) -> None:
+    with Endpoint("127.0.0.1:0", pools=[web], request_timeout=0.5).start() as ep:
+        big = b"GET /livez HTTP/1.1\r\nX-Pad: " + b"a" * (MAX_HEAD + 10) + b"\r\n\r\n"
+        assert raw(ep.address, big).startswith(b"HTTP/1.0 431 ")
+        # A slow client is cut after request_timeout in all, whatever its pace: a header
+        # line every 0.1 s keeps no connection open.
+        t0 = time.monotonic()
+        answer = b""
+        with socket.create_connection(ep.address, timeout=10) as s:
+            s.sendall(b"GET /livez HTTP/1.1\r\n")
+            while time.monotonic() - t0 < 5 and not _readable(s, 0.1):
+                with contextlib.suppress(OSError):
+                    s.sendall(b"X: y\r\n")
+            with contextlib.suppress(ConnectionResetError):  # our late lines may reset it
+                answer = s.recv(65536)
+        assert time.monotonic() - t0 < 3.0
+        assert answer == b"" or answer.startswith(b"HTTP/1.0 408 "), answer
+
+
+def _readable(s: socket.socket, timeout: float) -> bool:
+    return bool(select.select([s], [], [], timeout)[0])
+
+
+def test_keep_alive_and_pipelining(endpoint: Endpoint) -> None:
+    conn = http.client.HTTPConnection(*endpoint.address, timeout=10)
+    try:
+        for path in ("/livez", "/metrics", "/readyz", "/nope"):
+            conn.request("GET", path)
+            r = conn.getresponse()
+            r.read()
+            assert r.status in (200, 404) and r.getheader("Connection") == "keep-alive"
+        sock = conn.sock
+        assert sock is not None
+    finally:
+        conn.close()
+    # Two requests in one write: two answers, in order.
+    answer = raw(endpoint.address, b"GET /livez HTTP/1.1\r\n\r\n"
+                                   b"GET /nope HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert answer.count(b"HTTP/1.1 ") == 2
+    assert answer.index(b"HTTP/1.1 200") < answer.index(b"HTTP/1.1 404")
+
+
+def test_connection_limit_evicts_idle_then_refuses(web: FakeSource) -> None:
+    with Endpoint("127.0.0.1:0", pools=[web], max_connections=2).start() as ep:
+        idle = []
+        for _ in range(2):
+            c = http.client.HTTPConnection(*ep.address, timeout=10)
+            c.request("GET", "/livez")
+            c.getresponse().read()
+            idle.append(c)  # kept alive, idle
+        # A third connection takes the place of the longest-idle one.
+        assert get(ep.address, "/livez").status == 200
+        wait_for(lambda: len(ep._conns) <= 2, 5, "the evicted connection to go")
+        # Two connections in the middle of a request are not idle: a third gets a 503.
+        busy = [socket.create_connection(ep.address, timeout=10) for _ in range(2)]
+        for s in busy:
+            s.sendall(b"GET /livez HTTP/1.1\r\n")  # and nothing more yet
+        wait_for(lambda: len(ep._conns) == 2 and not any(c.idle for c in ep._conns.values()),
+                 5, "two busy connections")
+        try:
+            answer = raw(ep.address, b"GET /livez HTTP/1.1\r\n\r\n")
+        except ConnectionResetError:
+            answer = b""  # refused before its request arrived: the 503 may be lost with it
+        assert answer == b"" or answer.startswith(b"HTTP/1.0 503 "), answer
+        assert len(ep._conns) == 2
+        for c in idle:
+            c.close()
+        for s in busy:
+            s.close()
+
+
+def test_unused_endpoint_costs_nothing(web: FakeSource) -> None:
+    with Endpoint("127.0.0.1:0", pools=[web]).start() as ep:
+        assert get(ep.address, "/livez").status == 200
+        reactor = ep._reactor
+        assert reactor is not None
+        wait_for(lambda: not ep._conns, 5, "the connection to close")
+        rounds = reactor.rounds
+        thread = ep._thread
+        assert thread is not None
+        cpu0 = time.clock_gettime(time.pthread_getcpuclockid(thread.ident or 0))
+        time.sleep(1.0)  # watching for something that must not happen: a wake-up
+        cpu1 = time.clock_gettime(time.pthread_getcpuclockid(thread.ident or 0))
+        assert reactor.rounds == rounds  # it slept in epoll, no timeout
+        assert cpu1 - cpu0 < 0.001
+
+
+def test_close_releases_the_port_and_thread(web: FakeSource) -> None:
+    ep = Endpoint("127.0.0.1:0", pools=[web]).start()
+    addr = ep.address
+    thread = ep._thread
+    with pytest.raises(RuntimeError, match="already started"):
+        ep.start()
+    ep.close()
+    ep.close()  # idempotent
+    assert thread is not None and not thread.is_alive()
+    with pytest.raises(OSError):
+        socket.create_connection(addr, timeout=2).close()
+    # The same port can be bound again at once (SO_REUSEADDR).
+    again = Endpoint(f"127.0.0.1:{addr[1]}", pools=[web]).start()
+    again.close()
+
+
+def test_several_pools_and_a_registry_of_yours(web: FakeSource) -> None:
+    from prometheus_client import CollectorRegistry, Counter
+
+    registry = CollectorRegistry()
+    mine = Counter("my_app_requests", "my own metric", registry=registry)
+    mine.inc()
+    jobs = FakeSource("jobs", [worker(0, S.STARTING, ready=False)])
+    with Endpoint("127.0.0.1:0", pools=[web, jobs], registry=registry).start() as ep:
+        text = get(ep.address, "/metrics").text
+        assert "my_app_requests_total 1.0" in text
+        assert 'corral_workers{pool="jobs",state="starting"} 1.0' in text
+        r = get(ep.address, "/readyz")
+        assert r.status == 503 and "[+] pool 'web'" in r.text and "[-] pool 'jobs'" in r.text
+        assert get(ep.address, "/readyz/web").status == 200
+    # Our collector left your registry with the endpoint.
+    assert b"corral_workers" not in __import__("prometheus_client").generate_latest(registry)
+
+
+def test_status_document_of_the_caller(web: FakeSource) -> None:
+    doc = {"schema": "corral.status/1", "corral": {"pid": 1}, "programs": []}
+    with Endpoint("127.0.0.1:0", pools=[web], status=lambda: doc).start() as ep:
+        assert json.loads(get(ep.address, "/status").body) == doc
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="address needs a host"):
+        Endpoint(":9100")
+    with pytest.raises(ValueError, match="timeout must be > 0"):
+        Endpoint("127.0.0.1:0", timeout=0)
+    with pytest.raises(TypeError, match="max_connections must be an int"):
+        Endpoint("127.0.0.1:0", max_connections=1.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"expected a corral\.Supervisor"):
+        Endpoint("127.0.0.1:0", pools=["web"])
+
+
+def test_concurrent_scrapes(endpoint: Endpoint) -> None:
+    errors: list[BaseException] = []
+
+    def scrape_many() -> None:
+        try:
+            for _ in range(20):
+                assert get(endpoint.address, "/metrics").status == 200
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=scrape_many) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
