@@ -191,6 +191,13 @@ def run(state: _State, numprocs: int | None, name: str | None, stop_timeout: flo
             fail("-n/--name/--stop-timeout/--restart/--ready go with a command: "
                  "corral run -n 4 -- CMD ...", EXIT_USAGE)
         config = state.config()
+    # Nothing starts unless every command can: a missing program is named now, not as a
+    # crash loop later.
+    from corral.cli.preflight import check_commands
+
+    problems = check_commands(config)
+    if problems:
+        fail(str(ConfigError(problems)), EXIT_USAGE if command else EXIT_NOT_CONFIGURED)
     socket = state.socket or config.socket_path
     runner: Runner
     if _runner is not None:
@@ -207,11 +214,18 @@ def run(state: _State, numprocs: int | None, name: str | None, stop_timeout: flo
 @click.pass_obj
 def check(state: _State) -> None:
     """Validate the config file; print every error; exit 1 if there is any."""
+    from corral.cli.preflight import check_commands, check_targets
+
     path = state.config_path or find_config()
     try:
         config = load(path)
     except ConfigError as exc:
         click.echo(str(exc), err=True)
+        sys.exit(EXIT_ERROR)
+    config_dir = os.path.dirname(os.path.abspath(config.path))
+    problems = check_commands(config) + check_targets(config, config_dir, load=False)
+    if problems:
+        click.echo(str(ConfigError(problems)), err=True)
         sys.exit(EXIT_ERROR)
     progs = ", ".join(f"{n} ({p.numprocs}x {p.kind})" for n, p in config.programs.items())
     serve = ", ".join(f"{n} ({s.workers} workers)" for n, s in config.serve.items())
