@@ -39,7 +39,9 @@ def main() -> None:
     ap.add_argument("--ignore-term", action="store_true")
     ap.add_argument("--report", default="", help="signals to report, e.g. USR1,HUP")
     ap.add_argument("--grandchild", action="store_true", help="start `sleep 600` (same group)")
-    ap.add_argument("--escape", action="store_true", help="start a setsid() `sleep 600`")
+    ap.add_argument("--escape", type=float, default=None,
+                    help="start a setsid() `sleep S` (an escapee of the process group)")
+    ap.add_argument("--print-env", default="", help="print these variables at start")
     ap.add_argument("--exit", type=int, default=None, help="exit with this code after --after")
     ap.add_argument("--kill-self", default=None, help="die of this signal after --after")
     ap.add_argument("--after", type=float, default=0.0)
@@ -70,9 +72,11 @@ def main() -> None:
     if args.grandchild:
         gc = subprocess.Popen(["sleep", "600"])
         say(f"grandchild {gc.pid}")
-    if args.escape:
-        esc = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    if args.escape is not None:
+        esc = subprocess.Popen(["sleep", str(args.escape)], start_new_session=True)
         say(f"escapee {esc.pid}")
+    for var in filter(None, args.print_env.split(",")):
+        say(f"env {var}={os.environ.get(var)}")
     if args.long_line:
         say("L" * args.long_line)
     if args.stream:

@@ -131,9 +131,10 @@ def _selected(payload: dict[str, Any], programs: Sequence[str]) -> list[dict[str
 def status_exit_code(payload: dict[str, Any], programs: Sequence[str] = ()) -> int:
     """LSB status code for the selected programs (all of them when none is named).
 
-    0 every worker RUNNING (ready); 3 none alive (all stopped/exited, or no workers);
-    1 some dead (BACKOFF/EXITED/STOPPED or gave up) while others run; 4 a named program is
-    unknown. Workers still STARTING count as running (the process is up).
+    0 every worker RUNNING (ready); 3 none alive because they were stopped (or there are no
+    workers); 1 some dead (BACKOFF/EXITED/STOPPED, or the program gave up) while corral runs,
+    including none alive when one died; 4 a named program is unknown. Workers still
+    STARTING count as running (the process is up).
     """
     known = {p["name"] for p in payload.get("programs", [])}
     if any(name not in known for name in programs):
@@ -142,8 +143,10 @@ def status_exit_code(payload: dict[str, Any], programs: Sequence[str] = ()) -> i
     gave_up = any(p.get("gave_up") for p in _selected(payload, programs))
     alive = [w for w in workers if w["state"] in ("running", "starting", "stopping",
                                                   "pending")]
+    dead = [w for w in workers if w["state"] in ("backoff", "exited")]
     if not workers or not alive:
-        return LSB_NOT_RUNNING
+        # Stopped on purpose: not running; died (gave up, exited for good): dead.
+        return LSB_DEAD if gave_up or dead else LSB_NOT_RUNNING
     if gave_up or len(alive) < len(workers):
         return LSB_DEAD
     return LSB_OK

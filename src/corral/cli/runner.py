@@ -206,10 +206,16 @@ class _Program:
 
     @property
     def ready(self) -> bool:
+        """Every worker RUNNING (ready): what its dependents wait for."""
         mon = self.monitor
-        if mon is None:
+        if mon is None or mon.finished.is_set():
             return False
-        return all(w.state.value == "running" for w in mon._slots.values())
+        slots = mon._slots
+        # Hosted, the pool's slots appear when the loop runs its begin(): none yet is not
+        # "all ready" (unless it has no worker at all).
+        if not slots and self.config.numprocs:
+            return False
+        return all(w.state.value == "running" and w.ready for w in slots.values())
 
 
 @dataclass
