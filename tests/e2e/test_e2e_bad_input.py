@@ -117,7 +117,8 @@ def test_a_command_that_does_not_exist_on_the_command_line(tmp_path: Path) -> No
     tool.write_text("#!/bin/sh\nexec sleep 600\n")
     tool.chmod(0o755)
     conf = tmp_path / "c.toml"
-    conf.write_text(f'[program.t]\ncommand = ["mytool"]\nenv = {{ PATH = "{bindir}:/usr/bin:/bin" }}\n')
+    conf.write_text(f'[program.t]\ncommand = ["mytool"]\n'
+                    f'env = {{ PATH = "{bindir}:/usr/bin:/bin" }}\n')
     assert _run(tmp_path, "check", "-c", str(conf)).returncode == 0
     conf.write_text('[program.t]\ncommand = ["mytool"]\n')
     r = _run(tmp_path, "check", "-c", str(conf))

@@ -185,14 +185,11 @@ def test_pid_1_in_a_container(tmp_path: Path) -> None:
     if probe.returncode != 0:
         pytest.skip(f"unshare -p -f --mount-proc does not work here: {probe.stderr!r}")
     c = Corral(tmp_path)
-    out = open(c.out_path, "wb")
-    err = open(c.err_path, "wb")
-    proc = subprocess.Popen(
-        ["unshare", "-p", "-f", "--mount-proc", *CLI, "--socket", c.socket, "run", "-n", "2",
-         "--name", "p", "--", *worker("--escape", "0.5", "--print-env", "CORRAL_INDEX")],
-        stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
-    out.close()
-    err.close()
+    with open(c.out_path, "wb") as out, open(c.err_path, "wb") as err:
+        proc = subprocess.Popen(
+            ["unshare", "-p", "-f", "--mount-proc", *CLI, "--socket", c.socket, "run", "-n",
+             "2", "--name", "p", "--", *worker("--escape", "0.5")],
+            stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
     corral_pid: int | None = None
     try:
         def find() -> int | None:
