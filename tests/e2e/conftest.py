@@ -55,7 +55,8 @@ class Corral:
 
     # -- running it
     def start(self, run_args: Sequence[str], *, env: dict[str, str] | None = None,
-              wait: bool = True, cwd: Path | None = None) -> Corral:
+              wait: bool = True, cwd: Path | None = None, stdout: int | None = None
+              ) -> Corral:
         full_env = dict(os.environ)
         full_env.pop("CORRAL_SOCKET", None)
         full_env.pop("CORRAL_CONFIG", None)
@@ -63,7 +64,8 @@ class Corral:
         with open(self.out_path, "ab") as out, open(self.err_path, "ab") as err:
             self.proc = subprocess.Popen(
                 [*CLI, "--socket", self.socket, "run", *run_args], stdin=subprocess.DEVNULL,
-                stdout=out, stderr=err, cwd=str(cwd or self.tmp), env=full_env,
+                stdout=out if stdout is None else stdout, stderr=err,
+                cwd=str(cwd or self.tmp), env=full_env,
                 start_new_session=True)
         if wait:
             wait_for(lambda: self._answers(), 20, "corral run to answer on its socket")
@@ -198,7 +200,7 @@ def corral(tmp_path: Path) -> Iterator[Callable[..., Corral]]:
     made: list[Corral] = []
 
     def make(*run_args: str, config: str | None = None, env: dict[str, str] | None = None,
-             wait: bool = True, name: str = "c") -> Corral:
+             wait: bool = True, name: str = "c", stdout: int | None = None) -> Corral:
         c = Corral(tmp_path, name)
         made.append(c)
         args = list(run_args)
@@ -206,7 +208,7 @@ def corral(tmp_path: Path) -> Iterator[Callable[..., Corral]]:
             path = tmp_path / f"{name}.toml"
             path.write_text(config)
             args = ["-c", str(path), *args]
-        return c.start(args, env=env, wait=wait)
+        return c.start(args, env=env, wait=wait, stdout=stdout)
 
     yield make
     for c in made:
