@@ -251,6 +251,7 @@ class CorralRun:
         self._resources = _Resources()
         self._adopted = _Adopted()
         self._sweep_timer: Any = None
+        self._wakeup_set = False
 
     # ------------------------------------------------------------------------------ set-up
 
@@ -369,6 +370,8 @@ class CorralRun:
         for sig in self._signals:
             with contextlib.suppress(ValueError, OSError):
                 signal.signal(sig, signal.SIG_DFL)
+        if self._wakeup_set:
+            signal.set_wakeup_fd(-1)
         self.reactor.close()
 
     # -------------------------------------------------------------------------- programs
@@ -458,9 +461,12 @@ class CorralRun:
     # --------------------------------------------------------------------------- signals
 
     def _install_signals(self) -> None:
-        handlers = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT",
-                    signal.SIGHUP: "SIGHUP", signal.SIGCHLD: "SIGCHLD"}
-        for sig in handlers:
+        # The kernel may deliver a signal to any thread (a spawner, the events thread): the
+        # main thread, blocked in epoll, would then only run the Python handler at its next
+        # wake-up, maybe never. The C-level handler writes to the wake pipe instead.
+        signal.set_wakeup_fd(self.reactor.wake_fd, warn_on_full_buffer=False)
+        self._wakeup_set = True
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, self._on_signal)
             self._signals.append(sig)
 
