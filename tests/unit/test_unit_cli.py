@@ -167,8 +167,10 @@ def test_status_table_json_and_lsb_codes(fake: FakeCorral) -> None:
     fake.web_states = [WorkerState.RUNNING, WorkerState.BACKOFF]
     assert corral("status", sock=sock).returncode == 1  # dead while corral runs
     assert corral("status", "db", sock=sock).returncode == 0  # db alone is fine
+    fake.web_states = [WorkerState.STOPPED, WorkerState.STOPPED]
+    assert corral("status", "web", sock=sock).returncode == 3  # stopped on purpose
     fake.web_states = [WorkerState.STOPPED, WorkerState.EXITED]
-    assert corral("status", "web", sock=sock).returncode == 3
+    assert corral("status", "web", sock=sock).returncode == 1  # one died: dead
     out = corral("status", "nope", sock=sock)
     assert out.returncode == 4 and "no program named 'nope'" in out.stderr
 
@@ -309,6 +311,7 @@ def test_status_exit_codes_pure() -> None:
     assert render.status_exit_code(payload([R, B])) == 1
     assert render.status_exit_code(payload([S, S]), ["web"]) == 3
     assert render.status_exit_code(payload([S, S])) == 1  # db still runs
+    assert render.status_exit_code(payload([S, WorkerState.EXITED]), ["web"]) == 1
     assert render.status_exit_code(payload([R]), ["nope"]) == 4
     empty = status_payload([program_to_json("x", "command", [])], pid=1, version="",
                            uptime=0, config=None, socket=None)

@@ -564,7 +564,10 @@ class CorralRun:
                 if resources and ws.pid is not None:
                     seen.add(ws.pid)
                     rss, cpu = self._resources.of(ws.pid)
-                workers.append(schema.worker_to_json(ws, rss=rss, cpu_percent=cpu))
+                doc = schema.worker_to_json(ws, rss=rss, cpu_percent=cpu)
+                if prog.config.kind == "command" and prog.config.heartbeat_timeout is None:
+                    doc["heartbeat_age"] = None  # it never beats: no age to show
+                workers.append(doc)
             programs.append(schema.program_to_json(
                 name, prog.config.kind, workers, numprocs=len(workers) or prog.config.numprocs,
                 gave_up=mon is not None and mon.gave_up is not None))
