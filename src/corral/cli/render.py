@@ -78,16 +78,14 @@ def status_table(payload: dict[str, Any], programs: Sequence[str] = (), *,
                  now: float | None = None) -> Table:
     """A table of every worker: state, pid, uptime, restarts, last exit, heartbeat, RSS, CPU."""
     del now  # uptimes come computed in the payload
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for col, justify in (("WORKER", "left"), ("STATE", "left"), ("PID", "right"),
-                         ("UPTIME", "right"), ("RESTARTS", "right"), ("LAST EXIT", "left"),
-                         ("HEARTBEAT", "right"), ("RSS", "right"), ("CPU", "right"),
-                         ("STATUS", "left")):
-        table.add_column(col, justify=justify, no_wrap=col != "STATUS")  # type: ignore[arg-type]
+    cols = (("WORKER", "left"), ("STATE", "left"), ("PID", "right"), ("UPTIME", "right"),
+            ("RESTARTS", "right"), ("LAST EXIT", "left"), ("HEARTBEAT", "right"),
+            ("RSS", "right"), ("CPU", "right"), ("STATUS", "left"))
+    rows: list[list[str | Text]] = []
     for prog in _selected(payload, programs):
         if not prog["workers"]:
-            table.add_row(Text(prog["name"], style="bold"), _state(prog["state"]), "-", "-",
-                          "-", "-", "-", "-", "-", "numprocs = 0")
+            rows.append([Text(prog["name"], style="bold"), _state(prog["state"]), "-", "-",
+                         "-", "-", "-", "-", "-", "numprocs = 0"])
         for w in prog["workers"]:
             state = w["state"]
             if state == "running" and not w.get("ready", True):
@@ -97,12 +95,22 @@ def status_table(payload: dict[str, Any], programs: Sequence[str] = (), *,
             else:
                 shown = _state(state)
             cpu = w.get("cpu_percent")
-            table.add_row(
+            rows.append([
                 w["name"], shown, str(w["pid"]) if w.get("pid") else "-",
                 format_duration(w["uptime"]) if w.get("pid") else "-",
                 str(w["restarts"]), format_exit(w.get("last_exit")),
                 format_duration(w.get("heartbeat_age")), format_bytes(w.get("rss")),
-                "-" if cpu is None else f"{cpu:.1f}%", w.get("status_text") or "")
+                "-" if cpu is None else f"{cpu:.1f}%", w.get("status_text") or ""])
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for i, (col, justify) in enumerate(cols):
+        # One line per worker, always. On a narrow terminal only LAST EXIT and STATUS give
+        # way (cut with an ellipsis); the short columns keep their width.
+        flexible = col in ("LAST EXIT", "STATUS")
+        width = max([len(col), *(len(str(r[i])) for r in rows)])
+        table.add_column(col, justify=justify, no_wrap=True,  # type: ignore[arg-type]
+                         overflow="ellipsis", min_width=min(width, 12) if flexible else width)
+    for r in rows:
+        table.add_row(*r)
     return table
 
 

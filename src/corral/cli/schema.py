@@ -110,8 +110,10 @@ def command_event(command: str, args: dict[str, Any], *, uid: int, gid: int, pid
         "index": index if isinstance(index, int) and not isinstance(index, bool) else None,
         "name": None, "pid": None, "at": time.time() if at is None else at,
         "reason": None, "exit": None, "delay": None,
-        "message": command + "".join(
-            f" {k}={v}" for k, v in args.items() if v is not None),
+        "message": " ".join([command, *([f"{program}" if not isinstance(index, int)
+                                         else f"{program}:{index}"] if program else []),
+                             *(f"{k}={v}" for k, v in args.items()
+                               if k not in ("program", "index") and v is not None)]),
         "command": command, "args": args,
         "caller": {"uid": uid, "gid": gid, "pid": pid},
     }
