@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from conftest import CLI, Corral, alive, toml_argv, worker
+from conftest import CLI, PY, Corral, alive, toml_argv, worker
 from support import wait_for
 
 pytestmark = pytest.mark.timeout(90)
@@ -334,3 +334,51 @@ command = {cmd}
     wait_for(lambda: [p["name"] for p in c.status()["programs"]] == ["keep"], 30,
              "SIGHUP reload")
     assert c.workers("keep")[0]["pid"] == pids["keep"]
+
+
+def test_run_keeps_the_command_line_exactly(corral: Any) -> None:
+    """Everything after `--` is the argv, its own -n/--flag/-- included."""
+    c: Corral = corral("-n", "2", "--name", "argv", "--restart", "never", "--json-logs", "--",
+                       PY, "-c", "import sys; print(sys.argv[1:], flush=True)", "-n", "3",
+                       "--flag", "--", "x y")
+    c.wait_workers(lambda ws: len(ws) == 2 and all(w["state"] == "exited" for w in ws),
+                   "both exited")
+    lines = [json.loads(x)["line"] for x in c.out().splitlines()]
+    assert lines == ["['-n', '3', '--flag', '--', 'x y']"] * 2
+    # --restart never: they stay exited (clean exit 0 is not a failure either)
+    assert all(w["restarts"] == 0 for w in c.workers())
+
+
+def test_set_any_program_key_on_the_command_line(corral: Any) -> None:
+    c: Corral = corral("-n", "1", "--name", "s", "--set", "env={GREETING='hi there'}",
+                       "--set", "backoff={initial=0.2, jitter=0}", "--", *worker(
+                           "--print-env", "GREETING"))
+    c.wait_running(1)
+    c.wait_out("s.0 |  env GREETING=hi there")
+
+
+def test_the_example_config_runs(corral: Any, tmp_path: Path) -> None:
+    import socket as socket_mod
+
+    from conftest import HERE
+
+    example = HERE.parent.parent / "examples" / "corral.toml"
+    assert c_check(example).returncode == 0
+    with socket_mod.socket() as s:
+        try:
+            s.bind(("127.0.0.1", 8000))
+        except OSError:
+            pytest.skip("port 8000 (the example's web program) is taken on this machine")
+    c: Corral = corral("-c", str(example))
+    c.wait_running(1, "clock")
+    c.wait_running(1, "web", timeout=30)
+    c.wait_running(2, "jobs", timeout=30)
+    ws = c.wait_workers(lambda ws: all("jobs" in (w["status_text"] or "") for w in ws),
+                        "the jobs' status texts", "jobs", timeout=30)
+    assert all(w["heartbeat_age"] is not None for w in ws)
+    assert c.stop() == 0
+
+
+def c_check(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, "check", "-c", str(path)], capture_output=True, text=True,
+                          timeout=30)
