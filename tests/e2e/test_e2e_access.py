@@ -51,7 +51,7 @@ def _ask_as(user: str, path: str) -> dict[str, object]:
                     data += chunk
                 out = json.loads(data[4:]) if len(data) > 4 else {"closed": True}
             os.write(w, json.dumps(out).encode())
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        except BaseException as exc:  # reported to the parent
             os.write(w, json.dumps({"child_error": repr(exc)}).encode())
             code = 1
         finally:
