@@ -350,3 +350,17 @@ def test_example_config_passes_check() -> None:
     out = corral("check", "-c", str(example))
     assert out.returncode == 0, out.stderr
     assert "start order: clock -> web" in out.stdout
+
+
+def test_command_event_shape() -> None:
+    from corral.cli.schema import command_event
+
+    ev = command_event("restart", {"program": "web", "index": 2}, uid=1000, gid=100, pid=77,
+                       at=5.0)
+    assert ev["schema"] == "corral.event/1" and ev["kind"] == "command"
+    assert (ev["pool"], ev["index"], ev["at"]) == ("web", 2, 5.0)
+    assert ev["message"] == "restart web:2"
+    assert ev["caller"] == {"uid": 1000, "gid": 100, "pid": 77}
+    ev = command_event("scale", {"program": "web", "numprocs": 4}, uid=0, gid=0, pid=1)
+    assert ev["message"] == "scale web numprocs=4" and ev["index"] is None
+    assert render.format_event(ev).endswith("-- scale web numprocs=4 [by uid 0 pid 1]")
