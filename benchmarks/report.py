@@ -8,9 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-SYSTEMS = ("corral", "compat", "original", "floor")
+SYSTEMS = ("corral", "compat", "original", "supervisord", "circus", "floor")
 HEADERS = {"corral": "corral", "compat": "corral-compat", "original": "original",
-           "floor": "floor"}
+           "supervisord": "supervisord", "circus": "circus", "floor": "floor"}
 
 Results = dict[str, dict[str, list[float]]]  # system -> metric -> samples
 
@@ -86,6 +86,37 @@ def ratio_at_most(limit: float, other: str, system: str = "corral") -> Check:
             return None
         return a / b <= limit
     return check
+
+
+def faster_than(*others: str, system: str = "corral") -> Check:
+    """Below every one of ``others`` (None until all were measured)."""
+    def check(s: Summaries) -> bool | None:
+        a = _med(s, system)
+        bs = [_med(s, o) for o in others]
+        if a is None or any(b is None for b in bs):
+            return None
+        return all(a < b for b in bs if b is not None)
+    return check
+
+
+def command_rows() -> list[Row]:
+    """The command workers (issue 11): corral run beside supervisord, circus and the floor."""
+    return [
+        Row("cmd_recovery", "commands: SIGKILL -> replacement's 1st line (floor: bare Popen)",
+            "ms", 1e3, [Target("<= 2x floor", ratio_at_most(2.0, "floor")),
+                        Target("faster than supervisord and circus",
+                               faster_than("supervisord", "circus"))], chart=True),
+        Row("cmd_shutdown", "commands: stop of 8 that ignore SIGTERM, 1 s timeout", "ms", 1e3,
+            [Target("< 1200 ms", below(1200.0))]),
+        Row("cmd_shutdown.left", "  left alive (workers + grandchildren)", "count", 1.0,
+            [Target("0", max_at_most(0))]),
+        Row("cmd_idle.64", "commands: idle CPU of the supervisor, 64 commands", "ms/10s", 1e3,
+            [Target("< 2 ms per 10 s", below(2.0))]),
+        Row("cmd_logs.lost", "commands: log lines lost, 4 x 10,000 lines/s", "count", 1.0,
+            [Target("0", max_at_most(0))]),
+        Row("cmd_logs.rate", "  lines/s through corral run (all 4)", "lines/s", 1.0),
+        Row("cmd_logs.cpu", "  corral's CPU per 10,000 lines", "ms", 1e3),
+    ]
 
 
 def rows(quick: bool, storm_window: float, idle_sizes: list[int]) -> list[Row]:
@@ -193,6 +224,7 @@ def rows(quick: bool, storm_window: float, idle_sizes: list[int]) -> list[Row]:
                    "count"))
     out.append(Row("storm_nobackoff.cpu", "crash storm, no backoff: supervisor CPU", "ms/10s",
                    1e3))
+    out.extend(command_rows())
     return out
 
 
@@ -319,7 +351,7 @@ def chart(path: str, rows_: list[Row], summaries: dict[str, dict[str, dict[str, 
     if not metrics:
         return
     colors = {"corral": "#1f77b4", "compat": "#17becf", "original": "#d62728",
-              "floor": "#7f7f7f"}
+              "supervisord": "#ff7f0e", "circus": "#2ca02c", "floor": "#7f7f7f"}
     fig, ax = plt.subplots(figsize=(11, 1.6 + 0.75 * len(metrics)))
     height = 0.8 / len(systems)
     top = 0.0

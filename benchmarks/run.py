@@ -235,7 +235,26 @@ def plan(quick: bool, compat: bool) -> tuple[list[Job], dict[str, Any]]:
     add("storm", "corral", {"window": w, "backoff": False}, w, "crash storm: corral, no backoff")
     for system in wpms:
         add("storm", system, {"window": w}, w, f"crash storm: {system}")
+    # 9. command workers (issue 11): `corral run -n N -- CMD` beside supervisord and circus,
+    # each as its own program, the floor a bare Popen of the same command in corral's job.
+    for system in CMD_SYSTEMS:
+        reps = (4 if q else 20) if system == "corral" else (3 if q else 12)
+        add("cmd_recovery", system, {"reps": reps, "paired_floor": system == "corral"},
+            reps * (0.8 if system == "corral" else 1.5) + 5,
+            f"commands: {system}, SIGKILL -> replacement's first line")
+    for system in CMD_SYSTEMS:
+        add("cmd_shutdown", system, {"reps": 1 if q else 3}, 15,
+            f"commands: {system}, stop of 8 that ignore SIGTERM (1 s timeout)")
+    for system in CMD_SYSTEMS:
+        add("cmd_idle", system, {"workers": 64, "window": cfg["idle_window"],
+                                 "settle": 1.0 if q else 2.0}, cfg["idle_window"] + 20,
+            f"commands: {system}, idle CPU with 64 commands")
+    add("cmd_logs", "corral", {"rate": 10_000, "seconds": 2.0 if q else 5.0}, 15,
+        "commands: corral run, 4 x 10,000 log lines/s")
     return jobs, cfg
+
+
+CMD_SYSTEMS = ("corral", "supervisord", "circus")
 
 
 # --------------------------------------------------------------------------- running jobs
@@ -344,13 +363,15 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "implementation": platform.python_implementation(),
             "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "corral": version("corral"), "duckframework": version("duckframework")}
+            "corral": version("corral"), "duckframework": version("duckframework"),
+            "supervisor": version("supervisor"), "circus": version("circus")}
 
 
 def machine_line(m: dict[str, Any]) -> str:
     return (f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, "
             f"{m['implementation']} {m['python']}; corral {m['corral']}, duckframework "
-            f"{m['duckframework']}; load average {m['loadavg_at_start']} at start"
+            f"{m['duckframework']}, supervisor {m.get('supervisor', '?')}, circus "
+            f"{m.get('circus', '?')}; load average {m['loadavg_at_start']} at start"
             + (f", {m['loadavg_at_end']} at end" if "loadavg_at_end" in m else ""))
 
 
@@ -387,6 +408,17 @@ NOTES = [
     "beside the same pool with the endpoint on and nobody scraping; answer time = request sent "
     "-> body read, in the scraper; the first scrape also reads every worker's RSS; /readyz "
     "probes open a new connection each, as the kubelet does.",
+    "commands (issue 11): every system supervises the same command, `python -I -S "
+    "cmd_worker.py` (its first line is time.monotonic() written to the FIFO), each as its own "
+    "program stopped with SIGTERM: `corral run -n N --stop-timeout 1 --set "
+    "backoff={reset_after=0} --set budget={max_restarts=\"unlimited\"} -- CMD`; supervisord "
+    "(`supervisord -n`, autorestart, startsecs=0, stopwaitsecs=1, its defaults otherwise: "
+    "stopasgroup/killasgroup false); circusd (respawn, warmup_delay=0, graceful_timeout=1, "
+    "endpoints on 127.0.0.1, its defaults otherwise). floor = a bare subprocess.Popen of the "
+    "same argv -> its first line, alternating with corral's repetitions. Idle CPU counts the "
+    "supervisor process and its helpers (corral's keeper), not the workers. The log row runs "
+    "benchmarks/log_bench.py --through-corral: 4 commands x 10,000 numbered lines/s into "
+    "corral run's console sink (prefixes, timestamps) on a pipe, every line checked.",
     "The machine is shared (2 cores): the load average at start and end is given above. Under "
     "load every latency grows, corral's (a monitor thread, a spawner thread and the new child "
     "handing work along) more than a bare start's.",
@@ -460,7 +492,9 @@ def main() -> int:
                 samples.setdefault(job.system, {}).setdefault(key, []).extend(value)
     summaries = {s: {k: report.summary(v) for k, v in metrics.items()}
                  for s, metrics in samples.items()}
-    systems = [s for s in report.SYSTEMS if s != "compat" or compat]
+    # The peers' columns only when they were measured (--only may leave them out).
+    systems = [s for s in report.SYSTEMS if (s != "compat" or compat)
+               and (s not in ("supervisord", "circus") or s in samples)]
     rows = report.rows(args.quick, cfg["storm_window"], cfg["idle_sizes"])
     header, table, records = report.build_table(rows, summaries, systems)
     text = report.text_table(header, table)

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import bench_workers as bw
+from cmd_scenarios import SCENARIOS as CMD_SCENARIOS
 from probe import Probe, Record, alive, kill_pids, process_cpu, rss_bytes
 
 import corral
@@ -701,6 +702,7 @@ SCENARIOS: dict[str, Callable[[Params], Result]] = {
     "hang": sc_hang, "beat": sc_beat, "idle": sc_idle, "shutdown": sc_shutdown,
     "startup": sc_startup, "storm": sc_storm, "scrape": sc_scrape,
 }
+SCENARIOS.update(CMD_SCENARIOS)  # the command rows: corral run, supervisord, circus
 
 
 def main() -> int:

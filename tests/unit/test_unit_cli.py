@@ -167,8 +167,10 @@ def test_status_table_json_and_lsb_codes(fake: FakeCorral) -> None:
     fake.web_states = [WorkerState.RUNNING, WorkerState.BACKOFF]
     assert corral("status", sock=sock).returncode == 1  # dead while corral runs
     assert corral("status", "db", sock=sock).returncode == 0  # db alone is fine
+    fake.web_states = [WorkerState.STOPPED, WorkerState.STOPPED]
+    assert corral("status", "web", sock=sock).returncode == 3  # stopped on purpose
     fake.web_states = [WorkerState.STOPPED, WorkerState.EXITED]
-    assert corral("status", "web", sock=sock).returncode == 3
+    assert corral("status", "web", sock=sock).returncode == 1  # one died: dead
     out = corral("status", "nope", sock=sock)
     assert out.returncode == 4 and "no program named 'nope'" in out.stderr
 
@@ -309,6 +311,7 @@ def test_status_exit_codes_pure() -> None:
     assert render.status_exit_code(payload([R, B])) == 1
     assert render.status_exit_code(payload([S, S]), ["web"]) == 3
     assert render.status_exit_code(payload([S, S])) == 1  # db still runs
+    assert render.status_exit_code(payload([S, WorkerState.EXITED]), ["web"]) == 1
     assert render.status_exit_code(payload([R]), ["nope"]) == 4
     empty = status_payload([program_to_json("x", "command", [])], pid=1, version="",
                            uptime=0, config=None, socket=None)
@@ -347,3 +350,17 @@ def test_example_config_passes_check() -> None:
     out = corral("check", "-c", str(example))
     assert out.returncode == 0, out.stderr
     assert "start order: clock -> web" in out.stdout
+
+
+def test_command_event_shape() -> None:
+    from corral.cli.schema import command_event
+
+    ev = command_event("restart", {"program": "web", "index": 2}, uid=1000, gid=100, pid=77,
+                       at=5.0)
+    assert ev["schema"] == "corral.event/1" and ev["kind"] == "command"
+    assert (ev["pool"], ev["index"], ev["at"]) == ("web", 2, 5.0)
+    assert ev["message"] == "restart web:2"
+    assert ev["caller"] == {"uid": 1000, "gid": 100, "pid": 77}
+    ev = command_event("scale", {"program": "web", "numprocs": 4}, uid=0, gid=0, pid=1)
+    assert ev["message"] == "scale web numprocs=4" and ev["index"] is None
+    assert render.format_event(ev).endswith("-- scale web numprocs=4 [by uid 0 pid 1]")

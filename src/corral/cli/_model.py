@@ -32,7 +32,7 @@ class LogConfig:
 
     console: bool = True
     json: bool = False
-    timestamps: bool = False
+    timestamps: bool = True
     file: str | None = None
     max_bytes: int = 10 * 1024 * 1024
     backups: int = 5

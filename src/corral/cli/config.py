@@ -157,15 +157,18 @@ def load(path: str | None = None, *, check_privileges: bool = True) -> Config:
 
 def from_command(argv: Iterable[str], *, numprocs: int = 1, name: str | None = None,
                  stop_timeout: float | None = None, restart: str | None = None,
-                 json_logs: bool = False, ready: str | None = None) -> Config:
-    """The config of ``corral run -n N -- CMD...``: one program, validated like a file."""
+                 json_logs: bool = False, ready: str | None = None,
+                 extra: dict[str, Any] | None = None) -> Config:
+    """The config of ``corral run -n N -- CMD...``: one program, validated like a file
+    (``extra``: more keys of its table, from ``--set KEY=VALUE``)."""
     argv = list(argv)
     if name is None:
         base = os.path.basename(argv[0]) if argv else "cmd"
         name = re.sub(r"[^A-Za-z0-9_-]", "-", base).strip("-") or "cmd"
         if not name[0].isalnum():
             name = "cmd-" + name
-    prog: dict[str, Any] = {"command": argv, "numprocs": numprocs}
+    prog: dict[str, Any] = dict(extra or {})
+    prog.update(command=argv, numprocs=numprocs)
     if stop_timeout is not None:
         prog["stop_timeout"] = stop_timeout
     if restart is not None:

@@ -168,14 +168,17 @@ def cli(ctx: click.Context, config_path: str | None, socket: str | None) -> None
 @click.option("--restart", type=click.Choice(["always", "on-failure", "never"]), default=None)
 @click.option("--ready", default=None, help='"started", "notify", "tcp:PORT", "http://...", '
               '"log:REGEX".')
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Any other key of a [program] table, VALUE in TOML (a bare word is a "
+              "string): --set 'backoff={initial=1, cap=60}' --set heartbeat_timeout=30.")
 @click.option("--json-logs", is_flag=True, help="Print output as JSON lines.")
 @click.option("--http", default=None, metavar="HOST:PORT", help="Serve /metrics etc. there.")
 @_config_option
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
 def run(state: _State, numprocs: int | None, name: str | None, stop_timeout: float | None,
-        restart: str | None, ready: str | None, json_logs: bool, http: str | None,
-        command: tuple[str, ...]) -> None:
+        restart: str | None, ready: str | None, settings: tuple[str, ...], json_logs: bool,
+        http: str | None, command: tuple[str, ...]) -> None:
     """Run in the foreground: `corral run -n 4 -- CMD ARGS...` or `corral run -c FILE`."""
     if command:
         if state.config_path:
@@ -183,14 +186,23 @@ def run(state: _State, numprocs: int | None, name: str | None, stop_timeout: flo
         try:
             config = from_command(command, numprocs=1 if numprocs is None else numprocs,
                                   name=name, stop_timeout=stop_timeout, restart=restart,
-                                  json_logs=json_logs, ready=ready)
+                                  json_logs=json_logs, ready=ready,
+                                  extra=_parse_settings(settings))
         except ConfigError as exc:
             fail(str(exc), EXIT_USAGE)
     else:
-        if numprocs is not None or name or stop_timeout is not None or restart or ready:
-            fail("-n/--name/--stop-timeout/--restart/--ready go with a command: "
+        if (numprocs is not None or name or stop_timeout is not None or restart or ready
+                or settings):
+            fail("-n/--name/--stop-timeout/--restart/--ready/--set go with a command: "
                  "corral run -n 4 -- CMD ...", EXIT_USAGE)
         config = state.config()
+    # Nothing starts unless every command can: a missing program is named now, not as a
+    # crash loop later.
+    from corral.cli.preflight import check_commands
+
+    problems = check_commands(config)
+    if problems:
+        fail(str(ConfigError(problems)), EXIT_USAGE if command else EXIT_NOT_CONFIGURED)
     socket = state.socket or config.socket_path
     runner: Runner
     if _runner is not None:
@@ -202,16 +214,40 @@ def run(state: _State, numprocs: int | None, name: str | None, stop_timeout: flo
                                config_path=path)))
 
 
+def _parse_settings(settings: Sequence[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE``: VALUE parsed as TOML, else taken as a string."""
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for item in settings:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
+        try:
+            out[key] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = text
+    return out
+
+
 @cli.command()
 @_config_option
 @click.pass_obj
 def check(state: _State) -> None:
     """Validate the config file; print every error; exit 1 if there is any."""
+    from corral.cli.preflight import check_commands, check_targets
+
     path = state.config_path or find_config()
     try:
         config = load(path)
     except ConfigError as exc:
         click.echo(str(exc), err=True)
+        sys.exit(EXIT_ERROR)
+    config_dir = os.path.dirname(os.path.abspath(config.path))
+    problems = check_commands(config) + check_targets(config, config_dir, load=False)
+    if problems:
+        click.echo(str(ConfigError(problems)), err=True)
         sys.exit(EXIT_ERROR)
     progs = ", ".join(f"{n} ({p.numprocs}x {p.kind})" for n, p in config.programs.items())
     serve = ", ".join(f"{n} ({s.workers} workers)" for n, s in config.serve.items())
@@ -253,7 +289,7 @@ def status(state: _State, programs: tuple[str, ...], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(payload, indent=2))
     else:
-        Console().print(render.status_table(payload, programs))
+        _console().print(render.status_table(payload, programs))
     sys.exit(render.status_exit_code(payload, programs))
 
 
@@ -266,7 +302,7 @@ def top(state: _State, interval: float, once: bool) -> None:
     """A live table of every worker (state, pid, uptime, restarts, exits, RSS, CPU)."""
     from rich.live import Live
 
-    console = Console()
+    console = _console()
     with _client(state) as client:
         payload = client.call("status", {"resources": True})
         if once or not console.is_terminal:
@@ -285,6 +321,15 @@ def top(state: _State, interval: float, once: bool) -> None:
 
 
 # ------------------------------------------------------------------------------ actions
+
+
+def _console() -> Console:
+    """A terminal's width, or (piped, no $COLUMNS) one wide enough not to wrap rows: a
+    status line per worker is what `grep` and scripts expect."""
+    console = Console()
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        console = Console(width=200)
+    return console
 
 
 def _simple(state: _State, command: str, args: dict[str, Any]) -> None:

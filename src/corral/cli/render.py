@@ -78,16 +78,14 @@ def status_table(payload: dict[str, Any], programs: Sequence[str] = (), *,
                  now: float | None = None) -> Table:
     """A table of every worker: state, pid, uptime, restarts, last exit, heartbeat, RSS, CPU."""
     del now  # uptimes come computed in the payload
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for col, justify in (("WORKER", "left"), ("STATE", "left"), ("PID", "right"),
-                         ("UPTIME", "right"), ("RESTARTS", "right"), ("LAST EXIT", "left"),
-                         ("HEARTBEAT", "right"), ("RSS", "right"), ("CPU", "right"),
-                         ("STATUS", "left")):
-        table.add_column(col, justify=justify, no_wrap=col != "STATUS")  # type: ignore[arg-type]
+    cols = (("WORKER", "left"), ("STATE", "left"), ("PID", "right"), ("UPTIME", "right"),
+            ("RESTARTS", "right"), ("LAST EXIT", "left"), ("HEARTBEAT", "right"),
+            ("RSS", "right"), ("CPU", "right"), ("STATUS", "left"))
+    rows: list[list[str | Text]] = []
     for prog in _selected(payload, programs):
         if not prog["workers"]:
-            table.add_row(Text(prog["name"], style="bold"), _state(prog["state"]), "-", "-",
-                          "-", "-", "-", "-", "-", "numprocs = 0")
+            rows.append([Text(prog["name"], style="bold"), _state(prog["state"]), "-", "-",
+                         "-", "-", "-", "-", "-", "numprocs = 0"])
         for w in prog["workers"]:
             state = w["state"]
             if state == "running" and not w.get("ready", True):
@@ -97,12 +95,22 @@ def status_table(payload: dict[str, Any], programs: Sequence[str] = (), *,
             else:
                 shown = _state(state)
             cpu = w.get("cpu_percent")
-            table.add_row(
+            rows.append([
                 w["name"], shown, str(w["pid"]) if w.get("pid") else "-",
                 format_duration(w["uptime"]) if w.get("pid") else "-",
                 str(w["restarts"]), format_exit(w.get("last_exit")),
                 format_duration(w.get("heartbeat_age")), format_bytes(w.get("rss")),
-                "-" if cpu is None else f"{cpu:.1f}%", w.get("status_text") or "")
+                "-" if cpu is None else f"{cpu:.1f}%", w.get("status_text") or ""])
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for i, (col, justify) in enumerate(cols):
+        # One line per worker, always. On a narrow terminal only LAST EXIT and STATUS give
+        # way (cut with an ellipsis); the short columns keep their width.
+        flexible = col in ("LAST EXIT", "STATUS")
+        width = max([len(col), *(len(str(r[i])) for r in rows)])
+        table.add_column(col, justify=justify, no_wrap=True,  # type: ignore[arg-type]
+                         overflow="ellipsis", min_width=min(width, 12) if flexible else width)
+    for r in rows:
+        table.add_row(*r)
     return table
 
 
@@ -131,9 +139,10 @@ def _selected(payload: dict[str, Any], programs: Sequence[str]) -> list[dict[str
 def status_exit_code(payload: dict[str, Any], programs: Sequence[str] = ()) -> int:
     """LSB status code for the selected programs (all of them when none is named).
 
-    0 every worker RUNNING (ready); 3 none alive (all stopped/exited, or no workers);
-    1 some dead (BACKOFF/EXITED/STOPPED or gave up) while others run; 4 a named program is
-    unknown. Workers still STARTING count as running (the process is up).
+    0 every worker RUNNING (ready); 3 none alive because they were stopped (or there are no
+    workers); 1 some dead (BACKOFF/EXITED/STOPPED, or the program gave up) while corral runs,
+    including none alive when one died; 4 a named program is unknown. Workers still
+    STARTING count as running (the process is up).
     """
     known = {p["name"] for p in payload.get("programs", [])}
     if any(name not in known for name in programs):
@@ -142,8 +151,10 @@ def status_exit_code(payload: dict[str, Any], programs: Sequence[str] = ()) -> i
     gave_up = any(p.get("gave_up") for p in _selected(payload, programs))
     alive = [w for w in workers if w["state"] in ("running", "starting", "stopping",
                                                   "pending")]
+    dead = [w for w in workers if w["state"] in ("backoff", "exited")]
     if not workers or not alive:
-        return LSB_NOT_RUNNING
+        # Stopped on purpose: not running; died (gave up, exited for good): dead.
+        return LSB_DEAD if gave_up or dead else LSB_NOT_RUNNING
     if gave_up or len(alive) < len(workers):
         return LSB_DEAD
     return LSB_OK

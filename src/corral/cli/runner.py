@@ -44,6 +44,7 @@ from corral._reply import Reply
 from corral.cli import schema
 from corral.cli.config import Config, ConfigError, ProgramConfig, diff, load, parse_signal
 from corral.cli.main import RunOptions
+from corral.cli.preflight import check_commands, check_targets
 from corral.events import Event, EventKind
 from corral.process import ProcessLike, own_fd
 
@@ -89,7 +90,10 @@ class ProgramIO:
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         for fd in (out_r, err_r):
             own_fd(fd)  # a fork-started sibling must not hold our read ends
-        env: dict[str, str] = {}
+        # Like supervisord's process_num: a command can tell which worker it is (a port
+        # offset, a shard).
+        env = {"CORRAL_PROGRAM": self.prog.name, "CORRAL_INDEX": str(index),
+               "CORRAL_WORKER": name}
         if self.prog.needs_notify_socket:
             env["NOTIFY_SOCKET"] = self._notify_socket(index, name).address
             if self.prog.heartbeat_timeout is not None:
@@ -202,10 +206,16 @@ class _Program:
 
     @property
     def ready(self) -> bool:
+        """Every worker RUNNING (ready): what its dependents wait for."""
         mon = self.monitor
-        if mon is None:
+        if mon is None or mon.finished.is_set():
             return False
-        return all(w.state.value == "running" for w in mon._slots.values())
+        slots = mon._slots
+        # Hosted, the pool's slots appear when the loop runs its begin(): none yet is not
+        # "all ready" (unless it has no worker at all).
+        if not slots and self.config.numprocs:
+            return False
+        return all(w.state.value == "running" and w.ready for w in slots.values())
 
 
 @dataclass
@@ -222,7 +232,9 @@ class CorralRun:
         self.options = options
         self.config = options.config
         self.reactor: Reactor[Any] = Reactor("corral")
-        self.hub = LogHub(self.reactor, self._sinks(self.config, options.json_logs))
+        self.hub = LogHub(self.reactor, self._sinks(self.config, options.json_logs),
+                          ring_lines=self.config.log.ring_lines,
+                          ring_bytes=self.config.log.ring_bytes)
         self.programs: dict[str, _Program] = {}
         self.events: deque[dict[str, Any]] = deque(maxlen=_EVENTS_KEPT)
         self.event_followers: list[Any] = []
@@ -230,24 +242,76 @@ class CorralRun:
         self.stopping = False
         self.control: ControlServer | None = None
         self._pending: list[str] = []  # programs waiting for their dependencies
-        self._replacing: list[tuple[_Program, _Program]] = []  # (old, new) on a reload
+        # A reload: changed programs (old pool, new program) until the old one has ended,
+        # removed ones until theirs has.
+        self._replacing: dict[str, tuple[_Program, _Program]] = {}
+        self._removing: list[_Program] = []
+        self._closing_sinks: list[str] = []
         self._signals: list[int] = []
+        self._resources = _Resources()
+        self._adopted = _Adopted()
+        self._sweep_timer: Any = None
+        self._wakeup_set = False
 
     # ------------------------------------------------------------------------------ set-up
 
     def _sinks(self, config: Config, json_logs: bool) -> list[Any]:
-        sinks: list[Any] = [JsonLinesSink(self.reactor) if json_logs
-                            else ConsoleSink(self.reactor, timestamps=True)]
+        console: ConsoleSink | JsonLinesSink = (
+            JsonLinesSink(self.reactor) if json_logs
+            else ConsoleSink(self.reactor, timestamps=config.log.timestamps))
+        self.console = console
+        self._console_programs(config)
+        sinks: list[Any] = [console]
+        self.file_sinks: dict[str, FileSink] = {}
         for prog in config.programs.values():
-            path = prog.log.file_for(prog.name)
-            if path:
-                sinks.append(FileSink(path, self.reactor, max_bytes=prog.log.max_bytes,
-                                      backups=prog.log.backups, json=prog.log.file_json,
-                                      programs=[prog.name]))
+            sink = self._file_sink(prog)
+            if sink is not None:
+                sinks.append(sink)
         return sinks
+
+    def _console_programs(self, config: Config) -> None:
+        """The console takes the programs whose ``log.console`` is on (reloads change it)."""
+        self.console.programs = frozenset(
+            name for name, prog in config.programs.items() if prog.log.console)
+
+    def _file_sink(self, prog: ProgramConfig) -> FileSink | None:
+        path = prog.log.file_for(prog.name)
+        if not path:
+            return None
+        try:
+            sink = FileSink(path, self.reactor, max_bytes=prog.log.max_bytes,
+                            backups=prog.log.backups, json=prog.log.file_json,
+                            programs=[prog.name])
+        except OSError as exc:
+            log.error("%s: cannot open its log file %s (%s); its output goes to the console "
+                      "and the ring only", prog.name, path, exc.strerror or exc)
+            return None
+        self.file_sinks[prog.name] = sink
+        return sink
+
+    def _replace_file_sink(self, old: ProgramConfig | None, new: ProgramConfig | None) -> None:
+        """On a reload: a program's log file settings changed (or it came or went)."""
+        if old is not None and new is not None and old.log == new.log:
+            return
+        name = (old or new).name  # type: ignore[union-attr]
+        sink = self.file_sinks.pop(name, None)
+        if sink is not None:
+            self.hub.remove_sink(sink)
+            sink.close()
+        if new is not None:
+            fresh = self._file_sink(new)
+            if fresh is not None:
+                self.hub.add_sink(fresh)
 
     def run(self) -> int:
         _console_logging(self.options.json_logs)
+        # Every target imported before anything starts (a missing module is named now).
+        problems = check_targets(self.config, self.options.config_dir, load=True)
+        if problems:
+            log.error("%s", ConfigError(problems))
+            self.hub.close()
+            self.reactor.close()
+            return 6  # LSB: not configured
         _become_subreaper()
         self.control = ControlServer(self.reactor, self.options.socket, self.dispatch,
                                      allow_uids=self.config.allow_uids,
@@ -269,7 +333,7 @@ class CorralRun:
                 self.reactor.run_once()
                 if self.stopping:
                     self._advance_stop()
-                if self._replacing:
+                if self._replacing or self._removing:
                     self._advance_replacing()
                 self._start_ready_programs()
         except BaseException:
@@ -287,7 +351,9 @@ class CorralRun:
     def _done(self) -> bool:
         if not self.stopping:
             return False
-        return all(p.supervisor is None or p.finished for p in self.programs.values())
+        progs = [*self.programs.values(), *self._removing,
+                 *(old for old, _ in self._replacing.values())]
+        return all(p.supervisor is None or p.finished for p in progs)
 
     def _drain_until_finished(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -304,6 +370,8 @@ class CorralRun:
         for sig in self._signals:
             with contextlib.suppress(ValueError, OSError):
                 signal.signal(sig, signal.SIG_DFL)
+        if self._wakeup_set:
+            signal.set_wakeup_fd(-1)
         self.reactor.close()
 
     # -------------------------------------------------------------------------- programs
@@ -350,19 +418,30 @@ class CorralRun:
             self.reactor.call_soon_threadsafe(fn, *args)
 
     def _on_event(self, ev: Event) -> None:
-        data = schema.event_to_json(ev)
-        self.events.append(data)
-        for channel in list(self.event_followers):
-            if not channel.send({"events": [data]}):
-                pass  # a slow follower loses events (the channel counts them), never us
+        self._publish(schema.event_to_json(ev))
         if ev.kind is EventKind.READY:
             self._start_ready_programs()
+
+    def _publish(self, data: dict[str, Any]) -> None:
+        self.events.append(data)
+        for channel in list(self.event_followers):
+            # A slow follower loses events (its channel counts them and tells it), never
+            # slows us down.
+            channel.send({"events": [data]})
 
     # -------------------------------------------------------------------------- stopping
 
     def stop_all(self, why: str) -> None:
-        if not self.stopping:
-            log.info("stopping every program (%s)", why)
+        if self.stopping:
+            # Asked again (a second Ctrl-C): no more grace for anyone.
+            log.warning("stopping every program now, with SIGKILL (%s again)", why)
+            for prog in [*self.programs.values(), *self._removing,
+                         *(old for old, _ in self._replacing.values())]:
+                if prog.monitor is not None and not prog.finished:
+                    prog.stop_requested = True
+                    prog.monitor.request_stop(0.0, signal.SIGKILL)
+            return
+        log.info("stopping every program (%s)", why)
         self.stopping = True
         self._pending.clear()
         self._advance_stop()
@@ -382,9 +461,12 @@ class CorralRun:
     # --------------------------------------------------------------------------- signals
 
     def _install_signals(self) -> None:
-        handlers = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT",
-                    signal.SIGHUP: "SIGHUP", signal.SIGCHLD: "SIGCHLD"}
-        for sig in handlers:
+        # The kernel may deliver a signal to any thread (a spawner, the events thread): the
+        # main thread, blocked in epoll, would then only run the Python handler at its next
+        # wake-up, maybe never. The C-level handler writes to the wake pipe instead.
+        signal.set_wakeup_fd(self.reactor.wake_fd, warn_on_full_buffer=False)
+        self._wakeup_set = True
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, self._on_signal)
             self._signals.append(sig)
 
@@ -399,7 +481,12 @@ class CorralRun:
             with contextlib.suppress(CommandError):
                 self._reload()
         elif signum == signal.SIGCHLD:
-            _reap_adopted(self._known_pids())
+            self._sweep_adopted()
+
+    def _sweep_adopted(self) -> None:
+        self._sweep_timer = None
+        if self._adopted.sweep(self._known_pids(), time.monotonic()):
+            self._sweep_timer = self.reactor.call_later(_Adopted.GRACE, self._sweep_adopted)
 
     def _known_pids(self) -> set[int]:
         pids: set[int] = set()
@@ -416,7 +503,15 @@ class CorralRun:
         handler = getattr(self, f"_cmd_{command}", None)
         if handler is None:
             raise CommandError(f"unknown command {command!r}", "unknown_command")
-        log.info("control: %s %s from uid %d pid %d", command, args or "", peer.uid, peer.pid)
+        if command in _QUERIES:
+            # `corral top` asks every second: queries are not worth a line or an event.
+            log.debug("control: %s %s from uid %d pid %d", command, args or "", peer.uid,
+                      peer.pid)
+        else:
+            log.info("control: %s%s from uid %d pid %d", command, _describe_args(args),
+                     peer.uid, peer.pid)
+            self._publish(schema.command_event(command, args, uid=peer.uid, gid=peer.gid,
+                                               pid=peer.pid))
         return handler(args)
 
     def _program(self, name: Any) -> _Program:
@@ -457,6 +552,7 @@ class CorralRun:
         wanted = args.get("programs") or None
         resources = bool(args.get("resources"))
         programs = []
+        seen: set[int] = set()
         for name, prog in self.programs.items():
             if wanted is not None and name not in wanted:
                 continue
@@ -466,11 +562,17 @@ class CorralRun:
             for ws in statuses:
                 rss = cpu = None
                 if resources and ws.pid is not None:
-                    rss, cpu = _resources(ws.pid)
-                workers.append(schema.worker_to_json(ws, rss=rss, cpu_percent=cpu))
+                    seen.add(ws.pid)
+                    rss, cpu = self._resources.of(ws.pid)
+                doc = schema.worker_to_json(ws, rss=rss, cpu_percent=cpu)
+                if prog.config.kind == "command" and prog.config.heartbeat_timeout is None:
+                    doc["heartbeat_age"] = None  # it never beats: no age to show
+                workers.append(doc)
             programs.append(schema.program_to_json(
                 name, prog.config.kind, workers, numprocs=len(workers) or prog.config.numprocs,
                 gave_up=mon is not None and mon.gave_up is not None))
+        if resources and wanted is None:
+            self._resources.keep_only(seen)
         return schema.status_payload(
             programs, pid=os.getpid(), version=corral.__version__,
             uptime=time.monotonic() - self.started_at, config=self.options.config_path,
@@ -571,66 +673,149 @@ class CorralRun:
         return self._reload()
 
     def _reload(self) -> dict[str, Any]:
+        """Re-read the file; apply only what changed (supervisord's reread + update):
+        removed programs stop, added ones start, a numprocs-only change scales, any other
+        change replaces the pool (the old one stops first, then the new one starts)."""
         path = self.options.config_path
         if path is None:
             raise CommandError("this corral runs a command line, not a file: nothing to "
                                "re-read", "not_configured")
         try:
             new = load(path)
+            problems = check_commands(new) + check_targets(new, self.options.config_dir,
+                                                           load=True)
+            if problems:
+                raise ConfigError(problems)
         except ConfigError as exc:
-            log.error("reload: %s", exc)
+            log.error("reload refused, nothing changed: %s", exc)
             raise CommandError(str(exc), "bad_config") from None
-        change = diff(self.config, new)
+        old_config = self.config
+        change = diff(old_config, new)
         self.config = new
+        self._console_programs(new)
+        if change.globals_changed:
+            log.warning("reload: %s changed; that takes a restart of corral",
+                        ", ".join(change.globals_changed))
         for name in change.removed:
+            self._replace_file_sink_later(name)
+            fresh = self._replacing.pop(name, None)
             prog = self.programs.get(name)
-            if prog is not None and prog.monitor is not None and not prog.finished:
-                prog.stop_requested = True
-                prog.monitor.request_stop(prog.config.stop_timeout,
-                                          int(prog.config.stop_signal))
+            if name in self._pending:
+                self._pending.remove(name)
+            if fresh is not None:
+                fresh[1].io.close()
+            if prog is None:
+                continue
+            if prog.supervisor is None:
+                prog.io.close()
+                del self.programs[name]
+                continue
+            self._stop_program(prog)
+            self._removing.append(prog)
         for item in change.changed:
+            cfg = new.programs[item.name]
             prog = self.programs[item.name]
-            if item.scale_only and prog.supervisor is not None:
-                n = new.programs[item.name].numprocs
+            pending = self._replacing.get(item.name)
+            self._replace_file_sink(old_config.programs[item.name], cfg)
+            if pending is not None:
+                # Still waiting for its old pool to end: the newest settings win.
+                pending[1].io.close()
+                self._replacing[item.name] = (pending[0], _Program(cfg, ProgramIO(self, cfg)))
+            elif prog.supervisor is None:
+                prog.io.close()  # not started yet (waiting for its dependencies)
+                self.programs[item.name] = _Program(cfg, ProgramIO(self, cfg))
+            elif item.scale_only and not prog.finished:
+                n = cfg.numprocs
                 prog.monitor.submit(prog.monitor.do_scale, n, prog.supervisor._prepare(n))
-                prog.config = new.programs[item.name]
-            elif prog.monitor is not None:
-                # Anything else is a new pool: stop the old one, start the new one after.
-                self._replace(prog, new.programs[item.name])
+                prog.config = cfg
+                prog.io.prog = cfg
+            else:
+                self._stop_program(prog)
+                self._replacing[item.name] = (prog, _Program(cfg, ProgramIO(self, cfg)))
         for name in change.added:
-            self.programs[name] = _Program(new.programs[name], ProgramIO(self, new.programs[name]))
+            cfg = new.programs[name]
+            self._replace_file_sink(None, cfg)
+            self.programs[name] = _Program(cfg, ProgramIO(self, cfg))
             self._pending.append(name)
         self._start_ready_programs()
-        log.info("reload: %s", change.to_json())
+        log.info("reload: %s", _describe_diff(change.to_json()))
         return {"diff": change.to_json()}
 
-    def _replace(self, old: _Program, config: ProgramConfig) -> None:
-        old.stop_requested = True
-        old.monitor.request_stop(old.config.stop_timeout, int(old.config.stop_signal))
-        self._replacing.append((old, _Program(config, ProgramIO(self, config))))
+    def _stop_program(self, prog: _Program) -> None:
+        if prog.monitor is not None and not prog.finished and not prog.stop_requested:
+            prog.stop_requested = True
+            prog.monitor.request_stop(prog.config.stop_timeout, int(prog.config.stop_signal))
+
+    def _replace_file_sink_later(self, name: str) -> None:
+        """A removed program keeps its log file until its last worker's pipes are drained."""
+        self._closing_sinks.append(name)
 
     def _advance_replacing(self) -> None:
-        """A changed program starts anew once its old pool has finished."""
-        for old, fresh in list(self._replacing):
+        """A changed program starts anew once its old pool has finished; a removed program
+        leaves once its pool has finished."""
+        for name, (old, fresh) in list(self._replacing.items()):
             if old.finished:
-                self._replacing.remove((old, fresh))
-                self.programs[fresh.config.name] = fresh
+                del self._replacing[name]
+                self.programs[name] = fresh
                 if not self.stopping:
-                    self._pending.append(fresh.config.name)
+                    self._pending.append(name)
+        for prog in list(self._removing):
+            if prog.finished:
+                self._removing.remove(prog)
+                name = prog.config.name
+                if self.programs.get(name) is prog:
+                    del self.programs[name]
+                    self.hub.forget(name)
+                    if name in self._closing_sinks:
+                        self._closing_sinks.remove(name)
+                        self._replace_file_sink(prog.config, None)
+
+
+def _describe_diff(d: dict[str, Any]) -> str:
+    parts = [f"{k}: {', '.join(d[k])}" for k in ("added", "removed") if d.get(k)]
+    if d.get("changed"):
+        parts.append("changed: " + ", ".join(f"{n} ({', '.join(k)})"
+                                             for n, k in d["changed"].items()))
+    return "; ".join(parts) or "nothing changed"
+
+
+_QUERIES = frozenset({"status", "logs", "events"})
+
+
+def _describe_args(args: dict[str, Any]) -> str:
+    program, index = args.get("program"), args.get("index")
+    words = [] if program is None else [program if index is None else f"{program}:{index}"]
+    words += [f"{k}={v}" for k, v in args.items() if k not in ("program", "index")]
+    return (" " + " ".join(str(w) for w in words)) if words else ""
 
 
 def _who(prog: _Program, indexes: list[int] | None) -> str:
     return prog.config.name if indexes is None else f"{prog.config.name}:{indexes[0]}"
 
 
-def _resources(pid: int) -> tuple[int | None, float | None]:
-    try:
+class _Resources:
+    """RSS and CPU% of workers for ``corral top``. A psutil.Process is kept per pid: its
+    ``cpu_percent`` is the share since the previous call (the first call says 0.0)."""
+
+    def __init__(self) -> None:
+        self._procs: dict[int, Any] = {}
+
+    def of(self, pid: int) -> tuple[int | None, float | None]:
         import psutil
 
-        proc = psutil.Process(pid)
-        return proc.memory_info().rss, proc.cpu_percent(interval=None)
-    except Exception:
-        return None, None
+        try:
+            proc = self._procs.get(pid)
+            if proc is None:
+                proc = self._procs[pid] = psutil.Process(pid)
+            with proc.oneshot():
+                return proc.memory_info().rss, proc.cpu_percent(interval=None)
+        except psutil.Error:
+            self._procs.pop(pid, None)
+            return None, None
+
+    def keep_only(self, pids: set[int]) -> None:
+        for pid in [p for p in self._procs if p not in pids]:
+            del self._procs[pid]
 
 
 def _console_logging(json_lines: bool) -> None:
@@ -668,12 +853,24 @@ def _become_subreaper() -> None:
         libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
-def _children() -> set[int]:
+def _children(pid: int | str = "self") -> set[int]:
     out: set[int] = set()
     with contextlib.suppress(OSError):
-        for tid in os.listdir("/proc/self/task"):
-            with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/children") as fh:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as fh:
                 out.update(int(p) for p in fh.read().split())
+    return out
+
+
+def _below(roots: set[int]) -> set[int]:
+    """``roots`` and every process below them."""
+    out: set[int] = set()
+    todo = list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in out:
+            out.add(pid)
+            todo.extend(_children(pid))
     return out
 
 
@@ -685,13 +882,38 @@ def _zombie(pid: int) -> bool:
         return False
 
 
-def _reap_adopted(known: set[int]) -> None:
-    """Reap exited children that are not ours to watch (adopted orphans), by pid: never
-    waitpid(-1), which would steal the status of a worker the monitor waits for."""
-    for pid in _children() - known:
-        if _zombie(pid) and not _is_helper(pid):
-            with contextlib.suppress(ChildProcessError, OSError):
-                os.waitpid(pid, os.WNOHANG)
+class _Adopted:
+    """Zombies of processes that are not ours to watch: orphans the kernel handed us (we are
+    a child subreaper, or PID 1 in a container), reaped quietly, by pid.
+
+    Never ``waitpid(-1)``: it would steal the status of a worker its monitor waits for. A
+    zombie that is not a known worker is only reaped when it is still unknown a moment later:
+    a command that exits at once can be a zombie before the spawner thread has handed its
+    process to the monitor.
+    """
+
+    GRACE = 0.5
+
+    def __init__(self) -> None:
+        self._suspects: dict[int, float] = {}
+        self.reaped = 0
+
+    def sweep(self, known: set[int], now: float) -> bool:
+        """Reap what has been an unknown zombie for GRACE; True if a look is due later."""
+        suspects: dict[int, float] = {}
+        for pid in _children() - known:
+            if not _zombie(pid) or _is_helper(pid):
+                continue
+            first = self._suspects.get(pid, now)
+            if now - first >= self.GRACE:
+                with contextlib.suppress(ChildProcessError, OSError):
+                    if os.waitpid(pid, os.WNOHANG)[0]:
+                        self.reaped += 1
+                        log.debug("reaped adopted orphan pid %d", pid)
+                        continue
+            suspects[pid] = first
+        self._suspects = suspects
+        return bool(suspects)
 
 
 def _is_helper(pid: int) -> bool:
@@ -707,13 +929,27 @@ def _is_helper(pid: int) -> bool:
     return b"forkserver" in cmd or b"resource_tracker" in cmd
 
 
-def _kill_adopted() -> None:
-    """At exit: whatever is still below us (adopted orphans, setsid() escapees) is killed."""
-    for pid in _children():
-        if _is_helper(pid):
-            continue
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(pid, 0)
-
+def _kill_adopted(deadline: float = 5.0) -> int:
+    """At exit: whatever is still below us (adopted orphans, setsid() escapees, their own
+    children) is killed and reaped; helpers (the keeper, the forkserver) end by themselves.
+    Returns how many were killed."""
+    killed = 0
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        helpers = {p for p in _children() if _is_helper(p)}
+        victims = _below(_children() - helpers) - helpers
+        live = [p for p in victims if not _zombie(p)]
+        for pid in live:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        killed += len(live)
+        # Reap ours (killing an escapee hands its children to us: the next round takes them).
+        for pid in _children() - helpers:
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, 0)
+        if not live and not (_children() - helpers):
+            break
+    if killed:
+        log.warning("killed %d process(es) left below corral at exit (orphans or setsid() "
+                    "escapees of the workers)", killed)
+    return killed

@@ -7,6 +7,7 @@ module, so the shape lives in one place. It imports no CLI library.
 from __future__ import annotations
 
 import datetime
+import time
 from typing import Any
 
 from corral.events import Event, ExitRecord, StopReason
@@ -16,6 +17,7 @@ __all__ = [
     "EVENT_SCHEMA",
     "LOG_SCHEMA",
     "STATUS_SCHEMA",
+    "command_event",
     "event_to_json",
     "exit_to_json",
     "program_to_json",
@@ -94,6 +96,31 @@ def status_payload(programs: list[dict[str, Any]], *, pid: int, version: str,
             "corral": {"pid": pid, "version": version, "uptime": round(uptime, 3),
                        "config": config, "socket": socket},
             "programs": programs}
+
+
+def command_event(command: str, args: dict[str, Any], *, uid: int, gid: int, pid: int,
+                  at: float | None = None) -> dict[str, Any]:
+    """A control-socket command as a ``corral.event/1`` of kind ``command``: who asked what.
+
+    Pool events use corral's :class:`~corral.events.EventKind` values; ``command`` is the CLI's
+    own kind, for the commands that change something (queries are not recorded).
+    """
+    program = args.get("program")
+    index = args.get("index")
+    at = time.time() if at is None else at
+    return {
+        "schema": EVENT_SCHEMA, "kind": "command",
+        "pool": program if isinstance(program, str) else None,
+        "index": index if isinstance(index, int) and not isinstance(index, bool) else None,
+        "name": None, "pid": None, "at": at, "time": _iso(at),
+        "reason": None, "exit": None, "delay": None, "standby": False, "dump": None,
+        "message": " ".join([command, *([f"{program}" if not isinstance(index, int)
+                                         else f"{program}:{index}"] if program else []),
+                             *(f"{k}={v}" for k, v in args.items()
+                               if k not in ("program", "index") and v is not None)]),
+        "command": command, "args": args,
+        "caller": {"uid": uid, "gid": gid, "pid": pid},
+    }
 
 
 def event_to_json(ev: Event, *, caller: dict[str, int] | None = None) -> dict[str, Any]:

@@ -1,0 +1,189 @@
+"""The bad-input table: clear errors, and nothing started on a bad file."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import CLI, Corral, toml_argv, worker
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _run(tmp_path: Path, *args: str, socket_path: str | None = None,
+         timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """``corral [--socket S] ARGS`` to completion (for runs that must refuse to start)."""
+    sock = socket_path or str(tmp_path / "sock" / "corral.sock")
+    os.makedirs(os.path.dirname(sock), mode=0o700, exist_ok=True)
+    return subprocess.run([*CLI, "--socket", sock, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=str(tmp_path), start_new_session=True)
+
+
+MARKER_PROGRAM = """
+[program.marker]
+command = ["/bin/sh", "-c", "touch {marker}; exec sleep 600"]
+"""
+
+BAD_FILES = {
+    "bad TOML": ("[program.web\ncommand = ['x']\n", ["c.toml:1: (syntax): expected valid TOML"]),
+    "unknown key": ('[program.web]\ncommand = ["true"]\nnumprocz = 2\n',
+                    ["c.toml:3: program.web.numprocz: expected a known key, got unknown key "
+                     "'numprocz' (did you mean 'numprocs'?)"]),
+    "wrong type": ('[program.web]\ncommand = ["true"]\nnumprocs = "two"\n',
+                   ["c.toml:3: program.web.numprocs: expected an integer >= 0, got 'two' "
+                    "(string)"]),
+    "missing command": ('[program.web]\nnumprocs = 2\n',
+                        ["c.toml:1: program.web: expected a command = [argv...] or a target",
+                         "got neither"]),
+    "command is a string": ('[program.web]\ncommand = "sleep 1"\n',
+                            ["c.toml:2: program.web.command: expected an array of argv "
+                             "strings (or set shell = true"]),
+    "command that does not exist": ('[program.web]\ncommand = ["no-such-program-xyz", "-v"]\n',
+                                    ["program.web.command: expected a program that exists "
+                                     "and is executable, got 'no-such-program-xyz' (not found "
+                                     "in PATH="]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_file_refused_and_nothing_started(tmp_path: Path, case: str) -> None:
+    text, messages = BAD_FILES[case]
+    marker = tmp_path / "started"
+    conf = tmp_path / "c.toml"
+    # Beside the bad program, one that would leave a mark if it ever started.
+    conf.write_text(text if case == "bad TOML" else text + MARKER_PROGRAM.format(marker=marker))
+    check = _run(tmp_path, "check", "-c", str(conf))
+    assert check.returncode == 1
+    for m in messages:
+        assert m in check.stderr, check.stderr
+    run = _run(tmp_path, "run", "-c", str(conf))
+    assert run.returncode == 6, run.stderr
+    for m in messages:
+        assert m in run.stderr
+    assert not marker.exists()
+    assert not (tmp_path / "sock" / "corral.sock").exists()  # not even the control socket
+
+
+def test_check_lists_every_error_with_file_line_key_expected_given(tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text("""\
+socket_name = "a b"
+
+[program.web]
+command = ["python3", "-m", "http.server"]
+numprocs = -1
+stop_timeout = "ten seconds"
+restart = "sometimes"
+ready = "tcp:99999"
+
+[program.jobs]
+target = "not a target"
+depends_on = ["wbe"]
+""")
+    r = _run(tmp_path, "check", "-c", str(conf))
+    assert r.returncode == 1
+    lines = [x.strip() for x in r.stderr.splitlines()]
+    assert lines[0] == f"7 errors in {conf}:"
+    expected = [
+        f"{conf}:1: socket_name: expected a name of letters, digits, '_' and '-', got 'a b'",
+        f"{conf}:5: program.web.numprocs: expected an integer between 0 and 4096, got -1",
+        f"{conf}:6: program.web.stop_timeout: expected a duration",
+        f"{conf}:7: program.web.restart: expected \"always\", \"on-failure\" or \"never\", "
+        "got 'sometimes'",
+        f"{conf}:8: program.web.ready: expected",
+        f"{conf}:11: program.jobs.target: expected \"package.module:function\", got "
+        "'not a target'",
+        f"{conf}:12: program.jobs.depends_on: expected names of programs in this file "
+        "(web, jobs), got 'wbe' (no such program; did you mean 'web'?)",
+    ]
+    for want, got in zip(expected, lines[1:], strict=True):
+        assert got.startswith(want), (want, got)
+
+
+def test_a_command_that_does_not_exist_on_the_command_line(tmp_path: Path) -> None:
+    r = _run(tmp_path, "run", "-n", "2", "--", "./no-such-script.sh", "--flag")
+    assert r.returncode == 2
+    assert "program.no-such-script-sh.command" in r.stderr
+    assert "'./no-such-script.sh' (no executable file relative to" in r.stderr
+    # resolved with the program's own PATH: found there, it starts
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    tool = bindir / "mytool"
+    tool.write_text("#!/bin/sh\nexec sleep 600\n")
+    tool.chmod(0o755)
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[program.t]\ncommand = ["mytool"]\n'
+                    f'env = {{ PATH = "{bindir}:/usr/bin:/bin" }}\n')
+    assert _run(tmp_path, "check", "-c", str(conf)).returncode == 0
+    conf.write_text('[program.t]\ncommand = ["mytool"]\n')
+    r = _run(tmp_path, "check", "-c", str(conf))
+    assert r.returncode == 1 and "'mytool' (not found in PATH=" in r.stderr
+
+
+def test_unknown_program_in_a_verb(corral: Any) -> None:
+    c: Corral = corral("-n", "1", "--name", "web", "--", *worker())
+    c.wait_running(1)
+    for verb in (["stop", "wbe"], ["start", "wbe:0"], ["restart", "wbe"], ["scale", "wbe", "2"],
+                 ["signal", "wbe", "HUP"], ["logs", "wbe"]):
+        r = c.cli(*verb)
+        assert r.returncode == 1, (verb, r.stderr)
+        assert "no program 'wbe'" in r.stderr, (verb, r.stderr)
+        assert "web" in r.stderr or verb[0] == "logs"
+    assert c.cli("status", "wbe").returncode == 4
+
+
+def test_dead_control_socket(tmp_path: Path, corral: Any) -> None:
+    sock_dir = tmp_path / "c-sock"
+    sock_dir.mkdir(mode=0o700)
+    path = str(sock_dir / "corral.sock")
+    # A stale socket file: bound, never served (its process "crashed").
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.close()
+    assert os.path.exists(path)
+    r = _run(tmp_path, "status", socket_path=path)
+    assert r.returncode == 3 and "stale socket, nobody listening" in r.stderr
+    r = _run(tmp_path, "stop", "web", socket_path=path)
+    assert r.returncode == 7 and "not running" in r.stderr
+    r = _run(tmp_path, "status", "--json", socket_path=str(tmp_path / "c-sock" / "none.sock"))
+    assert r.returncode == 3 and '"corral": null' in r.stdout
+    # corral run replaces a stale socket and serves it
+    c: Corral = corral("-n", "1", "--", *worker())
+    assert c.socket == path
+    c.wait_running(1)
+
+
+def test_a_second_corral_on_the_same_socket(tmp_path: Path, corral: Any) -> None:
+    c: Corral = corral("-n", "1", "--name", "first", "--", *worker())
+    c.wait_running(1)
+    marker = tmp_path / "second-started"
+    r = _run(tmp_path, "run", "--", "/bin/sh", "-c", f"touch {marker}; exec sleep 600",
+             socket_path=c.socket)
+    assert r.returncode == 1
+    assert f"another corral (pid {c.pid}) is already serving {c.socket}" in r.stderr
+    assert not marker.exists()
+    c.wait_running(1)  # the first one is untouched
+    assert [p["name"] for p in c.status()["programs"]] == ["first"]
+
+
+def test_socket_directory_must_be_private(tmp_path: Path) -> None:
+    d = tmp_path / "open"
+    d.mkdir(mode=0o755)
+    os.chmod(d, 0o755)
+    r = _run(tmp_path, "run", "--", "sleep", "600", socket_path=str(d / "corral.sock"))
+    assert r.returncode == 1
+    assert "has mode 0755; expected 0700" in r.stderr
+
+
+def test_run_refuses_both_a_command_and_a_file(tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text(f"[program.a]\ncommand = {toml_argv(worker())}\n")
+    r = _run(tmp_path, "run", "-c", str(conf), "--", "sleep", "1")
+    assert r.returncode == 2 and "not both" in r.stderr
+    r = _run(tmp_path, "run", "-n", "2", "-c", str(conf))
+    assert r.returncode == 2 and "go with a command" in r.stderr

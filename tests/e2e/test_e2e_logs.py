@@ -1,0 +1,179 @@
+"""Log capture through ``corral run``: line limits, the console, JSON lines, rotating files
+(and /dev/stdout, never rotated), the ring that ``logs -n`` reads, no lost line under load."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Corral, toml_argv, worker
+from support import wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+STAMP = r"\d\d:\d\d:\d\d\.\d{3}"
+
+
+def test_long_lines_are_split_and_marked(corral: Any) -> None:
+    c: Corral = corral("-n", "1", "--name", "long", "--", *worker("--long-line", "150000"))
+    c.wait_running(1)
+    wait_for(lambda: "tick 0" in c.out(), 10, "the first tick")
+    pieces = [json.loads(x) for x in c.ok("logs", "long", "-n", "100", "--json").splitlines()
+              if '"LLL' in x]
+    assert [len(p["line"]) for p in pieces] == [65536, 65536, 150000 - 2 * 65536]
+    assert [(p.get("more"), p.get("cont")) for p in pieces] == [
+        (True, False), (True, True), (False, True)]
+    out = c.out()
+    assert re.search(rf"{STAMP} long\.0 \|  L{{65536}}\\\n", out)  # marked: goes on
+    assert re.search(rf"{STAMP} long\.0 \| \+ L{{18928}}\n", out)  # marked: continues
+    assert "tick 0" in out  # and the lines after it are untouched
+
+
+def test_console_prefix_timestamps_and_json_lines(corral: Any) -> None:
+    c: Corral = corral("-n", "2", "--name", "web", "--", *worker("--stderr", "oops"))
+    c.wait_running(2)
+    wait_for(lambda: "web.1 |! oops" in c.out(), 10, "web.1's stderr line")
+    out = c.out()
+    assert re.search(rf"^{STAMP} web\.0 \|  start index 0 pid \d+", out, re.M)
+    assert re.search(rf"^{STAMP} web\.1 \|! oops$", out, re.M)
+    assert "\x1b[" not in out  # not a TTY: no colours
+    j: Corral = corral("-n", "1", "--name", "js", "--json-logs", "--", *worker(), name="j")
+    j.wait_running(1)
+    wait_for(lambda: "tick 1" in j.out(), 10, "two ticks")
+    objs = [json.loads(x) for x in j.out().splitlines()]
+    assert {"ts", "program", "index", "pid", "stream", "line"} <= set(objs[0])
+    assert objs[0]["program"] == "js" and objs[0]["line"].startswith("start index 0")
+    own = [json.loads(x) for x in j.err().splitlines() if x.startswith("{")]
+    assert any(o["program"] == "corral" and "started" in o["line"] for o in own)
+
+
+def test_colours_on_a_tty(corral: Any) -> None:
+    master, slave = pty.openpty()
+    try:
+        c: Corral = corral("-n", "1", "--name", "tty", "--", *worker("--stderr", "red"),
+                           stdout=slave)
+        os.close(slave)
+        slave = -1
+        c.wait_running(1)
+        seen = b""
+        deadline = time.monotonic() + 15
+        while b"tick 1" not in seen and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 65536)
+        assert b"tick 1" in seen
+        assert re.search(rb"\x1b\[\d+mtty\.0 \|", seen)  # the label in its colour
+        assert b"\x1b[31m!" in seen  # stderr marked red
+        c.stop()
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+
+
+def test_rotating_file_per_program(corral: Any, tmp_path: Path) -> None:
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    c: Corral = corral(config=f"""
+[log]
+file = "{logdir}/{{program}}.log"
+max_bytes = "2KiB"
+backups = 2
+
+[program.chatty]
+command = {toml_argv(worker("--every", "0.005"))}
+""")
+    c.wait_running(1)
+    path = logdir / "chatty.log"
+    wait_for(lambda: (logdir / "chatty.log.2").exists(), 20, "two rotations")
+    time.sleep(0.3)  # a few more rotations: .3 must never appear
+    names = sorted(p.name for p in logdir.iterdir())
+    assert names == ["chatty.log", "chatty.log.1", "chatty.log.2"]
+    for p in logdir.iterdir():
+        assert p.stat().st_size <= 2048, p
+    line = path.read_text().splitlines()[0]
+    assert re.match(rf"^\d{{4}}-\d\d-\d\d {STAMP} chatty\.0 \|  tick \d+", line), line
+
+
+def test_dev_stdout_is_never_seeked_or_rotated(corral: Any, tmp_path: Path) -> None:
+    """supervisord #1078: logfile=/dev/stdout fails with "Illegal seek". corral's stdout is a
+    pipe here, the file sink writes to it too, with a tiny max_bytes: no seek, no rotation."""
+    r, w = os.pipe()
+    got = bytearray()
+    stop = threading.Event()
+
+    def drain() -> None:
+        while not stop.is_set():
+            if select.select([r], [], [], 0.2)[0]:
+                chunk = os.read(r, 65536)
+                if not chunk:
+                    return
+                got.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        c: Corral = corral(config=f"""
+[program.out]
+command = {toml_argv(worker("--every", "0.01"))}
+log = {{ file = "/dev/stdout", max_bytes = 100, backups = 1 }}
+""", stdout=w)
+        os.close(w)
+        w = -1
+        c.wait_running(1)
+        wait_for(lambda: bytes(got).count(b"tick 20") >= 2, 20, "tick 20 twice (both sinks)")
+        text = bytes(got).decode()
+        assert re.search(rf"^{STAMP} out\.0 \|  tick 20 ", text, re.M)  # console
+        assert re.search(rf"^\d{{4}}-\d\d-\d\d {STAMP} out\.0 \|  tick 20 ", text, re.M)
+        assert c.stop() == 0
+        assert "seek" not in c.err().lower() and "rotat" not in c.err()
+        assert not list(tmp_path.glob("*.1"))
+    finally:
+        stop.set()
+        if w >= 0:
+            os.close(w)
+        reader.join(5)
+        os.close(r)
+
+
+def test_no_lost_line_with_4_fast_workers(corral: Any, tmp_path: Path) -> None:
+    """4 workers x 10,000 numbered lines, as fast as the pipes take them: every line arrives
+    once, in order, in the JSON log file (the bench measures the rate)."""
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    c: Corral = corral(config=f"""
+[log]
+console = false
+file = "{logdir}/{{program}}.log"
+file_json = true
+max_bytes = 0
+
+[program.fast]
+command = {toml_argv(worker("--stream", "10000", "1"))}
+numprocs = 4
+restart = "never"
+""")
+    wait_for(lambda: (logdir / "fast.log").exists()
+             and (logdir / "fast.log").read_text().count('"line": "done ') == 4, 60,
+             "4 workers done")
+    seqs: dict[int, list[int]] = {i: [] for i in range(4)}
+    for raw in (logdir / "fast.log").read_text().splitlines():
+        obj = json.loads(raw)
+        if obj["line"].startswith("seq "):
+            _, idx, n, _pad = obj["line"].split(" ")
+            assert int(idx) == obj["index"]
+            seqs[obj["index"]].append(int(n))
+    for i in range(4):
+        assert seqs[i] == list(range(10000)), f"worker {i}: {len(seqs[i])} lines"
+    assert c.out() == ""  # console = false
+    # the ring keeps the tail (1000 lines per worker by default)
+    tail = c.ok("logs", "fast:2", "-n", "1000").splitlines()
+    assert len(tail) == 1000 and any(x.endswith("|  done 10000") for x in tail)
