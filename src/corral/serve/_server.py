@@ -430,10 +430,10 @@ class Server:
         def start_process(req: Any) -> Any:
             if zygote is not None:
                 return zygote.fork(req.boot, ())
+            import multiprocessing
+
             from corral._bootstrap import run_worker
             from corral.process import WorkerProcess
-
-            import multiprocessing
 
             ctx = multiprocessing.get_context(method)
             return WorkerProcess.start(ctx, run_worker,
@@ -442,9 +442,9 @@ class Server:
 
         name = self._pool_name(gen)
         if method == "forkserver":
-            from corral._spawner import preload_for_forkserver
-
             import multiprocessing
+
+            from corral._spawner import preload_for_forkserver
 
             preload_for_forkserver(multiprocessing.get_context("forkserver"),
                                    ["corral.serve._worker", "uvicorn"])
@@ -553,7 +553,7 @@ class Server:
                                    f"within ready_timeout={opts.ready_timeout:g}s")
                 return
         new_ready, _ = new.counts()
-        old_ready, old_alive = old.counts() if old is not None else (0, 0)
+        old_alive = old.counts()[1] if old is not None else 0
         new_target, old_target = plan(
             opts.workers, opts.max_surge, opts.max_unavailable, old_alive=old_alive,
             old_target=old.target if old is not None else 0, new_target=new.target,

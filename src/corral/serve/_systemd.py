@@ -43,6 +43,7 @@ class Notifier:
         self.watchdog_interval = _notify.watchdog_interval(self.env) if self.enabled else None
         self.sent: list[str] = []  # what was sent (for status and tests)
         self._is_ready = False
+        self._last_status = ""
 
     def _send(self, **fields: object) -> None:
         if not self.enabled:
@@ -52,10 +53,14 @@ class Notifier:
 
     def ready(self, status: str) -> None:
         self._is_ready = True
+        self._last_status = status
         self._send(READY=1, STATUS=status)
 
     def status(self, text: str) -> None:
-        self._send(STATUS=text)
+        """STATUS=text, only when it changed (it is recomputed after every loop round)."""
+        if text != self._last_status:
+            self._last_status = text
+            self._send(STATUS=text)
 
     def reloading(self, status: str) -> None:
         if self.enabled:

@@ -109,8 +109,7 @@ def detect_interface(app: Any) -> str:
     """
     if not callable(app):
         raise TypeError(f"the app must be an ASGI or WSGI callable, got {app!r}")
-    fn = app if inspect.isfunction(app) or inspect.ismethod(app) else getattr(
-        app, "__call__", app)
+    fn = app if inspect.isfunction(app) or inspect.ismethod(app) else type(app).__call__
     if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(app):
         return "asgi"
     if inspect.isclass(app):
@@ -172,7 +171,7 @@ def preload(init: WorkerInit) -> Preloaded:
 def _server_class() -> type[Any]:
     import uvicorn
 
-    class CorralServer(uvicorn.Server):  # type: ignore[misc]
+    class CorralServer(uvicorn.Server):
         """uvicorn's server with readiness from inside and a drain that drops nothing."""
 
         def __init__(self, config: Any, init: WorkerInit) -> None:

@@ -504,7 +504,7 @@ def _serve_forks(ctl: socket.socket, bootstrap: Any, worker: Any) -> None:
                 # The supervisor is gone, or retired us: our children (if any) follow by their
                 # parent-death signal.
                 os._exit(0)
-            (kind, req, boot, args, nfds), fds = msg
+            (_, req, boot, args, _), fds = msg
             try:
                 pid = os.fork()
             except OSError as exc:
