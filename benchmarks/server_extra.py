@@ -18,9 +18,10 @@ benchmarks/results/server_extra.{json,md}. Every process started is killed by pi
   code and time against ready_timeout + 1 s, failed requests (0 wanted), the old generation
   still serving;
 - SIGKILL: a worker SIGKILLed under 300 req/s: failed requests (only its in-flight ones), and
-  kill -> the replacement accepting (its readiness), against 2x a zygote fork; with the app's
-  1 s lifespan start-up the replacement cannot accept sooner than that, so this row runs the
-  app with a 0 s start-up (BENCH_STARTUP_S=0).
+  kill -> the replacement accepting (the listener appears in its epoll set, read from
+  /proc/PID/fdinfo), against 2x a zygote fork. With the app's 1 s lifespan start-up only a hot
+  standby (forked from the zygote, start-up already run) can be that quick: one row with
+  --standby 1 and the 1 s start-up, one without a standby and a 0 s start-up.
 """
 
 from __future__ import annotations
@@ -271,33 +272,62 @@ def broken_deploy(tmp: str, rate: float, ready_timeout: float) -> dict[str, Any]
 # ---------------------------------------------------------------------------- SIGKILL
 
 
-def sigkill(tmp: str, rate: float, kills: int) -> dict[str, Any]:
+def listener_inode(port: int) -> int:
+    """The inode of the listening TCP socket on ``port`` (from /proc/net/tcp)."""
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            parts = line.split()
+            if parts[3] == "0A" and int(parts[1].split(":")[1], 16) == port:
+                return int(parts[9])
+    raise RuntimeError(f"no listener on port {port}")
+
+
+def accepting(pid: int, inode: int) -> bool:
+    """``pid`` has the listener registered in one of its epoll sets: its server accepts."""
+    needle = f"ino:{inode:x}"
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                text = f.read()
+                if "tfd:" in text and needle in text:
+                    return True
+    except OSError:
+        return False
+    return False
+
+
+def sigkill(tmp: str, rate: float, kills: int, standby: int, startup: str) -> dict[str, Any]:
     port = server_peers.free_port()
-    ready_dir = tempfile.mkdtemp(dir=tmp)
-    proc, _ = _serve(tmp, "server_app:app", 2, port,
-                     env={"BENCH_READY_DIR": ready_dir, "BENCH_STARTUP_S": "0",
-                          "PYTHONPATH": str(HERE)})
+    proc, _ = _serve(tmp, "server_app:app", 2, port, extra=["--standby", str(standby)],
+                     env={"BENCH_STARTUP_S": startup, "PYTHONPATH": str(HERE)})
     load = None
     took: list[float] = []
     try:
-        _wait(lambda: len(set(_workers(proc.pid)) & _ready_pids(ready_dir)) == 2, 60,
+        _wait(lambda: server_peers.http_ok(port) and len(_workers(proc.pid)) == 2, 60,
               "2 workers")
+        inode = listener_inode(port)
+        _wait(lambda: all(accepting(p, inode) for p in _workers(proc.pid)), 30,
+              "both workers accepting")
+        time.sleep(float(startup) + 1.5)  # the standby warmed up too
         load, out = _load(port, tmp, rate)
         time.sleep(2)
         for _ in range(kills):
-            victim = _workers(proc.pid)[0]
             before = set(_workers(proc.pid))
+            victim = sorted(before)[0]
             t = time.monotonic()
             os.kill(victim, signal.SIGKILL)
-            # Accepting: the replacement's server is up (its ready marker is written by the
-            # lifespan start-up, just before uvicorn creates its server; readiness to corral
-            # follows within a loop iteration).
-            _wait(lambda b=before: (set(_workers(proc.pid)) - b) & _ready_pids(ready_dir),
-                  30, "the replacement")
-            marker_at = max(float(Path(ready_dir, str(p)).read_text())
-                            for p in (set(_workers(proc.pid)) - before) & _ready_pids(ready_dir))
-            took.append(marker_at - t)
-            time.sleep(1.0)
+            found = None
+            while found is None and time.monotonic() - t < 30:
+                for pid in set(_workers(proc.pid)) - before:
+                    if accepting(pid, inode):
+                        found = time.monotonic()
+                        break
+                else:
+                    time.sleep(0.0002)
+            if found is None:
+                raise RuntimeError("no replacement accepting within 30 s")
+            took.append(found - t)
+            time.sleep(float(startup) + 1.5)  # a new standby warms up
         result = _end_load(load, out)
         load = None
         st = result.stats_between()
@@ -307,9 +337,11 @@ def sigkill(tmp: str, rate: float, kills: int) -> dict[str, Any]:
             load.wait()
         server_peers.kill_tree(proc.pid, 10)
         proc.wait()
-    return {"kills": kills, "sent": st.sent, "failed": st.failed, "failures": st.failures,
+    return {"kills": kills, "standby": standby, "startup_s": float(startup), "sent": st.sent,
+            "failed": st.failed, "failures": {k: v for k, v in st.failures.items() if v},
             "replacement_ms_median": round(statistics.median(took) * 1000, 2),
-            "replacement_ms_max": round(max(took) * 1000, 2)}
+            "replacement_ms_max": round(max(took) * 1000, 2),
+            "replacement_ms": [round(x * 1000, 2) for x in took]}
 
 
 def main() -> int:
@@ -329,8 +361,10 @@ def main() -> int:
             for name, fn in (("start", lambda: start_cost(tmp)), ("pss", lambda: pss(tmp)),
                              ("broken", lambda: broken_deploy(tmp, args.rate,
                                                               args.ready_timeout)),
+                             ("sigkill_standby", lambda: sigkill(
+                                 tmp, args.rate, 2 if args.quick else 5, 1, "1.0")),
                              ("sigkill", lambda: sigkill(tmp, args.rate,
-                                                         2 if args.quick else 5))):
+                                                         2 if args.quick else 5, 0, "0"))):
                 t = time.monotonic()
                 try:
                     report[name] = fn()
@@ -347,7 +381,43 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    return 0
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    return 1 if any(isinstance(v, dict) and "error" in v for v in report.values()) else 0
+
+
+def markdown(r: dict[str, Any]) -> str:
+    lines = [f"corral serve extras ({r['meta'].get('seconds')} s; load average "
+             f"{r['meta'].get('loadavg_start')} at start, {r['meta'].get('loadavg_end')} at "
+             "end)", ""]
+    start = r.get("start", {})
+    lines += ["| start method | request -> worker's first line, median (min-max) |", "|---|---|"]
+    for m in ("zygote", "forkserver", "spawn"):
+        x = start.get(m, {})
+        lines.append(f"| {m} | " + (f"{x['median_ms']:.2f} ms ({x['min_ms']:.2f}-"
+                                    f"{x['max_ms']:.2f})" if "median_ms" in x
+                                    else str(x.get("error", "-"))[:80]) + " |")
+    p = r.get("pss", {})
+    lines += ["", f"PSS of 8 workers: zygote {p.get('zygote', {}).get('pss_mib')} MiB, spawn "
+              f"{p.get('spawn', {}).get('pss_mib')} MiB, ratio {p.get('ratio')} (target <= 0.6)"]
+    b = r.get("broken", {})
+    for case in ("import error", "never ready"):
+        x = b.get(case, {})
+        lines.append(f"- broken deploy, {case}: `corral reload` exit {x.get('exit_code')} after "
+                     f"{x.get('seconds')} s (limit {x.get('limit_s')} s), old workers kept "
+                     f"{x.get('old_workers_kept')}")
+    req = b.get("requests", {})
+    lines.append(f"- broken deploys: {req.get('failed')} failed of {req.get('sent')} requests")
+    zyg = start.get("zygote", {}).get("median_ms")
+    for key, what in (("sigkill_standby", "standby=1, the app's 1 s start-up"),
+                      ("sigkill", "no standby, a 0 s start-up")):
+        k = r.get(key, {})
+        lines.append(f"- SIGKILL x{k.get('kills')} under load ({what}): {k.get('failed')} "
+                     f"failed of {k.get('sent')} ({k.get('failures')}); kill -> replacement "
+                     f"accepting {k.get('replacement_ms_median')} ms median, "
+                     f"{k.get('replacement_ms_max')} max (2x a zygote fork = "
+                     f"{round(2 * zyg, 2) if zyg else '-'} ms)")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

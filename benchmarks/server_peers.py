@@ -196,7 +196,7 @@ def server_command(peer: str, workers: int, port: int) -> list[str]:
                 "server_app:app"]
     if peer == "corral":
         # corral serve: a zygote per generation, readiness-gated rolling reload on HUP.
-        sock = os.path.join(tempfile.gettempdir(), f"corral-bench-{os.getpid()}.sock")
+        sock = os.path.join(tempfile.mkdtemp(prefix="corral-bench-"), "ctl.sock")  # 0700
         return [PY, "-m", "corral.cli.main", "--socket", sock, "serve", "server_app:app",
                 "--workers", str(workers), "--bind", f"127.0.0.1:{port}",
                 "--log-level", "warning"]

@@ -5,6 +5,7 @@ systemd messages in order, and nothing is left behind."""
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import shutil
 import signal
@@ -320,3 +321,71 @@ def test_systemd_messages_in_order(tmp_path: Path, serve: list[Serve]) -> None:
     assert any("EXTEND_TIMEOUT_USEC=" in m for m in messages[stop_at:])
     # Workers never inherit the notify socket.
     assert "NOTIFY_SOCKET" not in s.text()
+
+
+def test_max_requests_recycles_through_the_surge(tmp_path: Path, serve: list[Serve]) -> None:
+    """A worker past max_requests is replaced by one started (and ready) first: no request
+    fails, and there are never more than N + 1 workers."""
+    s = Serve(tmp_path, "asgi_app:app", "--max-requests", "15", workers=1)
+    serve.append(s)
+    first = s.wait_serving()
+    load = Load(s.port)
+    most = 0
+    try:
+        def recycled() -> bool:
+            nonlocal most
+            most = max(most, len(s.workers()))
+            return len(load.pids) >= 3
+
+        wait_for(recycled, 30, "two recycles")
+    finally:
+        load.stop()
+    assert not load.failed, load.failed[:5]
+    assert most <= 2
+    assert not first & s.workers()
+    assert "max_requests" in s.text()
+    assert s.stop() == 0
+
+
+def test_standby_replaces_a_killed_worker(tmp_path: Path, serve: list[Serve]) -> None:
+    """A hot standby forked from the zygote, its app start-up already run, takes a killed
+    worker's place: serving again well before the app's 2 s start-up would allow."""
+    s = Serve(tmp_path, "asgi_app:app", "--standby", "1", env={"TEST_APP_STARTUP": "2"})
+    serve.append(s)
+    first = s.wait_serving()
+
+    def standby_ready() -> bool:
+        # Booted ahead, its start-up done: a negative index, RUNNING, in `corral status`.
+        res = subprocess.run([*CORRAL, "--socket", s.sock, "status", "--json"],
+                             capture_output=True, text=True, timeout=30)
+        try:
+            programs = json.loads(res.stdout)["programs"]
+        except (ValueError, KeyError):
+            return False
+        return any(w["index"] < 0 and w["state"] == "running"
+                   for p in programs for w in p["workers"])
+
+    wait_for(standby_ready, 20, "a warm standby", interval=0.1)
+    victim = min(first)
+    t = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(s.workers()) == 2 and victim not in s.workers(), 10,
+             "the replacement")
+    took = time.monotonic() - t
+    assert took < 1.5, f"replaced after {took:.2f}s: the 2 s start-up was not skipped"
+    assert "takes the place" in s.text()
+    assert s.stop() == 0
+
+
+def test_a_dead_zygote_is_replaced_by_a_new_generation(tmp_path: Path,
+                                                       serve: list[Serve]) -> None:
+    s = Serve(tmp_path, "asgi_app:app")
+    serve.append(s)
+    first = s.wait_serving()
+    zygotes = [p.pid for p in s.tree() if "zygote" in " ".join(p.cmdline())]
+    assert len(zygotes) == 1
+    os.kill(zygotes[0], signal.SIGKILL)
+    wait_for(lambda: len(s.workers()) == 2 and not first & s.workers() and _ok(s.port), 30,
+             "a new generation serving")
+    assert "died" in s.text()
+    assert s.stop() == 0

@@ -41,6 +41,8 @@ def _options(fn: Any) -> Any:
         click.option("--max-memory", default=None, metavar="SIZE", help="e.g. 512MiB"),
         click.option("--max-age", default=None, metavar="DURATION", help="e.g. 1h"),
         click.option("--min-ready", type=click.IntRange(1), default=None),
+        click.option("--standby", type=click.IntRange(0), default=None,
+                     help="Hot standbys forked ahead with the app's start-up done."),
         click.option("--app-dir", default=None, type=click.Path(file_okay=False)),
         click.option("--name", default=None, help="The program's name (default: web)."),
         click.option("--log-level", default="warning", show_default=True,

@@ -72,6 +72,9 @@ class ServeOptions:
         app_dir: put first on sys.path (default: the current directory).
         uvicorn: more ``uvicorn.Config`` keywords (log_level, http, loop, ...).
         name: the program's name (logs, process titles, systemd units).
+        standby: hot standbys per generation, forked from the zygote with the app's lifespan
+            start-up already run: a killed or recycled worker is replaced by one that accepts
+            within about a millisecond. Each costs a process (mostly shared memory).
     """
 
     app: str
@@ -95,6 +98,7 @@ class ServeOptions:
     uvicorn: dict[str, Any] = field(default_factory=dict)
     name: str = "web"
     backlog: int = _listeners.DEFAULT_BACKLOG
+    standby: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.app, str) or ":" not in self.app:
@@ -126,6 +130,10 @@ class ServeOptions:
                 raise ValueError(f"min_ready must be <= workers ({self.workers}), got "
                                  f"{self.min_ready}")
         v.number("idle_grace", self.idle_grace)
+        v.integer("standby", self.standby)
+        if self.standby and self.start_method != "zygote":
+            raise ValueError("standby needs start_method='zygote' (a standby is forked from "
+                             f"the generation's zygote), got {self.start_method!r}")
         if not self.app_dir:
             object.__setattr__(self, "app_dir", os.getcwd())
 
@@ -240,6 +248,9 @@ class Server:
                  notifier: Notifier | None = None, control_socket: str | None = None,
                  listeners: list[Listener] | None = None) -> None:
         self.options = options
+        # Hosted (later: `corral run` with [serve.NAME]): the host drives the reactor and
+        # calls advance() after each round; the reactor stays the host's.
+        self._own_reactor = reactor is None
         self.reactor: Reactor[Any] = reactor or Reactor(f"serve {options.name}")
         self.notifier = notifier or Notifier()
         self.control_socket = control_socket
@@ -317,6 +328,18 @@ class Server:
 
     # -------------------------------------------------------------------------------- run
 
+    def begin(self) -> None:
+        """Hosted use: bind (or adopt), then start generation 1; the host then calls
+        :meth:`advance` after each round of its reactor, :meth:`reload`, :meth:`stop`, and
+        :meth:`close` once :attr:`done`.
+
+        Raises:
+            OSError, ValueError: a listener could not be bound.
+        """
+        self.open_listeners()
+        self._start_watchdog()
+        self.reload("start")
+
     def run(self) -> int:
         """Bind, start generation 1, serve until stopped; the exit code."""
         try:
@@ -366,8 +389,9 @@ class Server:
         self._signals.clear()
         _listeners.close_all(self.listeners)
         self.listeners = []
-        with contextlib.suppress(Exception):
-            self.reactor.close()
+        if self._own_reactor:
+            with contextlib.suppress(Exception):
+                self.reactor.close()
 
     # -------------------------------------------------------------------------- generations
 
@@ -428,6 +452,22 @@ class Server:
         method = "spawn" if opts.start_method == "zygote" else opts.start_method
 
         def start_process(req: Any) -> Any:
+            if zygote is not None and req.standby is not None:
+                import multiprocessing
+
+                from corral.process import own_fd
+
+                ours, theirs = multiprocessing.Pipe(duplex=True)
+                own_fd(ours.fileno())
+                try:
+                    child = zygote.fork(req.boot, (), fds=[theirs.fileno()])
+                except BaseException:
+                    ours.close()
+                    raise
+                finally:
+                    theirs.close()
+                req.standby.pending_conn = ours
+                return child
             if zygote is not None:
                 return zygote.fork(req.boot, ())
             import multiprocessing
@@ -453,6 +493,10 @@ class Server:
             names=_Names(opts.name, gen.number), ready_when="ready",
             startup_timeout=opts.ready_timeout, stop_timeout=opts.graceful_timeout + 5.0,
             stop_signal=signal.SIGTERM, max_memory=None, max_age=None,
+            standby=opts.standby,
+            # A worker that served for a second and died is replaced at once (a server's
+            # workers live long; a crash loop still backs off and meets the budget).
+            backoff=corral.Backoff(initial=0.1, cap=10.0, reset_after=1.0),
             _host=self.reactor, _start_process=start_process)
         gen.target = workers
         now = time.monotonic()
@@ -510,6 +554,15 @@ class Server:
         self._retire_finished()
         self._count_processes()
         if not self.stopping and self.reload_state is None:
+            zygote = self.current.zygote if self.current is not None else None
+            if zygote is not None and zygote.dead and not zygote.retiring:
+                # Its workers died with it (their parent-death signal): a new generation
+                # from a new zygote, through the same path as a reload.
+                log.error("serve %s: the zygote of generation %d (pid %s) died; starting a "
+                          "new generation", self.options.name, self.current.number, zygote.pid)
+                zygote.retiring = True
+                self.reload("the zygote died")
+                return
             self._advance_recycling()
         if self.on_change is not None:
             self.on_change()

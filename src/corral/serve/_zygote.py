@@ -566,7 +566,7 @@ def _child(ctl: socket.socket, wake: tuple[int, int], zygote_pid: int, boot: Any
             from multiprocessing.connection import Connection
 
             bootstrap.run_standby(cfg, _serve_target(worker, sockets), Connection(fds[0]),
-                                  args[0] if args else None)
+                                  worker.warm_up)
         else:
             bootstrap.run_worker(cfg, _serve_target(worker, sockets), ())
         code = 0
