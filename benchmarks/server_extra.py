@@ -98,23 +98,22 @@ else:
     ctx = multiprocessing.get_context(method)
     if method == "forkserver":
         ctx.set_forkserver_preload(["corral._bootstrap", "corral.serve._worker"])
-    r, w = os.pipe()
+    r, w = multiprocessing.Pipe(duplex=False)  # reaches forkserver/spawn children too
     from bench_first_line import first_line
     for i in range(20):
         t = time.monotonic()
         p = WorkerProcess.start(ctx, first_line, (w, "server_app"), "b", False)
-        os.read(r, 1)
+        r.recv_bytes()
         times.append(time.monotonic() - t)
         p.kill_and_reap()
 print(json.dumps({"median_ms": statistics.median(times) * 1000,
                   "min_ms": min(times) * 1000, "max_ms": max(times) * 1000}))
 """
 
-_FIRST_LINE = '''import os
-def first_line(fd, module):
+_FIRST_LINE = '''def first_line(conn, module):
     __import__("uvicorn")  # what a worker of this method must import before serving
     __import__(module)
-    os.write(fd, b"x")
+    conn.send_bytes(b"x")
 '''
 
 

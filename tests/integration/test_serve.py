@@ -116,12 +116,27 @@ class Serve:
 def serve(tmp_path: Path) -> Iterator[list[Serve]]:
     started: list[Serve] = []
     yield started
-    for s in started:
-        s.cleanup()
-    for s in started:
-        left = [p for p in s.seen if p != s.proc.pid and psutil.pid_exists(p)
-                and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        assert not left, f"left alive: {left}\n{s.text()[-2000:]}"
+    # Whatever a test's corral serve left running (it should leave nothing: checked first,
+    # before the kill; helpers such as spawn's resource tracker leave on EOF, soon after).
+    try:
+        for s in started:
+            if s.proc.poll() is not None:
+                wait_for(lambda s=s: not _alive(s.seen - {s.proc.pid}), 10,
+                         f"every process of corral serve gone ({_alive(s.seen)})")
+    finally:
+        for s in started:
+            s.cleanup()
+
+
+def _alive(pids: set[int]) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
 
 
 class Load:

@@ -240,13 +240,15 @@ class Server:
     Args:
         options: what to serve.
         reactor: the loop to run on (default: a new one, driven by :meth:`run`).
+        io: hosted: ``io(pool_name)`` gives each generation's pool its WorkerIO.
         notifier: systemd messages (default: from the environment).
         control_socket: a path for ``corral reload``/``status`` (None: no control socket).
     """
 
     def __init__(self, options: ServeOptions, *, reactor: Reactor[Any] | None = None,
                  notifier: Notifier | None = None, control_socket: str | None = None,
-                 listeners: list[Listener] | None = None) -> None:
+                 listeners: list[Listener] | None = None,
+                 io: Callable[[str], Any] | None = None) -> None:
         self.options = options
         # Hosted (later: `corral run` with [serve.NAME]): the host drives the reactor and
         # calls advance() after each round; the reactor stays the host's.
@@ -255,6 +257,9 @@ class Server:
         self.notifier = notifier or Notifier()
         self.control_socket = control_socket
         self.listeners: list[Listener] = listeners or []
+        # Hosted: io(pool_name) -> the WorkerIO of a generation's pool (log pipes: a zygote's
+        # workers open them through /proc like every worker).
+        self._io = io
         self.generations: list[Generation] = []
         self.current: Generation | None = None
         self.reload_state: Reload | None = None
@@ -497,7 +502,8 @@ class Server:
             # A worker that served for a second and died is replaced at once (a server's
             # workers live long; a crash loop still backs off and meets the budget).
             backoff=corral.Backoff(initial=0.1, cap=10.0, reset_after=1.0),
-            _host=self.reactor, _start_process=start_process)
+            _host=self.reactor, _start_process=start_process,
+            _io=self._io(name) if self._io is not None else None)
         gen.target = workers
         now = time.monotonic()
         gen.wanted_at = dict.fromkeys(range(workers), now)
@@ -554,12 +560,14 @@ class Server:
         self._retire_finished()
         self._count_processes()
         if not self.stopping and self.reload_state is None:
-            zygote = self.current.zygote if self.current is not None else None
-            if zygote is not None and zygote.dead and not zygote.retiring:
+            current = self.current
+            zygote = current.zygote if current is not None else None
+            if current is not None and zygote is not None and zygote.dead and (
+                    not zygote.retiring):
                 # Its workers died with it (their parent-death signal): a new generation
                 # from a new zygote, through the same path as a reload.
                 log.error("serve %s: the zygote of generation %d (pid %s) died; starting a "
-                          "new generation", self.options.name, self.current.number, zygote.pid)
+                          "new generation", self.options.name, current.number, zygote.pid)
                 zygote.retiring = True
                 self.reload("the zygote died")
                 return
@@ -632,7 +640,10 @@ class Server:
             log.info("serve %s: reload done in %.2fs: generation %d serves (%d workers)",
                      self.options.name, time.monotonic() - state.began, new.number,
                      self.options.workers)
-        self._announce_ready(self.options.workers)
+        if old is not None or not self._announced_ready:
+            self._announce_ready(self.options.workers)
+        else:
+            self.notifier.status(self._status_line())
         for waiter in state.waiters:
             waiter(None)
 
@@ -869,7 +880,9 @@ class Server:
                        (mon._build_status() if mon is not None else ())]
             programs.append(schema.program_to_json(self._pool_name(gen), "serve", workers,
                                                    numprocs=gen.target, gave_up=False))
-        return schema.status_payload(programs, pid=os.getpid(), version="serve",
+        import corral
+
+        return schema.status_payload(programs, pid=os.getpid(), version=corral.__version__,
                                      uptime=0.0, config=None, socket=self.control_socket)
 
 
