@@ -301,6 +301,7 @@ def sigkill(tmp: str, rate: float, kills: int, standby: int, startup: str) -> di
                      env={"BENCH_STARTUP_S": startup, "PYTHONPATH": str(HERE)})
     load = None
     took: list[float] = []
+    kill_times: list[float] = []
     try:
         _wait(lambda: server_peers.http_ok(port) and len(_workers(proc.pid)) == 2, 60,
               "2 workers")
@@ -315,6 +316,7 @@ def sigkill(tmp: str, rate: float, kills: int, standby: int, startup: str) -> di
             victim = sorted(before)[0]
             t = time.monotonic()
             os.kill(victim, signal.SIGKILL)
+            kill_times.append(t)
             found = None
             while found is None and time.monotonic() - t < 30:
                 for pid in set(_workers(proc.pid)) - before:
@@ -330,13 +332,26 @@ def sigkill(tmp: str, rate: float, kills: int, standby: int, startup: str) -> di
         result = _end_load(load, out)
         load = None
         st = result.stats_between()
+        # Each failed request against the kill before it: sent before the kill (in flight
+        # in the victim) or after (the replacement's fault).
+        offsets = []
+        for sched, outcome in zip(result.sched, result.outcome, strict=True):
+            if outcome == loadgen.OK:
+                continue
+            at = result.t0 + sched
+            nearest = min(kill_times, key=lambda k, at=at: abs(at - k), default=None)
+            offsets.append(None if nearest is None else round((at - nearest) * 1000, 1))
     finally:
         if load is not None:
             load.kill()
             load.wait()
         server_peers.kill_tree(proc.pid, 10)
         proc.wait()
-    return {"kills": kills, "standby": standby, "startup_s": float(startup), "sent": st.sent,
+    sent_after = [o for o in offsets if o is not None and o > 0]
+    return {"kills": kills, "standby": standby,
+            "failed_sent_before_kill": len(offsets) - len(sent_after),
+            "failed_sent_after_kill": len(sent_after),
+            "failed_offsets_ms": offsets, "startup_s": float(startup), "sent": st.sent,
             "failed": st.failed, "failures": {k: v for k, v in st.failures.items() if v},
             "replacement_ms_median": round(statistics.median(took) * 1000, 2),
             "replacement_ms_max": round(max(took) * 1000, 2),
@@ -412,7 +427,9 @@ def markdown(r: dict[str, Any]) -> str:
                       ("sigkill", "no standby, a 0 s start-up")):
         k = r.get(key, {})
         lines.append(f"- SIGKILL x{k.get('kills')} under load ({what}): {k.get('failed')} "
-                     f"failed of {k.get('sent')} ({k.get('failures')}); kill -> replacement "
+                     f"failed of {k.get('sent')} ({k.get('failures')}; sent before the kill: "
+                     f"{k.get('failed_sent_before_kill')}, after: "
+                     f"{k.get('failed_sent_after_kill')}); kill -> replacement "
                      f"accepting {k.get('replacement_ms_median')} ms median, "
                      f"{k.get('replacement_ms_max')} max (2x a zygote fork = "
                      f"{round(2 * zyg, 2) if zyg else '-'} ms)")
