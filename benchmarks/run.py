@@ -428,6 +428,8 @@ NOTES = [
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions, no 512 (< 1 min)")
+    ap.add_argument("--no-server", action="store_true",
+                    help="skip the server scenario (server_peers.py, server_extra.py)")
     ap.add_argument("--only", default=None, help="run only jobs whose title contains this")
     ap.add_argument("--timeout", type=float, default=None,
                     help="overall limit, seconds (default 240 quick, 1200 full)")
@@ -549,7 +551,17 @@ def main() -> int:
     png = "latency.png" if stem == "latest" else f"{stem}.png"
     print(f"\nwrote {RESULTS.relative_to(ROOT)}/{stem}.json, {stem}.md, {png} "
           f"({elapsed:.0f} s)")
-    return 1 if interrupted or all_errors else 0
+    server_rc = 0
+    if not (args.only or args.no_server or interrupted):
+        # Server mode (issue 12): corral serve beside uvicorn --workers and gunicorn with
+        # uvicorn workers, reloaded under load; then start cost, PSS, a broken deploy, a kill.
+        # Both scripts run in benchmarks/.venv-server (same venv for every server).
+        print("\nserver scenario: corral serve, uvicorn --workers, gunicorn + UvicornWorker",
+              flush=True)
+        for script in ("server_peers.py", "server_extra.py"):
+            cmd = [sys.executable, str(HERE / script), *(["--quick"] if args.quick else [])]
+            server_rc |= subprocess.run(cmd, cwd=str(HERE)).returncode
+    return 1 if interrupted or all_errors or server_rc else 0
 
 
 if __name__ == "__main__":

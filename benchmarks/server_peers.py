@@ -194,7 +194,13 @@ def server_command(peer: str, workers: int, port: int) -> list[str]:
         return [PY, "-m", "gunicorn", "-k", "uvicorn_worker.UvicornWorker", "-w", str(workers),
                 "-b", f"127.0.0.1:{port}", "--keep-alive", "5", "--log-level", "warning",
                 "server_app:app"]
-    raise ValueError(f"peer: expected 'uvicorn' or 'gunicorn', got {peer!r}")
+    if peer == "corral":
+        # corral serve: a zygote per generation, readiness-gated rolling reload on HUP.
+        sock = os.path.join(tempfile.mkdtemp(prefix="corral-bench-"), "ctl.sock")  # 0700
+        return [PY, "-m", "corral.cli.main", "--socket", sock, "serve", "server_app:app",
+                "--workers", str(workers), "--bind", f"127.0.0.1:{port}",
+                "--log-level", "warning"]
+    raise ValueError(f"peer: expected 'corral', 'uvicorn' or 'gunicorn', got {peer!r}")
 
 
 @dataclass
@@ -222,8 +228,11 @@ class Watch:
         self.case, self.master, self.ready_dir = case, master, ready_dir
 
     def workers(self) -> set[int]:
-        return {p for p in _children(self.master)
-                if _alive(p) and "resource_tracker" not in _cmdline(p)}
+        # Every worker process below the master (corral's are its zygotes' children), not
+        # the helpers (resource tracker, corral's keeper and zygotes).
+        return {p for p in tree(self.master)
+                if p != self.master and not any(
+                    h in _cmdline(p) for h in ("resource_tracker", "corral-keeper", "zygote"))}
 
     def ready(self) -> set[int]:
         return {int(x) for x in os.listdir(self.ready_dir) if x.isdigit()}
@@ -407,7 +416,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def versions() -> dict[str, str]:
     out = {}
-    for dist in ("uvicorn", "gunicorn", "uvicorn-worker", "httptools", "uvloop"):
+    for dist in ("corral", "uvicorn", "gunicorn", "uvicorn-worker", "httptools", "uvloop",
+                 "a2wsgi"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -422,7 +432,7 @@ def main() -> int:
     ap.add_argument("--reloads", type=int, default=10)
     ap.add_argument("--workers", default="2,4")
     ap.add_argument("--modes", default="new,keepalive")
-    ap.add_argument("--peers", default="uvicorn,gunicorn")
+    ap.add_argument("--peers", default="corral,uvicorn,gunicorn")
     ap.add_argument("--gap", type=float, default=2.0, help="steady seconds between reloads")
     ap.add_argument("--warmup", type=float, default=3.0, help="steady seconds before reloads")
     ap.add_argument("--settle", type=float, default=0.5,

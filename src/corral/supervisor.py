@@ -84,7 +84,8 @@ class Supervisor:
     def __init__(self, target: Callable[..., Any] | None = None, workers: int | None = None, *,
                  spec: PoolSpec | None = None, http: str | None = None,
                  min_ready: int | None = None, _host: Reactor[Any] | None = None,
-                 _io: WorkerIO | None = None, **options: Any) -> None:
+                 _io: WorkerIO | None = None,
+                 _start_process: Callable[[Any], Any] | None = None, **options: Any) -> None:
         if spec is not None:
             if target is not None or workers is not None or options:
                 raise TypeError("pass either spec= or target/workers/options, not both")
@@ -101,6 +102,8 @@ class Supervisor:
         # pipes and notify sockets.
         self._host = _host
         self._io = _io
+        # Internal (corral serve): how each worker process is started (a zygote's fork).
+        self._start_process = _start_process
         self._monitor: Monitor | None = None
         self._subscribers: list[Callable[[Event], None]] = []
         self._events = EventQueue(self.spec.name)
@@ -146,7 +149,8 @@ class Supervisor:
             # The monitor's resources first (they can fail: no shared memory, no fds), then the
             # threads, each undone if a later one cannot start: nothing is left behind.
             try:
-                monitor = Monitor(self.spec, self._emit, host=self._host, io=self._io)
+                monitor = Monitor(self.spec, self._emit, host=self._host, io=self._io,
+                                  start_process=self._start_process)
             except BaseException:
                 self._close_endpoint(endpoint)
                 raise

@@ -398,6 +398,9 @@ def reload(state: _State) -> None:
         state.config()  # a bad file fails here, listing every error, before corral is asked
     with _client(state, timeout=120.0) as client:
         data = client.call("reload", {})
+    if isinstance(data, dict) and "message" in data and "diff" not in data:
+        click.echo(data["message"])  # corral serve: the rolling reload's outcome
+        return
     d = data.get("diff", {}) if isinstance(data, dict) else {}
     parts = []
     for key, word in (("added", "added"), ("removed", "removed")):
@@ -473,6 +476,17 @@ def events(state: _State, follow: bool, limit: int, as_json: bool) -> None:
                 _print_objects(data.get("events", []), as_json, render.format_event)
         except KeyboardInterrupt:
             pass
+
+
+def _add_serve_commands() -> None:
+    # Server mode's verbs live in their own module (imports nothing of the server until run).
+    from corral.cli.serve_cmd import export, serve
+
+    cli.add_command(serve)
+    cli.add_command(export)
+
+
+_add_serve_commands()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

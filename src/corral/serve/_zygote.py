@@ -1,0 +1,602 @@
+"""A zygote per code generation: one process imports the app once and forks the workers.
+
+The zygote is a fresh interpreter (``subprocess``, never a fork of the threaded supervisor) that
+imports corral's bootstrap, uvicorn and the app, loads uvicorn's config, checks that no thread was
+started by those imports, and then waits on its control socket. Each fork request comes back as
+a child that boots at fork speed and shares the zygote's memory copy-on-write.
+
+    supervisor (spawner thread)            zygote (one thread)                  worker
+    fork(boot, args) --("fork", id, ...)--> os.fork() ----------------------->  reset signals,
+                                            setpgid, pidfd_open                 reseed random,
+                  <--("forked", id, pid) + pidfd (SCM_RIGHTS)                   close the ctl
+    ZygoteChild(pid, pidfd)                                                     socket, corral's
+                                            SIGCHLD -> kill group leftovers,    bootstrap, then
+                                            reap (waitpid by pid)               serve
+    reader thread <--("exit", pid, wait status)
+    -> the child's eventfd becomes readable: the monitor reaps it from there
+
+The zygote is the workers' parent, so it reaps them and reports each wait status; the supervisor
+holds a pidfd of each (signals without a pid-reuse race) and an eventfd that becomes readable
+once the status is known (what the monitor waits on). Workers get ``PR_SET_PDEATHSIG`` against the
+zygote; the zygote exits when its control socket reaches EOF (the supervisor is gone, however it
+ended) and the keeper kills the registered groups. A zygote is retired (told to exit) once its
+generation has no worker left.
+
+Python's stdlib forkserver is one per process with a fixed preload list, so it cannot hold two
+code generations; zygotes are corral's own, one per generation, any number at once.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import logging
+import os
+import pickle
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from corral._keeper import keeper
+from corral.exitstatus import ExitStatus
+from corral.process import disown_fd, own_fd
+
+__all__ = ["Zygote", "ZygoteChild", "ZygoteError", "main"]
+
+log = logging.getLogger("corral.serve.zygote")
+
+_MAX_MSG = 1 << 20
+_MAX_FDS = 8
+
+
+class ZygoteError(RuntimeError):
+    """The zygote could not start (an import error in the app, threads at fork) or is gone."""
+
+
+@dataclass(frozen=True)
+class ZygoteReady:
+    pid: int
+    interface: str
+    import_seconds: float
+    threads: tuple[str, ...]  # native threads seen at fork time (warned about)
+
+
+def _send(sock: socket.socket, obj: Any, fds: Sequence[int] = ()) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    if fds:
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    else:
+        sock.sendall(data)
+
+
+def _recv(sock: socket.socket) -> tuple[Any, list[int]] | None:
+    """One message and the fds it carried; None at EOF."""
+    data, ancdata, _flags, _addr = sock.recvmsg(
+        _MAX_MSG, socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize))
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+            fds.extend(arr)
+    if not data:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        return None
+    return pickle.loads(data), fds
+
+
+# ------------------------------------------------------------------------- supervisor side
+
+
+class ZygoteChild:
+    """A worker forked by a zygote (a ``ProcessLike`` for the monitor).
+
+    ``waitable()`` is an eventfd that becomes readable when the zygote has reaped the worker and
+    reported its status, so the monitor never sees an exit whose status is not known yet.
+    """
+
+    def __init__(self, zygote: Zygote, pid: int, pidfd: int) -> None:
+        self.zygote = zygote
+        self.pid = pid
+        self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.exit: ExitStatus | None = None
+        self.stop_sent: int | None = None
+        self._pidfd = own_fd(pidfd)
+        self._event = own_fd(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+        self._status: ExitStatus | None = None
+        self._closed = False
+        keeper.register(pid)  # its group dies with the supervisor too
+
+    def _set_status(self, status: ExitStatus) -> None:
+        """From the zygote's reader thread: the worker was reaped."""
+        if self._status is None:
+            self._status = status
+            with contextlib.suppress(OSError):
+                os.eventfd_write(self._event, 1)
+
+    def waitable(self) -> int:
+        return self._event
+
+    def send(self, sig: int) -> bool:
+        if self.exit is not None or self._pidfd < 0:
+            return False
+        try:
+            signal.pidfd_send_signal(self._pidfd, sig)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def send_group(self, sig: int) -> bool:
+        if self.exit is None and self._status is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, sig)
+                return True
+        return self.send(sig)
+
+    def send_stop(self, sig: int) -> None:
+        if self.stop_sent == sig or self.stop_sent == signal.SIGKILL:
+            return
+        self.stop_sent = sig
+        self.send_group(sig)
+        if sig != signal.SIGKILL:
+            self.send_group(signal.SIGCONT)
+
+    def kill_group_leftovers(self) -> None:
+        # The zygote kills what is left of the group before it reaps the worker (while the
+        # zombie still holds the group id); after that the id may be reused: nothing to do.
+        if self._status is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+
+    def reap(self) -> ExitStatus | None:
+        if self.exit is not None:
+            return self.exit
+        if self._status is None:
+            return None
+        self.exit = self._status
+        keeper.unregister(self.pid)
+        return self.exit
+
+    def kill_and_reap(self, timeout: float = 5.0) -> None:
+        self.send_group(signal.SIGKILL)
+        with contextlib.suppress(OSError, ValueError):
+            select.select([self._event], [], [], timeout)
+        self.reap()
+        self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for fd in (self._pidfd, self._event):
+            disown_fd(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._pidfd = self._event = -1
+        self.zygote._forget(self.pid)
+
+
+class Zygote:
+    """The supervisor's handle on one zygote process.
+
+    Args:
+        name: for titles and logs ("web@2").
+        init: the :class:`corral.serve._worker.WorkerInit` of this generation.
+        listeners: fds of the listening sockets the workers serve on (inherited by the zygote).
+        env: the zygote's (and so the workers') environment; default: ours.
+    """
+
+    def __init__(self, name: str, init: Any, listeners: Sequence[int],
+                 env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.init = init
+        self.listeners = tuple(listeners)
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.info: ZygoteReady | None = None
+        self._sock: socket.socket | None = None
+        self._send_lock = threading.Lock()
+        self._children: dict[int, ZygoteChild] = {}
+        self._early: dict[int, ExitStatus] = {}  # exits reported before the fork reply was read
+        self._pending: dict[int, Future[tuple[int, int]]] = {}
+        self._ids = 0
+        self._lock = threading.Lock()
+        self._reader: threading.Thread | None = None
+        self.dead = False
+        self.retiring = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    # -------------------------------------------------------------------------- start, stop
+
+    def start(self, timeout: float) -> ZygoteReady:
+        """Start the zygote and wait until it has imported the app.
+
+        Raises:
+            ZygoteError: the import failed (the message carries the traceback), threads were
+                started by it, or nothing came within ``timeout``.
+        """
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            code = "from corral.serve._zygote import main; main()"
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", code, str(theirs.fileno()), self.name],
+                stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(), *self.listeners),
+                close_fds=True, process_group=0, env=self.env)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        keeper.register(self.proc.pid)
+        self._sock = ours
+        own_fd(ours.fileno())
+        try:
+            _send(ours, (self.init, self.listeners))
+            ready, _, _ = select.select([ours], [], [], timeout)
+            if not ready:
+                raise ZygoteError(f"zygote {self.name}: the app was not imported within "
+                                  f"{timeout:g}s")
+            msg = _recv(ours)
+            if msg is None:
+                raise ZygoteError(f"zygote {self.name} exited while importing the app "
+                                  f"(exit status {self._wait_exit(2.0)})")
+            kind, payload = msg[0][0], msg[0][1]
+            if kind != "ready":
+                raise ZygoteError(f"zygote {self.name} could not load the app:\n{payload}")
+        except BaseException:
+            self.kill()
+            raise
+        self.info = payload
+        self._reader = threading.Thread(target=self._read_loop, daemon=True,
+                                        name=f"corral-zygote[{self.name}]")
+        self._reader.start()
+        return payload  # type: ignore[no-any-return]
+
+    def _wait_exit(self, timeout: float) -> str:
+        assert self.proc is not None
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return "still running"
+        return ExitStatus.from_returncode(code).describe()
+
+    def retire(self, timeout: float = 5.0) -> None:
+        """Tell the zygote to exit (its generation is over) and reap it."""
+        self.retiring = True
+        sock = self._sock
+        if sock is not None and not self.dead:
+            with contextlib.suppress(OSError), self._send_lock:
+                _send(sock, ("exit",))
+        self._finish(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the zygote (its workers follow through their parent-death signal)."""
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(OSError):
+                self.proc.kill()
+        self._finish(5.0)
+
+    def _finish(self, timeout: float) -> None:
+        proc = self.proc
+        if proc is not None:
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            keeper.unregister(proc.pid)
+        reader = self._reader
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(timeout)
+        sock = self._sock
+        if sock is not None and (reader is None or not reader.is_alive()):
+            disown_fd(sock.fileno())
+            sock.close()
+            self._sock = None
+
+    # ------------------------------------------------------------------------------ forking
+
+    def fork(self, boot: Any, args: tuple[Any, ...], fds: Sequence[int] = (),
+             timeout: float = 30.0) -> ZygoteChild:
+        """Fork one worker (any thread; the monitor's spawner thread). ``boot`` is its
+        :class:`corral._bootstrap.BootConfig`; ``fds`` are passed to the child (a standby's
+        pipe).
+
+        Raises:
+            ZygoteError: the zygote is gone or did not answer.
+            OSError: the fork failed in the zygote (no memory, process limit).
+        """
+        sock = self._sock
+        if sock is None or self.dead:
+            raise ZygoteError(f"zygote {self.name} is not running")
+        future: Future[tuple[int, int]] = Future()
+        with self._lock:
+            self._ids += 1
+            req = self._ids
+            self._pending[req] = future
+        try:
+            with self._send_lock:
+                _send(sock, ("fork", req, boot, args, len(fds)), fds)
+        except OSError as exc:
+            with self._lock:
+                self._pending.pop(req, None)
+            raise ZygoteError(f"zygote {self.name} is gone ({exc})") from None
+        try:
+            pid, pidfd = future.result(timeout)
+        except TimeoutError:
+            raise ZygoteError(f"zygote {self.name} did not answer a fork within "
+                              f"{timeout:g}s") from None
+        with self._lock:
+            child = ZygoteChild(self, pid, pidfd)
+            self._children[pid] = child
+            early = self._early.pop(pid, None)
+        if early is not None:
+            child._set_status(early)
+        return child
+
+    def _forget(self, pid: int) -> None:
+        with self._lock:
+            self._children.pop(pid, None)
+
+    @property
+    def children(self) -> int:
+        with self._lock:
+            return len(self._children)
+
+    def _read_loop(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        while True:
+            try:
+                msg = _recv(sock)
+            except OSError:
+                msg = None
+            if msg is None:
+                break
+            (kind, *rest), fds = msg
+            if kind == "forked":
+                req, pid = rest
+                with self._lock:
+                    future = self._pending.pop(req, None)
+                if future is None or not fds:
+                    for fd in fds:
+                        os.close(fd)
+                    continue
+                future.set_result((pid, fds[0]))
+            elif kind == "fork-failed":
+                req, errno_, text = rest
+                with self._lock:
+                    future = self._pending.pop(req, None)
+                if future is not None:
+                    future.set_exception(OSError(errno_, text))
+            elif kind == "exit":
+                pid, wait_status = rest
+                status = _decode(wait_status)
+                with self._lock:
+                    child = self._children.get(pid)
+                    if child is None:
+                        self._early[pid] = status
+                if child is not None:
+                    child._set_status(status)
+        self._on_eof()
+
+    def _on_eof(self) -> None:
+        """The zygote is gone: fail pending forks; every child still running dies through its
+        parent-death signal, and is reported with an unknown status once its pidfd says so."""
+        self.dead = True
+        with self._lock:
+            pending = list(self._pending.values())
+            self._pending.clear()
+            children = list(self._children.values())
+        for future in pending:
+            future.set_exception(ZygoteError(f"zygote {self.name} exited"))
+        if children and not self.retiring:
+            log.error("zygote %s (pid %s) exited with %d worker(s) still running; they die "
+                      "with it and are restarted from a new zygote", self.name, self.pid,
+                      len(children))
+        for child in children:
+            if child._status is not None or child._pidfd < 0:
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                select.select([child._pidfd], [], [], 5.0)
+            child._set_status(ExitStatus.unknown_status())
+
+
+def _decode(wait_status: int) -> ExitStatus:
+    if os.WIFSIGNALED(wait_status):
+        return ExitStatus(signal=os.WTERMSIG(wait_status), core_dumped=os.WCOREDUMP(wait_status))
+    return ExitStatus(code=os.WEXITSTATUS(wait_status))
+
+
+# ---------------------------------------------------------------------------- zygote side
+
+
+def main() -> None:
+    """The zygote process (``python -c 'from corral.serve._zygote import main; main()' FD``)."""
+    ctl = socket.socket(fileno=int(sys.argv[1]))
+    name = sys.argv[2] if len(sys.argv) > 2 else "zygote"
+    # The supervisor stops us through the socket; a terminal's Ctrl-C is not for us.
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    msg = _recv(ctl)
+    if msg is None:
+        os._exit(0)
+    global _LISTEN_FDS
+    init, _LISTEN_FDS = msg[0]
+    with contextlib.suppress(Exception):
+        import setproctitle
+
+        setproctitle.setproctitle(f"corral: {name} zygote")
+    try:
+        from corral import _bootstrap
+        from corral.serve import _worker
+
+        pre = _worker.preload(init)
+        native = _threads_check(init.check_threads)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            _send(ctl, ("failed", traceback.format_exc()))
+        os._exit(3)
+    _send(ctl, ("ready", ZygoteReady(os.getpid(), pre.interface, pre.import_seconds, native)))
+    _serve_forks(ctl, _bootstrap, _worker)
+
+
+def _threads_check(strict: bool) -> tuple[str, ...]:
+    """Refuse to be a zygote with Python threads running (a fork would copy their locks
+    held); native threads (a BLAS pool) are reported and tolerated."""
+    others = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    if others and strict:
+        raise ZygoteError(
+            f"importing the app started thread(s) {others}: forking now could copy a lock "
+            "held by one of them into every worker. Start threads in the app's lifespan "
+            "start-up (it runs in each worker), or use --start-method forkserver/spawn.")
+    names: list[str] = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir("/proc/self/task"):
+            if int(tid) == os.getpid():
+                continue
+            with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/comm") as fh:
+                names.append(fh.read().strip())
+    return tuple(names)
+
+
+def _serve_forks(ctl: socket.socket, bootstrap: Any, worker: Any) -> None:
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    me = os.getpid()
+    poller = select.poll()
+    poller.register(ctl.fileno(), select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    children: set[int] = set()
+    while True:
+        try:
+            events = poller.poll()
+        except InterruptedError:
+            continue
+        for fd, _ in events:
+            if fd == wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(wake_r, 512):
+                        pass
+                _reap(ctl, children)
+                continue
+            try:
+                msg = _recv(ctl)
+            except OSError:
+                msg = None
+            if msg is None or msg[0][0] == "exit":
+                # The supervisor is gone, or retired us: our children (if any) follow by their
+                # parent-death signal.
+                os._exit(0)
+            (_, req, boot, args, _), fds = msg
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                for f in fds:
+                    os.close(f)
+                _send(ctl, ("fork-failed", req, exc.errno, str(exc)))
+                continue
+            if pid == 0:
+                _child(ctl, (wake_r, wake_w), me, boot, args, fds, bootstrap, worker)
+            for f in fds:
+                os.close(f)
+            children.add(pid)
+            with contextlib.suppress(OSError):
+                os.setpgid(pid, pid)  # both sides: a signal right away reaches the group
+            pidfd = os.pidfd_open(pid)
+            try:
+                _send(ctl, ("forked", req, pid), [pidfd])
+            finally:
+                os.close(pidfd)
+        _reap(ctl, children)
+
+
+def _reap(ctl: socket.socket, children: set[int]) -> None:
+    """Every child that has exited: kill its group's leftovers while the zombie still holds
+    the group id, then reap it and report the status."""
+    for pid in list(children):
+        try:
+            info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            children.discard(pid)
+            continue
+        if info is None:
+            continue
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        children.discard(pid)
+        with contextlib.suppress(OSError):
+            _send(ctl, ("exit", pid, status))
+
+
+def _child(ctl: socket.socket, wake: tuple[int, int], zygote_pid: int, boot: Any,
+           args: tuple[Any, ...], fds: list[int], bootstrap: Any, worker: Any) -> None:
+    """In the forked worker: never returns."""
+    code = 1
+    try:
+        import dataclasses
+        import random
+
+        ctl.close()  # the supervisor's line is the zygote's, not ours
+        for fd in wake:
+            os.close(fd)
+        random.seed()  # not the zygote's (or a sibling's) sequence
+        # Parent-death signal and the getppid() check against the zygote, our parent.
+        cfg = dataclasses.replace(boot, supervisor_pid=zygote_pid, forkserver=False,
+                                  forked=False)
+        sockets = _inherited_sockets(worker)
+        if fds:  # a hot standby: its pipe to the supervisor
+            from multiprocessing.connection import Connection
+
+            bootstrap.run_standby(cfg, _serve_target(worker, sockets), Connection(fds[0]),
+                                  worker.warm_up)
+        else:
+            bootstrap.run_worker(cfg, _serve_target(worker, sockets), ())
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if not isinstance(exc.code, int | None):
+            print(exc.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+_LISTEN_FDS: tuple[int, ...] = ()
+
+
+def _inherited_sockets(worker: Any) -> list[socket.socket]:
+    return [socket.socket(fileno=fd) for fd in worker_listen_fds()]
+
+
+def worker_listen_fds() -> tuple[int, ...]:
+    return _LISTEN_FDS
+
+
+def _serve_target(worker: Any, sockets: list[socket.socket]) -> Callable[..., None]:
+    def target(index: int, *_: Any) -> None:
+        worker.serve_preloaded(index, sockets)
+
+    return target

@@ -1,0 +1,406 @@
+"""corral serve with real processes, real sockets and real signals: a zygote's workers serve
+ASGI and WSGI, a rolling reload loses no request, a broken deploy keeps the old generation, the
+systemd messages in order, and nothing is left behind."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from support import kill_pids, wait_for
+
+APPS = Path(__file__).parent / "serve_app_dir"
+CORRAL = [sys.executable, "-m", "corral.cli.main"]
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(port: int, path: str = "/", timeout: float = 5.0) -> tuple[int, str, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        resp = conn.getresponse()
+        return resp.status, resp.getheader("x-pid") or "", resp.read().decode()
+    finally:
+        conn.close()
+
+
+def _ok(port: int) -> bool:
+    try:
+        return _get(port, timeout=1.0)[0] == 200
+    except OSError:
+        return False
+
+
+class Serve:
+    """A `corral serve` subprocess and everything below it, killed by pid at the end."""
+
+    def __init__(self, tmp: Path, app: str, *args: str, workers: int = 2,
+                 app_dir: Path = APPS, env: dict[str, str] | None = None) -> None:
+        self.port = _free_port()
+        self.sock = str(tmp / "ctl.sock")
+        self.log = tmp / "serve.log"
+        cmd = [*CORRAL, "--socket", self.sock, "serve", app, "--workers", str(workers),
+               "--bind", f"127.0.0.1:{self.port}", "--app-dir", str(app_dir), *args]
+        full_env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", **(env or {}))
+        with open(self.log, "wb") as fh:
+            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=fh, env=full_env,
+                                         stdin=subprocess.DEVNULL)
+        self.seen: set[int] = {self.proc.pid}
+        self.n = workers
+
+    def tree(self) -> list[psutil.Process]:
+        try:
+            procs = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        self.seen.update(p.pid for p in procs)
+        return procs
+
+    def workers(self) -> set[int]:
+        out = set()
+        for p in self.tree():
+            try:
+                if " worker " in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+                    out.add(p.pid)
+            except psutil.Error:
+                continue
+        return out
+
+    def wait_serving(self, timeout: float = 30.0) -> set[int]:
+        wait_for(lambda: _ok(self.port) and len(self.workers()) == self.n, timeout,
+                 f"{self.n} workers serving ({self.text()[-500:]})")
+        return self.workers()
+
+    def reload(self, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CORRAL, "--socket", self.sock, "reload"], capture_output=True,
+                              text=True, timeout=timeout)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, timeout: float = 30.0) -> int:
+        self.tree()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def cleanup(self) -> None:
+        self.tree()
+        kill_pids(self.seen)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[list[Serve]]:
+    started: list[Serve] = []
+    yield started
+    # Whatever a test's corral serve left running (it should leave nothing: checked first,
+    # before the kill; helpers such as spawn's resource tracker leave on EOF, soon after).
+    try:
+        for s in started:
+            if s.proc.poll() is not None:
+                wait_for(lambda s=s: not _alive(s.seen - {s.proc.pid}), 10,
+                         f"every process of corral serve gone ({_alive(s.seen)})")
+    finally:
+        for s in started:
+            s.cleanup()
+
+
+def _alive(pids: set[int]) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+class Load:
+    """A thread sending requests (a new connection each) until stopped; counts failures."""
+
+    def __init__(self, port: int, path: str = "/") -> None:
+        self.port, self.path = port, path
+        self.ok = 0
+        self.failed: list[str] = []
+        self.pids: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                status, pid, _ = _get(self.port, self.path)
+                if status == 200:
+                    self.ok += 1
+                    self.pids.add(pid)
+                else:
+                    self.failed.append(f"status {status}")
+            except OSError as exc:
+                self.failed.append(repr(exc))
+            time.sleep(0.005)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def test_asgi_reload_under_load_loses_nothing(tmp_path: Path, serve: list[Serve]) -> None:
+    s = Serve(tmp_path, "asgi_app:app", "--graceful-timeout", "5",
+              env={"TEST_APP_STARTUP": "0.3"})
+    serve.append(s)
+    first = s.wait_serving()
+    load = Load(s.port, "/slow")  # 200 ms requests: some are in flight at every drain
+    try:
+        wait_for(lambda: load.ok >= 5, 10, "requests served")
+        max_workers = 0
+        done = threading.Event()
+
+        def sample() -> None:
+            nonlocal max_workers
+            while not done.is_set():
+                max_workers = max(max_workers, len(s.workers()))
+                time.sleep(0.01)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        res = s.reload()
+        assert res.returncode == 0, res.stderr + s.text()[-2000:]
+        assert "reloaded" in res.stdout
+        second = s.wait_serving()
+        assert not first & second, "every worker was replaced"
+        s.proc.send_signal(signal.SIGHUP)  # the signal path too
+        wait_for(lambda: not (second & s.workers()) and len(s.workers()) == 2, 30,
+                 "the SIGHUP reload")
+        done.set()
+        sampler.join(5)
+        served_before = load.ok
+        wait_for(lambda: load.ok > served_before + 3, 10, "requests after the reloads")
+    finally:
+        load.stop()
+    assert not load.failed, load.failed[:5]
+    assert max_workers <= 3, f"N + max_surge = 3 workers at most, saw {max_workers}"
+    assert s.stop() == 0
+    wait_for(lambda: not s.tree(), 10, "every process gone")
+
+
+def test_wsgi_app_is_detected_and_served(tmp_path: Path, serve: list[Serve]) -> None:
+    s = Serve(tmp_path, "asgi_app:wsgi", workers=1)
+    serve.append(s)
+    s.wait_serving()
+    status, _, body = _get(s.port)
+    assert (status, body) == (200, "wsgi ok")
+    assert s.stop() == 0
+
+
+def test_spawn_fallback_and_unix_socket(tmp_path: Path, serve: list[Serve]) -> None:
+    path = str(tmp_path / "app.sock")
+    s = Serve(tmp_path, "asgi_app:app", "--start-method", "spawn", "--bind",
+              f"unix:{path}", workers=1)
+    serve.append(s)
+    s.wait_serving()
+
+    def unix_get() -> str:
+        c = socket.socket(socket.AF_UNIX)
+        c.settimeout(5)
+        c.connect(path)
+        c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := c.recv(4096):
+            data += chunk
+        c.close()
+        return data.decode()
+
+    assert "asgi ok" in unix_get()
+    assert s.stop() == 0
+    assert not os.path.exists(path), "corral removes the unix socket it made"
+
+
+def test_broken_deploy_keeps_the_old_generation(tmp_path: Path, serve: list[Serve]) -> None:
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    shutil.copy(APPS / "asgi_app.py", app_dir)
+    (app_dir / "deploy.py").write_text("from asgi_app import app  # noqa\n")
+    ready_timeout = 3.0
+    s = Serve(tmp_path, "deploy:app", "--ready-timeout", str(ready_timeout), app_dir=app_dir)
+    serve.append(s)
+    first = s.wait_serving()
+    load = Load(s.port)
+    try:
+        # 1. The new code does not import: the zygote says so, at once.
+        (app_dir / "deploy.py").write_text("raise ImportError('broken deploy')\n")
+        t = time.monotonic()
+        res = s.reload()
+        assert res.returncode != 0
+        assert "broken deploy" in res.stderr
+        assert time.monotonic() - t < ready_timeout + 1
+        # 2. A worker that never becomes ready: aborted within ready_timeout (+ 1 s).
+        (app_dir / "deploy.py").write_text(
+            "import os\nos.environ['TEST_APP_NEVER_READY'] = '1'\n"
+            "from asgi_app import app  # noqa\n")
+        t = time.monotonic()
+        res = s.reload()
+        took = time.monotonic() - t
+        assert res.returncode != 0, res.stdout
+        assert "ready_timeout" in res.stderr
+        assert took < ready_timeout + 1.5, took
+        wait_for(lambda: s.workers() == first, 15, "the new generation's worker gone")
+    finally:
+        load.stop()
+    assert load.ok > 0
+    assert not load.failed, load.failed[:5]
+    assert s.workers() == first
+    assert s.stop() == 0
+
+
+def test_threads_at_import_refuse_the_zygote(tmp_path: Path, serve: list[Serve]) -> None:
+    s = Serve(tmp_path, "threaded_app:app", workers=1)
+    serve.append(s)
+    assert s.proc.wait(30) == 1
+    assert "import-thread" in s.text()
+
+
+def test_systemd_messages_in_order(tmp_path: Path, serve: list[Serve]) -> None:
+    """A fake NOTIFY_SOCKET of our own: what corral serve tells systemd, in order."""
+    addr = str(tmp_path / "notify.sock")
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(addr)
+    rx.settimeout(0.2)
+    messages: list[str] = []
+    done = threading.Event()
+
+    def receive() -> None:  # read as systemd does, as they come (the queue is short)
+        while not done.is_set():
+            try:
+                messages.append(rx.recv(4096).decode())
+            except TimeoutError:
+                continue
+
+    reader = threading.Thread(target=receive, daemon=True)
+    reader.start()
+
+    s = Serve(tmp_path, "asgi_app:app", "--graceful-timeout", "12",
+              env={"NOTIFY_SOCKET": addr, "WATCHDOG_USEC": "400000",
+                   "TEST_APP_STARTUP": "0.2"})
+    serve.append(s)
+    try:
+        s.wait_serving()
+        wait_for(lambda: any("READY=1" in m for m in messages), 10, "READY=1")
+        assert s.reload().returncode == 0
+        assert s.stop() == 0
+        wait_for(lambda: any("EXTEND_TIMEOUT_USEC=" in m for m in messages), 5,
+                 "the stop's messages read")
+    finally:
+        done.set()
+        reader.join(5)
+        rx.close()
+    kinds = [m.split("\n")[0].split("=")[0] for m in messages if "WATCHDOG=1" not in m]
+    assert sum("WATCHDOG=1" in m for m in messages) >= 2, "pings every WATCHDOG_USEC/2"
+    ready_at = kinds.index("READY")
+    reload_at = kinds.index("RELOADING")
+    assert ready_at < reload_at
+    assert "READY" in kinds[reload_at + 1:], "READY=1 again after the reload"
+    stop_at = kinds.index("STOPPING")
+    assert stop_at > reload_at
+    reloading = next(m for m in messages if m.startswith("RELOADING=1"))
+    assert "MONOTONIC_USEC=" in reloading
+    usec = int(reloading.split("MONOTONIC_USEC=")[1].split("\n")[0])
+    assert abs(usec / 1e6 - time.monotonic()) < 60
+    first_ready = next(m for m in messages if m.startswith("READY=1"))
+    assert "STATUS=2/2 workers ready" in first_ready
+    # A long drain asks for more time (graceful_timeout > 5 s).
+    assert any("EXTEND_TIMEOUT_USEC=" in m for m in messages[stop_at:])
+    # Workers never inherit the notify socket.
+    assert "NOTIFY_SOCKET" not in s.text()
+
+
+def test_max_requests_recycles_through_the_surge(tmp_path: Path, serve: list[Serve]) -> None:
+    """A worker past max_requests is replaced by one started (and ready) first: no request
+    fails, and there are never more than N + 1 workers."""
+    s = Serve(tmp_path, "asgi_app:app", "--max-requests", "15", workers=1)
+    serve.append(s)
+    first = s.wait_serving()
+    load = Load(s.port)
+    most = 0
+    try:
+        def recycled() -> bool:
+            nonlocal most
+            most = max(most, len(s.workers()))
+            return len(load.pids) >= 3
+
+        wait_for(recycled, 30, "two recycles")
+    finally:
+        load.stop()
+    assert not load.failed, load.failed[:5]
+    assert most <= 2
+    assert not first & s.workers()
+    assert "max_requests" in s.text()
+    assert s.stop() == 0
+
+
+def test_standby_replaces_a_killed_worker(tmp_path: Path, serve: list[Serve]) -> None:
+    """A hot standby forked from the zygote, its app start-up already run, takes a killed
+    worker's place: serving again well before the app's 2 s start-up would allow."""
+    s = Serve(tmp_path, "asgi_app:app", "--standby", "1", env={"TEST_APP_STARTUP": "2"})
+    serve.append(s)
+    first = s.wait_serving()
+
+    def standby_ready() -> bool:
+        # Booted ahead, its start-up done: a negative index, RUNNING, in `corral status`.
+        res = subprocess.run([*CORRAL, "--socket", s.sock, "status", "--json"],
+                             capture_output=True, text=True, timeout=30)
+        try:
+            programs = json.loads(res.stdout)["programs"]
+        except (ValueError, KeyError):
+            return False
+        return any(w["index"] < 0 and w["state"] == "running"
+                   for p in programs for w in p["workers"])
+
+    wait_for(standby_ready, 20, "a warm standby", interval=0.1)
+    victim = min(first)
+    t = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(s.workers()) == 2 and victim not in s.workers(), 10,
+             "the replacement")
+    took = time.monotonic() - t
+    assert took < 1.5, f"replaced after {took:.2f}s: the 2 s start-up was not skipped"
+    assert "takes the place" in s.text()
+    assert s.stop() == 0
+
+
+def test_a_dead_zygote_is_replaced_by_a_new_generation(tmp_path: Path,
+                                                       serve: list[Serve]) -> None:
+    s = Serve(tmp_path, "asgi_app:app")
+    serve.append(s)
+    first = s.wait_serving()
+    zygotes = [p.pid for p in s.tree() if "zygote" in " ".join(p.cmdline())]
+    assert len(zygotes) == 1
+    os.kill(zygotes[0], signal.SIGKILL)
+    wait_for(lambda: len(s.workers()) == 2 and not first & s.workers() and _ok(s.port), 30,
+             "a new generation serving")
+    assert "died" in s.text()
+    assert s.stop() == 0
