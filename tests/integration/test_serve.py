@@ -388,7 +388,8 @@ def test_standby_replaces_a_killed_worker(tmp_path: Path, serve: list[Serve]) ->
              "the replacement")
     took = time.monotonic() - t
     assert took < 1.5, f"replaced after {took:.2f}s: the 2 s start-up was not skipped"
-    assert "takes the place" in s.text()
+    # The log line follows the hand-over (it is written after the decision): wait for it.
+    wait_for(lambda: "takes the place" in s.text(), 10, "the hand-over's log line")
     assert s.stop() == 0
 
 
