@@ -40,7 +40,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from corral import states
 from corral._bootstrap import BootConfig, run_standby, run_worker, signals_to_reset
@@ -76,6 +76,9 @@ def _pong(reply: Reply) -> None:
 
 StartProcess = Callable[[SpawnRequest], ProcessLike]
 
+if TYPE_CHECKING:
+    from corral.ray._starter import RayStarter
+
 
 class Monitor(RemotePart, StandbyPart, ControlPart, WatchPart):
     """Runs a pool. Created and driven by :class:`corral.Supervisor`; not public.
@@ -101,14 +104,17 @@ class Monitor(RemotePart, StandbyPart, ControlPart, WatchPart):
         self._ctx = multiprocessing.get_context(spec.start_method)
         if spec.start_method == "forkserver" and start_process is None and spec.command is None:
             preload_for_forkserver(self._ctx, [getattr(spec.target, "__module__", "")])
+        self._ray_starter: RayStarter | None = None
         if start_process is None and spec.backend == "ray":
             from corral.ray._starter import RayStarter, attach
 
             attach()  # connects to (or starts) the Ray cluster: seconds, once per process
             # A RayWorker is process-like (see corral.ray._backend), not a ProcessLike to mypy.
-            start_process = cast(StartProcess, RayStarter(
+            self._ray_starter = RayStarter(
                 spec.name, spec.target, spec.ray_options, spec.ready_when == "beat",
-                spec.startup_timeout))
+                spec.startup_timeout, spares=spec.standby)
+            self._ray_starter.refill()
+            start_process = cast(StartProcess, self._ray_starter)
         self._start_process: StartProcess = start_process or self._start_worker
         # The heartbeat table first: it is the one resource that can fail for lack of space,
         # and nothing else exists yet to clean up if it does.
@@ -765,6 +771,8 @@ class Monitor(RemotePart, StandbyPart, ControlPart, WatchPart):
         if self._remote:
             from corral.ray._starter import detach
 
+            if self._ray_starter is not None:
+                self._ray_starter.close()
             detach()
         if self._hosted:
             self._dl.clear()
