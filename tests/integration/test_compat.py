@@ -532,6 +532,9 @@ def test_stop_no_logging(tmp_path: Path, no_leaks: set[int],
     manager = make(tmp_path, cw.ignore_term, num_workers=1, process_stop_timeout=0.2)
     with started(manager, no_leaks, tmp_path):
         wait_record(tmp_path, 0)
+        # The worker can record before the monitor logs "started": wait for that line too.
+        wait_for(lambda: any("started" in r.getMessage() for r in pool_records(caplog, manager)),
+                 10, "the 'started' line")
         mark = len(caplog.records)
         manager.stop(no_logging=True)  # a SIGKILL would be logged otherwise
         assert pool_records(caplog, manager, since=mark) == []
