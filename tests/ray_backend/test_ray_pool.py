@@ -86,3 +86,34 @@ def test_an_idle_worker_that_dies_is_replaced_and_counted(ray_cluster: Any) -> N
         wait_for(lambda: pool.worker_pids() == (new,), 10, "only the new worker to be listed")
         assert not pid_alive(pid)
     assert not pid_alive(new)
+
+
+_OWN_CLUSTER = """
+import os, sys, time, psutil, corral
+def square(x):
+    return x * x
+if __name__ == "__main__":
+    with corral.ProcessPool(2, backend="ray") as pool:
+        print(pool.submit(square, 4).result(timeout=60))
+    import ray
+    assert not ray.is_initialized(), "the local cluster the pool started is still up"
+    deadline = time.monotonic() + 15
+    while True:
+        left = [p.pid for p in psutil.Process().children(recursive=True)
+                if p.status() != psutil.STATUS_ZOMBIE]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    print("left:", left)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_without_a_cluster_the_pool_starts_a_local_one_and_stops_it(tmp_path: Any) -> None:
+    script = tmp_path / "own_cluster.py"
+    script.write_text(_OWN_CLUSTER)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=80, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[:2] == ["16", "left: []"], out.stdout
