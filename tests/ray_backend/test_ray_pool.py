@@ -43,7 +43,7 @@ def test_bad_arguments_are_refused_at_once(options: dict[str, Any], error: type[
 def test_an_initializer_ray_cannot_pickle_is_refused_at_once() -> None:
     import threading
 
-    with pytest.raises(NotPicklable, match="initargs .* backend='ray'"):
+    with pytest.raises(NotPicklable, match=r"initargs .* backend='ray'"):
         ProcessPool(2, backend="ray", initializer=tasks.init_set, initargs=(threading.Lock(),))
 
 
