@@ -88,3 +88,11 @@ def init_fail() -> None:
 
 def env(name: str) -> str | None:
     return os.environ.get(name)
+
+
+def stop_self_after_marker(path: str) -> None:
+    """SIGSTOPs its own process: a hang no thread of the actor can answer for."""
+    import signal
+
+    Path(path).write_text(str(os.getpid()))
+    os.kill(os.getpid(), signal.SIGSTOP)

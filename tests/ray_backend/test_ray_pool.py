@@ -117,3 +117,32 @@ def test_without_a_cluster_the_pool_starts_a_local_one_and_stops_it(tmp_path: An
                          timeout=80, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split("\n")[:2] == ["16", "left: []"], out.stdout
+
+
+@pytest.mark.timeout(60)
+def test_a_stopped_actor_times_out_and_is_killed(ray_cluster: Any, tmp_path: Any) -> None:
+    # Ray sees nothing wrong with a SIGSTOPped actor, and its own ray.kill SIGKILLs a stopped
+    # process only ~5 s later: corral's timeout and its own SIGKILL end it.
+    from corral.pool import TaskTimeout
+
+    marker = tmp_path / "stopped"
+    with ProcessPool(1, backend="ray", spare_workers=0) as pool:
+        fut = pool.submit_task(tasks.stop_self_after_marker, (str(marker),), timeout=1)
+        pid = int(wait_for(lambda: marker.exists() and marker.read_text(), 30, "the task"))
+        with pytest.raises(TaskTimeout):  # (with no stack dump: a stopped actor cannot answer)
+            fut.result(timeout=10)
+        wait_for(lambda: not pid_alive(pid), 10, "the stopped actor's process to be killed")
+        assert pool.submit(tasks.square, 4).result(timeout=30) == 16
+
+
+@pytest.mark.timeout(60)
+def test_an_actor_no_node_can_host_is_a_failed_start(ray_cluster: Any) -> None:
+    from corral import RestartBudget
+    from corral.pool import PoolBroken
+
+    pool = ProcessPool(1, backend="ray", spare_workers=0, startup_timeout=1,
+                       budget=RestartBudget(1, 60), ray_options={"num_gpus": 1})
+    with pool:
+        fut = pool.submit(tasks.square, 2)
+        with pytest.raises(PoolBroken, match="startup_timeout=1s"):
+            fut.result(timeout=30)
