@@ -163,6 +163,12 @@ def pool_rows(ray: Any, rounds: int, tmp: Path) -> dict[str, list[float]]:
             marker = tmp / f"lost-{i}"
             fut = pool.submit(_hang_after_marker, str(marker))
             pid = _wait_marker(marker)
+            # The replacements of the last round booted: no actor start competes for the CPU.
+            deadline = time.monotonic() + 60
+            while len(pool.worker_pids()) + len(pool.spare_pids()) < 3:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the pool did not get its workers back")
+                time.sleep(0.005)
             t0 = time.monotonic()
             os.kill(pid, signal.SIGKILL)
             try:

@@ -58,7 +58,7 @@ from corral.pool._shared import PoolShared
 from corral.pool._wire import WireKind
 from corral.pool.errors import PoolBroken, TaskTimeout, WorkerLost
 from corral.ray._backend import _driver_node, _is_ray_worker, validate_options
-from corral.ray._exit import ActorExit, DeathCause, decode
+from corral.ray._exit import DeathCause, decode
 
 __all__ = ["RayPoolManager", "RayPoolRunner", "pool_options"]
 
@@ -468,18 +468,18 @@ class RayPoolManager:
             self._loop.cancel_deadline((w.id, _Deadline.TIMER))
             attempts = f" (attempt {t.attempts} of {t.retries + 1})" if t.retries else ""
             self._task_lost(t, WorkerLost(
-                f"{w.who()} died while running {t.label}: {_how(end)}{attempts}", w.pid,
+                f"{w.who()} died while running {t.label}: {end.describe()}{attempts}", w.pid,
                 end.exit, t.attempts))
         elif not w.booted:
             status = end.exit or ExitStatus.unknown_status("Ray does not say how the actor's "
                                                            "process ended")
             w.init_error = w.init_error or (end.detail.strip() or None)
-            self._boot_failed(w, status, _how(end), record, now)
+            self._boot_failed(w, status, end.describe(), record, now)
             self._maybe_forget(w)
             return
         else:
             log.warning("pool %r: %s %s died: %s", self.cfg.name,
-                        "spare" if w.spare else "idle", w.who(), _how(end))
+                        "spare" if w.spare else "idle", w.who(), end.describe())
         self._maybe_forget(w)
         self._crashed(record, now, boot=not w.booted)
 
@@ -650,10 +650,6 @@ class RayPoolManager:
                 w.pidfd = -1
         self._workers.clear()
         self.shared.fail_pending(lambda: PoolBroken(message))
-
-
-def _how(end: ActorExit) -> str:
-    return end.describe()
 
 
 # ---------------------------------------------------------------------------------- runner
