@@ -112,6 +112,40 @@ def recovery(rounds: int, with_spare: bool) -> dict[str, list[float]]:
     return times
 
 
+def supervisor(rounds: int, how: str, standby: int) -> list[float]:
+    """corral.Supervisor(backend="ray"): kill (SIGKILL of the pid, or ray.kill) -> status()
+    shows the replacement RUNNING and ready. No backoff (reset_after=0), no budget limit."""
+    import ray
+
+    sup = corral.Supervisor(target, workers=1, backend="ray", ready_when="ready",
+                            heartbeat_timeout=10, standby=standby,
+                            backoff=corral.Backoff(reset_after=0),
+                            budget=corral.RestartBudget(max_restarts=None))
+    out = []
+    with sup:
+        sup.wait_ready(timeout=60)
+        for _ in range(rounds):
+            old = sup.status()[0].pid
+            if standby:  # the spare for this round made (not a figure of the round before)
+                time.sleep(1.0)
+            t0 = time.monotonic()
+            if how == "sigkill":
+                os.kill(old, signal.SIGKILL)
+            else:
+                monitor = sup._monitor
+                assert monitor is not None
+                ray.kill(monitor._live[old].actor)  # type: ignore[attr-defined]
+            while True:
+                s = sup.status()[0]
+                if s.pid not in (None, old) and s.ready:
+                    break
+                if time.monotonic() - t0 > 30:
+                    raise TimeoutError("no replacement after 30 s")
+                time.sleep(0.002)
+            out.append(time.monotonic() - t0)
+    return out
+
+
 def _square(x: int) -> int:
     return x * x
 
@@ -213,6 +247,9 @@ def main() -> None:
         base = floor(ray, rounds)
         rec = recovery(rounds, with_spare=False)
         spare = recovery(rounds, with_spare=True)
+        sup_kill = supervisor(rounds, "sigkill", 0)
+        sup_raykill = supervisor(rounds, "ray.kill", 0)
+        sup_standby = supervisor(rounds, "sigkill", 1)
         with tempfile.TemporaryDirectory() as tmp:
             pool = pool_rows(ray, rounds, Path(tmp))
     finally:
@@ -225,7 +262,10 @@ def main() -> None:
             ("SIGKILL -> on_exit (death detected)", rec["detect"]),
             ("SIGKILL -> replacement actor answered", rec["started"]),
             ("SIGKILL -> replacement ready (probe)", rec["ready"]),
-            ("with a spare actor: SIGKILL -> ready", spare["ready"])]
+            ("with a spare actor: SIGKILL -> ready", spare["ready"]),
+            ("Supervisor: SIGKILL -> replacement ready", sup_kill),
+            ("Supervisor: ray.kill -> replacement ready", sup_raykill),
+            ("Supervisor standby=1: SIGKILL -> ready", sup_standby)]
     for name, values in rows:
         med = statistics.median(values)
         print(f"{name:<44} {med * 1e3:>10.1f} {max(values) * 1e3:>9.1f} "

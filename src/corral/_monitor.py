@@ -40,28 +40,27 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from corral import states
-from corral._bootstrap import BootConfig, run_standby, run_worker, signals_to_reset
-from corral._command import CommandProcess
 from corral._eventlog import event_extra
-from corral._fdlimit import explain_fd_error
 from corral._health import HealthRunner
+from corral._monitor_exits import ExitPart
 from corral._monitor_parts import ControlPart, GroupRestart, WatchPart
 from corral._monitor_remote import RemotePart
-from corral._monitor_standby import Standby, StandbyPart
+from corral._monitor_spawns import SpawnPart
+from corral._monitor_standby import StandbyPart
 from corral._reactor import Reactor
 from corral._reply import Reply
 from corral._slots import POOL, AfterStop, Deadline, DeadlineKey, SpawnRequest, WorkerSlot
-from corral._spawner import Spawner, SpawnSkipped, preload_for_forkserver
+from corral._spawner import Spawner, preload_for_forkserver
 from corral._stats import PoolStats
 from corral._workerio import WorkerIO
 from corral.errors import GaveUp, SupervisorStateError
 from corral.events import Event, EventKind, ExitRecord, StopReason
 from corral.heartbeat import HeartbeatTable
 from corral.policy import BackoffState, BudgetWindow
-from corral.process import DUMP_SIGNAL, ProcessLike, WorkerProcess, own_fd
+from corral.process import ProcessLike, own_fd
 from corral.spec import PoolSpec
 from corral.states import Trigger, WorkerState
 from corral.status import WorkerStatus
@@ -76,8 +75,11 @@ def _pong(reply: Reply) -> None:
 
 StartProcess = Callable[[SpawnRequest], ProcessLike]
 
+if TYPE_CHECKING:
+    from corral.ray._starter import RayStarter
 
-class Monitor(RemotePart, StandbyPart, ControlPart, WatchPart):
+
+class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPart):
     """Runs a pool. Created and driven by :class:`corral.Supervisor`; not public.
 
     Args:
@@ -101,14 +103,17 @@ class Monitor(RemotePart, StandbyPart, ControlPart, WatchPart):
         self._ctx = multiprocessing.get_context(spec.start_method)
         if spec.start_method == "forkserver" and start_process is None and spec.command is None:
             preload_for_forkserver(self._ctx, [getattr(spec.target, "__module__", "")])
+        self._ray_starter: RayStarter | None = None
         if start_process is None and spec.backend == "ray":
             from corral.ray._starter import RayStarter, attach
 
             attach()  # connects to (or starts) the Ray cluster: seconds, once per process
             # A RayWorker is process-like (see corral.ray._backend), not a ProcessLike to mypy.
-            start_process = cast(StartProcess, RayStarter(
+            self._ray_starter = RayStarter(
                 spec.name, spec.target, spec.ray_options, spec.ready_when == "beat",
-                spec.startup_timeout))
+                spec.startup_timeout, spares=spec.standby)
+            self._ray_starter.refill()
+            start_process = cast(StartProcess, self._ray_starter)
         self._start_process: StartProcess = start_process or self._start_worker
         # The heartbeat table first: it is the one resource that can fail for lack of space,
         # and nothing else exists yet to clean up if it does.
@@ -283,36 +288,6 @@ class Monitor(RemotePart, StandbyPart, ControlPart, WatchPart):
         except (TimeoutError, RuntimeError):
             return False
 
-    # ------------------------------------------------------------------------- spawner thread
-
-    def _start_worker(self, req: SpawnRequest) -> ProcessLike:
-        spec = self.spec
-        assert req.boot is not None  # only a standby's handover has none, and is no start
-        if req.standby is not None:
-            ours, theirs = multiprocessing.Pipe(duplex=True)
-            own_fd(ours.fileno())
-            try:
-                proc = WorkerProcess.start(
-                    self._ctx, run_standby, (req.boot, spec.target, theirs, spec.standby_init),
-                    req.boot.name, spec.daemon)
-            except BaseException:
-                ours.close()
-                raise
-            finally:
-                theirs.close()
-            req.standby.pending_conn = ours
-            return proc
-        if spec.command is not None:
-            try:
-                return CommandProcess.start(spec.command, env=spec.env, cwd=spec.cwd,
-                                            user=spec.user, group=spec.group, umask=spec.umask,
-                                            launch=req.launch)
-            finally:
-                if req.launch is not None:
-                    req.launch.close_child_ends()  # the child has its copies now
-        return WorkerProcess.start(self._ctx, run_worker, (req.boot, spec.target, req.args),
-                                   req.boot.name, spec.daemon)
-
     # --------------------------------------------------------------------------- monitor loop
 
     def _run(self) -> None:
@@ -485,253 +460,6 @@ class Monitor(RemotePart, StandbyPart, ControlPart, WatchPart):
     def _note_scaling(self) -> None:
         self._scaling_down = any(w.after_stop is AfterStop.REMOVE for w in self._slots.values())
 
-    def _spawn(self, w: WorkerSlot, now: float) -> None:
-        """Queue a start of ``w`` for the spawner thread (state PENDING)."""
-        w.generation += 1
-        w.ready = False
-        # A new process starts with a clean health record: a check still hanging on its
-        # predecessor is not its fault.
-        w.health_pending, w.health_failures, w.health_last = None, 0, ""
-        self._hb.reset(w.index)
-        if w.started_once:
-            w.restarts += 1
-            w.last_restart = now
-        w.started_once = True
-        launch = self._io.launch(w.index, w.name) if self._io is not None else None
-        stdio: tuple[str | None, str | None] | None = None
-        if launch is not None and self.spec.command is None:
-            stdio = tuple(None if fd is None else f"/proc/{os.getpid()}/fd/{fd}"  # type: ignore[assignment]
-                          for fd in (launch.stdout, launch.stderr))
-        if self._standbys and self._give_place(w, stdio, launch):
-            return  # a hot standby took its place: no process start
-        boot = BootConfig(
-            pool=self.spec.name, index=w.index, name=w.name, supervisor_pid=os.getpid(),
-            heartbeat_path=self._hb.path,
-            wake_path=f"/proc/{os.getpid()}/fd/{self._reactor.wake_fd}",
-            ready_on_beat=self.spec.ready_when == "beat",
-            dump_signal=DUMP_SIGNAL, forkserver=self.spec.start_method == "forkserver",
-            reset_signals=signals_to_reset() if self._fork_extras else None,
-            stdio=stdio, **self._fork_extras)
-        self._spawner.request(SpawnRequest(w.index, w.generation, boot, w.args, launch))
-
-    def _spawned_batch(self, batch: list[tuple[SpawnRequest, ProcessLike | BaseException]],
-                       ) -> None:
-        for req, result in batch:
-            if req.standby is not None:
-                self._standby_spawned(req.standby, result, req.standby.pending_conn)
-            else:
-                self._spawned(req, result)
-
-    def _request_standby(self, sb: Standby) -> None:
-        boot = BootConfig(
-            pool=self.spec.name, index=-1, name=f"{self.spec.name}-{sb.name}",
-            supervisor_pid=os.getpid(), heartbeat_path=self._hb.path,
-            wake_path=f"/proc/{os.getpid()}/fd/{self._reactor.wake_fd}",
-            ready_on_beat=self.spec.ready_when == "beat", dump_signal=DUMP_SIGNAL,
-            forkserver=self.spec.start_method == "forkserver",
-            reset_signals=signals_to_reset() if self._fork_extras else None,
-            **self._fork_extras)
-        self._spawner.request(SpawnRequest(-sb.id, 0, boot, (), None, sb))
-
-    def _spawned(self, req: SpawnRequest, result: ProcessLike | BaseException) -> None:
-        index, generation, launch = req.index, req.generation, req.launch
-        w = self._slots.get(index)
-        if (w is None or w.generation != generation or w.state is not S.PENDING
-                or self.finished.is_set()):
-            if not isinstance(result, BaseException):  # a start nobody wants any more
-                result.kill_and_reap()
-            if launch is not None and self._io is not None:
-                self._io.not_started(launch)
-            return
-        if isinstance(result, BaseException) and launch is not None and self._io is not None:
-            self._io.not_started(launch)
-        now = self._clock()
-        if isinstance(result, BaseException):
-            if isinstance(result, SpawnSkipped):
-                self._move(w, Trigger.SPAWN_FAILED, S.STOPPED)
-                return
-            text = explain_fd_error(result)
-            self.log.error("%s: could not start a process: %s", w.who, text,
-                           exc_info=result if not isinstance(result, OSError) else None)
-            record = ExitRecord(w.index, w.name, None, None, StopReason.SPAWN_FAILED,
-                                time.time(), 0.0, text)
-            self._after_death(w, Trigger.SPAWN_FAILED, record, now)
-            return
-        w.proc = result
-        if launch is not None and self._io is not None:
-            self._io.started(w.index, w.name, result, launch)
-        if w.died_at:
-            self.stats.restarted(w.died_why, now - w.died_at)
-            w.died_at = 0.0
-        with self._live_lock:
-            self._live[result.pid] = result
-        # Exits after replies and commands of the same batch (priority 1).
-        self._reactor.add_reader(result.waitable(), self._cb(lambda: self._on_exit(w)),
-                                 priority=1)
-        self._move(w, Trigger.SPAWNED, S.STARTING)
-        if self._remote:
-            self._remote_started(w, now)
-        event = self._emit(EventKind.SPAWNED, w)
-        self.log.info("%s started", w.who, extra=event_extra(self.log, logging.INFO, event))
-        if w.stop_reason is not None:
-            # Stopped while it was being started: stop it now that it exists, within what is
-            # left of the pool's deadline if the whole pool is stopping.
-            grace = max(0.0, self._stop_deadline - now) if self._stopping else None
-            self._signal_stop(w, now, grace=grace)
-            return
-        if self.spec.max_age is not None:
-            jitter = self._rng.uniform(-self.spec.max_age_jitter, self.spec.max_age_jitter)
-            self._dl.set((w.index, Deadline.AGE),
-                                       result.started + self.spec.max_age * (1 + jitter))
-        if self.spec.max_memory is not None and (POOL, Deadline.MEMORY) not in self._dl:
-            self._dl.set((POOL, Deadline.MEMORY),
-                                       now + self.spec.memory_check_interval)
-        if self.spec.ready_when == "started":
-            self._become_ready(w)
-        self._arm_liveness(w, now)
-
-    def _become_ready(self, w: WorkerSlot) -> None:
-        self._move(w, Trigger.READY, S.RUNNING if w.state is not S.STOPPING else S.STOPPING)
-        if w.state is S.RUNNING:
-            w.ready = True
-            event = self._emit(EventKind.READY, w)
-            self.log.debug("%s is ready", w.who,
-                           extra=event_extra(self.log, logging.DEBUG, event))
-            now = self._clock()
-            self._arm_liveness(w, now)
-            if self.spec.health_check is not None:
-                w.health_failures = 0
-                self._dl.set((w.index, Deadline.HEALTH),
-                                           now + self.spec.health_check_interval)
-            if self._rolling_current == w.index:
-                self._rolling_advance()
-            self._check_ready_waiters()
-
-    def _scan_ready(self, now: float) -> None:
-        if not self._counts[S.STARTING]:
-            return
-        for w in list(self._slots.values()):
-            if w.state is S.STARTING and w.proc is not None and (
-                    self._hb.ready_at(w.index) > 0
-                    or (self.spec.ready_when == "beat" and self._hb.last_beat(w.index) > 0)):
-                self._become_ready(w)
-
-    # ---------------------------------------------------------------------------- exits
-
-    def _on_exit(self, w: WorkerSlot) -> None:
-        proc = w.proc
-        if proc is None:
-            return
-        # Take the rest of its group down while the dead worker still holds the group id, and
-        # stop other threads signalling it before its pid can be reused.
-        proc.kill_group_leftovers()
-        with self._live_lock:
-            self._live.pop(proc.pid, None)
-        status = proc.reap()
-        if status is None:
-            with self._live_lock:
-                self._live[proc.pid] = proc
-            return  # not really gone yet (cannot happen with pidfds); wait again
-        self._reactor.remove_reader(proc.waitable())
-        now = self._clock()
-        for kind in (Deadline.KILL, Deadline.DUMP, Deadline.HEALTH, Deadline.HEALTH_TIMEOUT,
-                     Deadline.AGE):
-            self._dl.cancel((w.index, kind))
-        w.dump = None
-        if w.stop_reason is not None:
-            reason = w.stop_reason
-        elif getattr(proc, "exit_reason", None) is not None:  # a Ray actor: Ray's word
-            reason = proc.exit_reason  # type: ignore[attr-defined]
-        elif status.signal is not None:
-            reason = StopReason.KILLED
-        else:
-            reason = StopReason.EXITED
-        detail = w.stop_detail
-        remote_detail = getattr(proc, "exit_detail", None)
-        if remote_detail:
-            detail = f"{detail}\n{remote_detail}" if detail else remote_detail
-        record = ExitRecord(w.index, w.name, proc.pid, status, reason, time.time(),
-                            now - proc.started, detail)
-        w.proc = None
-        w.ready = False
-        self._after_death(w, Trigger.EXITED, record, now)
-        # After the decision (a standby may already run in its place): the rest can wait.
-        proc.close()
-        if self._io is not None:
-            self._io.ended(w.index, proc.pid)
-
-    def _after_death(self, w: WorkerSlot, trigger: Trigger, record: ExitRecord,
-                     now: float) -> None:
-        """Record an ended process and decide what comes next for its slot."""
-        w.last_exit = record
-        self._history.append(record)
-        self.stats.exited(record)
-        w.died_at, w.died_why = now, record.reason.name.lower()
-        after, w.stop_reason, w.stop_detail = w.after_stop, None, None
-        w.after_stop = AfterStop.POLICY
-        event = self._emit(EventKind.EXITED, w, exit=record)
-        try:
-            self._decide(w, trigger, record, now, after)
-        finally:
-            # Logged after the decision: a replacement (a standby) is already on its way.
-            self._log_exit(record, event)
-
-    def _decide(self, w: WorkerSlot, trigger: Trigger, record: ExitRecord, now: float,
-                after: AfterStop) -> None:
-        if self._stopping or after is AfterStop.STAY:
-            self._move(w, trigger, S.STOPPED)
-        elif after is AfterStop.REMOVE:
-            self._move(w, trigger, S.STOPPED)
-            self._remove(w)
-            self._check_ready_waiters()
-        elif after is AfterStop.RESTART:
-            self._move(w, trigger, S.PENDING)
-            self._emit(EventKind.RESTARTING, w, delay=0.0)
-            self._spawn(w, now)
-        elif after is AfterStop.GROUP:
-            self._move(w, trigger, S.BACKOFF)  # waits for its group
-            if self._group is not None:
-                self._group.down.discard(w.index)
-                self._group_maybe_restart(now)
-        else:
-            self._restart_per_policy(w, trigger, record, now)
-        if self._rolling_current == w.index and w.state is not S.PENDING:
-            self._rolling_advance()  # the rolling restart cannot wait for this one
-
-    def _restart_per_policy(self, w: WorkerSlot, trigger: Trigger, record: ExitRecord,
-                            now: float) -> None:
-        clean = (record.exit is not None and record.exit.clean
-                 and record.reason is StopReason.EXITED)
-        if not self.spec.restart_policy.wants_restart(clean_exit=clean):
-            self._move(w, trigger, S.EXITED)
-            self.log.info("%s will not be restarted (restart=%r)", w.who,
-                          self.spec.restart_policy.value)
-            self._check_ready_waiters()
-            return
-        spent = self._budget.try_spend(now)
-        self.stats.budget_remaining = self._budget.remaining(now)
-        if not spent:
-            self._move(w, trigger, S.STOPPED)
-            self._give_up(now)
-            return
-        delay = w.backoff.on_death(record.uptime, self._rng)
-        cooldown = self.spec.restart_cooldown
-        if cooldown > 0 and w.last_restart > 0:
-            # At least `cooldown` between two restarts of this worker: the first is at once,
-            # a crash loop is throttled, a worker that ran longer than that restarts at once.
-            delay = max(delay, w.last_restart + cooldown - now)
-        if self._restart_group(w, trigger, now, delay):
-            return
-        event = self._emit(EventKind.RESTARTING, w, delay=delay)
-        if delay <= 0:
-            self._move(w, trigger, S.PENDING)
-            self._spawn(w, now)
-        else:
-            self._move(w, trigger, S.BACKOFF)
-            self.log.info("%s restarts in %.3fs (failure %d in a row)", w.who, delay,
-                          w.backoff.streak, extra=event_extra(self.log, logging.INFO, event))
-            self._dl.set((w.index, Deadline.BACKOFF), now + delay)
-
     def _maybe_finish(self) -> None:
         counts = self._counts
         final = counts[S.EXITED] + counts[S.STOPPED]
@@ -765,6 +493,8 @@ class Monitor(RemotePart, StandbyPart, ControlPart, WatchPart):
         if self._remote:
             from corral.ray._starter import detach
 
+            if self._ray_starter is not None:
+                self._ray_starter.close()
             detach()
         if self._hosted:
             self._dl.clear()

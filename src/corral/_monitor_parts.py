@@ -39,7 +39,11 @@ from corral.states import Trigger, WorkerState
 from corral.status import WorkerStatus
 
 if TYPE_CHECKING:
+    import random
     import threading
+
+    from corral._workerio import WorkerIO
+    from corral.process import ProcessLike
 
 
     class _Core:
@@ -76,7 +80,15 @@ if TYPE_CHECKING:
         _ready_waiters: list[tuple[int | None, Reply]]
         _scaling_down: bool
         _snapshot: tuple[WorkerStatus, ...]
+        _live_lock: threading.Lock
+        _live: dict[int, ProcessLike]
+        _io: WorkerIO | None
+        _rng: random.Random
 
+        def _log_exit(self, record: ExitRecord, event: Event) -> None: ...
+        def _give_up(self, now: float) -> None: ...
+        def _restart_group(self, w: WorkerSlot, trigger: Trigger, now: float,
+                           delay: float) -> bool: ...
         def _move(self, w: WorkerSlot, trigger: Trigger, new: WorkerState) -> None: ...
         def _add(self, w: WorkerSlot) -> None: ...
         def _remove(self, w: WorkerSlot) -> None: ...

@@ -97,7 +97,7 @@ class StandbyPart(_Core):
 
     def _replenish(self, now: float) -> None:
         """Start standbys until there are ``spec.standby`` of them (none once stopping)."""
-        if self._stopping or not self.spec.standby:
+        if self._stopping or not self.spec.standby or self.spec.backend != "local":
             return
         if now < self._standby_not_before:
             self._dl_standby(self._standby_not_before)

@@ -76,7 +76,9 @@ class PoolSpec:
         standby: hot standby processes kept booted (the target's module imported, the warm-up
             run), each holding no worker index: a worker that must be restarted takes one
             at once and runs user code within about a millisecond, and a new standby boots in
-            the background. Costs K idle processes (their memory). 0: none.
+            the background. Costs K idle processes (their memory). 0: none. With
+            backend="ray": K actors made ahead (idle, holding what ``ray_options`` ask for),
+            so a restart is one call (~10 ms) instead of a new Ray worker process (~0.25 s).
         standby_init: a warm-up run in each standby before it is needed (a callable, or
             "module:function"): load a model, open pools; what it builds is inherited by
             the worker's target. A standby whose warm-up raises is reported and replaced with
@@ -237,9 +239,10 @@ class PoolSpec:
         if self.backend == "ray":
             if self.command is not None:
                 raise ValueError("backend='ray' runs Python targets, not commands")
-            if self.standby:
-                raise ValueError("standby is not available with backend='ray' (a Ray restart "
-                                 "is an actor start, ~0.3 s)")
+            if self.standby_init is not None:
+                raise ValueError("standby_init is not available with backend='ray' (a Ray "
+                                 "standby is an actor made ahead, with no target module "
+                                 "imported)")
             from corral.ray._backend import validate_options
 
             object.__setattr__(self, "ray_options", validate_options(self.ray_options))

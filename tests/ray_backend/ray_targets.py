@@ -62,3 +62,23 @@ def env_status(index: int, name: str) -> None:
         corral.beat()
         time.sleep(0.05)
 
+
+
+def crashes(index: int, log: str) -> None:
+    """Ready at once, then exits with code 1 a moment later; logs its pid, start and end."""
+    start = time.time()
+    corral.ready()
+    time.sleep(0.05)
+    with open(log, "a") as fh:
+        fh.write(f"{os.getpid()} {start!r} {time.time()!r}\n")
+    os._exit(1)
+
+
+def stops_itself(index: int) -> None:
+    """Ready and beating, then SIGSTOPs its own process: no beat, no probe answer."""
+    import signal
+
+    corral.ready()
+    corral.beat()
+    time.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGSTOP)

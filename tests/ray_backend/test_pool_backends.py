@@ -9,6 +9,8 @@ pool had is gone after ``shutdown(wait=True)``.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -63,9 +65,6 @@ def watched(pool: ProcessPool) -> Iterator[set[int]]:
             watcher.join()
             left = [pid for pid in seen if pid_alive(pid)]
             for pid in left:
-                import os
-                import signal
-
                 os.kill(pid, signal.SIGKILL)
         assert not left, f"worker processes left after shutdown(wait=True): {left}"
         assert pool.worker_pids() == () and pool.spare_pids() == ()

@@ -363,3 +363,18 @@ def test_worker_name_must_be_str() -> None:
     spec = PoolSpec(work, names=name_int)
     with pytest.raises(TypeError, match=r"^names\(3\) must return a str, got 3"):
         spec.worker_name(3)
+
+
+def test_backend_and_ray_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="backend"):
+        PoolSpec(work, backend="dask")
+    with pytest.raises(ValueError, match="ray_options go with backend='ray'"):
+        PoolSpec(work, ray_options={"num_cpus": 1})
+    with pytest.raises(ValueError, match="not commands"):
+        PoolSpec(command=["true"], backend="ray")
+    with pytest.raises(ValueError, match="standby_init"):
+        PoolSpec(work, backend="ray", standby=1, standby_init="os:getpid")
+    spec = PoolSpec(work, backend="ray", standby=1, ray_options={"num_cpus": 0.5})
+    assert spec.standby == 1 and spec.ray_options == {"num_cpus": 0.5}
+    with pytest.raises((TypeError, ValueError), match="ray_options"):
+        PoolSpec(work, backend="ray", ray_options={"max_restarts": 3})

@@ -1,0 +1,144 @@
+"""The monitor's exit part (a mixin of :class:`corral._monitor.Monitor`): a worker's process
+ended; record it, and decide what comes next for its slot: stay stopped, go away, restart at
+once, wait for its group, or restart per the policy (backoff, budget, cooldown).
+
+On the monitor thread only; it uses the monitor's state (see ``_monitor.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from corral._eventlog import event_extra
+from corral._slots import AfterStop, Deadline, WorkerSlot
+from corral.events import EventKind, ExitRecord, StopReason
+from corral.states import Trigger, WorkerState
+
+if TYPE_CHECKING:
+    from corral._monitor_parts import _Core
+else:
+    _Core = object
+
+__all__ = ["ExitPart"]
+
+S = WorkerState
+
+
+class ExitPart(_Core):
+    """Exits and the decisions after them."""
+
+    def _on_exit(self, w: WorkerSlot) -> None:
+        proc = w.proc
+        if proc is None:
+            return
+        # Take the rest of its group down while the dead worker still holds the group id, and
+        # stop other threads signalling it before its pid can be reused.
+        proc.kill_group_leftovers()
+        with self._live_lock:
+            self._live.pop(proc.pid, None)
+        status = proc.reap()
+        if status is None:
+            with self._live_lock:
+                self._live[proc.pid] = proc
+            return  # not really gone yet (cannot happen with pidfds); wait again
+        self._reactor.remove_reader(proc.waitable())
+        now = self._clock()
+        for kind in (Deadline.KILL, Deadline.DUMP, Deadline.HEALTH, Deadline.HEALTH_TIMEOUT,
+                     Deadline.AGE):
+            self._dl.cancel((w.index, kind))
+        w.dump = None
+        if w.stop_reason is not None:
+            reason = w.stop_reason
+        elif getattr(proc, "exit_reason", None) is not None:  # a Ray actor: Ray's word
+            reason = proc.exit_reason  # type: ignore[attr-defined]
+        elif status.signal is not None:
+            reason = StopReason.KILLED
+        else:
+            reason = StopReason.EXITED
+        detail = w.stop_detail
+        remote_detail = getattr(proc, "exit_detail", None)
+        if remote_detail:
+            detail = f"{detail}\n{remote_detail}" if detail else remote_detail
+        record = ExitRecord(w.index, w.name, proc.pid, status, reason, time.time(),
+                            now - proc.started, detail)
+        w.proc = None
+        w.ready = False
+        self._after_death(w, Trigger.EXITED, record, now)
+        # After the decision (a standby may already run in its place): the rest can wait.
+        proc.close()
+        if self._io is not None:
+            self._io.ended(w.index, proc.pid)
+
+    def _after_death(self, w: WorkerSlot, trigger: Trigger, record: ExitRecord,
+                     now: float) -> None:
+        """Record an ended process and decide what comes next for its slot."""
+        w.last_exit = record
+        self._history.append(record)
+        self.stats.exited(record)
+        w.died_at, w.died_why = now, record.reason.name.lower()
+        after, w.stop_reason, w.stop_detail = w.after_stop, None, None
+        w.after_stop = AfterStop.POLICY
+        event = self._emit(EventKind.EXITED, w, exit=record)
+        try:
+            self._decide(w, trigger, record, now, after)
+        finally:
+            # Logged after the decision: a replacement (a standby) is already on its way.
+            self._log_exit(record, event)
+
+    def _decide(self, w: WorkerSlot, trigger: Trigger, record: ExitRecord, now: float,
+                after: AfterStop) -> None:
+        if self._stopping or after is AfterStop.STAY:
+            self._move(w, trigger, S.STOPPED)
+        elif after is AfterStop.REMOVE:
+            self._move(w, trigger, S.STOPPED)
+            self._remove(w)
+            self._check_ready_waiters()
+        elif after is AfterStop.RESTART:
+            self._move(w, trigger, S.PENDING)
+            self._emit(EventKind.RESTARTING, w, delay=0.0)
+            self._spawn(w, now)
+        elif after is AfterStop.GROUP:
+            self._move(w, trigger, S.BACKOFF)  # waits for its group
+            if self._group is not None:
+                self._group.down.discard(w.index)
+                self._group_maybe_restart(now)
+        else:
+            self._restart_per_policy(w, trigger, record, now)
+        if self._rolling_current == w.index and w.state is not S.PENDING:
+            self._rolling_advance()  # the rolling restart cannot wait for this one
+
+    def _restart_per_policy(self, w: WorkerSlot, trigger: Trigger, record: ExitRecord,
+                            now: float) -> None:
+        clean = (record.exit is not None and record.exit.clean
+                 and record.reason is StopReason.EXITED)
+        if not self.spec.restart_policy.wants_restart(clean_exit=clean):
+            self._move(w, trigger, S.EXITED)
+            self.log.info("%s will not be restarted (restart=%r)", w.who,
+                          self.spec.restart_policy.value)
+            self._check_ready_waiters()
+            return
+        spent = self._budget.try_spend(now)
+        self.stats.budget_remaining = self._budget.remaining(now)
+        if not spent:
+            self._move(w, trigger, S.STOPPED)
+            self._give_up(now)
+            return
+        delay = w.backoff.on_death(record.uptime, self._rng)
+        cooldown = self.spec.restart_cooldown
+        if cooldown > 0 and w.last_restart > 0:
+            # At least `cooldown` between two restarts of this worker: the first is at once,
+            # a crash loop is throttled, a worker that ran longer than that restarts at once.
+            delay = max(delay, w.last_restart + cooldown - now)
+        if self._restart_group(w, trigger, now, delay):
+            return
+        event = self._emit(EventKind.RESTARTING, w, delay=delay)
+        if delay <= 0:
+            self._move(w, trigger, S.PENDING)
+            self._spawn(w, now)
+        else:
+            self._move(w, trigger, S.BACKOFF)
+            self.log.info("%s restarts in %.3fs (failure %d in a row)", w.who, delay,
+                          w.backoff.streak, extra=event_extra(self.log, logging.INFO, event))
+            self._dl.set((w.index, Deadline.BACKOFF), now + delay)

@@ -1,0 +1,221 @@
+"""The monitor's spawn part (a mixin of :class:`corral._monitor.Monitor`): asking the spawner
+for a worker's process, starting it on the spawner thread (a Python worker, a standby or a
+command), taking the result on the monitor thread, and a worker's readiness.
+
+``_start_worker`` runs on the spawner thread; everything else on the monitor thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from corral._bootstrap import BootConfig, run_standby, run_worker, signals_to_reset
+from corral._command import CommandProcess
+from corral._eventlog import event_extra
+from corral._fdlimit import explain_fd_error
+from corral._slots import POOL, Deadline, SpawnRequest, WorkerSlot
+from corral._spawner import SpawnSkipped
+from corral.events import EventKind, ExitRecord, StopReason
+from corral.process import DUMP_SIGNAL, ProcessLike, WorkerProcess, own_fd
+from corral.states import Trigger, WorkerState
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+    from multiprocessing.context import BaseContext
+
+    from corral._command import Launch
+    from corral._monitor_parts import _Core
+    from corral._monitor_standby import Standby
+    from corral._spawner import Spawner
+
+    class _SpawnCore(_Core):
+        _ctx: BaseContext
+        _fork_extras: dict[str, Any]
+        _spawner: Spawner[SpawnRequest, ProcessLike]
+
+        _standbys: dict[int, Standby]
+
+        def _standby_spawned(self, sb: Standby, result: ProcessLike | BaseException,
+                             conn: Connection | None) -> None: ...
+        def _give_place(self, w: WorkerSlot, stdio: tuple[str | None, str | None] | None,
+                        launch: Launch | None) -> bool: ...
+        def _after_death(self, w: WorkerSlot, trigger: Trigger, record: ExitRecord,
+                         now: float) -> None: ...
+        def _cb(self, fn: Callable[..., None]) -> Callable[..., None]: ...
+        def _on_exit(self, w: WorkerSlot) -> None: ...
+        def _remote_started(self, w: WorkerSlot, now: float) -> None: ...
+        def _arm_liveness(self, w: WorkerSlot, now: float) -> None: ...
+else:
+    _SpawnCore = object
+
+__all__ = ["SpawnPart"]
+
+S = WorkerState
+
+
+class SpawnPart(_SpawnCore):
+    """Starting workers, and their readiness."""
+
+    def _start_worker(self, req: SpawnRequest) -> ProcessLike:
+        spec = self.spec
+        assert req.boot is not None  # only a standby's handover has none, and is no start
+        if req.standby is not None:
+            ours, theirs = multiprocessing.Pipe(duplex=True)
+            own_fd(ours.fileno())
+            try:
+                proc = WorkerProcess.start(
+                    self._ctx, run_standby, (req.boot, spec.target, theirs, spec.standby_init),
+                    req.boot.name, spec.daemon)
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
+            req.standby.pending_conn = ours
+            return proc
+        if spec.command is not None:
+            try:
+                return CommandProcess.start(spec.command, env=spec.env, cwd=spec.cwd,
+                                            user=spec.user, group=spec.group, umask=spec.umask,
+                                            launch=req.launch)
+            finally:
+                if req.launch is not None:
+                    req.launch.close_child_ends()  # the child has its copies now
+        return WorkerProcess.start(self._ctx, run_worker, (req.boot, spec.target, req.args),
+                                   req.boot.name, spec.daemon)
+
+    def _spawn(self, w: WorkerSlot, now: float) -> None:
+        """Queue a start of ``w`` for the spawner thread (state PENDING)."""
+        w.generation += 1
+        w.ready = False
+        # A new process starts with a clean health record: a check still hanging on its
+        # predecessor is not its fault.
+        w.health_pending, w.health_failures, w.health_last = None, 0, ""
+        self._hb.reset(w.index)
+        if w.started_once:
+            w.restarts += 1
+            w.last_restart = now
+        w.started_once = True
+        launch = self._io.launch(w.index, w.name) if self._io is not None else None
+        stdio: tuple[str | None, str | None] | None = None
+        if launch is not None and self.spec.command is None:
+            stdio = tuple(None if fd is None else f"/proc/{os.getpid()}/fd/{fd}"  # type: ignore[assignment]
+                          for fd in (launch.stdout, launch.stderr))
+        if self._standbys and self._give_place(w, stdio, launch):
+            return  # a hot standby took its place: no process start
+        boot = BootConfig(
+            pool=self.spec.name, index=w.index, name=w.name, supervisor_pid=os.getpid(),
+            heartbeat_path=self._hb.path,
+            wake_path=f"/proc/{os.getpid()}/fd/{self._reactor.wake_fd}",
+            ready_on_beat=self.spec.ready_when == "beat",
+            dump_signal=DUMP_SIGNAL, forkserver=self.spec.start_method == "forkserver",
+            reset_signals=signals_to_reset() if self._fork_extras else None,
+            stdio=stdio, **self._fork_extras)
+        self._spawner.request(SpawnRequest(w.index, w.generation, boot, w.args, launch))
+
+    def _spawned_batch(self, batch: list[tuple[SpawnRequest, ProcessLike | BaseException]],
+                       ) -> None:
+        for req, result in batch:
+            if req.standby is not None:
+                self._standby_spawned(req.standby, result, req.standby.pending_conn)
+            else:
+                self._spawned(req, result)
+
+    def _request_standby(self, sb: Standby) -> None:
+        boot = BootConfig(
+            pool=self.spec.name, index=-1, name=f"{self.spec.name}-{sb.name}",
+            supervisor_pid=os.getpid(), heartbeat_path=self._hb.path,
+            wake_path=f"/proc/{os.getpid()}/fd/{self._reactor.wake_fd}",
+            ready_on_beat=self.spec.ready_when == "beat", dump_signal=DUMP_SIGNAL,
+            forkserver=self.spec.start_method == "forkserver",
+            reset_signals=signals_to_reset() if self._fork_extras else None,
+            **self._fork_extras)
+        self._spawner.request(SpawnRequest(-sb.id, 0, boot, (), None, sb))
+
+    def _spawned(self, req: SpawnRequest, result: ProcessLike | BaseException) -> None:
+        index, generation, launch = req.index, req.generation, req.launch
+        w = self._slots.get(index)
+        if (w is None or w.generation != generation or w.state is not S.PENDING
+                or self.finished.is_set()):
+            if not isinstance(result, BaseException):  # a start nobody wants any more
+                result.kill_and_reap()
+            if launch is not None and self._io is not None:
+                self._io.not_started(launch)
+            return
+        if isinstance(result, BaseException) and launch is not None and self._io is not None:
+            self._io.not_started(launch)
+        now = self._clock()
+        if isinstance(result, BaseException):
+            if isinstance(result, SpawnSkipped):
+                self._move(w, Trigger.SPAWN_FAILED, S.STOPPED)
+                return
+            text = explain_fd_error(result)
+            self.log.error("%s: could not start a process: %s", w.who, text,
+                           exc_info=result if not isinstance(result, OSError) else None)
+            record = ExitRecord(w.index, w.name, None, None, StopReason.SPAWN_FAILED,
+                                time.time(), 0.0, text)
+            self._after_death(w, Trigger.SPAWN_FAILED, record, now)
+            return
+        w.proc = result
+        if launch is not None and self._io is not None:
+            self._io.started(w.index, w.name, result, launch)
+        if w.died_at:
+            self.stats.restarted(w.died_why, now - w.died_at)
+            w.died_at = 0.0
+        with self._live_lock:
+            self._live[result.pid] = result
+        # Exits after replies and commands of the same batch (priority 1).
+        self._reactor.add_reader(result.waitable(), self._cb(lambda: self._on_exit(w)),
+                                 priority=1)
+        self._move(w, Trigger.SPAWNED, S.STARTING)
+        if self._remote:
+            self._remote_started(w, now)
+        event = self._emit(EventKind.SPAWNED, w)
+        self.log.info("%s started", w.who, extra=event_extra(self.log, logging.INFO, event))
+        if w.stop_reason is not None:
+            # Stopped while it was being started: stop it now that it exists, within what is
+            # left of the pool's deadline if the whole pool is stopping.
+            grace = max(0.0, self._stop_deadline - now) if self._stopping else None
+            self._signal_stop(w, now, grace=grace)
+            return
+        if self.spec.max_age is not None:
+            jitter = self._rng.uniform(-self.spec.max_age_jitter, self.spec.max_age_jitter)
+            self._dl.set((w.index, Deadline.AGE),
+                                       result.started + self.spec.max_age * (1 + jitter))
+        if self.spec.max_memory is not None and (POOL, Deadline.MEMORY) not in self._dl:
+            self._dl.set((POOL, Deadline.MEMORY),
+                                       now + self.spec.memory_check_interval)
+        if self.spec.ready_when == "started":
+            self._become_ready(w)
+        self._arm_liveness(w, now)
+
+    def _become_ready(self, w: WorkerSlot) -> None:
+        self._move(w, Trigger.READY, S.RUNNING if w.state is not S.STOPPING else S.STOPPING)
+        if w.state is S.RUNNING:
+            w.ready = True
+            event = self._emit(EventKind.READY, w)
+            self.log.debug("%s is ready", w.who,
+                           extra=event_extra(self.log, logging.DEBUG, event))
+            now = self._clock()
+            self._arm_liveness(w, now)
+            if self.spec.health_check is not None:
+                w.health_failures = 0
+                self._dl.set((w.index, Deadline.HEALTH),
+                                           now + self.spec.health_check_interval)
+            if self._rolling_current == w.index:
+                self._rolling_advance()
+            self._check_ready_waiters()
+
+    def _scan_ready(self, now: float) -> None:
+        if not self._counts[S.STARTING]:
+            return
+        for w in list(self._slots.values()):
+            if w.state is S.STARTING and w.proc is not None and (
+                    self._hb.ready_at(w.index) > 0
+                    or (self.spec.ready_when == "beat" and self._hb.last_beat(w.index) > 0)):
+                self._become_ready(w)
