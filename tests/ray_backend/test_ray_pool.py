@@ -146,3 +146,12 @@ def test_an_actor_no_node_can_host_is_a_failed_start(ray_cluster: Any) -> None:
         fut = pool.submit(tasks.square, 2)
         with pytest.raises(PoolBroken, match="startup_timeout=1s"):
             fut.result(timeout=30)
+
+
+def test_an_unpicklable_argument_is_refused_at_submit() -> None:
+    import threading
+
+    pool = ProcessPool(1, backend="ray")
+    with pytest.raises(NotPicklable, match=r"args cannot be pickled .*Ray's cloudpickle"):
+        pool.submit(tasks.square, threading.Lock())
+    pool.shutdown()  # never started: nothing to stop, no cluster needed

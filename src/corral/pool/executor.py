@@ -340,6 +340,9 @@ class ProcessPool(Executor):
                 break
         advice = ("every task is sent to its worker by pickle. Use a module-level function (not "
                   "a lambda, closure or nested function) and picklable arguments.")
+        if self._backend == "ray":
+            advice = ("every task is sent to its Ray worker by Ray's cloudpickle: its function "
+                      "and arguments must not hold locks, sockets, open files or the like.")
         if self._cfg.drop_in:
             # The very exception pickle raised, as concurrent.futures reports it, with advice.
             exc.add_note(f"corral: {what} cannot be pickled; {advice}")
