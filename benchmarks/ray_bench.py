@@ -10,8 +10,13 @@ then probes it until it reports ready. Three figures per round:
 
 next to the floor, measured in the same run: creating a bare Ray actor to its first method
 reply. A last row replaces the worker with a spare actor made ahead (RayWorker.make_spare), as
-a pool could keep one warm. Needs Ray (``pip install 'corral[ray]'``); starts its own local
-cluster. Run::
+a pool could keep one warm.
+
+A second table is ``ProcessPool(backend="ray")``: a task's round trip (submit -> result, one
+worker, warm) next to a bare actor method call (the floor) and the local pool's round trip;
+SIGKILL of the worker running a task -> its future fails with WorkerLost; and a 1 s task
+timeout -> TaskTimeout, counted from when the task started. Needs Ray
+(``pip install 'corral[ray]'``); starts its own local cluster. Run::
 
     python benchmarks/ray_bench.py [--quick] [--rounds N] [--cpus N]
 """
@@ -141,6 +146,81 @@ def supervisor(rounds: int, how: str, standby: int) -> list[float]:
     return out
 
 
+def _square(x: int) -> int:
+    return x * x
+
+
+def _hang_after_marker(path: str) -> None:
+    Path(path).write_text(str(os.getpid()))
+    while True:
+        time.sleep(60)
+
+
+def _wait_marker(path: Path, timeout: float = 60.0) -> int:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.read_text()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.001)
+    return int(path.read_text())
+
+
+def pool_rows(ray: Any, rounds: int, tmp: Path) -> dict[str, list[float]]:
+    """ProcessPool(backend="ray"): round trips, death noticed, timeout noticed."""
+    from corral.pool import TaskTimeout, WorkerLost
+
+    out: dict[str, list[float]] = {"floor": [], "ray": [], "local": [], "lost": [],
+                                   "timeout": []}
+
+    @ray.remote
+    class Echo:
+        def square(self, x: int) -> int:
+            return x * x
+
+    echo = Echo.remote()
+    ray.get(echo.square.remote(1))
+    calls = max(50, rounds * 10)
+    for _ in range(calls):
+        t0 = time.monotonic()
+        ray.get(echo.square.remote(3))
+        out["floor"].append(time.monotonic() - t0)
+    ray.kill(echo)
+    for backend in ("local", "ray"):
+        with corral.ProcessPool(1, backend=backend) as pool:
+            pool.submit(_square, 1).result(timeout=60)  # the worker started
+            for _ in range(calls):
+                t0 = time.monotonic()
+                pool.submit(_square, 3).result(timeout=60)
+                out[backend].append(time.monotonic() - t0)
+    with corral.ProcessPool(2, backend="ray") as pool:
+        for i in range(rounds):
+            marker = tmp / f"lost-{i}"
+            fut = pool.submit(_hang_after_marker, str(marker))
+            pid = _wait_marker(marker)
+            # The replacements of the last round booted: no actor start competes for the CPU.
+            deadline = time.monotonic() + 60
+            while len(pool.worker_pids()) + len(pool.spare_pids()) < 3:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the pool did not get its workers back")
+                time.sleep(0.005)
+            t0 = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            try:
+                fut.result(timeout=30)
+            except WorkerLost:
+                out["lost"].append(time.monotonic() - t0)
+        for i in range(max(3, rounds // 4)):
+            marker = tmp / f"timeout-{i}"
+            fut = pool.submit_task(_hang_after_marker, (str(marker),), timeout=1.0)
+            _wait_marker(marker)
+            t0 = time.monotonic()
+            try:
+                fut.result(timeout=30)
+            except TaskTimeout:
+                out["timeout"].append(time.monotonic() - t0)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="5 rounds")
@@ -161,6 +241,8 @@ def main() -> None:
     connect(num_cpus=opts.cpus, include_dashboard=False, logging_level="ERROR",
             log_to_driver=False)
     init = time.monotonic() - t0
+    import tempfile
+
     try:
         base = floor(ray, rounds)
         rec = recovery(rounds, with_spare=False)
@@ -168,6 +250,8 @@ def main() -> None:
         sup_kill = supervisor(rounds, "sigkill", 0)
         sup_raykill = supervisor(rounds, "ray.kill", 0)
         sup_standby = supervisor(rounds, "sigkill", 1)
+        with tempfile.TemporaryDirectory() as tmp:
+            pool = pool_rows(ray, rounds, Path(tmp))
     finally:
         ray.shutdown()
     print(f"Ray {ray.__version__}, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
@@ -186,6 +270,18 @@ def main() -> None:
         med = statistics.median(values)
         print(f"{name:<44} {med * 1e3:>10.1f} {max(values) * 1e3:>9.1f} "
               f"{med / base_med:>8.2f}x")
+    print()
+    floor_med = statistics.median(pool["floor"])
+    print(f"{'ProcessPool(backend=ray)':<44} {'median ms':>10} {'max ms':>9} {'vs floor':>9}")
+    rows = [("floor: bare actor method call round trip", pool["floor"]),
+            ("pool task round trip, backend=ray", pool["ray"]),
+            ("pool task round trip, backend=local", pool["local"]),
+            ("SIGKILL of a busy worker -> WorkerLost", pool["lost"]),
+            ("task start -> TaskTimeout (timeout=1 s)", pool["timeout"])]
+    for name, values in rows:
+        med = statistics.median(values)
+        print(f"{name:<44} {med * 1e3:>10.2f} {max(values) * 1e3:>9.1f} "
+              f"{med / floor_med:>8.2f}x  (n={len(values)})")
 
 
 if __name__ == "__main__":

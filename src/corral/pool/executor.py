@@ -15,9 +15,10 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
-from typing import Any, ParamSpec, TypeVar
+from functools import partial
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from corral import _validate as v
 from corral.errors import NotPicklable
@@ -27,6 +28,9 @@ from corral.pool._future import PoolFuture, cancel_pending, results
 from corral.pool._records import PoolConfig, Task, describe
 from corral.pool._runner import PoolRunner, finalize
 from corral.spec import START_METHODS
+
+if TYPE_CHECKING:
+    from corral.ray._pool import RayPoolRunner
 
 __all__ = ["ProcessPool"]
 
@@ -98,6 +102,17 @@ class ProcessPool(Executor):
             (timeouts, cancellation, memory, recycling) do not count.
         stop_timeout: seconds a worker asked to quit (recycling, shutdown) gets before SIGKILL.
         name: the pool's name, in logs and process titles.
+        backend: "local" (worker processes on this machine) or "ray" (each worker a Ray
+            actor managed by corral, on the cluster this process is a driver of, else the one
+            ``RAY_ADDRESS`` names, else a local one started at the first submit; needs
+            ``corral[ray]``). With "ray", tasks, the initializer and its arguments travel by
+            Ray's cloudpickle (functions of ``__main__`` too); ``start_method`` must stay
+            the default and ``max_memory_per_worker`` is refused (use
+            ``ray_options={"memory": ...}``); an idle worker that leaves is killed at once,
+            so ``stop_timeout`` only bounds the wait for Ray to report it gone.
+        ray_options: Ray actor options for each worker (``num_cpus``, ``num_gpus``,
+            ``memory``, ``resources``, ``scheduling_strategy`` such as "SPREAD",
+            ``runtime_env``, ...); only with ``backend="ray"``.
 
     Raises:
         TypeError, ValueError: a bad argument (the message names it).
@@ -128,7 +143,8 @@ class ProcessPool(Executor):
                  max_memory_per_worker: int | None = None, memory_check_interval: float = 1.0,
                  startup_timeout: float | None = None,
                  backoff: Backoff | None = None, budget: RestartBudget | None = None,
-                 stop_timeout: float = 5.0, name: str = "pool") -> None:
+                 stop_timeout: float = 5.0, name: str = "pool", backend: str = "local",
+                 ray_options: Mapping[str, Any] | None = None) -> None:
         if max_workers is None:
             max_workers = _default_workers()
         v.integer("max_workers", max_workers, minimum=1)
@@ -159,6 +175,13 @@ class ProcessPool(Executor):
         v.number("stop_timeout", stop_timeout)
         if not isinstance(name, str) or not name:
             raise TypeError(f"name must be a non-empty str, got {name!r}")
+        v.choice("backend", backend, ("local", "ray"))
+        ray_opts = None
+        if backend == "ray":
+            ray_opts = _ray_options(start_method, max_memory_per_worker, ray_options)
+        elif ray_options is not None:
+            raise ValueError(f"ray_options go with backend='ray', got backend={backend!r} and "
+                             f"ray_options={ray_options!r}")
         self._setup(PoolConfig(
             name=name, max_workers=max_workers, spare_workers=spare_workers,
             start_method=start_method,
@@ -169,18 +192,33 @@ class ProcessPool(Executor):
             memory_check_interval=float(memory_check_interval),
             startup_timeout=startup_timeout,
             backoff=backoff, budget=budget,
-            stop_timeout=float(stop_timeout)))
+            stop_timeout=float(stop_timeout)), ray_opts)
 
-    def _setup(self, cfg: PoolConfig) -> None:
-        if cfg.start_method != "fork":
-            _check_spawnable(cfg.start_method, cfg.initializer, cfg.initargs)
+    def _setup(self, cfg: PoolConfig, ray_options: dict[str, Any] | None = None) -> None:
+        self._backend = "local" if ray_options is None else "ray"
         self._cfg = cfg
-        self._runner = PoolRunner(cfg)  # its threads, started at the first submit
+        self._runner: PoolRunner | RayPoolRunner
+        if ray_options is not None:
+            from ray import cloudpickle  # checked importable by _ray_options
+
+            self._dumps: Callable[[Any], bytes] = partial(cloudpickle.dumps, protocol=_PROTOCOL)
+            _check_sendable(self._dumps, cfg.initializer, cfg.initargs)
+            from corral.ray._pool import RayPoolRunner as _RayRunner
+
+            self._runner = _RayRunner(cfg, ray_options)  # Ray and its thread: at 1st submit
+        else:
+            if cfg.start_method != "fork":
+                _check_spawnable(cfg.start_method, cfg.initializer, cfg.initargs)
+            self._dumps = partial(pickle.dumps, protocol=_PROTOCOL)
+            self._runner = PoolRunner(cfg)  # its threads, started at the first submit
         self._shared = self._runner.shared  # what submitters share with its manager thread
         self._cancel_running = self._runner.cancel_running  # for every future (one object)
         self._owner_pid = os.getpid()
         # Dropped without shutdown(): finish the submitted tasks, then stop the workers.
-        weakref.finalize(self, finalize, self._runner, self._owner_pid)
+        if isinstance(self._runner, PoolRunner):
+            weakref.finalize(self, finalize, self._runner, self._owner_pid)
+        else:
+            weakref.finalize(self, self._runner.request_shutdown, False)
 
     # ----------------------------------------------------------------------------- submitting
 
@@ -260,11 +298,11 @@ class ProcessPool(Executor):
         fut: PoolFuture[Any] = PoolFuture(self._cancel_running)
         refused: BaseException | None = None
         try:
-            payload = pickle.dumps((fn, args, kwargs), _PROTOCOL)
+            payload = self._dumps((fn, args, kwargs))
         except Exception as exc:
             refused = self._refuse(fn, args, kwargs, exc)
         else:
-            if (self._cfg.start_method != "fork"
+            if (self._cfg.start_method != "fork" and self._backend == "local"
                     and getattr(fn, "__module__", None) == "__main__"
                     and getattr(sys.modules.get("__main__"), "__file__", None) is None):
                 refused = NotPicklable(
@@ -296,12 +334,15 @@ class ProcessPool(Executor):
         what = "the task"
         for name, value in (("fn", fn), ("args", args), ("kwargs", kwargs)):
             try:
-                pickle.dumps(value, _PROTOCOL)
+                self._dumps(value)
             except Exception:
                 what = f"{name} {describe(value)}" if name == "fn" else name
                 break
         advice = ("every task is sent to its worker by pickle. Use a module-level function (not "
                   "a lambda, closure or nested function) and picklable arguments.")
+        if self._backend == "ray":
+            advice = ("every task is sent to its Ray worker by Ray's cloudpickle: its function "
+                      "and arguments must not hold locks, sockets, open files or the like.")
         if self._cfg.drop_in:
             # The very exception pickle raised, as concurrent.futures reports it, with advice.
             exc.add_note(f"corral: {what} cannot be pickled; {advice}")
@@ -402,9 +443,10 @@ class ProcessPool(Executor):
         shared = self._shared
         state = ("broken" if shared.broken else "shut down" if shared.shutdown_requested
                  else "running" if self._runner.thread is not None else "not started")
+        where = ("backend='ray'" if self._backend == "ray"
+                 else f"start_method={self._cfg.start_method!r}")
         return (f"<corral.{type(self).__name__} {self._cfg.name!r} "
-                f"max_workers={self._cfg.max_workers} "
-                f"start_method={self._cfg.start_method!r} {state}>")
+                f"max_workers={self._cfg.max_workers} {where} {state}>")
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -421,6 +463,38 @@ def _timeout(name: str, value: Any, *, allow_zero: bool = False) -> float | None
     if isinstance(value, int | float) and not isinstance(value, bool) and value == math.inf:
         return None
     return v.number(name, value, strict=not allow_zero)
+
+
+def _ray_options(start_method: str, max_memory: int | None,
+                 options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The checks of ``backend="ray"``: what does not apply, Ray installed, the options."""
+    if start_method != "forkserver":
+        raise ValueError(f"start_method does not apply to backend='ray' (Ray starts the "
+                         f"workers' processes): leave it out, got {start_method!r}")
+    if max_memory is not None:
+        raise ValueError(f"max_memory_per_worker is not supported with backend='ray', got "
+                         f"{max_memory!r}: reserve memory with ray_options={{'memory': "
+                         f"...}} (Ray's memory monitor kills a worker over it: WorkerLost)")
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise ImportError("backend='ray' needs Ray: pip install 'corral[ray]'")
+    from corral.ray._pool import pool_options
+
+    return pool_options(options)
+
+
+def _check_sendable(dumps: Callable[[Any], bytes], initializer: Any,
+                    initargs: tuple[Any, ...]) -> None:
+    """Refuse at once an initializer a Ray worker could never receive."""
+    for what, value in (("initializer", initializer), ("initargs", initargs)):
+        try:
+            dumps(value)
+        except Exception as exc:
+            raise NotPicklable(
+                f"{what} {describe(value) if callable(value) else repr(value)[:80]} cannot be "
+                f"pickled (by Ray's cloudpickle), which backend='ray' requires "
+                f"({type(exc).__name__}: {exc})") from exc
 
 
 class _DryRunPopen:

@@ -9,6 +9,8 @@ corral.ray`` does not either. The pieces, for the monitor to drive:
   worker API working; ``probe()``/``request_stop()``/``stacks()`` answer in a "ctl" group.
 - :class:`Liveness` (``_liveness``): pure; hung or unresponsive, from probe replies.
 - :class:`ActorExit` / :func:`decode` (``_exit``): Ray's death causes in corral's vocabulary.
+- ``_pool`` / ``_pool_actor``: ``ProcessPool(backend="ray")``, its manager and its actor
+  (reached through :class:`corral.ProcessPool`, not from here).
 
 Measured facts about Ray behind this design: ``NOTES.md`` beside this file.
 """
