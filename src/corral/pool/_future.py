@@ -51,7 +51,10 @@ class PoolFuture(Future[_T]):
         # before the user's callbacks: the counters are right by the time anyone looks.
         stats = self._stats
         if stats is not None:
-            stats.task_ended(self._mark, outcome_of(self), time.monotonic())
+            # Read without the condition's lock: the state is final by now.
+            outcome = ("cancelled" if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED)
+                       else outcome_of(self._exception))
+            stats.task_ended(self._mark, outcome, time.monotonic())
         super()._invoke_callbacks()  # type: ignore[misc]
 
     def cancel(self) -> bool:
