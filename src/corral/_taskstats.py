@@ -13,6 +13,12 @@ pool. The life of one task, and the call for each step::
 
 ``outcome`` is one of :data:`OUTCOMES`; :func:`outcome_of` maps a finished future (or its
 exception) to one. Labels stay bounded: every outcome is from that closed set.
+
+A :class:`corral.ProcessPool` whose tasks end on several threads (a result on the manager
+thread, a cancellation on the owner's) uses the same steps keyed by a :class:`TaskMark` kept
+with each future: ``task_started``, ``task_requeued``, ``task_ended``. Each step checks the
+mark under the lock, so a task counts once as queued or running whatever the race (a task
+cancelled while its worker dies is not put back in the queue figures).
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FAILURE_KINDS", "OUTCOMES", "TASK_BUCKETS", "PoolTaskStats", "TaskStatsSnapshot",
-           "outcome_of"]
+__all__ = ["FAILURE_KINDS", "OUTCOMES", "TASK_BUCKETS", "PoolTaskStats", "TaskMark",
+           "TaskStatsSnapshot", "outcome_of"]
 
 # Seconds a task ran (from when it was written to its worker to its end).
 TASK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -65,6 +71,19 @@ def outcome_of(result: Future[Any] | BaseException | None) -> str:
         if kind is not None and cls.__module__.startswith("corral"):
             return kind
     return "error"
+
+
+class TaskMark:
+    """Where one task is, as its pool's :class:`PoolTaskStats` counts it: queued, running
+    (since ``since``, on the monotonic clock) or ended. Read and written under that lock."""
+
+    __slots__ = ("since", "state")
+
+    QUEUED, RUNNING, ENDED = 0, 1, 2
+
+    def __init__(self) -> None:
+        self.state = TaskMark.QUEUED
+        self.since = 0.0
 
 
 @dataclass(frozen=True)
@@ -142,6 +161,48 @@ class PoolTaskStats:
                 self._queued -= 1
             else:
                 self._running -= 1
+                self._buckets[bisect.bisect_left(TASK_BUCKETS, duration)] += 1
+                self._sum += duration
+                self._count += 1
+
+    # -- keyed by a task's mark (a pool whose tasks end on several threads)
+
+    def task_started(self, mark: TaskMark, now: float) -> None:
+        """The task was written to a worker at ``now`` (a no-op once it has ended)."""
+        with self._lock:
+            if mark.state == TaskMark.QUEUED:
+                mark.state, mark.since = TaskMark.RUNNING, now
+                self._queued -= 1
+                self._running += 1
+
+    def task_requeued(self, mark: TaskMark) -> None:
+        """Its worker died and it goes back to the queue (a no-op unless it was running)."""
+        with self._lock:
+            if mark.state == TaskMark.RUNNING:
+                mark.state = TaskMark.QUEUED
+                self._running -= 1
+                self._queued += 1
+                self._retried += 1
+
+    def task_ended(self, mark: TaskMark, outcome: str, now: float) -> None:
+        """Its future ended at ``now`` with ``outcome``; counted once, whatever calls twice.
+
+        Raises:
+            ValueError: ``outcome`` is not one of :data:`OUTCOMES`.
+        """
+        if outcome not in self._outcomes:
+            raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
+        with self._lock:
+            state = mark.state
+            if state == TaskMark.ENDED:
+                return
+            mark.state = TaskMark.ENDED
+            self._outcomes[outcome] += 1
+            if state == TaskMark.QUEUED:
+                self._queued -= 1
+            else:
+                self._running -= 1
+                duration = max(0.0, now - mark.since)
                 self._buckets[bisect.bisect_left(TASK_BUCKETS, duration)] += 1
                 self._sum += duration
                 self._count += 1

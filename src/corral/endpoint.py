@@ -101,7 +101,7 @@ class Endpoint:
         status: ``status() -> dict``, the ``corral.status/1`` document /status serves (the
             ``corral`` command passes what its control socket answers to ``status``, so both
             are the same); default: built from the pools served. Called on the endpoint's
-            thread: it must not block for long.
+            thread: it must not block for long; a ``TimeoutError`` it raises is a 503.
 
     Raises:
         TypeError, ValueError: a bad argument (the message names it).
@@ -572,8 +572,12 @@ class _Handler(BaseHTTPRequestHandler):
             body, ctype = ep.metrics(self.headers.get("Accept"))
             self._send(200, body, ctype)
         elif path == "/status":
-            text = json.dumps(ep.status(), separators=(",", ":")) + "\n"
-            self._send(200, text, "application/json")
+            try:
+                doc = ep.status()
+            except TimeoutError as exc:  # the loop behind it did not answer in time
+                self._send(503, f"{exc}\n")
+                return
+            self._send(200, json.dumps(doc, separators=(",", ":")) + "\n", "application/json")
         elif path in ("/livez", "/readyz") or path.startswith(("/livez/", "/readyz/")):
             kind, _, name = path[1:].partition("/")
             if "/" in name:
@@ -600,6 +604,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
+
+    def version_string(self) -> str:
+        return self.server_version  # "corral", not "corral " (no Python version: less to probe)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("HTTP %s: " + format, self.client_address, *args)

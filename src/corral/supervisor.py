@@ -74,7 +74,7 @@ class Supervisor:
             runs (``"127.0.0.1:9100"``; port 0: any free port, see :attr:`http_address`).
             None: no endpoint. See :mod:`corral.endpoint`.
         min_ready: workers that must be RUNNING and ready for /readyz to answer 200 (default
-            None: every worker meant to run).
+            None: every worker meant to run); at most ``workers``.
 
     Raises:
         TypeError, ValueError: an invalid option, naming it (at construction).
@@ -117,6 +117,10 @@ class Supervisor:
             parse_address(http, "http")
         if min_ready is not None:
             v.integer("min_ready", min_ready)
+            if min_ready > self.spec.workers:
+                # /readyz could never pass (scale() up first, then ask for more).
+                raise ValueError(f"min_ready must be <= workers ({self.spec.workers}), got "
+                                 f"{min_ready}")
         self._http = http
         self.min_ready = min_ready
         self._endpoint: Endpoint | None = None

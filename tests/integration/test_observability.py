@@ -307,3 +307,5 @@ def test_bad_http_and_min_ready_are_refused() -> None:
         corral.Supervisor(obs_workers.graceful, http=9100)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="min_ready must be >= 0"):
         corral.Supervisor(obs_workers.graceful, min_ready=-1)
+    with pytest.raises(ValueError, match=r"min_ready must be <= workers \(2\), got 3"):
+        corral.Supervisor(obs_workers.graceful, workers=2, min_ready=3)

@@ -477,3 +477,31 @@ def test_renderer_is_byte_for_byte_the_encoders_output() -> None:
             body, got_type = renderer.render(registry, accept)
             assert got_type == ctype
             assert body == encoder(registry), (accept, step)
+
+
+def test_task_marks_count_each_task_once_whatever_the_race() -> None:
+    # A ProcessPool's tasks end on several threads: the steps keyed by a task's mark keep the
+    # queued/running figures exact when they cross (see corral._taskstats).
+    from corral._taskstats import TaskMark
+
+    stats = PoolTaskStats("jobs")
+    a, b, c = TaskMark(), TaskMark(), TaskMark()
+    stats.submitted(3)
+    stats.task_started(a, 10.0)
+    stats.task_started(b, 10.0)
+    stats.task_ended(b, "cancelled", 10.5)  # the owner cancels b while its worker dies...
+    stats.task_requeued(b)  # ...and the manager would put it back: nothing moves
+    stats.task_ended(b, "worker_lost", 11.0)  # a second end is not counted
+    stats.task_requeued(a)  # a's worker died: back to the queue, once
+    stats.task_started(a, 12.0)
+    stats.task_ended(a, "ok", 12.25)
+    stats.task_ended(c, "cancelled", 13.0)  # never ran
+    stats.task_started(c, 13.5)  # a start after its end does not count
+    snap = stats.snapshot()
+    assert snap.submitted == 3 and snap.retried == 1
+    assert snap.outcomes["ok"] == 1 and snap.outcomes["cancelled"] == 2
+    assert snap.outcomes["worker_lost"] == 0
+    assert (snap.queued, snap.running) == (0, 0)
+    assert snap.duration_count == 2 and snap.duration_sum == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="outcome must be one of"):
+        stats.task_ended(TaskMark(), "weird", 0.0)

@@ -193,6 +193,18 @@ def _address(ctx: Ctx, path: tuple[str, ...], v: Any, *, unix: bool) -> Any:
     return v
 
 
+def _http(ctx: Ctx, path: tuple[str, ...], v: Any) -> Any:
+    """The metrics endpoint's address, as :class:`corral.endpoint.Endpoint` takes it."""
+    from corral._observe import parse_address
+
+    try:
+        parse_address(v, "http")
+    except (TypeError, ValueError):
+        return ctx.error(path, "an address like '127.0.0.1:9100' (HOST:PORT, [IPv6]:PORT, or "
+                               "PORT for 127.0.0.1; port 0: any free port)", _given(v))
+    return v
+
+
 _LOG_KEYS = {f.name for f in fields(LogConfig)}
 
 
@@ -591,7 +603,7 @@ def validate(data: Mapping[str, Any], ctx: Ctx) -> Config:
                 ids = [check(ctx, (key,), x) for x in val]
                 kw[key] = BAD if BAD in ids else tuple(ids)
     if "http" in data:
-        kw["http"] = _address(ctx, ("http",), data["http"], unix=False)
+        kw["http"] = _http(ctx, ("http",), data["http"])
     log_defaults = LogConfig()
     if "log" in data:
         got = _log(ctx, ("log",), data["log"], log_defaults)

@@ -11,7 +11,7 @@ Layout (see examples/corral.toml)::
     socket_name = "corral"
     allow_uids = [1000]               # user names work too
     allow_gids = ["deploy"]
-    http = "127.0.0.1:9100"           # for the metrics endpoint (later)
+    http = "127.0.0.1:9100"           # /metrics /livez /readyz /status (or run --http)
 
     [log]                             # defaults for every program's log settings
     console = true

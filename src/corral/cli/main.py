@@ -196,6 +196,13 @@ def run(state: _State, numprocs: int | None, name: str | None, stop_timeout: flo
             fail("-n/--name/--stop-timeout/--restart/--ready/--set go with a command: "
                  "corral run -n 4 -- CMD ...", EXIT_USAGE)
         config = state.config()
+    if http is not None:
+        from corral._observe import parse_address
+
+        try:
+            parse_address(http, "--http")
+        except ValueError as exc:
+            fail(str(exc), EXIT_USAGE)
     # Nothing starts unless every command can: a missing program is named now, not as a
     # crash loop later.
     from corral.cli.preflight import check_commands

@@ -9,6 +9,11 @@ only hand work to the loop.
     SIGTERM/SIGINT: stop every program (dependents first), then exit
     SIGHUP: reload the config (like `corral reload`)
     SIGCHLD: reap adopted orphans (corral is a child subreaper, or PID 1 in a container)
+
+With ``--http HOST:PORT`` (or ``http = "HOST:PORT"`` in the file) a
+:class:`~corral.endpoint.Endpoint`, on a thread of its own, serves /metrics /livez /readyz
+/status for every program: one source per program name (:class:`_ProgramSource`), which asks
+whichever pool runs that program now, so reloads and scaling need no re-registration.
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import corral
 from corral._command import Launch
@@ -38,6 +44,7 @@ from corral._control import (
 )
 from corral._logs import ConsoleSink, FileSink, JsonLinesSink, LogHub, LogRecord, record_to_json
 from corral._notify import NotifyMessage, NotifySocket
+from corral._observe import PoolSummary, PoolView, SupervisorSource
 from corral._reactor import Reactor
 from corral._readiness import LogMatcher, Prober, ReadyHttp, ReadyLog, ReadyNotify, ReadyTcp
 from corral._reply import Reply
@@ -47,6 +54,9 @@ from corral.cli.main import RunOptions
 from corral.cli.preflight import check_commands, check_targets
 from corral.events import Event, EventKind
 from corral.process import ProcessLike, own_fd
+
+if TYPE_CHECKING:
+    from corral.endpoint import Endpoint
 
 __all__ = ["run"]
 
@@ -218,6 +228,51 @@ class _Program:
         return all(w.state.value == "running" and w.ready for w in slots.values())
 
 
+class _ProgramSource:
+    """One program of a ``corral run`` as the HTTP endpoint sees it (a
+    :class:`~corral._observe.PoolSource`): whichever pool runs the program now (a reload that
+    changes it swaps the pool), or "not started" while it waits for its dependencies.
+
+    Called on the endpoint's thread: it only reads ``run.programs`` (one dict lookup) and asks
+    the pool's monitor through its inbox, as :class:`SupervisorSource` does.
+    """
+
+    def __init__(self, run: CorralRun, name: str) -> None:
+        self._run = run
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def _current(self) -> SupervisorSource | None:
+        prog = self._run.programs.get(self._name)
+        if prog is None or prog.supervisor is None:
+            return None
+        return SupervisorSource(prog.supervisor, prog.config.kind)
+
+    def ping(self, timeout: float) -> bool:
+        src = self._current()
+        if src is not None:
+            return src.ping(timeout)
+        # Not started yet: the loop that will start it must answer.
+        done = threading.Event()
+        try:
+            self._run.reactor.call_soon_threadsafe(done.set)
+        except RuntimeError:
+            return False
+        return done.wait(timeout)
+
+    def observe(self, timeout: float, detail: bool = False) -> PoolView:
+        src = self._current()
+        if src is not None:
+            return src.observe(timeout, detail)
+        prog = self._run.programs.get(self._name)
+        kind = prog.config.kind if prog is not None else "command"
+        return PoolView(name=self._name, kind=kind, state="new", summary=PoolSummary.of(()),
+                        workers=(), timeout=timeout)
+
+
 @dataclass
 class _Follower:
     channel: Any
@@ -252,6 +307,8 @@ class CorralRun:
         self._adopted = _Adopted()
         self._sweep_timer: Any = None
         self._wakeup_set = False
+        self.endpoint: Endpoint | None = None
+        self._served: set[str] = set()  # the program names the endpoint serves
 
     # ------------------------------------------------------------------------------ set-up
 
@@ -322,11 +379,17 @@ class CorralRun:
             log.error("%s", exc)
             self.reactor.close()
             return 1
+        if not self._start_endpoint():
+            self.control.close()
+            self.hub.close()
+            self.reactor.close()
+            return 1
         self._install_signals()
         for name in self.config.start_order():
             self.programs[name] = _Program(self.config.programs[name],
                                            ProgramIO(self, self.config.programs[name]))
             self._pending.append(name)
+        self._sync_endpoint()
         try:
             self._start_ready_programs()
             while not self._done():
@@ -362,6 +425,10 @@ class CorralRun:
             self.reactor.run_once(extra=time.monotonic() + 0.1)
 
     def _shutdown(self) -> None:
+        if self.endpoint is not None:
+            # Before the loop goes: a request in flight may wait for it (1 s at most).
+            self.endpoint.close()
+            self.endpoint = None
         if self.control is not None:
             self.control.close()
         # Whatever the hub has not read yet, then close it.
@@ -428,6 +495,65 @@ class CorralRun:
             # A slow follower loses events (its channel counts them and tells it), never
             # slows us down.
             channel.send({"events": [data]})
+
+    # ----------------------------------------------------------------------- http endpoint
+
+    def _start_endpoint(self) -> bool:
+        """``--http`` (or the file's ``http``): serve every program; False if it cannot."""
+        address = self.options.http or self.config.http
+        if address is None:
+            return True
+        from corral.endpoint import Endpoint
+
+        try:
+            self.endpoint = Endpoint(address, config=self.options.config_path,
+                                     socket_path=self.options.socket,
+                                     status=self._http_status).start()
+        except (OSError, TypeError, ValueError) as exc:
+            log.error("cannot serve /metrics: %s", exc)
+            return False
+        return True
+
+    def _sync_endpoint(self) -> None:
+        """The endpoint serves the programs of the config now (after a start or a reload;
+        a removed program goes once its pool has ended)."""
+        endpoint = self.endpoint
+        if endpoint is None:
+            return
+        names = set(self.programs)
+        for name in self._served - names:
+            with contextlib.suppress(KeyError):
+                endpoint.remove(name)
+        for name in self.programs:
+            if name not in self._served:
+                endpoint.add(_ProgramSource(self, name))
+        self._served = names
+
+    def _http_status(self) -> dict[str, Any]:
+        """/status (the endpoint's thread): what ``corral status --json`` gets, built on the
+        loop thread like every control command."""
+        timeout = self.endpoint.timeout if self.endpoint is not None else 1.0
+        done = threading.Event()
+        box: list[Any] = []
+
+        def build() -> None:
+            try:
+                box.append(self._cmd_status({}))
+            except BaseException as exc:  # handed to the endpoint's thread, which logs it
+                box.append(exc)
+            finally:
+                done.set()
+
+        try:
+            self.reactor.call_soon_threadsafe(build)
+        except RuntimeError:
+            raise TimeoutError("corral is shutting down") from None
+        if not done.wait(timeout):
+            raise TimeoutError(f"corral's loop did not answer within {timeout:g}s")
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        doc: dict[str, Any] = box[0]
+        return doc
 
     # -------------------------------------------------------------------------- stopping
 
@@ -738,6 +864,7 @@ class CorralRun:
             self.programs[name] = _Program(cfg, ProgramIO(self, cfg))
             self._pending.append(name)
         self._start_ready_programs()
+        self._sync_endpoint()
         log.info("reload: %s", _describe_diff(change.to_json()))
         return {"diff": change.to_json()}
 
@@ -769,6 +896,7 @@ class CorralRun:
                     if name in self._closing_sinks:
                         self._closing_sinks.remove(name)
                         self._replace_file_sink(prog.config, None)
+                    self._sync_endpoint()
 
 
 def _describe_diff(d: dict[str, Any]) -> str:

@@ -14,7 +14,10 @@ from concurrent.futures._base import (
 )
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from corral._taskstats import TaskMark, outcome_of
+
 if TYPE_CHECKING:
+    from corral._taskstats import PoolTaskStats
     from corral.pool._records import Task
 
 __all__ = ["PoolFuture", "cancel_pending", "results"]
@@ -31,12 +34,28 @@ class PoolFuture(Future[_T]):
     Args:
         cancel_running: ``cancel_running(task)``, from any thread: the owner cancelled the
             running task (the manager kills its worker).
+        stats: the pool's task counters: the future's end is counted there (once, on
+            whichever thread ends it), by outcome and, if it ran, how long.
     """
 
-    def __init__(self, cancel_running: Callable[[Task], None]) -> None:
+    def __init__(self, cancel_running: Callable[[Task], None],
+                 stats: PoolTaskStats | None = None) -> None:
         super().__init__()
         self._cancel_running = cancel_running
         self._task: Task | None = None
+        self._stats = stats
+        self._mark = TaskMark()
+
+    def _invoke_callbacks(self) -> None:
+        # Every end of a future (set_result, set_exception, _cancel) comes through here once,
+        # before the user's callbacks: the counters are right by the time anyone looks.
+        stats = self._stats
+        if stats is not None:
+            # Read without the condition's lock: the state is final by now.
+            outcome = ("cancelled" if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED)
+                       else outcome_of(self._exception))
+            stats.task_ended(self._mark, outcome, time.monotonic())
+        super()._invoke_callbacks()  # type: ignore[misc]
 
     def cancel(self) -> bool:
         """Cancel the task, even a running one (its worker is killed and replaced).
@@ -59,7 +78,7 @@ class PoolFuture(Future[_T]):
             task = self._task
         if state == RUNNING and task is not None:
             self._cancel_running(task)
-        self._invoke_callbacks()  # type: ignore[attr-defined]
+        self._invoke_callbacks()
         return True
 
     def _start_running(self) -> bool:

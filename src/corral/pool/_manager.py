@@ -145,6 +145,7 @@ class PoolManager:
         self.cfg = cfg = shared.cfg
         self.shared = shared
         self._counters = shared.counters
+        self._task_stats = shared.task_stats
         self._loop = loop
         self._table = table
         self._request_start = request_start
@@ -403,6 +404,7 @@ class PoolManager:
             self._limits.started(w, t, self._clock())
         sent = send_frame(w.fd, t.header, t.payload)
         if sent is _WHOLE or sent is _SENDING:
+            self._task_stats.task_started(t.future._mark, self._clock())
             return
         w.task = None
         t.worker = None
@@ -428,6 +430,7 @@ class PoolManager:
             log.warning("pool %r: %s; retrying it (attempt %d of %d)", self.cfg.name, exc,
                         t.attempts + 1, t.retries + 1)
             self._counters["retried"] += 1
+            self._task_stats.task_requeued(t.future._mark)
             self.shared.pending.appendleft(t)
             return
         t.resolve(exc=exc)

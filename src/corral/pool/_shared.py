@@ -7,6 +7,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+from corral._taskstats import PoolTaskStats
 from corral.pool._records import PoolConfig, Task
 from corral.pool.errors import PoolBroken
 
@@ -36,6 +37,7 @@ class PoolShared:
         self.pids: tuple[int, ...] = ()  # for worker_pids(), e.g. (4242, 4243)
         self.spare_pids: tuple[int, ...] = ()  # for spare_pids(), e.g. (4244,)
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)  # for stats()
+        self.task_stats = PoolTaskStats(cfg.name)  # for metrics (corral.metrics)
         self._ids = itertools.count(1)  # task and worker ids (one sequence: never confused)
 
     def next_id(self) -> int:

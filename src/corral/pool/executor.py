@@ -21,6 +21,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from corral import _validate as v
+from corral._taskstats import PoolTaskStats
 from corral.errors import NotPicklable
 from corral.policy import Backoff, RestartBudget
 from corral.pool import _worker
@@ -295,7 +296,8 @@ class ProcessPool(Executor):
             raise shared.broken_error()
         if shared.shutdown_requested:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        fut: PoolFuture[Any] = PoolFuture(self._cancel_running)
+        stats = shared.task_stats
+        fut: PoolFuture[Any] = PoolFuture(self._cancel_running, stats)
         refused: BaseException | None = None
         try:
             payload = self._dumps((fn, args, kwargs))
@@ -313,6 +315,7 @@ class ProcessPool(Executor):
             if not self._cfg.drop_in:
                 raise refused
             # concurrent.futures reports it through the future.
+            stats.submitted()
             fut.set_running_or_notify_cancel()
             fut.set_exception(refused)
             return fut
@@ -325,6 +328,7 @@ class ProcessPool(Executor):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if runner.thread is None:
                 runner.start(first=label)  # the user's function (map: not run_chunk)
+            stats.submitted()  # before the manager can see it (and start or end it)
             shared.pending.append(task)
         runner.wake()
         return fut
@@ -434,6 +438,13 @@ class ProcessPool(Executor):
         """Counters: workers started (spares too) and lost, tasks done, lost, retried, timed
         out, spares promoted, ..."""
         return dict(self._shared.counters)
+
+    @property
+    def task_stats(self) -> PoolTaskStats:
+        """The pool's task counters for metrics (submitted, outcomes by kind, queued, running,
+        durations), labelled with its ``name``: ``Endpoint.add(pool)`` or
+        ``CorralCollector([pool])`` export them (see :mod:`corral.metrics`)."""
+        return self._shared.task_stats
 
     @property
     def broken(self) -> bool:
