@@ -262,3 +262,15 @@ def test_stop_within_the_deadline(pools: Callable[..., tuple[corral.Supervisor, 
     assert reasons == {StopReason.SHUTDOWN}, reasons
     for pid in pids:
         wait_for(lambda pid=pid: _gone(pid), 10, f"actor {pid} gone after stop()")
+
+
+def test_a_raising_target_is_an_exit_with_the_remote_traceback(
+        pools: Callable[..., tuple[corral.Supervisor, Recorder]]) -> None:
+    sup, rec = pools(ray_targets.raises, 1, ready_when="ready", restart="never")
+    wait_for(lambda: rec.of(EventKind.EXITED, 0), 30, "the worker's end")
+    record = rec.of(EventKind.EXITED, 0)[0].exit
+    assert record is not None
+    text = f"{record.describe()}\n{record.detail}"
+    assert "ValueError" in text and "failed on purpose" in text, text
+    assert "inner" in text, f"no remote traceback in {text!r}"
+    assert sup.status()[0].state.value == "exited"
