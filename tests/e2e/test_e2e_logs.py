@@ -50,10 +50,15 @@ def test_console_prefix_timestamps_and_json_lines(corral: Any) -> None:
     j.wait_running(1)
     wait_for(lambda: "tick 1" in j.out(), 10, "two ticks")
     objs = [json.loads(x) for x in j.out().splitlines()]
-    assert {"ts", "program", "index", "pid", "stream", "line"} <= set(objs[0])
+    keys = {"schema", "ts", "program", "index", "pid", "stream", "line"}
+    assert keys <= set(objs[0]) and objs[0]["schema"] == "corral.log/1"
     assert objs[0]["program"] == "js" and objs[0]["line"].startswith("start index 0")
     own = [json.loads(x) for x in j.err().splitlines() if x.startswith("{")]
-    assert any(o["program"] == "corral" and "started" in o["line"] for o in own)
+    # corral's own lines are corral.log/1 too (docs/json-schema.md), with a level
+    assert own and all(keys | {"level", "logger"} <= set(o) for o in own)
+    assert all(o["schema"] == "corral.log/1" and o["program"] == "corral"
+               and o["pid"] == j.pid and o["stream"] == "stderr" for o in own)
+    assert any("started" in o["line"] and o["level"] == "INFO" for o in own)
 
 
 def test_colours_on_a_tty(corral: Any) -> None:
