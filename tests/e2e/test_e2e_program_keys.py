@@ -5,9 +5,11 @@ the real command sees or from the exit cause corral records."""
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,24 +48,45 @@ umask = "027"
                              f"C=quoted value")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="user/group switch needs root")
+def _ids(pid: int) -> dict[str, list[str]]:
+    with open(f"/proc/{pid}/status") as fh:
+        return {k: v.split() for k, _, v in (x.partition(":") for x in fh)
+                if k in ("Uid", "Gid", "Groups")}
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="user/group switch needs root (and setpriv, to give corral "
+                           "supplementary groups)")
 def test_user_and_group_as_root(corral: Any) -> None:
     try:
         nobody = pwd.getpwnam("nobody")
+        daemon_gid = grp.getgrnam("daemon").gr_gid
     except KeyError:
-        pytest.skip("no user 'nobody' here")
+        pytest.skip("no user 'nobody' or group 'daemon' here")
+    # corral itself holds supplementary groups (adm, 4): the workers must not keep them
     c: Corral = corral(config=f"""
 [program.nob]
 command = ["/bin/sh", "-c", {SHOW!r}]
 cwd = "/"
 user = "nobody"
-""")
-    w = c.wait_running(1)[0]
-    text = c.wait_out("ids ")
-    assert f"ids {nobody.pw_uid} {nobody.pw_gid} " in text, text
-    with open(f"/proc/{w['pid']}/status") as fh:
-        uids = next(x for x in fh if x.startswith("Uid:")).split()[1:]
-    assert set(uids) == {str(nobody.pw_uid)}  # real, effective, saved and fs uid
+
+[program.grp]
+command = ["/bin/sh", "-c", {SHOW!r}]
+cwd = "/"
+user = "nobody"
+group = "daemon"
+""", prefix=["setpriv", "--groups", "4", "--"])
+    assert _ids(c.pid)["Groups"] == ["4"]
+    w = c.wait_running(1, "nob")[0]
+    g = c.wait_running(1, "grp")[0]
+    text = c.wait_out("grp.0 |  ids ")
+    assert f"nob.0 |  ids {nobody.pw_uid} {nobody.pw_gid} " in text, text
+    assert f"grp.0 |  ids {nobody.pw_uid} {daemon_gid} " in text, text
+    ids = _ids(w["pid"])
+    assert set(ids["Uid"]) == {str(nobody.pw_uid)}  # real, effective, saved and fs uid
+    assert set(ids["Gid"]) == {str(nobody.pw_gid)}
+    assert ids["Groups"] == [str(x) for x in os.getgrouplist("nobody", nobody.pw_gid)]
+    assert _ids(g["pid"])["Groups"] == [str(x) for x in os.getgrouplist("nobody", daemon_gid)]
     # the control socket's verbs still reach a worker of another user
     c.ok("restart", "nob")
     c.wait_workers(lambda ws: ws[0]["restarts"] == 1 and ws[0]["state"] == "running",
