@@ -12,8 +12,10 @@ or posix_spawn when it can), never with a ``preexec_fn`` (unsafe in a process wi
 from __future__ import annotations
 
 import contextlib
+import grp
 import multiprocessing.connection
 import os
+import pwd
 import signal
 import subprocess
 import time
@@ -58,6 +60,28 @@ class Launch:
         self.readers = ()
 
 
+def _supplementary_groups(user: int | str | None, group: int | str | None
+                          ) -> list[int] | None:
+    """The supplementary groups of a command switched to ``user``: that user's own, as
+    initgroups(3) gives them (None: nothing to switch). Without this it would keep corral's
+    (root's) supplementary groups under the new uid.
+
+    Raises:
+        KeyError: ``group`` names no group.
+    """
+    if user is None or os.geteuid() != 0:
+        return None
+    try:
+        pw = pwd.getpwnam(user) if isinstance(user, str) else pwd.getpwuid(user)
+    except KeyError:
+        return []  # a bare uid with no passwd entry: no supplementary group at all
+    if group is None:
+        gid = pw.pw_gid
+    else:
+        gid = grp.getgrnam(group).gr_gid if isinstance(group, str) else group
+    return os.getgrouplist(pw.pw_name, gid)
+
+
 class CommandProcess:
     """One running command (a ``ProcessLike``)."""
 
@@ -91,6 +115,7 @@ class CommandProcess:
         popen = subprocess.Popen(
             list(argv), stdin=subprocess.DEVNULL, stdout=launch.stdout, stderr=launch.stderr,
             env=full_env, cwd=cwd, user=user, group=group,
+            extra_groups=_supplementary_groups(user, group),
             umask=-1 if umask is None else umask, process_group=0, close_fds=True,
             pass_fds=launch.pass_fds)
         return cls(popen)

@@ -132,7 +132,10 @@ class Reactor(Generic[K]):
         self._deadlines: Deadlines[Any] = Deadlines()
         self._watch: dict[int, _Watch] = {}
         self._inbox: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
-        self._wake_lock = threading.Lock()  # never write to a closed (or reused) fd
+        # Never write to a closed (or reused) fd. Reentrant: a Python signal handler runs on
+        # the main thread between two bytecodes, maybe inside this lock's section, and may
+        # hand work over too (every step under it is fine to interleave that way).
+        self._wake_lock = threading.RLock()
         self._wake_pending = False
         self._closed = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

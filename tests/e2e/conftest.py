@@ -55,15 +55,17 @@ class Corral:
 
     # -- running it
     def start(self, run_args: Sequence[str], *, env: dict[str, str] | None = None,
-              wait: bool = True, cwd: Path | None = None, stdout: int | None = None
-              ) -> Corral:
+              wait: bool = True, cwd: Path | None = None, stdout: int | None = None,
+              prefix: Sequence[str] = ()) -> Corral:
+        """``prefix``: a launcher that execs corral (its pid stays corral's), e.g. setpriv."""
         full_env = dict(os.environ)
         full_env.pop("CORRAL_SOCKET", None)
         full_env.pop("CORRAL_CONFIG", None)
         full_env.update(env or {})
         with open(self.out_path, "ab") as out, open(self.err_path, "ab") as err:
             self.proc = subprocess.Popen(
-                [*CLI, "--socket", self.socket, "run", *run_args], stdin=subprocess.DEVNULL,
+                [*prefix, *CLI, "--socket", self.socket, "run", *run_args],
+                stdin=subprocess.DEVNULL,
                 stdout=out if stdout is None else stdout, stderr=err,
                 cwd=str(cwd or self.tmp), env=full_env,
                 start_new_session=True)
@@ -200,7 +202,8 @@ def corral(tmp_path: Path) -> Iterator[Callable[..., Corral]]:
     made: list[Corral] = []
 
     def make(*run_args: str, config: str | None = None, env: dict[str, str] | None = None,
-             wait: bool = True, name: str = "c", stdout: int | None = None) -> Corral:
+             wait: bool = True, name: str = "c", stdout: int | None = None,
+             prefix: Sequence[str] = ()) -> Corral:
         c = Corral(tmp_path, name)
         made.append(c)
         args = list(run_args)
@@ -208,7 +211,7 @@ def corral(tmp_path: Path) -> Iterator[Callable[..., Corral]]:
             path = tmp_path / f"{name}.toml"
             path.write_text(config)
             args = ["-c", str(path), *args]
-        return c.start(args, env=env, wait=wait, stdout=stdout)
+        return c.start(args, env=env, wait=wait, stdout=stdout, prefix=prefix)
 
     yield make
     for c in made:

@@ -50,10 +50,15 @@ def test_console_prefix_timestamps_and_json_lines(corral: Any) -> None:
     j.wait_running(1)
     wait_for(lambda: "tick 1" in j.out(), 10, "two ticks")
     objs = [json.loads(x) for x in j.out().splitlines()]
-    assert {"ts", "program", "index", "pid", "stream", "line"} <= set(objs[0])
+    keys = {"schema", "ts", "program", "index", "pid", "stream", "line"}
+    assert keys <= set(objs[0]) and objs[0]["schema"] == "corral.log/1"
     assert objs[0]["program"] == "js" and objs[0]["line"].startswith("start index 0")
     own = [json.loads(x) for x in j.err().splitlines() if x.startswith("{")]
-    assert any(o["program"] == "corral" and "started" in o["line"] for o in own)
+    # corral's own lines are corral.log/1 too (docs/json-schema.md), with a level
+    assert own and all(keys | {"level", "logger"} <= set(o) for o in own)
+    assert all(o["schema"] == "corral.log/1" and o["program"] == "corral"
+               and o["pid"] == j.pid and o["stream"] == "stderr" for o in own)
+    assert any("started" in o["line"] and o["level"] == "INFO" for o in own)
 
 
 def test_colours_on_a_tty(corral: Any) -> None:
@@ -177,3 +182,43 @@ restart = "never"
     # the ring keeps the tail (1000 lines per worker by default)
     tail = c.ok("logs", "fast:2", "-n", "1000").splitlines()
     assert len(tail) == 1000 and any(x.endswith("|  done 10000") for x in tail)
+
+
+def test_a_stalled_console_throttles_the_workers_not_corral(corral: Any) -> None:
+    """Nobody reads corral's stdout: the workers block on their pipes, corral's memory stays
+    bounded and it still answers; once stdout is read, every line comes out, in order."""
+    import subprocess
+
+    import psutil
+
+    n = 60_000
+    c: Corral = corral("-n", "2", "--name", "fast", "--restart", "never", "--",
+                       *worker("--stream", str(n), "1"), stdout=subprocess.PIPE)
+    assert c.proc is not None and c.proc.stdout is not None
+    wait_for(lambda: "seq" in c.cli("logs", "fast:1", "-n", "1").stdout, 20, "fast.1 streaming")
+    me = psutil.Process(c.pid)
+    rss0 = me.memory_info().rss
+    # A bounded look (about 3 s): ~6 MB are offered to a console nobody reads.
+    peak = rss0
+    t_end = time.monotonic() + 3
+    while time.monotonic() < t_end:
+        r = c.cli("status", "--json", timeout=10)
+        assert r.returncode == 0, r.stderr  # the loop is not blocked by its full stdout
+        peak = max(peak, me.memory_info().rss)
+    assert peak - rss0 < 16 << 20, f"corral grew by {(peak - rss0) >> 20} MiB"
+    assert "done" not in c.cli("logs", "-n", "4").stdout  # the workers were held back
+    # Now read: everything arrives.
+    got = bytearray()
+    fd = c.proc.stdout.fileno()
+    deadline = time.monotonic() + 60
+    while got.count(b"|  done ") < 2 and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 1)
+        if ready:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            got += chunk
+    seqs: dict[str, list[int]] = {"0": [], "1": []}
+    for m in re.finditer(rb"\|  seq (\d) (\d+) ", bytes(got)):
+        seqs[m.group(1).decode()].append(int(m.group(2)))
+    assert seqs["0"] == list(range(n)) and seqs["1"] == list(range(n))

@@ -77,6 +77,27 @@ backoff = {{ initial = 0.1 }}
     assert ws[0]["heartbeat_age"] is not None and ws[0]["heartbeat_age"] < 1.0
 
 
+def test_notify_stopping(corral: Any) -> None:
+    """STOPPING=1 (as systemd takes it: the service begins its shutdown) is logged and shown
+    in status; with a STATUS= of its own, that text is shown instead."""
+    both = r"STOPPING=1\nSTATUS=draining"  # worker.py turns the two characters \n into a newline
+    a_cmd = toml_argv(worker("--ready-after", "0", "--notify-after", "0.3", "STOPPING=1"))
+    b_cmd = toml_argv(worker("--ready-after", "0", "--notify-after", "0.3", both))
+    c: Corral = corral(config=f"""
+[program.a]
+command = {a_cmd}
+ready = "notify"
+
+[program.b]
+command = {b_cmd}
+ready = "notify"
+""")
+    a = c.wait_workers(lambda ws: ws[0]["status_text"] == "stopping", "a stopping", "a")
+    c.wait_workers(lambda ws: ws[0]["status_text"] == "draining", "b draining", "b")
+    c.wait_err(f"a.0 (pid {a[0]['pid']}) says it is stopping")
+    assert "stopping" in c.ok("status")
+
+
 def test_tcp_http_and_log_readiness(corral: Any) -> None:
     tcp, http = free_port(), free_port()
     c: Corral = corral(config=f"""

@@ -164,7 +164,8 @@ def test_logs_tail_json_and_follow(corral: Any) -> None:
     lines = [json.loads(x) for x in c.ok("logs", "-n", "20", "--json").splitlines()]
     assert len(lines) == 20
     for obj in lines:
-        assert set(obj) >= {"ts", "program", "index", "pid", "stream", "line"}
+        assert set(obj) >= {"schema", "ts", "program", "index", "pid", "stream", "line"}
+        assert obj["schema"] == "corral.log/1"
         assert obj["program"] == "w" and obj["stream"] in ("stdout", "stderr")
     assert [o["ts"] for o in lines] == sorted(o["ts"] for o in lines)
     err = [json.loads(x) for x in c.ok("logs", "w:0", "-n", "1000", "--json").splitlines()

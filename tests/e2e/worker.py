@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--http", type=int, default=None, help="HTTP port, after --listen-after")
     ap.add_argument("--listen-after", type=float, default=0.0)
     ap.add_argument("--say-after", nargs=2, default=None, metavar=("S", "TEXT"))
+    ap.add_argument("--notify-after", nargs=2, default=None, metavar=("S", "TEXT"),
+                    help="send TEXT (\\n between fields) to NOTIFY_SOCKET after S")
     ap.add_argument("--long-line", type=int, default=None, help="print one line of N bytes")
     ap.add_argument("--stream", nargs=2, type=float, default=None, metavar=("RATE", "SECONDS"),
                     help="numbered lines at RATE/s for SECONDS, then `done N`")
@@ -126,6 +128,10 @@ def main() -> None:
     next_ping = 0.0
     while True:
         now = time.monotonic() - t0
+        if args.notify_after and now >= float(args.notify_after[0]):
+            notify(args.notify_after[1].replace("\\n", "\n"))
+            say("notified")
+            args.notify_after = None
         if args.say_after and now >= float(args.say_after[0]):
             say(args.say_after[1])
             args.say_after = None

@@ -415,6 +415,17 @@ def test_client_sees_server_close(serve) -> None:
         assert "closed the connection" in str(result[0])
 
 
+def test_client_asking_again_after_server_close(serve) -> None:
+    """A client that outlives corral (`top` between two frames) says so plainly."""
+    lt, server = serve(lambda command, args, peer: {"ok": 1})
+    with ControlClient(server.path) as c:
+        assert c.call("x") == {"ok": 1}
+        lt.call(server.close)
+        err = _catch(lambda: c.call("x"))
+        assert isinstance(err, ControlError)
+        assert "closed the connection (it stopped" in str(err)
+
+
 # --- one corral per socket ---------------------------------------------------------------------
 
 

@@ -272,8 +272,8 @@ def test_json_lines_sink(loop) -> None:
     os.close(w)
     lines = [json.loads(x) for x in read_all(r).splitlines()]
     os.close(r)
-    assert lines[0] == {"ts": 1_700_000_000.25, "program": "web", "index": 1, "pid": 4242,
-                        "stream": "stdout", "line": "hello"}
+    assert lines[0] == {"schema": "corral.log/1", "ts": 1_700_000_000.25, "program": "web",
+                        "index": 1, "pid": 4242, "stream": "stdout", "line": "hello"}
     assert lines[1]["line"] == "\ufffd bad utf8"
     assert lines[1]["cont"] is True and lines[1]["more"] is False
 

@@ -154,3 +154,37 @@ def test_writer_callbacks(reactor: Reactor[tuple[int, Kind]]) -> None:
     assert not reactor.watching(w)
     os.close(r)
     os.close(w)
+
+
+@pytest.mark.timeout(20)
+def test_a_signal_handler_may_hand_over_inside_a_hand_over(
+        reactor: Reactor[tuple[int, Kind]]) -> None:
+    """A Python signal handler runs in the main thread between two bytecodes, possibly inside
+    call_soon_threadsafe's locked section on that same thread. If it hands work over too, it
+    must not deadlock on the reactor's lock (it did: `corral run` hung on SIGTERM)."""
+    import collections
+    import signal
+
+    ran: list[str] = []
+
+    def handler(signum: int, frame: object) -> None:
+        reactor.call_soon_threadsafe(ran.append, "from the handler")
+
+    class SignalOnAppend(collections.deque):  # type: ignore[type-arg]
+        armed = True
+
+        def append(self, item: object) -> None:
+            super().append(item)
+            if self.armed:  # a real signal, delivered while the lock is held
+                self.armed = False
+                signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        reactor._inbox = SignalOnAppend()  # type: ignore[assignment]
+        reactor.call_soon_threadsafe(ran.append, "outer")
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    while len(ran) < 2:
+        reactor.run_once()
+    assert sorted(ran) == ["from the handler", "outer"]

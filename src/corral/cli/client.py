@@ -134,6 +134,9 @@ class ControlClient:
             # The server may have refused us and hung up already: its reason is waiting.
             self._raise_pending_error()
             self.close()
+            if exc.errno in (errno.EPIPE, errno.ECONNRESET):  # a `top` or `-f` outliving it
+                raise ControlError(f"corral at {self.path} closed the connection (it stopped, "
+                                   "or refused us)") from None
             raise ControlError(f"sending {command!r} to {self.path} failed: {exc}") from None
         return rid
 

@@ -42,7 +42,15 @@ from corral._control import (
     Peer,
     Stream,
 )
-from corral._logs import ConsoleSink, FileSink, JsonLinesSink, LogHub, LogRecord, record_to_json
+from corral._logs import (
+    LOG_SCHEMA,
+    ConsoleSink,
+    FileSink,
+    JsonLinesSink,
+    LogHub,
+    LogRecord,
+    record_to_json,
+)
 from corral._notify import NotifyMessage, NotifySocket
 from corral._observe import PoolSummary, PoolView, SupervisorSource
 from corral._reactor import Reactor
@@ -183,6 +191,8 @@ class ProgramIO:
             monitor.mark_ready(index, pid)
         if msg.stopping:
             log.info("%s.%d (pid %d) says it is stopping", self.prog.name, index, pid)
+            if msg.status is None:  # shown by status and top, as systemd shows deactivating
+                monitor.mark_status(index, pid, "stopping")
 
     def _ready(self, index: int, pid: int) -> None:
         monitor = self._monitor
@@ -303,6 +313,7 @@ class CorralRun:
         self._removing: list[_Program] = []
         self._closing_sinks: list[str] = []
         self._signals: list[int] = []
+        self._signals_seen: deque[int] = deque()  # appended by the handler, drained by the loop
         self._resources = _Resources()
         self._adopted = _Adopted()
         self._sweep_timer: Any = None
@@ -592,13 +603,29 @@ class CorralRun:
         # wake-up, maybe never. The C-level handler writes to the wake pipe instead.
         signal.set_wakeup_fd(self.reactor.wake_fd, warn_on_full_buffer=False)
         self._wakeup_set = True
+        self.reactor.add_wake_callback(self._drain_signals)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, self._on_signal)
             self._signals.append(sig)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        # Runs in the main thread between two bytecodes: only hand the work to the loop.
-        self._hand(self._handle_signal, signum)
+        # Runs in the main thread between two bytecodes, which is also the loop thread: maybe
+        # in the middle of call_soon_threadsafe, holding the reactor's lock (taking it again
+        # here deadlocked `corral run -n 64` on SIGTERM, a SIGCHLD landing there). So only a
+        # lock-free append: the C-level handler has already written to the wake pipe, and the
+        # loop drains this after that batch (_drain_signals, a wake callback).
+        self._signals_seen.append(signum)
+
+    def _drain_signals(self) -> None:
+        chld = False  # 64 workers ending at once are 64 SIGCHLDs: one sweep is enough
+        while self._signals_seen:
+            signum = self._signals_seen.popleft()
+            if signum == signal.SIGCHLD:
+                chld = True
+            else:
+                self._handle_signal(signum)
+        if chld:
+            self._handle_signal(signal.SIGCHLD)
 
     def _handle_signal(self, signum: int) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
@@ -966,8 +993,11 @@ class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         import json
 
-        return json.dumps({"ts": record.created, "program": "corral", "level": record.levelname,
-                           "logger": record.name, "line": record.getMessage()})
+        # corral.log/1 like the workers' lines, plus the level and the logger's name.
+        return json.dumps({"schema": LOG_SCHEMA, "ts": round(record.created, 6),
+                           "program": "corral", "index": None, "pid": os.getpid(),
+                           "stream": "stderr", "line": record.getMessage(),
+                           "level": record.levelname, "logger": record.name})
 
 
 # ---------------------------------------------------------------------- orphans, PID 1

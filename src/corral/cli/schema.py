@@ -10,6 +10,7 @@ import datetime
 import time
 from typing import Any
 
+from corral._logs import LOG_SCHEMA
 from corral.events import Event, ExitRecord, StopReason
 from corral.status import WorkerStatus
 
@@ -29,7 +30,6 @@ _DUMPED = (StopReason.HUNG, StopReason.STARTUP_TIMEOUT)
 
 STATUS_SCHEMA = "corral.status/1"
 EVENT_SCHEMA = "corral.event/1"
-LOG_SCHEMA = "corral.log/1"
 
 
 def exit_to_json(rec: ExitRecord | None) -> dict[str, Any] | None:
