@@ -70,6 +70,44 @@ class BootConfig:
     reset_signals: tuple[int, ...] | None = None
     # Where stdout and stderr go (paths of the supervisor's pipe ends, for log capture).
     stdio: tuple[str | None, str | None] | None = None
+    # Where and as whom the target runs (PoolSpec env/cwd/umask/user/group), or None.
+    settings: WorkerSettings | None = None
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Where and as whom a target worker runs, resolved in the supervisor (names to ids)."""
+
+    env: dict[str, str] | None = None
+    cwd: str | None = None
+    umask: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    groups: tuple[int, ...] | None = None
+
+
+def _apply_settings(s: WorkerSettings) -> None:
+    """Last step before the target (after the heartbeat slot and stdio, which are opened
+    through the supervisor's /proc entries while still corral's user)."""
+    if s.env is not None:
+        os.environ.clear()
+        os.environ.update(s.env)
+    if s.umask is not None:
+        os.umask(s.umask)
+    if s.uid is not None or s.gid is not None:
+        if s.groups is not None:
+            os.setgroups(list(s.groups))
+        if s.gid is not None:
+            os.setgid(s.gid)
+        if s.uid is not None:
+            os.setuid(s.uid)
+        # A change of credentials clears the parent-death signal: arm it again, and check
+        # the parent did not die in between.
+        _set_pdeathsig(signal.SIGKILL)
+        if os.getppid() == 1:
+            _kill_own_group()
+    if s.cwd is not None:
+        os.chdir(s.cwd)  # as the new user: its own access rights decide
 
 
 def _set_pdeathsig(sig: int) -> bool:
@@ -194,6 +232,8 @@ def run_worker(config: BootConfig, target: Callable[..., Any], args: tuple[Any, 
     """The multiprocessing target of every worker: prepare, then ``target(index, *args)``."""
     armed, dump_fd = _prepare(config)
     _take_slot(config, config.index, config.name, dump_fd)
+    if config.settings is not None:
+        _apply_settings(config.settings)
     _last_steps(config, armed)
     target(config.index, *args)
 
@@ -258,6 +298,8 @@ def run_standby(config: BootConfig, target: Callable[..., Any], conn: Any,
                                heartbeat_path=hand.heartbeat_path, wake_path=hand.wake_path,
                                ready_on_beat=hand.ready_on_beat)
     _take_slot(slot, hand.index, hand.name, dump_fd)
+    if config.settings is not None:
+        _apply_settings(config.settings)
     target(hand.index, *hand.args)
 
 

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, cast
 from corral import states
 from corral._eventlog import event_extra
 from corral._health import HealthRunner
+from corral._identity import worker_settings
 from corral._monitor_exits import ExitPart
 from corral._monitor_parts import ControlPart, GroupRestart, WatchPart
 from corral._monitor_remote import RemotePart
@@ -103,6 +104,8 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
         self._ctx = multiprocessing.get_context(spec.start_method)
         if spec.start_method == "forkserver" and start_process is None and spec.command is None:
             preload_for_forkserver(self._ctx, [getattr(spec.target, "__module__", "")])
+        # Resolved first: an unknown user or a missing cwd fails before anything exists.
+        self._settings = worker_settings(spec)
         self._ray_starter: RayStarter | None = None
         if start_process is None and spec.backend == "ray":
             from corral.ray._starter import RayStarter, attach

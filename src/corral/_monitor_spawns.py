@@ -14,7 +14,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from corral._bootstrap import BootConfig, run_standby, run_worker, signals_to_reset
+from corral._bootstrap import (
+    BootConfig,
+    WorkerSettings,
+    run_standby,
+    run_worker,
+    signals_to_reset,
+)
 from corral._command import CommandProcess
 from corral._eventlog import event_extra
 from corral._fdlimit import explain_fd_error
@@ -36,6 +42,7 @@ if TYPE_CHECKING:
     class _SpawnCore(_Core):
         _ctx: BaseContext
         _fork_extras: dict[str, Any]
+        _settings: WorkerSettings | None
         _spawner: Spawner[SpawnRequest, ProcessLike]
 
         _standbys: dict[int, Standby]
@@ -115,7 +122,7 @@ class SpawnPart(_SpawnCore):
             ready_on_beat=self.spec.ready_when == "beat",
             dump_signal=DUMP_SIGNAL, forkserver=self.spec.start_method == "forkserver",
             reset_signals=signals_to_reset() if self._fork_extras else None,
-            stdio=stdio, **self._fork_extras)
+            stdio=stdio, settings=self._settings, **self._fork_extras)
         self._spawner.request(SpawnRequest(w.index, w.generation, boot, w.args, launch))
 
     def _spawned_batch(self, batch: list[tuple[SpawnRequest, ProcessLike | BaseException]],
@@ -134,7 +141,7 @@ class SpawnPart(_SpawnCore):
             ready_on_beat=self.spec.ready_when == "beat", dump_signal=DUMP_SIGNAL,
             forkserver=self.spec.start_method == "forkserver",
             reset_signals=signals_to_reset() if self._fork_extras else None,
-            **self._fork_extras)
+            settings=self._settings, **self._fork_extras)
         self._spawner.request(SpawnRequest(-sb.id, 0, boot, (), None, sb))
 
     def _spawned(self, req: SpawnRequest, result: ProcessLike | BaseException) -> None:

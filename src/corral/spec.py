@@ -88,8 +88,10 @@ class PoolSpec:
             strategies, events and status apply; liveness comes from probes of the actors.
         ray_options: actor options passed to Ray (num_cpus, num_gpus, resources,
             scheduling_strategy such as "SPREAD", runtime_env, ...).
-        env: a command's environment (default: the supervisor's).
-        cwd, user, group, umask: where and as whom a command runs (user/group need root).
+        env: the workers' whole environment (default: the supervisor's), for a command or a
+            Python target (its ``os.environ``).
+        cwd, user, group, umask: where and as whom the workers run (user/group need root).
+            A Python target switches after corral's bootstrap, just before ``target`` runs.
         workers: how many workers, >= 0.
         args: ``args(index) -> tuple`` of extra positional arguments, or None.
         names: ``names(index) -> str``, the worker's name (default ``"<name>-<index>"``).
@@ -166,30 +168,26 @@ class PoolSpec:
                 raise TypeError(f"command must be a non-empty list of str (an argv, no "
                                 f"shell), got {self.command!r}")
             object.__setattr__(self, "command", tuple(self.command))
-            if self.env is not None:
-                if not isinstance(self.env, Mapping) or not all(
-                        isinstance(k, str) and isinstance(x, str) for k, x in self.env.items()):
-                    raise TypeError(f"env must be a mapping of str to str, got {self.env!r}")
-                object.__setattr__(self, "env", dict(self.env))
-            if self.cwd is not None and not isinstance(self.cwd, str):
-                raise TypeError(f"cwd must be a str or None, got {self.cwd!r}")
-            for key in ("user", "group"):
-                value = getattr(self, key)
-                if value is not None and (isinstance(value, bool)
-                                          or not isinstance(value, int | str)):
-                    raise TypeError(f"{key} must be a name, an id or None, got {value!r}")
-            if self.umask is not None:
-                v.integer("umask", self.umask)
-                if self.umask > 0o777:
-                    raise ValueError(f"umask must be in 0..0o777, got {self.umask:#o}")
         elif self.target is None:
             raise TypeError("PoolSpec needs a target (a callable) or a command (an argv)")
         else:
             v.callable_("target", self.target)
-            for key in ("env", "cwd", "user", "group", "umask"):
-                if getattr(self, key) is not None:
-                    raise TypeError(f"{key} is for command workers; a target worker inherits "
-                                    "the supervisor's")
+        if self.env is not None:
+            if not isinstance(self.env, Mapping) or not all(
+                    isinstance(k, str) and isinstance(x, str) for k, x in self.env.items()):
+                raise TypeError(f"env must be a mapping of str to str, got {self.env!r}")
+            object.__setattr__(self, "env", dict(self.env))
+        if self.cwd is not None and not isinstance(self.cwd, str):
+            raise TypeError(f"cwd must be a str or None, got {self.cwd!r}")
+        for key in ("user", "group"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, int | str)):
+                raise TypeError(f"{key} must be a name, an id or None, got {value!r}")
+        if self.umask is not None:
+            v.integer("umask", self.umask)
+            if self.umask > 0o777:
+                raise ValueError(f"umask must be in 0..0o777, got {self.umask:#o}")
         v.integer("workers", self.workers)
         v.callable_("args", self.args, optional=True)
         v.callable_("names", self.names, optional=True)
@@ -239,6 +237,10 @@ class PoolSpec:
         if self.backend == "ray":
             if self.command is not None:
                 raise ValueError("backend='ray' runs Python targets, not commands")
+            for key in ("env", "cwd", "user", "group", "umask"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} does not apply with backend='ray' (pass "
+                                     "runtime_env in ray_options for the environment)")
             if self.standby_init is not None:
                 raise ValueError("standby_init is not available with backend='ray' (a Ray "
                                  "standby is an actor made ahead, with no target module "

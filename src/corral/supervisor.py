@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from corral import _validate as v
 from corral._eventqueue import EventQueue
 from corral._fdlimit import ensure_fd_room
+from corral._identity import worker_settings
 from corral._keeper import keeper
 from corral._monitor import Monitor
 from corral._reactor import Reactor
@@ -98,6 +99,7 @@ class Supervisor:
             if workers is not None:
                 options["workers"] = workers
             self.spec = PoolSpec(target, **options)
+        worker_settings(self.spec)  # an unknown user, a missing cwd: refused here, not at start
         # Internal (the corral command): run the monitor on the caller's reactor, with log
         # pipes and notify sockets.
         self._host = _host

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import faulthandler
+import json
 import os
 import resource
 import signal
@@ -140,3 +141,26 @@ def with_grandchild(index: int, flagdir: str) -> None:
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     corral.ready()
     _forever()
+
+
+def report_identity(index: int, outdir: str) -> None:
+    """Writes who and where it runs (uid, gids, cwd, umask, an env var, its parent-death
+    signal) to outdir/identity-<index>.txt, then beats until stopped. Imports nothing after
+    the switch: here the interpreter lives under /root, which ``nobody`` cannot read."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    sig = ctypes.c_int(0)
+    libc.prctl(2, ctypes.byref(sig), 0, 0, 0)  # PR_GET_PDEATHSIG
+    mask = os.umask(0)
+    os.umask(mask)
+    data = {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid(),
+            "groups": sorted(os.getgroups()), "cwd": os.getcwd(), "umask": mask,
+            "env": os.environ.get("CORRAL_TEST_VAR"), "home": os.environ.get("HOME"),
+            "pdeathsig": sig.value, "pgid": os.getpgid(0)}
+    path = Path(outdir) / f"identity-{index}.txt"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.rename(path)
+    corral.ready()
+    while True:
+        corral.beat()
+        time.sleep(0.05)

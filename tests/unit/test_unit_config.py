@@ -321,13 +321,6 @@ def test_missing_file_and_empty_file(tmp_path: Path) -> None:
     ('command = ["a"]\nbackoff = { jitter = 1.5 }', "backoff.jitter", "a fraction in [0, 1)"),
     ('command = ["a"]\ngroup = "no-such-group-here"', "group", "an existing group"),
     ('command = ["a"]\nstop_signal = "SIGNOPE"', "stop_signal", "a signal name or number"),
-    # a target worker is forked from corral: these would be silently ignored
-    ('target = "m:f"\nuser = "nobody"', "user", "user only with a command"),
-    ('target = "m:f"\ngroup = "nogroup"', "group", "group only with a command"),
-    ('target = "m:f"\nenv = { X = "1" }', "env", "env only with a command"),
-    ('target = "m:f"\nenv_file = "web.env"', "env_file", "env_file only with a command"),
-    ('target = "m:f"\ncwd = "run"', "cwd", "cwd only with a command"),
-    ('target = "m:f"\numask = "077"', "umask", "umask only with a command"),
 ])
 def test_program_value_errors(cfgdir: Path, snippet: str, key: str, expected: str) -> None:
     path = write(cfgdir, f"[program.p]\n{snippet}\n")

@@ -237,8 +237,27 @@ def test_command_options() -> None:
         PoolSpec(command=["true"], env={"A": 1})  # type: ignore[dict-item]
     with pytest.raises(ValueError, match="umask must be in"):
         PoolSpec(command=["true"], umask=0o1777)
-    with pytest.raises(TypeError, match="cwd is for command workers"):
-        PoolSpec(work, cwd="/")
+    spec = PoolSpec(work, cwd="/", env={"A": "1"}, umask=0o77, user="nobody")
+    assert (spec.cwd, spec.env, spec.umask, spec.user) == ("/", {"A": "1"}, 0o77, "nobody")
+    with pytest.raises(TypeError, match="user must be a name, an id or None"):
+        PoolSpec(work, user=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="does not apply with backend='ray'"):
+        PoolSpec(work, backend="ray", cwd="/")
+
+
+def test_target_settings_are_resolved_and_checked_up_front(tmp_path: Any) -> None:
+    from corral._identity import worker_settings
+
+    assert worker_settings(PoolSpec(work)) is None
+    s = worker_settings(PoolSpec(work, cwd=str(tmp_path), env={"A": "1"}, umask=0o27))
+    assert s is not None and (s.cwd, s.env, s.umask, s.uid) == (str(tmp_path), {"A": "1"},
+                                                                 0o27, None)
+    with pytest.raises(ValueError, match="cwd must be an existing directory"):
+        corral.Supervisor(work, workers=1, cwd=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="user must name a user of this system"):
+        corral.Supervisor(work, workers=1, user="no-such-user-here")
+    with pytest.raises(ValueError, match="group must name a group of this system"):
+        corral.Supervisor(work, workers=1, group="no-such-group-here")
 
 
 def test_validation_errors_are_not_notpicklable() -> None:

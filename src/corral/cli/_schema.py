@@ -309,9 +309,6 @@ _PROGRAM_KEYS = (
 )
 
 
-_COMMAND_ONLY_KEYS = ("cwd", "env", "env_file", "user", "group", "umask")
-
-
 def _program(ctx: Ctx, name: str, t: Any, log_defaults: LogConfig) -> ProgramConfig | None:
     path = ("program", name)
     if not _NAME.match(name):
@@ -357,13 +354,6 @@ def _program(ctx: Ctx, name: str, t: Any, log_defaults: LogConfig) -> ProgramCon
         target = t["target"]
         if shell is True:
             ctx.error(p("shell"), "shell only with a command", "shell = true with a target")
-        # A target worker is forked from corral and inherits its process: these would be
-        # silently ignored (a `user` among them), so they are refused.
-        for key in _COMMAND_ONLY_KEYS:
-            if key in t:
-                ctx.error(p(key), f"{key} only with a command (a target worker inherits "
-                          "corral's; run `command = [\"python\", \"-m\", ...]` instead)",
-                          f"{key} = {_given(t[key])} with a target")
         if not isinstance(target, str) or not _TARGET.match(target):
             kw["target"] = ctx.error(p("target"), "\"package.module:function\"", _given(target))
         else:

@@ -466,6 +466,9 @@ class CorralRun:
         if self.options.config_dir and self.options.config_dir not in sys.path:
             sys.path.insert(0, self.options.config_dir)
         target = getattr(importlib.import_module(module), attr)
+        # Where and as whom: applied in the worker after corral's bootstrap (corral._identity).
+        kwargs.update(env=prog.full_env() if prog.env else None, cwd=prog.cwd,
+                      user=prog.uid, group=prog.gid, umask=prog.umask)
         return corral.Supervisor(target, _host=self.reactor, _io=io, args=prog.target_args(),
                                  **kwargs)
 
