@@ -55,12 +55,17 @@ class Serve:
     """A `corral serve` subprocess and everything below it, killed by pid at the end."""
 
     def __init__(self, tmp: Path, app: str, *args: str, workers: int = 2,
-                 app_dir: Path = APPS, env: dict[str, str] | None = None) -> None:
-        self.port = _free_port()
+                 app_dir: Path = APPS, env: dict[str, str] | None = None,
+                 config: Path | None = None, port: int | None = None) -> None:
+        self.port = port or _free_port()
         self.sock = str(tmp / "ctl.sock")
         self.log = tmp / "serve.log"
-        cmd = [*CORRAL, "--socket", self.sock, "serve", app, "--workers", str(workers),
-               "--bind", f"127.0.0.1:{self.port}", "--app-dir", str(app_dir), *args]
+        if config is not None:  # bind and workers come from its [serve.NAME]
+            cmd = [*CORRAL, "--socket", self.sock, "-c", str(config), "serve", app,
+                   "--app-dir", str(app_dir), *args]
+        else:
+            cmd = [*CORRAL, "--socket", self.sock, "serve", app, "--workers", str(workers),
+                   "--bind", f"127.0.0.1:{self.port}", "--app-dir", str(app_dir), *args]
         full_env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", **(env or {}))
         with open(self.log, "wb") as fh:
             self.proc = subprocess.Popen(cmd, stdout=fh, stderr=fh, env=full_env,
@@ -405,3 +410,91 @@ def test_a_dead_zygote_is_replaced_by_a_new_generation(tmp_path: Path,
              "a new generation serving")
     assert "died" in s.text()
     assert s.stop() == 0
+
+
+def test_shutdown_delay_keeps_serving_then_drains_and_closes_the_listener_last(
+        tmp_path: Path, serve: list[Serve]) -> None:
+    """SIGTERM with shutdown_delay: STOPPING, still accepting for the delay (a load balancer
+    deregisters meanwhile), then the drain, then the listener is closed: refused after exit."""
+    s = Serve(tmp_path, "asgi_app:app", "--shutdown-delay", "8", workers=1)
+    serve.append(s)
+    s.wait_serving()
+    load = Load(s.port)
+    try:
+        wait_for(lambda: load.ok >= 3, 10, "requests served")
+        s.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "shutdown_delay" in s.text(), 10, "the delay's log line")
+        served = load.ok
+        wait_for(lambda: load.ok >= served + 5, 6, "requests served during the delay")
+        assert s.proc.poll() is None, "corral serve left before shutdown_delay was over"
+    finally:
+        load.stop()
+    assert not load.failed, load.failed[:5]
+    assert s.proc.wait(30) == 0
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", s.port), timeout=5).close()
+
+
+def test_serve_table_of_the_config(tmp_path: Path, serve: list[Serve]) -> None:
+    """`corral -c corral.toml serve api`: bind, workers and the options from [serve.api]."""
+    port = _free_port()
+    config = tmp_path / "corral.toml"
+    config.write_text(f"""
+[serve.api]
+app = "asgi_app:app"
+bind = ["127.0.0.1:{port}"]
+workers = 2
+standby = 1
+max_requests = 1000
+""")
+    s = Serve(tmp_path, "api", config=config, port=port)
+    serve.append(s)
+    s.wait_serving()
+    assert _get(s.port)[0] == 200
+    res = subprocess.run([*CORRAL, "--socket", s.sock, "status", "--json"],
+                         capture_output=True, text=True, timeout=30)
+    names = [p["name"] for p in json.loads(res.stdout)["programs"]]
+    assert names and all(n.startswith("api@") for n in names), names
+    # The standby of the table: booted ahead, a negative index.
+    wait_for(lambda: any(
+        w["index"] < 0 for p in json.loads(subprocess.run(
+            [*CORRAL, "--socket", s.sock, "status", "--json"], capture_output=True,
+            text=True, timeout=30).stdout)["programs"] for w in p["workers"]), 20,
+        "the standby from the table")
+    assert s.reload().returncode == 0
+    assert s.stop() == 0
+
+
+def _tcp_listeners(port: int) -> int:
+    """LISTEN sockets on 127.0.0.1:port (state 0A in /proc/net/tcp)."""
+    want = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as fh:
+        return sum(1 for line in fh if line.split()[1] == want and line.split()[3] == "0A")
+
+
+def test_reuse_port_gives_each_worker_its_own_socket(tmp_path: Path,
+                                                      serve: list[Serve]) -> None:
+    """--reuse-port: corral's listener plus one per worker in the SO_REUSEPORT group (the
+    kernel spreads connections over them), and the tcp_migrate_req check at start-up."""
+    s = Serve(tmp_path, "asgi_app:app", "--reuse-port")
+    serve.append(s)
+    first = s.wait_serving()
+    wait_for(lambda: _tcp_listeners(s.port) == 3, 10,
+             f"3 listening sockets (have {_tcp_listeners(s.port)})")
+    load = Load(s.port)
+    try:
+        wait_for(lambda: load.pids == {str(p) for p in first}, 20, "both workers serving")
+    finally:
+        load.stop()
+    assert not load.failed, load.failed[:5]
+    migrate = _listeners_migrate_req()
+    if migrate != 1:
+        assert "tcp_migrate_req" in s.text()
+    assert s.stop() == 0
+    wait_for(lambda: _tcp_listeners(s.port) == 0, 10, "every listener closed")
+
+
+def _listeners_migrate_req() -> int | None:
+    from corral.serve._listeners import check_migrate_req
+
+    return check_migrate_req()

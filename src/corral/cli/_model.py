@@ -170,6 +170,12 @@ class ServeConfig:
     reuse_port: bool = False
     max_requests: int = 0
     max_requests_jitter: int = 0
+    start_method: str = "zygote"
+    standby: int = 0
+    min_ready: int | None = None
+    max_memory: int | None = None
+    max_age: float | None = None
+    idle_grace: float = 0.5
     line: int | None = field(default=None, compare=False)
 
 

@@ -503,6 +503,32 @@ def _serve(ctx: Ctx, name: str, t: Any) -> ServeConfig | None:
             kw[key] = _duration(ctx, p(key), t[key], positive=key == "ready_timeout")
     if "reuse_port" in t:
         kw["reuse_port"] = _bool(ctx, p("reuse_port"), t["reuse_port"])
+    if "start_method" in t:
+        if t["start_method"] not in ("zygote", "forkserver", "spawn"):
+            kw["start_method"] = ctx.error(p("start_method"),
+                                           "\"zygote\", \"forkserver\" or \"spawn\"",
+                                           _given(t["start_method"]))
+        else:
+            kw["start_method"] = t["start_method"]
+    if "standby" in t:
+        kw["standby"] = _int(ctx, p("standby"), t["standby"], 0)
+    if "min_ready" in t:
+        kw["min_ready"] = _int(ctx, p("min_ready"), t["min_ready"], 1)
+    if "max_memory" in t:
+        kw["max_memory"] = _size(ctx, p("max_memory"), t["max_memory"])
+    if "max_age" in t:
+        kw["max_age"] = _duration(ctx, p("max_age"), t["max_age"], positive=True)
+    if "idle_grace" in t:
+        kw["idle_grace"] = _duration(ctx, p("idle_grace"), t["idle_grace"])
+    if kw.get("standby", 0) and kw.get("start_method", "zygote") != "zygote":
+        ctx.error(p("standby"), "start_method = \"zygote\" alongside it (a standby is forked "
+                                "from the generation's zygote)",
+                  f"{t['standby']!r} with start_method = {t['start_method']!r}")
+        return None
+    min_ready, workers = kw.get("min_ready"), kw.get("workers", 1)
+    if isinstance(min_ready, int) and isinstance(workers, int) and min_ready > workers:
+        ctx.error(p("min_ready"), f"an integer <= workers ({workers})", repr(min_ready))
+        return None
     if kw.get("max_surge", 1) == 0 and kw.get("max_unavailable", 0) == 0:
         ctx.error(p("max_surge"), "max_surge or max_unavailable > 0 (a rolling reload must "
                                   "either add or remove a worker to make progress)",

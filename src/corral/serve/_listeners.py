@@ -292,10 +292,11 @@ def warn_reuse_port(value: int | None) -> str | None:
     if value == 1:
         return None
     why = ("is 0" if value == 0 else "does not exist here (Linux < 5.14)")
-    return (f"reuse_port: net.ipv4.tcp_migrate_req {why}: each worker gets its own accept "
-            "queue, and the connections waiting in a worker's queue are reset when it exits "
-            "(every reload and restart). Without reuse_port all workers share one queue and "
-            "nothing is lost; or set net.ipv4.tcp_migrate_req=1 (root).")
+    return (f"reuse_port: net.ipv4.tcp_migrate_req {why}: each worker gets an accept queue "
+            "of its own (beside the shared one), and the connections waiting in a worker's "
+            "queue are reset when it exits (every reload and restart). Without reuse_port all "
+            "workers share one queue and nothing is lost; or set net.ipv4.tcp_migrate_req=1 "
+            "(root).")
 
 
 # ------------------------------------------------------------------------ command programs
