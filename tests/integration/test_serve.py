@@ -4,6 +4,7 @@ systemd messages in order, and nothing is left behind."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -498,3 +499,47 @@ def _listeners_migrate_req() -> int | None:
     from corral.serve._listeners import check_migrate_req
 
     return check_migrate_req()
+
+
+def test_corral_serve_adopts_socket_activation(tmp_path: Path) -> None:
+    """corral serve started as systemd starts a socket-activated service (the listener on
+    fd 3, LISTEN_FDS/LISTEN_FDNAMES, LISTEN_PID = its own pid): it adopts the socket instead
+    of binding, serves on it, and leaves it open when it stops (systemd's copy keeps queueing
+    connections for the next start)."""
+    from corral.serve._listeners import bind, close_all, spawn_with_listeners
+
+    lst = bind("127.0.0.1:0", name="web")
+    port = lst.port
+    assert port is not None
+    log_path = tmp_path / "serve.log"
+    seen: set[int] = set()
+    with open(log_path, "wb") as fh:
+        pid = spawn_with_listeners(
+            [*CORRAL, "--socket", str(tmp_path / "ctl.sock"), "serve", "asgi_app:app",
+             "--workers", "1", "--app-dir", str(APPS)], [lst],
+            env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"), stdout=fh.fileno(),
+            stderr=fh.fileno())
+    seen.add(pid)
+
+    def text() -> str:
+        return log_path.read_text(errors="replace")
+
+    try:
+        def serving() -> bool:
+            with contextlib.suppress(psutil.Error):
+                seen.update(p.pid for p in psutil.Process(pid).children(recursive=True))
+            return _ok(port)
+
+        wait_for(serving, 30, f"serving on the adopted socket ({text()[-500:]})")
+        assert "adopted 1 socket(s) from systemd: web=127.0.0.1:" in text()
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, text()[-2000:]
+        wait_for(lambda: not _alive(seen - {pid}), 10, "every process gone")
+        # Still listening: our copy stands for systemd's; a connection waits in the queue.
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        kill_pids(seen)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        close_all([lst])
