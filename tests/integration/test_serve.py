@@ -368,6 +368,34 @@ def test_max_requests_recycles_through_the_surge(tmp_path: Path, serve: list[Ser
     assert s.stop() == 0
 
 
+@pytest.mark.parametrize(("option", "value", "why"), [("--max-age", "2s", "max_age"),
+                                                      ("--max-memory", "1KiB", "max_memory")])
+def test_age_and_memory_recycle_through_the_surge(tmp_path: Path, serve: list[Serve],
+                                                  option: str, value: str, why: str) -> None:
+    """--max-age / --max-memory: the same surge path as max_requests (the replacement is
+    ready first), no request fails, never more than N + 1 workers."""
+    s = Serve(tmp_path, "asgi_app:app", option, value, workers=1)
+    serve.append(s)
+    first = s.wait_serving()
+    load = Load(s.port)
+    most = 0
+    try:
+        def recycled() -> bool:
+            nonlocal most
+            most = max(most, len(s.workers()))
+            return len(load.pids) >= 3
+
+        # 3 pids: the first worker, the surge worker, the first one's replacement.
+        wait_for(recycled, 40, f"a recycle for {why}")
+    finally:
+        load.stop()
+    assert not load.failed, load.failed[:5]
+    assert most <= 2
+    assert not first & s.workers()
+    assert why in s.text()
+    assert s.stop() == 0
+
+
 def test_standby_replaces_a_killed_worker(tmp_path: Path, serve: list[Serve]) -> None:
     """A hot standby forked from the zygote, its app start-up already run, takes a killed
     worker's place: serving again well before the app's 2 s start-up would allow."""
