@@ -321,6 +321,12 @@ def test_missing_file_and_empty_file(tmp_path: Path) -> None:
     ('command = ["a"]\nbackoff = { jitter = 1.5 }', "backoff.jitter", "a fraction in [0, 1)"),
     ('command = ["a"]\ngroup = "no-such-group-here"', "group", "an existing group"),
     ('command = ["a"]\nstop_signal = "SIGNOPE"', "stop_signal", "a signal name or number"),
+    ('command = ["a"]\nlisten = []', "listen", "at least one address"),
+    ('command = ["a"]\nlisten = ["nohost"]', "listen", "HOST:PORT"),
+    ('command = ["a"]\nlisten = 8000', "listen", "a list of addresses"),
+    ('command = ["a"]\nlisten = { "a.b" = "127.0.0.1:1" }', "listen", "socket names"),
+    ('target = "m:f"\nlisten = ["127.0.0.1:1"]', "listen", "listen only with a command"),
+    ('command = ["a"]\nuser = "root"\nlisten = ["127.0.0.1:1"]', "listen", "without user"),
 ])
 def test_program_value_errors(cfgdir: Path, snippet: str, key: str, expected: str) -> None:
     path = write(cfgdir, f"[program.p]\n{snippet}\n")
@@ -550,3 +556,21 @@ def test_log_config_defaults() -> None:
     assert isinstance(cfg.programs["a"].ready, ReadyLog)
     assert cfg.programs["b"].ready == ReadyTcp("127.0.0.1", 9000)
     assert from_command(["x"]).programs["x"].ready == ReadyStarted()
+
+
+def test_program_listen_forms(cfgdir: Path) -> None:
+    cfg = load(write(cfgdir, """
+        [program.a]
+        command = ["x", "--fd", "{listen.web.fd}"]
+        listen = { web = "127.0.0.1:8000", admin = "unix:/run/admin.sock" }
+        [program.b]
+        command = ["x"]
+        listen = ["127.0.0.1:8001", "[::1]:8001"]
+        [program.c]
+        command = ["x"]
+        listen = "127.0.0.1:8002"
+        """))
+    assert cfg.programs["a"].listen == (("web", "127.0.0.1:8000"),
+                                        ("admin", "unix:/run/admin.sock"))
+    assert cfg.programs["b"].listen == (("0", "127.0.0.1:8001"), ("1", "[::1]:8001"))
+    assert cfg.programs["c"].listen == (("0", "127.0.0.1:8002"),)

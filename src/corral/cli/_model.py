@@ -74,6 +74,9 @@ class ProgramConfig:
     depends_on: tuple[str, ...] = ()
     ready: ReadySpec = field(default_factory=ReadyStarted)
     log: LogConfig = field(default_factory=LogConfig)
+    # (name, address): listening sockets corral binds once and hands to every start of the
+    # command as systemd does (fds 3.., LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID).
+    listen: tuple[tuple[str, str], ...] = ()
     line: int | None = field(default=None, compare=False)
 
     @property

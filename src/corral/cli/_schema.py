@@ -193,6 +193,29 @@ def _address(ctx: Ctx, path: tuple[str, ...], v: Any, *, unix: bool) -> Any:
     return v
 
 
+def _listen(ctx: Ctx, path: tuple[str, ...], v: Any) -> Any:
+    """``listen = ["127.0.0.1:8000", ...]`` (named 0, 1, ...) or ``{ web = "..." }``."""
+    if isinstance(v, str):
+        v = [v]
+    if isinstance(v, list):
+        pairs = [(str(i), a) for i, a in enumerate(v)]
+    elif isinstance(v, dict):
+        pairs = list(v.items())
+        for name, _ in pairs:
+            if not _NAME.match(name):
+                return ctx.error(path, "socket names of letters, digits, '_' and '-'",
+                                 repr(name))
+    else:
+        return ctx.error(path, "an address, a list of addresses or a table of name = address",
+                         _given(v))
+    if not pairs:
+        return ctx.error(path, "at least one address", _given(v))
+    checked = [(name, _address(ctx, path, a, unix=True)) for name, a in pairs]
+    if any(a is BAD for _, a in checked):
+        return BAD
+    return tuple(checked)
+
+
 _LOG_KEYS = {f.name for f in fields(LogConfig)}
 
 
@@ -291,7 +314,7 @@ def _build(ctx: Ctx, path: tuple[str, ...], cls: Callable[..., Any], kw: dict[st
 
 _PROGRAM_KEYS = (
     "command", "shell", "target", "args", "numprocs", "cwd", "env", "env_file", "user",
-    "group", "umask", "stop_signal", "stop_timeout", "restart", "backoff", "budget",
+    "group", "umask", "listen", "stop_signal", "stop_timeout", "restart", "backoff", "budget",
     "max_memory", "max_age", "heartbeat_timeout", "startup_timeout", "depends_on", "ready",
     "log",
 )
@@ -434,6 +457,16 @@ def _program(ctx: Ctx, name: str, t: Any, log_defaults: LogConfig) -> ProgramCon
         kw["backoff"] = _backoff(ctx, p("backoff"), t["backoff"])
     if "budget" in t:
         kw["budget"] = _budget(ctx, p("budget"), t["budget"])
+    if "listen" in t:
+        kw["listen"] = _listen(ctx, p("listen"), t["listen"])
+        if "command" not in t:
+            ctx.error(p("listen"), "listen only with a command (a target's workers are not "
+                                   "exec'd)", "listen with a target")
+        for key in ("user", "group"):
+            if key in t:
+                ctx.error(p("listen"), f"listen without {key} (the sockets are handed over "
+                                       "by posix_spawn, which cannot switch users)",
+                          f"listen with {key} = {t[key]!r}")
     if "max_memory" in t:
         kw["max_memory"] = _size(ctx, p("max_memory"), t["max_memory"])
     for key in ("max_age", "heartbeat_timeout", "startup_timeout"):

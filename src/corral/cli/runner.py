@@ -98,7 +98,8 @@ class ProgramIO:
             env["NOTIFY_SOCKET"] = self._notify_socket(index, name).address
             if self.prog.heartbeat_timeout is not None:
                 env["WATCHDOG_USEC"] = str(int(self.prog.heartbeat_timeout * 1e6))
-        return Launch(env=env, stdout=out_w, stderr=err_w, readers=(out_r, err_r))
+        return Launch(env=env, stdout=out_w, stderr=err_w, readers=(out_r, err_r),
+                      listeners=tuple(self.run.listeners_for(self.prog)))
 
     def started(self, index: int, name: str, proc: ProcessLike, launch: Launch) -> None:
         self.pids[index] = proc.pid
@@ -236,6 +237,9 @@ class CorralRun:
                           ring_lines=self.config.log.ring_lines,
                           ring_bytes=self.config.log.ring_bytes)
         self.programs: dict[str, _Program] = {}
+        # A program's listening sockets, by (name, its listen setting): bound once, kept across
+        # its restarts and a config reload that does not change them, closed last.
+        self._listeners: dict[tuple[str, tuple[tuple[str, str], ...]], list[Any]] = {}
         self.events: deque[dict[str, Any]] = deque(maxlen=_EVENTS_KEPT)
         self.event_followers: list[Any] = []
         self.started_at = time.monotonic()
@@ -322,6 +326,16 @@ class CorralRun:
             log.error("%s", exc)
             self.reactor.close()
             return 1
+        try:
+            for config in self.config.programs.values():
+                self.listeners_for(config)
+        except (OSError, ValueError) as exc:
+            log.error("%s", exc)
+            self._close_listeners()
+            self.control.close()
+            self.hub.close()
+            self.reactor.close()
+            return 1
         self._install_signals()
         for name in self.config.start_order():
             self.programs[name] = _Program(self.config.programs[name],
@@ -361,9 +375,36 @@ class CorralRun:
                 p.supervisor is None or p.finished for p in self.programs.values()):
             self.reactor.run_once(extra=time.monotonic() + 0.1)
 
+    def listeners_for(self, prog: ProgramConfig) -> list[Any]:
+        """The program's ``listen`` sockets, bound on first use (then kept).
+
+        Raises:
+            OSError: an address could not be bound.
+        """
+        if not prog.listen:
+            return []
+        key = (prog.name, prog.listen)
+        if key not in self._listeners:
+            from corral.serve._listeners import bind_all
+
+            names = [name for name, _ in prog.listen]
+            self._listeners[key] = bind_all([addr for _, addr in prog.listen], names=names)
+            log.info("%s: listening on %s (handed over as systemd does)", prog.name,
+                     ", ".join(f"{x.name}={x.address}" for x in self._listeners[key]))
+        return self._listeners[key]
+
+    def _close_listeners(self) -> None:
+        if self._listeners:
+            from corral.serve._listeners import close_all
+
+            for listeners in self._listeners.values():
+                close_all(listeners)
+            self._listeners.clear()
+
     def _shutdown(self) -> None:
         if self.control is not None:
             self.control.close()
+        self._close_listeners()  # after every program has stopped: closed last
         # Whatever the hub has not read yet, then close it.
         self.hub.close()
         _kill_adopted()
