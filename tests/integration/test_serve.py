@@ -134,6 +134,15 @@ def serve(tmp_path: Path) -> Iterator[list[Serve]]:
             s.cleanup()
 
 
+def _zygotes(s: Serve) -> list[int]:
+    out = []
+    for p in s.tree():
+        with contextlib.suppress(psutil.Error):
+            if "zygote" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p.pid)
+    return out
+
+
 def _alive(pids: set[int]) -> list[int]:
     out = []
     for pid in pids:
@@ -199,6 +208,7 @@ def test_asgi_reload_under_load_loses_nothing(tmp_path: Path, serve: list[Serve]
         assert "reloaded" in res.stdout
         second = s.wait_serving()
         assert not first & second, "every worker was replaced"
+        wait_for(lambda: len(_zygotes(s)) == 1, 10, "the old zygote retired")
         s.proc.send_signal(signal.SIGHUP)  # the signal path too
         wait_for(lambda: not (second & s.workers()) and len(s.workers()) == 2, 30,
                  "the SIGHUP reload")
@@ -223,9 +233,11 @@ def test_wsgi_app_is_detected_and_served(tmp_path: Path, serve: list[Serve]) -> 
     assert s.stop() == 0
 
 
-def test_spawn_fallback_and_unix_socket(tmp_path: Path, serve: list[Serve]) -> None:
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_stdlib_fallbacks_and_unix_socket(tmp_path: Path, serve: list[Serve],
+                                          method: str) -> None:
     path = str(tmp_path / "app.sock")
-    s = Serve(tmp_path, "asgi_app:app", "--start-method", "spawn", "--bind",
+    s = Serve(tmp_path, "asgi_app:app", "--start-method", method, "--bind",
               f"unix:{path}", workers=1)
     serve.append(s)
     s.wait_serving()

@@ -241,6 +241,23 @@ def test_export_systemd_command(tmp_path: Path) -> None:
     assert (tmp_path / "web.socket").exists()
 
 
+@pytest.mark.parametrize(("args", "expected"), [
+    (["serve", "myapp"], "APP must be MODULE:ATTRIBUTE (e.g. myapp:app), got 'myapp'"),
+    (["serve", "m:a", "--bind", "nohost"], "bind must be HOST:PORT"),
+    (["serve", "m:a", "--max-surge", "0", "--max-unavailable", "0"], "cannot both be 0"),
+    (["serve", "m:a", "-w", "2", "--min-ready", "3"], "min_ready must be <= workers (2), got 3"),
+    (["serve", "m:a", "--standby", "1", "--start-method", "spawn"], "standby needs"),
+])
+def test_serve_bad_input_is_a_usage_error(tmp_path: Path, args: list[str],
+                                          expected: str) -> None:
+    """Refused before anything is bound or started, with what was expected and given."""
+    res = subprocess.run([sys.executable, "-m", "corral.cli.main", "--socket",
+                          str(tmp_path / "s.sock"), *args], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert expected in " ".join(res.stderr.split()), res.stderr
+
+
 def test_import_corral_does_not_import_the_server() -> None:
     code = ("import sys, corral; bad = [m for m in ('uvicorn', 'a2wsgi', 'corral.serve') "
             "if m in sys.modules]; print(bad)")
