@@ -90,3 +90,36 @@ listen = ["127.0.0.1:{port}"]
 """, wait=False)
         assert c.wait_exit(30) == 1
         assert f"127.0.0.1:{port}" in c.err()
+
+
+def test_a_config_reload_keeps_the_socket_of_a_changed_program(corral: Any,
+                                                               tmp_path: Path) -> None:
+    """`corral reload` replacing a program whose `listen` did not change: the new process gets
+    the very same socket (one queue across the replacement); a new address already in use
+    refuses the reload and changes nothing."""
+    script = tmp_path / "server.py"
+    script.write_text(SERVER)
+    port = _free_port()
+    argv = [sys.executable, str(script), "{listen.web.fd}"]
+
+    def config(extra: str) -> str:
+        return (f"[program.web]\ncommand = {json.dumps(argv)}\n"
+                f"listen = {{ web = \"127.0.0.1:{port}\" }}\n{extra}\n")
+
+    c = corral(config=config(""))
+    c.wait_running(1, "web")
+    first = _ask(port).split()[0]
+    path = tmp_path / "c.toml"
+    path.write_text(config('env = { VERSION = "2" }'))
+    c.ok("reload")
+    wait_for(lambda: (a := _answer(port)) is not None and a.split()[0] != first, 20,
+             "the replaced program serving on the same socket")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        path.write_text(config(f'[program.more]\ncommand = ["sleep", "60"]\n'
+                               f'listen = ["127.0.0.1:{taken.getsockname()[1]}"]'))
+        res = c.cli("reload")
+        assert res.returncode != 0 and "127.0.0.1:" in res.stderr, res.stderr
+    assert [p["name"] for p in c.status()["programs"]] == ["web"]
+    assert c.stop() == 0

@@ -730,6 +730,14 @@ class CorralRun:
         except ConfigError as exc:
             log.error("reload refused, nothing changed: %s", exc)
             raise CommandError(str(exc), "bad_config") from None
+        try:
+            # New or changed `listen` sockets are bound now (unchanged ones are kept: the same
+            # queue across the program's replacement); one that cannot be refuses the reload.
+            for cfg in new.programs.values():
+                self.listeners_for(cfg)
+        except OSError as exc:
+            log.error("reload refused, nothing changed: %s", exc)
+            raise CommandError(str(exc), "bad_config") from None
         old_config = self.config
         change = diff(old_config, new)
         self.config = new
