@@ -211,6 +211,7 @@ class Case:
     reload_windows: list[tuple[float, float]] = field(default_factory=list)  # monotonic
     max_procs: int = 0
     max_workers: int = 0
+    max_workers_sample: list[str] = field(default_factory=list)  # what was counted, at the max
     baseline_procs: int = 0
     result: loadgen.LoadResult | None = None
     error: str | None = None
@@ -228,11 +229,22 @@ class Watch:
         self.case, self.master, self.ready_dir = case, master, ready_dir
 
     def workers(self) -> set[int]:
+        return set(self._workers())
+
+    def _workers(self) -> dict[int, str]:
         # Every worker process below the master (corral's are its zygotes' children), not
-        # the helpers (resource tracker, corral's keeper and zygotes).
-        return {p for p in tree(self.master)
-                if p != self.master and not any(
-                    h in _cmdline(p) for h in ("resource_tracker", "corral-keeper", "zygote"))}
+        # the helpers (resource tracker, corral's keeper and zygotes), nor what is not a
+        # program of its own: an empty cmdline (a process in its exit, its memory gone) or
+        # the master's own (a fork of the master not exec'd yet, e.g. a zygote being started).
+        master = _cmdline(self.master)
+        out = {}
+        for p in tree(self.master):
+            cmd = _cmdline(p)
+            if p == self.master or not cmd or cmd == master or any(
+                    h in cmd for h in ("resource_tracker", "corral-keeper", "zygote")):
+                continue
+            out[p] = cmd
+        return out
 
     def ready(self) -> set[int]:
         return {int(x) for x in os.listdir(self.ready_dir) if x.isdigit()}
@@ -240,7 +252,10 @@ class Watch:
     def sample(self) -> None:
         n = len(tree(self.master))
         self.case.max_procs = max(self.case.max_procs, n)
-        self.case.max_workers = max(self.case.max_workers, len(self.workers()))
+        workers = self._workers()
+        if len(workers) > self.case.max_workers:
+            self.case.max_workers = len(workers)
+            self.case.max_workers_sample = [f"{p} {c[:60]}" for p, c in sorted(workers.items())]
 
     def until(self, cond: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -288,6 +303,7 @@ def run_case(case: Case, args: argparse.Namespace, tmp: str) -> None:
         watch.hold(0.3)
         case.baseline_procs = len(tree(server.pid))
         case.max_procs = case.max_workers = 0
+        case.max_workers_sample = []
         cmd = [PY, str(HERE / "loadgen.py"), "--url", f"http://127.0.0.1:{port}/",
                "--rate", str(args.rate), "--duration", "3600", "--json", out_path, "--records",
                "--timeout", str(args.timeout)]
@@ -382,7 +398,8 @@ def summarize(case: Case, settle: float) -> dict[str, Any]:
         "p99_ratio": (round(p99_reload / p99_steady, 1)
                       if p99_reload is not None and p99_steady else None),
         "baseline_procs": case.baseline_procs, "max_procs": case.max_procs,
-        "max_workers": case.max_workers, "connections_opened": r.connections_opened,
+        "max_workers": case.max_workers, "max_workers_sample": case.max_workers_sample,
+        "connections_opened": r.connections_opened,
         "stale_dropped": r.stale_dropped, "loadgen_cpu_percent": round(r.cpu_percent, 1),
         "loadgen_lag_p99_ms": round(r.lag_p99 * 1000, 1), "error_samples": r.error_samples,
         "reload_s": [round(d, 3) for d in durations], "failed_at": failed_at,

@@ -21,6 +21,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from corral._keeper import keeper
 from corral.exitstatus import ExitStatus
@@ -38,6 +39,9 @@ class Launch:
         stdout, stderr: fds the child writes to (write ends of pipes; None: inherit ours).
         pass_fds: other fds the child keeps (listening sockets).
         readers: our ends of the pipes, for the worker IO once the process exists.
+        listeners: ``corral.serve._listeners.Listener`` objects the program gets as systemd
+            hands them over (fds 3.., LISTEN_FDS/LISTEN_FDNAMES/LISTEN_PID, ``{listen.NAME.fd}``
+            in the argv); it is then started with ``posix_spawn`` through a ``/bin/sh`` shim.
     """
 
     env: dict[str, str] = field(default_factory=dict)
@@ -45,6 +49,7 @@ class Launch:
     stderr: int | None = None
     pass_fds: tuple[int, ...] = ()
     readers: tuple[int, ...] = ()
+    listeners: tuple[Any, ...] = ()
 
     def close_child_ends(self) -> None:
         for fd in (self.stdout, self.stderr):
@@ -85,9 +90,9 @@ def _supplementary_groups(user: int | str | None, group: int | str | None
 class CommandProcess:
     """One running command (a ``ProcessLike``)."""
 
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes] | None, pid: int | None = None) -> None:
         self.popen = popen
-        self.pid = popen.pid
+        self.pid: int = popen.pid if popen is not None else int(pid)  # type: ignore[arg-type]
         self.started = time.monotonic()
         self.started_wall = time.time()
         self.exit: ExitStatus | None = None
@@ -112,6 +117,16 @@ class CommandProcess:
         launch = launch or Launch()
         full_env = dict(os.environ if env is None else env)
         full_env.update(launch.env)
+        if launch.listeners:
+            if user is not None or group is not None or launch.pass_fds:
+                raise ValueError("listeners cannot be handed to a command started as another "
+                                 f"user or group, or with pass_fds (user={user!r}, "
+                                 f"group={group!r}, pass_fds={launch.pass_fds!r})")
+            from corral.serve._listeners import spawn_with_listeners
+
+            return cls(None, spawn_with_listeners(
+                argv, launch.listeners, env=full_env, cwd=cwd, stdout=launch.stdout,
+                stderr=launch.stderr, umask=umask))
         popen = subprocess.Popen(
             list(argv), stdin=subprocess.DEVNULL, stdout=launch.stdout, stderr=launch.stderr,
             env=full_env, cwd=cwd, user=user, group=group,
@@ -170,7 +185,9 @@ class CommandProcess:
             else:
                 self.exit = ExitStatus(signal=result.si_status,
                                        core_dumped=result.si_code == os.CLD_DUMPED)
-        self.popen.returncode = self.exit.returncode if self.exit.returncode is not None else -1
+        if self.popen is not None:
+            self.popen.returncode = (self.exit.returncode if self.exit.returncode is not None
+                                     else -1)
         keeper.unregister(self.pid)
         return self.exit
 

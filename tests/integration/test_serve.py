@@ -4,6 +4,7 @@ systemd messages in order, and nothing is left behind."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -55,12 +56,17 @@ class Serve:
     """A `corral serve` subprocess and everything below it, killed by pid at the end."""
 
     def __init__(self, tmp: Path, app: str, *args: str, workers: int = 2,
-                 app_dir: Path = APPS, env: dict[str, str] | None = None) -> None:
-        self.port = _free_port()
+                 app_dir: Path = APPS, env: dict[str, str] | None = None,
+                 config: Path | None = None, port: int | None = None) -> None:
+        self.port = port or _free_port()
         self.sock = str(tmp / "ctl.sock")
         self.log = tmp / "serve.log"
-        cmd = [*CORRAL, "--socket", self.sock, "serve", app, "--workers", str(workers),
-               "--bind", f"127.0.0.1:{self.port}", "--app-dir", str(app_dir), *args]
+        if config is not None:  # bind and workers come from its [serve.NAME]
+            cmd = [*CORRAL, "--socket", self.sock, "-c", str(config), "serve", app,
+                   "--app-dir", str(app_dir), *args]
+        else:
+            cmd = [*CORRAL, "--socket", self.sock, "serve", app, "--workers", str(workers),
+                   "--bind", f"127.0.0.1:{self.port}", "--app-dir", str(app_dir), *args]
         full_env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", **(env or {}))
         with open(self.log, "wb") as fh:
             self.proc = subprocess.Popen(cmd, stdout=fh, stderr=fh, env=full_env,
@@ -128,6 +134,15 @@ def serve(tmp_path: Path) -> Iterator[list[Serve]]:
             s.cleanup()
 
 
+def _zygotes(s: Serve) -> list[int]:
+    out = []
+    for p in s.tree():
+        with contextlib.suppress(psutil.Error):
+            if "zygote" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p.pid)
+    return out
+
+
 def _alive(pids: set[int]) -> list[int]:
     out = []
     for pid in pids:
@@ -193,6 +208,7 @@ def test_asgi_reload_under_load_loses_nothing(tmp_path: Path, serve: list[Serve]
         assert "reloaded" in res.stdout
         second = s.wait_serving()
         assert not first & second, "every worker was replaced"
+        wait_for(lambda: len(_zygotes(s)) == 1, 10, "the old zygote retired")
         s.proc.send_signal(signal.SIGHUP)  # the signal path too
         wait_for(lambda: not (second & s.workers()) and len(s.workers()) == 2, 30,
                  "the SIGHUP reload")
@@ -217,9 +233,11 @@ def test_wsgi_app_is_detected_and_served(tmp_path: Path, serve: list[Serve]) -> 
     assert s.stop() == 0
 
 
-def test_spawn_fallback_and_unix_socket(tmp_path: Path, serve: list[Serve]) -> None:
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_stdlib_fallbacks_and_unix_socket(tmp_path: Path, serve: list[Serve],
+                                          method: str) -> None:
     path = str(tmp_path / "app.sock")
-    s = Serve(tmp_path, "asgi_app:app", "--start-method", "spawn", "--bind",
+    s = Serve(tmp_path, "asgi_app:app", "--start-method", method, "--bind",
               f"unix:{path}", workers=1)
     serve.append(s)
     s.wait_serving()
@@ -362,6 +380,34 @@ def test_max_requests_recycles_through_the_surge(tmp_path: Path, serve: list[Ser
     assert s.stop() == 0
 
 
+@pytest.mark.parametrize(("option", "value", "why"), [("--max-age", "2s", "max_age"),
+                                                      ("--max-memory", "1KiB", "max_memory")])
+def test_age_and_memory_recycle_through_the_surge(tmp_path: Path, serve: list[Serve],
+                                                  option: str, value: str, why: str) -> None:
+    """--max-age / --max-memory: the same surge path as max_requests (the replacement is
+    ready first), no request fails, never more than N + 1 workers."""
+    s = Serve(tmp_path, "asgi_app:app", option, value, workers=1)
+    serve.append(s)
+    first = s.wait_serving()
+    load = Load(s.port)
+    most = 0
+    try:
+        def recycled() -> bool:
+            nonlocal most
+            most = max(most, len(s.workers()))
+            return len(load.pids) >= 3
+
+        # 3 pids: the first worker, the surge worker, the first one's replacement.
+        wait_for(recycled, 40, f"a recycle for {why}")
+    finally:
+        load.stop()
+    assert not load.failed, load.failed[:5]
+    assert most <= 2
+    assert not first & s.workers()
+    assert why in s.text()
+    assert s.stop() == 0
+
+
 def test_standby_replaces_a_killed_worker(tmp_path: Path, serve: list[Serve]) -> None:
     """A hot standby forked from the zygote, its app start-up already run, takes a killed
     worker's place: serving again well before the app's 2 s start-up would allow."""
@@ -405,3 +451,135 @@ def test_a_dead_zygote_is_replaced_by_a_new_generation(tmp_path: Path,
              "a new generation serving")
     assert "died" in s.text()
     assert s.stop() == 0
+
+
+def test_shutdown_delay_keeps_serving_then_drains_and_closes_the_listener_last(
+        tmp_path: Path, serve: list[Serve]) -> None:
+    """SIGTERM with shutdown_delay: STOPPING, still accepting for the delay (a load balancer
+    deregisters meanwhile), then the drain, then the listener is closed: refused after exit."""
+    s = Serve(tmp_path, "asgi_app:app", "--shutdown-delay", "8", workers=1)
+    serve.append(s)
+    s.wait_serving()
+    load = Load(s.port)
+    try:
+        wait_for(lambda: load.ok >= 3, 10, "requests served")
+        s.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "shutdown_delay" in s.text(), 10, "the delay's log line")
+        served = load.ok
+        wait_for(lambda: load.ok >= served + 5, 6, "requests served during the delay")
+        assert s.proc.poll() is None, "corral serve left before shutdown_delay was over"
+    finally:
+        load.stop()
+    assert not load.failed, load.failed[:5]
+    assert s.proc.wait(30) == 0
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", s.port), timeout=5).close()
+
+
+def test_serve_table_of_the_config(tmp_path: Path, serve: list[Serve]) -> None:
+    """`corral -c corral.toml serve api`: bind, workers and the options from [serve.api]."""
+    port = _free_port()
+    config = tmp_path / "corral.toml"
+    config.write_text(f"""
+[serve.api]
+app = "asgi_app:app"
+bind = ["127.0.0.1:{port}"]
+workers = 2
+standby = 1
+max_requests = 1000
+""")
+    s = Serve(tmp_path, "api", config=config, port=port)
+    serve.append(s)
+    s.wait_serving()
+    assert _get(s.port)[0] == 200
+    res = subprocess.run([*CORRAL, "--socket", s.sock, "status", "--json"],
+                         capture_output=True, text=True, timeout=30)
+    names = [p["name"] for p in json.loads(res.stdout)["programs"]]
+    assert names and all(n.startswith("api@") for n in names), names
+    # The standby of the table: booted ahead, a negative index.
+    wait_for(lambda: any(
+        w["index"] < 0 for p in json.loads(subprocess.run(
+            [*CORRAL, "--socket", s.sock, "status", "--json"], capture_output=True,
+            text=True, timeout=30).stdout)["programs"] for w in p["workers"]), 20,
+        "the standby from the table")
+    assert s.reload().returncode == 0
+    assert s.stop() == 0
+
+
+def _tcp_listeners(port: int) -> int:
+    """LISTEN sockets on 127.0.0.1:port (state 0A in /proc/net/tcp)."""
+    want = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as fh:
+        return sum(1 for line in fh if line.split()[1] == want and line.split()[3] == "0A")
+
+
+def test_reuse_port_gives_each_worker_its_own_socket(tmp_path: Path,
+                                                      serve: list[Serve]) -> None:
+    """--reuse-port: corral's listener plus one per worker in the SO_REUSEPORT group (the
+    kernel spreads connections over them), and the tcp_migrate_req check at start-up."""
+    s = Serve(tmp_path, "asgi_app:app", "--reuse-port")
+    serve.append(s)
+    first = s.wait_serving()
+    wait_for(lambda: _tcp_listeners(s.port) == 3, 10,
+             f"3 listening sockets (have {_tcp_listeners(s.port)})")
+    load = Load(s.port)
+    try:
+        wait_for(lambda: load.pids == {str(p) for p in first}, 20, "both workers serving")
+    finally:
+        load.stop()
+    assert not load.failed, load.failed[:5]
+    migrate = _listeners_migrate_req()
+    if migrate != 1:
+        assert "tcp_migrate_req" in s.text()
+    assert s.stop() == 0
+    wait_for(lambda: _tcp_listeners(s.port) == 0, 10, "every listener closed")
+
+
+def _listeners_migrate_req() -> int | None:
+    from corral.serve._listeners import check_migrate_req
+
+    return check_migrate_req()
+
+
+def test_corral_serve_adopts_socket_activation(tmp_path: Path) -> None:
+    """corral serve started as systemd starts a socket-activated service (the listener on
+    fd 3, LISTEN_FDS/LISTEN_FDNAMES, LISTEN_PID = its own pid): it adopts the socket instead
+    of binding, serves on it, and leaves it open when it stops (systemd's copy keeps queueing
+    connections for the next start)."""
+    from corral.serve._listeners import bind, close_all, spawn_with_listeners
+
+    lst = bind("127.0.0.1:0", name="web")
+    port = lst.port
+    assert port is not None
+    log_path = tmp_path / "serve.log"
+    seen: set[int] = set()
+    with open(log_path, "wb") as fh:
+        pid = spawn_with_listeners(
+            [*CORRAL, "--socket", str(tmp_path / "ctl.sock"), "serve", "asgi_app:app",
+             "--workers", "1", "--app-dir", str(APPS)], [lst],
+            env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"), stdout=fh.fileno(),
+            stderr=fh.fileno())
+    seen.add(pid)
+
+    def text() -> str:
+        return log_path.read_text(errors="replace")
+
+    try:
+        def serving() -> bool:
+            with contextlib.suppress(psutil.Error):
+                seen.update(p.pid for p in psutil.Process(pid).children(recursive=True))
+            return _ok(port)
+
+        wait_for(serving, 30, f"serving on the adopted socket ({text()[-500:]})")
+        assert "adopted 1 socket(s) from systemd: web=127.0.0.1:" in text()
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, text()[-2000:]
+        wait_for(lambda: not _alive(seen - {pid}), 10, "every process gone")
+        # Still listening: our copy stands for systemd's; a connection waits in the queue.
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        kill_pids(seen)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        close_all([lst])

@@ -321,6 +321,12 @@ def test_missing_file_and_empty_file(tmp_path: Path) -> None:
     ('command = ["a"]\nbackoff = { jitter = 1.5 }', "backoff.jitter", "a fraction in [0, 1)"),
     ('command = ["a"]\ngroup = "no-such-group-here"', "group", "an existing group"),
     ('command = ["a"]\nstop_signal = "SIGNOPE"', "stop_signal", "a signal name or number"),
+    ('command = ["a"]\nlisten = []', "listen", "at least one address"),
+    ('command = ["a"]\nlisten = ["nohost"]', "listen", "HOST:PORT"),
+    ('command = ["a"]\nlisten = 8000', "listen", "a list of addresses"),
+    ('command = ["a"]\nlisten = { "a.b" = "127.0.0.1:1" }', "listen", "socket names"),
+    ('target = "m:f"\nlisten = ["127.0.0.1:1"]', "listen", "listen only with a command"),
+    ('command = ["a"]\nuser = "root"\nlisten = ["127.0.0.1:1"]', "listen", "without user"),
 ])
 def test_program_value_errors(cfgdir: Path, snippet: str, key: str, expected: str) -> None:
     path = write(cfgdir, f"[program.p]\n{snippet}\n")
@@ -345,6 +351,13 @@ def test_program_value_errors(cfgdir: Path, snippet: str, key: str, expected: st
     ('app = "m:a"\nreuse_port = "yes"', "reuse_port", "true or false"),
     ('app = "m:a"\nready_timeout = 0', "ready_timeout", "a duration > 0"),
     ('app = "m:a"\nworkerz = 2', "workerz", "a known key"),
+    ('app = "m:a"\nstart_method = "fork"', "start_method", '"zygote", "forkserver"'),
+    ('app = "m:a"\nstart_method = "spawn"\nstandby = 1', "standby", 'start_method = "zygote"'),
+    ('app = "m:a"\nworkers = 2\nmin_ready = 3', "min_ready", "<= workers (2)"),
+    ('app = "m:a"\nmin_ready = 0', "min_ready", ">= 1"),
+    ('app = "m:a"\nmax_memory = "lots"', "max_memory", "a size"),
+    ('app = "m:a"\nmax_age = 0', "max_age", "a duration > 0"),
+    ('app = "m:a"\nidle_grace = "soon"', "idle_grace", "a duration"),
     ('bind = "127.0.0.1:1"', "", "app ="),
 ])
 def test_serve_value_errors(cfgdir: Path, snippet: str, key: str, expected: str) -> None:
@@ -353,6 +366,29 @@ def test_serve_value_errors(cfgdir: Path, snippet: str, key: str, expected: str)
     want = "serve.s" + (f".{key}" if key else "")
     issues = [i for i in e.value.issues if i.key == want]
     assert issues and expected in issues[0].expected, str(e.value)
+
+
+def test_serve_table_takes_the_server_options(cfgdir: Path) -> None:
+    from corral.serve._server import from_config
+
+    cfg = load(write(cfgdir, """
+        [serve.api]
+        app = "m:a"
+        workers = 3
+        start_method = "zygote"
+        standby = 1
+        min_ready = 2
+        max_memory = "256MiB"
+        max_age = "1h"
+        idle_grace = "250ms"
+        """))
+    api = cfg.serve["api"]
+    assert (api.start_method, api.standby, api.min_ready) == ("zygote", 1, 2)
+    assert (api.max_memory, api.max_age, api.idle_grace) == (256 << 20, 3600, 0.25)
+    opts = from_config(api, app_dir=str(cfgdir))
+    assert (opts.standby, opts.min_ready, opts.max_memory, opts.max_age) == (1, 2, 256 << 20,
+                                                                              3600)
+    assert opts.wanted_ready == 2 and opts.idle_grace == 0.25
 
 
 def test_serve_and_program_names_must_differ(cfgdir: Path) -> None:
@@ -520,3 +556,21 @@ def test_log_config_defaults() -> None:
     assert isinstance(cfg.programs["a"].ready, ReadyLog)
     assert cfg.programs["b"].ready == ReadyTcp("127.0.0.1", 9000)
     assert from_command(["x"]).programs["x"].ready == ReadyStarted()
+
+
+def test_program_listen_forms(cfgdir: Path) -> None:
+    cfg = load(write(cfgdir, """
+        [program.a]
+        command = ["x", "--fd", "{listen.web.fd}"]
+        listen = { web = "127.0.0.1:8000", admin = "unix:/run/admin.sock" }
+        [program.b]
+        command = ["x"]
+        listen = ["127.0.0.1:8001", "[::1]:8001"]
+        [program.c]
+        command = ["x"]
+        listen = "127.0.0.1:8002"
+        """))
+    assert cfg.programs["a"].listen == (("web", "127.0.0.1:8000"),
+                                        ("admin", "unix:/run/admin.sock"))
+    assert cfg.programs["b"].listen == (("0", "127.0.0.1:8001"), ("1", "[::1]:8001"))
+    assert cfg.programs["c"].listen == (("0", "127.0.0.1:8002"),)

@@ -15,7 +15,7 @@ import pytest
 from corral.serve import _listeners
 from corral.serve._server import ServeOptions, plan
 from corral.serve._systemd import Notifier, service_unit, socket_unit
-from corral.serve._worker import detect_interface
+from corral.serve._worker import detect_interface, own_listeners
 
 
 def _roll(n: int, surge: int, unavailable: int) -> tuple[int, int]:
@@ -117,6 +117,41 @@ def test_reuse_port_warning_says_why() -> None:
     assert "Linux < 5.14" in (_listeners.warn_reuse_port(None) or "")
 
 
+@pytest.mark.timeout(30)
+def test_reuse_port_gives_a_worker_a_queue_of_its_own() -> None:
+    """own_listeners: a second socket in the shared listener's SO_REUSEPORT group, which the
+    kernel hands a share of the new connections; plain and unix listeners get none."""
+    shared = _listeners.bind("127.0.0.1:0", name="web", reuse_port=True, backlog=64)
+    plain = _listeners.bind("127.0.0.1:0", name="plain", backlog=64)
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    clients: list[socket.socket] = []
+    own: list[socket.socket] = []
+    try:
+        own = own_listeners([shared.sock, plain.sock, unix], backlog=64)
+        assert len(own) == 1
+        assert own[0].getsockname() == shared.sock.getsockname()
+        assert own[0].getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        for _ in range(40):  # the group spreads them by hash of the 4-tuple
+            clients.append(socket.create_connection(shared.sock.getsockname(), timeout=5))
+        got = {}
+        for name, sock in (("shared", shared.sock), ("own", own[0])):
+            sock.setblocking(False)
+            n = 0
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                except BlockingIOError:
+                    break
+                conn.close()
+                n += 1
+            got[name] = n
+        assert got["shared"] + got["own"] == 40 and got["own"] > 0 and got["shared"] > 0, got
+    finally:
+        for c in [*clients, *own, unix]:
+            c.close()
+        _listeners.close_all([shared, plain])
+
+
 _RECEIVER = textwrap.dedent("""
     import os, socket, sys
     from corral.serve._listeners import adopt_systemd
@@ -204,6 +239,23 @@ def test_export_systemd_command(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "web.service").read_text().count("--workers 3") == 1
     assert (tmp_path / "web.socket").exists()
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["serve", "myapp"], "APP must be MODULE:ATTRIBUTE (e.g. myapp:app), got 'myapp'"),
+    (["serve", "m:a", "--bind", "nohost"], "bind must be HOST:PORT"),
+    (["serve", "m:a", "--max-surge", "0", "--max-unavailable", "0"], "cannot both be 0"),
+    (["serve", "m:a", "-w", "2", "--min-ready", "3"], "min_ready must be <= workers (2), got 3"),
+    (["serve", "m:a", "--standby", "1", "--start-method", "spawn"], "standby needs"),
+])
+def test_serve_bad_input_is_a_usage_error(tmp_path: Path, args: list[str],
+                                          expected: str) -> None:
+    """Refused before anything is bound or started, with what was expected and given."""
+    res = subprocess.run([sys.executable, "-m", "corral.cli.main", "--socket",
+                          str(tmp_path / "s.sock"), *args], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert expected in " ".join(res.stderr.split()), res.stderr
 
 
 def test_import_corral_does_not_import_the_server() -> None:

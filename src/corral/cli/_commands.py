@@ -59,6 +59,7 @@ if TYPE_CHECKING:
         def _start_ready_programs(self) -> None: ...
         def _publish(self, data: dict[str, Any]) -> None: ...
         def _sync_endpoint(self) -> None: ...
+        def listeners_for(self, prog: ProgramConfig) -> list[Any]: ...
 else:
     _Core = object
 
@@ -261,6 +262,14 @@ class CommandsPart(_Core):
             if problems:
                 raise ConfigError(problems)
         except ConfigError as exc:
+            log.error("reload refused, nothing changed: %s", exc)
+            raise CommandError(str(exc), "bad_config") from None
+        try:
+            # New or changed `listen` sockets are bound now (unchanged ones are kept: the same
+            # queue across the program's replacement); one that cannot be refuses the reload.
+            for cfg in new.programs.values():
+                self.listeners_for(cfg)
+        except OSError as exc:
             log.error("reload refused, nothing changed: %s", exc)
             raise CommandError(str(exc), "bad_config") from None
         old_config = self.config

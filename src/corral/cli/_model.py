@@ -74,6 +74,9 @@ class ProgramConfig:
     depends_on: tuple[str, ...] = ()
     ready: ReadySpec = field(default_factory=ReadyStarted)
     log: LogConfig = field(default_factory=LogConfig)
+    # (name, address): listening sockets corral binds once and hands to every start of the
+    # command as systemd does (fds 3.., LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID).
+    listen: tuple[tuple[str, str], ...] = ()
     line: int | None = field(default=None, compare=False)
 
     @property
@@ -170,6 +173,12 @@ class ServeConfig:
     reuse_port: bool = False
     max_requests: int = 0
     max_requests_jitter: int = 0
+    start_method: str = "zygote"
+    standby: int = 0
+    min_ready: int | None = None
+    max_memory: int | None = None
+    max_age: float | None = None
+    idle_grace: float = 0.5
     line: int | None = field(default=None, compare=False)
 
 

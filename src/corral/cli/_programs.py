@@ -63,7 +63,8 @@ class ProgramIO:
             env["NOTIFY_SOCKET"] = self._notify_socket(index, name).address
             if self.prog.heartbeat_timeout is not None:
                 env["WATCHDOG_USEC"] = str(int(self.prog.heartbeat_timeout * 1e6))
-        return Launch(env=env, stdout=out_w, stderr=err_w, readers=(out_r, err_r))
+        return Launch(env=env, stdout=out_w, stderr=err_w, readers=(out_r, err_r),
+                      listeners=tuple(self.run.listeners_for(self.prog)))
 
     def started(self, index: int, name: str, proc: ProcessLike, launch: Launch) -> None:
         self.pids[index] = proc.pid

@@ -205,6 +205,29 @@ def _http(ctx: Ctx, path: tuple[str, ...], v: Any) -> Any:
     return v
 
 
+def _listen(ctx: Ctx, path: tuple[str, ...], v: Any) -> Any:
+    """``listen = ["127.0.0.1:8000", ...]`` (named 0, 1, ...) or ``{ web = "..." }``."""
+    if isinstance(v, str):
+        v = [v]
+    if isinstance(v, list):
+        pairs = [(str(i), a) for i, a in enumerate(v)]
+    elif isinstance(v, dict):
+        pairs = list(v.items())
+        for name, _ in pairs:
+            if not _NAME.match(name):
+                return ctx.error(path, "socket names of letters, digits, '_' and '-'",
+                                 repr(name))
+    else:
+        return ctx.error(path, "an address, a list of addresses or a table of name = address",
+                         _given(v))
+    if not pairs:
+        return ctx.error(path, "at least one address", _given(v))
+    checked = [(name, _address(ctx, path, a, unix=True)) for name, a in pairs]
+    if any(a is BAD for _, a in checked):
+        return BAD
+    return tuple(checked)
+
+
 _LOG_KEYS = {f.name for f in fields(LogConfig)}
 
 
@@ -303,7 +326,7 @@ def _build(ctx: Ctx, path: tuple[str, ...], cls: Callable[..., Any], kw: dict[st
 
 _PROGRAM_KEYS = (
     "command", "shell", "target", "args", "numprocs", "cwd", "env", "env_file", "user",
-    "group", "umask", "stop_signal", "stop_timeout", "restart", "backoff", "budget",
+    "group", "umask", "listen", "stop_signal", "stop_timeout", "restart", "backoff", "budget",
     "max_memory", "max_age", "heartbeat_timeout", "startup_timeout", "depends_on", "ready",
     "log",
 )
@@ -446,6 +469,16 @@ def _program(ctx: Ctx, name: str, t: Any, log_defaults: LogConfig) -> ProgramCon
         kw["backoff"] = _backoff(ctx, p("backoff"), t["backoff"])
     if "budget" in t:
         kw["budget"] = _budget(ctx, p("budget"), t["budget"])
+    if "listen" in t:
+        kw["listen"] = _listen(ctx, p("listen"), t["listen"])
+        if "command" not in t:
+            ctx.error(p("listen"), "listen only with a command (a target's workers are not "
+                                   "exec'd)", "listen with a target")
+        for key in ("user", "group"):
+            if key in t:
+                ctx.error(p("listen"), f"listen without {key} (the sockets are handed over "
+                                       "by posix_spawn, which cannot switch users)",
+                          f"listen with {key} = {t[key]!r}")
     if "max_memory" in t:
         kw["max_memory"] = _size(ctx, p("max_memory"), t["max_memory"])
     for key in ("max_age", "heartbeat_timeout", "startup_timeout"):
@@ -515,6 +548,32 @@ def _serve(ctx: Ctx, name: str, t: Any) -> ServeConfig | None:
             kw[key] = _duration(ctx, p(key), t[key], positive=key == "ready_timeout")
     if "reuse_port" in t:
         kw["reuse_port"] = _bool(ctx, p("reuse_port"), t["reuse_port"])
+    if "start_method" in t:
+        if t["start_method"] not in ("zygote", "forkserver", "spawn"):
+            kw["start_method"] = ctx.error(p("start_method"),
+                                           "\"zygote\", \"forkserver\" or \"spawn\"",
+                                           _given(t["start_method"]))
+        else:
+            kw["start_method"] = t["start_method"]
+    if "standby" in t:
+        kw["standby"] = _int(ctx, p("standby"), t["standby"], 0)
+    if "min_ready" in t:
+        kw["min_ready"] = _int(ctx, p("min_ready"), t["min_ready"], 1)
+    if "max_memory" in t:
+        kw["max_memory"] = _size(ctx, p("max_memory"), t["max_memory"])
+    if "max_age" in t:
+        kw["max_age"] = _duration(ctx, p("max_age"), t["max_age"], positive=True)
+    if "idle_grace" in t:
+        kw["idle_grace"] = _duration(ctx, p("idle_grace"), t["idle_grace"])
+    if kw.get("standby", 0) and kw.get("start_method", "zygote") != "zygote":
+        ctx.error(p("standby"), "start_method = \"zygote\" alongside it (a standby is forked "
+                                "from the generation's zygote)",
+                  f"{t['standby']!r} with start_method = {t['start_method']!r}")
+        return None
+    min_ready, workers = kw.get("min_ready"), kw.get("workers", 1)
+    if isinstance(min_ready, int) and isinstance(workers, int) and min_ready > workers:
+        ctx.error(p("min_ready"), f"an integer <= workers ({workers})", repr(min_ready))
+        return None
     if kw.get("max_surge", 1) == 0 and kw.get("max_unavailable", 0) == 0:
         ctx.error(p("max_surge"), "max_surge or max_unavailable > 0 (a rolling reload must "
                                   "either add or remove a worker to make progress)",

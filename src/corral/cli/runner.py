@@ -88,6 +88,9 @@ class CorralRun(CommandsPart):
                           ring_lines=self.config.log.ring_lines,
                           ring_bytes=self.config.log.ring_bytes)
         self.programs: dict[str, _Program] = {}
+        # A program's listening sockets, by (name, its listen setting): bound once, kept across
+        # its restarts and a config reload that does not change them, closed last.
+        self._listeners: dict[tuple[str, tuple[tuple[str, str], ...]], list[Any]] = {}
         self.events: deque[dict[str, Any]] = deque(maxlen=_EVENTS_KEPT)
         self.event_followers: list[Any] = []
         self.started_at = time.monotonic()
@@ -177,7 +180,16 @@ class CorralRun(CommandsPart):
             log.error("%s", exc)
             self.reactor.close()
             return 1
-        if not self._start_endpoint():
+        try:
+            for config in self.config.programs.values():
+                self.listeners_for(config)
+        except (OSError, ValueError) as exc:
+            log.error("%s", exc)
+            listening = False
+        else:
+            listening = True
+        if not listening or not self._start_endpoint():
+            self._close_listeners()
             self.control.close()
             self.hub.close()
             self.reactor.close()
@@ -222,6 +234,32 @@ class CorralRun(CommandsPart):
                 p.supervisor is None or p.finished for p in self.programs.values()):
             self.reactor.run_once(extra=time.monotonic() + 0.1)
 
+    def listeners_for(self, prog: ProgramConfig) -> list[Any]:
+        """The program's ``listen`` sockets, bound on first use (then kept).
+
+        Raises:
+            OSError: an address could not be bound.
+        """
+        if not prog.listen:
+            return []
+        key = (prog.name, prog.listen)
+        if key not in self._listeners:
+            from corral.serve._listeners import bind_all
+
+            names = [name for name, _ in prog.listen]
+            self._listeners[key] = bind_all([addr for _, addr in prog.listen], names=names)
+            log.info("%s: listening on %s (handed over as systemd does)", prog.name,
+                     ", ".join(f"{x.name}={x.address}" for x in self._listeners[key]))
+        return self._listeners[key]
+
+    def _close_listeners(self) -> None:
+        if self._listeners:
+            from corral.serve._listeners import close_all
+
+            for listeners in self._listeners.values():
+                close_all(listeners)
+            self._listeners.clear()
+
     def _shutdown(self) -> None:
         if self.endpoint is not None:
             # Before the loop goes: a request in flight may wait for it (1 s at most).
@@ -229,6 +267,7 @@ class CorralRun(CommandsPart):
             self.endpoint = None
         if self.control is not None:
             self.control.close()
+        self._close_listeners()  # after every program has stopped: closed last
         # Whatever the hub has not read yet, then close it.
         self.hub.close()
         _kill_adopted()

@@ -74,6 +74,12 @@ def build_options(app: str | None, config_path: str | None, given: dict[str, Any
     try:
         config = load(config_path)
     except ConfigError as exc:
+        if app is not None and config_path is None:
+            # Most likely a MODULE:APP without its ":APP", rather than a missing config.
+            raise click.UsageError(
+                f"APP must be MODULE:ATTRIBUTE (e.g. myapp:app), got {app!r}; or the name of "
+                f"a [serve.NAME] table of a config (-c FILE), but none was found here ({exc})"
+            ) from None
         raise click.ClickException(str(exc)) from None
     if not config.serve:
         raise click.ClickException(f"{config.path} has no [serve.NAME] table; give "

@@ -292,10 +292,11 @@ def warn_reuse_port(value: int | None) -> str | None:
     if value == 1:
         return None
     why = ("is 0" if value == 0 else "does not exist here (Linux < 5.14)")
-    return (f"reuse_port: net.ipv4.tcp_migrate_req {why}: each worker gets its own accept "
-            "queue, and the connections waiting in a worker's queue are reset when it exits "
-            "(every reload and restart). Without reuse_port all workers share one queue and "
-            "nothing is lost; or set net.ipv4.tcp_migrate_req=1 (root).")
+    return (f"reuse_port: net.ipv4.tcp_migrate_req {why}: each worker gets an accept queue "
+            "of its own (beside the shared one), and the connections waiting in a worker's "
+            "queue are reset when it exits (every reload and restart). Without reuse_port all "
+            "workers share one queue and nothing is lost; or set net.ipv4.tcp_migrate_req=1 "
+            "(root).")
 
 
 # ------------------------------------------------------------------------ command programs
@@ -339,13 +340,15 @@ _SHIM_CWD = 'cd -- "$1" || exit 127; shift; LISTEN_PID=$$; export LISTEN_PID; ex
 
 def spawn_with_listeners(argv: Sequence[str], listeners: Sequence[Listener], *,
                          env: Mapping[str, str] | None = None, cwd: str | None = None,
-                         stdout: int | None = None, stderr: int | None = None) -> int:
+                         stdout: int | None = None, stderr: int | None = None,
+                         umask: int | None = None) -> int:
     """Start ``argv`` as systemd would start a socket-activated service; returns its pid.
 
     The listeners land on fds 3.. (``posix_spawn`` file actions, so no code of ours runs
     between fork and exec in this threaded process), the program gets LISTEN_FDS,
     LISTEN_FDNAMES and, from the shim, LISTEN_PID = its own pid; ``{listen.NAME.fd}`` in the
     argv is replaced. It leads a new process group; every other fd of ours is close-on-exec.
+    ``umask`` is set by the shim.
 
     Raises:
         ValueError: an unknown placeholder; OSError: it could not be started.
@@ -373,7 +376,10 @@ def spawn_with_listeners(argv: Sequence[str], listeners: Sequence[Listener], *,
         actions.append((os.POSIX_SPAWN_DUP2, devnull, 0))
         for i, fd in enumerate(parked[:n]):
             actions.append((os.POSIX_SPAWN_DUP2, fd, SD_LISTEN_FDS_START + i))
-        shim = ["/bin/sh", "-c", _SHIM_CWD if cwd else _SHIM, "corral-listen"]
+        script = _SHIM_CWD if cwd else _SHIM
+        if umask is not None:
+            script = f"umask {umask:03o}; {script}"
+        shim = ["/bin/sh", "-c", script, "corral-listen"]
         if cwd:
             shim.append(cwd)
         return os.posix_spawn("/bin/sh", [*shim, program, *argv[1:]], full_env,

@@ -64,7 +64,8 @@ class ServeOptions:
         graceful_timeout: seconds an old worker gets to finish its requests.
         ready_timeout: seconds a new worker gets to accept; past it the reload is aborted.
         shutdown_delay: on SIGTERM, seconds to keep serving before the drain begins.
-        reuse_port: SO_REUSEPORT on the listeners (see the README's trade-off).
+        reuse_port: SO_REUSEPORT on the listeners, and each worker listens on a socket of its
+            own beside the shared one (see the README's trade-off).
         max_requests, max_requests_jitter: recycle a worker after that many requests.
         max_memory, max_age: recycle a worker past an RSS (bytes) or an age (seconds).
         min_ready: workers ready before READY=1 (default N).
@@ -146,7 +147,8 @@ class ServeOptions:
                           graceful_timeout=self.graceful_timeout, idle_grace=self.idle_grace,
                           max_requests=self.max_requests,
                           max_requests_jitter=self.max_requests_jitter,
-                          uvicorn=dict(self.uvicorn))
+                          uvicorn=dict(self.uvicorn), reuse_port=self.reuse_port,
+                          backlog=self.backlog)
 
 
 def from_config(cfg: Any, **extra: Any) -> ServeOptions:
@@ -157,7 +159,10 @@ def from_config(cfg: Any, **extra: Any) -> ServeOptions:
                         graceful_timeout=cfg.graceful_timeout, ready_timeout=cfg.ready_timeout,
                         shutdown_delay=cfg.shutdown_delay, reuse_port=cfg.reuse_port,
                         max_requests=cfg.max_requests,
-                        max_requests_jitter=cfg.max_requests_jitter, name=cfg.name, **extra)
+                        max_requests_jitter=cfg.max_requests_jitter, name=cfg.name,
+                        start_method=cfg.start_method, standby=cfg.standby,
+                        min_ready=cfg.min_ready, max_memory=cfg.max_memory,
+                        max_age=cfg.max_age, idle_grace=cfg.idle_grace, **extra)
 
 
 # ------------------------------------------------------------------------------- the policy
@@ -656,7 +661,8 @@ class Server:
         state.failed = reason
         state.restoring_since = time.monotonic()
         first = state.old is None
-        log.error("serve %s: %s of generation %d failed: %s%s", self.options.name,
+        log.log(logging.INFO if self.stopping else logging.ERROR,
+                "serve %s: %s of generation %d failed: %s%s", self.options.name,
                   "start" if first else "reload", state.new.number, reason,
                   "" if first else f"; generation {state.old.number} keeps serving"
                   if state.old else "")
@@ -666,7 +672,8 @@ class Server:
         if state.old is not None:
             self._scale(state.old, self.options.workers)
         else:
-            self.exit_code = 1
+            if not self.stopping:  # a stop during the first start ends its workers: no failure
+                self.exit_code = 1
             self.stop("the first start failed")
         self._advance_abort(state, time.monotonic())
 

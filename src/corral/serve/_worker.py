@@ -42,8 +42,8 @@ from typing import Any
 
 from corral import heartbeat
 
-__all__ = ["RECYCLE_STATUS", "WorkerInit", "detect_interface", "load_app", "preload",
-           "serve_preloaded", "serve_spawned"]
+__all__ = ["RECYCLE_STATUS", "WorkerInit", "detect_interface", "load_app", "own_listeners",
+           "preload", "serve_preloaded", "serve_spawned"]
 
 log = logging.getLogger("corral.serve.worker")
 
@@ -67,6 +67,9 @@ class WorkerInit:
         wsgi_threads: a2wsgi's thread pool per worker.
         uvicorn: more keyword arguments for ``uvicorn.Config`` (log_level, http, loop...).
         check_threads: a zygote refuses to fork when importing the app started Python threads.
+        reuse_port: each worker also listens on a socket of its own (SO_REUSEPORT, the same
+            address as each shared TCP listener): see :func:`own_listeners`.
+        backlog: the listen backlog of those own sockets.
     """
 
     app: str
@@ -79,6 +82,8 @@ class WorkerInit:
     wsgi_threads: int = 10
     uvicorn: dict[str, Any] = field(default_factory=dict)
     check_threads: bool = True
+    reuse_port: bool = False
+    backlog: int = 2048
 
 
 def _import(ref: str) -> Any:
@@ -331,8 +336,46 @@ def warm_up() -> None:
     _warm = (loop, server)
 
 
+def own_listeners(sockets: list[socket.socket], backlog: int) -> list[socket.socket]:
+    """``reuse_port``: a listening socket of this worker's own beside each shared TCP listener
+    that has SO_REUSEPORT (same address, same option), so the kernel spreads new connections
+    over the workers by hash instead of one shared queue. The price: this socket's queue is the
+    worker's alone, and connections waiting in it when the worker exits are reset unless
+    ``net.ipv4.tcp_migrate_req=1`` (they then move to another socket of the group). The worker
+    still accepts on the shared listener too: it stays in the group (corral holds it), and what
+    the kernel puts in its queue must be served."""
+    out: list[socket.socket] = []
+    for shared in sockets:
+        if shared.family not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        try:
+            if not shared.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+                continue
+            address = shared.getsockname()
+        except OSError:
+            continue
+        own = socket.socket(shared.family, socket.SOCK_STREAM)
+        try:
+            own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if shared.family == socket.AF_INET6:
+                own.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            own.bind(address)
+            own.listen(backlog)
+        except OSError as exc:
+            own.close()
+            log.warning("worker pid %d: reuse_port: no socket of its own on %s (%s); it "
+                        "accepts on the shared listener only", os.getpid(), address, exc)
+            continue
+        out.append(own)
+    return out
+
+
 def _run(pre: Preloaded, sockets: list[socket.socket]) -> None:
     from uvicorn._compat import asyncio_run
+
+    if pre.init.reuse_port:
+        sockets = [*own_listeners(sockets, pre.init.backlog), *sockets]
 
     if _warm is not None:
         loop, server = _warm
