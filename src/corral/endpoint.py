@@ -7,8 +7,10 @@
     close() --call_soon_threadsafe-------------------------->+    thread of its own)
                                                                    |
       request head complete (<= 8 KiB, within request_timeout) ----+
-        -> http.server.BaseHTTPRequestHandler parses it (the stdlib's parser, on the bytes
-           read) -> the route asks each pool (observe / ping, each bounded by ``timeout``)
+        -> a plain GET/HEAD is parsed here (_plain_request); anything else by
+           http.server.BaseHTTPRequestHandler (the stdlib's parser, on the bytes read)
+        -> the route reads each pool (observe: what its loop published, a round trip only
+           when that is not current; ping for /livez; each bounded by ``timeout``)
         -> the response is written without blocking; the connection is kept for the next
            request (HTTP/1.1 keep-alive, as Prometheus scrapes) or closed.
 

@@ -1,7 +1,9 @@
 """Prometheus metrics of corral's pools, collected from corral's own records at scrape time.
 
-:class:`CorralCollector` is a custom ``prometheus_client`` collector: each scrape asks every pool
-for one view (its workers, counters and budget: one round trip to its loop), so the workers
+:class:`CorralCollector` is a custom ``prometheus_client`` collector: each scrape reads one view
+of every pool (its workers, counters and budget: what its loop published at the end of its last
+round that changed it, without waking the loop; a round trip to the loop only when that is not
+current, or for per-worker series), so the workers
 need no multiprocess mode, no files and no shared memory of Prometheus's, and no series is left
 behind by a dead pid. Labels stay bounded:
 
@@ -72,7 +74,8 @@ METRICS: tuple[MetricDoc, ...] = (
     _m("corral_ready", "gauge", "pool",
        "1 if the pool passes /readyz (at least min_ready workers ready), else 0."),
     _m("corral_monitor_responsive", "gauge", "pool",
-       "1 if the pool's loop answered this scrape in time, else 0."),
+       "1 if the pool's loop is not stuck (in one round for less than the endpoint's "
+       "timeout), else 0."),
     _m("corral_worker_restarts_total", "counter", "pool reason",
        "Replacement processes started, by why the previous one ended (StopReason name)."),
     _m("corral_worker_exits_total", "counter", "pool cause",
