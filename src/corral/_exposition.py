@@ -5,20 +5,31 @@ A scrape every second of a pool whose figures barely move re-renders the same li
 again (the text encoders cost a few microseconds a sample). The text formats are a
 concatenation of independent families (OpenMetrics adds one ``# EOF`` at the end), so each
 family is rendered alone by the encoder ``choose_encoder`` picks, and a family equal to last
-time's (same samples, values included) reuses last time's bytes. The body is byte for byte what
-the encoder would write for the whole registry.
+time's (the same object: corral's collector hands out last scrape's family when its samples
+did not change; or same samples, values included) reuses last time's bytes. The body is byte
+for byte what the encoder would write for the whole registry.
+
+A gauge or counter family that did change (a heartbeat age moves at every scrape) is written
+by :func:`_simple`: a header (the encoder's, cached) and one ``name{labels} value`` line a
+sample. It is used for a family only once it has written exactly what the encoder writes for
+that family in that format (checked on the first render with samples); until then, and for
+anything else (histograms, timestamps, exemplars, label values that need escaping), the
+encoder writes it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
+from prometheus_client.utils import floatToGoString
 
 __all__ = ["Renderer"]
 
 _EOF = b"# EOF\n"
+_float_text = cast(Callable[[float], str], floatToGoString)  # as the encoders write values
 
 
 class _One:
@@ -39,27 +50,80 @@ class Renderer:
     def __init__(self) -> None:
         # content type -> {family name: (family, its rendered bytes)}, last scrape only
         self._cache: dict[str, dict[str, tuple[Any, bytes]]] = {}
+        self._encoders: dict[str, tuple[Callable[[Any], bytes], str]] = {}
+        # (content type, family name) -> its header, once _simple() was seen to write what
+        # the encoder writes for it; None: the encoder writes it (it did not match).
+        self._simple: dict[tuple[str, str], bytes | None] = {}
 
     def render(self, registry: Any, accept: str) -> tuple[bytes, str]:
         encoder: Callable[[Any], bytes]
-        encoder, content_type = choose_encoder(accept)
+        chosen = self._encoders.get(accept)
+        if chosen is None:
+            if len(self._encoders) > 16:  # a few distinct Accept headers in practice
+                self._encoders.clear()
+            chosen = self._encoders[accept] = choose_encoder(accept)
+        encoder, content_type = chosen
         openmetrics = content_type.startswith("application/openmetrics-text")
         old = self._cache.get(content_type, {})
         new: dict[str, tuple[Any, bytes]] = {}
         parts = []
         for metric in registry.collect():
             hit = old.get(metric.name)
-            if hit is not None and hit[0] == metric:
+            if hit is not None and (hit[0] is metric or hit[0] == metric):
                 data = hit[1]
             else:
-                data = encoder(_One(metric))
-                if openmetrics and data.endswith(_EOF):
-                    data = data[:-len(_EOF)]
+                data = self._family(metric, encoder, content_type, openmetrics)
             new[metric.name] = (metric, data)
             parts.append(data)
         if openmetrics:
             parts.append(_EOF)
         if len(self._cache) > 4:  # a few formats at most (text, OpenMetrics versions)
             self._cache.clear()
+            self._simple.clear()
         self._cache[content_type] = new
         return b"".join(parts), content_type
+
+    def _family(self, metric: Any, encoder: Callable[[Any], bytes], content_type: str,
+                openmetrics: bool) -> bytes:
+        key = (content_type, metric.name)
+        header = self._simple.get(key, b"")
+        if header:
+            data = _simple(metric, header)
+            if data is not None:
+                return data
+        data = _encode(metric, encoder, openmetrics)
+        if header is not None and metric.samples and metric.type in ("gauge", "counter"):
+            # Not decided yet: decide on this render.
+            header = _encode(Metric(metric.name, metric.documentation, metric.type,
+                                    metric.unit), encoder, openmetrics)
+            mine = _simple(metric, header)
+            if mine is not None:
+                self._simple[key] = header if mine == data else None
+        return data
+
+
+def _encode(metric: Any, encoder: Callable[[Any], bytes], openmetrics: bool) -> bytes:
+    data = encoder(_One(metric))
+    return data[:-len(_EOF)] if openmetrics and data.endswith(_EOF) else data
+
+
+def _simple(metric: Any, header: bytes) -> bytes | None:
+    """A gauge or counter family written directly, or None if it has what this does not
+    write (timestamps, exemplars, ``_created`` samples, label names or values to escape)."""
+    lines = []
+    names = (metric.name + "_total",) if metric.type == "counter" else (metric.name,)
+    for s in metric.samples:
+        if (s.timestamp is not None or s.exemplar is not None or s.name not in names
+                or getattr(s, "native_histogram", None) is not None):
+            return None
+        labels = s.labels
+        if labels:
+            pairs = []
+            for k, v in sorted(labels.items()):
+                if "\\" in v or '"' in v or "\n" in v or not (k.isascii() and k.isidentifier()):
+                    return None
+                pairs.append(f'{k}="{v}"')
+            lines.append(f"{s.name}{{{','.join(pairs)}}} {_float_text(s.value)}\n")
+        else:
+            lines.append(f"{s.name} {_float_text(s.value)}\n")
+    return header + "".join(lines).encode()

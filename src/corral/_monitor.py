@@ -51,6 +51,7 @@ from corral._monitor_parts import ControlPart, GroupRestart, WatchPart
 from corral._monitor_remote import RemotePart
 from corral._monitor_spawns import SpawnPart
 from corral._monitor_standby import StandbyPart
+from corral._observe import PoolFacts
 from corral._reactor import Reactor
 from corral._reply import Reply
 from corral._slots import POOL, AfterStop, Deadline, DeadlineKey, SpawnRequest, WorkerSlot
@@ -142,6 +143,11 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
             lambda: self._stopping, lambda proc: proc.kill_and_reap())
         self._slots: dict[int, WorkerSlot] = {}
         self._counts: dict[WorkerState, int] = dict.fromkeys(WorkerState, 0)
+        # Bumped by every change of what PoolFacts holds; the facts are published at the end
+        # of the round (observed() serves them to other threads without a round trip).
+        self._changes = 0
+        self._facts: PoolFacts | None = None
+        self._published = -1
         self._dense = True  # the indexes are 0..len(_slots)-1 (the liveness fast path)
         self._hbt = spec.heartbeat_timeout or 0.0
         self._steady = 0
@@ -311,6 +317,11 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
             self._spawner.close()
 
     def _round(self, max_wait: float | None = None) -> None:
+        self._round_body(max_wait)
+        if self._changes != self._published:
+            self._publish_facts()
+
+    def _round_body(self, max_wait: float | None) -> None:
         reactor = self._reactor
         live_at = self._live_at
         timeout = reactor.timeout(live_at)
@@ -381,6 +392,8 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
             self._live_changed()
             if not self.finished.is_set():
                 self._maybe_finish()
+            if self._changes != self._published:
+                self._publish_facts()
         except Exception:
             try:
                 self.log.critical("pool %r: its loop failed; stopping every worker",
@@ -435,17 +448,20 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
         self._counts[w.state] -= 1
         self._counts[new] += 1
         w.state = new
+        self._changes += 1
         self._note_steady()
 
     def _add(self, w: WorkerSlot) -> None:
         self._slots[w.index] = w
         self._counts[w.state] += 1
+        self._changes += 1
         self._dense = max(self._slots) == len(self._slots) - 1
         self._note_steady()
 
     def _remove(self, w: WorkerSlot) -> None:
         del self._slots[w.index]
         self._counts[w.state] -= 1
+        self._changes += 1
         self._dense = not self._slots or max(self._slots) == len(self._slots) - 1
         if self._group is not None:
             self._group.members.discard(w.index)

@@ -65,6 +65,7 @@ class ExitPart(_Core):
                             now - proc.started, detail)
         w.proc = None
         w.ready = False
+        self._changes += 1
         self._after_death(w, Trigger.EXITED, record, now)
         # After the decision (a standby may already run in its place): the rest can wait.
         proc.close()
@@ -120,6 +121,7 @@ class ExitPart(_Core):
             self._check_ready_waiters()
             return
         spent = self._budget.try_spend(now)
+        self._changes += 1
         self.stats.budget_remaining = self._budget.remaining(now)
         if not spent:
             self._move(w, trigger, S.STOPPED)

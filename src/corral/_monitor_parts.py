@@ -24,7 +24,7 @@ from corral._eventlog import event_extra
 from corral._evidence import STEP, StackDump
 from corral._health import HealthRunner
 from corral._liveness import due, next_look
-from corral._observe import PoolSummary
+from corral._observe import PoolFacts, PoolSummary
 from corral._reactor import DeadlineSpace, Reactor
 from corral._reply import Reply
 from corral._slots import POOL, AfterStop, Deadline, DeadlineKey, WorkerSlot
@@ -59,6 +59,9 @@ if TYPE_CHECKING:
         _health: HealthRunner
         _slots: dict[int, WorkerSlot]
         _counts: dict[WorkerState, int]
+        _changes: int
+        _published: int
+        _facts: PoolFacts | None
         _live_at: float
         _steady: int
         _hbt: float
@@ -398,6 +401,7 @@ class ControlPart(_Core):
                 self._dl.set((POOL, Deadline.STOP), self._stop_deadline)
             return
         self._stopping = True
+        self._changes += 1
         self._stop_deadline = now + timeout
         self._stop_standbys()
         self._rolling.clear()
@@ -618,6 +622,66 @@ class ControlPart(_Core):
             oldest_beat_age=None if oldest_beat == math.inf else now - oldest_beat,
             budget_remaining=self._budget.remaining(now), stopping=self._stopping)
         reply.finish((summary, self._build_status() if detail else None))
+
+    def _publish_facts(self) -> None:
+        """Publish what :meth:`observed` reads (the end of a round that changed the pool)."""
+        ready, live = 0, []
+        running = S.RUNNING
+        for w in self._slots.values():
+            state = w.state
+            if state is running and w.ready:
+                ready += 1
+            proc = w.proc
+            if proc is not None and state in _ALIVE:
+                live.append((w.index, proc.pid, proc.started))
+        counts = self._counts
+        self._facts = PoolFacts(
+            version=self._changes, counts={state.value: n for state, n in counts.items()},
+            ready=ready, wanted=len(self._slots) - counts[S.EXITED] - counts[S.STOPPED],
+            live=tuple(live), pids=tuple((index, pid) for index, pid, _ in live),
+            stopping=self._stopping, budget_times=tuple(self._budget.times))
+        self._published = self._changes
+
+    def observed(self, timeout: float) -> PoolSummary | None:
+        """The figures of :meth:`do_observe` (without statuses), from any thread and without
+        a round trip: from the facts the loop published, the ages computed now.
+
+        Returns None when the facts are not current (a round is changing the pool, or none
+        was published yet) or the pool has finished: ask the loop then.
+
+        Raises:
+            TimeoutError: the loop has been in one round for more than ``timeout`` seconds
+                (wedged: a round trip would not have been answered in time either).
+        """
+        facts = self._facts
+        if facts is None or facts.version != self._changes or self.finished.is_set():
+            return None
+        busy = self._reactor.busy_for()
+        if busy > timeout:
+            raise TimeoutError(f"pool {self.spec.name!r}: its loop has been busy {busy:.1f}s")
+        beats = self._hb.beats_from_any_thread()
+        if beats is None:
+            return None
+        now = self._clock()
+        newest_start, oldest_beat = -math.inf, math.inf
+        n = len(beats)
+        for index, _, started in facts.live:
+            if started > newest_start:
+                newest_start = started
+            beat = beats[index] if index < n else 0.0
+            if 0 < beat < oldest_beat:
+                oldest_beat = beat
+        budget = self._budget.budget
+        limit = budget.max_restarts
+        horizon = now - budget.window
+        return PoolSummary(
+            counts=facts.counts, ready=facts.ready, wanted=facts.wanted,
+            pids=facts.pids,
+            youngest=None if newest_start < 0 else now - newest_start,
+            oldest_beat_age=None if oldest_beat == math.inf else now - oldest_beat,
+            budget_remaining=(None if limit is None
+                              else limit - sum(1 for t in facts.budget_times if t > horizon)),
+            stopping=facts.stopping)
 
     def _answer_waiters(self) -> None:
         """Answer everyone still waiting on the monitor once it has finished."""

@@ -100,6 +100,7 @@ class SpawnPart(_SpawnCore):
         """Queue a start of ``w`` for the spawner thread (state PENDING)."""
         w.generation += 1
         w.ready = False
+        self._changes += 1
         # A new process starts with a clean health record: a check still hanging on its
         # predecessor is not its fault.
         w.health_pending, w.health_failures, w.health_last = None, 0, ""
@@ -169,6 +170,7 @@ class SpawnPart(_SpawnCore):
             self._after_death(w, Trigger.SPAWN_FAILED, record, now)
             return
         w.proc = result
+        self._changes += 1
         if launch is not None and self._io is not None:
             self._io.started(w.index, w.name, result, launch)
         if w.died_at:
@@ -205,6 +207,7 @@ class SpawnPart(_SpawnCore):
         self._move(w, Trigger.READY, S.RUNNING if w.state is not S.STOPPING else S.STOPPING)
         if w.state is S.RUNNING:
             w.ready = True
+            self._changes += 1
             event = self._emit(EventKind.READY, w)
             self.log.debug("%s is ready", w.who,
                            extra=event_extra(self.log, logging.DEBUG, event))

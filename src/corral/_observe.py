@@ -28,8 +28,9 @@ from corral.status import WorkerStatus
 if TYPE_CHECKING:
     from corral.supervisor import Supervisor
 
-__all__ = ["PoolSource", "PoolSummary", "PoolView", "RssCache", "Sources", "SupervisorSource",
-           "is_ready", "parse_address", "readiness", "ready_workers", "wanted_workers"]
+__all__ = ["PoolFacts", "PoolSource", "PoolSummary", "PoolView", "RssCache", "Sources",
+           "SupervisorSource", "is_ready", "parse_address", "readiness", "ready_workers",
+           "wanted_workers"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -75,6 +76,32 @@ class PoolSummary:
                    youngest=min((w.uptime for w in live), default=None),
                    oldest_beat_age=max(ages, default=None),
                    budget_remaining=budget_remaining, stopping=stopping)
+
+
+@dataclass(frozen=True)
+class PoolFacts:
+    """What a pool's loop publishes at the end of each round that changed it, so that a scrape
+    or a probe reads the pool without a round trip to the loop (the ages, which move with the
+    clock alone, are computed at read time: :meth:`corral._monitor.Monitor.observed`).
+
+    Attributes:
+        version: the loop's change counter when these were taken (a reader that sees another
+            value now knows a round is changing the pool: it asks the loop instead).
+        counts, ready, wanted, stopping: as in :class:`PoolSummary`.
+        live: (index, pid, started: the loop's clock) of every live worker process.
+        pids: (index, pid) of the same (the same tuple in every summary made from these
+            facts: a reader may cache what it derives from it).
+        budget_times: the loop's clock at each restart counted in the budget's window.
+    """
+
+    version: int
+    counts: dict[str, int]
+    ready: int
+    wanted: int
+    live: tuple[tuple[int, int, float], ...]
+    pids: tuple[tuple[int, int], ...]
+    stopping: bool
+    budget_times: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -155,6 +182,15 @@ class SupervisorSource:
             return PoolView(state="new", summary=PoolSummary.of(()), workers=(), **common)
         stats = monitor.stats.snapshot()
         if not monitor.finished.is_set():
+            if not detail:
+                # What the loop published, if it is current: no round trip (the loop sleeps on).
+                try:
+                    summary = monitor.observed(timeout)
+                except TimeoutError:
+                    return PoolView(state="running", summary=None, stats=stats, **common)
+                if summary is not None:
+                    return PoolView(state="stopping" if summary.stopping else "running",
+                                    summary=summary, stats=stats, **common)
             try:
                 summary, workers = monitor.call(monitor.do_observe, detail, timeout=timeout)
             except TimeoutError:
@@ -289,6 +325,10 @@ class RssCache:
         self._clock = clock
         self._values: dict[int, int] = {}
         self._taken = -float("inf")
+
+    def due(self) -> bool:
+        """The next :meth:`get` re-reads every pid."""
+        return bool(self._clock() - self._taken >= self.interval)
 
     def get(self, pids: Iterable[int]) -> dict[int, int]:
         """``{pid: rss bytes}`` for those of ``pids`` that exist."""

@@ -138,6 +138,9 @@ class Reactor(Generic[K]):
         self._wake_lock = threading.RLock()
         self._wake_pending = False
         self._closed = False
+        # time.monotonic() the loop woke from epoll for the round it is in; 0.0 while it
+        # waits in epoll (read from other threads by busy_for()).
+        self._busy_since = 0.0
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             self._epoll = select.epoll()
@@ -297,7 +300,9 @@ class Reactor(Generic[K]):
     def timeout(self, extra: float = math.inf) -> float | None:
         """Seconds until the earliest deadline (or ``extra``, a time of the owner's), None for
         none: what the next :meth:`get_events` waits at most."""
-        due = self._deadlines.peek()  # may be a cancelled one: then we wake early, that is all
+        # The earliest live one: a cancelled one left on top (the endpoint re-arms a
+        # connection's timer at every request) would wake the loop for nothing.
+        due = self._deadlines.next_due()
         if due is None or extra < due:
             due = extra
         if self._inbox:
@@ -308,7 +313,16 @@ class Reactor(Generic[K]):
 
     def get_events(self, timeout: float | None) -> list[tuple[int, int]]:
         """Wait for the next batch of ready fds (at most ``timeout`` seconds; None: forever)."""
-        return self._epoll.poll(-1 if timeout is None else timeout)
+        self._busy_since = 0.0
+        batch = self._epoll.poll(-1 if timeout is None else timeout)
+        self._busy_since = time.monotonic()
+        return batch
+
+    def busy_for(self) -> float:
+        """Seconds the loop has spent in its current round (0.0: it waits in epoll, ready to
+        answer). Any thread: a loop wedged in a callback shows here without a round trip."""
+        since = self._busy_since
+        return 0.0 if not since else time.monotonic() - since
 
     def process_events(self, batch: list[tuple[int, int]]) -> None:
         """Run the callbacks of one batch, then the inbox."""

@@ -7,8 +7,10 @@
     close() --call_soon_threadsafe-------------------------->+    thread of its own)
                                                                    |
       request head complete (<= 8 KiB, within request_timeout) ----+
-        -> http.server.BaseHTTPRequestHandler parses it (the stdlib's parser, on the bytes
-           read) -> the route asks each pool (observe / ping, each bounded by ``timeout``)
+        -> a plain GET/HEAD is parsed here (_plain_request); anything else by
+           http.server.BaseHTTPRequestHandler (the stdlib's parser, on the bytes read)
+        -> the route reads each pool (observe: what its loop published, a round trip only
+           when that is not current; ping for /livez; each bounded by ``timeout``)
         -> the response is written without blocking; the connection is kept for the next
            request (HTTP/1.1 keep-alive, as Prometheus scrapes) or closed.
 
@@ -34,6 +36,7 @@ Paths:
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import errno
 import functools
 import io
@@ -65,6 +68,8 @@ __all__ = ["Endpoint"]
 log = logging.getLogger("corral.endpoint")
 
 MAX_HEAD = 8192  # bytes of request line + headers
+# (status, body, content type, extra headers)
+_Answer = tuple[int, "str | bytes", str, tuple[tuple[str, str], ...]]
 _ACCEPT_BATCH = 64
 _LOOPBACK_NAMES = {"localhost", "localhost.", "ip6-localhost"}
 
@@ -431,6 +436,14 @@ class Endpoint:
 
     def _handle(self, head: bytes, peer: Any) -> tuple[bytes, bool]:
         """The response to one request head, and whether the connection may be kept."""
+        request = _plain_request(head)
+        if request is not None:
+            try:
+                return self._answer(*request, peer)
+            except Exception:
+                log.exception("HTTP endpoint %s: the request %r failed", self.url, head[:200])
+                return (_error_response(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error"),
+                        False)
         handler = _Handler.__new__(_Handler)  # the stdlib's parser on bytes, no socket
         handler.endpoint = self
         handler.client_address = peer
@@ -443,6 +456,39 @@ class Endpoint:
             log.exception("HTTP endpoint %s: the request %r failed", self.url, head[:200])
             return _error_response(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error"), False
         return handler.wfile.getvalue(), not handler.close_connection
+
+    def _answer(self, method: str, target: str, headers: dict[str, str], keep: bool,
+                peer: Any) -> tuple[bytes, bool]:
+        """The lean path's response (a plain GET or HEAD: see :func:`_plain_request`)."""
+        host = headers.get("host")
+        answer: _Answer = (_forbidden(host) if not self.host_allowed(host)
+                           else self.route(target, headers.get("accept")))
+        code, body, ctype, extra = answer
+        log.debug("HTTP %s: \"%s %s HTTP/1.1\" %d -", peer, method, target, code)
+        return _response(code, body, ctype, extra, keep, method == "HEAD"), keep
+
+    def route(self, target: str, accept: str | None) -> _Answer:
+        """(status, body, content type, extra headers) for a GET of ``target``."""
+        if not target.startswith("/"):
+            return 404, "not found (this endpoint is not a proxy)\n", _TEXT, ()
+        path = target.split("?", 1)[0]
+        if path == "/metrics":
+            body, ctype = self.metrics(accept)
+            return 200, body, ctype, ()
+        if path == "/status":
+            try:
+                doc = self.status()
+            except TimeoutError as exc:  # the loop behind it did not answer in time
+                return 503, f"{exc}\n", _TEXT, ()
+            return (200, json.dumps(doc, separators=(",", ":")) + "\n", "application/json",
+                    ())
+        if path in ("/livez", "/readyz") or path.startswith(("/livez/", "/readyz/")):
+            kind, _, name = path[1:].partition("/")
+            if "/" in name:
+                return 404, "not found\n", _TEXT, ()
+            code, text = (self.livez if kind == "livez" else self.readyz)(name or None)
+            return code, text, _TEXT, ()
+        return 404, "not found; the paths are /metrics /livez /readyz /status\n", _TEXT, ()
 
     def host_allowed(self, host: str | None) -> bool:
         """Bound to loopback, only loopback Host headers are served (DNS rebinding)."""
@@ -556,54 +602,20 @@ class _Handler(BaseHTTPRequestHandler):
                        extra=(("Allow", "GET, HEAD"),))
             return False
         if not self.endpoint.host_allowed(self.headers.get("Host")):
-            self._send(403, "this endpoint serves requests for localhost only (Host header "
-                            f"{self.headers.get('Host')!r})\n")
+            self._send(*_forbidden(self.headers.get("Host")))
             return False
         return True
 
     def do_GET(self) -> None:
-        target = self.path
-        if not target.startswith("/"):
-            self._send(404, "not found (this endpoint is not a proxy)\n")
-            return
-        path = target.split("?", 1)[0]
-        ep = self.endpoint
-        if path == "/metrics":
-            body, ctype = ep.metrics(self.headers.get("Accept"))
-            self._send(200, body, ctype)
-        elif path == "/status":
-            try:
-                doc = ep.status()
-            except TimeoutError as exc:  # the loop behind it did not answer in time
-                self._send(503, f"{exc}\n")
-                return
-            self._send(200, json.dumps(doc, separators=(",", ":")) + "\n", "application/json")
-        elif path in ("/livez", "/readyz") or path.startswith(("/livez/", "/readyz/")):
-            kind, _, name = path[1:].partition("/")
-            if "/" in name:
-                self._send(404, "not found\n")
-                return
-            code, text = (ep.livez if kind == "livez" else ep.readyz)(name or None)
-            self._send(code, text)
-        else:
-            self._send(404, "not found; the paths are /metrics /livez /readyz /status\n")
+        self._send(*self.endpoint.route(self.path, self.headers.get("Accept")))
 
     do_HEAD = do_GET
 
     def _send(self, code: int, body: str | bytes, ctype: str = "text/plain; charset=utf-8",
               extra: tuple[tuple[str, str], ...] = ()) -> None:
-        data = body.encode() if isinstance(body, str) else body
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Connection", "close" if self.close_connection else "keep-alive")
-        for key, value in extra:
-            self.send_header(key, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
+        self.log_request(code)
+        self.wfile.write(_response(code, body, ctype, extra, not self.close_connection,
+                                   self.command == "HEAD"))
 
     def version_string(self) -> str:
         return self.server_version  # "corral", not "corral " (no Python version: less to probe)
@@ -619,6 +631,78 @@ def _head_end(buf: bytearray) -> int:
         return i + 4
     i = buf.find(b"\n\n")
     return i + 2 if i >= 0 else -1
+
+
+_TEXT = "text/plain; charset=utf-8"
+_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_VISIBLE = bytes(range(0x21, 0x7F))  # what a request target may hold
+_FIELD = _VISIBLE + b" \t"  # what a header value may hold
+_SPECIAL = frozenset(("expect", "content-length", "transfer-encoding"))
+
+
+def _plain_request(head: bytes) -> tuple[str, str, dict[str, str], bool] | None:
+    """``(method, target, headers, keep-alive)`` of a plain request, or None for anything else.
+
+    Plain: ``GET`` or ``HEAD``, ``HTTP/1.1``, CRLF line ends, ASCII, at most 100 header
+    lines of ``token: value`` (no folding), no body, no ``Expect``, each of Host, Accept and
+    Connection at most once. That is every request Prometheus, the kubelet and curl send; the
+    rest (errors included) goes through the stdlib's parser, as before. Header names are
+    lower-cased in ``headers``.
+    """
+    if not head.isascii() or not head.endswith(b"\r\n\r\n"):
+        return None
+    lines = head[:-4].split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if (len(parts) != 3 or parts[2] != b"HTTP/1.1" or parts[0] not in (b"GET", b"HEAD")
+            or len(lines) > 101):
+        return None
+    target = parts[1]
+    if not target or target.translate(None, _VISIBLE):
+        return None
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or not _TOKEN.issuperset(name) or value.translate(None,
+                                                                                   _FIELD):
+            return None
+        key = name.decode().lower()
+        if key in headers or key in _SPECIAL:
+            return None  # repeated, or a body / Expect: the stdlib decides
+        headers[key] = value.strip(b" \t").decode()
+    conn = headers.get("connection", "").lower()
+    return parts[0].decode(), target.decode(), headers, conn != "close"
+
+
+def _response(code: int, body: str | bytes, ctype: str, extra: tuple[tuple[str, str], ...],
+              keep: bool, head_only: bool) -> bytes:
+    """A complete response: status line, headers, and the body unless ``head_only``."""
+    data = body.encode() if isinstance(body, str) else body
+    lines = [f"HTTP/1.1 {code} {HTTPStatus(code).phrase}\r\nServer: corral\r\n"
+             f"Date: {_http_date()}\r\nContent-Type: {ctype}\r\n"
+             f"Content-Length: {len(data)}\r\nCache-Control: no-store\r\n"
+             f"X-Content-Type-Options: nosniff\r\n"
+             f"Connection: {'keep-alive' if keep else 'close'}\r\n"]
+    lines.extend(f"{key}: {value}\r\n" for key, value in extra)
+    lines.append("\r\n")
+    out = "".join(lines).encode("latin-1")
+    return out if head_only else out + data
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _http_date() -> str:
+    """The Date header's value (formatted once a second)."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, email.utils.formatdate(now, usegmt=True))
+    return _date_cache[1]
+
+
+def _forbidden(host: str | None) -> _Answer:
+    return (403, "this endpoint serves requests for localhost only (Host header "
+                 f"{host!r})\n", _TEXT, ())
 
 
 def _error_response(code: HTTPStatus, text: str) -> bytes:

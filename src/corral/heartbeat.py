@@ -17,7 +17,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 __all__ = ["HeartbeatTable", "LocalSlot", "SlotReading", "beat", "in_worker", "ready", "set_status"]
 
@@ -293,6 +293,25 @@ class HeartbeatTable:
         assert self._view is not None
         beats: list[float] = self._view[0::_DOUBLES].tolist()
         return beats
+
+    def beats_from_any_thread(self) -> list[float] | None:
+        """:meth:`all_beats` for a reader on another thread than the owner's; None if the
+        table was closed meanwhile (the reader then asks the owner).
+
+        One copy of the mapping's bytes (a single C call: atomic against close() and ensure()
+        on the owner's thread), then the strided read of that private copy: no buffer of the
+        shared mapping is ever exported to this thread (that would make the owner's release
+        fail).
+        """
+        mm = self._mm
+        if mm is None:
+            return None
+        try:
+            data = mm[:]
+        except ValueError:  # closed by the owner meanwhile
+            return None
+        beats = memoryview(data).cast("d")[0::_DOUBLES].tolist()
+        return cast("list[float]", beats)
 
     def mark(self, index: int, now: float, ready: bool = False) -> None:
         """A beat (and readiness) for ``index`` from the supervisor's side: a command worker

@@ -1,7 +1,9 @@
 """Prometheus metrics of corral's pools, collected from corral's own records at scrape time.
 
-:class:`CorralCollector` is a custom ``prometheus_client`` collector: each scrape asks every pool
-for one view (its workers, counters and budget: one round trip to its loop), so the workers
+:class:`CorralCollector` is a custom ``prometheus_client`` collector: each scrape reads one view
+of every pool (its workers, counters and budget: what its loop published at the end of its last
+round that changed it, without waking the loop; a round trip to the loop only when that is not
+current, or for per-worker series), so the workers
 need no multiprocess mode, no files and no shared memory of Prometheus's, and no series is left
 behind by a dead pid. Labels stay bounded:
 
@@ -72,7 +74,8 @@ METRICS: tuple[MetricDoc, ...] = (
     _m("corral_ready", "gauge", "pool",
        "1 if the pool passes /readyz (at least min_ready workers ready), else 0."),
     _m("corral_monitor_responsive", "gauge", "pool",
-       "1 if the pool's loop answered this scrape in time, else 0."),
+       "1 if the pool's loop is not stuck (in one round for less than the endpoint's "
+       "timeout), else 0."),
     _m("corral_worker_restarts_total", "counter", "pool reason",
        "Replacement processes started, by why the previous one ended (StopReason name)."),
     _m("corral_worker_exits_total", "counter", "pool cause",
@@ -103,6 +106,10 @@ METRICS: tuple[MetricDoc, ...] = (
        "Seconds a ProcessPool task ran in its worker."),
 )
 _DOC = {d.name: d for d in METRICS}
+# family name -> (label names without per_worker, with it)
+_LABELS = {d.name: (tuple(x for x in d.labels if not x.startswith("[")),
+                    tuple(x.strip("[]") for x in d.labels)) for d in METRICS}
+_Row = tuple[tuple[str, ...], float]  # (label values, value)
 
 
 def _help(name: str) -> str:
@@ -123,6 +130,12 @@ def _histogram(name: str, bounds: tuple[float, ...]) -> tuple[HistogramMetricFam
     """The family and its bucket bounds as labels (``+Inf`` last)."""
     return (HistogramMetricFamily(name, _help(name), labels=["pool"]),
             [_bound(b) for b in bounds] + ["+Inf"])
+
+
+def _pids(views: list[PoolView]) -> dict[int, tuple[str, str]]:
+    """pid -> (pool, worker index) of every live worker of the pools that answered."""
+    return {pid: (view.name, str(index)) for view in views if view.summary is not None
+            for index, pid in view.summary.pids}
 
 
 def _bound(b: float) -> str:
@@ -159,6 +172,10 @@ class CorralCollector:
             for p in pools:
                 self.sources.add(p)
         self._rss = RssCache(rss_interval)
+        # family name -> (its samples as plain tuples, the family built from them)
+        self._last: dict[str, tuple[tuple[Any, ...], Metric]] = {}
+        # pool -> (the pids tuple its last RSS sum was taken for, the sum)
+        self._rss_memo: dict[str, tuple[tuple[tuple[int, int], ...], int]] = {}
 
     def add(self, pool: Any) -> None:
         """Collect ``pool`` too (see ``pools`` above).
@@ -197,70 +214,110 @@ class CorralCollector:
 
     def _pool_metrics(self, views: list[PoolView]) -> Iterator[Metric]:
         per_worker = self.per_worker
-        wl = ["pool", "worker"] if per_worker else ["pool"]
-        workers = _gauge("corral_workers", ["pool", "state"])
-        ready = _gauge("corral_workers_ready", ["pool"])
-        ok = _gauge("corral_ready", ["pool"])
-        responsive = _gauge("corral_monitor_responsive", ["pool"])
-        restarts = _counter("corral_worker_restarts_total", ["pool", "reason"])
-        exits = _counter("corral_worker_exits_total", ["pool", "cause"])
-        uptime = _gauge("corral_worker_uptime_seconds", wl)
-        age = _gauge("corral_heartbeat_age_seconds", wl)
-        rss = _gauge("corral_rss_bytes", wl)
-        latency, bounds = _histogram("corral_restart_latency_seconds", _LATENCY_EXPORTED)
-        gave_up = _gauge("corral_gave_up", ["pool"])
-        budget = _gauge("corral_restart_budget_remaining", ["pool"])
-        pids: dict[int, tuple[str, str]] = {}
+        workers: list[_Row] = []
+        ready: list[_Row] = []
+        ok: list[_Row] = []
+        responsive: list[_Row] = []
+        restarts: list[_Row] = []
+        exits: list[_Row] = []
+        uptime: list[_Row] = []
+        age: list[_Row] = []
+        rss: list[_Row] = []
+        latency: list[tuple[str, tuple[int, ...], float]] = []
+        gave_up: list[_Row] = []
+        budget: list[_Row] = []
         for view in views:
             pool = view.name
-            responsive.add_metric([pool], 1.0 if view.responsive else 0.0)
-            ok.add_metric([pool], 1.0 if is_ready(view) else 0.0)
+            responsive.append(((pool,), 1.0 if view.responsive else 0.0))
+            ok.append(((pool,), 1.0 if is_ready(view) else 0.0))
             stats = view.stats
             if stats is not None:
-                for reason, n in (_ZERO_RESTARTS | stats.restarts).items():
-                    restarts.add_metric([pool, reason], n)
-                for cause, n in stats.exits.items():
-                    exits.add_metric([pool, cause], n)
+                restarts.extend(((pool, reason), n)
+                                for reason, n in (_ZERO_RESTARTS | stats.restarts).items())
+                exits.extend(((pool, cause), n) for cause, n in stats.exits.items())
                 cumulative = stats.latency_buckets
-                picked = [cumulative[i] for i in _LATENCY_PICK] + [cumulative[-1]]
-                latency.add_metric([pool], list(zip(bounds, picked, strict=True)),
-                                   stats.latency_sum)
-                gave_up.add_metric([pool], 1.0 if stats.gave_up else 0.0)
+                picked = (*(cumulative[i] for i in _LATENCY_PICK), cumulative[-1])
+                latency.append((pool, picked, stats.latency_sum))
+                gave_up.append(((pool,), 1.0 if stats.gave_up else 0.0))
             summary = view.summary
             if summary is None:
                 continue
             if summary.budget_remaining is not None:
-                budget.add_metric([pool], summary.budget_remaining)
-            for state, n in summary.counts.items():
-                workers.add_metric([pool, state], n)
-            ready.add_metric([pool], summary.ready)
-            for index, pid in summary.pids:
-                pids[pid] = (pool, str(index))
+                budget.append(((pool,), summary.budget_remaining))
+            workers.extend(((pool, state), n) for state, n in summary.counts.items())
+            ready.append(((pool,), summary.ready))
             if per_worker and view.workers is not None:
                 for w in view.workers:
                     if w.pid is not None and w.state.alive:
-                        uptime.add_metric([pool, str(w.index)], w.uptime)
+                        uptime.append(((pool, str(w.index)), w.uptime))
                         if w.heartbeat_age is not None:
-                            age.add_metric([pool, str(w.index)], w.heartbeat_age)
+                            age.append(((pool, str(w.index)), w.heartbeat_age))
             elif not per_worker:
                 if summary.youngest is not None:
-                    uptime.add_metric([pool], summary.youngest)
+                    uptime.append(((pool,), summary.youngest))
                 if summary.oldest_beat_age is not None:
-                    age.add_metric([pool], summary.oldest_beat_age)
-        sizes = self._rss.get(pids)
+                    age.append(((pool,), summary.oldest_beat_age))
         if per_worker:
-            for pid, value in sizes.items():
-                rss.add_metric(list(pids[pid]), value)
+            pids = _pids(views)
+            rss.extend((pids[pid], value) for pid, value in self._rss.get(pids).items())
         else:
-            per_pool: dict[str, int] = {}
-            for pid, value in sizes.items():
-                pool = pids[pid][0]
-                per_pool[pool] = per_pool.get(pool, 0) + value
-            for view in views:
-                if view.summary is not None:
-                    rss.add_metric([view.name], per_pool.get(view.name, 0))
-        yield from (workers, ready, ok, responsive, restarts, exits, uptime, age, rss, latency,
-                    gave_up, budget)
+            rss.extend(self._pool_rss(views))
+        family = self._family
+        yield family("corral_workers", workers)
+        yield family("corral_workers_ready", ready)
+        yield family("corral_ready", ok)
+        yield family("corral_monitor_responsive", responsive)
+        yield family("corral_worker_restarts_total", restarts)
+        yield family("corral_worker_exits_total", exits)
+        yield family("corral_worker_uptime_seconds", uptime)
+        yield family("corral_heartbeat_age_seconds", age)
+        yield family("corral_rss_bytes", rss)
+        yield self._latency(latency)
+        yield family("corral_gave_up", gave_up)
+        yield family("corral_restart_budget_remaining", budget)
+
+    def _pool_rss(self, views: list[PoolView]) -> list[_Row]:
+        """RSS per pool. Within ``rss_interval``, a pool whose live pids are the very tuple of
+        last scrape (the facts its loop published did not change) reuses last scrape's sum."""
+        memo = self._rss_memo
+        summed = [(v.name, v.summary.pids) for v in views if v.summary is not None]
+        if not self._rss.due() and all(
+                (m := memo.get(name)) is not None and m[0] is live for name, live in summed):
+            return [((name,), memo[name][1]) for name, _ in summed]
+        per_pool: dict[str, int] = {}
+        pids = _pids(views)
+        for pid, value in self._rss.get(pids).items():
+            pool = pids[pid][0]
+            per_pool[pool] = per_pool.get(pool, 0) + value
+        self._rss_memo = {name: (live, per_pool.get(name, 0)) for name, live in summed}
+        return [((name,), per_pool.get(name, 0)) for name, _ in summed]
+
+    def _family(self, name: str, rows: list[_Row]) -> Metric:
+        """The family ``name`` of these samples: last scrape's object if they are the same
+        (the renderer then reuses its bytes without comparing samples)."""
+        key = tuple(rows)
+        hit = self._last.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        labels = list(_LABELS[name][self.per_worker])
+        metric = (_counter(name, labels) if _DOC[name].type == "counter"
+                  else _gauge(name, labels))
+        for values, value in rows:
+            metric.add_metric(list(values), value)
+        self._last[name] = (key, metric)
+        return metric
+
+    def _latency(self, rows: list[tuple[str, tuple[int, ...], float]]) -> Metric:
+        name = "corral_restart_latency_seconds"
+        key = tuple(rows)
+        hit = self._last.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        metric, bounds = _histogram(name, _LATENCY_EXPORTED)
+        for pool, counts, total in rows:
+            metric.add_metric([pool], list(zip(bounds, counts, strict=True)), total)
+        self._last[name] = (key, metric)
+        return metric
 
     # -------------------------------------------------------------------------- task pools
 

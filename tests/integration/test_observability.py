@@ -309,3 +309,39 @@ def test_bad_http_and_min_ready_are_refused() -> None:
         corral.Supervisor(obs_workers.graceful, min_ready=-1)
     with pytest.raises(ValueError, match=r"min_ready must be <= workers \(2\), got 3"):
         corral.Supervisor(obs_workers.graceful, workers=2, min_ready=3)
+
+
+@pytest.mark.timeout(60)
+def test_published_facts_match_the_loop_and_follow_changes(no_leaks: set[int]) -> None:
+    """A scrape reads what the loop published (no round trip): the same figures as the loop's
+    own answer, before and after a kill, and never stale once the loop has settled."""
+    sup = _sup(no_leaks, obs_workers.beater, workers=3, start_method="fork",
+               heartbeat_timeout=5.0, budget=corral.RestartBudget(max_restarts=20, window=60))
+    with sup:
+        sup.wait_ready(timeout=20)
+        monitor = sup._monitor
+        assert monitor is not None
+
+        def same() -> bool:
+            fast = monitor.observed(5.0)
+            slow, _ = monitor.call(monitor.do_observe, False, timeout=5.0)
+            if fast is None:
+                return False
+            assert fast.counts == slow.counts and fast.ready == slow.ready
+            assert fast.wanted == slow.wanted and fast.pids == slow.pids
+            assert fast.budget_remaining == slow.budget_remaining
+            assert fast.stopping == slow.stopping
+            assert fast.youngest is not None and slow.youngest is not None
+            assert abs(fast.youngest - slow.youngest) < 5.0
+            return True
+
+        wait_for(same, 10, "published facts")
+        pids = dict(monitor.observed(5.0).pids)  # type: ignore[union-attr]
+        os.kill(pids[1], signal.SIGKILL)
+        running_with_new_pid(sup, 1, pids[1])
+        wait_for(lambda: same() and dict(monitor.observed(5.0).pids)[1] != pids[1],  # type: ignore[union-attr]
+                 10, "facts with the new pid")
+        assert monitor.observed(5.0).budget_remaining == 19  # type: ignore[union-attr]
+        samples = scrape(sup.http_address)  # type: ignore[arg-type]
+        assert value(samples, "corral_workers", pool="beater", state="running") == 3
+        assert value(samples, "corral_monitor_responsive", pool="beater") == 1

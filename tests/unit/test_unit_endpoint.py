@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 from test_unit_observability import FakeSource, worker
 
-from corral.endpoint import MAX_HEAD, Endpoint
+from corral.endpoint import MAX_HEAD, Endpoint, _plain_request
 from corral.states import WorkerState
 from obs_support import get
 from support import wait_for
@@ -266,3 +266,128 @@ def test_concurrent_scrapes(endpoint: Endpoint) -> None:
     for t in threads:
         t.join(30)
     assert not errors, errors
+
+
+# ----------------------------------------------- the lean path for plain requests (scrape cost)
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /livez HTTP/1.0\r\nHost: localhost\r\n\r\n",  # not 1.1
+    b"GET /livez HTTP/1.1\nHost: localhost\n\n",  # bare LF
+    b"POST /livez HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /livez HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\n\r\n",  # repeated
+    b"GET /livez HTTP/1.1\r\nContent-Length: 3\r\n\r\n",
+    b"GET /livez HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"GET /livez HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+    b"GET /livez HTTP/1.1\r\nHost : localhost\r\n\r\n",  # space before the colon
+    b"GET /livez HTTP/1.1\r\nX: a\r\n folded\r\n\r\n",  # obsolete line folding
+    b"GET /liv\x01ez HTTP/1.1\r\n\r\n",
+    b"GET /livez HTTP/1.1\r\nX: \xc3\xa9\r\n\r\n",  # not ASCII
+    b"GET /livez HTTP/1.1\r\nX: a\rb\r\n\r\n",  # a lone CR
+    b"GET  /livez HTTP/1.1\r\n\r\n",
+    b"GET /livez HTTP/1.1\r\n" + b"X: y\r\n" * 101 + b"\r\n",  # the stdlib's 100 headers
+])
+def test_unusual_requests_take_the_stdlib_path(head: bytes) -> None:
+    assert _plain_request(head) is None
+
+
+def test_plain_request_is_parsed() -> None:
+    got = _plain_request(b"GET /metrics?x=1 HTTP/1.1\r\nHost: 127.0.0.1:9100\r\n"
+                         b"Accept: text/plain;version=0.0.4;q=0.9,*/*;q=0.1\r\n"
+                         b"User-Agent: Prometheus/2.48.0\r\n"
+                         b"X-Prometheus-Scrape-Timeout-Seconds:\t10 \r\n\r\n")
+    assert got == ("GET", "/metrics?x=1",
+                   {"host": "127.0.0.1:9100",
+                    "accept": "text/plain;version=0.0.4;q=0.9,*/*;q=0.1",
+                    "user-agent": "Prometheus/2.48.0",
+                    "x-prometheus-scrape-timeout-seconds": "10"}, True)
+    assert _plain_request(b"HEAD / HTTP/1.1\r\nConnection: Close\r\n\r\n") == (
+        "HEAD", "/", {"connection": "Close"}, False)
+
+
+def _answer_of(address: tuple[str, int], data: bytes) -> tuple[bytes, dict[str, str], bytes]:
+    """(status line, headers but Date, body) of one request on its own connection."""
+    answer = raw(address, data)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status, *lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines)
+    assert "Date" in headers
+    del headers["Date"]
+    return status.encode(), headers, body
+
+
+@pytest.mark.parametrize("path", ["/livez", "/readyz", "/readyz/nope", "/nope", "/status",
+                                  "/metrics", "http://example.com/metrics"])
+def test_lean_and_stdlib_paths_answer_alike(endpoint: Endpoint, path: str) -> None:
+    """The same request, plain (lean path) and with a header that sends it to the stdlib's
+    parser (a folded line): the same status, headers and body."""
+    plain = f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
+    assert _plain_request(plain) is not None
+    unusual = plain.replace(b"Host: localhost\r\n", b"Host: localhost\r\nX-A: b\r\n c\r\n")
+    assert _plain_request(unusual) is None
+    lean, stdlib = _answer_of(endpoint.address, plain), _answer_of(endpoint.address, unusual)
+    if path == "/status":  # its uptime moves (and so its length)
+        assert lean[0] == stdlib[0]
+        assert {**lean[1], "Content-Length": ""} == {**stdlib[1], "Content-Length": ""}
+        assert json.loads(lean[2])["schema"] == json.loads(stdlib[2])["schema"]
+    else:
+        assert lean == stdlib
+    evil = plain.replace(b"Host: localhost", b"Host: evil.example")
+    assert _plain_request(evil) is not None
+    assert _answer_of(endpoint.address, evil)[0] == b"HTTP/1.1 403 Forbidden"
+    head = plain.replace(b"GET ", b"HEAD ", 1)
+    status, headers, body = _answer_of(endpoint.address, head)
+    assert status == lean[0] and body == b""
+    assert headers["Content-Length"] == lean[1]["Content-Length"]
+
+
+def test_lean_path_keeps_the_connection(endpoint: Endpoint) -> None:
+    with socket.create_connection(endpoint.address, timeout=10) as s:
+        for _ in range(3):
+            s.sendall(b"GET /livez HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            answer = b""
+            while b"livez check passed\n" not in answer:
+                chunk = s.recv(65536)
+                assert chunk, answer
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b"Connection: keep-alive" in answer
+        s.sendall(b"GET /livez HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+        assert b"Connection: close" in answer and answer.endswith(b"livez check passed\n")
+
+
+@pytest.mark.parametrize("accept", ["", "application/openmetrics-text; version=1.0.0",
+                                    "application/openmetrics-text; version=0.0.1"])
+def test_metrics_stay_what_the_encoder_writes(web: FakeSource, accept: str) -> None:
+    """Scrape after scrape (families cached, the moving ones written directly), the body is
+    byte for byte what prometheus_client's encoder writes for the same registry, and its
+    parser reads it; a pool name with characters to escape included."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.exposition import choose_encoder
+    from prometheus_client.openmetrics.parser import (
+        text_string_to_metric_families as om_families,
+    )
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from corral.metrics import CorralCollector
+
+    odd = FakeSource('we"ird\\pool', [worker(0, beat=1.0)])
+    ep = Endpoint("127.0.0.1:0", pools=[web, odd]).start()
+    try:
+        mirror = CollectorRegistry(auto_describe=False)
+        collector = CorralCollector([web, odd])
+        mirror.register(collector)
+        encoder, ctype = choose_encoder(accept)
+        for round_ in range(4):
+            web.workers = [worker(0, uptime=10.0 + round_, beat=0.5 * round_),
+                           worker(1, S.BACKOFF if round_ == 2 else S.RUNNING)]
+            body = get(ep.address, "/metrics", headers={"Accept": accept} if accept else {}).body
+            assert body == encoder(mirror), round_
+            text = body.decode()
+            families = list(om_families(text) if ctype.startswith("application/openmetrics")
+                            else text_string_to_metric_families(text))
+            assert {f.name for f in families} >= {"corral_workers", "corral_heartbeat_age_seconds"}
+    finally:
+        ep.close()

@@ -311,3 +311,18 @@ def test_all_beats_matches_last_beat(table: HeartbeatTable, worker: FakeClock) -
     assert beats == [table.last_beat(i) for i in range(len(beats))]
     assert beats[13] == 321.0
     assert sum(1 for b in beats if b) == 1
+
+
+def test_beats_from_any_thread_copies_and_survives_close() -> None:
+    from corral.heartbeat import HeartbeatTable
+
+    table = HeartbeatTable(4)
+    try:
+        table.mark(2, 123.5)
+        assert table.beats_from_any_thread() == table.all_beats()
+        assert table.beats_from_any_thread()[2] == 123.5  # type: ignore[index]
+        table.ensure(64)  # resized by its owner: a reader still gets a consistent copy
+        assert table.beats_from_any_thread()[2] == 123.5  # type: ignore[index]
+    finally:
+        table.close()
+    assert table.beats_from_any_thread() is None

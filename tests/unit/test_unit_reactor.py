@@ -10,6 +10,7 @@ import pytest
 
 from corral._loop import WriterLoop
 from corral._reactor import Reactor
+from support import wait_for
 
 
 class Kind(enum.Enum):
@@ -188,3 +189,48 @@ def test_a_signal_handler_may_hand_over_inside_a_hand_over(
     while len(ran) < 2:
         reactor.run_once()
     assert sorted(ran) == ["from the handler", "outer"]
+
+
+def test_busy_for_is_zero_in_epoll_and_grows_in_a_callback() -> None:
+    r: Reactor[object] = Reactor("busy")
+    inside, release = threading.Event(), threading.Event()
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            r.run_once()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        r.call_soon_threadsafe(lambda: (inside.set(), release.wait(10)))
+        assert inside.wait(10)
+        first = r.busy_for()
+        assert first > 0.0
+        assert wait_for_growth(r, first)
+        release.set()
+        wait_for(lambda: r.busy_for() == 0.0, 10, "back in epoll: 0.0")
+    finally:
+        release.set()
+        stop.set()
+        r.call_soon_threadsafe(lambda: None)
+        thread.join(10)
+        r.close()
+    assert not thread.is_alive()
+
+
+def wait_for_growth(r: Reactor[object], first: float) -> bool:
+    return bool(wait_for(lambda: r.busy_for() > first, 10, "busy_for grows"))
+
+
+def test_timeout_skips_cancelled_deadlines() -> None:
+    """A cancelled timer left on top of the heap must not wake the loop early."""
+    clock = FakeClock()
+    r: Reactor[object] = Reactor("cancelled", clock=clock)
+    try:
+        early = r.call_later(5.0, lambda: None)
+        r.call_later(100.0, lambda: None)
+        early.cancel()
+        assert r.timeout() == pytest.approx(100.0)
+    finally:
+        r.close()
