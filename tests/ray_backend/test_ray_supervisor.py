@@ -273,4 +273,6 @@ def test_a_raising_target_is_an_exit_with_the_remote_traceback(
     text = f"{record.describe()}\n{record.detail}"
     assert "ValueError" in text and "failed on purpose" in text, text
     assert "inner" in text, f"no remote traceback in {text!r}"
-    assert sup.status()[0].state.value == "exited"
+    # restart="never": not restarted (the pool, its only worker gone, may have stopped too).
+    wait_for(lambda: sup.status()[0].state.value in ("exited", "stopped"), 10, "no restart")
+    assert sup.status()[0].restarts == 0

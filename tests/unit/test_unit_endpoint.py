@@ -8,6 +8,7 @@ import http.client
 import json
 import select
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -373,7 +374,11 @@ def test_metrics_stay_what_the_encoder_writes(web: FakeSource, accept: str) -> N
 
     from corral.metrics import CorralCollector
 
-    odd = FakeSource('we"ird\\pool', [worker(0, beat=1.0)])
+    # The workers' RSS is read for real, by both collectors at different moments: a sleeping
+    # process's stays put (this test process's own may change between the two reads).
+    sleeper = subprocess.Popen(["sleep", "60"])
+    pid = sleeper.pid
+    odd = FakeSource('we"ird\\pool', [worker(0, beat=1.0, pid=pid)])
     ep = Endpoint("127.0.0.1:0", pools=[web, odd]).start()
     try:
         mirror = CollectorRegistry(auto_describe=False)
@@ -381,8 +386,8 @@ def test_metrics_stay_what_the_encoder_writes(web: FakeSource, accept: str) -> N
         mirror.register(collector)
         encoder, ctype = choose_encoder(accept)
         for round_ in range(4):
-            web.workers = [worker(0, uptime=10.0 + round_, beat=0.5 * round_),
-                           worker(1, S.BACKOFF if round_ == 2 else S.RUNNING)]
+            web.workers = [worker(0, uptime=10.0 + round_, beat=0.5 * round_, pid=pid),
+                           worker(1, S.BACKOFF if round_ == 2 else S.RUNNING, pid=pid)]
             body = get(ep.address, "/metrics", headers={"Accept": accept} if accept else {}).body
             assert body == encoder(mirror), round_
             text = body.decode()
@@ -391,3 +396,5 @@ def test_metrics_stay_what_the_encoder_writes(web: FakeSource, accept: str) -> N
             assert {f.name for f in families} >= {"corral_workers", "corral_heartbeat_age_seconds"}
     finally:
         ep.close()
+        sleeper.kill()
+        sleeper.wait()
