@@ -130,12 +130,14 @@ def _reset_signals(which: tuple[int, ...] | None) -> None:
     # A forked worker inherits the supervisor's Python handlers (a CLI's handlers only enqueue,
     # which would make the worker ignore SIGTERM) and the spawning thread's signal mask. Only
     # what differs is changed: every call here costs each start (page faults in a new child).
-    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    # The handlers before the mask: a stop signal that came while blocked (a zygote's child is
+    # born so) is delivered once unblocked, to the defaults, not to a handler of the parent's.
     for sig in signals_to_reset() if which is None else which:
         signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT
                       else signal.SIG_DFL)
     with contextlib.suppress(ValueError):
         signal.set_wakeup_fd(-1)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
 
 def _kill_own_group() -> None:

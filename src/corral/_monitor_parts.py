@@ -456,7 +456,12 @@ class ControlPart(_Core):
                 self._add(w)
                 self._spawn(w, now)
             elif w.after_stop is AfterStop.REMOVE:
-                w.after_stop = AfterStop.RESTART  # scaled back up while it was going
+                if w.state is S.PENDING:
+                    # Scaled back up before its start arrived: nothing was signalled yet, so
+                    # the start is simply kept (not stopped on arrival, then started again).
+                    w.stop_reason, w.after_stop, w.stop_detail = None, AfterStop.POLICY, None
+                else:
+                    w.after_stop = AfterStop.RESTART  # scaled back up while it was going
         for index in sorted(self._slots)[n:] if len(self._slots) > n else ():
             w = self._slots[index]
             if w.state.alive or w.state is S.PENDING:

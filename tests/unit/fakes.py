@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -106,8 +107,11 @@ class FakeStarter:
         self.started: list[FakeProcess] = []
         self.fail_next: list[BaseException] = []
         self.ignore_term = False
+        self.hold: threading.Event | None = None  # set: starts wait for it (stay PENDING)
 
     def __call__(self, request: Any) -> FakeProcess:
+        if self.hold is not None:
+            self.hold.wait(30)
         if self.fail_next:
             raise self.fail_next.pop(0)
         proc = FakeProcess(self.clock, request.index, self.ignore_term)

@@ -224,6 +224,29 @@ def test_scale_down_then_wait_ready(harness_factory: Callable[..., Harness]) -> 
     h.until(lambda: len(h.mon._slots) == 2, what="two slots left")
 
 
+def test_scaled_back_up_before_its_start_arrived(
+        harness_factory: Callable[..., Harness]) -> None:
+    """Scale down then up again while a new worker's start is still under way (corral serve's
+    recycling does so): the start is kept, not stopped as it arrives and started again."""
+    import threading
+
+    h = harness_factory(1)
+    h.until(lambda: h.states() == [S.RUNNING], what="RUNNING")
+    h.starter.hold = hold = threading.Event()
+    prepared = {0: ("fake-0", ()), 1: ("fake-1", ())}
+    try:
+        for n in (2, 1, 2):
+            reply = h.mon.submit(h.mon.do_scale, n, prepared)
+            h.until(reply.done.is_set, what=f"scaled to {n}")
+            assert h.state(1) is S.PENDING
+    finally:
+        hold.set()
+    h.until(lambda: h.states() == [S.RUNNING, S.RUNNING], what="both RUNNING")
+    extra = h.starter.current(1)
+    assert extra.signals == [] and len(h.starter.started) == 2
+    assert h.kinds(1) == [EventKind.SPAWNED, EventKind.READY]
+
+
 def test_two_pools_hosted_on_one_reactor() -> None:
     """The corral command runs every program's pool on one reactor thread (its own)."""
     from corral._reactor import Reactor

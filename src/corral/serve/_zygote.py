@@ -431,7 +431,7 @@ def main() -> None:
     ctl = socket.socket(fileno=int(sys.argv[1]))
     name = sys.argv[2] if len(sys.argv) > 2 else "zygote"
     # The supervisor stops us through the socket; a terminal's Ctrl-C is not for us.
-    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+    for sig in _IGNORED:
         signal.signal(sig, signal.SIG_IGN)
     msg = _recv(ctl)
     if msg is None:
@@ -505,15 +505,22 @@ def _serve_forks(ctl: socket.socket, bootstrap: Any, worker: Any) -> None:
                 # parent-death signal.
                 os._exit(0)
             (_, req, boot, args, _), fds = msg
+            # A child born with our SIG_IGN would drop a stop signal sent before its bootstrap
+            # resets the handlers (the supervisor may stop it as soon as it has the pid): it
+            # is born with them blocked instead, so such a signal stays pending until the
+            # bootstrap has set the defaults, and then ends it.
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, _IGNORED)
             try:
                 pid = os.fork()
             except OSError as exc:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 for f in fds:
                     os.close(f)
                 _send(ctl, ("fork-failed", req, exc.errno, str(exc)))
                 continue
             if pid == 0:
                 _child(ctl, (wake_r, wake_w), me, boot, args, fds, bootstrap, worker)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             for f in fds:
                 os.close(f)
             children.add(pid)
@@ -585,6 +592,8 @@ def _child(ctl: socket.socket, wake: tuple[int, int], zygote_pid: int, boot: Any
 
 
 _LISTEN_FDS: tuple[int, ...] = ()
+# Ignored by the zygote, blocked in a child until its bootstrap resets them (see _serve_forks).
+_IGNORED = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)
 
 
 def _inherited_sockets(worker: Any) -> list[socket.socket]:
