@@ -63,6 +63,11 @@ def watched(pool: ProcessPool) -> Iterator[set[int]]:
         finally:
             stop.set()
             watcher.join()
+            # A Ray actor's process ends a moment after Ray reports it killed (a broken pool's
+            # last actors): give the processes a bounded while, then count what is left.
+            deadline = time.monotonic() + 10
+            while any(pid_alive(pid) for pid in seen) and time.monotonic() < deadline:
+                time.sleep(0.02)
             left = [pid for pid in seen if pid_alive(pid)]
             for pid in left:
                 os.kill(pid, signal.SIGKILL)
