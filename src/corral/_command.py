@@ -25,7 +25,7 @@ from typing import Any
 
 from corral._keeper import keeper
 from corral.exitstatus import ExitStatus
-from corral.process import disown_fd, own_fd
+from corral.process import GroupSignals, disown_fd, own_fd
 
 __all__ = ["CommandProcess", "Launch"]
 
@@ -87,7 +87,7 @@ def _supplementary_groups(user: int | str | None, group: int | str | None
     return os.getgrouplist(pw.pw_name, gid)
 
 
-class CommandProcess:
+class CommandProcess(GroupSignals):
     """One running command (a ``ProcessLike``)."""
 
     def __init__(self, popen: subprocess.Popen[bytes] | None, pid: int | None = None) -> None:
@@ -137,37 +137,6 @@ class CommandProcess:
 
     def waitable(self) -> int:
         return self._pidfd
-
-    def send(self, sig: int) -> bool:
-        if self.exit is not None:
-            return False
-        try:
-            if self._pidfd >= 0:
-                signal.pidfd_send_signal(self._pidfd, sig)
-            else:
-                os.kill(self.pid, sig)
-            return True
-        except ProcessLookupError:
-            return False
-
-    def send_group(self, sig: int) -> bool:
-        if self.exit is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, sig)
-                return True
-        return self.send(sig)
-
-    def send_stop(self, sig: int) -> None:
-        if self.stop_sent == sig or self.stop_sent == signal.SIGKILL:
-            return
-        self.stop_sent = sig
-        self.send_group(sig)
-        if sig != signal.SIGKILL:
-            self.send_group(signal.SIGCONT)
-
-    def kill_group_leftovers(self) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
 
     def reap(self) -> ExitStatus | None:
         if self.exit is not None:

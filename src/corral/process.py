@@ -194,7 +194,59 @@ def wait_exit(pid: int, timeout: float | None = None) -> None:
         os.close(fd)
 
 
-class WorkerProcess:
+class GroupSignals:
+    """Signalling a worker and its process group, a stop signal once: shared by every
+    ``ProcessLike`` corral starts (a worker, a command, a zygote's child)."""
+
+    pid: int
+    exit: ExitStatus | None
+    stop_sent: int | None  # the signal corral already sent the group to stop it
+    _pidfd: int
+
+    def _group_is_ours(self) -> bool:
+        """The pid still names the worker's group (no one else reaped the worker)."""
+        return True
+
+    def send(self, sig: int) -> bool:
+        """Signal the worker process alone. False if it is already gone."""
+        if self.exit is not None:
+            return False
+        try:
+            if self._pidfd >= 0:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            else:
+                os.kill(self.pid, sig)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def send_group(self, sig: int) -> bool:
+        """Signal the worker's process group (its children too); falls back to the worker
+        (not a group leader yet while booting, or the group is empty)."""
+        if self.exit is None and self._group_is_ours():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, sig)
+                return True
+        return self.send(sig)
+
+    def send_stop(self, sig: int) -> None:
+        """Send the stop signal to the group once (then SIGCONT, so a stopped process handles
+        it); a second stop request for the same signal, or any after SIGKILL, sends nothing."""
+        if self.stop_sent == sig or self.stop_sent == signal.SIGKILL:
+            return
+        self.stop_sent = sig
+        self.send_group(sig)
+        if sig != signal.SIGKILL:
+            self.send_group(signal.SIGCONT)
+
+    def kill_group_leftovers(self) -> None:
+        """SIGKILL what is left of the worker's group once the worker itself has exited."""
+        if self._group_is_ours():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+
+
+class WorkerProcess(GroupSignals):
     """One process of one worker. Created and started by the spawner thread."""
 
     def __init__(self, process: multiprocessing.process.BaseProcess, start_method: str) -> None:
@@ -248,44 +300,6 @@ class WorkerProcess:
         if self.start_method == "forkserver" or self._pidfd < 0:
             return self.process.sentinel
         return self._pidfd
-
-    def send(self, sig: int) -> bool:
-        """Signal the worker process alone. False if it is already gone."""
-        try:
-            if self._pidfd >= 0:
-                signal.pidfd_send_signal(self._pidfd, sig)
-            else:
-                os.kill(self.pid, sig)
-            return True
-        except ProcessLookupError:
-            return False
-
-    def send_stop(self, sig: int) -> None:
-        """Send the stop signal to the group once (then SIGCONT, so a stopped process handles
-        it); a second stop request for the same signal, or any after SIGKILL, sends nothing."""
-        if self.stop_sent == sig or self.stop_sent == signal.SIGKILL:
-            return
-        self.stop_sent = sig
-        self.send_group(sig)
-        if sig != signal.SIGKILL:
-            self.send_group(signal.SIGCONT)
-
-    def send_group(self, sig: int) -> bool:
-        """Signal the worker's process group (its children too); falls back to the worker."""
-        if self.exit is None:
-            try:
-                os.killpg(self.pid, sig)
-                return True
-            except ProcessLookupError:
-                pass  # not a group leader yet (still booting) or the group is empty
-            except PermissionError:
-                pass
-        return self.send(sig) if self.exit is None else False
-
-    def kill_group_leftovers(self) -> None:
-        """SIGKILL what is left of the worker's group once the worker itself has exited."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
 
     def kill_and_reap(self, timeout: float = 5.0) -> None:
         """SIGKILL the process and its group, wait for it (well under a millisecond), reap it

@@ -48,7 +48,7 @@ from typing import Any
 
 from corral._keeper import keeper
 from corral.exitstatus import ExitStatus
-from corral.process import disown_fd, own_fd
+from corral.process import GroupSignals, disown_fd, own_fd
 
 __all__ = ["Zygote", "ZygoteChild", "ZygoteError", "main"]
 
@@ -99,7 +99,7 @@ def _recv(sock: socket.socket) -> tuple[Any, list[int]] | None:
 # ------------------------------------------------------------------------- supervisor side
 
 
-class ZygoteChild:
+class ZygoteChild(GroupSignals):
     """A worker forked by a zygote (a ``ProcessLike`` for the monitor).
 
     ``waitable()`` is an eventfd that becomes readable when the zygote has reaped the worker and
@@ -138,27 +138,10 @@ class ZygoteChild:
         except ProcessLookupError:
             return False
 
-    def send_group(self, sig: int) -> bool:
-        if self.exit is None and self._status is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, sig)
-                return True
-        return self.send(sig)
-
-    def send_stop(self, sig: int) -> None:
-        if self.stop_sent == sig or self.stop_sent == signal.SIGKILL:
-            return
-        self.stop_sent = sig
-        self.send_group(sig)
-        if sig != signal.SIGKILL:
-            self.send_group(signal.SIGCONT)
-
-    def kill_group_leftovers(self) -> None:
+    def _group_is_ours(self) -> bool:
         # The zygote kills what is left of the group before it reaps the worker (while the
-        # zombie still holds the group id); after that the id may be reused: nothing to do.
-        if self._status is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, signal.SIGKILL)
+        # zombie still holds the group id); after that the id may be reused: hands off.
+        return self._status is None
 
     def reap(self) -> ExitStatus | None:
         if self.exit is not None:
