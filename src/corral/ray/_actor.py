@@ -191,16 +191,21 @@ class WorkerActor:
         """Every thread's Python stack: the evidence from a hung worker before it is killed
         (needs this thread to get the GIL: a worker stuck in native code holding it cannot
         answer, and the probe timeout finds it instead)."""
-        names = {t.ident: t.name for t in threading.enumerate()}
-        me = threading.get_ident()
-        out = []
-        for ident, frame in sys._current_frames().items():
-            if ident == me:
-                continue
-            tag = " (the target)" if ident == self._run_thread else ""
-            out.append(f"Thread {names.get(ident, ident)}{tag}:\n")
-            out.extend(traceback.format_stack(frame))
-        return "".join(out)
+        return thread_stacks(self._run_thread, "the target")
+
+
+def thread_stacks(marked: int | None, what: str) -> str:
+    """The Python stack of every thread but the caller's, ``marked``'s tagged ``what``."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    me = threading.get_ident()
+    out = []
+    for ident, frame in sys._current_frames().items():
+        if ident == me:
+            continue
+        tag = f" ({what})" if ident == marked else ""
+        out.append(f"Thread {names.get(ident, ident)}{tag}:\n")
+        out.extend(traceback.format_stack(frame))
+    return "".join(out)
 
 
 def _exit_code(code: object) -> int:

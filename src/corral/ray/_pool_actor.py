@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import sys
 import threading
 import traceback
 from typing import Any
 
 from corral.pool._wire import WireKind
+from corral.ray._actor import thread_stacks
 
 __all__ = ["WATCH_GROUP", "pool_actor_class"]
 
@@ -139,16 +139,7 @@ class PoolActor:
 
     def stacks(self) -> str:
         """Every other thread's Python stack (the evidence of a task past its timeout)."""
-        names = {t.ident: t.name for t in threading.enumerate()}
-        me = threading.get_ident()
-        out = []
-        for ident, frame in sys._current_frames().items():
-            if ident == me:
-                continue
-            tag = " (the task)" if ident == self._run_thread else ""
-            out.append(f"Thread {names.get(ident, ident)}{tag}:\n")
-            out.extend(traceback.format_stack(frame))
-        return "".join(out)
+        return thread_stacks(self._run_thread, "the task")
 
 
 _actor_class: Any = None
