@@ -99,32 +99,16 @@ def _discard(started: Started) -> None:
         conn.close()
 
 
-class PoolRunner:
-    """The threads of one pool, and the doors other threads knock at.
+class RunnerFront:
+    """What the executor calls on a pool's runner from any thread (the local pool's and the
+    Ray pool's): wake the manager, hand it work through its reactor, ask it to stop.
 
-    Args:
-        cfg: the pool's settings.
-        clock: the monotonic clock (a fake one in tests).
-        spawn: ``spawn(SpawnRequest) -> (process, endpoint)``, run on the spawner thread;
-            None: start real worker processes (:class:`ProcessStarter`).
-        rng: the backoff's jitter.
+    Needs ``shared`` (PoolShared), ``manager`` (None until started) and ``_reactor``.
     """
 
-    def __init__(self, cfg: PoolConfig, *, clock: Callable[[], float] = time.monotonic,
-                 spawn: SpawnFn | None = None, rng: random.Random | None = None) -> None:
-        self.cfg = cfg
-        self.shared = PoolShared(cfg)
-        self.thread: threading.Thread | None = None  # the manager thread, once started
-        self.finished = threading.Event()  # the manager thread has ended
-        self.manager: PoolManager | None = None  # once opened
-        self._clock = clock
-        self._spawn = spawn
-        self._rng = rng
-        self._reactor: Reactor[DeadlineKey] | None = None
-        self._table: HeartbeatTable | None = None
-        self._spawner: Spawner[SpawnRequest, Started] | None = None
-
-    # --------------------------------------------------------------- called from other threads
+    shared: PoolShared
+    manager: Any
+    _reactor: Reactor[Any] | None
 
     def wake(self) -> None:
         """A task was appended to ``shared.pending``: make the manager look (merged)."""
@@ -162,6 +146,32 @@ class PoolRunner:
                 self.post(manager.terminate)
             else:
                 self.post(manager.shutdown, cancel_futures)
+
+
+class PoolRunner(RunnerFront):
+    """The threads of one pool, and the doors other threads knock at.
+
+    Args:
+        cfg: the pool's settings.
+        clock: the monotonic clock (a fake one in tests).
+        spawn: ``spawn(SpawnRequest) -> (process, endpoint)``, run on the spawner thread;
+            None: start real worker processes (:class:`ProcessStarter`).
+        rng: the backoff's jitter.
+    """
+
+    def __init__(self, cfg: PoolConfig, *, clock: Callable[[], float] = time.monotonic,
+                 spawn: SpawnFn | None = None, rng: random.Random | None = None) -> None:
+        self.cfg = cfg
+        self.shared = PoolShared(cfg)
+        self.thread: threading.Thread | None = None  # the manager thread, once started
+        self.finished = threading.Event()  # the manager thread has ended
+        self.manager: PoolManager | None = None  # once opened
+        self._clock = clock
+        self._spawn = spawn
+        self._rng = rng
+        self._reactor: Reactor[DeadlineKey] | None = None
+        self._table: HeartbeatTable | None = None
+        self._spawner: Spawner[SpawnRequest, Started] | None = None
 
     def start(self, first: Callable[..., Any] | None = None) -> None:
         """Start the manager and spawner threads (under ``shared.lock``, at the first submit).

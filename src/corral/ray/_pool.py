@@ -54,6 +54,7 @@ from corral.exitstatus import ExitStatus
 from corral.pool._failures import BootFailure, Brakes, Break
 from corral.pool._records import LeaveReason, PoolConfig, Task
 from corral.pool._replies import InitFailed, interpret, unreadable
+from corral.pool._runner import RunnerFront
 from corral.pool._shared import PoolShared
 from corral.pool._wire import WireKind
 from corral.pool.errors import PoolBroken, TaskTimeout, WorkerLost
@@ -655,7 +656,7 @@ class RayPoolManager:
 # ---------------------------------------------------------------------------------- runner
 
 
-class RayPoolRunner:
+class RayPoolRunner(RunnerFront):
     """The manager thread of one Ray pool, and the doors other threads knock at (the same
     as :class:`corral.pool._runner.PoolRunner`'s, which the executor uses)."""
 
@@ -668,36 +669,6 @@ class RayPoolRunner:
         self.manager: RayPoolManager | None = None
         self._reactor: Reactor[Any] | None = None
         self._attached = False
-
-    def wake(self) -> None:
-        reactor = self._reactor
-        if reactor is not None:
-            reactor.wake()
-
-    def post(self, fn: Callable[..., None], *args: Any) -> None:
-        reactor = self._reactor
-        if reactor is not None:
-            try:
-                reactor.call_soon_threadsafe(fn, *args)
-            except RuntimeError:
-                pass  # closed: every task has ended, every worker is gone
-
-    def cancel_running(self, task: Task) -> None:
-        manager = self.manager
-        if manager is not None:
-            self.post(manager.cancel_running, task)
-
-    def request_shutdown(self, cancel_futures: bool, terminate: bool = False,
-                         wait: bool = True) -> None:
-        shared = self.shared
-        with shared.lock:
-            shared.shutdown_requested = True
-            if cancel_futures and not wait:
-                shared.terminate_at_exit = True
-            manager = self.manager
-        if manager is not None:
-            self.post(manager.terminate if terminate else manager.shutdown,
-                      *(() if terminate else (cancel_futures,)))
 
     def start(self, first: Any = None) -> None:
         """Connect to Ray (or start a local cluster) and start the manager thread (under
