@@ -421,19 +421,7 @@ class PoolManager:
     # ------------------------------------------------------------------------------ outcomes
 
     def _task_lost(self, t: Task, exc: WorkerLost) -> None:
-        t.worker = None
-        if t.done or t.future.done():
-            t.drop()
-            return
-        self._counters["tasks_lost"] += 1
-        if t.attempts <= t.retries and self.shared.broken is None and not self._closing:
-            log.warning("pool %r: %s; retrying it (attempt %d of %d)", self.cfg.name, exc,
-                        t.attempts + 1, t.retries + 1)
-            self._counters["retried"] += 1
-            self._task_stats.task_requeued(t.future._mark)
-            self.shared.pending.appendleft(t)
-            return
-        t.resolve(exc=exc)
+        self.shared.task_lost(t, exc, self._closing)
 
     def _leave(self, w: PoolWorker, reason: LeaveReason, kill: bool | None) -> None:
         """Take ``w`` out of service: ask it to quit (``kill=False``, SIGKILL after

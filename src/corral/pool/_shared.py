@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
 
 from corral._taskstats import PoolTaskStats
 from corral.pool._records import PoolConfig, Task
-from corral.pool.errors import PoolBroken
+from corral.pool.errors import PoolBroken, WorkerLost
 
 __all__ = ["COUNTERS", "PoolShared"]
 
@@ -17,6 +18,8 @@ COUNTERS = ("started", "tasks_done", "workers_lost", "tasks_lost", "retried", "t
             "cancelled_running", "recycled_tasks", "recycled_memory", "killed_memory",
             "boot_failures", "spares_promoted")
 
+
+log = logging.getLogger("corral.procpool")
 
 class PoolShared:
     """The state other threads see: the queue of tasks, the pool's fate, what it publishes.
@@ -52,6 +55,23 @@ class PoolShared:
         return err
 
     # -- the manager thread's side of the queue
+
+    def task_lost(self, t: Task, exc: WorkerLost, closing: bool) -> None:
+        """``t``'s worker died under it: queue it again first if its retries allow (and the
+        pool goes on), else fail it with ``exc``. On the manager thread."""
+        t.worker = None
+        if t.done or t.future.done():
+            t.drop()
+            return
+        self.counters["tasks_lost"] += 1
+        if t.attempts <= t.retries and self.broken is None and not closing:
+            log.warning("pool %r: %s; retrying it (attempt %d of %d)", self.cfg.name, exc,
+                        t.attempts + 1, t.retries + 1)
+            self.counters["retried"] += 1
+            self.task_stats.task_requeued(t.future._mark)
+            self.pending.appendleft(t)
+            return
+        t.resolve(exc=exc)
 
     def next_task(self) -> Task | None:
         """The next task to send (now RUNNING), skipping those that ended while they waited."""

@@ -340,6 +340,7 @@ class RayPoolManager:
             t.deadline = self._clock() + t.timeout
             self._loop.set_deadline((w.id, _Deadline.TIMER), t.deadline)
         self._watch(w.actor.run.remote(t.payload), self._on_ran, w, t)
+        self.shared.task_stats.task_started(t.future._mark, self._clock())
 
     def _on_ran(self, w: _Worker, t: Task, fut: Future[Any]) -> None:
         if w.task is not t or w.state is not _State.BUSY:
@@ -380,18 +381,7 @@ class RayPoolManager:
             t.resolve(exc=value)
 
     def _task_lost(self, t: Task, exc: WorkerLost) -> None:
-        t.worker = None
-        if t.done or t.future.done():
-            t.drop()
-            return
-        self._counters["tasks_lost"] += 1
-        if t.attempts <= t.retries and self.shared.broken is None and not self._closing:
-            log.warning("pool %r: %s; retrying it (attempt %d of %d)", self.cfg.name, exc,
-                        t.attempts + 1, t.retries + 1)
-            self._counters["retried"] += 1
-            self.shared.pending.appendleft(t)
-            return
-        t.resolve(exc=exc)
+        self.shared.task_lost(t, exc, self._closing)
 
     # ------------------------------------------------------------------------------- leaving
 
