@@ -7,22 +7,26 @@ group and would be orphaned. Nothing the supervisor runs can help once it is SIG
 
 - it is started once, with ``posix_spawn`` (never a fork of a multi-threaded supervisor), in a
   session of its own so a terminal's Ctrl-C does not reach it;
-- the supervisor tells it, over a pipe, each worker's process group as the worker starts
-  (``+<pgid>``) and once it has been reaped (``-<pgid>``): one ``write`` of a few bytes, off the
-  restart path;
-- it holds a pidfd of the supervisor; when that becomes readable (the supervisor is gone, however
-  it ended) or the pipe reaches EOF, it SIGKILLs every group still registered and exits.
+- the supervisor writes each worker's process group into a table in shared memory (a memfd the
+  keeper holds) as the worker starts, and clears it once the worker has been reaped: a store of
+  four bytes, no system call, and the keeper is never woken while the supervisor lives (a pipe
+  message per start and per reap woke a second Python process on every restart, competing for
+  the CPU with the replacement);
+- it holds a pidfd of the supervisor (and the read end of a pipe whose write end only the
+  supervisor holds); when either fires (the supervisor is gone, however it ended) it reads the
+  table and SIGKILLs every group still in it, then exits.
 
-If the supervisor ends
-cleanly every group has been unregistered already and the keeper just exits.
+If the supervisor ends cleanly every group has been cleared already and the keeper just exits.
 
-The keeper never runs user code and imports nothing but ``os``, ``select``, ``signal`` and ``sys``.
+The keeper never runs user code and imports nothing but ``os``, ``mmap``, ``select``, ``signal``
+and ``sys``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import subprocess
 import sys
@@ -34,60 +38,40 @@ log = logging.getLogger(__name__)
 
 KEEPER_TITLE = "corral-keeper"
 
-# Runs in ``python -I -S``: argv[1] is the supervisor's pid; stdin carries "+pgid"/"-pgid" lines.
+# Runs in ``python -I -S``: argv[1] is the supervisor's pid, argv[2] the read end of a pipe only
+# the supervisor writes to (EOF: it is gone); stdin is the table: native int32 process group ids,
+# 0 for a free slot.
 _KEEPER_CODE = r"""# corral-keeper
-import os, select, signal, sys
+import mmap, os, select, signal, sys
 for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
     signal.signal(s, signal.SIG_IGN)
-sup = int(sys.argv[1])
+sup, gone = int(sys.argv[1]), int(sys.argv[2])
 try:
     pidfd = os.pidfd_open(sup)
 except OSError:
     pidfd = -1
-groups = set()
-buf = b""
-def take(chunk):
-    global buf
-    buf += chunk
-    *lines, buf = buf.split(b"\n")
-    for line in lines:
-        if line[:1] == b"+":
-            groups.add(int(line[1:]))
-        elif line[:1] == b"-":
-            groups.discard(int(line[1:]))
-def kill_all():
-    # Take what is still in the pipe first: a group registered just before the end (or
-    # before this keeper had even started, if the supervisor died that early).
-    try:
-        while select.select([0], [], [], 0)[0]:
-            chunk = os.read(0, 65536)
-            if not chunk:
-                break
-            take(chunk)
-    except OSError:
+if os.getppid() == sup:  # else it ended before this line
+    poller = select.poll()
+    if pidfd >= 0:
+        poller.register(pidfd, select.POLLIN)
+    poller.register(gone, select.POLLIN)
+    while not poller.poll():
         pass
-    for g in groups:
-        try:
-            os.killpg(g, signal.SIGKILL)
-        except OSError:
-            pass
-    os._exit(0)
-if pidfd < 0 or os.getppid() != sup:
-    kill_all()
-poller = select.poll()
-poller.register(0, select.POLLIN)
-poller.register(pidfd, select.POLLIN)
-while True:
-    ready = dict(poller.poll())
-    if 0 in ready:
-        chunk = os.read(0, 65536)
-        if chunk:
-            take(chunk)
-            if pidfd not in ready:
-                continue
-    # EOF (every write end closed: the supervisor is gone) or the supervisor's pidfd fired.
-    kill_all()
+size = os.fstat(0).st_size
+if size:
+    table = memoryview(mmap.mmap(0, size, mmap.MAP_SHARED, mmap.PROT_READ)).cast("i")
+    for g in table[1 : 1 + table[0]]:
+        if g > 0:
+            try:
+                os.killpg(g, signal.SIGKILL)
+            except OSError:
+                pass
+os._exit(0)
 """
+
+# Slots in the table: far more process groups than one supervisor ever has at once. The memfd
+# is sparse: only the pages of slots in use take memory.
+_CAPACITY = 1 << 20
 
 
 class _Keeper:
@@ -96,7 +80,11 @@ class _Keeper:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
-        self._fd = -1
+        self._table: memoryview | None = None
+        self._slots: dict[int, int] = {}  # pgid -> its slot in the table
+        self._free: list[int] = []  # slots cleared since, reused first
+        self._next = 1  # the first slot never used ([0] holds how many have been)
+        self._gone_w = -1  # the pipe the keeper sees close when this process ends
         self._pid = 0  # the supervising process the keeper protects
         self._failed = False
 
@@ -118,46 +106,83 @@ class _Keeper:
                 self._reset()
             if self._proc is not None or self._failed:
                 return
+            mm: mmap.mmap | None = None
+            fds: list[int] = []
             try:
+                table_fd = os.memfd_create("corral-keeper", os.MFD_CLOEXEC)
+                fds.append(table_fd)
+                os.ftruncate(table_fd, _CAPACITY * 4)
+                mm = mmap.mmap(table_fd, _CAPACITY * 4)
+                gone_r, gone_w = os.pipe2(os.O_CLOEXEC)
+                fds.append(gone_r)
+                self._gone_w = gone_w
                 self._proc = subprocess.Popen(
-                    [sys.executable, "-I", "-S", "-c", _KEEPER_CODE, str(os.getpid())],
-                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+                    [sys.executable, "-I", "-S", "-c", _KEEPER_CODE, str(os.getpid()),
+                     str(gone_r)],
+                    stdin=table_fd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    pass_fds=(gone_r,), close_fds=True, start_new_session=True)
             except OSError as exc:
                 self._failed = True
+                if mm is not None:
+                    mm.close()
+                if self._gone_w >= 0:
+                    os.close(self._gone_w)
+                    self._gone_w = -1
                 log.warning("could not start corral's keeper process (%s): the children of "
                             "workers may outlive a supervisor that is killed", exc)
                 return
-            assert self._proc.stdin is not None
-            self._fd = self._proc.stdin.fileno()
-            os.set_inheritable(self._fd, False)
-
-    def _send(self, line: bytes) -> None:
-        if self._fd < 0 or self._pid != os.getpid():
-            return
-        with contextlib.suppress(OSError):
-            os.write(self._fd, line)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            self._table = memoryview(mm).cast("i")
 
     def register(self, pgid: int) -> None:
         """Kill group ``pgid`` if this process dies before :meth:`unregister`."""
-        if self._fd < 0 or self._pid != os.getpid():
+        if self._table is None or self._pid != os.getpid():
             self.start()  # pools start it up front; this covers any other caller
-        self._send(b"+%d\n" % pgid)
+        table = self._table
+        if table is None or self._pid != os.getpid():
+            return
+        with self._lock:
+            if pgid in self._slots:
+                return
+            if self._free:
+                slot = self._free.pop()
+            elif self._next < _CAPACITY:
+                slot, self._next = self._next, self._next + 1
+                table[slot] = pgid
+                table[0] = slot  # after the slot: the keeper never reads one half written
+                self._slots[pgid] = slot
+                return
+            else:
+                return  # a million live groups: the rest go unprotected
+            self._slots[pgid] = slot
+            table[slot] = pgid
 
     def unregister(self, pgid: int) -> None:
         """Group ``pgid`` is gone (its leader was reaped): forget it."""
-        self._send(b"-%d\n" % pgid)
+        table = self._table
+        if table is None or self._pid != os.getpid():
+            return
+        with self._lock:
+            slot = self._slots.pop(pgid, None)
+            if slot is not None:
+                table[slot] = 0
+                self._free.append(slot)
 
     def _reset(self) -> None:
         # A forked child of a supervisor: the keeper protects the parent, not us. Drop the
-        # inherited pipe without touching the parent's keeper.
+        # inherited handles without touching the parent's keeper or its table (the mapping is
+        # shared: one store here would change what the parent's keeper kills).
         proc = self._proc
         if proc is not None:
             proc.returncode = 0  # not ours to wait for: keep Popen.__del__ from trying
-            if proc.stdin is not None:
-                with contextlib.suppress(OSError, ValueError):
-                    proc.stdin.close()
-        self._proc, self._fd, self._failed = None, -1, False
+        if self._gone_w >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._gone_w)
+        self._proc, self._table, self._gone_w, self._failed = None, None, -1, False
+        self._slots, self._free, self._next = {}, [], 1
+        self._lock = threading.Lock()  # another thread may have held it at the fork
         self._pid = os.getpid()
 
 

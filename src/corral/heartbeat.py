@@ -94,22 +94,38 @@ def in_worker() -> bool:
     return _view is not None
 
 
-def _attach(path: str, index: int, dump_fd: int = -1, wake_path: str | None = None,
-            ready_on_beat: bool = False) -> None:
-    """Map the supervisor's table in a worker (called by the bootstrap)."""
+def _open_table(path: str, wake_path: str | None) -> tuple[Any, int]:
+    """Map the supervisor's table (and open its wake fd, -1 without one) in a worker."""
     wake_fd = -1
     if wake_path is not None:
         try:
             wake_fd = os.open(wake_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             wake_fd = -1
-    fd = os.open(path, os.O_RDWR)
     try:
-        size = os.fstat(fd).st_size
-        mm = mmap.mmap(fd, size)
-    finally:
-        os.close(fd)
-    _attach_view(memoryview(mm).cast("d"), index, dump_fd, wake_fd, ready_on_beat)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+    except BaseException:
+        if wake_fd >= 0:
+            os.close(wake_fd)
+        raise
+    return memoryview(mm).cast("d"), wake_fd
+
+
+def _slots_in(view: Any) -> int:
+    """How many workers' slots a mapped table holds."""
+    return len(view) // _DOUBLES
+
+
+def _attach(path: str, index: int, dump_fd: int = -1, wake_path: str | None = None,
+            ready_on_beat: bool = False) -> None:
+    """Map the supervisor's table in a worker (called by the bootstrap)."""
+    view, wake_fd = _open_table(path, wake_path)
+    _attach_view(view, index, dump_fd, wake_fd, ready_on_beat)
 
 
 def _attach_view(view: Any, index: int, dump_fd: int, wake_fd: int,

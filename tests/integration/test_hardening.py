@@ -583,3 +583,41 @@ def test_stop_with_an_infinite_timeout_waits_without_a_crash(no_leaks: set[int])
         assert sup.running  # waiting for the worker, not crashed
         sup.stop(timeout=0)  # the user gives up waiting
         assert not sup.running and not pid_alive(pid)
+
+
+_KEEPER_SCRIPT = r"""
+import os, subprocess, sys
+from corral._keeper import keeper
+keeper.start()
+groups = [subprocess.Popen(["sleep", "600"], start_new_session=True) for _ in range(4)]
+for p in groups:
+    keeper.register(p.pid)
+keeper.unregister(groups[1].pid)  # reaped, as far as the keeper knows: must be left alone
+keeper.unregister(groups[3].pid)
+keeper.register(groups[3].pid)  # a cleared slot is reused and counts again
+print(" ".join(str(p.pid) for p in groups), keeper.pid, flush=True)
+sys.stdin.read()  # until the test SIGKILLs this process
+"""
+
+
+@pytest.mark.timeout(60)
+def test_keeper_kills_registered_groups_only(no_leaks: set[int]) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", _KEEPER_SCRIPT], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        *pids, keeper_pid = (int(x) for x in proc.stdout.readline().split())
+        no_leaks.update(pids + [keeper_pid])
+        assert all(pid_alive(p) for p in pids)
+        proc.kill()
+        proc.wait(10)
+        wait_gone([pids[0], pids[2], pids[3], keeper_pid], 5, "the registered groups")
+        assert pid_alive(pids[1])
+        os.kill(pids[1], signal.SIGKILL)
+        wait_gone([pids[1]], 5, "the unregistered group")
+    finally:
+        proc.kill()
+        proc.wait(10)
+        for p in (proc.stdout, proc.stdin):
+            if p is not None:
+                p.close()
