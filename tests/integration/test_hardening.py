@@ -607,7 +607,7 @@ def test_keeper_kills_registered_groups_only(no_leaks: set[int]) -> None:
     try:
         assert proc.stdout is not None
         *pids, keeper_pid = (int(x) for x in proc.stdout.readline().split())
-        no_leaks.update(pids + [keeper_pid])
+        no_leaks.update([*pids, keeper_pid])
         assert all(pid_alive(p) for p in pids)
         proc.kill()
         proc.wait(10)
