@@ -97,9 +97,8 @@ class ExitPart(_Core):
             self._remove(w)
             self._check_ready_waiters()
         elif after is AfterStop.RESTART:
-            self._move(w, trigger, S.PENDING)
             self._emit(EventKind.RESTARTING, w, delay=0.0)
-            self._spawn(w, now)
+            self._restart_at(w, trigger, now, now)
         elif after is AfterStop.GROUP:
             self._move(w, trigger, S.BACKOFF)  # waits for its group
             if self._group is not None:
@@ -136,11 +135,21 @@ class ExitPart(_Core):
         if self._restart_group(w, trigger, now, delay):
             return
         event = self._emit(EventKind.RESTARTING, w, delay=delay)
-        if delay <= 0:
+        if delay > 0:
+            self.log.info("%s restarts in %.3fs (failure %d in a row)", w.who, delay,
+                          w.backoff.streak, extra=event_extra(self.log, logging.INFO, event))
+        self._restart_at(w, trigger, now + max(delay, 0.0), now)
+
+    def _restart_at(self, w: WorkerSlot, trigger: Trigger, when: float, now: float) -> None:
+        """Start ``w`` again at ``when``: at once, or from BACKOFF when its delay is over.
+
+        A start that failed always waits for the next round, even without a delay (a backoff
+        with ``reset_after=0``, an explicit restart): never a start retried from within its own
+        failure (its slot is still PENDING).
+        """
+        if when <= now and trigger is not Trigger.SPAWN_FAILED:
             self._move(w, trigger, S.PENDING)
             self._spawn(w, now)
         else:
             self._move(w, trigger, S.BACKOFF)
-            self.log.info("%s restarts in %.3fs (failure %d in a row)", w.who, delay,
-                          w.backoff.streak, extra=event_extra(self.log, logging.INFO, event))
-            self._dl.set((w.index, Deadline.BACKOFF), now + delay)
+            self._dl.set((w.index, Deadline.BACKOFF), when)

@@ -182,6 +182,18 @@ def test_a_failed_start_goes_through_the_policy(harness_factory: Callable[..., H
     h.until(lambda: h.state(0) is S.RUNNING, what="started on the second try")
 
 
+def test_a_failed_start_without_backoff_retries_on_the_next_round(
+        harness_factory: Callable[..., Harness]) -> None:
+    # reset_after=0 makes the delay 0: the failed start must still leave PENDING through
+    # BACKOFF (before the fix the monitor raised IllegalTransition and stopped every worker).
+    h = harness_factory(1, backoff=corral.Backoff(reset_after=0.0, jitter=0.0))
+    h.starter.fail_next += [OSError(24, "Too many open files")] * 3
+    h.until(lambda: h.state(0) is S.RUNNING, what="started after three failed starts")
+    assert len(h.starter.started) == 1
+    assert h.kinds(0).count(EventKind.RESTARTING) == 3
+    assert not h.mon.finished.is_set()
+
+
 def test_one_for_all_restarts_everyone_once(harness_factory: Callable[..., Harness]) -> None:
     h = harness_factory(3, strategy="one_for_all", backoff=corral.Backoff(initial=0, cap=0),
                         budget=corral.RestartBudget(max_restarts=1, window=60))
