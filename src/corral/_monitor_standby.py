@@ -230,6 +230,9 @@ class StandbyPart(_Core):
         conn.close()
         sb.conn = None
         del self._standbys[sb.id]
+        # As a worker it starts now: its uptime, max_age and the backoff's reading of an early
+        # death count from the handover, not from the standby's own start.
+        proc.started, proc.started_wall = time.monotonic(), time.time()
         if self.log.isEnabledFor(logging.INFO):
             self.log.info("%s (pid %s) takes the place of worker %r (index %d)", sb.name,
                           proc.pid, w.name, w.index)

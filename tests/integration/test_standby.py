@@ -155,3 +155,36 @@ def test_standby_options_are_validated() -> None:
         corral.PoolSpec(sw.report, standby=1, standby_init="no-colon")
     with pytest.raises(ValueError, match="standby is for Python targets"):
         corral.PoolSpec(command=["sleep", "1"], standby=1)
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+@pytest.mark.timeout(120)
+def test_scale_up_rolling_restart_and_age_recycling_use_a_standby(
+        method: str, no_leaks: set[int], tmp_path: Path) -> None:
+    """Every path that starts a worker takes a ready standby first (issue 16, item 4)."""
+
+    def taken_by_standby(sup: corral.Supervisor, log: Any, action: Any, index: int,
+                         what: str) -> None:
+        wait_value(lambda: ready_standby(sup), 60, f"a ready standby before {what}")
+        before = next((s.pid for s in sup.status() if s.index == index), None)
+        action()
+        new = wait_value(lambda: next((s for s in sup.status() if s.index == index and s.ready
+                                       and s.pid not in (None, before)), None), 60,
+                         f"worker {index} after {what}")
+        standbys = {e.pid for e in log.of(EventKind.SPAWNED) if e.standby}
+        assert new.pid in standbys, f"{what}: worker {index} was started cold"
+
+    with pool(no_leaks, sw.report, workers=1, args=lambda i: (str(tmp_path),),
+              start_method=method, ready_when="ready", standby=1,
+              startup_timeout=30) as (sup, log):
+        sup.wait_ready(timeout=60)
+        taken_by_standby(sup, log, lambda: sup.scale(2), 1, "scale(2)")
+        sup.wait_ready(timeout=60)
+        taken_by_standby(sup, log, lambda: sup.restart_all(timeout=60), 0, "restart_all()")
+    with pool(no_leaks, sw.report, workers=1, args=lambda i: (str(tmp_path),),
+              start_method=method, ready_when="ready", standby=1, max_age=2.0,
+              max_age_jitter=0.0, startup_timeout=30) as (sup, log):
+        sup.wait_ready(timeout=60)
+        taken_by_standby(sup, log, lambda: None, 0, "max_age recycling")
+        recycled = [e for e in log.of(EventKind.EXITED) if e.index == 0]
+        assert recycled and "max_age" in (recycled[0].exit.detail or "")
