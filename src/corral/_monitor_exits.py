@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING
 from corral._eventlog import event_extra
 from corral._slots import AfterStop, Deadline, WorkerSlot
 from corral.events import EventKind, ExitRecord, StopReason
+from corral.exitstatus import ExitStatus
+from corral.policy import RestartPolicy, Strategy
+from corral.process import ProcessLike
 from corral.states import Trigger, WorkerState
 
 if TYPE_CHECKING:
@@ -33,6 +36,20 @@ class ExitPart(_Core):
         proc = w.proc
         if proc is None:
             return
+        # Its exit is certain (the pidfd or the sentinel said so): a standby can be sent
+        # into its place before anything else, if the restart does not depend on the status.
+        self._handover_first(w, proc, None, self._clock())
+        try:
+            self._on_exit_steps(w, proc)
+        finally:
+            if w.handed is not None:  # no restart took it (see _handover_first)
+                sb, launch = w.handed
+                w.handed = None
+                self._withdraw_handover(sb)
+                if launch is not None and self._io is not None:
+                    self._io.not_started(launch)
+
+    def _on_exit_steps(self, w: WorkerSlot, proc: ProcessLike) -> None:
         # Take the rest of its group down while the dead worker still holds the group id, and
         # stop other threads signalling it before its pid can be reused.
         proc.kill_group_leftovers()
@@ -43,8 +60,10 @@ class ExitPart(_Core):
             with self._live_lock:
                 self._live[proc.pid] = proc
             return  # not really gone yet (cannot happen with pidfds); wait again
-        self._reactor.remove_reader(proc.waitable())
         now = self._clock()
+        if w.handed is None:
+            self._handover_first(w, proc, status, now)
+        self._reactor.remove_reader(proc.waitable())
         for kind in (Deadline.KILL, Deadline.DUMP, Deadline.HEALTH, Deadline.HEALTH_TIMEOUT,
                      Deadline.AGE):
             self._dl.cancel((w.index, kind))
@@ -71,6 +90,48 @@ class ExitPart(_Core):
         proc.close()
         if self._io is not None:
             self._io.ended(w.index, proc.pid)
+
+    def _handover_first(self, w: WorkerSlot, proc: ProcessLike, status: ExitStatus | None,
+                        now: float) -> None:
+        """Send a ready standby into ``w``'s place before the exit's bookkeeping, when the
+        policy is sure to restart ``w`` at once (the common case of a standby's use: a crash
+        after a healthy run). The restart the policy then decides completes the handover
+        (``_spawn``); anything less certain takes the usual path.
+
+        Mirrors :meth:`_decide` and :meth:`_restart_per_policy` without changing anything;
+        every check holds as well a moment later, when the policy decides. ``status`` is None
+        before the reap: then only a restart that does not depend on it qualifies.
+        """
+        if not self._standbys or self._stopping or self._remote:
+            return
+        after = w.after_stop
+        if after is AfterStop.POLICY:
+            if w.stop_reason is not None:
+                return
+            policy = self.spec.restart_policy
+            if status is None:
+                if policy is not RestartPolicy.ALWAYS:
+                    return
+                wanted = True
+            else:
+                wanted = policy.wants_restart(clean_exit=status.clean and status.signal is None)
+            if (self.spec.supervision_strategy is not Strategy.ONE_FOR_ONE or not wanted
+                    or not self._budget.allows(now)
+                    or not w.backoff.restarts_at_once(now - proc.started)):
+                return
+            cooldown = self.spec.restart_cooldown
+            if cooldown > 0 and w.last_restart > 0 and w.last_restart + cooldown > now:
+                return
+        elif after is not AfterStop.RESTART:
+            return
+        launch, stdio = self._launch_io(w)
+        self._hb.reset(w.index)
+        sb = self._send_handover(w, stdio)
+        if sb is None:
+            if launch is not None and self._io is not None:
+                self._io.not_started(launch)
+            return
+        w.handed = (sb, launch)
 
     def _after_death(self, w: WorkerSlot, trigger: Trigger, record: ExitRecord,
                      now: float) -> None:

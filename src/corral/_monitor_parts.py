@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     import random
     import threading
 
+    from corral._command import Launch
+    from corral._monitor_standby import Standby
     from corral._workerio import WorkerIO
     from corral.process import ProcessLike
 
@@ -58,6 +60,7 @@ if TYPE_CHECKING:
         _hb: HeartbeatTable
         _health: HealthRunner
         _slots: dict[int, WorkerSlot]
+        _standbys: dict[int, Standby]
         _counts: dict[WorkerState, int]
         _changes: int
         _published: int
@@ -116,6 +119,11 @@ if TYPE_CHECKING:
         def _group_maybe_restart(self, now: float) -> None: ...
         def _live_changed(self) -> None: ...
         def _stop_standbys(self) -> None: ...
+        def _launch_io(self, w: WorkerSlot,
+                       ) -> tuple[Launch | None, tuple[str | None, str | None] | None]: ...
+        def _send_handover(self, w: WorkerSlot, stdio: tuple[str | None, str | None] | None,
+                           ) -> Standby | None: ...
+        def _withdraw_handover(self, sb: Standby) -> None: ...
         def _standby_statuses(self, now: float) -> list[WorkerStatus]: ...
 else:
     _Core = object

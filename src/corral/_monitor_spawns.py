@@ -51,6 +51,8 @@ if TYPE_CHECKING:
                              conn: Connection | None) -> None: ...
         def _give_place(self, w: WorkerSlot, stdio: tuple[str | None, str | None] | None,
                         launch: Launch | None) -> bool: ...
+        def _finish_handover(self, w: WorkerSlot, sb: Standby,
+                             launch: Launch | None) -> None: ...
         def _after_death(self, w: WorkerSlot, trigger: Trigger, record: ExitRecord,
                          now: float) -> None: ...
         def _cb(self, fn: Callable[..., None]) -> Callable[..., None]: ...
@@ -96,6 +98,17 @@ class SpawnPart(_SpawnCore):
         return WorkerProcess.start(self._ctx, run_worker, (req.boot, spec.target, req.args),
                                    req.boot.name, spec.daemon)
 
+    def _launch_io(self, w: WorkerSlot,
+                   ) -> tuple[Launch | None, tuple[str | None, str | None] | None]:
+        """The output pipes of ``w``'s next process (log capture), and their paths for a
+        target worker to open (under every start method)."""
+        launch = self._io.launch(w.index, w.name) if self._io is not None else None
+        stdio: tuple[str | None, str | None] | None = None
+        if launch is not None and self.spec.command is None:
+            stdio = tuple(None if fd is None else f"/proc/{os.getpid()}/fd/{fd}"  # type: ignore[assignment]
+                          for fd in (launch.stdout, launch.stderr))
+        return launch, stdio
+
     def _spawn(self, w: WorkerSlot, now: float) -> None:
         """Queue a start of ``w`` for the spawner thread (state PENDING)."""
         w.generation += 1
@@ -104,16 +117,18 @@ class SpawnPart(_SpawnCore):
         # A new process starts with a clean health record: a check still hanging on its
         # predecessor is not its fault.
         w.health_pending, w.health_failures, w.health_last = None, 0, ""
-        self._hb.reset(w.index)
+        handed, w.handed = w.handed, None
+        if handed is None:  # else reset before the handover was sent
+            self._hb.reset(w.index)
         if w.started_once:
             w.restarts += 1
             w.last_restart = now
         w.started_once = True
-        launch = self._io.launch(w.index, w.name) if self._io is not None else None
-        stdio: tuple[str | None, str | None] | None = None
-        if launch is not None and self.spec.command is None:
-            stdio = tuple(None if fd is None else f"/proc/{os.getpid()}/fd/{fd}"  # type: ignore[assignment]
-                          for fd in (launch.stdout, launch.stderr))
+        if handed is not None:  # sent ahead by the exit path: only the bookkeeping is left
+            sb, launch = handed
+            self._finish_handover(w, sb, launch)
+            return
+        launch, stdio = self._launch_io(w)
         if self._standbys and self._give_place(w, stdio, launch):
             return  # a hot standby took its place: no process start
         boot = BootConfig(

@@ -65,6 +65,7 @@ class StandbyState(enum.Enum):
     SPAWNING = "spawning"  # queued for the spawner thread
     BOOTING = "booting"  # its process runs the bootstrap and the warm-up
     READY = "ready"  # waiting for a worker's place
+    HANDED = "handed"  # told to take a place; the restart that gives it follows at once
     LEAVING = "leaving"  # told to go (the pool stops, or it failed its warm-up)
 
 
@@ -209,9 +210,18 @@ class StandbyPart(_Core):
         """Give worker ``w``'s place to a ready standby; False if none can take it (then
         the caller starts a process as usual). On the restart path: kept lean, the message
         goes out first and the bookkeeping follows."""
-        sb = self._take_standby()
+        sb = self._send_handover(w, stdio)
         if sb is None:
             return False
+        self._finish_handover(w, sb, launch)
+        return True
+
+    def _send_handover(self, w: WorkerSlot, stdio: tuple[str | None, str | None] | None,
+                       ) -> Standby | None:
+        """Tell a ready standby to become worker ``w`` (the message only); None if none can."""
+        sb = self._take_standby()
+        if sb is None:
+            return None
         try:
             data = pickle.dumps(Handover(w.index, w.name, w.args, self._hb_path,
                                          self._wake_path, self.spec.ready_when == "beat",
@@ -219,13 +229,20 @@ class StandbyPart(_Core):
         except Exception as exc:  # arguments a fork child could inherit, but not be sent
             self.log.debug("%s: its arguments cannot be sent to a standby (%s); starting it "
                            "cold", w.who, exc)
-            return False
-        conn, proc = sb.conn, sb.proc
-        assert conn is not None and proc is not None
+            return None
+        conn = sb.conn
+        assert conn is not None
         try:
             conn.send_bytes(data)
         except OSError:
-            return False  # it died just now: its exit is handled next
+            return None  # it died just now: its exit is handled next
+        sb.state = StandbyState.HANDED
+        return sb
+
+    def _finish_handover(self, w: WorkerSlot, sb: Standby, launch: Launch | None) -> None:
+        """The bookkeeping of a handover sent: the standby is worker ``w``'s process now."""
+        conn, proc = sb.conn, sb.proc
+        assert conn is not None and proc is not None
         self._reactor.remove_reader(conn.fileno())
         conn.close()
         sb.conn = None
@@ -242,7 +259,19 @@ class StandbyPart(_Core):
         # has just taken over, the one the standby is there to speed up.
         self._standby_not_before = max(self._standby_not_before, self._clock() + _HOLD)
         self._dl_standby(self._standby_not_before)
-        return True
+
+    def _withdraw_handover(self, sb: Standby) -> None:
+        """A handover sent that no restart took (cannot happen while the exit path's checks
+        match the policy's): the standby may already run the target; it goes."""
+        self.log.error("standby %s (pid %s) was told to take a place no restart gave it; "
+                       "killing it", sb.name, sb.proc.pid if sb.proc else None)
+        sb.state = StandbyState.LEAVING
+        if sb.conn is not None:
+            self._reactor.remove_reader(sb.conn.fileno())
+            sb.conn.close()
+            sb.conn = None
+        if sb.proc is not None:
+            sb.proc.send_group(signal.SIGKILL)
 
     # -------------------------------------------------------------------------- stopping
 

@@ -119,6 +119,9 @@ class WorkerSlot:
     remote: Any = None  # remote workers: the last probe reply (a ProbeReply)
     died_at: float = 0.0  # monotonic time its last process's end was seen (metrics)
     died_why: str = ""  # the StopReason value of that end
+    # A standby already told to take this slot's place by the exit path, before the policy's
+    # bookkeeping (see ExitPart._handover_first); the restart it decides completes it.
+    handed: Any = None
 
     @property
     def who(self) -> str:

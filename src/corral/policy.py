@@ -128,6 +128,10 @@ class BackoffState:
     backoff: Backoff
     streak: int = 0
 
+    def restarts_at_once(self, uptime: float) -> bool:
+        """True if :meth:`on_death` after ``uptime`` would return no delay (nothing changes)."""
+        return uptime >= self.backoff.reset_after
+
     def on_death(self, uptime: float, rng: random.Random | None = None) -> float:
         """Record a death after ``uptime`` seconds; return the delay before the restart."""
         if uptime >= self.backoff.reset_after:
@@ -174,6 +178,14 @@ class BudgetWindow:
             return False
         self.times.append(now)
         return True
+
+    def allows(self, now: float) -> bool:
+        """True if :meth:`try_spend` at ``now`` would succeed (nothing is recorded)."""
+        limit = self.budget.max_restarts
+        if limit is None:
+            return True
+        horizon = now - self.budget.window
+        return sum(1 for t in self.times if t > horizon) < limit
 
     def remaining(self, now: float) -> int | None:
         """Restarts still allowed at ``now`` (None: no limit)."""

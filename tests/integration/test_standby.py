@@ -188,3 +188,35 @@ def test_scale_up_rolling_restart_and_age_recycling_use_a_standby(
         taken_by_standby(sup, log, lambda: None, 0, "max_age recycling")
         recycled = [e for e in log.of(EventKind.EXITED) if e.index == 0]
         assert recycled and "max_age" in (recycled[0].exit.detail or "")
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.timeout(90)
+def test_a_standby_never_bypasses_the_backoff_or_the_budget(method: str, no_leaks: set[int],
+                                                           tmp_path: Path) -> None:
+    backoff = corral.Backoff(initial=1.0, multiplier=1.0, cap=1.0, jitter=0.0, reset_after=60)
+    with pool(no_leaks, sw.report, workers=1, args=lambda i: (str(tmp_path),),
+              start_method=method, ready_when="ready", standby=1, backoff=backoff) as (sup, log):
+        sup.wait_ready(timeout=60)
+        sb = wait_value(lambda: ready_standby(sup), 60, "a ready standby")
+        victim = sup.pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        new = wait_value(lambda: next((s for s in sup.status() if s.index == 0 and s.ready
+                                       and s.pid not in (None, victim)), None), 30,
+                         "worker 0 replaced")
+        assert new.pid == sb.pid
+        exited = next(e for e in log.of(EventKind.EXITED) if e.pid == victim)
+        spawned = next(e for e in log.of(EventKind.SPAWNED) if e.pid == sb.pid and not e.standby)
+        restarting = next(e for e in log.of(EventKind.RESTARTING) if e.index == 0)
+        assert restarting.delay == 1.0
+        assert spawned.at - exited.at >= 0.9  # the backoff's delay was served
+    with pool(no_leaks, sw.report, workers=1, args=lambda i: (str(tmp_path),),
+              start_method=method, ready_when="ready", standby=1,
+              backoff=corral.Backoff(reset_after=0),
+              budget=corral.RestartBudget(max_restarts=0, window=60)) as (sup, log):
+        sup.wait_ready(timeout=60)
+        sb = wait_value(lambda: ready_standby(sup), 60, "a ready standby")
+        os.kill(sup.pids()[0], signal.SIGKILL)
+        with pytest.raises(corral.GaveUp):
+            sup.wait(timeout=30)
+        assert not any(e.pid == sb.pid and not e.standby for e in log.of(EventKind.SPAWNED))
