@@ -342,3 +342,26 @@ def test_budget_rejects_negative_max_restarts() -> None:
 def test_budget_rejects_window(bad: object, exc: type[Exception], pattern: str) -> None:
     with pytest.raises(exc, match=pattern):
         RestartBudget(window=bad)  # type: ignore[arg-type]
+
+
+# --- the peeks the exit path uses before the policy decides ------------------------------------
+
+
+def test_restarts_at_once_agrees_with_on_death_and_changes_nothing() -> None:
+    st = BackoffState(Backoff(initial=0.1, multiplier=2, cap=1.0, jitter=0.0, reset_after=10))
+    for uptime in (0.0, 5.0, 9.999, 10.0, 50.0):
+        st.streak = 3
+        peek = st.restarts_at_once(uptime)
+        assert st.streak == 3
+        assert peek == (st.on_death(uptime) == 0.0)
+
+
+def test_budget_allows_agrees_with_try_spend_and_records_nothing() -> None:
+    w = BudgetWindow(RestartBudget(max_restarts=2, window=10.0))
+    for now in (0.0, 1.0, 2.0, 9.0, 10.5, 11.5, 30.0):
+        before = list(w.times)
+        peek = w.allows(now)
+        assert list(w.times) == before
+        assert peek == w.try_spend(now)
+    assert BudgetWindow(RestartBudget(max_restarts=None)).allows(0.0)
+    assert not BudgetWindow(RestartBudget(max_restarts=0)).allows(0.0)
