@@ -210,11 +210,12 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
         """
         for index, (name, args) in enumerate(initial):
             self._add(WorkerSlot(index, name, args, BackoffState(self.spec.backoff)))
-        self._spawner.start()
         now = self._clock()
         for w in list(self._slots.values()):
             self._spawn(w, now)
         self._replenish(now)  # standbys after the workers
+        # Queued before the thread exists: it forks the first worker as soon as it runs.
+        self._spawner.start()
 
     def step(self, max_wait: float) -> None:
         """One round of the loop on the calling thread, waiting at most ``max_wait`` real
