@@ -28,11 +28,15 @@ def target(index: int) -> None:  # never runs: the processes are fakes
 
 
 class Harness:
-    def __init__(self, workers: int = 1, **options: Any) -> None:
+    def __init__(self, workers: int = 1, *, ignore_term: bool = False,
+                 fail_next: tuple[BaseException, ...] = (), **options: Any) -> None:
         options.setdefault("backoff", NO_JITTER)
         options.setdefault("start_method", "fork")
         self.clock = fakes.FakeClock()
         self.starter = fakes.FakeStarter(self.clock)
+        # Before begin(): the spawner thread starts the first processes at once.
+        self.starter.ignore_term = ignore_term
+        self.starter.fail_next += fail_next
         self.events: list[Event] = []
         self.spec = corral.PoolSpec(target, workers=workers, name="fake", **options)
         self.mon = Monitor(self.spec, self.events.append, clock=self.clock,
@@ -160,8 +164,7 @@ def test_hung_worker_is_stopped_and_restarted(harness_factory: Callable[..., Har
 
 
 def test_stop_deadline_kills_stragglers(harness_factory: Callable[..., Harness]) -> None:
-    h = harness_factory(2)
-    h.starter.ignore_term = True
+    h = harness_factory(2, ignore_term=True)
     h.until(lambda: h.states() == [S.RUNNING, S.RUNNING], what="RUNNING")
     h.mon.request_stop(2.0, signal.SIGTERM)
     h.mon.step(0.0)
@@ -172,8 +175,7 @@ def test_stop_deadline_kills_stragglers(harness_factory: Callable[..., Harness])
 
 
 def test_a_failed_start_goes_through_the_policy(harness_factory: Callable[..., Harness]) -> None:
-    h = harness_factory(1)
-    h.starter.fail_next.append(OSError(24, "Too many open files"))
+    h = harness_factory(1, fail_next=(OSError(24, "Too many open files"),))
     h.until(lambda: h.state(0) is S.BACKOFF, what="BACKOFF after a failed start")
     record = h.mon._slots[0].last_exit
     assert record is not None and record.reason is StopReason.SPAWN_FAILED
@@ -186,8 +188,8 @@ def test_a_failed_start_without_backoff_retries_on_the_next_round(
         harness_factory: Callable[..., Harness]) -> None:
     # reset_after=0 makes the delay 0: the failed start must still leave PENDING through
     # BACKOFF (before the fix the monitor raised IllegalTransition and stopped every worker).
-    h = harness_factory(1, backoff=corral.Backoff(reset_after=0.0, jitter=0.0))
-    h.starter.fail_next += [OSError(24, "Too many open files")] * 3
+    h = harness_factory(1, backoff=corral.Backoff(reset_after=0.0, jitter=0.0),
+                        fail_next=(OSError(24, "Too many open files"),) * 3)
     h.until(lambda: h.state(0) is S.RUNNING, what="started after three failed starts")
     assert len(h.starter.started) == 1
     assert h.kinds(0).count(EventKind.RESTARTING) == 3
