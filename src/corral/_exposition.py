@@ -54,15 +54,74 @@ class Renderer:
         # (content type, family name) -> its header, once _simple() was seen to write what
         # the encoder writes for it; None: the encoder writes it (it did not match).
         self._simple: dict[tuple[str, str], bytes | None] = {}
+        # content type -> the key its last render was tagged with (see stamp())
+        self._stamps: dict[str, Any] = {}
+        # (sample name, label names, label values) -> the line up to its value (quick())
+        self._lines: dict[tuple[str, tuple[str, ...], tuple[str, ...]], str] = {}
 
-    def render(self, registry: Any, accept: str) -> tuple[bytes, str]:
-        encoder: Callable[[Any], bytes]
+    def _choose(self, accept: str) -> tuple[Callable[[Any], bytes], str]:
         chosen = self._encoders.get(accept)
         if chosen is None:
             if len(self._encoders) > 16:  # a few distinct Accept headers in practice
                 self._encoders.clear()
             chosen = self._encoders[accept] = choose_encoder(accept)
-        encoder, content_type = chosen
+        return chosen
+
+    def stamp(self, content_type: str, key: Any) -> None:
+        """Tag the last render in ``content_type`` with ``key`` (what the caller rendered it
+        from): :meth:`quick` reuses it only for the same key."""
+        self._stamps[content_type] = key
+
+    def quick(self, accept: str, key: Any,
+              rows: dict[str, tuple[tuple[str, ...], list[tuple[tuple[str, ...], float]]]]
+              ) -> tuple[bytes, str] | None:
+        """The last render for this Accept header with the families in ``rows`` (gauges or
+        counters: ``name -> (label names, [(label values, value)])``) written anew, the other
+        families as they were; None if that render was not tagged ``key`` (see :meth:`stamp`)
+        or a family of ``rows`` is not one :func:`_simple` was seen to write exactly."""
+        encoder, content_type = self._choose(accept)
+        cache = self._cache.get(content_type)
+        if (cache is None or self._stamps.get(content_type) != key
+                or not all(name in cache for name in rows)):
+            return None
+        parts = []
+        for name, (metric, data) in cache.items():
+            fresh = rows.get(name)
+            if fresh is not None:
+                header = self._simple.get((content_type, name))
+                if not header:
+                    return None
+                sample = name + "_total" if metric.type == "counter" else name
+                lines = []
+                for values, value in fresh[1]:
+                    head = self._line(sample, fresh[0], values)
+                    if head is None:
+                        return None
+                    lines.append(head + _float_text(value) + "\n")
+                data = header + "".join(lines).encode()
+            parts.append(data)
+        if content_type.startswith("application/openmetrics-text"):
+            parts.append(_EOF)
+        return b"".join(parts), content_type
+
+    def _line(self, sample: str, labels: tuple[str, ...], values: tuple[str, ...]
+              ) -> str | None:
+        """``name{label="value",...} `` as :func:`_simple` writes it (cached per series), or
+        None if a label needs escaping (that one writes none of those either)."""
+        key = (sample, labels, values)
+        text = self._lines.get(key)
+        if text is None:
+            pairs = sorted(zip(labels, values, strict=True))
+            if any(_escaped(k, v) for k, v in pairs):
+                return None
+            if len(self._lines) > 4096:  # bounded: series come and go with pools
+                self._lines.clear()
+            inner = ",".join(f'{k}="{v}"' for k, v in pairs)
+            text = self._lines[key] = f"{sample}{{{inner}}} " if pairs else f"{sample} "
+        return text
+
+    def render(self, registry: Any, accept: str) -> tuple[bytes, str]:
+        encoder, content_type = self._choose(accept)
         openmetrics = content_type.startswith("application/openmetrics-text")
         old = self._cache.get(content_type, {})
         new: dict[str, tuple[Any, bytes]] = {}
@@ -80,7 +139,9 @@ class Renderer:
         if len(self._cache) > 4:  # a few formats at most (text, OpenMetrics versions)
             self._cache.clear()
             self._simple.clear()
+            self._stamps.clear()
         self._cache[content_type] = new
+        self._stamps.pop(content_type, None)  # until the caller tags this render
         return b"".join(parts), content_type
 
     def _family(self, metric: Any, encoder: Callable[[Any], bytes], content_type: str,
@@ -120,10 +181,16 @@ def _simple(metric: Any, header: bytes) -> bytes | None:
         if labels:
             pairs = []
             for k, v in sorted(labels.items()):
-                if "\\" in v or '"' in v or "\n" in v or not (k.isascii() and k.isidentifier()):
+                if _escaped(k, v):
                     return None
                 pairs.append(f'{k}="{v}"')
             lines.append(f"{s.name}{{{','.join(pairs)}}} {_float_text(s.value)}\n")
         else:
             lines.append(f"{s.name} {_float_text(s.value)}\n")
     return header + "".join(lines).encode()
+
+
+def _escaped(name: str, value: str) -> bool:
+    """A label :func:`_simple` does not write (its value or name would need escaping)."""
+    return "\\" in value or '"' in value or "\n" in value or not (name.isascii()
+                                                                and name.isidentifier())

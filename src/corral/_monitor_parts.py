@@ -644,7 +644,9 @@ class ControlPart(_Core):
             version=self._changes, counts={state.value: n for state, n in counts.items()},
             ready=ready, wanted=len(self._slots) - counts[S.EXITED] - counts[S.STOPPED],
             live=tuple(live), pids=tuple((index, pid) for index, pid, _ in live),
-            stopping=self._stopping, budget_times=tuple(self._budget.times))
+            stopping=self._stopping, budget_times=tuple(self._budget.times),
+            indexes=tuple(index for index, _, _ in live),
+            newest_start=max((started for _, _, started in live), default=-math.inf))
         self._published = self._changes
 
     def observed(self, timeout: float) -> PoolSummary | None:
@@ -668,25 +670,21 @@ class ControlPart(_Core):
         if beats is None:
             return None
         now = self._clock()
-        newest_start, oldest_beat = -math.inf, math.inf
-        n = len(beats)
-        for index, _, started in facts.live:
-            if started > newest_start:
-                newest_start = started
-            beat = beats[index] if index < n else 0.0
-            if 0 < beat < oldest_beat:
-                oldest_beat = beat
-        budget = self._budget.budget
-        limit = budget.max_restarts
-        horizon = now - budget.window
+        newest_start = facts.newest_start
+        indexes = facts.indexes
+        if indexes and max(indexes) >= len(beats):  # a slot the table has not got yet
+            beats = beats + [0.0] * (max(indexes) + 1 - len(beats))
+        # The oldest beat of a live worker that has beaten (0.0: not yet), in C calls: a
+        # scrape every second of a large pool stays cheap.
+        oldest_beat = min(filter(None, map(beats.__getitem__, indexes)), default=math.inf)
+        limit = self._budget.budget.max_restarts
         return PoolSummary(
-            counts=facts.counts, ready=facts.ready, wanted=facts.wanted,
-            pids=facts.pids,
-            youngest=None if newest_start < 0 else now - newest_start,
-            oldest_beat_age=None if oldest_beat == math.inf else now - oldest_beat,
-            budget_remaining=(None if limit is None
-                              else limit - sum(1 for t in facts.budget_times if t > horizon)),
-            stopping=facts.stopping)
+            facts.counts, facts.ready, facts.wanted, facts.pids,
+            None if newest_start < 0 else now - newest_start,
+            None if oldest_beat == math.inf else now - oldest_beat,
+            None if limit is None else limit - sum(
+                1 for t in facts.budget_times if t > now - self._budget.budget.window),
+            facts.stopping)
 
     def _answer_waiters(self) -> None:
         """Answer everyone still waiting on the monitor once it has finished."""

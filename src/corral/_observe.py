@@ -92,6 +92,9 @@ class PoolFacts:
         pids: (index, pid) of the same (the same tuple in every summary made from these
             facts: a reader may cache what it derives from it).
         budget_times: the loop's clock at each restart counted in the budget's window.
+        indexes: the index of each live worker (as in ``live``), and ``newest_start``: the
+            latest start among them (-inf: none), so that a reader computes the ages with a
+            few C calls instead of a loop over the workers.
     """
 
     version: int
@@ -102,6 +105,8 @@ class PoolFacts:
     pids: tuple[tuple[int, int], ...]
     stopping: bool
     budget_times: tuple[float, ...]
+    indexes: tuple[int, ...] = ()
+    newest_start: float = -float("inf")
 
 
 @dataclass(frozen=True)
@@ -175,6 +180,20 @@ class SupervisorSource:
     def observe(self, timeout: float, detail: bool = False) -> PoolView:
         sup = self.sup
         monitor = sup._monitor
+        if monitor is not None and not detail:
+            # What the loop published, if it is current: no round trip (the loop sleeps on).
+            # (observed() is None once the pool has finished: the ways below.)
+            try:
+                summary = monitor.observed(timeout)
+            except TimeoutError:  # wedged: reported unresponsive (summary None)
+                return PoolView(sup.spec.name, self.kind, "running", None, None,
+                                monitor.stats.snapshot(), sup.min_ready, sup._started_at,
+                                timeout)
+            if summary is not None:
+                return PoolView(sup.spec.name, self.kind,
+                                "stopping" if summary.stopping else "running", summary, None,
+                                monitor.stats.snapshot(), sup.min_ready, sup._started_at,
+                                timeout)
         common: dict[str, Any] = dict(name=sup.spec.name, kind=self.kind,
                                       min_ready=sup.min_ready, started_at=sup._started_at,
                                       timeout=timeout)
@@ -182,15 +201,6 @@ class SupervisorSource:
             return PoolView(state="new", summary=PoolSummary.of(()), workers=(), **common)
         stats = monitor.stats.snapshot()
         if not monitor.finished.is_set():
-            if not detail:
-                # What the loop published, if it is current: no round trip (the loop sleeps on).
-                try:
-                    summary = monitor.observed(timeout)
-                except TimeoutError:
-                    return PoolView(state="running", summary=None, stats=stats, **common)
-                if summary is not None:
-                    return PoolView(state="stopping" if summary.stopping else "running",
-                                    summary=summary, stats=stats, **common)
             try:
                 summary, workers = monitor.call(monitor.do_observe, detail, timeout=timeout)
             except TimeoutError:
@@ -260,6 +270,9 @@ class Sources:
     def pool(self, name: str) -> PoolSource | None:
         with self._lock:
             return self._pools.get(name)
+
+    def has_tasks(self) -> bool:
+        return bool(self._tasks)  # one read of a dict's size: no lock needed
 
     def tasks(self) -> list[PoolTaskStats]:
         with self._lock:

@@ -138,6 +138,38 @@ def _pids(views: list[PoolView]) -> dict[int, tuple[str, str]]:
             for index, pid in view.summary.pids}
 
 
+_UPTIME, _AGE = 6, 7  # their places in _pool_metrics' list
+
+
+def _static_key(views: list[PoolView]) -> tuple[Any, ...]:
+    """Everything the pool families (per pool, without per-worker series) are made of, but the
+    ages: equal keys, equal families. Compared by value; a pool at rest hands out the very same
+    objects (its published facts, its stats snapshot), so the comparison is by identity."""
+    key: list[Any] = []
+    for view in views:
+        summary = view.summary
+        key.append((view.name, view.state, view.min_ready, view.stats,
+                    None if summary is None else
+                    (summary.counts, summary.pids, summary.ready, summary.wanted,
+                     summary.budget_remaining, summary.stopping)))
+    return tuple(key)
+
+
+def _ages(views: list[PoolView]) -> tuple[list[_Row], list[_Row]]:
+    """The uptime and heartbeat age rows per pool (what moves with the clock alone)."""
+    uptime: list[_Row] = []
+    age: list[_Row] = []
+    for view in views:
+        summary = view.summary
+        if summary is None:
+            continue
+        if summary.youngest is not None:
+            uptime.append(((view.name,), summary.youngest))
+        if summary.oldest_beat_age is not None:
+            age.append(((view.name,), summary.oldest_beat_age))
+    return uptime, age
+
+
 def _bound(b: float) -> str:
     return repr(float(b))
 
@@ -174,6 +206,8 @@ class CorralCollector:
         self._rss = RssCache(rss_interval)
         # family name -> (its samples as plain tuples, the family built from them)
         self._last: dict[str, tuple[tuple[Any, ...], Metric]] = {}
+        # (what the families depend on but the clock, the pool families): see _static_key
+        self._memo: tuple[tuple[Any, ...], list[Metric]] | None = None
         # pool -> (the pids tuple its last RSS sum was taken for, the sum)
         self._rss_memo: dict[str, tuple[tuple[tuple[int, int], ...], int]] = {}
 
@@ -210,9 +244,52 @@ class CorralCollector:
         yield from self._pool_metrics(views)
         yield from self._task_metrics()
 
+    def quick(self) -> tuple[tuple[Any, ...], dict[str, tuple[tuple[str, ...], list[_Row]]]] | None:
+        """A scrape that reads only what moved with the clock, or None (collect() then).
+
+        Returns ``(key, rows)`` when every pool family but the ages is what the last
+        :meth:`collect` produced (``key``: what it was made of, as that collect left it in
+        :attr:`memo_key`): ``rows`` maps the two age families to their label names and
+        samples now. None with per-worker series, task stats, RSS due for a re-read, or a pool
+        whose facts, counters or pids changed since.
+        """
+        memo = self._memo
+        if memo is None or self.per_worker or self._rss.due() or self.sources.has_tasks():
+            return None
+        views = [src.observe(self.timeout) for src in self.sources.pools()]
+        key = _static_key(views)
+        if key != memo[0]:
+            return None
+        uptime, age = _ages(views)
+        return memo[0], {"corral_worker_uptime_seconds": (("pool",), uptime),
+                         "corral_heartbeat_age_seconds": (("pool",), age)}
+
+    @property
+    def memo_key(self) -> tuple[Any, ...] | None:
+        """What the pool families of the last :meth:`collect` were made of (None: with
+        per-worker series, or none yet): see :meth:`quick`."""
+        return None if self._memo is None else self._memo[0]
+
     # ------------------------------------------------------------------------ supervisors
 
     def _pool_metrics(self, views: list[PoolView]) -> Iterator[Metric]:
+        if not self.per_worker:
+            key = _static_key(views)
+            memo = self._memo
+            if memo is not None and memo[0] == key and not self._rss.due():
+                # Nothing but the clock moved since the last scrape (the same facts, counters
+                # and pids): last scrape's families, with the two that age rebuilt.
+                uptime, age = _ages(views)
+                families = list(memo[1])
+                families[_UPTIME] = self._family("corral_worker_uptime_seconds", uptime)
+                families[_AGE] = self._family("corral_heartbeat_age_seconds", age)
+                yield from families
+                return
+        families = self._all_pool_metrics(views)
+        self._memo = None if self.per_worker else (_static_key(views), families)
+        yield from families
+
+    def _all_pool_metrics(self, views: list[PoolView]) -> list[Metric]:
         per_worker = self.per_worker
         workers: list[_Row] = []
         ready: list[_Row] = []
@@ -220,12 +297,15 @@ class CorralCollector:
         responsive: list[_Row] = []
         restarts: list[_Row] = []
         exits: list[_Row] = []
-        uptime: list[_Row] = []
-        age: list[_Row] = []
         rss: list[_Row] = []
         latency: list[tuple[str, tuple[int, ...], float]] = []
         gave_up: list[_Row] = []
         budget: list[_Row] = []
+        if per_worker:
+            uptime: list[_Row] = []
+            age: list[_Row] = []
+        else:
+            uptime, age = _ages(views)
         for view in views:
             pool = view.name
             responsive.append(((pool,), 1.0 if view.responsive else 0.0))
@@ -252,29 +332,25 @@ class CorralCollector:
                         uptime.append(((pool, str(w.index)), w.uptime))
                         if w.heartbeat_age is not None:
                             age.append(((pool, str(w.index)), w.heartbeat_age))
-            elif not per_worker:
-                if summary.youngest is not None:
-                    uptime.append(((pool,), summary.youngest))
-                if summary.oldest_beat_age is not None:
-                    age.append(((pool,), summary.oldest_beat_age))
         if per_worker:
             pids = _pids(views)
             rss.extend((pids[pid], value) for pid, value in self._rss.get(pids).items())
         else:
             rss.extend(self._pool_rss(views))
         family = self._family
-        yield family("corral_workers", workers)
-        yield family("corral_workers_ready", ready)
-        yield family("corral_ready", ok)
-        yield family("corral_monitor_responsive", responsive)
-        yield family("corral_worker_restarts_total", restarts)
-        yield family("corral_worker_exits_total", exits)
-        yield family("corral_worker_uptime_seconds", uptime)
-        yield family("corral_heartbeat_age_seconds", age)
-        yield family("corral_rss_bytes", rss)
-        yield self._latency(latency)
-        yield family("corral_gave_up", gave_up)
-        yield family("corral_restart_budget_remaining", budget)
+        # The order of _FAMILIES (the fast path above replaces two by their index).
+        return [family("corral_workers", workers),
+                family("corral_workers_ready", ready),
+                family("corral_ready", ok),
+                family("corral_monitor_responsive", responsive),
+                family("corral_worker_restarts_total", restarts),
+                family("corral_worker_exits_total", exits),
+                family("corral_worker_uptime_seconds", uptime),
+                family("corral_heartbeat_age_seconds", age),
+                family("corral_rss_bytes", rss),
+                self._latency(latency),
+                family("corral_gave_up", gave_up),
+                family("corral_restart_budget_remaining", budget)]
 
     def _pool_rss(self, views: list[PoolView]) -> list[_Row]:
         """RSS per pool. Within ``rss_interval``, a pool whose live pids are the very tuple of
