@@ -54,8 +54,9 @@ class Renderer:
         # (content type, family name) -> its header, once _simple() was seen to write what
         # the encoder writes for it; None: the encoder writes it (it did not match).
         self._simple: dict[tuple[str, str], bytes | None] = {}
-        # content type -> the key its last render was tagged with (see stamp())
-        self._stamps: dict[str, Any] = {}
+        # content type -> (the key its last render was tagged with (see stamp()), that
+        # render as quick() pieces once made)
+        self._stamps: dict[str, tuple[Any, Any]] = {}
         # (sample name, label names, label values) -> the line up to its value (quick())
         self._lines: dict[tuple[str, tuple[str, ...], tuple[str, ...]], str] = {}
 
@@ -70,7 +71,7 @@ class Renderer:
     def stamp(self, content_type: str, key: Any) -> None:
         """Tag the last render in ``content_type`` with ``key`` (what the caller rendered it
         from): :meth:`quick` reuses it only for the same key."""
-        self._stamps[content_type] = key
+        self._stamps[content_type] = (key, None)
 
     def quick(self, accept: str, key: Any,
               rows: dict[str, tuple[tuple[str, ...], list[tuple[tuple[str, ...], float]]]]
@@ -79,30 +80,56 @@ class Renderer:
         counters: ``name -> (label names, [(label values, value)])``) written anew, the other
         families as they were; None if that render was not tagged ``key`` (see :meth:`stamp`)
         or a family of ``rows`` is not one :func:`_simple` was seen to write exactly."""
-        encoder, content_type = self._choose(accept)
-        cache = self._cache.get(content_type)
-        if (cache is None or self._stamps.get(content_type) != key
-                or not all(name in cache for name in rows)):
+        content_type = self._choose(accept)[1]
+        tagged = self._stamps.get(content_type)
+        if tagged is None or tagged[0] != key:
             return None
+        template = tagged[1]
+        if template is None or template[0] != rows.keys():
+            template = self._template(content_type, rows)
+            if template is None:
+                return None
+            self._stamps[content_type] = (key, template)
         parts = []
-        for name, (metric, data) in cache.items():
-            fresh = rows.get(name)
-            if fresh is not None:
-                header = self._simple.get((content_type, name))
-                if not header:
+        for piece in template[1]:
+            if isinstance(piece, bytes):
+                parts.append(piece)
+                continue
+            name, sample, header = piece
+            labels, samples = rows[name]
+            lines = []
+            for values, value in samples:
+                head = self._line(sample, labels, values)
+                if head is None:
                     return None
-                sample = name + "_total" if metric.type == "counter" else name
-                lines = []
-                for values, value in fresh[1]:
-                    head = self._line(sample, fresh[0], values)
-                    if head is None:
-                        return None
-                    lines.append(head + _float_text(value) + "\n")
-                data = header + "".join(lines).encode()
-            parts.append(data)
-        if content_type.startswith("application/openmetrics-text"):
-            parts.append(_EOF)
+                lines.append(head + _float_text(value) + "\n")
+            parts.append(header + "".join(lines).encode())
         return b"".join(parts), content_type
+
+    def _template(self, content_type: str, rows: dict[str, Any]) -> tuple[Any, list[Any]] | None:
+        """The last render as pieces: the bytes of the families not in ``rows`` (runs joined)
+        and (name, sample name, header) for those in it; None if one cannot be written."""
+        cache = self._cache.get(content_type)
+        if cache is None or not all(name in cache for name in rows):
+            return None
+        pieces: list[Any] = []
+        run: list[bytes] = []
+        for name, (metric, data) in cache.items():
+            if name not in rows:
+                run.append(data)
+                continue
+            header = self._simple.get((content_type, name))
+            if not header or metric.type not in ("gauge", "counter"):
+                return None
+            if run:
+                pieces.append(b"".join(run))
+                run = []
+            pieces.append((name, name + "_total" if metric.type == "counter" else name, header))
+        if content_type.startswith("application/openmetrics-text"):
+            run.append(_EOF)
+        if run:
+            pieces.append(b"".join(run))
+        return rows.keys(), pieces
 
     def _line(self, sample: str, labels: tuple[str, ...], values: tuple[str, ...]
               ) -> str | None:

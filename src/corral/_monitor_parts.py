@@ -660,6 +660,18 @@ class ControlPart(_Core):
             TimeoutError: the loop has been in one round for more than ``timeout`` seconds
                 (wedged: a round trip would not have been answered in time either).
         """
+        got = self.glance(timeout)
+        if got is None:
+            return None
+        facts, youngest, oldest_beat_age, budget_remaining = got
+        return PoolSummary(facts.counts, facts.ready, facts.wanted, facts.pids, youngest,
+                           oldest_beat_age, budget_remaining, facts.stopping)
+
+    def glance(self, timeout: float) -> tuple[PoolFacts, float | None, float | None,
+                                               int | None] | None:
+        """``(facts, youngest, oldest_beat_age, budget_remaining)``: :meth:`observed` without
+        the summary (a scrape of a pool at rest compares the facts by identity and reads the
+        ages alone). None and TimeoutError as there."""
         facts = self._facts
         if facts is None or facts.version != self._changes or self.finished.is_set():
             return None
@@ -677,14 +689,12 @@ class ControlPart(_Core):
         # The oldest beat of a live worker that has beaten (0.0: not yet), in C calls: a
         # scrape every second of a large pool stays cheap.
         oldest_beat = min(filter(None, map(beats.__getitem__, indexes)), default=math.inf)
-        limit = self._budget.budget.max_restarts
-        return PoolSummary(
-            facts.counts, facts.ready, facts.wanted, facts.pids,
-            None if newest_start < 0 else now - newest_start,
-            None if oldest_beat == math.inf else now - oldest_beat,
-            None if limit is None else limit - sum(
-                1 for t in facts.budget_times if t > now - self._budget.budget.window),
-            facts.stopping)
+        budget = self._budget.budget
+        limit = budget.max_restarts
+        return (facts, None if newest_start < 0 else now - newest_start,
+                None if oldest_beat == math.inf else now - oldest_beat,
+                None if limit is None else limit - sum(
+                    1 for t in facts.budget_times if t > now - budget.window))
 
     def _answer_waiters(self) -> None:
         """Answer everyone still waiting on the monitor once it has finished."""

@@ -177,6 +177,27 @@ class SupervisorSource:
     def ping(self, timeout: float) -> bool:
         return self.sup.ping(timeout)
 
+    def glance(self, timeout: float) -> tuple[Any, float | None, float | None] | None:
+        """``(stamp, youngest, oldest_beat_age)``, or None where only :meth:`observe` can tell
+        (not started, finished, a round changing the pool, a wedged loop).
+
+        ``stamp`` is equal for two glances exactly when everything :meth:`observe` reports
+        but the ages is (the published facts and counters by identity, min_ready, the
+        budget left): a metrics scrape reuses what it made of the last one.
+        """
+        sup = self.sup
+        monitor = sup._monitor
+        if monitor is None:
+            return None
+        try:
+            got = monitor.glance(timeout)
+        except TimeoutError:
+            return None
+        if got is None:
+            return None
+        facts, youngest, oldest, budget = got
+        return (facts, monitor.stats.snapshot(), sup.min_ready, budget), youngest, oldest
+
     def observe(self, timeout: float, detail: bool = False) -> PoolView:
         sup = self.sup
         monitor = sup._monitor

@@ -110,6 +110,8 @@ _DOC = {d.name: d for d in METRICS}
 _LABELS = {d.name: (tuple(x for x in d.labels if not x.startswith("[")),
                     tuple(x.strip("[]") for x in d.labels)) for d in METRICS}
 _Row = tuple[tuple[str, ...], float]  # (label values, value)
+_Rows = tuple[tuple[str, ...], list[_Row]]  # (label names, rows)
+_POOL = ("pool",)
 
 
 def _help(name: str) -> str:
@@ -207,7 +209,8 @@ class CorralCollector:
         # family name -> (its samples as plain tuples, the family built from them)
         self._last: dict[str, tuple[tuple[Any, ...], Metric]] = {}
         # (what the families depend on but the clock, the pool families): see _static_key
-        self._memo: tuple[tuple[Any, ...], list[Metric]] | None = None
+        # (static key, families, the pools' glance stamps taken before their views)
+        self._memo: tuple[tuple[Any, ...], list[Metric], tuple[Any, ...] | None] | None = None
         # pool -> (the pids tuple its last RSS sum was taken for, the sum)
         self._rss_memo: dict[str, tuple[tuple[tuple[int, int], ...], int]] = {}
 
@@ -240,53 +243,81 @@ class CorralCollector:
                 yield HistogramMetricFamily(d.name, d.help, labels=labels)
 
     def collect(self) -> Iterator[Metric]:
-        views = [src.observe(self.timeout, self.per_worker) for src in self.sources.pools()]
-        yield from self._pool_metrics(views)
+        pools = self.sources.pools()
+        # Glanced at before the views are read: a change in between makes the next quick()
+        # miss (one more collect), never reuse families older than its stamp.
+        stamps = None if self.per_worker else self._stamps(pools)
+        views = [src.observe(self.timeout, self.per_worker) for src in pools]
+        yield from self._pool_metrics(views, stamps)
         yield from self._task_metrics()
 
-    def quick(self) -> tuple[tuple[Any, ...], dict[str, tuple[tuple[str, ...], list[_Row]]]] | None:
+    def quick(self) -> tuple[tuple[Any, ...], dict[str, _Rows]] | None:
         """A scrape that reads only what moved with the clock, or None (collect() then).
 
-        Returns ``(key, rows)`` when every pool family but the ages is what the last
-        :meth:`collect` produced (``key``: what it was made of, as that collect left it in
-        :attr:`memo_key`): ``rows`` maps the two age families to their label names and
-        samples now. None with per-worker series, task stats, RSS due for a re-read, or a pool
-        whose facts, counters or pids changed since.
+        Returns ``(stamp, rows)`` when every pool family but the ages is what the last
+        :meth:`collect` produced (``stamp``: the pools' glances then, :attr:`memo_stamp`):
+        ``rows`` maps the two age families to their label names and samples now. None with
+        per-worker series, task stats, RSS due for a re-read, a pool that cannot be glanced
+        at (see ``SupervisorSource.glance``) or whose facts, counters or pids changed since.
         """
         memo = self._memo
-        if memo is None or self.per_worker or self._rss.due() or self.sources.has_tasks():
+        if (memo is None or memo[2] is None or self.per_worker or self._rss.due()
+                or self.sources.has_tasks()):
             return None
-        views = [src.observe(self.timeout) for src in self.sources.pools()]
-        key = _static_key(views)
-        if key != memo[0]:
+        stamps = []
+        uptime: list[_Row] = []
+        age: list[_Row] = []
+        for src in self.sources.pools():
+            glance = getattr(src, "glance", None)
+            got = None if glance is None else glance(self.timeout)
+            if got is None:
+                return None
+            stamp, youngest, oldest = got
+            stamps.append(stamp)
+            if youngest is not None:
+                uptime.append(((src.name,), youngest))
+            if oldest is not None:
+                age.append(((src.name,), oldest))
+        if tuple(stamps) != memo[2]:
             return None
-        uptime, age = _ages(views)
-        return memo[0], {"corral_worker_uptime_seconds": (("pool",), uptime),
-                         "corral_heartbeat_age_seconds": (("pool",), age)}
+        return memo[2], {"corral_worker_uptime_seconds": (_POOL, uptime),
+                         "corral_heartbeat_age_seconds": (_POOL, age)}
 
     @property
-    def memo_key(self) -> tuple[Any, ...] | None:
-        """What the pool families of the last :meth:`collect` were made of (None: with
-        per-worker series, or none yet): see :meth:`quick`."""
-        return None if self._memo is None else self._memo[0]
+    def memo_stamp(self) -> tuple[Any, ...] | None:
+        """The pools' glances taken just before the last :meth:`collect` read them (None:
+        with per-worker series, or a pool that cannot be glanced at): see :meth:`quick`."""
+        return None if self._memo is None else self._memo[2]
+
+    def _stamps(self, pools: list[Any]) -> tuple[Any, ...] | None:
+        stamps = []
+        for src in pools:
+            glance = getattr(src, "glance", None)
+            got = None if glance is None else glance(self.timeout)
+            if got is None:
+                return None
+            stamps.append(got[0])
+        return tuple(stamps)
 
     # ------------------------------------------------------------------------ supervisors
 
-    def _pool_metrics(self, views: list[PoolView]) -> Iterator[Metric]:
-        if not self.per_worker:
-            key = _static_key(views)
-            memo = self._memo
-            if memo is not None and memo[0] == key and not self._rss.due():
-                # Nothing but the clock moved since the last scrape (the same facts, counters
-                # and pids): last scrape's families, with the two that age rebuilt.
-                uptime, age = _ages(views)
-                families = list(memo[1])
-                families[_UPTIME] = self._family("corral_worker_uptime_seconds", uptime)
-                families[_AGE] = self._family("corral_heartbeat_age_seconds", age)
-                yield from families
-                return
-        families = self._all_pool_metrics(views)
-        self._memo = None if self.per_worker else (_static_key(views), families)
+    def _pool_metrics(self, views: list[PoolView], stamps: tuple[Any, ...] | None
+                      ) -> Iterator[Metric]:
+        if self.per_worker:
+            yield from self._all_pool_metrics(views)
+            return
+        key = _static_key(views)
+        memo = self._memo
+        if memo is not None and memo[0] == key and not self._rss.due():
+            # Nothing but the clock moved since the last scrape (the same facts, counters
+            # and pids): last scrape's families, with the two that age rebuilt.
+            uptime, age = _ages(views)
+            families = list(memo[1])
+            families[_UPTIME] = self._family("corral_worker_uptime_seconds", uptime)
+            families[_AGE] = self._family("corral_heartbeat_age_seconds", age)
+        else:
+            families = self._all_pool_metrics(views)
+        self._memo = (key, families, stamps)
         yield from families
 
     def _all_pool_metrics(self, views: list[PoolView]) -> list[Metric]:
