@@ -18,8 +18,8 @@ import psutil
 import pytest
 from test_unit_observability import FakeSource, worker
 
-from corral.endpoint import MAX_HEAD, Endpoint, _plain_request
 from corral._observe import PoolSummary, PoolView
+from corral.endpoint import MAX_HEAD, Endpoint, _plain_request
 from corral.states import WorkerState
 from corral.status import WorkerStatus
 from obs_support import get
