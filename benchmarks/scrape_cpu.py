@@ -81,6 +81,7 @@ def main() -> int:
     ap.add_argument("--per-worker", action="store_true")
     ap.add_argument("--profile", type=int, default=0)
     ap.add_argument("--answer", type=int, default=0)
+    ap.add_argument("--path", default="/metrics", help="what the scraper asks for")
     ap.add_argument("--inner", action="store_true",
                     help="also time the request handling inside the endpoint's thread")
     a = ap.parse_args()
@@ -133,7 +134,7 @@ def main() -> int:
             time.sleep(window)
             idle = (time.process_time() - cpu0) / (time.monotonic() - t0)
             th1 = threads_cpu()
-            cpu, elapsed, rep = scrape(address, a.interval, a.scrapes)
+            cpu, elapsed, rep = scrape(address, a.interval, a.scrapes, a.path)
             th2 = threads_cpu()
             if inner:
                 print(f"  _handle in the endpoint thread: median "

@@ -645,7 +645,7 @@ class ControlPart(_Core):
             ready=ready, wanted=len(self._slots) - counts[S.EXITED] - counts[S.STOPPED],
             live=tuple(live), pids=tuple((index, pid) for index, pid, _ in live),
             stopping=self._stopping, budget_times=tuple(self._budget.times),
-            indexes=tuple(index for index, _, _ in live),
+            indexes=tuple(sorted(index for index, _, _ in live)),
             newest_start=max((started for _, _, started in live), default=-math.inf))
         self._published = self._changes
 
@@ -684,8 +684,8 @@ class ControlPart(_Core):
         now = self._clock()
         newest_start = facts.newest_start
         indexes = facts.indexes
-        if indexes and max(indexes) >= len(beats):  # a slot the table has not got yet
-            beats = beats + [0.0] * (max(indexes) + 1 - len(beats))
+        if indexes and indexes[-1] >= len(beats):  # a slot the table has not got yet
+            beats = beats + [0.0] * (indexes[-1] + 1 - len(beats))
         # The oldest beat of a live worker that has beaten (0.0: not yet), in C calls: a
         # scrape every second of a large pool stays cheap.
         oldest_beat = min(filter(None, map(beats.__getitem__, indexes)), default=math.inf)

@@ -92,7 +92,7 @@ class PoolFacts:
         pids: (index, pid) of the same (the same tuple in every summary made from these
             facts: a reader may cache what it derives from it).
         budget_times: the loop's clock at each restart counted in the budget's window.
-        indexes: the index of each live worker (as in ``live``), and ``newest_start``: the
+        indexes: the index of each live worker (ascending), and ``newest_start``: the
             latest start among them (-inf: none), so that a reader computes the ages with a
             few C calls instead of a loop over the workers.
     """

@@ -364,6 +364,15 @@ class Endpoint:
         if not data:
             self._drop(conn)
             return
+        if (conn.idle and not conn.buf and data.endswith(b"\r\n\r\n")
+                and data.find(b"\r\n\r\n") == len(data) - 4 and len(data) <= MAX_HEAD):
+            # One whole request head on an idle connection (a scraper's next request): no
+            # buffering, and its timer stays as it is (see _arm).
+            conn.idle = False
+            assert self._reactor is not None
+            conn.since = self._reactor.clock()
+            self._respond(conn, *self._handle(data, conn.peer))
+            return
         conn.buf += data
         if conn.idle:
             # The first byte of the next request: from now on it has request_timeout (its
