@@ -82,22 +82,26 @@ def main() -> int:
     ap.add_argument("--profile", type=int, default=0)
     ap.add_argument("--answer", type=int, default=0)
     ap.add_argument("--path", default="/metrics", help="what the scraper asks for")
+    ap.add_argument("--rss-interval", type=float, default=None,
+                    help="an Endpoint of its own with this rss_interval (default: http=)")
     ap.add_argument("--inner", action="store_true",
                     help="also time the request handling inside the endpoint's thread")
     a = ap.parse_args()
     n = a.answer or a.workers
+    own = a.per_worker or a.rss_interval is not None
     sup = corral.Supervisor(beater, workers=n, args=_args, start_method="fork",
                             heartbeat_timeout=5.0, stop_timeout=1.0,
-                            http=None if a.per_worker else "127.0.0.1:0")
+                            http=None if own else "127.0.0.1:0")
     endpoint = None
     try:
         sup.start()
         if not sup.wait_ready(timeout=60 + n * 0.2):
             raise RuntimeError("the pool did not get ready")
-        if a.per_worker:
+        if own:
             from corral.endpoint import Endpoint
 
-            endpoint = Endpoint("127.0.0.1:0", pools=[sup], per_worker=True).start()
+            endpoint = Endpoint("127.0.0.1:0", pools=[sup], per_worker=a.per_worker,
+                                rss_interval=a.rss_interval or 10.0).start()
             address = endpoint.address
         else:
             address = sup.http_address

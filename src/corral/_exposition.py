@@ -15,6 +15,12 @@ sample. It is used for a family only once it has written exactly what the encode
 that family in that format (checked on the first render with samples); until then, and for
 anything else (histograms, timestamps, exemplars, label values that need escaping), the
 encoder writes it.
+
+A pool at rest changes nothing but its ages between two scrapes. :meth:`Renderer.quick` then
+skips the registry altogether: the caller (the endpoint, whose registry holds corral's collector
+alone) tags each full render with what it was made of (:meth:`Renderer.stamp`: the pools'
+published facts and counters), and a scrape with the same tag gets that render back with the
+age families written anew by the same direct writing, so still byte for byte the encoder's.
 """
 
 from __future__ import annotations
@@ -129,7 +135,7 @@ class Renderer:
             run.append(_EOF)
         if run:
             pieces.append(b"".join(run))
-        return rows.keys(), pieces
+        return frozenset(rows), pieces
 
     def _line(self, sample: str, labels: tuple[str, ...], values: tuple[str, ...]
               ) -> str | None:

@@ -10,7 +10,9 @@
         -> a plain GET/HEAD is parsed here (_plain_request); anything else by
            http.server.BaseHTTPRequestHandler (the stdlib's parser, on the bytes read)
         -> the route reads each pool (observe: what its loop published, a round trip only
-           when that is not current; ping for /livez; each bounded by ``timeout``)
+           when that is not current; ping for /livez; each bounded by ``timeout``); a
+           /metrics of pools at rest reads only their ages and reuses the last body
+           (metrics())
         -> the response is written without blocking; the connection is kept for the next
            request (HTTP/1.1 keep-alive, as Prometheus scrapes) or closed.
 

@@ -17,6 +17,11 @@ Without ``per_worker`` the per-worker gauges are pre-aggregated per pool with th
 dashboard would use (the oldest heartbeat: max; the youngest worker's uptime: min; RSS: sum),
 so ``max by (pool) (corral_heartbeat_age_seconds)`` means the same in both modes.
 
+A pool at rest (the same published facts, counters and pids as at the last scrape) changes
+only its ages from one scrape to the next: :meth:`CorralCollector.quick` reads just those, from
+a glance at each pool, and the endpoint reuses the rest of the last body (see
+``corral._exposition``). Any change makes the next scrape a full collect again.
+
 This module imports prometheus_client; ``import corral`` never imports it. :data:`METRICS`
 lists every family (README's table is checked against it).
 """
