@@ -1,14 +1,15 @@
 """Supervisor CPU per /metrics scrape, quickly (the ``scrape`` scenario of ``make bench``, small).
 
 ``python benchmarks/scrape_cpu.py [--workers 64] [--scrapes 20] [--interval 1.0] [--rounds 1]
-[--per-worker] [--profile N] [--answer 512]``
+[--per-worker] [--rss-interval S] [--path /metrics] [--inner] [--profile N] [--answer 512]``
 
 64 fork workers beat every 0.2 s (heartbeat timeout 5 s). Each round measures this process's
 CPU over an idle window (endpoint on, nobody scraping) and over ``--scrapes`` scrapes by
 benchmarks/scraper.py (a process of its own, one kept-alive connection), and prints the CPU per
 scrape (scrape window minus idle rate) and per 10 s. ``--profile N``: then N scrapes in this
 process under cProfile (the request handling alone, no socket). ``--answer N``: the answer time
-of a scrape of an N-worker pool instead.
+of a scrape of an N-worker pool instead. ``--inner``: also the median CPU of the request
+handling inside the endpoint's thread; each round also prints each thread's CPU.
 """
 
 from __future__ import annotations
