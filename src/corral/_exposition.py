@@ -15,6 +15,12 @@ sample. It is used for a family only once it has written exactly what the encode
 that family in that format (checked on the first render with samples); until then, and for
 anything else (histograms, timestamps, exemplars, label values that need escaping), the
 encoder writes it.
+
+A pool at rest changes nothing but its ages between two scrapes. :meth:`Renderer.quick` then
+skips the registry altogether: the caller (the endpoint, whose registry holds corral's collector
+alone) tags each full render with what it was made of (:meth:`Renderer.stamp`: the pools'
+published facts and counters), and a scrape with the same tag gets that render back with the
+age families written anew by the same direct writing, so still byte for byte the encoder's.
 """
 
 from __future__ import annotations
@@ -54,15 +60,101 @@ class Renderer:
         # (content type, family name) -> its header, once _simple() was seen to write what
         # the encoder writes for it; None: the encoder writes it (it did not match).
         self._simple: dict[tuple[str, str], bytes | None] = {}
+        # content type -> (the key its last render was tagged with (see stamp()), that
+        # render as quick() pieces once made)
+        self._stamps: dict[str, tuple[Any, Any]] = {}
+        # (sample name, label names, label values) -> the line up to its value (quick())
+        self._lines: dict[tuple[str, tuple[str, ...], tuple[str, ...]], str] = {}
 
-    def render(self, registry: Any, accept: str) -> tuple[bytes, str]:
-        encoder: Callable[[Any], bytes]
+    def _choose(self, accept: str) -> tuple[Callable[[Any], bytes], str]:
         chosen = self._encoders.get(accept)
         if chosen is None:
             if len(self._encoders) > 16:  # a few distinct Accept headers in practice
                 self._encoders.clear()
             chosen = self._encoders[accept] = choose_encoder(accept)
-        encoder, content_type = chosen
+        return chosen
+
+    def stamp(self, content_type: str, key: Any) -> None:
+        """Tag the last render in ``content_type`` with ``key`` (what the caller rendered it
+        from): :meth:`quick` reuses it only for the same key."""
+        self._stamps[content_type] = (key, None)
+
+    def quick(self, accept: str, key: Any,
+              rows: dict[str, tuple[tuple[str, ...], list[tuple[tuple[str, ...], float]]]]
+              ) -> tuple[bytes, str] | None:
+        """The last render for this Accept header with the families in ``rows`` (gauges or
+        counters: ``name -> (label names, [(label values, value)])``) written anew, the other
+        families as they were; None if that render was not tagged ``key`` (see :meth:`stamp`)
+        or a family of ``rows`` is not one :func:`_simple` was seen to write exactly."""
+        content_type = self._choose(accept)[1]
+        tagged = self._stamps.get(content_type)
+        if tagged is None or tagged[0] != key:
+            return None
+        template = tagged[1]
+        if template is None or template[0] != rows.keys():
+            template = self._template(content_type, rows)
+            if template is None:
+                return None
+            self._stamps[content_type] = (key, template)
+        parts = []
+        for piece in template[1]:
+            if isinstance(piece, bytes):
+                parts.append(piece)
+                continue
+            name, sample, header = piece
+            labels, samples = rows[name]
+            lines = []
+            for values, value in samples:
+                head = self._line(sample, labels, values)
+                if head is None:
+                    return None
+                lines.append(head + _float_text(value) + "\n")
+            parts.append(header + "".join(lines).encode())
+        return b"".join(parts), content_type
+
+    def _template(self, content_type: str, rows: dict[str, Any]) -> tuple[Any, list[Any]] | None:
+        """The last render as pieces: the bytes of the families not in ``rows`` (runs joined)
+        and (name, sample name, header) for those in it; None if one cannot be written."""
+        cache = self._cache.get(content_type)
+        if cache is None or not all(name in cache for name in rows):
+            return None
+        pieces: list[Any] = []
+        run: list[bytes] = []
+        for name, (metric, data) in cache.items():
+            if name not in rows:
+                run.append(data)
+                continue
+            header = self._simple.get((content_type, name))
+            if not header or metric.type not in ("gauge", "counter"):
+                return None
+            if run:
+                pieces.append(b"".join(run))
+                run = []
+            pieces.append((name, name + "_total" if metric.type == "counter" else name, header))
+        if content_type.startswith("application/openmetrics-text"):
+            run.append(_EOF)
+        if run:
+            pieces.append(b"".join(run))
+        return frozenset(rows), pieces
+
+    def _line(self, sample: str, labels: tuple[str, ...], values: tuple[str, ...]
+              ) -> str | None:
+        """``name{label="value",...} `` as :func:`_simple` writes it (cached per series), or
+        None if a label needs escaping (that one writes none of those either)."""
+        key = (sample, labels, values)
+        text = self._lines.get(key)
+        if text is None:
+            pairs = sorted(zip(labels, values, strict=True))
+            if any(_escaped(k, v) for k, v in pairs):
+                return None
+            if len(self._lines) > 4096:  # bounded: series come and go with pools
+                self._lines.clear()
+            inner = ",".join(f'{k}="{v}"' for k, v in pairs)
+            text = self._lines[key] = f"{sample}{{{inner}}} " if pairs else f"{sample} "
+        return text
+
+    def render(self, registry: Any, accept: str) -> tuple[bytes, str]:
+        encoder, content_type = self._choose(accept)
         openmetrics = content_type.startswith("application/openmetrics-text")
         old = self._cache.get(content_type, {})
         new: dict[str, tuple[Any, bytes]] = {}
@@ -80,7 +172,9 @@ class Renderer:
         if len(self._cache) > 4:  # a few formats at most (text, OpenMetrics versions)
             self._cache.clear()
             self._simple.clear()
+            self._stamps.clear()
         self._cache[content_type] = new
+        self._stamps.pop(content_type, None)  # until the caller tags this render
         return b"".join(parts), content_type
 
     def _family(self, metric: Any, encoder: Callable[[Any], bytes], content_type: str,
@@ -120,10 +214,16 @@ def _simple(metric: Any, header: bytes) -> bytes | None:
         if labels:
             pairs = []
             for k, v in sorted(labels.items()):
-                if "\\" in v or '"' in v or "\n" in v or not (k.isascii() and k.isidentifier()):
+                if _escaped(k, v):
                     return None
                 pairs.append(f'{k}="{v}"')
             lines.append(f"{s.name}{{{','.join(pairs)}}} {_float_text(s.value)}\n")
         else:
             lines.append(f"{s.name} {_float_text(s.value)}\n")
     return header + "".join(lines).encode()
+
+
+def _escaped(name: str, value: str) -> bool:
+    """A label :func:`_simple` does not write (its value or name would need escaping)."""
+    return "\\" in value or '"' in value or "\n" in value or not (name.isascii()
+                                                                and name.isidentifier())

@@ -652,7 +652,9 @@ class ControlPart(_Core):
             version=self._changes, counts={state.value: n for state, n in counts.items()},
             ready=ready, wanted=len(self._slots) - counts[S.EXITED] - counts[S.STOPPED],
             live=tuple(live), pids=tuple((index, pid) for index, pid, _ in live),
-            stopping=self._stopping, budget_times=tuple(self._budget.times))
+            stopping=self._stopping, budget_times=tuple(self._budget.times),
+            indexes=tuple(sorted(index for index, _, _ in live)),
+            newest_start=max((started for _, _, started in live), default=-math.inf))
         self._published = self._changes
 
     def observed(self, timeout: float) -> PoolSummary | None:
@@ -666,6 +668,18 @@ class ControlPart(_Core):
             TimeoutError: the loop has been in one round for more than ``timeout`` seconds
                 (wedged: a round trip would not have been answered in time either).
         """
+        got = self.glance(timeout)
+        if got is None:
+            return None
+        facts, youngest, oldest_beat_age, budget_remaining = got
+        return PoolSummary(facts.counts, facts.ready, facts.wanted, facts.pids, youngest,
+                           oldest_beat_age, budget_remaining, facts.stopping)
+
+    def glance(self, timeout: float) -> tuple[PoolFacts, float | None, float | None,
+                                               int | None] | None:
+        """``(facts, youngest, oldest_beat_age, budget_remaining)``: :meth:`observed` without
+        the summary (a scrape of a pool at rest compares the facts by identity and reads the
+        ages alone). None and TimeoutError as there."""
         facts = self._facts
         if facts is None or facts.version != self._changes or self.finished.is_set():
             return None
@@ -676,25 +690,19 @@ class ControlPart(_Core):
         if beats is None:
             return None
         now = self._clock()
-        newest_start, oldest_beat = -math.inf, math.inf
-        n = len(beats)
-        for index, _, started in facts.live:
-            if started > newest_start:
-                newest_start = started
-            beat = beats[index] if index < n else 0.0
-            if 0 < beat < oldest_beat:
-                oldest_beat = beat
+        newest_start = facts.newest_start
+        indexes = facts.indexes
+        if indexes and indexes[-1] >= len(beats):  # a slot the table has not got yet
+            beats = beats + [0.0] * (indexes[-1] + 1 - len(beats))
+        # The oldest beat of a live worker that has beaten (0.0: not yet), in C calls: a
+        # scrape every second of a large pool stays cheap.
+        oldest_beat = min(filter(None, map(beats.__getitem__, indexes)), default=math.inf)
         budget = self._budget.budget
         limit = budget.max_restarts
-        horizon = now - budget.window
-        return PoolSummary(
-            counts=facts.counts, ready=facts.ready, wanted=facts.wanted,
-            pids=facts.pids,
-            youngest=None if newest_start < 0 else now - newest_start,
-            oldest_beat_age=None if oldest_beat == math.inf else now - oldest_beat,
-            budget_remaining=(None if limit is None
-                              else limit - sum(1 for t in facts.budget_times if t > horizon)),
-            stopping=facts.stopping)
+        return (facts, None if newest_start < 0 else now - newest_start,
+                None if oldest_beat == math.inf else now - oldest_beat,
+                None if limit is None else limit - sum(
+                    1 for t in facts.budget_times if t > now - budget.window))
 
     def _answer_waiters(self) -> None:
         """Answer everyone still waiting on the monitor once it has finished."""

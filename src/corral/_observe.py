@@ -92,6 +92,9 @@ class PoolFacts:
         pids: (index, pid) of the same (the same tuple in every summary made from these
             facts: a reader may cache what it derives from it).
         budget_times: the loop's clock at each restart counted in the budget's window.
+        indexes: the index of each live worker (ascending), and ``newest_start``: the
+            latest start among them (-inf: none), so that a reader computes the ages with a
+            few C calls instead of a loop over the workers.
     """
 
     version: int
@@ -102,6 +105,8 @@ class PoolFacts:
     pids: tuple[tuple[int, int], ...]
     stopping: bool
     budget_times: tuple[float, ...]
+    indexes: tuple[int, ...] = ()
+    newest_start: float = -float("inf")
 
 
 @dataclass(frozen=True)
@@ -172,9 +177,44 @@ class SupervisorSource:
     def ping(self, timeout: float) -> bool:
         return self.sup.ping(timeout)
 
+    def glance(self, timeout: float) -> tuple[Any, float | None, float | None] | None:
+        """``(stamp, youngest, oldest_beat_age)``, or None where only :meth:`observe` can tell
+        (not started, finished, a round changing the pool, a wedged loop).
+
+        ``stamp`` is equal for two glances exactly when everything :meth:`observe` reports
+        but the ages is (the published facts and counters by identity, min_ready, the
+        budget left): a metrics scrape reuses what it made of the last one.
+        """
+        sup = self.sup
+        monitor = sup._monitor
+        if monitor is None:
+            return None
+        try:
+            got = monitor.glance(timeout)
+        except TimeoutError:
+            return None
+        if got is None:
+            return None
+        facts, youngest, oldest, budget = got
+        return (facts, monitor.stats.snapshot(), sup.min_ready, budget), youngest, oldest
+
     def observe(self, timeout: float, detail: bool = False) -> PoolView:
         sup = self.sup
         monitor = sup._monitor
+        if monitor is not None and not detail:
+            # What the loop published, if it is current: no round trip (the loop sleeps on).
+            # (observed() is None once the pool has finished: the ways below.)
+            try:
+                summary = monitor.observed(timeout)
+            except TimeoutError:  # wedged: reported unresponsive (summary None)
+                return PoolView(sup.spec.name, self.kind, "running", None, None,
+                                monitor.stats.snapshot(), sup.min_ready, sup._started_at,
+                                timeout)
+            if summary is not None:
+                return PoolView(sup.spec.name, self.kind,
+                                "stopping" if summary.stopping else "running", summary, None,
+                                monitor.stats.snapshot(), sup.min_ready, sup._started_at,
+                                timeout)
         common: dict[str, Any] = dict(name=sup.spec.name, kind=self.kind,
                                       min_ready=sup.min_ready, started_at=sup._started_at,
                                       timeout=timeout)
@@ -182,15 +222,6 @@ class SupervisorSource:
             return PoolView(state="new", summary=PoolSummary.of(()), workers=(), **common)
         stats = monitor.stats.snapshot()
         if not monitor.finished.is_set():
-            if not detail:
-                # What the loop published, if it is current: no round trip (the loop sleeps on).
-                try:
-                    summary = monitor.observed(timeout)
-                except TimeoutError:
-                    return PoolView(state="running", summary=None, stats=stats, **common)
-                if summary is not None:
-                    return PoolView(state="stopping" if summary.stopping else "running",
-                                    summary=summary, stats=stats, **common)
             try:
                 summary, workers = monitor.call(monitor.do_observe, detail, timeout=timeout)
             except TimeoutError:
@@ -260,6 +291,9 @@ class Sources:
     def pool(self, name: str) -> PoolSource | None:
         with self._lock:
             return self._pools.get(name)
+
+    def has_tasks(self) -> bool:
+        return bool(self._tasks)  # one read of a dict's size: no lock needed
 
     def tasks(self) -> list[PoolTaskStats]:
         with self._lock:

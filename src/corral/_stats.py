@@ -47,10 +47,16 @@ class StatsSnapshot:
 
 
 class PoolStats:
-    """Updated by the pool's loop thread only; snapshots are taken under a lock."""
+    """Updated by the pool's loop thread only; snapshots are taken under a lock.
+
+    :meth:`snapshot` hands out the same object until a figure changes: a scrape every second
+    of a quiet pool then compares its counters by identity, not by content.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._changes = 0  # bumped by every update; the last snapshot is valid while equal
+        self._last: tuple[int, StatsSnapshot] | None = None
         self._restarts: Counter[str] = Counter()
         self._exits: Counter[str] = Counter()
         self._buckets = [0] * (len(LATENCY_BUCKETS) + 1)
@@ -62,10 +68,12 @@ class PoolStats:
     def exited(self, record: ExitRecord) -> None:
         with self._lock:
             self._exits[exit_cause(record)] += 1
+            self._changes += 1
 
     def restarted(self, reason: str, latency: float | None) -> None:
         """A replacement process was started; ``latency``: seconds since the death was seen."""
         with self._lock:
+            self._changes += 1
             self._restarts[reason] += 1
             if latency is not None:
                 self._buckets[bisect.bisect_left(LATENCY_BUCKETS, latency)] += 1
@@ -74,9 +82,17 @@ class PoolStats:
 
     def snapshot(self) -> StatsSnapshot:
         with self._lock:
+            last = self._last
+            # gave_up and budget_remaining are plain attributes the loop sets: checked here.
+            if (last is not None and last[0] == self._changes
+                    and last[1].gave_up == self.gave_up
+                    and last[1].budget_remaining == self.budget_remaining):
+                return last[1]
             cumulative, total = [], 0
             for n in self._buckets:
                 total += n
                 cumulative.append(total)
-            return StatsSnapshot(dict(self._restarts), dict(self._exits), tuple(cumulative),
+            snap = StatsSnapshot(dict(self._restarts), dict(self._exits), tuple(cumulative),
                                  self._sum, self._count, self.gave_up, self.budget_remaining)
+            self._last = (self._changes, snap)
+            return snap

@@ -10,7 +10,9 @@
         -> a plain GET/HEAD is parsed here (_plain_request); anything else by
            http.server.BaseHTTPRequestHandler (the stdlib's parser, on the bytes read)
         -> the route reads each pool (observe: what its loop published, a round trip only
-           when that is not current; ping for /livez; each bounded by ``timeout``)
+           when that is not current; ping for /livez; each bounded by ``timeout``); a
+           /metrics of pools at rest reads only their ages and reuses the last body
+           (metrics())
         -> the response is written without blocking; the connection is kept for the next
            request (HTTP/1.1 keep-alive, as Prometheus scrapes) or closed.
 
@@ -36,7 +38,6 @@ Paths:
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import errno
 import functools
 import io
@@ -71,6 +72,7 @@ MAX_HEAD = 8192  # bytes of request line + headers
 # (status, body, content type, extra headers)
 _Answer = tuple[int, "str | bytes", str, tuple[tuple[str, str], ...]]
 _ACCEPT_BATCH = 64
+_HEADS_KEPT = 32  # parsed request heads kept (bounded: a client may vary its headers)
 _LOOPBACK_NAMES = {"localhost", "localhost.", "ip6-localhost"}
 
 
@@ -140,6 +142,11 @@ class Endpoint:
         self._registry: CollectorRegistry | None = None
         self._collector: CorralCollector | None = None
         self._renderer: Renderer | None = None
+        self._quick = False
+        # request head -> what _plain_request() made of it (a few distinct heads in practice)
+        self._heads: dict[bytes, tuple[str, str, dict[str, str], bool]] = {}
+        # Host header value -> host_allowed()
+        self._hosts: dict[str | None, bool] = {}
         self._listen: socket.socket | None = None
         self._reactor: Reactor[Any] | None = None
         self._thread: threading.Thread | None = None
@@ -188,6 +195,8 @@ class Endpoint:
             self._collector = CorralCollector(self.sources, per_worker=self._per_worker,
                                               timeout=self.timeout,
                                               rss_interval=self._rss_interval)
+            # The quick scrape (see metrics()) needs a registry of corral's collector alone.
+            self._quick = self._given_registry is None and not self._process_metrics
             if self._given_registry is None:
                 self._registry = CollectorRegistry(auto_describe=False)
                 if self._process_metrics:
@@ -314,6 +323,7 @@ class Endpoint:
             sock.setblocking(False)
             own_fd(sock.fileno())
             conn = _Conn(sock, peer)
+            conn.since = reactor.clock()
             self._conns[conn.fd] = conn
             self._wait_request(conn, self.request_timeout)
 
@@ -326,13 +336,24 @@ class Endpoint:
         return False
 
     def _wait_request(self, conn: _Conn, timeout: float) -> None:
-        assert self._reactor is not None
-        if conn.timer is not None:
-            conn.timer.cancel()
-        conn.timer = self._reactor.call_later(timeout, self._expire, conn)
+        reactor = self._reactor
+        assert reactor is not None
+        self._arm(conn, reactor.clock() + timeout)
         if not conn.reading:  # registered once: no epoll_ctl per request
             conn.reading = True
-            self._reactor.add_reader(conn.fd, functools.partial(self._on_read, conn))
+            reactor.add_reader(conn.fd, functools.partial(self._on_read, conn))
+
+    def _arm(self, conn: _Conn, deadline: float) -> None:
+        """Expire ``conn`` at ``deadline``. One timer a connection, moved only to fire
+        earlier: a later deadline (the next idle wait) is only noted, and the timer, when it
+        fires, re-arms itself for it. A scrape every second so touches no heap."""
+        assert self._reactor is not None
+        conn.deadline = deadline
+        timer = conn.timer
+        if timer is None or timer.when > deadline:
+            if timer is not None:
+                timer.cancel()
+            conn.timer = self._reactor.call_at(deadline, self._expire, conn)
 
     def _on_read(self, conn: _Conn) -> None:
         try:
@@ -345,11 +366,24 @@ class Endpoint:
         if not data:
             self._drop(conn)
             return
-        if conn.idle:
-            # The first byte of the next request: from now on it has request_timeout.
+        if (conn.idle and not conn.buf and data.endswith(b"\r\n\r\n")
+                and data.find(b"\r\n\r\n") == len(data) - 4 and len(data) <= MAX_HEAD):
+            # One whole request head on an idle connection (a scraper's next request): no
+            # buffering, and its timer stays as it is (see _arm).
             conn.idle = False
-            self._wait_request(conn, self.request_timeout)
+            assert self._reactor is not None
+            conn.since = self._reactor.clock()
+            self._respond(conn, *self._handle(data, conn.peer))
+            return
         conn.buf += data
+        if conn.idle:
+            # The first byte of the next request: from now on it has request_timeout (its
+            # timer is moved only if the head is not all here: the common case costs none).
+            conn.idle = False
+            assert self._reactor is not None
+            conn.since = self._reactor.clock()
+            if _head_end(conn.buf) < 0:
+                self._arm(conn, conn.since + self.request_timeout)
         if conn.out is not None:  # still writing the last response: the next one waits
             if len(conn.buf) > 2 * MAX_HEAD:
                 self._drop(conn)
@@ -383,6 +417,8 @@ class Endpoint:
             try:
                 n = conn.sock.send(out)
             except (BlockingIOError, InterruptedError):
+                # The client reads slowly: the request's time runs (from its first byte).
+                self._arm(conn, conn.since + self.request_timeout)
                 self._reactor.add_writer(conn.fd, functools.partial(self._flush, conn))
                 conn.out = out
                 return
@@ -404,6 +440,7 @@ class Endpoint:
         conn.out = None
         if conn.buf:  # pipelined: the next request is here already (next in this round,
             # not by recursion: a client may send hundreds at once)
+            conn.since = self._reactor.clock()
             self._wait_request(conn, self.request_timeout)
             self._reactor.call_soon(self._next_request, conn)
         else:
@@ -412,6 +449,11 @@ class Endpoint:
 
     def _expire(self, conn: _Conn) -> None:
         if conn.fd not in self._conns:
+            return
+        assert self._reactor is not None
+        conn.timer = None
+        if self._reactor.clock() < conn.deadline:  # the deadline moved on meanwhile
+            self._arm(conn, conn.deadline)
             return
         if conn.out is None and not conn.idle:  # in the middle of its request
             with contextlib.suppress(OSError):
@@ -436,7 +478,14 @@ class Endpoint:
 
     def _handle(self, head: bytes, peer: Any) -> tuple[bytes, bool]:
         """The response to one request head, and whether the connection may be kept."""
-        request = _plain_request(head)
+        # A scraper sends the very same head every time: parsed once.
+        request = self._heads.get(head)
+        if request is None:
+            request = _plain_request(head)
+            if request is not None:
+                if len(self._heads) >= _HEADS_KEPT:
+                    self._heads.clear()
+                self._heads[head] = request
         if request is not None:
             try:
                 return self._answer(*request, peer)
@@ -492,6 +541,14 @@ class Endpoint:
 
     def host_allowed(self, host: str | None) -> bool:
         """Bound to loopback, only loopback Host headers are served (DNS rebinding)."""
+        known = self._hosts.get(host)
+        if known is None:
+            if len(self._hosts) >= _HEADS_KEPT:
+                self._hosts.clear()
+            known = self._hosts[host] = self._host_allowed(host)
+        return known
+
+    def _host_allowed(self, host: str | None) -> bool:
         if not self._loopback or host is None:
             return True
         name = host.strip().lower()
@@ -504,8 +561,21 @@ class Endpoint:
 
     def metrics(self, accept: str | None) -> tuple[bytes, str]:
         """The /metrics body for this Accept header, and its content type."""
-        assert self._registry is not None and self._renderer is not None
-        return self._renderer.render(self._registry, accept or "")
+        renderer, collector = self._renderer, self._collector
+        assert self._registry is not None and renderer is not None and collector is not None
+        accept = accept or ""
+        if self._quick:
+            # A pool at rest: last scrape's body with the ages written anew (the registry is
+            # ours and holds corral's collector alone, so that body is all there is).
+            quick = collector.quick()
+            if quick is not None:
+                out = renderer.quick(accept, *quick)
+                if out is not None:
+                    return out
+        body, content_type = renderer.render(self._registry, accept)
+        if self._quick:
+            renderer.stamp(content_type, collector.memo_stamp)
+        return body, content_type
 
     def livez(self, name: str | None) -> tuple[int, str]:
         pools = self._selected(name)
@@ -565,7 +635,8 @@ class Endpoint:
 
 
 class _Conn:
-    __slots__ = ("buf", "fd", "idle", "keep", "out", "peer", "reading", "sock", "timer")
+    __slots__ = ("buf", "deadline", "fd", "idle", "keep", "out", "peer", "reading", "since",
+                 "sock", "timer")
 
     def __init__(self, sock: socket.socket, peer: Any) -> None:
         self.sock = sock
@@ -577,6 +648,8 @@ class _Conn:
         self.idle = False  # kept alive, waiting for the next request
         self.reading = False  # its reader is registered
         self.timer: Timer | None = None
+        self.deadline = 0.0  # when it expires (its timer fires at or before it)
+        self.since = 0.0  # the first byte of the request being read or answered
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -677,15 +750,26 @@ def _response(code: int, body: str | bytes, ctype: str, extra: tuple[tuple[str, 
               keep: bool, head_only: bool) -> bytes:
     """A complete response: status line, headers, and the body unless ``head_only``."""
     data = body.encode() if isinstance(body, str) else body
-    lines = [f"HTTP/1.1 {code} {HTTPStatus(code).phrase}\r\nServer: corral\r\n"
-             f"Date: {_http_date()}\r\nContent-Type: {ctype}\r\n"
-             f"Content-Length: {len(data)}\r\nCache-Control: no-store\r\n"
-             f"X-Content-Type-Options: nosniff\r\n"
-             f"Connection: {'keep-alive' if keep else 'close'}\r\n"]
-    lines.extend(f"{key}: {value}\r\n" for key, value in extra)
-    lines.append("\r\n")
-    out = "".join(lines).encode("latin-1")
+    # The status line and the headers around Date and Content-Length, made once per kind of
+    # response (a scrape every second builds one line of them).
+    key = (code, ctype, extra, keep)
+    parts = _heads.get(key)
+    if parts is None:
+        if len(_heads) >= 64:
+            _heads.clear()
+        tail = [f"\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
+                f"Connection: {'keep-alive' if keep else 'close'}\r\n"]
+        tail.extend(f"{name}: {value}\r\n" for name, value in extra)
+        tail.append("\r\n")
+        parts = _heads[key] = (
+            f"HTTP/1.1 {code} {HTTPStatus(code).phrase}\r\nServer: corral\r\nDate: ",
+            f"\r\nContent-Type: {ctype}\r\nContent-Length: ", "".join(tail))
+    out = (parts[0] + _http_date() + parts[1] + str(len(data)) + parts[2]).encode("latin-1")
     return out if head_only else out + data
+
+
+# (code, content type, extra headers, keep) -> the response head's fixed parts
+_heads: dict[tuple[int, str, tuple[tuple[str, str], ...], bool], tuple[str, str, str]] = {}
 
 
 _date_cache: tuple[int, str] = (0, "")
@@ -696,8 +780,16 @@ def _http_date() -> str:
     global _date_cache
     now = int(time.time())
     if _date_cache[0] != now:
-        _date_cache = (now, email.utils.formatdate(now, usegmt=True))
+        # What email.utils.formatdate(now, usegmt=True) writes, at a fraction of its cost (a
+        # scrape every second formats a new one every time).
+        t = time.gmtime(now)
+        _date_cache = (now, f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} "
+                            f"{t.tm_year:04d} {t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
     return _date_cache[1]
+
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
 def _forbidden(host: str | None) -> _Answer:

@@ -17,6 +17,11 @@ Without ``per_worker`` the per-worker gauges are pre-aggregated per pool with th
 dashboard would use (the oldest heartbeat: max; the youngest worker's uptime: min; RSS: sum),
 so ``max by (pool) (corral_heartbeat_age_seconds)`` means the same in both modes.
 
+A pool at rest (the same published facts, counters and pids as at the last scrape) changes
+only its ages from one scrape to the next: :meth:`CorralCollector.quick` reads just those, from
+a glance at each pool, and the endpoint reuses the rest of the last body (see
+``corral._exposition``). Any change makes the next scrape a full collect again.
+
 This module imports prometheus_client; ``import corral`` never imports it. :data:`METRICS`
 lists every family (README's table is checked against it).
 """
@@ -110,6 +115,8 @@ _DOC = {d.name: d for d in METRICS}
 _LABELS = {d.name: (tuple(x for x in d.labels if not x.startswith("[")),
                     tuple(x.strip("[]") for x in d.labels)) for d in METRICS}
 _Row = tuple[tuple[str, ...], float]  # (label values, value)
+_Rows = tuple[tuple[str, ...], list[_Row]]  # (label names, rows)
+_POOL = ("pool",)
 
 
 def _help(name: str) -> str:
@@ -136,6 +143,38 @@ def _pids(views: list[PoolView]) -> dict[int, tuple[str, str]]:
     """pid -> (pool, worker index) of every live worker of the pools that answered."""
     return {pid: (view.name, str(index)) for view in views if view.summary is not None
             for index, pid in view.summary.pids}
+
+
+_UPTIME, _AGE = 6, 7  # their places in _pool_metrics' list
+
+
+def _static_key(views: list[PoolView]) -> tuple[Any, ...]:
+    """Everything the pool families (per pool, without per-worker series) are made of, but the
+    ages: equal keys, equal families. Compared by value; a pool at rest hands out the very same
+    objects (its published facts, its stats snapshot), so the comparison is by identity."""
+    key: list[Any] = []
+    for view in views:
+        summary = view.summary
+        key.append((view.name, view.state, view.min_ready, view.stats,
+                    None if summary is None else
+                    (summary.counts, summary.pids, summary.ready, summary.wanted,
+                     summary.budget_remaining, summary.stopping)))
+    return tuple(key)
+
+
+def _ages(views: list[PoolView]) -> tuple[list[_Row], list[_Row]]:
+    """The uptime and heartbeat age rows per pool (what moves with the clock alone)."""
+    uptime: list[_Row] = []
+    age: list[_Row] = []
+    for view in views:
+        summary = view.summary
+        if summary is None:
+            continue
+        if summary.youngest is not None:
+            uptime.append(((view.name,), summary.youngest))
+        if summary.oldest_beat_age is not None:
+            age.append(((view.name,), summary.oldest_beat_age))
+    return uptime, age
 
 
 def _bound(b: float) -> str:
@@ -174,6 +213,9 @@ class CorralCollector:
         self._rss = RssCache(rss_interval)
         # family name -> (its samples as plain tuples, the family built from them)
         self._last: dict[str, tuple[tuple[Any, ...], Metric]] = {}
+        # (what the families depend on but the clock, the pool families): see _static_key
+        # (static key, families, the pools' glance stamps taken before their views)
+        self._memo: tuple[tuple[Any, ...], list[Metric], tuple[Any, ...] | None] | None = None
         # pool -> (the pids tuple its last RSS sum was taken for, the sum)
         self._rss_memo: dict[str, tuple[tuple[tuple[int, int], ...], int]] = {}
 
@@ -206,13 +248,84 @@ class CorralCollector:
                 yield HistogramMetricFamily(d.name, d.help, labels=labels)
 
     def collect(self) -> Iterator[Metric]:
-        views = [src.observe(self.timeout, self.per_worker) for src in self.sources.pools()]
-        yield from self._pool_metrics(views)
+        pools = self.sources.pools()
+        # Glanced at before the views are read: a change in between makes the next quick()
+        # miss (one more collect), never reuse families older than its stamp.
+        stamps = None if self.per_worker else self._stamps(pools)
+        views = [src.observe(self.timeout, self.per_worker) for src in pools]
+        yield from self._pool_metrics(views, stamps)
         yield from self._task_metrics()
+
+    def quick(self) -> tuple[tuple[Any, ...], dict[str, _Rows]] | None:
+        """A scrape that reads only what moved with the clock, or None (collect() then).
+
+        Returns ``(stamp, rows)`` when every pool family but the ages is what the last
+        :meth:`collect` produced (``stamp``: the pools' glances then, :attr:`memo_stamp`):
+        ``rows`` maps the two age families to their label names and samples now. None with
+        per-worker series, task stats, RSS due for a re-read, a pool that cannot be glanced
+        at (see ``SupervisorSource.glance``) or whose facts, counters or pids changed since.
+        """
+        memo = self._memo
+        if (memo is None or memo[2] is None or self.per_worker or self._rss.due()
+                or self.sources.has_tasks()):
+            return None
+        stamps = []
+        uptime: list[_Row] = []
+        age: list[_Row] = []
+        for src in self.sources.pools():
+            glance = getattr(src, "glance", None)
+            got = None if glance is None else glance(self.timeout)
+            if got is None:
+                return None
+            stamp, youngest, oldest = got
+            stamps.append(stamp)
+            if youngest is not None:
+                uptime.append(((src.name,), youngest))
+            if oldest is not None:
+                age.append(((src.name,), oldest))
+        if tuple(stamps) != memo[2]:
+            return None
+        return memo[2], {"corral_worker_uptime_seconds": (_POOL, uptime),
+                         "corral_heartbeat_age_seconds": (_POOL, age)}
+
+    @property
+    def memo_stamp(self) -> tuple[Any, ...] | None:
+        """The pools' glances taken just before the last :meth:`collect` read them (None:
+        with per-worker series, or a pool that cannot be glanced at): see :meth:`quick`."""
+        return None if self._memo is None else self._memo[2]
+
+    def _stamps(self, pools: list[Any]) -> tuple[Any, ...] | None:
+        stamps = []
+        for src in pools:
+            glance = getattr(src, "glance", None)
+            got = None if glance is None else glance(self.timeout)
+            if got is None:
+                return None
+            stamps.append(got[0])
+        return tuple(stamps)
 
     # ------------------------------------------------------------------------ supervisors
 
-    def _pool_metrics(self, views: list[PoolView]) -> Iterator[Metric]:
+    def _pool_metrics(self, views: list[PoolView], stamps: tuple[Any, ...] | None
+                      ) -> Iterator[Metric]:
+        if self.per_worker:
+            yield from self._all_pool_metrics(views)
+            return
+        key = _static_key(views)
+        memo = self._memo
+        if memo is not None and memo[0] == key and not self._rss.due():
+            # Nothing but the clock moved since the last scrape (the same facts, counters
+            # and pids): last scrape's families, with the two that age rebuilt.
+            uptime, age = _ages(views)
+            families = list(memo[1])
+            families[_UPTIME] = self._family("corral_worker_uptime_seconds", uptime)
+            families[_AGE] = self._family("corral_heartbeat_age_seconds", age)
+        else:
+            families = self._all_pool_metrics(views)
+        self._memo = (key, families, stamps)
+        yield from families
+
+    def _all_pool_metrics(self, views: list[PoolView]) -> list[Metric]:
         per_worker = self.per_worker
         workers: list[_Row] = []
         ready: list[_Row] = []
@@ -220,12 +333,15 @@ class CorralCollector:
         responsive: list[_Row] = []
         restarts: list[_Row] = []
         exits: list[_Row] = []
-        uptime: list[_Row] = []
-        age: list[_Row] = []
         rss: list[_Row] = []
         latency: list[tuple[str, tuple[int, ...], float]] = []
         gave_up: list[_Row] = []
         budget: list[_Row] = []
+        if per_worker:
+            uptime: list[_Row] = []
+            age: list[_Row] = []
+        else:
+            uptime, age = _ages(views)
         for view in views:
             pool = view.name
             responsive.append(((pool,), 1.0 if view.responsive else 0.0))
@@ -252,29 +368,25 @@ class CorralCollector:
                         uptime.append(((pool, str(w.index)), w.uptime))
                         if w.heartbeat_age is not None:
                             age.append(((pool, str(w.index)), w.heartbeat_age))
-            elif not per_worker:
-                if summary.youngest is not None:
-                    uptime.append(((pool,), summary.youngest))
-                if summary.oldest_beat_age is not None:
-                    age.append(((pool,), summary.oldest_beat_age))
         if per_worker:
             pids = _pids(views)
             rss.extend((pids[pid], value) for pid, value in self._rss.get(pids).items())
         else:
             rss.extend(self._pool_rss(views))
         family = self._family
-        yield family("corral_workers", workers)
-        yield family("corral_workers_ready", ready)
-        yield family("corral_ready", ok)
-        yield family("corral_monitor_responsive", responsive)
-        yield family("corral_worker_restarts_total", restarts)
-        yield family("corral_worker_exits_total", exits)
-        yield family("corral_worker_uptime_seconds", uptime)
-        yield family("corral_heartbeat_age_seconds", age)
-        yield family("corral_rss_bytes", rss)
-        yield self._latency(latency)
-        yield family("corral_gave_up", gave_up)
-        yield family("corral_restart_budget_remaining", budget)
+        # The order of _FAMILIES (the fast path above replaces two by their index).
+        return [family("corral_workers", workers),
+                family("corral_workers_ready", ready),
+                family("corral_ready", ok),
+                family("corral_monitor_responsive", responsive),
+                family("corral_worker_restarts_total", restarts),
+                family("corral_worker_exits_total", exits),
+                family("corral_worker_uptime_seconds", uptime),
+                family("corral_heartbeat_age_seconds", age),
+                family("corral_rss_bytes", rss),
+                self._latency(latency),
+                family("corral_gave_up", gave_up),
+                family("corral_restart_budget_remaining", budget)]
 
     def _pool_rss(self, views: list[PoolView]) -> list[_Row]:
         """RSS per pool. Within ``rss_interval``, a pool whose live pids are the very tuple of

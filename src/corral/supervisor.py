@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -355,7 +356,12 @@ class Supervisor:
         """The pool's counters (restarts by reason, exits by cause, restart latency, budget),
         None before start(). For metrics; see :mod:`corral.metrics`."""
         monitor = self._monitor
-        return None if monitor is None else monitor.stats.snapshot()
+        if monitor is None:
+            return None
+        snap = monitor.stats.snapshot()
+        # The snapshot is shared with later readers while nothing changes: the caller gets
+        # dicts of its own.
+        return dataclasses.replace(snap, restarts=dict(snap.restarts), exits=dict(snap.exits))
 
     @property
     def http_address(self) -> tuple[str, int] | None:

@@ -345,3 +345,51 @@ def test_published_facts_match_the_loop_and_follow_changes(no_leaks: set[int]) -
         samples = scrape(sup.http_address)  # type: ignore[arg-type]
         assert value(samples, "corral_workers", pool="beater", state="running") == 3
         assert value(samples, "corral_monitor_responsive", pool="beater") == 1
+
+
+@pytest.mark.timeout(60)
+def test_quick_scrapes_of_a_pool_at_rest_then_a_kill(no_leaks: set[int]) -> None:
+    """Scrapes of a pool at rest take the quick way (the last body, the ages written anew):
+    the ages move, nothing else does, and a kill shows in the first scrape after the loop has
+    settled: one restart, the new pid's RSS, the counts."""
+    sup = _sup(no_leaks, obs_workers.beater, workers=3, start_method="fork",
+               heartbeat_timeout=5.0)
+    with sup:
+        sup.wait_ready(timeout=20)
+        addr = sup.http_address
+        endpoint = sup._endpoint
+        assert addr is not None and endpoint is not None and endpoint._renderer is not None
+        renderer = endpoint._renderer
+        quick = []
+        real_quick = renderer.quick
+
+        def spy(*args: Any) -> Any:
+            out = real_quick(*args)
+            quick.append(out is not None)
+            return out
+        renderer.quick = spy  # type: ignore[method-assign]
+        first = scrape(addr)
+        wait_for(lambda: value(scrape(addr), "corral_heartbeat_age_seconds",
+                               pool="beater") is not None, 10, "a heartbeat")
+        samples = [scrape(addr) for _ in range(4)]
+        assert sum(quick[-4:]) >= 3, quick  # at rest (a beat landing mid-round may miss one)
+        steady = {k: v for k, v in first.items()
+                  if k[0] not in ("corral_worker_uptime_seconds", "corral_heartbeat_age_seconds")}
+        for s in samples:
+            assert {k: s[k] for k in steady} == steady
+        uptimes = [value(s, "corral_worker_uptime_seconds", pool="beater") for s in samples]
+        assert uptimes == sorted(uptimes) and uptimes[0] != uptimes[-1], uptimes
+
+        victim = status_of(sup, 2).pid
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        running_with_new_pid(sup, 2, victim)
+        after = scrape(addr)
+        assert value(after, "corral_worker_restarts_total", pool="beater", reason="killed") == 1
+        assert value(after, "corral_worker_exits_total", pool="beater", cause="SIGKILL") == 1
+        assert value(after, "corral_workers", pool="beater", state="running") == 3
+        young = value(after, "corral_worker_uptime_seconds", pool="beater")
+        assert young is not None and young < uptimes[-1]  # the replacement's
+        # And the quick way resumes once at rest again.
+        n = len(quick)
+        wait_for(lambda: scrape(addr) is not None and any(quick[n:]), 10, "a quick scrape")

@@ -12,13 +12,16 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from unittest import mock
 
 import psutil
 import pytest
 from test_unit_observability import FakeSource, worker
 
+from corral._observe import PoolSummary, PoolView
 from corral.endpoint import MAX_HEAD, Endpoint, _plain_request
 from corral.states import WorkerState
+from corral.status import WorkerStatus
 from obs_support import get
 from support import wait_for
 
@@ -407,6 +410,126 @@ def test_metrics_stay_what_the_encoder_writes(web: FakeSource, accept: str) -> N
             families = list(om_families(text) if ctype.startswith("application/openmetrics")
                             else text_string_to_metric_families(text))
             assert {f.name for f in families} >= {"corral_workers", "corral_heartbeat_age_seconds"}
+    finally:
+        ep.close()
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_kept_alive_connection_timeouts() -> None:
+    """One timer a connection, moved only to fire earlier: an idle connection is still closed
+    ``idle_timeout`` after its last answer however many requests came before, and a request
+    begun on a kept-alive connection still has ``request_timeout`` for its head."""
+    web = FakeSource("web", [worker(0)])
+    with Endpoint("127.0.0.1:0", pools=[web], idle_timeout=0.6,
+                  request_timeout=5.0).start() as ep, \
+            socket.create_connection(ep.address, timeout=10) as s:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.5:  # past idle_timeout in all: kept by each request
+            s.sendall(b"GET /livez HTTP/1.1\r\n\r\n")
+            assert _readable(s, 5)
+            assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+            time.sleep(0.2)
+        last = time.monotonic()
+        assert _readable(s, 5)  # closed by the endpoint, idle
+        assert s.recv(65536) == b""
+        assert 0.4 < time.monotonic() - last < 3.0
+    with Endpoint("127.0.0.1:0", pools=[web], idle_timeout=30.0,
+                  request_timeout=0.5).start() as ep, \
+            socket.create_connection(ep.address, timeout=10) as s:
+        s.sendall(b"GET /livez HTTP/1.1\r\n\r\n")
+        assert _readable(s, 5) and s.recv(65536).startswith(b"HTTP/1.1 200 ")
+        t0 = time.monotonic()
+        s.sendall(b"GET /livez HTTP/1.1\r\n")  # and nothing more
+        assert _readable(s, 5)
+        answer = s.recv(65536)
+        assert answer == b"" or answer.startswith(b"HTTP/1.0 408 "), answer
+        assert 0.3 < time.monotonic() - t0 < 3.0
+
+
+def test_date_header_is_the_stdlib_one() -> None:
+    import email.utils
+
+    from corral import endpoint as module
+
+    for now in (0, 86399, 951782400, 1780000000, 2**31 + 12345):
+        module._date_cache = (-1, "")
+        with mock.patch.object(module.time, "time", return_value=now + 0.25):
+            assert module._http_date() == email.utils.formatdate(now, usegmt=True)
+
+
+class GlancingSource(FakeSource):
+    """A FakeSource that can be glanced at (as SupervisorSource): its stamp changes with
+    ``version``, which the test bumps with every change but the ages."""
+
+    def __init__(self, name: str, workers: list[WorkerStatus]) -> None:
+        super().__init__(name, workers)
+        self.version = 0
+        self.observed = 0
+
+    def observe(self, timeout: float, detail: bool = False) -> PoolView:
+        self.observed += 1
+        return super().observe(timeout, detail)
+
+    def glance(self, timeout: float) -> tuple[object, float | None, float | None]:
+        summary = PoolSummary.of(self.workers, budget_remaining=7)
+        return ((self.version, self.stats.snapshot(), self.min_ready, 7), summary.youngest,
+                summary.oldest_beat_age)
+
+
+@pytest.mark.parametrize("accept", ["", "application/openmetrics-text; version=1.0.0"])
+def test_quick_scrape_is_what_the_encoder_writes_and_follows_changes(accept: str) -> None:
+    """A pool at rest is scraped without a view (its last body, the ages written anew): the
+    body stays byte for byte what prometheus_client's encoder writes, and a change (a state,
+    a restart counted) shows in the very next scrape."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.exposition import choose_encoder
+
+    from corral.events import StopReason
+    from corral.metrics import CorralCollector
+
+    sleeper = subprocess.Popen(["sleep", "60"])  # an RSS that stays put between two reads
+    proc = psutil.Process(sleeper.pid)
+    last = [-1]
+
+    def settled() -> bool:
+        rss, before = proc.memory_info().rss, last[0]
+        last[0] = rss
+        return proc.name() == "sleep" and rss == before
+    wait_for(settled, 10, "the sleeping process to settle", interval=0.05)
+    pid = sleeper.pid
+    src = GlancingSource("web", [worker(0, beat=0.5, pid=pid), worker(1, beat=1.0, pid=pid)])
+    ep = Endpoint("127.0.0.1:0", pools=[src]).start()
+    try:
+        mirror = CollectorRegistry(auto_describe=False)
+        mirror.register(CorralCollector([src]))
+        encoder, _ = choose_encoder(accept)
+        headers = {"Accept": accept} if accept else {}
+        quick = 0
+        for round_ in range(8):
+            if round_ == 4:  # a worker backs off
+                src.workers[1] = worker(1, S.BACKOFF, pid=pid)
+                src.version += 1
+                # ... and the other format is scraped first: this format's last body must not
+                # be taken for the new state.
+                other = "" if accept else "application/openmetrics-text; version=1.0.0"
+                get(ep.address, "/metrics", headers={"Accept": other} if other else {})
+            elif round_ == 6:  # a restart is counted (the stats snapshot changes)
+                src.stats.restarted(StopReason.KILLED.name.lower(), 0.003)
+            else:  # the ages alone move
+                src.workers[0] = worker(0, uptime=10.0 + round_, beat=0.5 * round_, pid=pid)
+            before = src.observed
+            body = get(ep.address, "/metrics", headers=headers).body
+            quick += src.observed == before
+            expected = encoder(mirror)
+            assert body == expected, (round_, [(x, y) for x, y in zip(
+                body.decode().splitlines(), expected.decode().splitlines(), strict=False)
+                if x != y])
+            if round_ == 4:
+                assert b'corral_workers{pool="web",state="backoff"} 1.0' in body
+            if round_ >= 6:
+                assert b'corral_worker_restarts_total{pool="web",reason="killed"} 1.0' in body
+        assert quick >= 4, quick  # rounds 1-3, 5 and 7 need no view
     finally:
         ep.close()
         sleeper.kill()
