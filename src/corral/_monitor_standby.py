@@ -265,13 +265,17 @@ class StandbyPart(_Core):
         match the policy's): the standby may already run the target; it goes."""
         self.log.error("standby %s (pid %s) was told to take a place no restart gave it; "
                        "killing it", sb.name, sb.proc.pid if sb.proc else None)
+        self._let_go(sb)
+        if sb.proc is not None:
+            sb.proc.send_group(signal.SIGKILL)
+
+    def _let_go(self, sb: Standby) -> None:
+        """``sb`` is leaving: its pipe is closed (a waiting standby then exits at once)."""
         sb.state = StandbyState.LEAVING
         if sb.conn is not None:
             self._reactor.remove_reader(sb.conn.fileno())
             sb.conn.close()
             sb.conn = None
-        if sb.proc is not None:
-            sb.proc.send_group(signal.SIGKILL)
 
     # -------------------------------------------------------------------------- stopping
 
@@ -279,11 +283,7 @@ class StandbyPart(_Core):
         """The pool stops: every standby goes (its pipe closes: it exits at once); the pool's
         stop deadline kills any that does not."""
         for sb in list(self._standbys.values()):
-            sb.state = StandbyState.LEAVING
-            if sb.conn is not None:
-                self._reactor.remove_reader(sb.conn.fileno())
-                sb.conn.close()
-                sb.conn = None
+            self._let_go(sb)
             if sb.proc is not None:
                 sb.proc.send_stop(self.spec.stop_signal)
             else:
