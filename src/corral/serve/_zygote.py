@@ -9,15 +9,17 @@ a child that boots at fork speed and shares the zygote's memory copy-on-write.
     fork(boot, args) --("fork", id, ...)--> os.fork() ----------------------->  reset signals,
                                             setpgid, pidfd_open                 reseed random,
                   <--("forked", id, pid) + pidfd (SCM_RIGHTS)                   close the ctl
-    ZygoteChild(pid, pidfd)                                                     socket, corral's
+    ZygoteChild(pid, pidfd)                                                     sockets, corral's
                                             SIGCHLD -> kill group leftovers,    bootstrap, then
-                                            reap (waitpid by pid)               serve
-    reader thread <--("exit", pid, wait status)
+                                            status (waitid, WNOWAIT)            serve
+    monitor's loop <--("exit", pid, status) (exits' socket)   then reap (waitpid)
     -> the child's eventfd becomes readable: the monitor reaps it from there
 
 The zygote is the workers' parent, so it reaps them and reports each wait status; the supervisor
 holds a pidfd of each (signals without a pid-reuse race) and an eventfd that becomes readable
-once the status is known (what the monitor waits on). Workers get ``PR_SET_PDEATHSIG`` against the
+once the status is known (what the monitor waits on). The exits come on a socket of their own,
+read on the monitor's loop when the zygote is given it (a restart is on the clock: no thread in
+between), and are sent before the reap. Workers get ``PR_SET_PDEATHSIG`` against the
 zygote; the zygote exits when its control socket reaches EOF (the supervisor is gone, however it
 ended) and the keeper kills the registered groups. A zygote is retired (told to exit) once its
 generation has no worker left.
@@ -44,11 +46,14 @@ import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from corral._keeper import keeper
 from corral.exitstatus import ExitStatus
 from corral.process import GroupSignals, disown_fd, own_fd
+
+if TYPE_CHECKING:
+    from corral._reactor import Reactor
 
 __all__ = ["Zygote", "ZygoteChild", "ZygoteError", "main"]
 
@@ -179,10 +184,13 @@ class Zygote:
         init: the :class:`corral.serve._worker.WorkerInit` of this generation.
         listeners: fds of the listening sockets the workers serve on (inherited by the zygote).
         env: the zygote's (and so the workers') environment; default: ours.
+        reactor: the loop that supervises the workers: their exits are read on it, straight
+            from the zygote (no thread in between); without one, the reader thread reads them.
     """
 
     def __init__(self, name: str, init: Any, listeners: Sequence[int],
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, reactor: Reactor[Any] | None = None,
+                 ) -> None:
         self.name = name
         self.init = init
         self.listeners = tuple(listeners)
@@ -190,6 +198,10 @@ class Zygote:
         self.proc: subprocess.Popen[bytes] | None = None
         self.info: ZygoteReady | None = None
         self._sock: socket.socket | None = None
+        # The workers' exits come on a line of their own, read on ``reactor`` when given.
+        self._exits: socket.socket | None = None
+        self._reactor = reactor
+        self._attached = False
         self._send_lock = threading.Lock()
         self._children: dict[int, ZygoteChild] = {}
         self._early: dict[int, ExitStatus] = {}  # exits reported before the fork reply was read
@@ -214,20 +226,28 @@ class Zygote:
                 started by it, or nothing came within ``timeout``.
         """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        exits, exits_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        exits.setblocking(False)
         try:
             code = "from corral.serve._zygote import main; main()"
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", code, str(theirs.fileno()), self.name],
-                stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(), *self.listeners),
+                [sys.executable, "-c", code, str(theirs.fileno()), self.name,
+                 str(exits_theirs.fileno())],
+                stdin=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(), exits_theirs.fileno(), *self.listeners),
                 close_fds=True, process_group=0, env=self.env)
         except BaseException:
             ours.close()
+            exits.close()
             raise
         finally:
             theirs.close()
+            exits_theirs.close()
         keeper.register(self.proc.pid)
         self._sock = ours
+        self._exits = exits
         own_fd(ours.fileno())
+        own_fd(exits.fileno())
         try:
             _send(ours, (self.init, self.listeners))
             ready, _, _ = select.select([ours], [], [], timeout)
@@ -245,6 +265,12 @@ class Zygote:
             self.kill()
             raise
         self.info = payload
+        if self._reactor is not None:
+            try:
+                self._reactor.call_soon_threadsafe(self._attach)
+                self._attached = True
+            except RuntimeError:  # the loop has closed
+                pass
         self._reader = threading.Thread(target=self._read_loop, daemon=True,
                                         name=f"corral-zygote[{self.name}]")
         self._reader.start()
@@ -291,6 +317,69 @@ class Zygote:
             disown_fd(sock.fileno())
             sock.close()
             self._sock = None
+            self._close_exits()
+
+    def _close_exits(self) -> None:
+        """Close the exits' line (on the reactor's thread when it is read there)."""
+        if self._attached:
+            self._attached = False
+            try:
+                assert self._reactor is not None
+                self._reactor.call_soon_threadsafe(self._detach, True)
+                return
+            except RuntimeError:  # the loop has closed: nobody reads it any more
+                pass
+        exits, self._exits = self._exits, None
+        if exits is not None:
+            disown_fd(exits.fileno())
+            exits.close()
+
+    def _attach(self) -> None:
+        """On the reactor's thread: read the exits there."""
+        exits = self._exits
+        if exits is not None and self._reactor is not None and not self._reactor.closed:
+            self._reactor.add_reader(exits.fileno(), self._on_exits)
+
+    def _detach(self, close: bool) -> None:
+        """On the reactor's thread: stop reading the exits there (and close the line)."""
+        exits = self._exits
+        if exits is None:
+            return
+        if self._reactor is not None and self._reactor.watching(exits.fileno()):
+            self._reactor.remove_reader(exits.fileno())
+        if close:
+            self._exits = None
+            disown_fd(exits.fileno())
+            exits.close()
+
+    def _on_exits(self) -> None:
+        """The reactor's callback: every exit report waiting on the line."""
+        try:
+            if not self._read_exits():
+                self._detach(False)  # the zygote is gone: the reader thread says what next
+        except Exception:
+            log.exception("zygote %s: reading an exit report failed", self.name)
+            self._detach(False)
+
+    def _read_exits(self) -> bool:
+        """Take every exit report waiting (any thread); False once the line has ended."""
+        exits = self._exits
+        if exits is None:
+            return False
+        while True:
+            try:
+                msg = _recv(exits)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if msg is None:
+                return False
+            (kind, *rest), fds = msg
+            for fd in fds:
+                os.close(fd)
+            if kind == "exit":
+                self._on_exit_report(*rest)
 
     # ------------------------------------------------------------------------------ forking
 
@@ -344,7 +433,20 @@ class Zygote:
     def _read_loop(self) -> None:
         sock = self._sock
         assert sock is not None
+        exits = self._exits
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        if exits is not None and not self._attached:
+            poller.register(exits.fileno(), select.POLLIN)
         while True:
+            try:
+                ready = {fd for fd, _ in poller.poll()}
+            except InterruptedError:
+                continue
+            if exits is not None and exits.fileno() in ready and not self._read_exits():
+                poller.unregister(exits.fileno())
+            if sock.fileno() not in ready:
+                continue
             try:
                 msg = _recv(sock)
             except OSError:
@@ -367,21 +469,24 @@ class Zygote:
                     future = self._pending.pop(req, None)
                 if future is not None:
                     future.set_exception(OSError(errno_, text))
-            elif kind == "exit":
-                pid, wait_status = rest
-                status = _decode(wait_status)
-                with self._lock:
-                    child = self._children.get(pid)
-                    if child is None:
-                        self._early[pid] = status
-                if child is not None:
-                    child._set_status(status)
         self._on_eof()
+
+    def _on_exit_report(self, pid: int, wait_status: int) -> None:
+        status = _decode(wait_status)
+        with self._lock:
+            child = self._children.get(pid)
+            if child is None:
+                self._early[pid] = status
+        if child is not None:
+            child._set_status(status)
 
     def _on_eof(self) -> None:
         """The zygote is gone: fail pending forks; every child still running dies through its
         parent-death signal, and is reported with an unknown status once its pidfd says so."""
         self.dead = True
+        # Reports still waiting on the exits' line come first: they know the real statuses.
+        with contextlib.suppress(OSError, ValueError):
+            self._read_exits()
         with self._lock:
             pending = list(self._pending.values())
             self._pending.clear()
@@ -413,6 +518,7 @@ def main() -> None:
     """The zygote process (``python -c 'from corral.serve._zygote import main; main()' FD``)."""
     ctl = socket.socket(fileno=int(sys.argv[1]))
     name = sys.argv[2] if len(sys.argv) > 2 else "zygote"
+    exits = socket.socket(fileno=int(sys.argv[3])) if len(sys.argv) > 3 else ctl
     # The supervisor stops us through the socket; a terminal's Ctrl-C is not for us.
     for sig in _IGNORED:
         signal.signal(sig, signal.SIG_IGN)
@@ -436,7 +542,7 @@ def main() -> None:
             _send(ctl, ("failed", traceback.format_exc()))
         os._exit(3)
     _send(ctl, ("ready", ZygoteReady(os.getpid(), pre.interface, pre.import_seconds, native)))
-    _serve_forks(ctl, _bootstrap, _worker)
+    _serve_forks(ctl, exits, _bootstrap, _worker)
 
 
 def _threads_check(strict: bool) -> tuple[str, ...]:
@@ -458,7 +564,8 @@ def _threads_check(strict: bool) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _serve_forks(ctl: socket.socket, bootstrap: Any, worker: Any) -> None:
+def _serve_forks(ctl: socket.socket, exits: socket.socket, bootstrap: Any, worker: Any,
+                 ) -> None:
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -477,7 +584,7 @@ def _serve_forks(ctl: socket.socket, bootstrap: Any, worker: Any) -> None:
                 with contextlib.suppress(BlockingIOError):
                     while os.read(wake_r, 512):
                         pass
-                _reap(ctl, children)
+                _reap(exits, children)
                 continue
             try:
                 msg = _recv(ctl)
@@ -502,7 +609,7 @@ def _serve_forks(ctl: socket.socket, bootstrap: Any, worker: Any) -> None:
                 _send(ctl, ("fork-failed", req, exc.errno, str(exc)))
                 continue
             if pid == 0:
-                _child(ctl, (wake_r, wake_w), me, boot, args, fds, bootstrap, worker)
+                _child((ctl, exits), (wake_r, wake_w), me, boot, args, fds, bootstrap, worker)
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             for f in fds:
                 os.close(f)
@@ -514,12 +621,13 @@ def _serve_forks(ctl: socket.socket, bootstrap: Any, worker: Any) -> None:
                 _send(ctl, ("forked", req, pid), [pidfd])
             finally:
                 os.close(pidfd)
-        _reap(ctl, children)
+        _reap(exits, children)
 
 
-def _reap(ctl: socket.socket, children: set[int]) -> None:
+def _reap(exits: socket.socket, children: set[int]) -> None:
     """Every child that has exited: kill its group's leftovers while the zombie still holds
-    the group id, then reap it and report the status."""
+    the group id, report the status (read without reaping: the report is on its way before
+    the reap's cost), then reap it."""
     for pid in list(children):
         try:
             info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -530,13 +638,24 @@ def _reap(ctl: socket.socket, children: set[int]) -> None:
             continue
         with contextlib.suppress(OSError):
             os.killpg(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        children.discard(pid)
         with contextlib.suppress(OSError):
-            _send(ctl, ("exit", pid, status))
+            _send(exits, ("exit", pid, _wait_status(info.si_code, info.si_status)))
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        children.discard(pid)
 
 
-def _child(ctl: socket.socket, wake: tuple[int, int], zygote_pid: int, boot: Any,
+def _wait_status(code: int, status: int) -> int:
+    """waitid's (si_code, si_status) as the status word waitpid would have returned."""
+    if code == os.CLD_EXITED:
+        return (status & 0xFF) << 8
+    if code == os.CLD_DUMPED:
+        return (status & 0x7F) | 0x80
+    return status & 0x7F  # CLD_KILLED
+
+
+def _child(ctls: tuple[socket.socket, socket.socket], wake: tuple[int, int], zygote_pid: int,
+           boot: Any,
            args: tuple[Any, ...], fds: list[int], bootstrap: Any, worker: Any) -> None:
     """In the forked worker: never returns."""
     code = 1
@@ -544,7 +663,8 @@ def _child(ctl: socket.socket, wake: tuple[int, int], zygote_pid: int, boot: Any
         import dataclasses
         import random
 
-        ctl.close()  # the supervisor's line is the zygote's, not ours
+        for ctl in ctls:
+            ctl.close()  # the supervisor's lines are the zygote's, not ours
         for fd in wake:
             os.close(fd)
         random.seed()  # not the zygote's (or a sibling's) sequence
@@ -556,7 +676,7 @@ def _child(ctl: socket.socket, wake: tuple[int, int], zygote_pid: int, boot: Any
             from multiprocessing.connection import Connection
 
             bootstrap.run_standby(cfg, _serve_target(worker, sockets), Connection(fds[0]),
-                                  worker.warm_up)
+                                  lambda: worker.warm_up(sockets))
         else:
             bootstrap.run_worker(cfg, _serve_target(worker, sockets), ())
         code = 0
