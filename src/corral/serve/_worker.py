@@ -238,9 +238,11 @@ def _make_server_class() -> type[Any]:
 
         async def serve_standby(self, conn: Any, take: Callable[[bytes], Any],
                                 sockets: list[socket.socket]) -> None:
-            """A warm standby waits for its handover inside the running loop; the callback
-            that reads it takes the slot and starts the prepared servers at once (they are
-            polled from the next loop iteration), then the worker serves as usual."""
+            """A warm standby waits for its handover inside the running loop. The callback
+            that reads it starts the prepared servers at once, and nothing else: the loop's
+            next poll registers them. The slot (stdio, title, heartbeats) is taken right
+            after that poll, in a callback woken by an eventfd made readable here (before any
+            request accepted then reaches the app); then the worker serves as usual."""
             with self.capture_signals():
                 self.lifespan = self._warm_lifespan
                 loop = asyncio.get_running_loop()
@@ -248,6 +250,7 @@ def _make_server_class() -> type[Any]:
                 got: asyncio.Future[bool] = loop.create_future()
                 self._standby_got = got
                 fd = conn.fileno()
+                kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
                 def readable() -> None:
                     loop.remove_reader(fd)
@@ -257,21 +260,35 @@ def _make_server_class() -> type[Any]:
                         data = b""
                     if got.done():
                         return
+                    if not data:
+                        got.set_result(False)  # told to go
+                        return
+                    self._standby_got = None  # taken: a stop from now on is a drain
                     try:
-                        if take(data) is None:
-                            got.set_result(False)  # told to go
-                            return
                         for server in self._prepared:
                             _start_now(server)
+                    except BaseException as exc:
+                        got.set_exception(exc)
+                        return
+                    os.eventfd_write(kick, 1)
+                    loop.add_reader(kick, settle, data)
+
+                def settle(data: bytes) -> None:
+                    loop.remove_reader(kick)
+                    try:
+                        take(data)
                     except BaseException as exc:
                         got.set_exception(exc)
                         return
                     got.set_result(True)
 
                 loop.add_reader(fd, readable)
-                if not await got:
+                try:
+                    taken = await got
+                finally:
+                    os.close(kick)
+                if not taken:
                     return
-                self._standby_got = None
                 self.servers, self.started = self._prepared, True
                 if not self.should_exit:
                     heartbeat.ready()

@@ -355,14 +355,15 @@ class Zygote:
     def _on_exits(self) -> None:
         """The reactor's callback: every exit report waiting on the line."""
         try:
-            if not self._read_exits():
+            if not self._read_exits(on_loop=True):
                 self._detach(False)  # the zygote is gone: the reader thread says what next
         except Exception:
             log.exception("zygote %s: reading an exit report failed", self.name)
             self._detach(False)
 
-    def _read_exits(self) -> bool:
-        """Take every exit report waiting (any thread); False once the line has ended."""
+    def _read_exits(self, on_loop: bool = False) -> bool:
+        """Take every exit report waiting (any thread; ``on_loop``: the reactor's, where the
+        monitor handles each exit in this same round); False once the line has ended."""
         exits = self._exits
         if exits is None:
             return False
@@ -379,7 +380,11 @@ class Zygote:
             for fd in fds:
                 os.close(fd)
             if kind == "exit":
-                self._on_exit_report(*rest)
+                child = self._on_exit_report(*rest)
+                if on_loop and child is not None and self._reactor is not None:
+                    # Its eventfd is readable now; the monitor's reader runs at the end of this
+                    # round instead of after one more poll.
+                    self._reactor.call_soon(self._reactor.run_reader, child.waitable())
 
     # ------------------------------------------------------------------------------ forking
 
@@ -471,7 +476,9 @@ class Zygote:
                     future.set_exception(OSError(errno_, text))
         self._on_eof()
 
-    def _on_exit_report(self, pid: int, wait_status: int) -> None:
+    def _on_exit_report(self, pid: int, wait_status: int) -> ZygoteChild | None:
+        """A worker was reaped: its status to its handle (kept for later if its fork reply
+        has not been read yet). Returns the handle, if there is one already."""
         status = _decode(wait_status)
         with self._lock:
             child = self._children.get(pid)
@@ -479,6 +486,7 @@ class Zygote:
                 self._early[pid] = status
         if child is not None:
             child._set_status(status)
+        return child
 
     def _on_eof(self) -> None:
         """The zygote is gone: fail pending forks; every child still running dies through its
