@@ -202,6 +202,9 @@ class Zygote:
         self._exits: socket.socket | None = None
         self._reactor = reactor
         self._attached = False
+        self._loop_thread = 0  # the reactor's thread, once attached
+        # Reactor mode: a dup of each worker's pidfd, watched on the loop (see _watch_child).
+        self._watches: dict[int, int] = {}  # pid -> its watched pidfd (loop thread only)
         self._send_lock = threading.Lock()
         self._children: dict[int, ZygoteChild] = {}
         self._early: dict[int, ExitStatus] = {}  # exits reported before the fork reply was read
@@ -323,6 +326,9 @@ class Zygote:
         """Close the exits' line (on the reactor's thread when it is read there)."""
         if self._attached:
             self._attached = False
+            if threading.get_ident() == self._loop_thread:
+                self._detach(True)
+                return
             try:
                 assert self._reactor is not None
                 self._reactor.call_soon_threadsafe(self._detach, True)
@@ -338,6 +344,7 @@ class Zygote:
         """On the reactor's thread: read the exits there."""
         exits = self._exits
         if exits is not None and self._reactor is not None and not self._reactor.closed:
+            self._loop_thread = threading.get_ident()
             self._reactor.add_reader(exits.fileno(), self._on_exits)
 
     def _detach(self, close: bool) -> None:
@@ -351,6 +358,9 @@ class Zygote:
             self._exits = None
             disown_fd(exits.fileno())
             exits.close()
+            for pidfd in self._watches.values():
+                self._unwatch_fd(pidfd)
+            self._watches.clear()
 
     def _on_exits(self) -> None:
         """The reactor's callback: every exit report waiting on the line."""
@@ -384,7 +394,46 @@ class Zygote:
                 if on_loop and child is not None and self._reactor is not None:
                     # Its eventfd is readable now; the monitor's reader runs at the end of this
                     # round instead of after one more poll.
-                    self._reactor.call_soon(self._reactor.run_reader, child.waitable())
+                    self._reactor.call_soon(self._run_exit_reader, child)
+
+    def _watch_child(self, child: ZygoteChild, pidfd: int) -> None:
+        """On the loop: learn of the worker's death from its pidfd, the moment the zygote
+        does, instead of after the zygote's report (one process hop less). A dup of the
+        pidfd, so that closing the worker's handle never closes a watched fd."""
+        own_fd(pidfd)
+        reactor = self._reactor
+        if (child._status is not None or child._closed or not self._attached
+                or reactor is None or reactor.closed):
+            self._unwatch_fd(pidfd)
+            return
+        self._watches[child.pid] = pidfd
+        reactor.add_reader(pidfd, lambda: self._on_child_dead(child))
+
+    def _unwatch_fd(self, pidfd: int) -> None:
+        if self._reactor is not None and self._reactor.watching(pidfd):
+            self._reactor.remove_reader(pidfd)
+        disown_fd(pidfd)
+        with contextlib.suppress(OSError):
+            os.close(pidfd)
+
+    def _on_child_dead(self, child: ZygoteChild) -> None:
+        """On the loop: the worker has exited (its pidfd is readable). Its status is read from
+        its zombie; if the zygote has reaped it already, its report tells (it is on its way)."""
+        pidfd = self._watches.pop(child.pid, None)
+        if pidfd is None:
+            return
+        try:
+            if child._status is None and not child._closed:
+                status = _zombie_status(child.pid, pidfd)
+                if status is not None:
+                    child._set_status(_decode(status))
+                    self._run_exit_reader(child)
+        finally:
+            self._unwatch_fd(pidfd)
+
+    def _run_exit_reader(self, child: ZygoteChild) -> None:
+        if not child._closed and self._reactor is not None:  # closed: its fd may be reused
+            self._reactor.run_reader(child.waitable())
 
     # ------------------------------------------------------------------------------ forking
 
@@ -424,6 +473,12 @@ class Zygote:
             early = self._early.pop(pid, None)
         if early is not None:
             child._set_status(early)
+        elif self._attached and self._reactor is not None:
+            watched = os.dup(pidfd)
+            try:
+                self._reactor.call_soon_threadsafe(self._watch_child, child, watched)
+            except RuntimeError:  # the loop has closed
+                os.close(watched)
         return child
 
     def _forget(self, pid: int) -> None:
@@ -511,6 +566,25 @@ class Zygote:
             with contextlib.suppress(OSError, ValueError):
                 select.select([child._pidfd], [], [], 5.0)
             child._set_status(ExitStatus.unknown_status())
+
+
+def _zombie_status(pid: int, pidfd: int) -> int | None:
+    """The wait status of an exited, not yet reaped worker, from ``/proc/PID/stat`` (its
+    exit_code field, waitpid's form); None once it is reaped (or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        if fields[0] != b"Z":
+            return None
+        status = int(fields[49])  # field 52, counted from the state (field 3)
+    except (OSError, IndexError, ValueError):
+        return None
+    try:
+        # Not reaped yet after the read: the pid was not reused, what was read is ours.
+        signal.pidfd_send_signal(pidfd, 0)
+    except ProcessLookupError:
+        return None
+    return status
 
 
 def _decode(wait_status: int) -> ExitStatus:
