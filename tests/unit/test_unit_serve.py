@@ -286,3 +286,31 @@ def test_a_zygote_reports_the_status_waitpid_would_give(how: str) -> None:
     _, status = os.waitpid(pid, 0)
     assert _wait_status(info.si_code, info.si_status) == status
 
+
+
+@pytest.mark.parametrize("how", ["exit 3", "SIGKILL"])
+def test_a_dead_workers_status_is_read_from_its_zombie_until_it_is_reaped(how: str) -> None:
+    """The supervisor reads the status of a zygote's worker from /proc while it is a zombie
+    (its pidfd says it has exited); once reaped, nothing is read (the zygote's report tells)."""
+    import select
+
+    from corral.serve._zygote import _zombie_status
+
+    pid = os.fork()
+    if pid == 0:
+        if how.startswith("exit"):
+            os._exit(3)
+        signal.pause()
+        os._exit(99)
+    pidfd = os.pidfd_open(pid)
+    try:
+        if how == "SIGKILL":
+            assert _zombie_status(pid, pidfd) is None  # alive: nothing to read
+            os.kill(pid, signal.SIGKILL)
+        select.select([pidfd], [], [], 10)
+        read = _zombie_status(pid, pidfd)
+        _, status = os.waitpid(pid, 0)
+        assert read == status
+        assert _zombie_status(pid, pidfd) is None
+    finally:
+        os.close(pidfd)
