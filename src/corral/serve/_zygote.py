@@ -17,12 +17,14 @@ a child that boots at fork speed and shares the zygote's memory copy-on-write.
 
 The zygote is the workers' parent, so it reaps them and reports each wait status; the supervisor
 holds a pidfd of each (signals without a pid-reuse race) and an eventfd that becomes readable
-once the status is known (what the monitor waits on). The exits come on a socket of their own,
-read on the monitor's loop when the zygote is given it (a restart is on the clock: no thread in
-between), and are sent before the reap. Workers get ``PR_SET_PDEATHSIG`` against the
-zygote; the zygote exits when its control socket reaches EOF (the supervisor is gone, however it
-ended) and the keeper kills the registered groups. A zygote is retired (told to exit) once its
-generation has no worker left.
+once the status is known (what the monitor waits on). Given the monitor's loop, the zygote
+handle watches each worker's pidfd there and reads the status from the zombie, the moment the
+zygote itself learns of the death (a restart is on the clock: no process or thread in
+between); the zygote's reports, sent before it reaps, come on a socket of their own read on
+the same loop, and tell when the zombie was reaped first. Workers get ``PR_SET_PDEATHSIG``
+against the zygote; the zygote exits when its control socket reaches EOF (the supervisor is
+gone, however it ended) and the keeper kills the registered groups. A zygote is retired (told
+to exit) once its generation has no worker left.
 
 Python's stdlib forkserver is one per process with a fixed preload list, so it cannot hold two
 code generations; zygotes are corral's own, one per generation, any number at once.
@@ -107,8 +109,9 @@ def _recv(sock: socket.socket) -> tuple[Any, list[int]] | None:
 class ZygoteChild(GroupSignals):
     """A worker forked by a zygote (a ``ProcessLike`` for the monitor).
 
-    ``waitable()`` is an eventfd that becomes readable when the zygote has reaped the worker and
-    reported its status, so the monitor never sees an exit whose status is not known yet.
+    ``waitable()`` is an eventfd that becomes readable once the worker's exit status is known
+    (read from its zombie on the monitor's loop, or reported by the zygote), so the monitor
+    never sees an exit whose status is not known yet.
     """
 
     def __init__(self, zygote: Zygote, pid: int, pidfd: int) -> None:
@@ -125,7 +128,7 @@ class ZygoteChild(GroupSignals):
         keeper.register(pid)  # its group dies with the supervisor too
 
     def _set_status(self, status: ExitStatus) -> None:
-        """From the zygote's reader thread: the worker was reaped."""
+        """The worker was reaped (or is a zombie whose status was read): any thread."""
         if self._status is None:
             self._status = status
             with contextlib.suppress(OSError):
@@ -428,6 +431,8 @@ class Zygote:
                 if status is not None:
                     child._set_status(_decode(status))
                     self._run_exit_reader(child)
+        except Exception:  # the zygote's report still tells
+            log.exception("zygote %s: reading the exit of pid %s failed", self.name, child.pid)
         finally:
             self._unwatch_fd(pidfd)
 
@@ -570,7 +575,9 @@ class Zygote:
 
 def _zombie_status(pid: int, pidfd: int) -> int | None:
     """The wait status of an exited, not yet reaped worker, from ``/proc/PID/stat`` (its
-    exit_code field, waitpid's form); None once it is reaped (or unreadable)."""
+    exit_code field, waitpid's form); None once it is reaped, or unreadable, or 0: the kernel
+    shows 0 to a reader without ptrace access (a worker run as another user), so a clean exit
+    is left to the zygote's report."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             fields = fh.read().rsplit(b")", 1)[1].split()
@@ -579,10 +586,12 @@ def _zombie_status(pid: int, pidfd: int) -> int | None:
         status = int(fields[49])  # field 52, counted from the state (field 3)
     except (OSError, IndexError, ValueError):
         return None
+    if status == 0:
+        return None
     try:
         # Not reaped yet after the read: the pid was not reused, what was read is ours.
         signal.pidfd_send_signal(pidfd, 0)
-    except ProcessLookupError:
+    except OSError:
         return None
     return status
 
