@@ -252,6 +252,19 @@ class Handover:
     stdio: tuple[str | None, str | None] | None
 
 
+@dataclass(frozen=True)
+class OwnWait:
+    """What a warm-up returns to wait for the handover itself, inside its own event loop.
+
+    ``wait(conn, take)`` blocks until the pipe ``conn`` is readable, reads it, calls
+    ``take(data)`` (None: the standby is told to go; else the :class:`Handover`, the slot
+    taken) and then runs the worker itself (it replaces the target). A server uses it to
+    start accepting in the callback that reads the handover, with no loop start in between.
+    """
+
+    wait: Callable[[Any, Callable[[bytes], Handover | None]], None]
+
+
 def run_standby(config: BootConfig, target: Callable[..., Any], conn: Any,
                 warm_up: Callable[[], Any] | str | None) -> None:
     """The multiprocessing target of a standby: boot, warm up, then wait for a worker's place.
@@ -260,6 +273,8 @@ def run_standby(config: BootConfig, target: Callable[..., Any], conn: Any,
     (process group, signals, parent-death protection, the dump handler, the target's module,
     the warm-up hook); at the handover it takes the slot (heartbeats, title, stdio) and runs
     ``target(index, *args)``, so a replacement runs user code within about a millisecond.
+    A warm-up that returns an :class:`OwnWait` waits for the handover and runs the worker
+    itself (``target`` is then not called).
 
     Messages on ``conn``: to the supervisor ``("h",)`` once ready, ``("i", traceback)`` if
     ``warm_up`` raised (then it exits); from it one pickled :class:`Handover`, or EOF / an
@@ -277,6 +292,7 @@ def run_standby(config: BootConfig, target: Callable[..., Any], conn: Any,
     if config.table is None and config.heartbeat_path is not None:
         with contextlib.suppress(OSError, ValueError):
             early = heartbeat._open_table(config.heartbeat_path, config.wake_path)
+    own_wait: OwnWait | None = None
     if warm_up is not None:
         try:
             if isinstance(warm_up, str):
@@ -285,7 +301,9 @@ def run_standby(config: BootConfig, target: Callable[..., Any], conn: Any,
                 module, _, attr = warm_up.partition(":")
                 warm_up = getattr(importlib.import_module(module), attr)
             assert callable(warm_up)
-            warm_up()
+            result = warm_up()
+            if isinstance(result, OwnWait):
+                own_wait = result
         except BaseException:
             with contextlib.suppress(OSError):
                 conn.send_bytes(pickle.dumps(("i", traceback.format_exc())))
@@ -293,15 +311,33 @@ def run_standby(config: BootConfig, target: Callable[..., Any], conn: Any,
         _reset_signals(None)  # whatever the warm-up did, the worker starts from the defaults
     _last_steps(config, armed)
     pickle.loads(pickle.dumps(Handover(0, "", (), None, None, False, None)))
+
+    def take(data: bytes) -> Handover | None:
+        """The handover came (or the pipe ended: None): take the worker's slot."""
+        if not data:
+            return None
+        hand: Handover = pickle.loads(data)
+        conn.close()
+        _take_place(config, hand, early, dump_fd)
+        return hand
+
     conn.send_bytes(pickle.dumps(("h",)))
+    if own_wait is not None:
+        own_wait.wait(conn, take)
+        return
     try:
         data = conn.recv_bytes()
     except (EOFError, OSError):
         raise SystemExit(0) from None
-    if not data:
+    hand = take(data)
+    if hand is None:
         raise SystemExit(0)
-    hand: Handover = pickle.loads(data)
-    conn.close()
+    target(hand.index, *hand.args)
+
+
+def _take_place(config: BootConfig, hand: Handover, early: tuple[Any, int] | None,
+                dump_fd: int) -> None:
+    """A standby becomes worker ``hand.index``: stdio, title, heartbeat slot, settings."""
     if hand.stdio is not None:
         _redirect_stdio(hand.stdio)
     _set_title(f"corral: {config.pool} worker {hand.index}")
@@ -320,7 +356,6 @@ def run_standby(config: BootConfig, target: Callable[..., Any], conn: Any,
                               hand.ready_on_beat)
     if config.settings is not None:
         _apply_settings(config.settings)
-    target(hand.index, *hand.args)
 
 
 def _prepare(config: BootConfig) -> tuple[bool, int]:

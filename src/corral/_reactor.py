@@ -215,6 +215,15 @@ class Reactor(Generic[K]):
         self._inbox.append((callback, args))
         self._wake_pending = False  # the inbox is looked at this round whatever the pipe says
 
+    def run_reader(self, fd: int) -> None:
+        """Run ``fd``'s reader now, if it has one (loop thread only): for an fd this thread
+        has just made readable (an eventfd it wrote), which the poll would only report in the
+        next round. The reader must cope with being called again by that poll (it finds
+        nothing, or it has removed itself)."""
+        watch = self._watch.get(fd)
+        if watch is not None and watch.reader is not None:
+            watch.reader()
+
     def add_reader(self, fd: int, callback: Callable[[], None], priority: int = 0) -> None:
         """Call ``callback()`` whenever ``fd`` is readable (or hung up). A lower ``priority``
         runs first within one batch."""

@@ -62,3 +62,22 @@ def first_line(index: int, path: str) -> None:
 
 if __name__ == "__main__":
     sys.exit("not a script")
+
+
+def warm_own_wait() -> object:
+    """A warm-up that waits for the handover itself (what a server's standby does)."""
+    from corral._bootstrap import OwnWait
+
+    def wait(conn: object, take: object) -> None:
+        global MODEL
+        try:
+            data = conn.recv_bytes()  # type: ignore[attr-defined]
+        except (EOFError, OSError):
+            data = b""
+        hand = take(data)  # type: ignore[operator]
+        if hand is None:
+            return  # told to go
+        MODEL = f"waited for by {os.getpid()}"
+        report(hand.index, *hand.args)
+
+    return OwnWait(wait)

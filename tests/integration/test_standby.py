@@ -70,6 +70,36 @@ def test_a_handed_over_worker_is_like_a_fresh_one(method: str, no_leaks: set[int
 
 @pytest.mark.parametrize("method", START_METHODS)
 @pytest.mark.timeout(90)
+def test_a_warm_up_may_wait_for_the_handover_itself(method: str, no_leaks: set[int],
+                                                     tmp_path: Path) -> None:
+    """A warm-up returning an OwnWait reads the handover itself: ``take`` gives it the slot
+    (title, heartbeats) and it runs the worker in place of the target."""
+    with pool(no_leaks, sw.report, workers=2, args=lambda i: (str(tmp_path),),
+              start_method=method, ready_when="ready", heartbeat_timeout=5,
+              startup_timeout=30, standby=1, standby_init=sw.warm_own_wait) as (sup, _log):
+        sup.wait_ready(timeout=60)
+        standby = wait_value(lambda: ready_standby(sup), 60, "a ready standby")
+        victim = sup.status()[1].pid
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        new = wait_value(lambda: next((s for s in sup.status() if s.index == 1 and s.ready
+                                       and s.pid not in (None, victim)), None), 30,
+                         "worker 1 replaced")
+        assert new.pid == standby.pid
+        got = wait_value(lambda: reports(tmp_path).get(new.pid), 30, "its report")
+        assert got["model"] == f"waited for by {new.pid}"
+        assert got["title"].endswith("worker 1") and got["in_worker"]
+        wait_value(lambda: (s := next(x for x in sup.status() if x.index == 1)).heartbeat_age
+                   is not None and s.heartbeat_age < 5 and s, 30, "its heartbeats seen")
+        # The next standby waits the same way, and leaves when the pool stops (EOF: take
+        # gives None).
+        wait_value(lambda: (s := ready_standby(sup)) and s.pid != standby.pid and s, 60,
+                   "a new standby")
+        no_leaks.update(s.pid for s in sup.status() if s.pid)
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.timeout(90)
 def test_a_standby_killed_while_waiting_is_replaced_free(method: str, no_leaks: set[int],
                                                          tmp_path: Path) -> None:
     with pool(no_leaks, sw.report, workers=1, args=lambda i: (str(tmp_path),),

@@ -51,6 +51,38 @@ def test_reader_callback_runs_when_readable(reactor: Reactor[tuple[int, Kind]]) 
     os.close(w)
 
 
+def test_run_reader_runs_it_now_and_the_poll_may_run_it_again(
+        reactor: Reactor[tuple[int, Kind]]) -> None:
+    fd = os.eventfd(0, os.EFD_NONBLOCK)
+    r, w = os.pipe()
+    seen: list[int] = []
+
+    def reader() -> None:
+        try:
+            seen.append(os.eventfd_read(fd))
+        except BlockingIOError:
+            seen.append(0)  # already taken: nothing to do
+
+    def trigger() -> None:  # a callback that makes the eventfd readable in this round
+        os.read(r, 1)
+        os.eventfd_write(fd, 1)
+        reactor.call_soon(reactor.run_reader, fd)
+
+    reactor.run_reader(fd)  # no reader yet: nothing
+    reactor.add_reader(fd, reader)
+    reactor.add_reader(r, trigger)
+    os.write(w, b"x")
+    reactor.run_once()
+    assert seen == [1]  # in the same round, not after one more poll
+    assert reactor.get_events(0) == []  # it took the value: the poll has nothing more
+    reactor.remove_reader(fd)
+    reactor.remove_reader(r)
+    reactor.run_reader(fd)
+    assert seen == [1]
+    for x in (fd, r, w):
+        os.close(x)
+
+
 def test_lower_priority_runs_first_in_a_batch(reactor: Reactor[tuple[int, Kind]]) -> None:
     (r1, w1), (r2, w2) = os.pipe(), os.pipe()
     order: list[str] = []

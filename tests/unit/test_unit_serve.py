@@ -4,6 +4,7 @@ files) and a socket-activation hand-over without systemd (a real process, real s
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -264,3 +265,52 @@ def test_import_corral_does_not_import_the_server() -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60)
     assert res.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("how", ["exit 0", "exit 3", "SIGKILL", "SIGTERM"])
+def test_a_zygote_reports_the_status_waitpid_would_give(how: str) -> None:
+    """The zygote reads a worker's status with waitid (WNOWAIT, to report it before the
+    reap): the same status word as waitpid's."""
+    from corral.serve._zygote import _wait_status
+
+    pid = os.fork()
+    if pid == 0:
+        if how.startswith("exit"):
+            os._exit(int(how.split()[1]))
+        signal.pause()
+        os._exit(99)
+    if how.startswith("SIG"):
+        os.kill(pid, getattr(signal, how))
+    info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    assert info is not None
+    _, status = os.waitpid(pid, 0)
+    assert _wait_status(info.si_code, info.si_status) == status
+
+
+
+@pytest.mark.parametrize("how", ["exit 0", "exit 3", "SIGKILL"])
+def test_a_dead_workers_status_is_read_from_its_zombie_until_it_is_reaped(how: str) -> None:
+    """The supervisor reads the status of a zygote's worker from /proc while it is a zombie
+    (its pidfd says it has exited); once reaped, nothing is read (the zygote's report tells)."""
+    import select
+
+    from corral.serve._zygote import _zombie_status
+
+    pid = os.fork()
+    if pid == 0:
+        if how.startswith("exit"):
+            os._exit(int(how.split()[1]))
+        signal.pause()
+        os._exit(99)
+    pidfd = os.pidfd_open(pid)
+    try:
+        if how == "SIGKILL":
+            assert _zombie_status(pid, pidfd) is None  # alive: nothing to read
+            os.kill(pid, signal.SIGKILL)
+        select.select([pidfd], [], [], 10)
+        read = _zombie_status(pid, pidfd)
+        _, status = os.waitpid(pid, 0)
+        assert read == (status or None)  # a clean exit (0) is left to the zygote's report
+        assert _zombie_status(pid, pidfd) is None
+    finally:
+        os.close(pidfd)

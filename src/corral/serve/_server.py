@@ -421,7 +421,7 @@ class Server:
             gen.zygote_done = True
             return
         zygote = Zygote(self._pool_name(gen), self.options.worker_init(),
-                        [x.fd for x in self.listeners])
+                        [x.fd for x in self.listeners], reactor=self.reactor)
         gen.zygote = zygote
 
         def boot() -> None:

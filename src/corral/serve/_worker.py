@@ -36,11 +36,12 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
 from corral import heartbeat
+from corral._bootstrap import OwnWait
 
 __all__ = ["RECYCLE_STATUS", "WorkerInit", "detect_interface", "load_app", "own_listeners",
            "preload", "serve_preloaded", "serve_spawned"]
@@ -169,11 +170,24 @@ def preload(init: WorkerInit) -> Preloaded:
                             limit_max_requests=None, **options)
     config.load()
     config.get_loop_factory()  # import the event loop module (uvloop) now, not per worker
+    _server_class()
     _preloaded = Preloaded(init, config, interface, time.perf_counter() - began)
     return _preloaded
 
 
+_server_cls: type[Any] | None = None
+
+
 def _server_class() -> type[Any]:
+    """:class:`CorralServer`, made once per process (a zygote makes it before it forks:
+    making a class costs a fork child ~0.15 ms)."""
+    global _server_cls
+    if _server_cls is None:
+        _server_cls = _make_server_class()
+    return _server_cls
+
+
+def _make_server_class() -> type[Any]:
     import uvicorn
 
     class CorralServer(uvicorn.Server):
@@ -188,6 +202,8 @@ def _server_class() -> type[Any]:
                 self._limit = init.max_requests + random.randint(0, init.max_requests_jitter)
             self._recycle_asked = False
             self._warm_lifespan: Any = None
+            self._prepared: list[Any] = []  # a standby's servers, created, not serving
+            self._standby_got: asyncio.Future[bool] | None = None
 
         async def prestart(self) -> None:
             """A hot standby's warm-up: the app's lifespan start-up, ahead of the handover
@@ -202,6 +218,82 @@ def _server_class() -> type[Any]:
 
             lifespan.startup = started  # the handover's startup() must not run it again
             self._warm_lifespan = lifespan
+
+        async def prepare_servers(self, sockets: list[socket.socket]) -> None:
+            """A hot standby's warm-up, after :meth:`prestart`: uvicorn's servers on the
+            listeners, created but not serving (the handover only starts them)."""
+            loop = asyncio.get_running_loop()
+            config = self.config
+            state = self._warm_lifespan.state
+
+            def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> Any:
+                protocol: Any = config.http_protocol_class  # uvicorn's own call, typed loosely
+                return protocol(config=config, server_state=self.server_state, app_state=state,
+                                _loop=_loop)
+
+            for sock in sockets:
+                self._prepared.append(await loop.create_server(
+                    create_protocol, sock=sock, ssl=config.ssl, backlog=config.backlog,
+                    start_serving=False))
+
+        async def serve_standby(self, conn: Any, take: Callable[[bytes], Any],
+                                sockets: list[socket.socket]) -> None:
+            """A warm standby waits for its handover inside the running loop. The callback
+            that reads it starts the prepared servers at once, and nothing else: the loop's
+            next poll registers them. The slot (stdio, title, heartbeats) is taken right
+            after that poll, in a callback woken by an eventfd made readable here (before any
+            request accepted then reaches the app); then the worker serves as usual."""
+            with self.capture_signals():
+                self.lifespan = self._warm_lifespan
+                loop = asyncio.get_running_loop()
+                self._arm_signals(loop)
+                got: asyncio.Future[bool] = loop.create_future()
+                self._standby_got = got
+                fd = conn.fileno()
+                kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+
+                def readable() -> None:
+                    loop.remove_reader(fd)
+                    try:
+                        data = conn.recv_bytes()
+                    except (EOFError, OSError):
+                        data = b""
+                    if got.done():
+                        return
+                    if not data:
+                        got.set_result(False)  # told to go
+                        return
+                    self._standby_got = None  # taken: a stop from now on is a drain
+                    try:
+                        for server in self._prepared:
+                            _start_now(server)
+                    except BaseException as exc:
+                        got.set_exception(exc)
+                        return
+                    os.eventfd_write(kick, 1)
+                    loop.add_reader(kick, settle, data)
+
+                def settle(data: bytes) -> None:
+                    loop.remove_reader(kick)
+                    try:
+                        take(data)
+                    except BaseException as exc:
+                        got.set_exception(exc)
+                        return
+                    got.set_result(True)
+
+                loop.add_reader(fd, readable)
+                try:
+                    taken = await got
+                finally:
+                    os.close(kick)
+                if not taken:
+                    return
+                self.servers, self.started = self._prepared, True
+                if not self.should_exit:
+                    heartbeat.ready()
+                    await self.main_loop()
+                await self.shutdown(sockets=sockets)
 
         async def serve(self, sockets: list[socket.socket] | None = None) -> None:
             if self._warm_lifespan is None:
@@ -234,13 +326,18 @@ def _server_class() -> type[Any]:
             self.should_exit = True
             if self._wake is not None:
                 self._wake.set()
+            got = self._standby_got
+            if got is not None and not got.done():
+                got.set_result(False)  # a standby told to stop while it waits
 
-        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-            loop = asyncio.get_running_loop()
+        def _arm_signals(self, loop: asyncio.AbstractEventLoop) -> None:
             self._wake = asyncio.Event()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.add_signal_handler(sig, self._on_signal, sig)
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            self._arm_signals(asyncio.get_running_loop())
             await super().startup(sockets=sockets)
             if self.started and not self.should_exit:
                 heartbeat.ready()  # accepting from the next loop iteration: tell the monitor
@@ -321,10 +418,27 @@ def _ask_recycle(why: str) -> None:
 _warm: tuple[asyncio.AbstractEventLoop, Any] | None = None  # a standby's loop and server
 
 
-def warm_up() -> None:
-    """A hot standby's warm-up (forked from the zygote): make the event loop and run the
-    app's lifespan start-up now, so that at the handover the worker accepts within about a
-    millisecond instead of after the app's start-up."""
+def _start_now(server: Any) -> None:
+    """``await server.start_serving()``, run to its first suspension from a plain callback:
+    the listeners are registered with the loop before it returns (uvloop's never suspends;
+    asyncio's registers, then yields once, which is not needed)."""
+    coro = server.start_serving()
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    coro.close()
+
+
+def warm_up(sockets: list[socket.socket] | None = None) -> OwnWait | None:
+    """A hot standby's warm-up (forked from the zygote): make the event loop, run the app's
+    lifespan start-up and create uvicorn's servers on ``sockets`` (not serving) now; the
+    standby then waits for its handover inside that loop (the :class:`OwnWait` returned), so
+    that it accepts within the loop iteration that reads the handover.
+
+    With ``reuse_port`` (a socket of the worker's own is bound at the handover) or without
+    ``sockets``, only the loop and the lifespan are made ahead (None: the bootstrap waits).
+    """
     global _warm
     pre = _preloaded
     if pre is None:
@@ -334,6 +448,17 @@ def warm_up() -> None:
     server = _server_class()(pre.config, pre.init)
     loop.run_until_complete(server.prestart())
     _warm = (loop, server)
+    if sockets is None or pre.init.reuse_port:
+        return None
+    loop.run_until_complete(server.prepare_servers(sockets))
+
+    def wait(conn: Any, take: Callable[[bytes], Any]) -> None:
+        try:
+            loop.run_until_complete(server.serve_standby(conn, take, sockets))
+        finally:
+            loop.close()
+
+    return OwnWait(wait)
 
 
 def own_listeners(sockets: list[socket.socket], backlog: int) -> list[socket.socket]:

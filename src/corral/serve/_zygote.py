@@ -9,18 +9,22 @@ a child that boots at fork speed and shares the zygote's memory copy-on-write.
     fork(boot, args) --("fork", id, ...)--> os.fork() ----------------------->  reset signals,
                                             setpgid, pidfd_open                 reseed random,
                   <--("forked", id, pid) + pidfd (SCM_RIGHTS)                   close the ctl
-    ZygoteChild(pid, pidfd)                                                     socket, corral's
+    ZygoteChild(pid, pidfd)                                                     sockets, corral's
                                             SIGCHLD -> kill group leftovers,    bootstrap, then
-                                            reap (waitpid by pid)               serve
-    reader thread <--("exit", pid, wait status)
+                                            status (waitid, WNOWAIT)            serve
+    monitor's loop <--("exit", pid, status) (exits' socket)   then reap (waitpid)
     -> the child's eventfd becomes readable: the monitor reaps it from there
 
 The zygote is the workers' parent, so it reaps them and reports each wait status; the supervisor
 holds a pidfd of each (signals without a pid-reuse race) and an eventfd that becomes readable
-once the status is known (what the monitor waits on). Workers get ``PR_SET_PDEATHSIG`` against the
-zygote; the zygote exits when its control socket reaches EOF (the supervisor is gone, however it
-ended) and the keeper kills the registered groups. A zygote is retired (told to exit) once its
-generation has no worker left.
+once the status is known (what the monitor waits on). Given the monitor's loop, the zygote
+handle watches each worker's pidfd there and reads the status from the zombie, the moment the
+zygote itself learns of the death (a restart is on the clock: no process or thread in
+between); the zygote's reports, sent before it reaps, come on a socket of their own read on
+the same loop, and tell when the zombie was reaped first. Workers get ``PR_SET_PDEATHSIG``
+against the zygote; the zygote exits when its control socket reaches EOF (the supervisor is
+gone, however it ended) and the keeper kills the registered groups. A zygote is retired (told
+to exit) once its generation has no worker left.
 
 Python's stdlib forkserver is one per process with a fixed preload list, so it cannot hold two
 code generations; zygotes are corral's own, one per generation, any number at once.
@@ -44,11 +48,14 @@ import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from corral._keeper import keeper
 from corral.exitstatus import ExitStatus
 from corral.process import GroupSignals, disown_fd, own_fd
+
+if TYPE_CHECKING:
+    from corral._reactor import Reactor
 
 __all__ = ["Zygote", "ZygoteChild", "ZygoteError", "main"]
 
@@ -102,8 +109,9 @@ def _recv(sock: socket.socket) -> tuple[Any, list[int]] | None:
 class ZygoteChild(GroupSignals):
     """A worker forked by a zygote (a ``ProcessLike`` for the monitor).
 
-    ``waitable()`` is an eventfd that becomes readable when the zygote has reaped the worker and
-    reported its status, so the monitor never sees an exit whose status is not known yet.
+    ``waitable()`` is an eventfd that becomes readable once the worker's exit status is known
+    (read from its zombie on the monitor's loop, or reported by the zygote), so the monitor
+    never sees an exit whose status is not known yet.
     """
 
     def __init__(self, zygote: Zygote, pid: int, pidfd: int) -> None:
@@ -120,7 +128,7 @@ class ZygoteChild(GroupSignals):
         keeper.register(pid)  # its group dies with the supervisor too
 
     def _set_status(self, status: ExitStatus) -> None:
-        """From the zygote's reader thread: the worker was reaped."""
+        """The worker was reaped (or is a zombie whose status was read): any thread."""
         if self._status is None:
             self._status = status
             with contextlib.suppress(OSError):
@@ -179,10 +187,13 @@ class Zygote:
         init: the :class:`corral.serve._worker.WorkerInit` of this generation.
         listeners: fds of the listening sockets the workers serve on (inherited by the zygote).
         env: the zygote's (and so the workers') environment; default: ours.
+        reactor: the loop that supervises the workers: their exits are read on it, straight
+            from the zygote (no thread in between); without one, the reader thread reads them.
     """
 
     def __init__(self, name: str, init: Any, listeners: Sequence[int],
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, reactor: Reactor[Any] | None = None,
+                 ) -> None:
         self.name = name
         self.init = init
         self.listeners = tuple(listeners)
@@ -190,6 +201,13 @@ class Zygote:
         self.proc: subprocess.Popen[bytes] | None = None
         self.info: ZygoteReady | None = None
         self._sock: socket.socket | None = None
+        # The workers' exits come on a line of their own, read on ``reactor`` when given.
+        self._exits: socket.socket | None = None
+        self._reactor = reactor
+        self._attached = False
+        self._loop_thread = 0  # the reactor's thread, once attached
+        # Reactor mode: a dup of each worker's pidfd, watched on the loop (see _watch_child).
+        self._watches: dict[int, int] = {}  # pid -> its watched pidfd (loop thread only)
         self._send_lock = threading.Lock()
         self._children: dict[int, ZygoteChild] = {}
         self._early: dict[int, ExitStatus] = {}  # exits reported before the fork reply was read
@@ -214,20 +232,28 @@ class Zygote:
                 started by it, or nothing came within ``timeout``.
         """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        exits, exits_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        exits.setblocking(False)
         try:
             code = "from corral.serve._zygote import main; main()"
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", code, str(theirs.fileno()), self.name],
-                stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(), *self.listeners),
+                [sys.executable, "-c", code, str(theirs.fileno()), self.name,
+                 str(exits_theirs.fileno())],
+                stdin=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(), exits_theirs.fileno(), *self.listeners),
                 close_fds=True, process_group=0, env=self.env)
         except BaseException:
             ours.close()
+            exits.close()
             raise
         finally:
             theirs.close()
+            exits_theirs.close()
         keeper.register(self.proc.pid)
         self._sock = ours
+        self._exits = exits
         own_fd(ours.fileno())
+        own_fd(exits.fileno())
         try:
             _send(ours, (self.init, self.listeners))
             ready, _, _ = select.select([ours], [], [], timeout)
@@ -245,6 +271,12 @@ class Zygote:
             self.kill()
             raise
         self.info = payload
+        if self._reactor is not None:
+            try:
+                self._reactor.call_soon_threadsafe(self._attach)
+                self._attached = True
+            except RuntimeError:  # the loop has closed
+                pass
         self._reader = threading.Thread(target=self._read_loop, daemon=True,
                                         name=f"corral-zygote[{self.name}]")
         self._reader.start()
@@ -291,6 +323,122 @@ class Zygote:
             disown_fd(sock.fileno())
             sock.close()
             self._sock = None
+            self._close_exits()
+
+    def _close_exits(self) -> None:
+        """Close the exits' line (on the reactor's thread when it is read there)."""
+        if self._attached:
+            self._attached = False
+            if threading.get_ident() == self._loop_thread:
+                self._detach(True)
+                return
+            try:
+                assert self._reactor is not None
+                self._reactor.call_soon_threadsafe(self._detach, True)
+                return
+            except RuntimeError:  # the loop has closed: nobody reads it any more
+                pass
+        exits, self._exits = self._exits, None
+        if exits is not None:
+            disown_fd(exits.fileno())
+            exits.close()
+
+    def _attach(self) -> None:
+        """On the reactor's thread: read the exits there."""
+        exits = self._exits
+        if exits is not None and self._reactor is not None and not self._reactor.closed:
+            self._loop_thread = threading.get_ident()
+            self._reactor.add_reader(exits.fileno(), self._on_exits)
+
+    def _detach(self, close: bool) -> None:
+        """On the reactor's thread: stop reading the exits there (and close the line)."""
+        exits = self._exits
+        if exits is None:
+            return
+        if self._reactor is not None and self._reactor.watching(exits.fileno()):
+            self._reactor.remove_reader(exits.fileno())
+        if close:
+            self._exits = None
+            disown_fd(exits.fileno())
+            exits.close()
+            for pidfd in self._watches.values():
+                self._unwatch_fd(pidfd)
+            self._watches.clear()
+
+    def _on_exits(self) -> None:
+        """The reactor's callback: every exit report waiting on the line."""
+        try:
+            if not self._read_exits(on_loop=True):
+                self._detach(False)  # the zygote is gone: the reader thread says what next
+        except Exception:
+            log.exception("zygote %s: reading an exit report failed", self.name)
+            self._detach(False)
+
+    def _read_exits(self, on_loop: bool = False) -> bool:
+        """Take every exit report waiting (any thread; ``on_loop``: the reactor's, where the
+        monitor handles each exit in this same round); False once the line has ended."""
+        exits = self._exits
+        if exits is None:
+            return False
+        while True:
+            try:
+                msg = _recv(exits)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if msg is None:
+                return False
+            (kind, *rest), fds = msg
+            for fd in fds:
+                os.close(fd)
+            if kind == "exit":
+                child = self._on_exit_report(*rest)
+                if on_loop and child is not None and self._reactor is not None:
+                    # Its eventfd is readable now; the monitor's reader runs at the end of this
+                    # round instead of after one more poll.
+                    self._reactor.call_soon(self._run_exit_reader, child)
+
+    def _watch_child(self, child: ZygoteChild, pidfd: int) -> None:
+        """On the loop: learn of the worker's death from its pidfd, the moment the zygote
+        does, instead of after the zygote's report (one process hop less). A dup of the
+        pidfd, so that closing the worker's handle never closes a watched fd."""
+        own_fd(pidfd)
+        reactor = self._reactor
+        if (child._status is not None or child._closed or not self._attached
+                or reactor is None or reactor.closed):
+            self._unwatch_fd(pidfd)
+            return
+        self._watches[child.pid] = pidfd
+        reactor.add_reader(pidfd, lambda: self._on_child_dead(child))
+
+    def _unwatch_fd(self, pidfd: int) -> None:
+        if self._reactor is not None and self._reactor.watching(pidfd):
+            self._reactor.remove_reader(pidfd)
+        disown_fd(pidfd)
+        with contextlib.suppress(OSError):
+            os.close(pidfd)
+
+    def _on_child_dead(self, child: ZygoteChild) -> None:
+        """On the loop: the worker has exited (its pidfd is readable). Its status is read from
+        its zombie; if the zygote has reaped it already, its report tells (it is on its way)."""
+        pidfd = self._watches.pop(child.pid, None)
+        if pidfd is None:
+            return
+        try:
+            if child._status is None and not child._closed:
+                status = _zombie_status(child.pid, pidfd)
+                if status is not None:
+                    child._set_status(_decode(status))
+                    self._run_exit_reader(child)
+        except Exception:  # the zygote's report still tells
+            log.exception("zygote %s: reading the exit of pid %s failed", self.name, child.pid)
+        finally:
+            self._unwatch_fd(pidfd)
+
+    def _run_exit_reader(self, child: ZygoteChild) -> None:
+        if not child._closed and self._reactor is not None:  # closed: its fd may be reused
+            self._reactor.run_reader(child.waitable())
 
     # ------------------------------------------------------------------------------ forking
 
@@ -330,6 +478,12 @@ class Zygote:
             early = self._early.pop(pid, None)
         if early is not None:
             child._set_status(early)
+        elif self._attached and self._reactor is not None:
+            watched = os.dup(pidfd)
+            try:
+                self._reactor.call_soon_threadsafe(self._watch_child, child, watched)
+            except RuntimeError:  # the loop has closed
+                os.close(watched)
         return child
 
     def _forget(self, pid: int) -> None:
@@ -344,7 +498,20 @@ class Zygote:
     def _read_loop(self) -> None:
         sock = self._sock
         assert sock is not None
+        exits = self._exits
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        if exits is not None and not self._attached:
+            poller.register(exits.fileno(), select.POLLIN)
         while True:
+            try:
+                ready = {fd for fd, _ in poller.poll()}
+            except InterruptedError:
+                continue
+            if exits is not None and exits.fileno() in ready and not self._read_exits():
+                poller.unregister(exits.fileno())
+            if sock.fileno() not in ready:
+                continue
             try:
                 msg = _recv(sock)
             except OSError:
@@ -367,21 +534,27 @@ class Zygote:
                     future = self._pending.pop(req, None)
                 if future is not None:
                     future.set_exception(OSError(errno_, text))
-            elif kind == "exit":
-                pid, wait_status = rest
-                status = _decode(wait_status)
-                with self._lock:
-                    child = self._children.get(pid)
-                    if child is None:
-                        self._early[pid] = status
-                if child is not None:
-                    child._set_status(status)
         self._on_eof()
+
+    def _on_exit_report(self, pid: int, wait_status: int) -> ZygoteChild | None:
+        """A worker was reaped: its status to its handle (kept for later if its fork reply
+        has not been read yet). Returns the handle, if there is one already."""
+        status = _decode(wait_status)
+        with self._lock:
+            child = self._children.get(pid)
+            if child is None:
+                self._early[pid] = status
+        if child is not None:
+            child._set_status(status)
+        return child
 
     def _on_eof(self) -> None:
         """The zygote is gone: fail pending forks; every child still running dies through its
         parent-death signal, and is reported with an unknown status once its pidfd says so."""
         self.dead = True
+        # Reports still waiting on the exits' line come first: they know the real statuses.
+        with contextlib.suppress(OSError, ValueError):
+            self._read_exits()
         with self._lock:
             pending = list(self._pending.values())
             self._pending.clear()
@@ -400,6 +573,29 @@ class Zygote:
             child._set_status(ExitStatus.unknown_status())
 
 
+def _zombie_status(pid: int, pidfd: int) -> int | None:
+    """The wait status of an exited, not yet reaped worker, from ``/proc/PID/stat`` (its
+    exit_code field, waitpid's form); None once it is reaped, or unreadable, or 0: the kernel
+    shows 0 to a reader without ptrace access (a worker run as another user), so a clean exit
+    is left to the zygote's report."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        if fields[0] != b"Z":
+            return None
+        status = int(fields[49])  # field 52, counted from the state (field 3)
+    except (OSError, IndexError, ValueError):
+        return None
+    if status == 0:
+        return None
+    try:
+        # Not reaped yet after the read: the pid was not reused, what was read is ours.
+        signal.pidfd_send_signal(pidfd, 0)
+    except OSError:
+        return None
+    return status
+
+
 def _decode(wait_status: int) -> ExitStatus:
     if os.WIFSIGNALED(wait_status):
         return ExitStatus(signal=os.WTERMSIG(wait_status), core_dumped=os.WCOREDUMP(wait_status))
@@ -413,6 +609,7 @@ def main() -> None:
     """The zygote process (``python -c 'from corral.serve._zygote import main; main()' FD``)."""
     ctl = socket.socket(fileno=int(sys.argv[1]))
     name = sys.argv[2] if len(sys.argv) > 2 else "zygote"
+    exits = socket.socket(fileno=int(sys.argv[3])) if len(sys.argv) > 3 else ctl
     # The supervisor stops us through the socket; a terminal's Ctrl-C is not for us.
     for sig in _IGNORED:
         signal.signal(sig, signal.SIG_IGN)
@@ -436,7 +633,7 @@ def main() -> None:
             _send(ctl, ("failed", traceback.format_exc()))
         os._exit(3)
     _send(ctl, ("ready", ZygoteReady(os.getpid(), pre.interface, pre.import_seconds, native)))
-    _serve_forks(ctl, _bootstrap, _worker)
+    _serve_forks(ctl, exits, _bootstrap, _worker)
 
 
 def _threads_check(strict: bool) -> tuple[str, ...]:
@@ -458,7 +655,8 @@ def _threads_check(strict: bool) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _serve_forks(ctl: socket.socket, bootstrap: Any, worker: Any) -> None:
+def _serve_forks(ctl: socket.socket, exits: socket.socket, bootstrap: Any, worker: Any,
+                 ) -> None:
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -477,7 +675,7 @@ def _serve_forks(ctl: socket.socket, bootstrap: Any, worker: Any) -> None:
                 with contextlib.suppress(BlockingIOError):
                     while os.read(wake_r, 512):
                         pass
-                _reap(ctl, children)
+                _reap(exits, children)
                 continue
             try:
                 msg = _recv(ctl)
@@ -502,7 +700,7 @@ def _serve_forks(ctl: socket.socket, bootstrap: Any, worker: Any) -> None:
                 _send(ctl, ("fork-failed", req, exc.errno, str(exc)))
                 continue
             if pid == 0:
-                _child(ctl, (wake_r, wake_w), me, boot, args, fds, bootstrap, worker)
+                _child((ctl, exits), (wake_r, wake_w), me, boot, args, fds, bootstrap, worker)
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             for f in fds:
                 os.close(f)
@@ -514,12 +712,13 @@ def _serve_forks(ctl: socket.socket, bootstrap: Any, worker: Any) -> None:
                 _send(ctl, ("forked", req, pid), [pidfd])
             finally:
                 os.close(pidfd)
-        _reap(ctl, children)
+        _reap(exits, children)
 
 
-def _reap(ctl: socket.socket, children: set[int]) -> None:
+def _reap(exits: socket.socket, children: set[int]) -> None:
     """Every child that has exited: kill its group's leftovers while the zombie still holds
-    the group id, then reap it and report the status."""
+    the group id, report the status (read without reaping: the report is on its way before
+    the reap's cost), then reap it."""
     for pid in list(children):
         try:
             info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -530,13 +729,24 @@ def _reap(ctl: socket.socket, children: set[int]) -> None:
             continue
         with contextlib.suppress(OSError):
             os.killpg(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        children.discard(pid)
         with contextlib.suppress(OSError):
-            _send(ctl, ("exit", pid, status))
+            _send(exits, ("exit", pid, _wait_status(info.si_code, info.si_status)))
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        children.discard(pid)
 
 
-def _child(ctl: socket.socket, wake: tuple[int, int], zygote_pid: int, boot: Any,
+def _wait_status(code: int, status: int) -> int:
+    """waitid's (si_code, si_status) as the status word waitpid would have returned."""
+    if code == os.CLD_EXITED:
+        return (status & 0xFF) << 8
+    if code == os.CLD_DUMPED:
+        return (status & 0x7F) | 0x80
+    return status & 0x7F  # CLD_KILLED
+
+
+def _child(ctls: tuple[socket.socket, socket.socket], wake: tuple[int, int], zygote_pid: int,
+           boot: Any,
            args: tuple[Any, ...], fds: list[int], bootstrap: Any, worker: Any) -> None:
     """In the forked worker: never returns."""
     code = 1
@@ -544,7 +754,8 @@ def _child(ctl: socket.socket, wake: tuple[int, int], zygote_pid: int, boot: Any
         import dataclasses
         import random
 
-        ctl.close()  # the supervisor's line is the zygote's, not ours
+        for ctl in ctls:
+            ctl.close()  # the supervisor's lines are the zygote's, not ours
         for fd in wake:
             os.close(fd)
         random.seed()  # not the zygote's (or a sibling's) sequence
@@ -556,7 +767,7 @@ def _child(ctl: socket.socket, wake: tuple[int, int], zygote_pid: int, boot: Any
             from multiprocessing.connection import Connection
 
             bootstrap.run_standby(cfg, _serve_target(worker, sockets), Connection(fds[0]),
-                                  worker.warm_up)
+                                  lambda: worker.warm_up(sockets))
         else:
             bootstrap.run_worker(cfg, _serve_target(worker, sockets), ())
         code = 0
