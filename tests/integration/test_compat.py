@@ -361,8 +361,9 @@ def test_restart_timeout_does_not_serialise_restarts(tmp_path: Path,
             pids = {i: wait_record(tmp_path, i, not_pids=seen)["pid"] for i in range(3)}
             seen |= set(pids.values())
             # A worker's record can come before the monitor has taken in its start.
-            wait_for(lambda: sum(1 for s in sup.status() if s.pid in pids.values()) == 3, 10,
-                     "the three new pids in status()")
+            new = set(pids.values())
+            wait_for(lambda new=new: sum(1 for s in sup.status() if s.pid in new) == 3,
+                     10, "the three new pids in status()")
             started_at = [s.started_at for s in sup.status() if s.pid in pids.values()]
             assert len(started_at) == 3 and all(t is not None for t in started_at)
             times = [t for t in started_at if t is not None]

@@ -31,6 +31,16 @@ def ready_standby(sup: corral.Supervisor) -> corral.WorkerStatus | None:
     return next((s for s in sup.status() if s.standby and s.ready), None)
 
 
+def kill_worker_1(sup: corral.Supervisor) -> corral.WorkerStatus:
+    """SIGKILL worker 1; its replacement, once ready."""
+    victim = sup.status()[1].pid
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    return wait_value(lambda: next((s for s in sup.status() if s.index == 1 and s.ready
+                                    and s.pid not in (None, victim)), None), 30,
+                      "worker 1 replaced")
+
+
 @pytest.mark.parametrize("method", START_METHODS)
 @pytest.mark.timeout(90)
 def test_a_handed_over_worker_is_like_a_fresh_one(method: str, no_leaks: set[int],
@@ -43,12 +53,7 @@ def test_a_handed_over_worker_is_like_a_fresh_one(method: str, no_leaks: set[int
         assert standby.index < 0 and standby.state is WorkerState.RUNNING
         assert standby.pid is not None and standby.pid not in sup.pids()
         fresh = {r["pid"]: r for r in reports(tmp_path).values()}
-        victim = sup.status()[1].pid
-        assert victim is not None
-        os.kill(victim, signal.SIGKILL)
-        new = wait_value(lambda: next((s for s in sup.status() if s.index == 1 and s.ready
-                                       and s.pid not in (None, victim)), None), 30,
-                         "worker 1 replaced")
+        new = kill_worker_1(sup)
         assert new.pid == standby.pid  # the standby took the place
         got = wait_value(lambda: reports(tmp_path).get(new.pid), 30, "its report")
         cold = fresh[sup.status()[0].pid]  # worker 0 was started the usual way
@@ -79,12 +84,7 @@ def test_a_warm_up_may_wait_for_the_handover_itself(method: str, no_leaks: set[i
               startup_timeout=30, standby=1, standby_init=sw.warm_own_wait) as (sup, _log):
         sup.wait_ready(timeout=60)
         standby = wait_value(lambda: ready_standby(sup), 60, "a ready standby")
-        victim = sup.status()[1].pid
-        assert victim is not None
-        os.kill(victim, signal.SIGKILL)
-        new = wait_value(lambda: next((s for s in sup.status() if s.index == 1 and s.ready
-                                       and s.pid not in (None, victim)), None), 30,
-                         "worker 1 replaced")
+        new = kill_worker_1(sup)
         assert new.pid == standby.pid
         got = wait_value(lambda: reports(tmp_path).get(new.pid), 30, "its report")
         assert got["model"] == f"waited for by {new.pid}"

@@ -267,18 +267,25 @@ def test_import_corral_does_not_import_the_server() -> None:
     assert res.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("how", ["exit 0", "exit 3", "SIGKILL", "SIGTERM"])
-def test_a_zygote_reports_the_status_waitpid_would_give(how: str) -> None:
-    """The zygote reads a worker's status with waitid (WNOWAIT, to report it before the
-    reap): the same status word as waitpid's."""
-    from corral.serve._zygote import _wait_status
-
+def _child_ending(how: str) -> int:
+    """A forked child that exits with ``how``'s code at once ("exit N"), or waits for a
+    signal (the caller sends it)."""
     pid = os.fork()
     if pid == 0:
         if how.startswith("exit"):
             os._exit(int(how.split()[1]))
         signal.pause()
         os._exit(99)
+    return pid
+
+
+@pytest.mark.parametrize("how", ["exit 0", "exit 3", "SIGKILL", "SIGTERM"])
+def test_a_zygote_reports_the_status_waitpid_would_give(how: str) -> None:
+    """The zygote reads a worker's status with waitid (WNOWAIT, to report it before the
+    reap): the same status word as waitpid's."""
+    from corral.serve._zygote import _wait_status
+
+    pid = _child_ending(how)
     if how.startswith("SIG"):
         os.kill(pid, getattr(signal, how))
     info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
@@ -296,12 +303,7 @@ def test_a_dead_workers_status_is_read_from_its_zombie_until_it_is_reaped(how: s
 
     from corral.serve._zygote import _zombie_status
 
-    pid = os.fork()
-    if pid == 0:
-        if how.startswith("exit"):
-            os._exit(int(how.split()[1]))
-        signal.pause()
-        os._exit(99)
+    pid = _child_ending(how)
     pidfd = os.pidfd_open(pid)
     try:
         if how == "SIGKILL":
