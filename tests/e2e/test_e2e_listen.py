@@ -46,8 +46,10 @@ def _ask(port: int) -> str:
 
 
 def _answer(port: int) -> str | None:
+    """The server's line, or None if there is none yet (refused, reset, or closed with no line:
+    a connection the killed process accepted in the moment before the signal took it)."""
     try:
-        return _ask(port)
+        return _ask(port) or None
     except OSError:
         return None
 
