@@ -102,7 +102,7 @@ class ExitPart(_Core):
         every check holds as well a moment later, when the policy decides. ``status`` is None
         before the reap: then only a restart that does not depend on it qualifies.
         """
-        if not self._standbys or self._stopping or self._remote:
+        if self._stopping or self._remote or self._take_standby() is None:
             return
         after = w.after_stop
         if after is AfterStop.POLICY:

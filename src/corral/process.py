@@ -273,7 +273,8 @@ class GroupSignals:
 
 
 def _release_fds(owner: int, pidfd: int, mp_fds: tuple[int, ...]) -> None:
-    """A WorkerProcess garbage-collected without close(): disown its fds, close its pidfd."""
+    """A WorkerProcess's close(), or its garbage collection without one: disown its fds (before
+    multiprocessing's own finalizer closes its pipes), close its pidfd."""
     if os.getpid() != owner:
         return  # a forked child: these numbers are not its own
     for fd in mp_fds:
@@ -306,9 +307,8 @@ class WorkerProcess(GroupSignals):
         self._mp_fds = _popen_fds(process)
         for fd in self._mp_fds:
             own_fd(fd, released_by_owner=True)
-        # Dropped without close() (a bug, or an interpreter exit): the fds are disowned before
-        # multiprocessing's own finalizer closes its pipes, so a reused number is never taken
-        # for ours.
+        # close() runs it; dropped without close() (a bug), the GC does: either way the fds are
+        # disowned before they can be closed, so a reused number is never taken for ours.
         self._release = weakref.finalize(self, _release_fds, os.getpid(), self._pidfd,
                                          self._mp_fds)
         self._release.atexit = False  # at exit the monitor may still be using them
@@ -390,13 +390,8 @@ class WorkerProcess(GroupSignals):
 
     def close(self) -> None:
         """Release the pidfd and multiprocessing's pipes (only after reaping)."""
-        self._release.detach()
-        if self._pidfd >= 0:
-            disown_fd(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = -1
-        for fd in self._mp_fds:
-            disown_fd(fd)
+        self._release()  # disowns the fds, closes the pidfd (once: a second call does nothing)
+        self._pidfd = -1
         try:
             self.process.close()
         except ValueError:
