@@ -86,8 +86,9 @@ class EventStream:
         dropped: events dropped because this consumer was too slow (see the module doc).
     """
 
-    def __init__(self, owner: AsyncSupervisor, maxsize: int) -> None:
+    def __init__(self, owner: AsyncSupervisor, maxsize: int, since: int) -> None:
         self._owner = owner
+        self._since = since  # the ordinal of the last event before this stream was made
         self._maxsize = maxsize
         self._items: deque[Event] = deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -181,7 +182,8 @@ class AsyncSupervisor:
         self._streams: set[EventStream] = set()
         self._stopped = False  # the STOPPED event reached the loop
         self._stopped_waiters: list[asyncio.Future[None]] = []
-        self._inbox: deque[Event] = deque()
+        self._inbox: deque[tuple[int, Event]] = deque()  # (ordinal, event)
+        self._received = 0  # events received from the events thread, in order
         self._inbox_lock = threading.Lock()
         self._inbox_scheduled = False
         self.supervisor.subscribe(self._from_events_thread)
@@ -309,7 +311,9 @@ class AsyncSupervisor:
             TypeError, ValueError: ``maxsize`` is not an int >= 1.
         """
         v.integer("maxsize", maxsize, minimum=1)
-        stream = EventStream(self, maxsize)
+        # An event the monitor emitted before this call may still be on its way (events
+        # thread, inbox): the stream starts after the last one queued, not the last received.
+        stream = EventStream(self, maxsize, self.supervisor._queued_events)
         if self._stopped:
             stream._end()
         else:
@@ -323,9 +327,10 @@ class AsyncSupervisor:
         if loop is None:
             return
         with self._inbox_lock:
+            self._received += 1
             if len(self._inbox) >= _INBOX and event.kind is not EventKind.STOPPED:
                 self._inbox.popleft()
-            self._inbox.append(event)
+            self._inbox.append((self._received, event))
             if self._inbox_scheduled:
                 return
             self._inbox_scheduled = True
@@ -339,9 +344,10 @@ class AsyncSupervisor:
             batch = list(self._inbox)
             self._inbox.clear()
             self._inbox_scheduled = False
-        for event in batch:
+        for ordinal, event in batch:
             for stream in list(self._streams):
-                stream._put(event)
+                if ordinal > stream._since:
+                    stream._put(event)
             if event.kind is EventKind.STOPPED:
                 self._stopped = True
                 for fut in self._stopped_waiters:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -134,6 +135,39 @@ def test_event_loop_never_blocked(method: str, no_leaks: set[int]) -> None:
     assert worst < 0.4, f"the event loop was late by {worst * 1000:.1f} ms at worst"
     print(f"\n{method}: worst lateness of a 1 ms ticker {worst * 1000:.1f} ms over "
           f"{elapsed:.1f} s ({ticks} ticks)")
+
+
+@pytest.mark.timeout(60)
+def test_a_stream_starts_after_events_still_on_their_way(no_leaks: set[int]) -> None:
+    """events() means events from now on, even those the monitor emitted before the call but
+    the events thread had not delivered yet: wait_ready() answers straight from the monitor,
+    so the READY events of the start may still be on their way when it returns. A gate
+    subscriber holds the events thread on the first READY to make that certain."""
+    gate, held = threading.Event(), threading.Event()
+
+    def hold(event: corral.Event) -> None:
+        if event.kind is EventKind.READY and not held.is_set():
+            held.set()
+            gate.wait(30)
+
+    async def main() -> list[corral.Event]:
+        sup = corral.AsyncSupervisor(obs_workers.graceful, workers=3, start_method="fork",
+                                     ready_when="ready", stop_timeout=5.0)
+        _track(sup, no_leaks)
+        sup.supervisor.subscribe(hold)  # after AsyncSupervisor's own: it sees one READY
+        async with sup:
+            await sup.wait_ready(timeout=30)
+            assert held.is_set()  # the events thread is stuck: two READY events wait behind it
+            stream = sup.events()
+            gate.set()
+        return [e async for e in stream]
+
+    try:
+        seen = run(main)
+    finally:
+        gate.set()
+    assert [e.kind for e in seen if e.kind is EventKind.READY] == []
+    assert seen and seen[-1].kind is EventKind.STOPPED
 
 
 @pytest.mark.timeout(60)
