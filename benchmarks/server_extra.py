@@ -21,9 +21,9 @@ benchmarks/results/server_extra.{json,md}. Every process started is killed by pi
   kill -> the replacement accepting (the listener appears in its epoll set, read from
   /proc/PID/fdinfo), against 2x a zygote fork; and, in the same loop, kill -> the victim's exit
   done (zombie or reaped): the kernel tears down its memory before any supervisor can learn of
-  the death, so corral's own part is exit -> accepting. With the app's 1 s lifespan start-up only a hot
-  standby (forked from the zygote, start-up already run) can be that quick: one row with
-  --standby 1 and the 1 s start-up, one without a standby and a 0 s start-up.
+  the death, so corral's own part is exit -> accepting. With the app's 1 s lifespan start-up
+  only a hot standby (forked from the zygote, start-up already run) can be that quick: one row
+  with --standby 1 and the 1 s start-up, one without a standby and a 0 s start-up.
 """
 
 from __future__ import annotations
