@@ -41,7 +41,8 @@ class Launch:
         readers: our ends of the pipes, for the worker IO once the process exists.
         listeners: ``corral.serve._listeners.Listener`` objects the program gets as systemd
             hands them over (fds 3.., LISTEN_FDS/LISTEN_FDNAMES/LISTEN_PID, ``{listen.NAME.fd}``
-            in the argv); it is then started with ``posix_spawn`` through a ``/bin/sh`` shim.
+            in the argv); it is then started with ``posix_spawn`` through a ``/bin/sh`` shim
+            (a Python one, which switches the ids, when it runs as another user or group).
     """
 
     env: dict[str, str] = field(default_factory=dict)
@@ -87,6 +88,22 @@ def _supplementary_groups(user: int | str | None, group: int | str | None
     return os.getgrouplist(pw.pw_name, gid)
 
 
+def _numeric_ids(user: int | str | None, group: int | str | None
+                 ) -> tuple[int | None, int | None, list[int] | None]:
+    """(uid, gid, supplementary groups) for ``user``/``group`` as subprocess would set them:
+    the user's primary group unless ``group`` is given, and initgroups(3)'s list.
+
+    Raises:
+        KeyError: an unknown user or group name.
+    """
+    uid = gid = None
+    if user is not None:
+        uid = pwd.getpwnam(user).pw_uid if isinstance(user, str) else user
+    if group is not None:
+        gid = grp.getgrnam(group).gr_gid if isinstance(group, str) else group
+    return uid, gid, _supplementary_groups(user, group)
+
+
 class CommandProcess(GroupSignals):
     """One running command (a ``ProcessLike``)."""
 
@@ -118,15 +135,17 @@ class CommandProcess(GroupSignals):
         full_env = dict(os.environ if env is None else env)
         full_env.update(launch.env)
         if launch.listeners:
-            if user is not None or group is not None or launch.pass_fds:
-                raise ValueError("listeners cannot be handed to a command started as another "
-                                 f"user or group, or with pass_fds (user={user!r}, "
-                                 f"group={group!r}, pass_fds={launch.pass_fds!r})")
+            if launch.pass_fds:
+                raise ValueError("listeners cannot be handed to a command started with "
+                                 f"pass_fds (pass_fds={launch.pass_fds!r})")
             from corral.serve._listeners import spawn_with_listeners
 
+            ids = None
+            if user is not None or group is not None:
+                ids = _numeric_ids(user, group)
             return cls(None, spawn_with_listeners(
                 argv, launch.listeners, env=full_env, cwd=cwd, stdout=launch.stdout,
-                stderr=launch.stderr, umask=umask))
+                stderr=launch.stderr, umask=umask, ids=ids))
         popen = subprocess.Popen(
             list(argv), stdin=subprocess.DEVNULL, stdout=launch.stdout, stderr=launch.stderr,
             env=full_env, cwd=cwd, user=user, group=group,

@@ -125,3 +125,51 @@ def test_a_config_reload_keeps_the_socket_of_a_changed_program(corral: Any,
         assert res.returncode != 0 and "127.0.0.1:" in res.stderr, res.stderr
     assert [p["name"] for p in c.status()["programs"]] == ["web"]
     assert c.stop() == 0
+
+
+def _listener_inode(port: int) -> int:
+    with open("/proc/net/tcp") as fh:
+        for line in fh.readlines()[1:]:
+            parts = line.split()
+            if parts[1].endswith(f":{port:04X}") and parts[3] == "0A":  # LISTEN
+                return int(parts[9])
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_sockets_handed_to_a_program_run_as_another_user(corral: Any) -> None:
+    """listen with user/group/umask: the ids are switched (by a Python shim started as root:
+    a shell cannot), and the socket still lands on fd 3 with LISTEN_PID = the program's pid."""
+    import grp
+    import pwd
+
+    try:
+        nobody = pwd.getpwnam("nobody")
+        daemon_gid = grp.getgrnam("daemon").gr_gid
+    except KeyError:
+        pytest.skip("no user 'nobody' or group 'daemon' here")
+    port = _free_port()
+    # A shell command: `nobody` may not be able to run this venv's Python (under /root).
+    show = ('echo "ids $(id -u) $(id -g) umask $(umask) pid $$ listen_pid $LISTEN_PID '
+            'fds $LISTEN_FDS names $LISTEN_FDNAMES fd3 $(readlink /proc/$$/fd/3)"; '
+            'exec sleep 600')
+    c = corral(config=f"""
+[program.web]
+command = ["/bin/sh", "-c", {json.dumps(show)}]
+listen = {{ web = "127.0.0.1:{port}" }}
+user = "nobody"
+group = "daemon"
+umask = "027"
+cwd = "/"
+""")
+    w = c.wait_running(1, "web")[0]
+    text = c.wait_out("web.0 |  ids ")
+    line = next(x for x in text.splitlines() if "web.0 |  ids " in x).split("|  ", 1)[1]
+    inode = _listener_inode(port)
+    assert line == (f"ids {nobody.pw_uid} {daemon_gid} umask 0027 pid {w['pid']} listen_pid "
+                    f"{w['pid']} fds 1 names web fd3 socket:[{inode}]"), line
+    with open(f"/proc/{w['pid']}/status") as fh:
+        status = {k: v.split() for k, _, v in (x.partition(":") for x in fh)}
+    assert set(status["Uid"]) == {str(nobody.pw_uid)}
+    assert status["Groups"] == [str(x) for x in os.getgrouplist("nobody", daemon_gid)]
+    assert c.stop() == 0

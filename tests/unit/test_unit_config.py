@@ -326,7 +326,6 @@ def test_missing_file_and_empty_file(tmp_path: Path) -> None:
     ('command = ["a"]\nlisten = 8000', "listen", "a list of addresses"),
     ('command = ["a"]\nlisten = { "a.b" = "127.0.0.1:1" }', "listen", "socket names"),
     ('target = "m:f"\nlisten = ["127.0.0.1:1"]', "listen", "listen only with a command"),
-    ('command = ["a"]\nuser = "root"\nlisten = ["127.0.0.1:1"]', "listen", "without user"),
 ])
 def test_program_value_errors(cfgdir: Path, snippet: str, key: str, expected: str) -> None:
     path = write(cfgdir, f"[program.p]\n{snippet}\n")

@@ -474,11 +474,6 @@ def _program(ctx: Ctx, name: str, t: Any, log_defaults: LogConfig) -> ProgramCon
         if "command" not in t:
             ctx.error(p("listen"), "listen only with a command (a target's workers are not "
                                    "exec'd)", "listen with a target")
-        for key in ("user", "group"):
-            if key in t:
-                ctx.error(p("listen"), f"listen without {key} (the sockets are handed over "
-                                       "by posix_spawn, which cannot switch users)",
-                          f"listen with {key} = {t[key]!r}")
     if "max_memory" in t:
         kw["max_memory"] = _size(ctx, p("max_memory"), t["max_memory"])
     for key in ("max_age", "heartbeat_timeout", "startup_timeout"):

@@ -28,6 +28,7 @@ import re
 import shutil
 import socket
 import stat
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -336,19 +337,46 @@ def substitute_argv(argv: Sequence[str], listeners: Sequence[Listener]) -> list[
 # Sets LISTEN_PID to the shell's own pid, which exec keeps for the program.
 _SHIM = 'LISTEN_PID=$$; export LISTEN_PID; exec "$@"'
 _SHIM_CWD = 'cd -- "$1" || exit 127; shift; LISTEN_PID=$$; export LISTEN_PID; exec "$@"'
+# As another user or group: a shell cannot switch ids, so this interpreter (started as root,
+# single-threaded: safe to switch there) takes cwd, umask, groups, gid, uid in that order (as
+# subprocess does), sets LISTEN_PID to its own pid and execs the program.
+_PY_SHIM = """\
+import os, sys
+cwd, umask, groups, gid, uid, *argv = sys.argv[1:]
+try:
+    if cwd:
+        os.chdir(cwd)
+    if umask:
+        os.umask(int(umask, 8))
+    if groups != "-":
+        os.setgroups([int(g) for g in groups.split(",") if g])
+    if gid:
+        os.setregid(int(gid), int(gid))
+    if uid:
+        os.setreuid(int(uid), int(uid))
+    os.environ["LISTEN_PID"] = str(os.getpid())
+    os.execvp(argv[0], argv)
+except OSError as exc:
+    sys.stderr.write(f"corral-listen: {argv[0]}: {exc}\\n")
+    os._exit(127)
+"""
 
 
 def spawn_with_listeners(argv: Sequence[str], listeners: Sequence[Listener], *,
                          env: Mapping[str, str] | None = None, cwd: str | None = None,
                          stdout: int | None = None, stderr: int | None = None,
-                         umask: int | None = None) -> int:
+                         umask: int | None = None,
+                         ids: tuple[int | None, int | None, list[int] | None] | None = None,
+                         ) -> int:
     """Start ``argv`` as systemd would start a socket-activated service; returns its pid.
 
     The listeners land on fds 3.. (``posix_spawn`` file actions, so no code of ours runs
     between fork and exec in this threaded process), the program gets LISTEN_FDS,
     LISTEN_FDNAMES and, from the shim, LISTEN_PID = its own pid; ``{listen.NAME.fd}`` in the
     argv is replaced. It leads a new process group; every other fd of ours is close-on-exec.
-    ``umask`` is set by the shim.
+    ``umask`` is set by the shim. ``ids`` = (uid, gid, supplementary groups) to switch to
+    (None each: keep ours); the shim is then this interpreter (``-I -S``, a few milliseconds
+    more), which switches them before the exec.
 
     Raises:
         ValueError: an unknown placeholder; OSError: it could not be started.
@@ -376,13 +404,22 @@ def spawn_with_listeners(argv: Sequence[str], listeners: Sequence[Listener], *,
         actions.append((os.POSIX_SPAWN_DUP2, devnull, 0))
         for i, fd in enumerate(parked[:n]):
             actions.append((os.POSIX_SPAWN_DUP2, fd, SD_LISTEN_FDS_START + i))
-        script = _SHIM_CWD if cwd else _SHIM
-        if umask is not None:
-            script = f"umask {umask:03o}; {script}"
-        shim = ["/bin/sh", "-c", script, "corral-listen"]
-        if cwd:
-            shim.append(cwd)
-        return os.posix_spawn("/bin/sh", [*shim, program, *argv[1:]], full_env,
+        if ids is not None:
+            uid, gid, groups = ids
+            exe = sys.executable
+            shim = [exe, "-I", "-S", "-c", _PY_SHIM, cwd or "",
+                    "" if umask is None else f"{umask:o}",
+                    "-" if groups is None else ",".join(map(str, groups)),
+                    "" if gid is None else str(gid), "" if uid is None else str(uid)]
+        else:
+            exe = "/bin/sh"
+            script = _SHIM_CWD if cwd else _SHIM
+            if umask is not None:
+                script = f"umask {umask:03o}; {script}"
+            shim = ["/bin/sh", "-c", script, "corral-listen"]
+            if cwd:
+                shim.append(cwd)
+        return os.posix_spawn(exe, [*shim, program, *argv[1:]], full_env,
                               file_actions=actions, setpgroup=0, resetids=False,
                               setsigmask=(), setsigdef=_catchable_signals())
     finally:
