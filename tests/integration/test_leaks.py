@@ -24,9 +24,9 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def _fewest_fds(samples: int = 20) -> int:
-    """The fewest fds seen over a few ms: a crash loop has a varying number of processes in
-    flight (3 fds each), a leak shows in the fewest as well."""
+def _fewest_fds(samples: int = 100) -> int:
+    """The fewest fds seen over a fraction of a second: a crash loop has a varying number of
+    processes in flight (3 fds each), a leak shows in the fewest as well."""
     fewest = _fds()
     for _ in range(samples):
         time.sleep(0.001)  # spread the samples over the loop's churn
@@ -58,7 +58,9 @@ def _cycle(started: set[int], method: str, cycles: int) -> corral.Supervisor:
         early = _fewest_fds()
         wait_for(lambda: _restarts(sup) >= cycles, 120, f"{cycles} restarts")
         late = _fewest_fds()
-        assert late <= early + 4, f"fds grew while cycling: {early} -> {late}"
+        # A few processes may be in flight at every sample on a loaded machine (3 fds each);
+        # a leak per cycle, or per ten, would add tens to hundreds over these cycles.
+        assert late <= early + 12, f"fds grew while cycling: {early} -> {late}"
     exits = log.of(EventKind.EXITED)
     assert len(exits) >= cycles
     for event in exits:
