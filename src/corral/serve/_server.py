@@ -408,7 +408,9 @@ class Server:
         try:
             self.start_http()
         except OSError as exc:
-            log.error("serve %s: --http: %s", self.options.name, exc)
+            # The endpoint's message names the address and why ("[Errno 98]" says less).
+            log.error("serve %s: --http: %s", self.options.name,
+                      exc.strerror if exc.errno is not None and exc.strerror else exc)
             _listeners.close_all(self.listeners)
             self.listeners = []
             return 1
