@@ -345,12 +345,16 @@ class Server:
         current = self.current
         if current is None and state is not None and state.new.sup is not None:
             current = state.new  # the first start
+        # Once READY=1 was sent, the first start is over (a later shortfall is judged on the
+        # count alone).
+        phase = ("stopping" if self.stopping else "serving" if self._announced_ready
+                 else "starting")
+        reloading = state is not None and state.old is not None
         return ServerState(
-            name=opts.name, phase="stopping" if self.stopping else "serving"
-            if self._announced_ready else "starting", ready=ready, needed=opts.wanted_ready,
+            name=opts.name, phase=phase, ready=ready, needed=opts.wanted_ready,
             workers=opts.workers, generation=current.number if current is not None else None,
-            reloading_to=state.new.number if state is not None and state.old is not None
-            else None, alive=alive, why=self._stop_why, shutdown_delay=opts.shutdown_delay,
+            reloading_to=state.new.number if state is not None and reloading else None,
+            alive=alive, why=self._stop_why, shutdown_delay=opts.shutdown_delay,
             drain_at=self._drain_at)
 
     def install_signals(self) -> None:
