@@ -5,8 +5,11 @@ follows the generations, and the endpoint goes with the process."""
 
 from __future__ import annotations
 
+import ctypes
 import http.client
 import json
+import os
+import platform
 import signal
 import socket
 import threading
@@ -69,8 +72,9 @@ def test_readyz_follows_the_start_and_the_shutdown_delay(tmp_path: Path,
     assert live is not None and live[0] == 200 and "its loop answers" in live[1]
 
     s.proc.send_signal(signal.SIGTERM)
-    stopping = wait_for(lambda: (r := probe(port, "/readyz")) and r[0] == 503 and r, 5,
-                        "/readyz 503 after SIGTERM")
+    stopping = wait_for(lambda: (r := probe(port, "/readyz")) and r[0] == 503 and r, 10,
+                        f"/readyz 503 after SIGTERM ({probe(port, '/readyz')}, "
+                        f"{s.text()[-800:]})")
     assert "shutting down (SIGTERM): shutdown_delay 3s" in stopping[1], stopping
     # The workers still accept during the delay (a load balancer deregisters meanwhile).
     assert _get(s.port)[0] == 200
@@ -80,6 +84,42 @@ def test_readyz_follows_the_start_and_the_shutdown_delay(tmp_path: Path,
     assert s.proc.wait(30) == 0
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+_TGKILL = {"x86_64": 234, "aarch64": 131}.get(platform.machine())  # syscall numbers
+
+
+def _signal_another_thread(pid: int, sig: int) -> int:
+    """``sig`` to one thread of ``pid`` that is not its main thread and does not block it
+    (tgkill): what the kernel may choose itself when that thread is the one running."""
+    for name in sorted(os.listdir(f"/proc/{pid}/task")):
+        tid = int(name)
+        if tid == pid:
+            continue
+        with open(f"/proc/{pid}/task/{tid}/status") as fh:
+            blocked = next(int(x.split()[1], 16) for x in fh if x.startswith("SigBlk:"))
+        if not blocked & (1 << (sig - 1)):
+            libc = ctypes.CDLL(None, use_errno=True)
+            assert libc.syscall(_TGKILL, pid, tid, sig) == 0, ctypes.get_errno()
+            return tid
+    raise AssertionError(f"no thread of {pid} but the main one takes signal {sig}")
+
+
+@pytest.mark.skipif(_TGKILL is None, reason="tgkill's number known for x86_64 and aarch64")
+def test_a_sigterm_taken_by_another_thread_still_stops_the_server(
+        tmp_path: Path, servers: list[Serve]) -> None:
+    """The endpoint's thread (or a spawner) may be the one the kernel hands SIGTERM to: the
+    loop, asleep in epoll, must wake for it all the same (the wake pipe is the wakeup fd)."""
+    port = _free_port()
+    s = Serve(tmp_path, "asgi_app:app", "--shutdown-delay", "2", "--http", f"127.0.0.1:{port}")
+    servers.append(s)
+    s.wait_serving()
+    wait_for(lambda: (r := probe(port, "/readyz")) and r[0] == 200, 20, "/readyz 200")
+    _signal_another_thread(s.proc.pid, signal.SIGTERM)
+    stopping = wait_for(lambda: (r := probe(port, "/readyz")) and r[0] == 503 and r, 5,
+                        f"/readyz 503 after SIGTERM ({s.text()[-500:]})")
+    assert "shutting down (SIGTERM)" in stopping[1]
+    assert s.proc.wait(30) == 0
 
 
 def _pools(port: int) -> dict[str, float]:

@@ -286,6 +286,7 @@ class Server:
         self._extend_timer: Any = None
         self._watchdog_timer: Any = None
         self._signals: list[int] = []
+        self._wakeup_set = False
         self._control: Any = None
         self._recycle_wanted: set[int] = set()
         self._recycling: dict[str, Any] | None = None
@@ -359,6 +360,11 @@ class Server:
 
     def install_signals(self) -> None:
         """TERM/INT: drain and stop; HUP: rolling reload (handlers only hand work over)."""
+        # The kernel may deliver a signal to any thread (the --http endpoint's, a spawner):
+        # the main thread, asleep in epoll, would run the Python handler only at its next
+        # wake-up, maybe never. The C-level handler writes to the wake pipe instead.
+        signal.set_wakeup_fd(self.reactor.wake_fd, warn_on_full_buffer=False)
+        self._wakeup_set = True
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
             self._signals.append(sig)
@@ -458,6 +464,10 @@ class Server:
             with contextlib.suppress(ValueError, OSError):
                 signal.signal(sig, signal.SIG_DFL)
         self._signals.clear()
+        if self._wakeup_set:
+            with contextlib.suppress(ValueError):
+                signal.set_wakeup_fd(-1)
+            self._wakeup_set = False
         self._publish()
         _listeners.close_all(self.listeners)
         self.listeners = []
