@@ -147,7 +147,7 @@ def test_metrics_status_and_a_reload(tmp_path: Path, servers: list[Serve]) -> No
     got = probe(port, "/status")
     assert got is not None and got[0] == 200
     doc = json.loads(got[1])
-    assert doc["schema"] == "corral.status/1"
+    assert doc["schema"] == "corral.status/1" and doc["corral"]["uptime"] > 0
     assert [(p["name"], p["kind"], len(p["workers"])) for p in doc["programs"]] == [
         ("web@1", "serve", 2)]
     pool = probe(port, "/readyz/web@1")

@@ -280,6 +280,7 @@ class Server:
         self.stopping = False
         self.exit_code = 0
         self.max_workers_alive = 0  # the most worker processes seen alive at once
+        self.started_at = time.time()
         self._numbers = 0
         self._announced_ready = False
         self._stop_deadline = math.inf
@@ -978,7 +979,8 @@ class Server:
         import corral
 
         return schema.status_payload(programs, pid=os.getpid(), version=corral.__version__,
-                                     uptime=0.0, config=None, socket=self.control_socket)
+                                     uptime=time.time() - self.started_at, config=None,
+                                     socket=self.control_socket)
 
 
 class _Names:
