@@ -32,6 +32,8 @@ Paths:
     /livez[/POOL]     200 if every pool's loop answers a ping within ``timeout``, else 503.
     /readyz[/POOL]    200 if every pool has at least ``min_ready`` workers RUNNING and ready
                       (default: all that are meant to run), else 503; one line per pool.
+                      (``readiness=`` / ``liveness=`` answer the bare /readyz and /livez
+                      for the program as a whole instead: ``corral serve --http``.)
     /status           ``corral.status/1`` JSON, as ``corral status --json`` prints it.
 """
 
@@ -109,6 +111,12 @@ class Endpoint:
             ``corral`` command passes what its control socket answers to ``status``, so both
             are the same); default: built from the pools served. Called on the endpoint's
             thread: it must not block for long; a ``TimeoutError`` it raises is a 503.
+        readiness: ``readiness() -> (ready, one-line reason)``, the answer of a bare /readyz
+            (the program as a whole: ``corral serve`` is ready on its own terms, not when each
+            generation's pool is); /readyz/POOL still asks one pool. Called on the endpoint's
+            thread: it must return at once.
+        liveness: ``liveness(timeout) -> (alive, one-line reason)``, the answer of a bare
+            /livez; bounded by ``timeout`` seconds. /livez/POOL still pings one pool.
 
     Raises:
         TypeError, ValueError: a bad argument (the message names it).
@@ -120,7 +128,9 @@ class Endpoint:
                  idle_timeout: float = 120.0, max_connections: int = 64,
                  process_metrics: bool = False, config: str | None = None,
                  socket_path: str | None = None,
-                 status: Callable[[], dict[str, Any]] | None = None) -> None:
+                 status: Callable[[], dict[str, Any]] | None = None,
+                 readiness: Callable[[], tuple[bool, str]] | None = None,
+                 liveness: Callable[[float], tuple[bool, str]] | None = None) -> None:
         self._host, self._port = parse_address(address, "address")
         self.timeout = v.number("timeout", timeout, strict=True)
         self.request_timeout = v.number("request_timeout", request_timeout, strict=True)
@@ -133,6 +143,10 @@ class Endpoint:
         self.config, self.socket_path = config, socket_path
         self._status: Callable[[], dict[str, Any]] | None = v.callable_("status", status,
                                                                         optional=True)
+        self._readiness: Callable[[], tuple[bool, str]] | None = v.callable_(
+            "readiness", readiness, optional=True)
+        self._liveness: Callable[[float], tuple[bool, str]] | None = v.callable_(
+            "liveness", liveness, optional=True)
         self.sources = Sources()
         for p in pools:
             self.sources.add(p)
@@ -578,6 +592,8 @@ class Endpoint:
         return body, content_type
 
     def livez(self, name: str | None) -> tuple[int, str]:
+        if name is None and self._liveness is not None:
+            return _verdict("livez", *self._liveness(self.timeout))
         pools = self._selected(name)
         if pools is None:
             return 404, f"no pool named {name!r}\n"
@@ -592,6 +608,8 @@ class Endpoint:
         return (200 if ok else 503), "\n".join(lines) + "\n"
 
     def readyz(self, name: str | None) -> tuple[int, str]:
+        if name is None and self._readiness is not None:
+            return _verdict("readyz", *self._readiness())
         pools = self._selected(name)
         if pools is None:
             return 404, f"no pool named {name!r}\n"
@@ -695,6 +713,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("HTTP %s: " + format, self.client_address, *args)
+
+
+def _verdict(kind: str, ok: bool, why: str) -> tuple[int, str]:
+    """A probe's answer from a whole program's verdict: the pools' format, one line."""
+    return (200 if ok else 503), (f"[{'+' if ok else '-'}] {why}\n{kind} check "
+                                  f"{'passed' if ok else 'failed'}\n")
 
 
 def _head_end(buf: bytearray) -> int:

@@ -357,6 +357,8 @@ def test_program_value_errors(cfgdir: Path, snippet: str, key: str, expected: st
     ('app = "m:a"\nmax_memory = "lots"', "max_memory", "a size"),
     ('app = "m:a"\nmax_age = 0', "max_age", "a duration > 0"),
     ('app = "m:a"\nidle_grace = "soon"', "idle_grace", "a duration"),
+    ('app = "m:a"\nhttp = 9100', "http", "an address like '127.0.0.1:9100'"),
+    ('app = "m:a"\nhttp = "localhost"', "http", "HOST:PORT, [IPv6]:PORT, or PORT"),
     ('bind = "127.0.0.1:1"', "", "app ="),
 ])
 def test_serve_value_errors(cfgdir: Path, snippet: str, key: str, expected: str) -> None:
@@ -388,6 +390,9 @@ def test_serve_table_takes_the_server_options(cfgdir: Path) -> None:
     assert (opts.standby, opts.min_ready, opts.max_memory, opts.max_age) == (1, 2, 256 << 20,
                                                                               3600)
     assert opts.wanted_ready == 2 and opts.idle_grace == 0.25
+    assert api.http is None and opts.http is None
+    with_http = load(write(cfgdir, '[serve.api]\napp = "m:a"\nhttp = "[::1]:0"\n'))
+    assert from_config(with_http.serve["api"], app_dir=str(cfgdir)).http == "[::1]:0"
 
 
 def test_serve_and_program_names_must_differ(cfgdir: Path) -> None:

@@ -244,6 +244,35 @@ def test_status_document_of_the_caller(web: FakeSource) -> None:
         assert json.loads(get(ep.address, "/status").body) == doc
 
 
+def test_readiness_and_liveness_of_the_caller(web: FakeSource) -> None:
+    """A program's own verdict answers the bare /readyz and /livez; /readyz/POOL still asks
+    the pool."""
+    verdict = [False, "server 'web': starting: 0/2 workers ready, needs 2"]
+    asked: list[float] = []
+
+    def liveness(timeout: float) -> tuple[bool, str]:
+        asked.append(timeout)
+        return True, "server 'web': its loop answers"
+
+    with Endpoint("127.0.0.1:0", pools=[web], readiness=lambda: (verdict[0], verdict[1]),
+                  liveness=liveness, timeout=0.5).start() as ep:
+        r = get(ep.address, "/readyz")
+        assert r.status == 503
+        assert r.text == ("[-] server 'web': starting: 0/2 workers ready, needs 2\n"
+                          "readyz check failed\n")
+        verdict[:] = [True, "server 'web': serving"]
+        r = get(ep.address, "/readyz")
+        assert r.status == 200 and r.text == "[+] server 'web': serving\nreadyz check passed\n"
+        r = get(ep.address, "/readyz/web")
+        assert r.status == 200 and "pool 'web': 2/2 workers ready" in r.text
+        r = get(ep.address, "/livez")
+        assert r.status == 200 and "its loop answers" in r.text and asked == [0.5]
+        assert web.pinged == 0  # the caller's liveness, not the pools'
+        assert get(ep.address, "/livez/web").status == 200 and web.pinged == 1
+    with pytest.raises(TypeError, match="readiness must be a callable or None"):
+        Endpoint("127.0.0.1:0", readiness=True)  # type: ignore[arg-type]
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="address needs a host"):
         Endpoint(":9100")

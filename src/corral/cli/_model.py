@@ -179,6 +179,7 @@ class ServeConfig:
     max_memory: int | None = None
     max_age: float | None = None
     idle_grace: float = 0.5
+    http: str | None = None
     line: int | None = field(default=None, compare=False)
 
 

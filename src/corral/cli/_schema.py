@@ -560,6 +560,8 @@ def _serve(ctx: Ctx, name: str, t: Any) -> ServeConfig | None:
         kw["max_age"] = _duration(ctx, p("max_age"), t["max_age"], positive=True)
     if "idle_grace" in t:
         kw["idle_grace"] = _duration(ctx, p("idle_grace"), t["idle_grace"])
+    if "http" in t:
+        kw["http"] = _http(ctx, p("http"), t["http"])
     if kw.get("standby", 0) and kw.get("start_method", "zygote") != "zygote":
         ctx.error(p("standby"), "start_method = \"zygote\" alongside it (a standby is forked "
                                 "from the generation's zygote)",

@@ -43,6 +43,10 @@ def _options(fn: Any) -> Any:
         click.option("--min-ready", type=click.IntRange(1), default=None),
         click.option("--standby", type=click.IntRange(0), default=None,
                      help="Hot standbys forked ahead with the app's start-up done."),
+        click.option("--http", default=None, metavar="HOST:PORT",
+                     help="Serve /metrics /livez /readyz /status there (HOST:PORT, "
+                          "[IPv6]:PORT, or PORT for 127.0.0.1); /readyz is 503 while "
+                          "starting and from SIGTERM on, through --shutdown-delay."),
         click.option("--app-dir", default=None, type=click.Path(file_okay=False)),
         click.option("--name", default=None, help="The program's name (default: web)."),
         click.option("--log-level", default="warning", show_default=True,
@@ -66,6 +70,10 @@ def build_options(app: str | None, config_path: str | None, given: dict[str, Any
         values["max_memory"] = parse_size(values["max_memory"])
     if "max_age" in values:
         values["max_age"] = parse_duration(values["max_age"])
+    if "http" in values:
+        from corral._observe import parse_address
+
+        parse_address(values["http"], "--http")  # ValueError: a usage error naming --http
     log_level = values.pop("log_level", "warning")
     values["uvicorn"] = {"log_level": log_level}
     if app is not None and ":" in app:
@@ -173,6 +181,8 @@ def export_systemd(state: Any, /, app: str | None, socket_unit: bool, notify_rel
         argv += ["--interface", options.interface]
     if options.start_method != "zygote":
         argv += ["--start-method", options.start_method]
+    if options.http is not None:
+        argv += ["--http", options.http]  # the probes load balancers and kubelets ask
     if not socket_unit:
         for b in options.bind:
             argv += ["--bind", b]

@@ -34,9 +34,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from corral import _validate as v
+from corral._observe import parse_address
 from corral._reactor import Reactor
 from corral.serve import _listeners
 from corral.serve._listeners import Listener
+from corral.serve._probe import ServerProbe, ServerState
 from corral.serve._systemd import Notifier
 from corral.serve._worker import RECYCLE_STATUS, WorkerInit, serve_spawned
 from corral.serve._zygote import Zygote, ZygoteError
@@ -76,6 +78,9 @@ class ServeOptions:
         standby: hot standbys per generation, forked from the zygote with the app's lifespan
             start-up already run: a killed or recycled worker is replaced by one that accepts
             within about a millisecond. Each costs a process (mostly shared memory).
+        http: "HOST:PORT" of an HTTP endpoint (/metrics /livez /readyz /status) whose /readyz
+            answers for the server: 503 while starting, short of ``min_ready`` workers, and
+            from SIGTERM on (through ``shutdown_delay``); None: no endpoint.
     """
 
     app: str
@@ -100,6 +105,7 @@ class ServeOptions:
     name: str = "web"
     backlog: int = _listeners.DEFAULT_BACKLOG
     standby: int = 0
+    http: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.app, str) or ":" not in self.app:
@@ -135,6 +141,8 @@ class ServeOptions:
         if self.standby and self.start_method != "zygote":
             raise ValueError("standby needs start_method='zygote' (a standby is forked from "
                              f"the generation's zygote), got {self.start_method!r}")
+        if self.http is not None:
+            parse_address(self.http, "http")
         if not self.app_dir:
             object.__setattr__(self, "app_dir", os.getcwd())
 
@@ -162,7 +170,8 @@ def from_config(cfg: Any, **extra: Any) -> ServeOptions:
                         max_requests_jitter=cfg.max_requests_jitter, name=cfg.name,
                         start_method=cfg.start_method, standby=cfg.standby,
                         min_ready=cfg.min_ready, max_memory=cfg.max_memory,
-                        max_age=cfg.max_age, idle_grace=cfg.idle_grace, **extra)
+                        max_age=cfg.max_age, idle_grace=cfg.idle_grace, http=cfg.http,
+                        **extra)
 
 
 # ------------------------------------------------------------------------------- the policy
@@ -271,17 +280,22 @@ class Server:
         self.stopping = False
         self.exit_code = 0
         self.max_workers_alive = 0  # the most worker processes seen alive at once
+        self.started_at = time.time()
         self._numbers = 0
         self._announced_ready = False
         self._stop_deadline = math.inf
         self._extend_timer: Any = None
         self._watchdog_timer: Any = None
         self._signals: list[int] = []
+        self._wakeup_set = False
         self._control: Any = None
         self._recycle_wanted: set[int] = set()
         self._recycling: dict[str, Any] | None = None
         self._retiring: list[threading.Thread] = []
         self._memory_at = 0.0
+        self._probe: ServerProbe | None = None  # --http
+        self._stop_why = ""
+        self._drain_at: float | None = None  # monotonic: the end of shutdown_delay
         self.on_change: Callable[[], None] | None = None  # tests: called after each round
 
     # ------------------------------------------------------------------------------- set-up
@@ -306,8 +320,52 @@ class Server:
         log.info("serve %s: listening on %s", self.options.name,
                  ", ".join(x.address for x in self.listeners))
 
+    def start_http(self) -> None:
+        """``options.http``: serve /metrics /livez /readyz /status (a thread of its own).
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        if self.options.http is None or self._probe is not None:
+            return
+        self._probe = ServerProbe(self.options.http, self.reactor, self._probe_state(),
+                                  self.status).start()
+
+    def _publish(self) -> None:
+        """The state the endpoint's /readyz reads (after each round; nothing without it)."""
+        if self._probe is not None:
+            self._probe.publish(self._probe_state())
+
+    def _probe_state(self) -> ServerState:
+        opts = self.options
+        ready = alive = 0
+        for gen in self.generations:
+            r, a = gen.counts()
+            ready += r
+            alive += a
+        state = self.reload_state
+        current = self.current
+        if current is None and state is not None and state.new.sup is not None:
+            current = state.new  # the first start
+        # Once READY=1 was sent, the first start is over (a later shortfall is judged on the
+        # count alone).
+        phase = ("stopping" if self.stopping else "serving" if self._announced_ready
+                 else "starting")
+        reloading = state is not None and state.old is not None
+        return ServerState(
+            name=opts.name, phase=phase, ready=ready, needed=opts.wanted_ready,
+            workers=opts.workers, generation=current.number if current is not None else None,
+            reloading_to=state.new.number if state is not None and reloading else None,
+            alive=alive, why=self._stop_why, shutdown_delay=opts.shutdown_delay,
+            drain_at=self._drain_at)
+
     def install_signals(self) -> None:
         """TERM/INT: drain and stop; HUP: rolling reload (handlers only hand work over)."""
+        # The kernel may deliver a signal to any thread (the --http endpoint's, a spawner):
+        # the main thread, asleep in epoll, would run the Python handler only at its next
+        # wake-up, maybe never. The C-level handler writes to the wake pipe instead.
+        signal.set_wakeup_fd(self.reactor.wake_fd, warn_on_full_buffer=False)
+        self._wakeup_set = True
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
             self._signals.append(sig)
@@ -347,6 +405,7 @@ class Server:
             OSError, ValueError: a listener could not be bound.
         """
         self.open_listeners()
+        self.start_http()
         self._start_watchdog()
         self.reload("start")
 
@@ -356,6 +415,15 @@ class Server:
             self.open_listeners()
         except (OSError, ValueError) as exc:
             log.error("serve %s: %s", self.options.name, exc)
+            return 1
+        try:
+            self.start_http()
+        except OSError as exc:
+            # The endpoint's message names the address and why ("[Errno 98]" says less).
+            log.error("serve %s: --http: %s", self.options.name,
+                      exc.strerror if exc.errno is not None and exc.strerror else exc)
+            _listeners.close_all(self.listeners)
+            self.listeners = []
             return 1
         self.install_signals()
         self.start_control()
@@ -397,8 +465,18 @@ class Server:
             with contextlib.suppress(ValueError, OSError):
                 signal.signal(sig, signal.SIG_DFL)
         self._signals.clear()
+        if self._wakeup_set:
+            with contextlib.suppress(ValueError):
+                signal.set_wakeup_fd(-1)
+            self._wakeup_set = False
+        self._publish()
         _listeners.close_all(self.listeners)
         self.listeners = []
+        if self._probe is not None:
+            # After the listeners: until the app's sockets are gone, a probe gets an answer
+            # (503, and why) rather than a refused connection; the process exits right after.
+            self._probe.close()
+            self._probe = None
         if self._own_reactor:
             with contextlib.suppress(Exception):
                 self.reactor.close()
@@ -513,6 +591,8 @@ class Server:
         now = time.monotonic()
         gen.wanted_at = dict.fromkeys(range(workers), now)
         gen.sup.start()
+        if self._probe is not None:
+            self._probe.add(gen.sup)
 
     def _scale(self, gen: Generation, n: int) -> None:
         mon = gen.monitor
@@ -577,6 +657,7 @@ class Server:
                 self.reload("the zygote died")
                 return
             self._advance_recycling()
+        self._publish()
         if self.on_change is not None:
             self.on_change()
 
@@ -706,6 +787,9 @@ class Server:
             if gen.sup is None and not (gen.stopping or self.stopping):
                 continue
             self.generations.remove(gen)
+            if self._probe is not None and gen.sup is not None:
+                # Its series leave /metrics with it: the pool label stays bounded.
+                self._probe.remove(self._pool_name(gen))
             zygote = gen.zygote
             if zygote is not None:
                 thread = threading.Thread(target=zygote.retire, daemon=True,
@@ -806,6 +890,7 @@ class Server:
         first = not self.stopping
         self.stopping = True
         if first:
+            self._stop_why = why
             log.info("serve %s: stopping (%s)", self.options.name, why)
             self.notifier.stopping(f"stopping ({why})")
         delay = 0.0 if quick else self.options.shutdown_delay
@@ -813,13 +898,16 @@ class Server:
             log.info("serve %s: still accepting for shutdown_delay=%gs before the drain",
                      self.options.name, delay)
             self.notifier.extend_timeout(delay + self.options.graceful_timeout + 10)
+            self._drain_at = time.monotonic() + delay
             self.reactor.call_later(delay, self._drain_all, quick)
+            self._publish()  # /readyz says 503 from now on, while the workers still accept
         else:
             self._drain_all(quick)
 
     def _drain_all(self, quick: bool) -> None:
         grace = 0.0 if quick else self.options.graceful_timeout + 5.0
         self._stop_deadline = time.monotonic() + grace
+        self._drain_at = None
         state = self.reload_state
         if state is not None and state.waiters:
             for waiter in state.waiters:
@@ -831,6 +919,7 @@ class Server:
                 mon.request_stop(grace, signal.SIGKILL if quick else signal.SIGTERM)
         if grace > 5 and self.notifier.enabled:
             self._extend()
+        self._publish()
 
     def _extend(self) -> None:
         """EXTEND_TIMEOUT_USEC while the drain goes on (every 5 s, asking for 10 s more)."""
@@ -890,7 +979,8 @@ class Server:
         import corral
 
         return schema.status_payload(programs, pid=os.getpid(), version=corral.__version__,
-                                     uptime=0.0, config=None, socket=self.control_socket)
+                                     uptime=time.time() - self.started_at, config=None,
+                                     socket=self.control_socket)
 
 
 class _Names:
