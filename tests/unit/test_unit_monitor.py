@@ -7,6 +7,7 @@ fake processes back through the reactor as it would real ones.
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -43,14 +44,17 @@ class Harness:
                            start_process=self.starter)
         self.mon.begin([(f"fake-{i}", ()) for i in range(workers)])
 
-    def until(self, cond: Callable[[], bool], rounds: int = 200, what: str = "condition",
+    def until(self, cond: Callable[[], bool], what: str = "condition", timeout: float = 20.0,
               ) -> None:
-        """Run rounds (each waits at most 0.1 s of real time) until ``cond()`` holds."""
-        for _ in range(rounds):
-            if cond():
-                return
+        """Run rounds (each waits at most 0.1 s of real time) until ``cond()`` holds, for at
+        most ``timeout`` real seconds. Bounded by time, not by a number of rounds: a round
+        whose fake-clock deadline is due returns at once, and a burst of those could end
+        before the spawner thread has handed over its first start."""
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < deadline, (
+                f"{what} never held; events: {[e.kind.value for e in self.events]}")
             self.mon.step(0.1)
-        assert cond(), f"{what} never held; events: {[e.kind.value for e in self.events]}"
 
     def state(self, index: int) -> WorkerState:
         return self.mon._slots[index].state
@@ -278,11 +282,10 @@ def test_two_pools_hosted_on_one_reactor() -> None:
             mon.start([(f"p{i}-{j}", ()) for j in range(2)])
 
         def until(cond: Callable[[], bool], what: str) -> None:
-            for _ in range(200):
-                if cond():
-                    return
+            deadline = time.monotonic() + 20.0  # real time (see Harness.until)
+            while not cond():
+                assert time.monotonic() < deadline, what
                 reactor.run_once(extra=clock() + 0.1)
-            assert cond(), what
 
         until(lambda: all(m._counts[S.RUNNING] == 2 for m in mons), "both pools RUNNING")
         starters[0].current(1).die(code=1)  # a crash in pool 0 alone

@@ -13,6 +13,7 @@ import pickle
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
 from typing import Any
@@ -187,12 +188,14 @@ class Harness:
         # Waits at most 50 ms (real time) for an fd: the fake clock only moves when told to.
         self.runner.step(self.clock() + 0.05)
 
-    def until(self, cond: Callable[[], object], what: str, rounds: int = 100) -> None:
-        for _ in range(rounds):
-            if cond():
-                return
+    def until(self, cond: Callable[[], object], what: str, timeout: float = 20.0) -> None:
+        # Bounded by real time, not rounds: a round with a due fake-clock deadline returns at
+        # once, and a burst of those can end before another thread has handed anything over.
+        deadline = time.monotonic() + timeout
+        while not cond():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"never happened: {what}")
             self.step()
-        raise AssertionError(f"never happened: {what}")
 
     def advance(self, seconds: float) -> None:
         self.clock.now += seconds
