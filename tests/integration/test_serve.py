@@ -118,12 +118,10 @@ class Serve:
         self.proc.wait(10)
 
 
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[list[Serve]]:
-    started: list[Serve] = []
-    yield started
-    # Whatever a test's corral serve left running (it should leave nothing: checked first,
-    # before the kill; helpers such as spawn's resource tracker leave on EOF, soon after).
+def finish(started: list[Serve]) -> None:
+    """After a test: each corral serve that exited left nothing (checked first, before the
+    kill; helpers such as spawn's resource tracker leave on EOF, soon after); then whatever
+    is still running is killed."""
     try:
         for s in started:
             if s.proc.poll() is not None:
@@ -132,6 +130,13 @@ def serve(tmp_path: Path) -> Iterator[list[Serve]]:
     finally:
         for s in started:
             s.cleanup()
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[list[Serve]]:
+    started: list[Serve] = []
+    yield started
+    finish(started)
 
 
 def _zygotes(s: Serve) -> list[int]:

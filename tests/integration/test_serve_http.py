@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_serve import Serve, _alive, _free_port, _get
+from test_serve import Serve, _free_port, _get, finish
 
 from support import wait_for
 
@@ -29,14 +29,7 @@ pytestmark = pytest.mark.timeout(90)
 def servers() -> Iterator[list[Serve]]:
     started: list[Serve] = []
     yield started
-    try:  # nothing may be left once corral serve has exited (checked before the kill)
-        for s in started:
-            if s.proc.poll() is not None:
-                wait_for(lambda s=s: not _alive(s.seen - {s.proc.pid}), 10,
-                         f"every process of corral serve gone ({_alive(s.seen)})")
-    finally:
-        for s in started:
-            s.cleanup()
+    finish(started)
 
 
 def probe(port: int, path: str) -> tuple[int, str] | None:
