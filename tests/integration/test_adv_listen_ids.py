@@ -80,3 +80,22 @@ def test_listen_program_gets_no_inheritable_fd_of_corral(tmp_path: Path, switch:
         os.close(w)
     fds = sorted(int(ln) for ln in out.splitlines() if ln.isdigit())
     assert w not in fds, out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch user")
+def test_shim_as_other_user_unknown_program_exits_127_with_a_clear_message(
+        tmp_path: Path) -> None:
+    nobody = pwd.getpwnam("nobody")
+    err = tmp_path / "err.txt"
+    lst = bind("127.0.0.1:0", name="web")
+    try:
+        with open(err, "wb") as f:
+            pid = spawn_with_listeners(["corral-no-such-program"], [lst],
+                                       ids=(nobody.pw_uid, nobody.pw_gid, []),
+                                       stderr=f.fileno())
+        _, status = os.waitpid(pid, 0)
+    finally:
+        lst.sock.close()
+    text = err.read_text()
+    assert os.waitstatus_to_exitcode(status) == 127, text
+    assert "corral-listen: corral-no-such-program:" in text and "Traceback" not in text
