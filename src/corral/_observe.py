@@ -429,6 +429,6 @@ def parse_address(text: Any, what: str = "http") -> tuple[str, int]:
         if ":" in host:
             raise ValueError(f"{what}: write an IPv6 address in brackets, like '[::1]:9100', "
                              f"got {text!r}")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"{what} must end with a port number 0..65535, got {text!r}")
     return host, int(port_text)

@@ -341,7 +341,12 @@ _SHIM_CWD = 'cd -- "$1" || exit 127; shift; LISTEN_PID=$$; export LISTEN_PID; ex
 # single-threaded: safe to switch there) takes cwd, umask, groups, gid, uid in that order (as
 # subprocess does), sets LISTEN_PID to its own pid and execs the program.
 _PY_SHIM = """\
-import os, sys
+import os, signal, sys, warnings  # execvp may import warnings: do it while still root
+# The interpreter ignores these at startup; an ignored signal survives exec (subprocess's
+# restore_signals undoes the same for a program run without listeners).
+for s in ("SIGPIPE", "SIGXFSZ", "SIGXFZ"):
+    if hasattr(signal, s):
+        signal.signal(getattr(signal, s), signal.SIG_DFL)
 cwd, umask, groups, gid, uid, *argv = sys.argv[1:]
 try:
     if cwd:

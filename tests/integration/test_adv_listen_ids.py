@@ -1,0 +1,101 @@
+"""Adversarial: a listen program run as another user starts with the same signal
+dispositions as one run without user/group (the Python shim must not leak its own)."""
+from __future__ import annotations
+
+import os
+import pwd
+import time
+from pathlib import Path
+
+import pytest
+
+from corral.serve._listeners import bind, spawn_with_listeners
+
+SCRIPT = ("grep -E '^(SigIgn|Uid|Groups)' /proc/self/status; "
+          "ls /proc/self/fd; echo \"PID=$$ LPID=$LISTEN_PID\"")
+
+
+def _run(tmp_path: Path, tag: str, ids: tuple[int | None, int | None, list[int] | None] | None
+         ) -> str:
+    out = tmp_path / f"{tag}.txt"
+    lst = bind("127.0.0.1:0", name="web")
+    try:
+        with open(out, "wb") as f:
+            pid = spawn_with_listeners(["/bin/sh", "-c", SCRIPT], [lst], ids=ids,
+                                       stdout=f.fileno())
+        deadline = time.monotonic() + 10
+        while True:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                pytest.fail("shim did not exit")
+            time.sleep(0.01)
+    finally:
+        lst.sock.close()
+    return out.read_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch user")
+def test_shim_as_other_user_does_not_leak_ignored_signals(tmp_path: Path) -> None:
+    nobody = pwd.getpwnam("nobody")
+    plain = _run(tmp_path, "plain", None)
+    switched = _run(tmp_path, "switched", (nobody.pw_uid, nobody.pw_gid, []))
+    sig = {t: next(ln for ln in s.splitlines() if ln.startswith("SigIgn"))
+           for t, s in (("plain", plain), ("switched", switched))}
+    assert f"\t{nobody.pw_uid}\t" in switched
+    # SIGPIPE / SIGXFSZ ignored by the interpreter must not survive the exec.
+    assert sig["switched"] == sig["plain"], (plain, switched)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch user")
+def test_shim_as_other_user_fds_groups_and_listen_pid(tmp_path: Path) -> None:
+    nobody = pwd.getpwnam("nobody")
+    out = _run(tmp_path, "ids", (nobody.pw_uid, nobody.pw_gid, []))
+    lines = out.splitlines()
+    assert lines[0].split()[1:] == [str(nobody.pw_uid)] * 4
+    assert lines[1].split()[1:] == []  # no supplementary group (root's dropped)
+    pid, lpid = lines[-1].split()
+    assert pid.split("=")[1] == lpid.split("=")[1]
+
+
+@pytest.mark.xfail(strict=True, reason="defect: spawn_with_listeners closes no fd corral "
+                   "inherited without close-on-exec (both shims); Popen's close_fds does")
+@pytest.mark.parametrize("switch", [False, True])
+def test_listen_program_gets_no_inheritable_fd_of_corral(tmp_path: Path, switch: bool) -> None:
+    """An fd corral itself inherited without close-on-exec (from its launching shell, say)
+    must not reach the program: the Popen path (close_fds=True) closes it, so should this."""
+    if switch and os.geteuid() != 0:
+        pytest.skip("needs root to switch user")
+    r, w = os.pipe()
+    os.set_inheritable(w, True)
+    try:
+        ids = (pwd.getpwnam("nobody").pw_uid, pwd.getpwnam("nobody").pw_gid, []) if switch \
+            else None
+        out = _run(tmp_path, "leak", ids)
+    finally:
+        os.close(r)
+        os.close(w)
+    fds = sorted(int(ln) for ln in out.splitlines() if ln.isdigit())
+    assert w not in fds, out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch user")
+def test_shim_as_other_user_unknown_program_exits_127_with_a_clear_message(
+        tmp_path: Path) -> None:
+    nobody = pwd.getpwnam("nobody")
+    err = tmp_path / "err.txt"
+    lst = bind("127.0.0.1:0", name="web")
+    try:
+        with open(err, "wb") as f:
+            pid = spawn_with_listeners(["corral-no-such-program"], [lst],
+                                       ids=(nobody.pw_uid, nobody.pw_gid, []),
+                                       stderr=f.fileno())
+        _, status = os.waitpid(pid, 0)
+    finally:
+        lst.sock.close()
+    text = err.read_text()
+    assert os.waitstatus_to_exitcode(status) == 127, text
+    assert "corral-listen: corral-no-such-program:" in text and "Traceback" not in text
