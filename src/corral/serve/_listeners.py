@@ -344,7 +344,7 @@ _PY_SHIM = """\
 import os, signal, sys, warnings  # execvp may import warnings: do it while still root
 # The interpreter ignores these at startup; an ignored signal survives exec (subprocess's
 # restore_signals undoes the same for a program run without listeners).
-for s in ("SIGPIPE", "SIGXFSZ", "SIGXFZ"):
+for s in ("SIGPIPE", "SIGXFSZ"):
     if hasattr(signal, s):
         signal.signal(getattr(signal, s), signal.SIG_DFL)
 cwd, umask, groups, gid, uid, *argv = sys.argv[1:]

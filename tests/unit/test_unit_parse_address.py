@@ -1,4 +1,4 @@
-"""Adversarial: a port written with non-ASCII digits gets the usual message, not int()'s."""
+"""A port written with non-ASCII digits gets the usual message, not int()'s."""
 from __future__ import annotations
 
 import pytest

@@ -1,10 +1,11 @@
-"""Adversarial: a listen program run as another user starts with the same signal
+"""A listen program run as another user starts with the same signal
 dispositions as one run without user/group (the Python shim must not leak its own)."""
 from __future__ import annotations
 
 import os
 import pwd
-import time
+import select
+import signal
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,19 @@ SCRIPT = ("grep -E '^(SigIgn|Uid|Groups)' /proc/self/status; "
           "ls /proc/self/fd; echo \"PID=$$ LPID=$LISTEN_PID\"")
 
 
+def _wait_exit(pid: int, timeout: float = 10.0) -> int:
+    """The exit status of our child ``pid``, waited for on its pidfd (killed past ``timeout``)."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        if not select.select([pidfd], [], [], timeout)[0]:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"the program (pid {pid}) did not exit within {timeout}s")
+    finally:
+        os.close(pidfd)
+    return os.waitpid(pid, 0)[1]
+
+
 def _run(tmp_path: Path, tag: str, ids: tuple[int | None, int | None, list[int] | None] | None
          ) -> str:
     out = tmp_path / f"{tag}.txt"
@@ -23,16 +37,7 @@ def _run(tmp_path: Path, tag: str, ids: tuple[int | None, int | None, list[int] 
         with open(out, "wb") as f:
             pid = spawn_with_listeners(["/bin/sh", "-c", SCRIPT], [lst], ids=ids,
                                        stdout=f.fileno())
-        deadline = time.monotonic() + 10
-        while True:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if time.monotonic() > deadline:
-                os.kill(pid, 9)
-                os.waitpid(pid, 0)
-                pytest.fail("shim did not exit")
-            time.sleep(0.01)
+        _wait_exit(pid)
     finally:
         lst.sock.close()
     return out.read_text()
@@ -93,7 +98,7 @@ def test_shim_as_other_user_unknown_program_exits_127_with_a_clear_message(
             pid = spawn_with_listeners(["corral-no-such-program"], [lst],
                                        ids=(nobody.pw_uid, nobody.pw_gid, []),
                                        stderr=f.fileno())
-        _, status = os.waitpid(pid, 0)
+        status = _wait_exit(pid)
     finally:
         lst.sock.close()
     text = err.read_text()

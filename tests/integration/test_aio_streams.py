@@ -1,4 +1,4 @@
-"""Adversarial: events() streams made before start, two at once, and one made just before a kill."""
+"""events() streams made before start, two at once, and one made just before a kill."""
 from __future__ import annotations
 
 import asyncio
