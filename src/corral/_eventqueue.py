@@ -31,6 +31,11 @@ class EventQueue:
         self._cv = threading.Condition(threading.Lock())
         self.dropped = 0  # in all
         self._dropping = 0  # in the current run of drops
+        self.queued = 0  # events put, in all
+        self._taken = 0  # events got, in all
+        # The ordinal (1.., in put order) of the event the last get() returned: only older
+        # events are ever dropped, so it is what was taken plus what was dropped before it.
+        self.last_ordinal = 0
 
     def put(self, event: Event) -> None:
         with self._cv:
@@ -43,6 +48,7 @@ class EventQueue:
                                 "waiting events (the queue keeps the newest %d)", self._pool,
                                 self._maxlen)
             self._items.append(event)
+            self.queued += 1
             self._cv.notify()
 
     def get(self) -> Event:
@@ -51,6 +57,8 @@ class EventQueue:
             while not self._items:
                 self._cv.wait()
             event = self._items.popleft()
+            self._taken += 1
+            self.last_ordinal = self._taken + self.dropped
             dropped = self._dropping if not self._items else 0
             if dropped:
                 self._dropping = 0

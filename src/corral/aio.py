@@ -182,8 +182,7 @@ class AsyncSupervisor:
         self._streams: set[EventStream] = set()
         self._stopped = False  # the STOPPED event reached the loop
         self._stopped_waiters: list[asyncio.Future[None]] = []
-        self._inbox: deque[tuple[int, Event]] = deque()  # (ordinal, event)
-        self._received = 0  # events received from the events thread, in order
+        self._inbox: deque[tuple[int, Event]] = deque()  # (its ordinal in the queue, event)
         self._inbox_lock = threading.Lock()
         self._inbox_scheduled = False
         self.supervisor.subscribe(self._from_events_thread)
@@ -313,7 +312,7 @@ class AsyncSupervisor:
         v.integer("maxsize", maxsize, minimum=1)
         # An event the monitor emitted before this call may still be on its way (events
         # thread, inbox): the stream starts after the last one queued, not the last received.
-        stream = EventStream(self, maxsize, self.supervisor._queued_events)
+        stream = EventStream(self, maxsize, self.supervisor._events.queued)
         if self._stopped:
             stream._end()
         else:
@@ -326,11 +325,11 @@ class AsyncSupervisor:
         loop = self._loop
         if loop is None:
             return
+        ordinal = self.supervisor._events.last_ordinal  # this event's (on the events thread)
         with self._inbox_lock:
-            self._received += 1
             if len(self._inbox) >= _INBOX and event.kind is not EventKind.STOPPED:
                 self._inbox.popleft()
-            self._inbox.append((self._received, event))
+            self._inbox.append((ordinal, event))
             if self._inbox_scheduled:
                 return
             self._inbox_scheduled = True

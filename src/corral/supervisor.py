@@ -110,9 +110,6 @@ class Supervisor:
         self._monitor: Monitor | None = None
         self._subscribers: list[Callable[[Event], None]] = []
         self._events = EventQueue(self.spec.name)
-        # Events queued for the subscribers so far (monitor thread): the ordinal an async
-        # stream compares with, so "events from now on" excludes ones still on their way.
-        self._queued_events = 0
         self._dispatcher: threading.Thread | None = None
         self._prepared: dict[int, tuple[str, tuple[Any, ...]]] = {}
         self._lock = threading.Lock()
@@ -421,7 +418,6 @@ class Supervisor:
         # With nobody subscribed an event costs nothing (no events thread at all); STOPPED
         # always goes through, it ends that thread.
         if self._subscribers or event.kind is EventKind.STOPPED:
-            self._queued_events += 1
             self._events.put(event)
 
     def _dispatch_events(self) -> None:
