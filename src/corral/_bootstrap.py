@@ -311,6 +311,10 @@ def run_standby(config: BootConfig, target: Callable[..., Any], conn: Any,
         _reset_signals(None)  # whatever the warm-up did, the worker starts from the defaults
     _last_steps(config, armed)
     pickle.loads(pickle.dumps(Handover(0, "", (), None, None, False, None)))
+    with contextlib.suppress(Exception):  # the death lock's library, loaded before it counts
+        from corral import _robust
+
+        _robust._load()
 
     def take(data: bytes) -> Handover | None:
         """The handover came (or the pipe ended: None): take the worker's slot."""

@@ -30,6 +30,7 @@ State (one pool "web" of 4 as an example):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import multiprocessing
@@ -43,6 +44,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from corral import states
+from corral._deathwatch import DeathWatch
 from corral._eventlog import event_extra
 from corral._health import HealthRunner
 from corral._identity import worker_settings
@@ -121,7 +123,10 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
         self._start_process: StartProcess = start_process or self._start_worker
         # The heartbeat table first: it is the one resource that can fail for lack of space,
         # and nothing else exists yet to clean up if it does.
-        self._hb = HeartbeatTable(spec.workers)
+        # With standbys, workers also hold a death lock in their slot: the death watch learns
+        # of a death as it begins, a standby is sent in before the pidfd tells.
+        self._hb = HeartbeatTable(spec.workers, death_locks=bool(spec.standby)
+                                  and spec.backend == "local")
         own_fd(self._hb.fd)
         # Hosted: this pool's loop runs as a guest on a reactor the caller drives (the corral
         # command runs every program's pool, its log pipes and its control socket on one
@@ -133,6 +138,16 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
         except BaseException:
             self._hb.close()
             raise
+        self._deathwatch: DeathWatch | None = None
+        if self._hb.death_locks:
+            notice = self._cb(self._on_death_notice)
+
+            def tell(index: int, pid: int) -> None:  # on the watch's thread
+                with contextlib.suppress(RuntimeError):  # closed: the pool is gone
+                    self._reactor.call_soon_threadsafe(notice, index, pid)
+
+            self._deathwatch = DeathWatch(self._hb.fd, spec.name, tell)
+            self._hb.on_grow = self._deathwatch.poke
         self._dl = self._reactor.deadline_space(self._cb(self._on_deadline))
         self._wake_cb = self._cb(self._on_wake)
         self._reactor.add_wake_callback(self._wake_cb)
@@ -524,6 +539,8 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
                     self._reactor.remove_reader(proc.waitable())
         else:
             self._reactor.close()
+        if self._deathwatch is not None:
+            self._deathwatch.close()
         self._hb.close()
 
     def _emergency_kill(self) -> None:

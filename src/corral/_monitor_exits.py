@@ -11,6 +11,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from corral import _robust
 from corral._eventlog import event_extra
 from corral._slots import AfterStop, Deadline, WorkerSlot
 from corral.events import EventKind, ExitRecord, StopReason
@@ -48,6 +49,22 @@ class ExitPart(_Core):
                 self._withdraw_handover(sb)
                 if launch is not None and self._io is not None:
                     self._io.not_started(launch)
+
+    def _on_death_notice(self, index: int, pid: int) -> None:
+        """The death watch says worker ``index``'s process ``pid`` has begun to exit (its
+        death lock was freed by the kernel): a standby can go into its place now, a moment
+        before the pidfd tells. Only if that process is ``w``'s and really exiting (an exec
+        frees the lock too); everything else waits for the pidfd."""
+        w = self._slots.get(index)
+        proc = w.proc if w is not None else None
+        if w is None or proc is None or proc.pid != pid or w.handed is not None:
+            return
+        if _robust.is_exiting(pid):
+            self._handover_first(w, proc, None, self._clock())
+            if w.handed is not None and self.log.isEnabledFor(logging.DEBUG):
+                self.log.debug("%s (pid %s) has begun to exit (its death lock was freed): "
+                               "a standby goes into its place before the exit is reaped",
+                               w.who, pid)
 
     def _on_exit_steps(self, w: WorkerSlot, proc: ProcessLike) -> None:
         # Take the rest of its group down while the dead worker still holds the group id, and
@@ -102,7 +119,8 @@ class ExitPart(_Core):
         every check holds as well a moment later, when the policy decides. ``status`` is None
         before the reap: then only a restart that does not depend on it qualifies.
         """
-        if self._stopping or self._remote or self._take_standby() is None:
+        if (w.handed is not None or self._stopping or self._remote
+                or self._take_standby() is None):
             return
         after = w.after_stop
         if after is AfterStop.POLICY:

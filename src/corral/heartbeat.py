@@ -16,25 +16,29 @@ import mmap
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 __all__ = ["HeartbeatTable", "LocalSlot", "SlotReading", "beat", "in_worker", "ready", "set_status"]
 
-# One slot per worker index: 8 doubles, then the status text.
+# One slot per worker index: 8 doubles, the status text, then the death lock.
 #   [0] last beat (monotonic), 0 = never   [1] ready at (monotonic), 0 = not yet
 #   [2] pid of the writer                  [3] status sequence (odd while writing)
 #   [4] fd of the worker's stack-dump memfd, -1 = none
-_SLOT = 256
+#   [5] 1.0: the worker takes the death lock (a robust mutex, see corral._robust)
+_SLOT = 320
 _DOUBLES = _SLOT // 8
 _TEXT_AT = 64
-_TEXT_MAX = _SLOT - _TEXT_AT - 2
+_LOCK_AT = 256
+_TEXT_MAX = _LOCK_AT - _TEXT_AT - 2
 
 _monotonic = time.monotonic
 _view: Any = None  # the whole table as a memoryview of doubles, in a worker
 _base = 0  # this worker's first double
 _wake_fd = -1  # the supervisor's wakeup pipe: readiness is worth one write
 _first_beat_pending = False  # ready_when="beat": the first beat also signals readiness
+_held: Any = None  # the death lock this worker holds (kept alive: it pins the mapping)
 
 
 def beat() -> bool:
@@ -131,7 +135,7 @@ def _attach(path: str, index: int, dump_fd: int = -1, wake_path: str | None = No
 def _attach_view(view: Any, index: int, dump_fd: int, wake_fd: int,
                  ready_on_beat: bool) -> None:
     """Use an already mapped table (a fork child shares the supervisor's mapping)."""
-    global _view, _base, _wake_fd, _first_beat_pending
+    global _view, _base, _wake_fd, _first_beat_pending, _held
     _wake_fd = wake_fd
     _first_beat_pending = ready_on_beat
     base = index * _DOUBLES
@@ -139,12 +143,21 @@ def _attach_view(view: Any, index: int, dump_fd: int, wake_fd: int,
     os.register_at_fork(after_in_child=_detach)
     view[base + 2] = float(os.getpid())
     view[base + 4] = float(dump_fd)
+    if view[base + 5] == 1.0:
+        # The supervisor watches this lock: its release by the kernel is our death's first
+        # sign. Taken by this (the main) thread, which lives as long as the process.
+        from corral import _robust
+
+        try:
+            _held = _robust.hold(view.obj, index * _SLOT + _LOCK_AT)
+        except (OSError, AttributeError, ValueError, TypeError):
+            _held = None  # the pidfd still tells the supervisor, a moment later
     _view, _base = view, base
 
 
 def _detach() -> None:
-    global _view, _wake_fd, _first_beat_pending
-    _view, _wake_fd, _first_beat_pending = None, -1, False
+    global _view, _wake_fd, _first_beat_pending, _held
+    _view, _wake_fd, _first_beat_pending, _held = None, -1, False, None
 
 
 def _read_slot(view: Any, mm: mmap.mmap, index: int) -> SlotReading:
@@ -227,6 +240,12 @@ def _open_backing(size: int) -> tuple[int, str]:
         f"--shm-size), or set {SHM_DIR_ENV} to a writable directory with free space.")
 
 
+def _robust_init() -> bytes | None:
+    from corral import _robust
+
+    return _robust.mutex_init_bytes() if _robust.available() else None
+
+
 class HeartbeatTable:
     """The supervisor's side: one slot per worker index; grows with ``ensure``.
 
@@ -234,8 +253,11 @@ class HeartbeatTable:
         OSError: the shared memory could not be reserved (see :func:`_open_backing`).
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, death_locks: bool = False) -> None:
         self._capacity = max(capacity, 8)
+        # With death locks, each reset slot holds a fresh robust mutex for its next process.
+        self._lock_init = _robust_init() if death_locks else None
+        self.on_grow: Callable[[], None] | None = None  # told after the table grew
         self._fd, self.where = _open_backing(self._capacity * _SLOT)
         self._mm: mmap.mmap | None = None
         self._view: Any = None  # memoryview of doubles (typeshed only knows int items)
@@ -291,6 +313,8 @@ class HeartbeatTable:
                 f"there (in Docker: --shm-size), or set {SHM_DIR_ENV}.") from exc
         self._capacity = capacity
         self._map()
+        if self.on_grow is not None:
+            self.on_grow()
 
     def reset(self, index: int) -> None:
         """Clear a slot before a new process takes it: no inherited beat or readiness."""
@@ -299,6 +323,15 @@ class HeartbeatTable:
         self._mm[index * _SLOT : (index + 1) * _SLOT] = bytes(_SLOT)
         assert self._view is not None
         self._view[index * _DOUBLES + 4] = -1.0
+        if self._lock_init is not None:
+            at = index * _SLOT + _LOCK_AT
+            self._mm[at : at + len(self._lock_init)] = self._lock_init
+            self._view[index * _DOUBLES + 5] = 1.0
+
+    @property
+    def death_locks(self) -> bool:
+        """Whether workers take a death lock in their slot (see :mod:`corral._robust`)."""
+        return self._lock_init is not None
 
     def last_beat(self, index: int) -> float:
         assert self._view is not None

@@ -81,3 +81,15 @@ def warm_own_wait() -> object:
         report(hand.index, *hand.args)
 
     return OwnWait(wait)
+
+
+def heavy(index: int, mib: int) -> None:
+    """Hold ``mib`` MiB of touched memory (the kernel's exit takes a while to free it), then
+    beat until killed."""
+    ballast = bytearray(mib << 20)
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
+    corral.ready()
+    while True:
+        corral.beat()
+        time.sleep(0.2)

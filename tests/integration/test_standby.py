@@ -250,3 +250,37 @@ def test_a_standby_never_bypasses_the_backoff_or_the_budget(method: str, no_leak
         with pytest.raises(corral.GaveUp):
             sup.wait(timeout=30)
         assert not any(e.pid == sb.pid and not e.standby for e in log.of(EventKind.SPAWNED))
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.timeout(120)
+def test_a_standby_goes_in_as_the_killed_worker_begins_to_exit(
+        method: str, no_leaks: set[int], caplog: pytest.LogCaptureFixture) -> None:
+    """The worker's death lock tells the monitor of a SIGKILL as the exit begins: the standby
+    is sent in before the kernel has freed the victim's memory and its pidfd tells. Each kill
+    races the kernel's exit (64 MiB to free, tens of ms) against a thread's wake-up; any one
+    of three kills won by the notice shows the path works (without it, none ever is)."""
+    from corral import _robust
+
+    if not _robust.available():
+        pytest.skip("no robust mutexes or futex_waitv here")
+    caplog.set_level(logging.DEBUG, logger="corral.pool")
+    with pool(no_leaks, sw.heavy, workers=1, args=lambda i: (64,), start_method=method,
+              ready_when="ready", startup_timeout=30, standby=1,
+              backoff=corral.Backoff(reset_after=0.0)) as (sup, _log):
+        early = False
+        for _ in range(3):
+            sup.wait_ready(timeout=60)
+            wait_value(lambda: ready_standby(sup), 60, "a ready standby")
+            victim = sup.status()[0].pid
+            assert victim is not None
+            os.kill(victim, signal.SIGKILL)
+            wait_value(lambda v=victim: next((s for s in sup.status() if s.index == 0
+                                              and s.ready and s.pid not in (None, v)), None),
+                       30, "worker 0 replaced")
+            if any(f"(pid {victim}) has begun to exit" in r.getMessage()
+                   for r in caplog.records):
+                early = True
+                break
+        assert early, "no kill was noticed before its exit was reaped"
+        no_leaks.update(s.pid for s in sup.status() if s.pid)
