@@ -327,7 +327,18 @@ class ServesPart:
 
         if not s.begun or s.closed:
             raise CommandError(f"serve {name!r} is not running", "not_started")
-        s.server.reload(why, done)
+        if s.server.stopping:
+            # Its first start failed (it stopped): start it anew, as a new Server.
+            if not s.done:
+                raise CommandError(f"serve {name!r} is stopping", "not_started")
+            self._close_serve(s)
+            try:
+                s = self._make_serve(s.config)
+            except (OSError, ValueError) as exc:
+                raise CommandError(f"{name}: {exc}", "failed") from None
+            self.serves[name] = s
+            self._begin_serve(s)
+        s.server.reload(why, done)  # during a start: told when that start is done
         return deferred
 
     def _refuse_for_serve(self, s: _Serve, command: str) -> None:
@@ -373,12 +384,15 @@ class ServesPart:
                 s = self.serves[name]
                 keys = {k for c in change.serve_changed if c.name == name for k in c.keys}
                 s.config = cfg
-                if not keys & _LISTENER_KEYS and s.server.reconfigure(item):
+                if not keys & _LISTENER_KEYS and not s.server.stopping and (
+                        s.server.reconfigure(item)):
                     if s.begun and not run.stopping:
                         s.server.reload("config changed")
                     continue
-                log.warning("%s: %s changed: its sockets are closed once it has drained, "
-                            "then bound anew", name, ", ".join(sorted(keys & _LISTENER_KEYS)))
+                if keys & _LISTENER_KEYS:
+                    log.warning("%s: %s changed: its sockets are closed once it has drained, "
+                                "then bound anew", name,
+                                ", ".join(sorted(keys & _LISTENER_KEYS)))
                 self.serves.pop(name)
                 self._stop_serve(s, "its listeners changed")
                 self._serve_replacing[name] = s
