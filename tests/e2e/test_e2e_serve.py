@@ -4,12 +4,10 @@ request, drained on SIGTERM, and nothing left behind (checked by pid)."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import shutil
 import signal
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ import pytest
 
 from conftest import Corral, alive, toml_argv, worker
 from obs_support import get, scrape, value
-from support import wait_for
+from support import Load, http_get, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -31,15 +29,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _get(port: int, path: str = "/", timeout: float = 5.0) -> tuple[int, str]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path, headers={"Connection": "close"})
-        resp = conn.getresponse()
-        resp.read()
-        return resp.status, resp.getheader("x-pid") or ""
-    finally:
-        conn.close()
+def _get(port: int) -> tuple[int, str]:
+    status, pid, _ = http_get(port)
+    return status, pid
 
 
 def _refused(port: int) -> bool:
@@ -48,36 +40,6 @@ def _refused(port: int) -> bool:
             return False
     except ConnectionRefusedError:
         return True
-
-
-class Load:
-    """Requests at a modest rate (a new connection each, ~50/s) until stopped."""
-
-    def __init__(self, port: int, path: str = "/") -> None:
-        self.port, self.path = port, path
-        self.ok = 0
-        self.failed: list[str] = []
-        self.pids: set[int] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                status, pid = _get(self.port, self.path)
-                if status == 200:
-                    self.ok += 1
-                    self.pids.add(int(pid))
-                else:
-                    self.failed.append(f"status {status}")
-            except OSError as exc:
-                self.failed.append(repr(exc))
-            self._stop.wait(0.02)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
 
 def _serve(c: Corral, name: str) -> dict[str, Any]:
@@ -141,7 +103,7 @@ def test_serve_table_is_served_shown_reloaded_and_drained(corral: Any,
     r = c.cli("reload", "after")
     assert r.returncode == 1 and "restart" in r.stderr, r.stderr
 
-    load = Load(port)
+    load = Load(port, interval=0.02)  # a modest rate: ~40 requests/s
     try:
         wait_for(lambda: load.ok >= 5, 10, "requests served")
         out = c.ok("reload", "api", timeout=60)
@@ -198,7 +160,7 @@ def test_config_reload_adds_changes_and_removes_serves(corral: Any, tmp_path: Pa
     assert _get(b_port)[0] == 200
 
     # Changed: a rolls to 2 workers, a new generation, without a failed request.
-    load = Load(a_port)
+    load = Load(a_port, interval=0.02)
     try:
         wait_for(lambda: load.ok >= 5, 10, "requests served")
         path.write_text(_config(tmp_path, {"a": a + "\nworkers = 2", "b": b}))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +23,8 @@ from corral._control import CommandError, Deferred
 from corral._observe import PoolSummary, PoolView, SupervisorSource
 from corral.cli import schema
 from corral.cli._model import Config, ServeConfig
-from corral.process import ProcessLike, own_fd
+from corral.cli._programs import _ProgramSource, attach_pipes, log_pipes
+from corral.process import ProcessLike
 
 if TYPE_CHECKING:
     from corral.cli.runner import CorralRun
@@ -48,17 +48,10 @@ class ServeIO:
         self.kept: dict[int, Launch] = {}
 
     def launch(self, index: int, name: str) -> Launch:
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        for fd in (out_r, err_r):
-            own_fd(fd)  # a fork-started sibling must not hold our read ends
-        return Launch(stdout=out_w, stderr=err_w, readers=(out_r, err_r))
+        return log_pipes()
 
     def started(self, index: int, name: str, proc: ProcessLike, launch: Launch) -> None:
-        out_r, err_r = launch.readers
-        launch.readers = ()  # the hub owns (and closes) them from here on
-        self.run.hub.attach(out_r, self.name, index, proc.pid, "stdout")
-        self.run.hub.attach(err_r, self.name, index, proc.pid, "stderr")
+        attach_pipes(self.run, launch, self.name, index, proc.pid)
         old = self.kept.pop(index, None)
         if old is not None:
             old.close_child_ends()
@@ -97,17 +90,9 @@ class _Serve:
         return self.begun and self.server.ready
 
 
-class _ServeSource:
+class _ServeSource(_ProgramSource):
     """A serve as the HTTP endpoint of ``corral run --http`` sees it: its serving generation's
     pool, named after the serve (called on the endpoint's thread: attribute reads only)."""
-
-    def __init__(self, run: CorralRun, name: str) -> None:
-        self._run = run
-        self._name = name
-
-    @property
-    def name(self) -> str:
-        return self._name
 
     def _current(self) -> SupervisorSource | None:
         s = self._run.serves.get(self._name)
@@ -121,17 +106,6 @@ class _ServeSource:
         if gen is None or gen.sup is None:
             return None
         return SupervisorSource(gen.sup, "serve")
-
-    def ping(self, timeout: float) -> bool:
-        src = self._current()
-        if src is not None:
-            return src.ping(timeout)
-        done = threading.Event()
-        try:
-            self._run.reactor.call_soon_threadsafe(done.set)
-        except RuntimeError:
-            return False
-        return done.wait(timeout)
 
     def observe(self, timeout: float, detail: bool = False) -> PoolView:
         src = self._current()
