@@ -5,8 +5,10 @@ Imported as a module (``from support import wait_for``); the fixtures are in con
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -90,3 +92,45 @@ def wait_for_fds(baseline: int, timeout: float = 5.0) -> int:
         time.sleep(0.01)
 
 
+
+
+def http_get(port: int, path: str = "/", timeout: float = 5.0) -> tuple[int, str, str]:
+    """One GET on a new connection to 127.0.0.1:``port``: (status, its x-pid header, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        resp = conn.getresponse()
+        return resp.status, resp.getheader("x-pid") or "", resp.read().decode()
+    finally:
+        conn.close()
+
+
+class Load:
+    """A thread sending requests (a new connection each, ``interval`` s apart) until stopped;
+    counts the answers, the failures and the worker pids (x-pid) that answered."""
+
+    def __init__(self, port: int, path: str = "/", interval: float = 0.005) -> None:
+        self.port, self.path, self.interval = port, path, interval
+        self.ok = 0
+        self.failed: list[str] = []
+        self.pids: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                status, pid, _ = http_get(self.port, self.path)
+                if status == 200:
+                    self.ok += 1
+                    self.pids.add(pid)
+                else:
+                    self.failed.append(f"status {status}")
+            except OSError as exc:
+                self.failed.append(repr(exc))
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)

@@ -1,5 +1,6 @@
 """A listen program run as another user starts with the same signal
-dispositions as one run without user/group (the Python shim must not leak its own)."""
+dispositions as one run without user/group (the Python shim must not leak its own), and any
+command program gets fds 0-2 and its sockets only."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from corral._command import CommandProcess, Launch
 from corral.serve._listeners import bind, spawn_with_listeners
 
 SCRIPT = ("grep -E '^(SigIgn|Uid|Groups)' /proc/self/status; "
@@ -66,8 +68,6 @@ def test_shim_as_other_user_fds_groups_and_listen_pid(tmp_path: Path) -> None:
     assert pid.split("=")[1] == lpid.split("=")[1]
 
 
-@pytest.mark.xfail(strict=True, reason="defect: spawn_with_listeners closes no fd corral "
-                   "inherited without close-on-exec (both shims); Popen's close_fds does")
 @pytest.mark.parametrize("switch", [False, True])
 def test_listen_program_gets_no_inheritable_fd_of_corral(tmp_path: Path, switch: bool) -> None:
     """An fd corral itself inherited without close-on-exec (from its launching shell, say)
@@ -84,7 +84,35 @@ def test_listen_program_gets_no_inheritable_fd_of_corral(tmp_path: Path, switch:
         os.close(r)
         os.close(w)
     fds = sorted(int(ln) for ln in out.splitlines() if ln.isdigit())
+    # Exactly 0-2 and its one socket, as systemd hands them over; 4 is ls's own listing.
     assert w not in fds, out
+    assert fds == [0, 1, 2, 3, 4], out
+
+
+@pytest.mark.parametrize("switch", [False, True])
+def test_command_program_without_listen_gets_no_inheritable_fd_of_corral(
+        tmp_path: Path, switch: bool) -> None:
+    """The same for a command program with no socket (the Popen path): 0-2 only."""
+    if switch and os.geteuid() != 0:
+        pytest.skip("needs root to switch user")
+    out = tmp_path / "plain.txt"
+    r, w = os.pipe()
+    os.set_inheritable(w, True)
+    try:
+        with open(out, "wb") as f:
+            proc = CommandProcess.start(["/bin/sh", "-c", "ls /proc/self/fd"],
+                                        user="nobody" if switch else None,
+                                        launch=Launch(stdout=f.fileno()))
+        try:
+            _wait_exit(proc.pid)
+        finally:
+            proc.reap()  # already waited for: this unregisters it from the keeper
+            proc.close()
+    finally:
+        os.close(r)
+        os.close(w)
+    fds = sorted(int(ln) for ln in out.read_text().splitlines() if ln.isdigit())
+    assert fds == [0, 1, 2, 3], out.read_text()  # 3: ls's own listing
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch user")

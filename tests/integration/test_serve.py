@@ -5,7 +5,6 @@ systemd messages in order, and nothing is left behind."""
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
 import shutil
@@ -21,7 +20,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from support import kill_pids, wait_for
+from support import Load, http_get, kill_pids, wait_for
+
+_get = http_get
 
 APPS = Path(__file__).parent / "serve_app_dir"
 CORRAL = [sys.executable, "-m", "corral.cli.main"]
@@ -33,16 +34,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _get(port: int, path: str = "/", timeout: float = 5.0) -> tuple[int, str, str]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path, headers={"Connection": "close"})
-        resp = conn.getresponse()
-        return resp.status, resp.getheader("x-pid") or "", resp.read().decode()
-    finally:
-        conn.close()
 
 
 def _ok(port: int) -> bool:
@@ -157,36 +148,6 @@ def _alive(pids: set[int]) -> list[int]:
         except psutil.NoSuchProcess:
             pass
     return out
-
-
-class Load:
-    """A thread sending requests (a new connection each) until stopped; counts failures."""
-
-    def __init__(self, port: int, path: str = "/") -> None:
-        self.port, self.path = port, path
-        self.ok = 0
-        self.failed: list[str] = []
-        self.pids: set[str] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                status, pid, _ = _get(self.port, self.path)
-                if status == 200:
-                    self.ok += 1
-                    self.pids.add(pid)
-                else:
-                    self.failed.append(f"status {status}")
-            except OSError as exc:
-                self.failed.append(repr(exc))
-            time.sleep(0.005)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
 
 def test_asgi_reload_under_load_loses_nothing(tmp_path: Path, serve: list[Serve]) -> None:

@@ -1,6 +1,6 @@
 """The control socket's commands of ``corral run`` (a part of :class:`corral.cli.runner.CorralRun`):
 status, start/stop/restart, scale, signal, logs and events streams, and reload (re-read the
-file, apply only what changed). On the loop thread.
+file, apply only what changed; ``reload NAME``: a serve's rolling reload). On the loop thread.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from corral._logs import (
 from corral._reply import Reply
 from corral.cli import schema
 from corral.cli._programs import ProgramIO, _Program
+from corral.cli._serves import ServesPart
 from corral.cli.config import Config, ConfigError, ProgramConfig, diff, load, parse_signal
 from corral.cli.preflight import check_commands, check_targets
 
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
         def _start_ready_programs(self) -> None: ...
         def _publish(self, data: dict[str, Any]) -> None: ...
         def _sync_endpoint(self) -> None: ...
+        def _serve_file_sink(self, name: str, present: bool) -> None: ...
         def listeners_for(self, prog: ProgramConfig) -> list[Any]: ...
 else:
     _Core = object
@@ -68,7 +70,7 @@ log = logging.getLogger("corral.run")
 __all__ = ["CommandsPart"]
 
 
-class CommandsPart(_Core):
+class CommandsPart(ServesPart, _Core):
     """What the control socket can ask of a running corral."""
 
     def _io_for(self, cfg: ProgramConfig) -> ProgramIO:
@@ -89,11 +91,14 @@ class CommandsPart(_Core):
                                                pid=peer.pid))
         return handler(args)
 
-    def _program(self, name: Any) -> _Program:
+    def _program(self, name: Any, command: str = "") -> _Program:
         prog = self.programs.get(name) if isinstance(name, str) else None
+        serve = self._serve_named(name)
+        if serve is not None:
+            self._refuse_for_serve(serve, command)
         if prog is None:
             raise CommandError(f"no program {name!r} (programs: "
-                               f"{', '.join(sorted(self.programs)) or 'none'})",
+                               f"{', '.join(sorted([*self.programs, *self.serves])) or 'none'})",
                                "unknown_program")
         if prog.supervisor is None:
             raise CommandError(f"program {name!r} has not started yet (waiting for "
@@ -146,6 +151,9 @@ class CommandsPart(_Core):
             programs.append(schema.program_to_json(
                 name, prog.config.kind, workers, numprocs=len(workers) or prog.config.numprocs,
                 gave_up=mon is not None and mon.gave_up is not None))
+        for name, serve in {**self._serve_replacing, **self.serves}.items():
+            if wanted is None or name in wanted:
+                programs.append(self._serve_doc(serve, resources, seen))
         if resources and wanted is None:
             self._resources.keep_only(seen)
         return schema.status_payload(
@@ -154,6 +162,13 @@ class CommandsPart(_Core):
             socket=self.options.socket)
 
     def _cmd_restart(self, args: dict[str, Any]) -> Any:
+        serve = self._serve_named(args.get("program"))
+        if serve is not None:
+            if args.get("index") is not None:
+                raise CommandError(f"{serve.config.name!r} is a [serve] table: its workers "
+                                   "are replaced together, by a rolling reload (no index)",
+                                   "unsupported")
+            return self._serve_reload(serve, "corral restart")
         prog = self._program(args.get("program"))
         indexes = self._indexes(prog, args.get("index"))
         mon = prog.monitor
@@ -164,19 +179,19 @@ class CommandsPart(_Core):
                             message=f"{prog.config.name}:{indexes[0]}: restarted")
 
     def _cmd_stop(self, args: dict[str, Any]) -> Any:
-        prog = self._program(args.get("program"))
+        prog = self._program(args.get("program"), "stop")
         indexes = self._indexes(prog, args.get("index"))
         return self._submit(prog, prog.monitor.do_hold, indexes,
                             message=f"{_who(prog, indexes)}: stopping")
 
     def _cmd_start(self, args: dict[str, Any]) -> Any:
-        prog = self._program(args.get("program"))
+        prog = self._program(args.get("program"), "start")
         indexes = self._indexes(prog, args.get("index"))
         return self._submit(prog, prog.monitor.do_release, indexes,
                             message=f"{_who(prog, indexes)}: starting")
 
     def _cmd_scale(self, args: dict[str, Any]) -> Any:
-        prog = self._program(args.get("program"))
+        prog = self._program(args.get("program"), "scale")
         n = args.get("numprocs")
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise CommandError(f"numprocs must be an int >= 0, got {n!r}", "bad_args")
@@ -187,7 +202,7 @@ class CommandsPart(_Core):
                             message=f"{prog.config.name}: scaled to {n}")
 
     def _cmd_signal(self, args: dict[str, Any]) -> Any:
-        prog = self._program(args.get("program"))
+        prog = self._program(args.get("program"), "signal")
         indexes = self._indexes(prog, args.get("index"))
         try:
             sig = parse_signal(args.get("signal"))
@@ -198,7 +213,8 @@ class CommandsPart(_Core):
 
     def _cmd_logs(self, args: dict[str, Any]) -> Any:
         program = args.get("program")
-        if program is not None and program not in self.programs:
+        if program is not None and program not in self.programs and program not in (
+                self.serves):
             raise CommandError(f"no program {program!r}", "unknown_program")
         index = args.get("index")
         n = args.get("lines", 100)
@@ -245,7 +261,17 @@ class CommandsPart(_Core):
         return Stream(start, cancel)
 
     def _cmd_reload(self, args: dict[str, Any]) -> Any:
-        return self._reload()
+        name = args.get("program")
+        if name is None:
+            return self._reload()
+        serve = self._serve_named(name)
+        if serve is None:
+            hint = (" (a [program]: `corral restart` replaces its workers one at a time)"
+                    if name in self.programs else "")
+            raise CommandError(f"no [serve] table {name!r}{hint} (serves: "
+                               f"{', '.join(sorted(self.serves)) or 'none'})",
+                               "unknown_program")
+        return self._serve_reload(serve, "corral reload")
 
     def _reload(self) -> dict[str, Any]:
         """Re-read the file; apply only what changed (supervisord's reread + update):
@@ -272,6 +298,8 @@ class CommandsPart(_Core):
         except OSError as exc:
             log.error("reload refused, nothing changed: %s", exc)
             raise CommandError(str(exc), "bad_config") from None
+        # Added serves bound, changed ones' settings checked (CommandError: nothing changed).
+        prepared = self._prepare_serves(new, self.config)
         old_config = self.config
         change = diff(old_config, new)
         self.config = new
@@ -320,6 +348,9 @@ class CommandsPart(_Core):
             self._replace_file_sink(None, cfg)
             self.programs[name] = _Program(cfg, self._io_for(cfg))
             self._pending.append(name)
+        for name in change.serve_added:
+            self._serve_file_sink(name, True)
+        self._apply_serves(change, prepared)
         self._start_ready_programs()
         self._sync_endpoint()
         log.info("reload: %s", _describe_diff(change.to_json()))
@@ -357,10 +388,12 @@ class CommandsPart(_Core):
 
 
 def _describe_diff(d: dict[str, Any]) -> str:
-    parts = [f"{k}: {', '.join(d[k])}" for k in ("added", "removed") if d.get(k)]
-    if d.get("changed"):
-        parts.append("changed: " + ", ".join(f"{n} ({', '.join(k)})"
-                                             for n, k in d["changed"].items()))
+    parts = [f"{k.replace('_', ' ')}: {', '.join(d[k])}"
+             for k in ("added", "removed", "serve_added", "serve_removed") if d.get(k)]
+    for key in ("changed", "serve_changed"):
+        if d.get(key):
+            parts.append(key.replace("_", " ") + ": " + ", ".join(
+                f"{n} ({', '.join(k)})" for n, k in d[key].items()))
     return "; ".join(parts) or "nothing changed"
 
 

@@ -158,7 +158,8 @@ class _ConstArgs:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """One ``[serve.NAME]`` (server mode, issue 12): validated here, run elsewhere."""
+    """One ``[serve.NAME]`` (server mode): hosted by ``corral run`` (corral.cli._serves), or
+    run alone by ``corral -c FILE serve NAME``."""
 
     name: str
     app: str

@@ -26,6 +26,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("corral.run")
 
+
+def log_pipes(env: dict[str, str] | None = None) -> Launch:
+    """A start's stdout and stderr pipes (the child's write ends, our read ends)."""
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    for fd in (out_r, err_r):
+        own_fd(fd)  # a fork-started sibling must not hold our read ends
+    return Launch(env=env or {}, stdout=out_w, stderr=err_w, readers=(out_r, err_r))
+
+
+def attach_pipes(run: CorralRun, launch: Launch, program: str, index: int, pid: int) -> None:
+    """The hub reads (and from now on owns) the read ends of a started worker's pipes."""
+    out_r, err_r = launch.readers
+    launch.readers = ()
+    run.hub.attach(out_r, program, index, pid, "stdout")
+    run.hub.attach(err_r, program, index, pid, "stderr")
+
+
 class ProgramIO:
     """The worker IO of one program: log pipes, a notify socket per worker, readiness probes.
 
@@ -51,10 +69,6 @@ class ProgramIO:
 
     # WorkerIO
     def launch(self, index: int, name: str) -> Launch:
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        for fd in (out_r, err_r):
-            own_fd(fd)  # a fork-started sibling must not hold our read ends
         # Like supervisord's process_num: a command can tell which worker it is (a port
         # offset, a shard).
         env = {"CORRAL_PROGRAM": self.prog.name, "CORRAL_INDEX": str(index),
@@ -63,15 +77,13 @@ class ProgramIO:
             env["NOTIFY_SOCKET"] = self._notify_socket(index, name).address
             if self.prog.heartbeat_timeout is not None:
                 env["WATCHDOG_USEC"] = str(int(self.prog.heartbeat_timeout * 1e6))
-        return Launch(env=env, stdout=out_w, stderr=err_w, readers=(out_r, err_r),
-                      listeners=tuple(self.run.listeners_for(self.prog)))
+        launch = log_pipes(env)
+        launch.listeners = tuple(self.run.listeners_for(self.prog))
+        return launch
 
     def started(self, index: int, name: str, proc: ProcessLike, launch: Launch) -> None:
         self.pids[index] = proc.pid
-        out_r, err_r = launch.readers
-        launch.readers = ()  # the hub owns (and closes) them from here on
-        self.run.hub.attach(out_r, self.prog.name, index, proc.pid, "stdout")
-        self.run.hub.attach(err_r, self.prog.name, index, proc.pid, "stderr")
+        attach_pipes(self.run, launch, self.prog.name, index, proc.pid)
         if self.prog.kind == "target":
             self.kept[index] = launch  # the worker opens them through /proc as it boots
         ready = self.prog.ready

@@ -24,7 +24,7 @@ Layout (see examples/corral.toml)::
     depends_on = ["db"]
     backoff = { initial = 0.5, cap = 30 }
 
-    [serve.api]                       # server mode (issue 12): parsed and validated only
+    [serve.api]                       # server mode: run by `corral run` (and `corral serve api`)
     app = "myapp:app"
     bind = ["127.0.0.1:8000"]
 

@@ -397,25 +397,28 @@ def signal_(state: _State, target: str, sig: str) -> None:
 
 
 @cli.command()
+@click.argument("serve", required=False)
 @_config_option
 @click.pass_obj
-def reload(state: _State) -> None:
-    """Re-read the config file and apply only what changed."""
-    if state.config_path or find_config():
+def reload(state: _State, serve: str | None) -> None:
+    """Re-read the config file and apply only what changed; or, with SERVE, roll that
+    [serve] table to a new generation (no request lost)."""
+    if serve is None and (state.config_path or find_config()):
         state.config()  # a bad file fails here, listing every error, before corral is asked
     with _client(state, timeout=120.0) as client:
-        data = client.call("reload", {})
+        data = client.call("reload", {} if serve is None else {"program": serve})
     if isinstance(data, dict) and "message" in data and "diff" not in data:
-        click.echo(data["message"])  # corral serve: the rolling reload's outcome
+        click.echo(data["message"])  # a serve's rolling reload: its outcome
         return
     d = data.get("diff", {}) if isinstance(data, dict) else {}
     parts = []
-    for key, word in (("added", "added"), ("removed", "removed")):
+    for key in ("added", "removed", "serve_added", "serve_removed"):
         if d.get(key):
-            parts.append(f"{word}: {', '.join(d[key])}")
-    if d.get("changed"):
-        parts.append("changed: " + ", ".join(f"{n} ({', '.join(k)})"
-                                             for n, k in d["changed"].items()))
+            parts.append(f"{key.replace('_', ' ')}: {', '.join(d[key])}")
+    for key in ("changed", "serve_changed"):
+        if d.get(key):
+            parts.append(key.replace("_", " ") + ": " + ", ".join(
+                f"{n} ({', '.join(k)})" for n, k in d[key].items()))
     click.echo("; ".join(parts) if parts else "reload: nothing changed")
 
 

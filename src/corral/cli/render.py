@@ -95,8 +95,11 @@ def status_table(payload: dict[str, Any], programs: Sequence[str] = (), *,
             else:
                 shown = _state(state)
             cpu = w.get("cpu_percent")
+            # A serve's workers: two generations side by side during a rolling reload.
+            label = w["name"] if w.get("generation") is None else \
+                f"{w['name']} (gen {w['generation']})"
             rows.append([
-                w["name"], shown, str(w["pid"]) if w.get("pid") else "-",
+                label, shown, str(w["pid"]) if w.get("pid") else "-",
                 format_duration(w["uptime"]) if w.get("pid") else "-",
                 str(w["restarts"]), format_exit(w.get("last_exit")),
                 format_duration(w.get("heartbeat_age")), format_bytes(w.get("rss")),

@@ -1,19 +1,22 @@
 """``corral run``: every program of a config supervised from one loop thread.
 
 One :class:`~corral._reactor.Reactor`, driven by the main thread, carries everything of a running
-corral: every program's pool (its monitor hosted on the reactor), the workers' log pipes (one
-:class:`~corral._logs.LogHub`), their notify sockets and readiness probes, and the control socket.
+corral: every program's pool (its monitor hosted on the reactor), every ``[serve.NAME]``'s
+server (:mod:`corral.cli._serves`: its generations' pools, its rolling reloads), the workers' log
+pipes (one :class:`~corral._logs.LogHub`), their notify sockets and readiness probes, and the
+control socket.
 Each pool keeps its own spawner thread (processes are started off the loop). Signal handlers
 only hand work to the loop.
 
-    SIGTERM/SIGINT: stop every program (dependents first), then exit
+    SIGTERM/SIGINT: stop every program (dependents first) and drain every serve, then exit
     SIGHUP: reload the config (like `corral reload`)
     SIGCHLD: reap adopted orphans (corral is a child subreaper, or PID 1 in a container)
 
 With ``--http HOST:PORT`` (or ``http = "HOST:PORT"`` in the file) a
 :class:`~corral.endpoint.Endpoint`, on a thread of its own, serves /metrics /livez /readyz
-/status for every program: one source per program name (:class:`_ProgramSource`), which asks
-whichever pool runs that program now, so reloads and scaling need no re-registration.
+/status for every program and serve: one source per name (:class:`_ProgramSource`,
+:class:`~corral.cli._serves._ServeSource`), which asks whichever pool runs it now, so reloads
+and scaling need no re-registration.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ from corral.cli import schema
 from corral.cli._commands import CommandsPart, _Resources
 from corral.cli._orphans import _Adopted, _become_subreaper, _kill_adopted
 from corral.cli._programs import ProgramIO, _Program, _ProgramSource
-from corral.cli.config import Config, ConfigError, ProgramConfig
+from corral.cli._serves import _ServeSource
+from corral.cli.config import Config, ConfigError, LogConfig, ProgramConfig
 from corral.cli.main import RunOptions
 from corral.cli.preflight import check_targets
 from corral.events import Event, EventKind
@@ -109,7 +113,9 @@ class CorralRun(CommandsPart):
         self._sweep_timer: Any = None
         self._wakeup_set = False
         self.endpoint: Endpoint | None = None
-        self._served: set[str] = set()  # the program names the endpoint serves
+        self._served: set[str] = set()  # the program (and serve) names the endpoint serves
+        self._stop_why = ""
+        self._init_serves()
 
     # ------------------------------------------------------------------------------ set-up
 
@@ -122,30 +128,47 @@ class CorralRun(CommandsPart):
         sinks: list[Any] = [console]
         self.file_sinks: dict[str, FileSink] = {}
         for prog in config.programs.values():
-            sink = self._file_sink(prog)
+            sink = self._file_sink(prog.name, prog.log)
+            if sink is not None:
+                sinks.append(sink)
+        for name in config.serve:  # a serve takes the [log] defaults
+            sink = self._file_sink(name, config.log)
             if sink is not None:
                 sinks.append(sink)
         return sinks
 
     def _console_programs(self, config: Config) -> None:
-        """The console takes the programs whose ``log.console`` is on (reloads change it)."""
+        """The console takes the programs whose ``log.console`` is on (reloads change it),
+        and the serves when ``[log] console`` is."""
         self.console.programs = frozenset(
-            name for name, prog in config.programs.items() if prog.log.console)
+            [name for name, prog in config.programs.items() if prog.log.console]
+            + ([*config.serve] if config.log.console else []))
 
-    def _file_sink(self, prog: ProgramConfig) -> FileSink | None:
-        path = prog.log.file_for(prog.name)
+    def _file_sink(self, name: str, settings: LogConfig) -> FileSink | None:
+        path = settings.file_for(name)
         if not path:
             return None
         try:
-            sink = FileSink(path, self.reactor, max_bytes=prog.log.max_bytes,
-                            backups=prog.log.backups, json=prog.log.file_json,
-                            programs=[prog.name])
+            sink = FileSink(path, self.reactor, max_bytes=settings.max_bytes,
+                            backups=settings.backups, json=settings.file_json,
+                            programs=[name])
         except OSError as exc:
             log.error("%s: cannot open its log file %s (%s); its output goes to the console "
-                      "and the ring only", prog.name, path, exc.strerror or exc)
+                      "and the ring only", name, path, exc.strerror or exc)
             return None
-        self.file_sinks[prog.name] = sink
+        self.file_sinks[name] = sink
         return sink
+
+    def _serve_file_sink(self, name: str, present: bool) -> None:
+        """A serve added (its file opened) or gone (its file closed) by a reload."""
+        sink = self.file_sinks.pop(name, None)
+        if sink is not None:
+            self.hub.remove_sink(sink)
+            sink.close()
+        if present:
+            fresh = self._file_sink(name, self.config.log)
+            if fresh is not None:
+                self.hub.add_sink(fresh)
 
     def _replace_file_sink(self, old: ProgramConfig | None, new: ProgramConfig | None) -> None:
         """On a reload: a program's log file settings changed (or it came or went)."""
@@ -157,7 +180,7 @@ class CorralRun(CommandsPart):
             self.hub.remove_sink(sink)
             sink.close()
         if new is not None:
-            fresh = self._file_sink(new)
+            fresh = self._file_sink(new.name, new.log)
             if fresh is not None:
                 self.hub.add_sink(fresh)
 
@@ -183,12 +206,15 @@ class CorralRun(CommandsPart):
         try:
             for config in self.config.programs.values():
                 self.listeners_for(config)
+            for serve_cfg in self.config.serve.values():
+                self.serves[serve_cfg.name] = self._make_serve(serve_cfg)
         except (OSError, ValueError) as exc:
             log.error("%s", exc)
             listening = False
         else:
             listening = True
         if not listening or not self._start_endpoint():
+            self._close_serves()
             self._close_listeners()
             self.control.close()
             self.hub.close()
@@ -196,14 +222,18 @@ class CorralRun(CommandsPart):
             return 1
         self._install_signals()
         for name in self.config.start_order():
-            self.programs[name] = _Program(self.config.programs[name],
-                                           ProgramIO(self, self.config.programs[name]))
-            self._pending.append(name)
+            if name in self.config.programs:
+                self.programs[name] = _Program(self.config.programs[name],
+                                               ProgramIO(self, self.config.programs[name]))
+                self._pending.append(name)
         self._sync_endpoint()
         try:
+            for serve in self.serves.values():  # no dependencies: they start at once
+                self._begin_serve(serve)
             self._start_ready_programs()
             while not self._done():
                 self.reactor.run_once()
+                self._advance_serves()
                 if self.stopping:
                     self._advance_stop()
                 if self._replacing or self._removing:
@@ -214,19 +244,23 @@ class CorralRun(CommandsPart):
             for prog in self.programs.values():
                 if prog.monitor is not None and not prog.finished:
                     prog.monitor.request_stop(0.0, signal.SIGKILL)
+            for serve in self.serves.values():
+                with contextlib.suppress(Exception):
+                    self._stop_serve(serve, "corral's loop failed", quick=True)
             self._drain_until_finished(10.0)
             raise
         finally:
             self._shutdown()
         return 1 if any(p.monitor is not None and p.monitor.gave_up is not None
-                        for p in self.programs.values()) else 0
+                        for p in self.programs.values()) or any(
+            s.server.exit_code != 0 for s in self.serves.values()) else 0
 
     def _done(self) -> bool:
         if not self.stopping:
             return False
         progs = [*self.programs.values(), *self._removing,
                  *(old for old, _ in self._replacing.values())]
-        return all(p.supervisor is None or p.finished for p in progs)
+        return all(p.supervisor is None or p.finished for p in progs) and self._serves_done()
 
     def _drain_until_finished(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -267,6 +301,7 @@ class CorralRun(CommandsPart):
             self.endpoint = None
         if self.control is not None:
             self.control.close()
+        self._close_serves()  # each one's listeners closed after its workers have drained
         self._close_listeners()  # after every program has stopped: closed last
         # Whatever the hub has not read yet, then close it.
         self.hub.close()
@@ -303,9 +338,16 @@ class CorralRun(CommandsPart):
             return
         for name in list(self._pending):
             prog = self.programs[name]
-            if all(self.programs[dep].ready for dep in prog.config.depends_on):
+            if all(self._dependency_ready(dep) for dep in prog.config.depends_on):
                 self._pending.remove(name)
                 self._start_program(prog)
+
+    def _dependency_ready(self, name: str) -> bool:
+        prog = self.programs.get(name)
+        if prog is not None:
+            return prog.ready
+        serve = self.serves.get(name)
+        return serve is not None and serve.ready
 
     def _start_program(self, prog: _Program) -> None:
         try:
@@ -360,13 +402,13 @@ class CorralRun(CommandsPart):
         endpoint = self.endpoint
         if endpoint is None:
             return
-        names = set(self.programs)
+        names = set(self.programs) | set(self.serves) | set(self._serve_replacing)
         for name in self._served - names:
             with contextlib.suppress(KeyError):
                 endpoint.remove(name)
-        for name in self.programs:
-            if name not in self._served:
-                endpoint.add(_ProgramSource(self, name))
+        for name in names - self._served:
+            endpoint.add(_ProgramSource(self, name) if name in self.programs
+                         else _ServeSource(self, name))
         self._served = names
 
     def _http_status(self) -> dict[str, Any]:
@@ -406,9 +448,13 @@ class CorralRun(CommandsPart):
                 if prog.monitor is not None and not prog.finished:
                     prog.stop_requested = True
                     prog.monitor.request_stop(0.0, signal.SIGKILL)
+            for serve in [*self.serves.values(), *self._serve_removing,
+                          *self._serve_replacing.values()]:
+                self._stop_serve(serve, why, quick=True)
             return
         log.info("stopping every program (%s)", why)
         self.stopping = True
+        self._stop_why = why
         self._pending.clear()
         self._advance_stop()
 
@@ -423,6 +469,13 @@ class CorralRun(CommandsPart):
                 prog.stop_requested = True
                 prog.monitor.request_stop(prog.config.stop_timeout,
                                           int(prog.config.stop_signal))
+        for name, serve in self.serves.items():
+            if serve.server.stopping:
+                continue
+            dependents = [p for p in self.programs.values() if name in p.config.depends_on]
+            if all(p.supervisor is None or p.finished for p in dependents):
+                # shutdown_delay, then the drain; its listeners are closed at exit.
+                self._stop_serve(serve, self._stop_why)
 
     # --------------------------------------------------------------------------- signals
 
@@ -477,7 +530,7 @@ class CorralRun(CommandsPart):
             if mon is not None:
                 with mon._live_lock:
                     pids.update(mon._live)
-        return pids
+        return pids | self._serve_pids()
 
 
 def _console_logging(json_lines: bool) -> None:

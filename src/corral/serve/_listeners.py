@@ -348,6 +348,9 @@ for s in ("SIGPIPE", "SIGXFSZ"):
     if hasattr(signal, s):
         signal.signal(getattr(signal, s), signal.SIG_DFL)
 cwd, umask, groups, gid, uid, *argv = sys.argv[1:]
+# Like systemd: the program has 0-2 and its sockets 3.. only. The parent listed corral's
+# inheritable fds as close actions already; this also catches one made since (by a thread).
+os.closerange(3 + int(os.environ.get("LISTEN_FDS", "0")), os.sysconf("SC_OPEN_MAX"))
 try:
     if cwd:
         os.chdir(cwd)
@@ -378,7 +381,9 @@ def spawn_with_listeners(argv: Sequence[str], listeners: Sequence[Listener], *,
     The listeners land on fds 3.. (``posix_spawn`` file actions, so no code of ours runs
     between fork and exec in this threaded process), the program gets LISTEN_FDS,
     LISTEN_FDNAMES and, from the shim, LISTEN_PID = its own pid; ``{listen.NAME.fd}`` in the
-    argv is replaced. It leads a new process group; every other fd of ours is close-on-exec.
+    argv is replaced. It leads a new process group and gets no other fd of ours: fds 0-2 and
+    its sockets only (an inheritable fd corral inherited is closed in the child, as systemd
+    and Popen's ``close_fds`` do).
     ``umask`` is set by the shim. ``ids`` = (uid, gid, supplementary groups) to switch to
     (None each: keep ours); the shim is then this interpreter (``-I -S``, a few milliseconds
     more), which switches them before the exec.
@@ -409,6 +414,11 @@ def spawn_with_listeners(argv: Sequence[str], listeners: Sequence[Listener], *,
         actions.append((os.POSIX_SPAWN_DUP2, devnull, 0))
         for i, fd in enumerate(parked[:n]):
             actions.append((os.POSIX_SPAWN_DUP2, fd, SD_LISTEN_FDS_START + i))
+        # An fd corral itself inherited without close-on-exec (from its launching shell, say)
+        # would survive the exec: close each one past the sockets (after the dup2s, so an
+        # inheritable stdout/stderr source goes too), as Popen's close_fds does.
+        actions.extend((os.POSIX_SPAWN_CLOSE, fd)
+                       for fd in _inheritable_fds(SD_LISTEN_FDS_START + n))
         if ids is not None:
             uid, gid, groups = ids
             exe = sys.executable
@@ -431,6 +441,28 @@ def spawn_with_listeners(argv: Sequence[str], listeners: Sequence[Listener], *,
         for fd in parked:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def _inheritable_fds(lowest: int) -> list[int]:
+    """Our open fds numbered ``lowest`` or more that lack close-on-exec."""
+    try:
+        candidates = sorted(int(name) for name in os.listdir("/proc/self/fd"))
+    except OSError:  # no /proc: try every number the limit allows (a bounded scan)
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        top = 65536 if soft == resource.RLIM_INFINITY else min(soft, 65536)
+        candidates = list(range(lowest, top))
+    out = []
+    for fd in candidates:
+        if fd < lowest:
+            continue
+        try:
+            if os.get_inheritable(fd):
+                out.append(fd)
+        except OSError:  # closed meanwhile (the listing's own fd, another thread's)
+            continue
+    return out
 
 
 def _dup_above(fd: int, floor: int) -> int:

@@ -264,8 +264,8 @@ class Server:
                  listeners: list[Listener] | None = None,
                  io: Callable[[str], Any] | None = None) -> None:
         self.options = options
-        # Hosted (later: `corral run` with [serve.NAME]): the host drives the reactor and
-        # calls advance() after each round; the reactor stays the host's.
+        # Hosted (`corral run` with [serve.NAME]): the host drives the reactor and calls
+        # advance() after each round; the reactor stays the host's.
         self._own_reactor = reactor is None
         self.reactor: Reactor[Any] = reactor or Reactor(f"serve {options.name}")
         self.notifier = notifier or Notifier()
@@ -297,6 +297,10 @@ class Server:
         self._stop_why = ""
         self._drain_at: float | None = None  # monotonic: the end of shutdown_delay
         self.on_change: Callable[[], None] | None = None  # tests: called after each round
+        # Hosted: called with each generation's pool before it starts (the host subscribes
+        # to its events).
+        self.on_pool: Callable[[Any], None] | None = None
+        self._look_timer: Any = None
 
     # ------------------------------------------------------------------------------- set-up
 
@@ -407,7 +411,40 @@ class Server:
         self.open_listeners()
         self.start_http()
         self._start_watchdog()
+        self._arm_recycle_look()
         self.reload("start")
+
+    @property
+    def ready(self) -> bool:
+        """Serving: the first start announced ready, and not stopping."""
+        return self._announced_ready and not self.stopping
+
+    def reconfigure(self, options: ServeOptions) -> bool:
+        """Hosted: take new settings for the next generation (start it with :meth:`reload`).
+
+        False, changing nothing, when the listeners would differ (``bind``, ``reuse_port``,
+        ``backlog``): that takes a new Server. A failed reload keeps the old generation
+        serving; the new settings stay for the next one.
+        """
+        old = self.options
+        if (old.bind, old.reuse_port, old.backlog) != (options.bind, options.reuse_port,
+                                                       options.backlog):
+            return False
+        self.options = options
+        if options.http != old.http and self._probe is not None:
+            self._probe.close()
+            self._probe = None
+        if options.http != old.http:
+            try:
+                self.start_http()
+            except OSError as exc:
+                log.error("serve %s: http: %s; no endpoint", options.name, exc)
+            else:
+                for gen in self.generations:
+                    if gen.sup is not None and self._probe is not None:
+                        self._probe.add(gen.sup)
+        self._arm_recycle_look()
+        return True
 
     def run(self) -> int:
         """Bind, start generation 1, serve until stopped; the exit code."""
@@ -429,8 +466,7 @@ class Server:
         self.start_control()
         self._start_watchdog()
         self.notifier.status(f"starting {self.options.workers} worker(s)")
-        if self.options.max_age is not None or self.options.max_memory is not None:
-            self._recycle_look()
+        self._arm_recycle_look()
         try:
             self.reload("start")
             while not self.done:
@@ -590,6 +626,8 @@ class Server:
         gen.target = workers
         now = time.monotonic()
         gen.wanted_at = dict.fromkeys(range(workers), now)
+        if self.on_pool is not None:
+            self.on_pool(gen.sup)
         gen.sup.start()
         if self._probe is not None:
             self._probe.add(gen.sup)
@@ -852,9 +890,16 @@ class Server:
                 self._scale(gen, n)
                 self._recycling = None
 
+    def _arm_recycle_look(self) -> None:
+        if self._look_timer is None and (self.options.max_age is not None
+                                         or self.options.max_memory is not None):
+            self._recycle_look()
+
     def _recycle_look(self) -> None:
-        # Age and memory need a look now and then (max_requests wakes the loop itself).
-        self.reactor.call_later(1.0, self._recycle_look)
+        # Age and memory need a look now and then (max_requests wakes the loop itself);
+        # not once stopping (a host's loop outlives this server).
+        self._look_timer = None if self.stopping else self.reactor.call_later(
+            1.0, self._recycle_look)
 
     def _pick_recycle(self, gen: Generation) -> int | None:
         mon = gen.monitor
