@@ -170,6 +170,17 @@ class _Keeper:
                 table[slot] = 0
                 self._free.append(slot)
 
+    def _forked(self) -> None:
+        """In a forked child: only what cannot wait (a lock another thread may have held at the
+        fork, the pipe's write end); the rest is dropped at first use (:meth:`_reset`), since
+        freeing the parent's table of groups here touched dozens of shared pages in every
+        fork-started worker."""
+        self._lock = threading.Lock()
+        if self._gone_w >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._gone_w)
+            self._gone_w = -1
+
     def _reset(self) -> None:
         # A forked child of a supervisor: the keeper protects the parent, not us. Drop the
         # inherited handles without touching the parent's keeper or its table (the mapping is
@@ -191,7 +202,7 @@ keeper._pid = os.getpid()
 
 
 def _after_fork_in_child() -> None:
-    keeper._reset()
+    keeper._forked()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

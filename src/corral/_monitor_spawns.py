@@ -79,7 +79,7 @@ class SpawnPart(_SpawnCore):
             try:
                 proc = WorkerProcess.start(
                     self._ctx, run_standby, (req.boot, spec.target, theirs, spec.standby_init),
-                    req.boot.name, spec.daemon)
+                    req.boot.name, spec.daemon, settle=False)
             except BaseException:
                 ours.close()
                 raise
@@ -95,8 +95,9 @@ class SpawnPart(_SpawnCore):
             finally:
                 if req.launch is not None:
                     req.launch.close_child_ends()  # the child has its copies now
+        # Settled by the spawner once its batch is forked (see Spawner).
         return WorkerProcess.start(self._ctx, run_worker, (req.boot, spec.target, req.args),
-                                   req.boot.name, spec.daemon)
+                                   req.boot.name, spec.daemon, settle=False)
 
     def _launch_io(self, w: WorkerSlot,
                    ) -> tuple[Launch | None, tuple[str | None, str | None] | None]:

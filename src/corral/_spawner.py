@@ -54,15 +54,26 @@ class Spawner(Generic[R, P]):
         skip: ``skip() -> bool``: True once the pool is stopping; queued starts then become
             :class:`SpawnSkipped` without starting anything.
         discard: ``discard(P)``: kill and release a process nobody can take any more.
+        settle: ``settle(P)``, run on the spawner thread for each process of a batch once the
+            whole batch has been started, before it is delivered or discarded: what ``start``
+            left for later (see :meth:`corral.process.WorkerProcess.settle`). Under fork,
+            every page the supervisor writes between two forks is copied once per fork, so
+            the less is done between them the faster a batch starts.
+        batch_time: a batch is delivered at the latest this long (seconds) after its first
+            start began (default :data:`BATCH_TIME`).
     """
 
     def __init__(self, name: str, start: Callable[[R], P],
                  deliver: Callable[[list[tuple[R, P | BaseException]]], None],
-                 skip: Callable[[], bool], discard: Callable[[P], None]) -> None:
+                 skip: Callable[[], bool], discard: Callable[[P], None],
+                 settle: Callable[[P], None] | None = None,
+                 batch_time: float = BATCH_TIME) -> None:
         self._start = start
         self._deliver = deliver
         self._skip = skip
         self._discard = discard
+        self._settle = settle
+        self._batch_time = batch_time
         self._queue: queue.SimpleQueue[R | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -101,12 +112,14 @@ class Spawner(Generic[R, P]):
                     except BaseException as exc:  # delivered as a failed start
                         result = exc
                 batch.append((item, result))
-                if len(batch) >= BATCH_SIZE or time.monotonic() - began > BATCH_TIME:
+                if len(batch) >= BATCH_SIZE or time.monotonic() - began > self._batch_time:
                     break
                 try:
                     item = q.get_nowait()
                 except queue.Empty:
                     break
+            if self._settle is not None:
+                self._settle_batch(batch)
             if batch:
                 try:
                     self._deliver(batch)
@@ -118,6 +131,18 @@ class Spawner(Generic[R, P]):
                                 self._discard(result)
             if item is None:
                 return
+
+    def _settle_batch(self, batch: list[tuple[R, P | BaseException]]) -> None:
+        assert self._settle is not None
+        for i, (req, result) in enumerate(batch):
+            if isinstance(result, BaseException):
+                continue
+            try:
+                self._settle(result)
+            except BaseException as exc:  # delivered as a failed start, the process undone
+                with contextlib.suppress(Exception):
+                    self._discard(result)
+                batch[i] = (req, exc)
 
 
 def preload_for_forkserver(ctx: BaseContext, modules: list[str]) -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "own_fd",
     "pid_running",
     "read_stack_dump",
+    "settle",
     "stack_dump_size",
     "wait_exit",
 ]
@@ -54,12 +55,15 @@ DUMP_NAME = "corral-dump"
 # closes them first thing (close_internal_fds), so it holds no sibling's fds. Only raw ints are
 # registered: an fd owned by a Python object (an epoll, a Connection) could be closed a second
 # time by that object in the child, after the number was reused; those are one per pool.
-# Each fd is recorded with its identity, so a number reused before the child closes it is kept;
-# a worker's own pidfd and pipes (three per worker: most of them) are recorded without one (None),
-# as their owner releases them before they can be closed (see WorkerProcess): a child then closes
-# them in a few close_range calls instead of an fstat and a close each, which made the start of
-# the 128th worker 0.6 ms slower than the first's.
-_internal_fds: dict[int, tuple[int, int] | None] = {}
+# Each such fd is recorded with its identity, so a number reused before the child closes it is
+# kept (_checked_fds). A worker's own pidfd and pipes (three per worker: most of them) are
+# recorded without one, as their owner releases them before they can be closed (see
+# WorkerProcess): they are flags in a table indexed by fd number (_released_fds), which a child
+# scans for runs of consecutive numbers in C and closes with one close_range each. (An fstat
+# and a close each made the start of the 128th worker 0.6 ms slower than the first's; a dict of
+# Python ints cost every fork child a copied page for each few ints it touched.)
+_checked_fds: dict[int, tuple[int, int]] = {}
+_released_fds = bytearray()
 
 
 def own_fd(fd: int, *, released_by_owner: bool = False) -> int:
@@ -69,30 +73,34 @@ def own_fd(fd: int, *, released_by_owner: bool = False) -> int:
         released_by_owner: the owner calls :func:`disown_fd` before the fd can be closed, on
             every path (including its own garbage collection): no identity check is needed.
     """
+    flags = _released_fds
     if released_by_owner:
-        _internal_fds[fd] = None
+        if fd >= len(flags):
+            flags.extend(bytes(max(fd + 1, 2 * len(flags), 64) - len(flags)))
+        flags[fd] = 1
+        _checked_fds.pop(fd, None)
         return fd
     try:
         st = os.fstat(fd)
     except OSError:
         return fd
-    _internal_fds[fd] = (st.st_dev, st.st_ino)
+    if fd < len(flags):
+        flags[fd] = 0
+    _checked_fds[fd] = (st.st_dev, st.st_ino)
     return fd
 
 
 def disown_fd(fd: int) -> None:
     """Forget ``fd`` (call before closing it, so a worker never closes a reused number)."""
-    _internal_fds.pop(fd, None)
+    if fd < len(_released_fds):
+        _released_fds[fd] = 0
+    _checked_fds.pop(fd, None)
 
 
 def close_internal_fds(keep: tuple[int, ...] = ()) -> None:
     """In a fork-started worker: close the supervisor's own fds it inherited."""
-    trusted: list[int] = []
-    for fd, ident in list(_internal_fds.items()):
+    for fd, ident in list(_checked_fds.items()):
         if fd in keep:
-            continue
-        if ident is None:
-            trusted.append(fd)
             continue
         try:
             st = os.fstat(fd)
@@ -101,16 +109,21 @@ def close_internal_fds(keep: tuple[int, ...] = ()) -> None:
         if (st.st_dev, st.st_ino) == ident:
             with contextlib.suppress(OSError):
                 os.close(fd)
-    _internal_fds.clear()
-    # Runs of consecutive numbers (pipes and pidfds are allocated so): one close_range each.
-    trusted.sort()
-    i = 0
-    while i < len(trusted):
-        j = i
-        while j + 1 < len(trusted) and trusted[j + 1] == trusted[j] + 1:
-            j += 1
-        os.closerange(trusted[i], trusted[j] + 1)
-        i = j + 1
+    _checked_fds.clear()
+    flags = _released_fds
+    start = flags.find(1)
+    while start >= 0:
+        end = flags.find(0, start)
+        if end < 0:
+            end = len(flags)
+        for fd in sorted(fd for fd in keep if start <= fd < end):
+            if start < fd:
+                os.closerange(start, fd)
+            start = fd + 1
+        if start < end:
+            os.closerange(start, end)
+        start = flags.find(1, end)
+    flags.clear()
 
 
 def dump_fd_is_ours(pid: int, fd: int) -> bool:
@@ -288,7 +301,8 @@ def _release_fds(owner: int, pidfd: int, mp_fds: tuple[int, ...]) -> None:
 class WorkerProcess(GroupSignals):
     """One process of one worker. Created and started by the spawner thread."""
 
-    def __init__(self, process: multiprocessing.process.BaseProcess, start_method: str) -> None:
+    def __init__(self, process: multiprocessing.process.BaseProcess, start_method: str, *,
+                 settle: bool = True) -> None:
         self.process = process
         self.start_method = start_method
         self.pid: int = process.pid or 0
@@ -307,6 +321,23 @@ class WorkerProcess(GroupSignals):
         self._mp_fds = _popen_fds(process)
         for fd in self._mp_fds:
             own_fd(fd, released_by_owner=True)
+        # Whatever is left in the group dies with this process, however it ends.
+        keeper.register(self.pid)
+        self._release: weakref.finalize[Any, Any] | None = None
+        if settle:
+            self.settle()
+
+    def settle(self) -> None:
+        """The rest of the start, which can wait until the spawner's batch has been forked: the
+        group set from this side and the finalizer of the fds (once; before anyone else sees
+        the process).
+
+        Under fork, every page the supervisor writes between two forks is copied once for
+        each of them (copy on write), so the spawner does as little as it can between forks
+        (see :class:`corral._spawner.Spawner`).
+        """
+        if self._release is not None:
+            return
         # close() runs it; dropped without close() (a bug), the GC does: either way the fds are
         # disowned before they can be closed, so a reused number is never taken for ours.
         self._release = weakref.finalize(self, _release_fds, os.getpid(), self._pidfd,
@@ -317,12 +348,12 @@ class WorkerProcess(GroupSignals):
             os.setpgid(self.pid, self.pid)
         except OSError:
             pass
-        # Whatever is left in the group dies with this process, however it ends.
-        keeper.register(self.pid)
 
     @classmethod
     def start(cls, ctx: BaseContext, target: Any, args: tuple[Any, ...], name: str,
-              daemon: bool) -> WorkerProcess:
+              daemon: bool, *, settle: bool = True) -> WorkerProcess:
+        """Start ``target(*args)`` in a new process; ``settle=False`` leaves :meth:`settle` to
+        the caller (a spawner that forks a batch first)."""
         proc = ctx.Process(target=target, args=args, name=name, daemon=daemon)  # type: ignore[attr-defined]
         _forking.active = True
         try:
@@ -332,7 +363,7 @@ class WorkerProcess(GroupSignals):
         # multiprocessing polls (and so reaps) every child it knows of whenever any process is
         # started; take ours out of that set so only the monitor reaps it.
         multiprocessing.process._children.discard(proc)  # type: ignore[attr-defined]
-        return cls(proc, ctx.get_start_method())
+        return cls(proc, ctx.get_start_method(), settle=settle)
 
     def waitable(self) -> int:
         """What becomes ready when the process has exited.
@@ -390,6 +421,8 @@ class WorkerProcess(GroupSignals):
 
     def close(self) -> None:
         """Release the pidfd and multiprocessing's pipes (only after reaping)."""
+        self.settle()  # (only if the spawner never did: a start that failed half-way)
+        assert self._release is not None
         self._release()  # disowns the fds, closes the pidfd (once: a second call does nothing)
         self._pidfd = -1
         try:
@@ -404,6 +437,12 @@ class WorkerProcess(GroupSignals):
         except OSError as exc:
             if exc.errno != errno.EBADF:
                 raise
+
+
+def settle(proc: object) -> None:
+    """Finish the start of ``proc`` if it is a :class:`WorkerProcess` started unsettled."""
+    if isinstance(proc, WorkerProcess):
+        proc.settle()
 
 
 class WorkerHandle:

@@ -50,7 +50,7 @@ def _open_in_child(fds: list[int], keep: tuple[int, ...] = ()) -> list[int]:
 @pytest.fixture
 def registry() -> Iterator[list[int]]:
     """Fds opened by a test: disowned and closed after it, whatever happens."""
-    saved = dict(process._internal_fds)
+    saved = dict(process._checked_fds), bytes(process._released_fds)
     opened: list[int] = []
     yield opened
     for fd in opened:
@@ -59,8 +59,9 @@ def registry() -> Iterator[list[int]]:
             os.close(fd)
         except OSError:
             pass
-    process._internal_fds.clear()
-    process._internal_fds.update(saved)
+    process._checked_fds.clear()
+    process._checked_fds.update(saved[0])
+    process._released_fds[:] = saved[1]
 
 
 @pytest.mark.timeout(30)
@@ -97,3 +98,21 @@ def test_checked_fds_are_closed(registry: list[int]) -> None:
     registry.append(a)
     own_fd(a)
     assert _open_in_child([a]) == []
+
+
+@pytest.mark.timeout(30)
+def test_a_kept_fd_inside_a_run_stays_open_and_the_child_forgets_the_rest(
+        registry: list[int]) -> None:
+    fds = []
+    for _ in range(3):
+        a, b = os.pipe()
+        fds += [a, b]
+    registry += fds
+    for fd in fds:
+        own_fd(fd, released_by_owner=True)
+    middle = sorted(fds)[2]
+    assert _open_in_child(fds, keep=(middle,)) == [middle]
+    # The parent's registry is untouched by what a child closed.
+    assert all(process._released_fds[fd] == 1 for fd in fds)
+    disown_fd(fds[0])
+    assert process._released_fds[fds[0]] == 0
