@@ -35,6 +35,7 @@ _FUTEX_WAKE_OP = 5
 _OR_WAITERS = ((2 | 8) << 28) | (31 << 12)
 _FUTEX2_SIZE_U32 = 0x02
 _PF_EXITING = 0x4  # task flag: do_exit has begun
+_SIGKILL_BIT = 1 << (9 - 1)  # SIGKILL in /proc's pending-signal masks
 _PROT_RW = 0x1 | 0x2
 _MAP_SHARED = 0x01
 _MAP_FAILED = (1 << (8 * ctypes.sizeof(ctypes.c_void_p))) - 1  # (void *) -1
@@ -184,16 +185,33 @@ def wait_any(waiters: Waiters, n: int) -> int:
 
 
 def is_exiting(pid: int) -> bool:
-    """True once process ``pid`` has begun to exit (or is a zombie): its main thread's
-    PF_EXITING flag, from /proc. False if it is running (an exec also frees robust mutexes:
-    that is not a death) or gone."""
+    """True once process ``pid`` has begun to exit: every one of its threads has (PF_EXITING,
+    from /proc) or is a zombie. The main thread alone is not enough: it can end (pthread_exit)
+    while other threads run on, and its death lock is freed then too. False if any thread
+    runs (an exec also frees robust mutexes: that is not a death) or the process is gone."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return False
-    fields = data[data.rfind(b")") + 2:].split()
+    return bool(tids) and all(_task_exiting(pid, tid) for tid in tids)
+
+
+def _task_exiting(pid: int, tid: str) -> bool:
+    """Thread ``tid`` has begun to exit, or is bound to: a group exit (a fatal signal,
+    exit_group) leaves SIGKILL pending in every thread it has not reached yet."""
+    task = f"/proc/{pid}/task/{tid}"
     try:
-        return fields[0] in (b"Z", b"X") or bool(int(fields[6]) & _PF_EXITING)
-    except (IndexError, ValueError):
-        return False
+        with open(f"{task}/stat", "rb") as f:
+            data = f.read()
+        fields = data[data.rfind(b")") + 2:].split()
+        if fields[0] in (b"Z", b"X") or int(fields[6]) & _PF_EXITING:
+            return True
+        with open(f"{task}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"SigPnd:"):
+                    return bool(int(line.split()[1], 16) & _SIGKILL_BIT)
+    except FileNotFoundError:
+        return tid != str(pid)  # another thread gone already; the process itself: no word
+    except (OSError, IndexError, ValueError):
+        pass
+    return False

@@ -3,6 +3,7 @@ begins. Real processes holding real robust mutexes in a real heartbeat table."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import signal
@@ -37,7 +38,7 @@ class Watched:
         # Checked here, on the watch's thread, before anyone reaps the child: as the monitor does.
         self.notices.put((index, pid, _robust.is_exiting(pid)))
 
-    def start(self, index: int, then_exec: bool = False) -> int:
+    def start(self, index: int, then_exec: bool = False, main_exits: bool = False) -> int:
         """A child that takes slot ``index`` (its death lock included), then sleeps (or, once
         its lock is armed, execs ``sleep``); returns once it holds the lock."""
         self.table.reset(index)
@@ -54,6 +55,12 @@ class Watched:
                 if then_exec:
                     os.read(go_r, 1)
                     os.execv("/bin/sleep", ["sleep", "60"])
+                if main_exits:
+                    os.read(go_r, 1)
+                    # Another thread runs on (and keeps the process alive) after the main
+                    # thread ends: the process is not dying.
+                    threading.Thread(target=_sleep_forever, daemon=False).start()
+                    ctypes.CDLL(None).pthread_exit(None)
                 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
                 while True:
                     signal.pause()
@@ -65,7 +72,7 @@ class Watched:
         with os.fdopen(r, "rb") as f:
             assert f.read(1) == b"1", "the child could not take its death lock"
         try:
-            if then_exec:
+            if then_exec or main_exits:
                 wait_for(lambda: _held_words(self) == 1, 10, "the lock armed")
                 os.write(go_w, b"1")
         finally:
@@ -114,6 +121,16 @@ def test_an_exec_frees_the_lock_but_is_not_a_death(watched: Watched) -> None:
     assert (index, noticed, exiting) == (0, pid, False)
     wait_for(lambda: _comm(pid) == "sleep", 10, "the exec'd program")
     assert not _robust.is_exiting(pid)
+
+
+def test_a_main_thread_that_ends_while_others_run_is_not_a_death(watched: Watched) -> None:
+    """The main thread's end frees the lock (and makes /proc show the leader exiting) while
+    the process's other threads run on: no handover may follow."""
+    pid = watched.start(0, main_exits=True)
+    index, noticed, exiting = watched.next_notice()
+    assert (index, noticed) == (0, pid)
+    assert os.waitpid(pid, os.WNOHANG) == (0, 0)  # it runs on
+    assert not exiting
 
 
 def test_a_new_holder_of_a_reset_slot_is_watched_again(watched: Watched) -> None:
@@ -176,6 +193,11 @@ def _held_words(w: Watched) -> int:
         return n
     finally:
         view.release()
+
+
+def _sleep_forever() -> None:
+    while True:
+        signal.pause()
 
 
 def _comm(pid: int) -> str:
