@@ -44,7 +44,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from corral import states
-from corral._deathwatch import DeathWatch
 from corral._eventlog import event_extra
 from corral._health import HealthRunner
 from corral._identity import worker_settings
@@ -86,6 +85,7 @@ def _pong(reply: Reply) -> None:
 StartProcess = Callable[[SpawnRequest], ProcessLike]
 
 if TYPE_CHECKING:
+    from corral._deathwatch import DeathWatch
     from corral.ray._starter import RayStarter
 
 
@@ -146,6 +146,8 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
             raise
         self._deathwatch: DeathWatch | None = None
         if self._hb.death_locks:
+            from corral._deathwatch import DeathWatch  # only pools with standbys use it
+
             notice = self._cb(self._on_death_notice)
 
             def tell(index: int, pid: int) -> None:  # on the watch's thread

@@ -11,7 +11,6 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from corral import _robust
 from corral._eventlog import event_extra
 from corral._slots import AfterStop, Deadline, WorkerSlot
 from corral.events import EventKind, ExitRecord, StopReason
@@ -59,7 +58,9 @@ class ExitPart(_Core):
         proc = w.proc if w is not None else None
         if w is None or proc is None or proc.pid != pid or w.handed is not None:
             return
-        if _robust.is_exiting(pid):
+        from corral._robust import is_exiting  # loaded by the death watch already
+
+        if is_exiting(pid):
             self._handover_first(w, proc, None, self._clock())
             if w.handed is not None and self.log.isEnabledFor(logging.DEBUG):
                 self.log.debug("%s (pid %s) has begun to exit (its death lock was freed): "

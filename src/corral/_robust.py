@@ -59,6 +59,7 @@ def _load() -> Any:
     if _libc is None:
         lib = ctypes.CDLL(None, use_errno=True)  # our own handle: argtypes set here stay ours
         lib.syscall.restype = ctypes.c_long
+        lib.mmap.restype = ctypes.c_void_p
         for name in ("pthread_mutex_trylock", "pthread_mutex_consistent", "pthread_mutex_init",
                      "pthread_mutexattr_init", "pthread_mutexattr_setpshared",
                      "pthread_mutexattr_setrobust"):
@@ -132,7 +133,6 @@ def map_shared(fd: int, size: int) -> int:
         OSError: mmap failed.
     """
     lib = _load()
-    lib.mmap.restype = ctypes.c_void_p
     address = lib.mmap(None, ctypes.c_size_t(size), ctypes.c_int(_PROT_RW),
                        ctypes.c_int(_MAP_SHARED), ctypes.c_int(fd), ctypes.c_long(0))
     if address in (None, _MAP_FAILED):

@@ -44,19 +44,47 @@ def attach_pipes(run: CorralRun, launch: Launch, program: str, index: int, pid: 
     run.hub.attach(err_r, program, index, pid, "stderr")
 
 
-class ProgramIO:
+class KeptPipes:
+    """The child ends of target workers' log pipes, kept open until each worker exits (it
+    opens them through /proc as it boots). The pipe-keeping part of a WorkerIO."""
+
+    def __init__(self) -> None:
+        self.kept: dict[int, Launch] = {}
+
+    def keep(self, index: int, launch: Launch) -> None:
+        old = self.kept.pop(index, None)
+        if old is not None:
+            old.close_child_ends()
+        self.kept[index] = launch
+
+    def not_started(self, launch: Launch) -> None:
+        launch.close_child_ends()
+        launch.close_readers()
+
+    def release(self, index: int) -> None:
+        kept = self.kept.pop(index, None)
+        if kept is not None:
+            kept.close_child_ends()
+
+    def release_all(self) -> None:
+        for kept in self.kept.values():
+            kept.close_child_ends()
+        self.kept.clear()
+
+
+class ProgramIO(KeptPipes):
     """The worker IO of one program: log pipes, a notify socket per worker, readiness probes.
 
     Runs on the loop thread (the monitor calls it there, hosted on the same reactor).
     """
 
     def __init__(self, run: CorralRun, prog: ProgramConfig) -> None:
+        super().__init__()
         self.run = run
         self.prog = prog
         self.pids: dict[int, int] = {}  # index -> the pid of its current process
         self.notify: dict[int, NotifySocket] = {}
         self.probes: dict[int, Prober] = {}
-        self.kept: dict[int, Launch] = {}  # target workers: pipe ends kept until they exit
         self.supervisor: corral.Supervisor | None = None
         self._unfollow: Callable[[], None] | None = None
         if isinstance(prog.ready, ReadyLog):
@@ -85,16 +113,12 @@ class ProgramIO:
         self.pids[index] = proc.pid
         attach_pipes(self.run, launch, self.prog.name, index, proc.pid)
         if self.prog.kind == "target":
-            self.kept[index] = launch  # the worker opens them through /proc as it boots
+            self.keep(index, launch)
         ready = self.prog.ready
         if isinstance(ready, ReadyTcp | ReadyHttp):
             pid = proc.pid
             self.probes[index] = Prober(self.run.reactor, ready,
                                         lambda: self._ready(index, pid))
-
-    def not_started(self, launch: Launch) -> None:
-        launch.close_child_ends()
-        launch.close_readers()
 
     def ended(self, index: int, pid: int) -> None:
         if self.pids.get(index) == pid:
@@ -102,9 +126,7 @@ class ProgramIO:
         probe = self.probes.pop(index, None)
         if probe is not None:
             probe.cancel()
-        kept = self.kept.pop(index, None)
-        if kept is not None:
-            kept.close_child_ends()
+        self.release(index)
 
     def close(self) -> None:
         for probe in self.probes.values():
@@ -113,9 +135,7 @@ class ProgramIO:
         for sock in self.notify.values():
             sock.close()
         self.notify.clear()
-        for kept in self.kept.values():
-            kept.close_child_ends()
-        self.kept.clear()
+        self.release_all()
         if self._unfollow is not None:
             self._unfollow()
             self._unfollow = None

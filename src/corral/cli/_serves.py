@@ -23,7 +23,7 @@ from corral._control import CommandError, Deferred
 from corral._observe import PoolSummary, PoolView, SupervisorSource
 from corral.cli import schema
 from corral.cli._model import Config, ServeConfig
-from corral.cli._programs import _ProgramSource, attach_pipes, log_pipes
+from corral.cli._programs import KeptPipes, _ProgramSource, attach_pipes, log_pipes
 from corral.process import ProcessLike
 
 if TYPE_CHECKING:
@@ -38,38 +38,27 @@ __all__ = ["ServeIO", "ServesPart"]
 _LISTENER_KEYS = frozenset({"bind", "reuse_port"})
 
 
-class ServeIO:
+class ServeIO(KeptPipes):
     """The worker IO of one generation's pool: each worker's stdout/stderr into the hub,
     under the serve's name (the worker opens the pipes through /proc as it boots)."""
 
     def __init__(self, run: CorralRun, name: str) -> None:
+        super().__init__()
         self.run = run
         self.name = name
-        self.kept: dict[int, Launch] = {}
 
     def launch(self, index: int, name: str) -> Launch:
         return log_pipes()
 
     def started(self, index: int, name: str, proc: ProcessLike, launch: Launch) -> None:
         attach_pipes(self.run, launch, self.name, index, proc.pid)
-        old = self.kept.pop(index, None)
-        if old is not None:
-            old.close_child_ends()
-        self.kept[index] = launch  # until it exits: it opens them through /proc
-
-    def not_started(self, launch: Launch) -> None:
-        launch.close_child_ends()
-        launch.close_readers()
+        self.keep(index, launch)
 
     def ended(self, index: int, pid: int) -> None:
-        kept = self.kept.pop(index, None)
-        if kept is not None:
-            kept.close_child_ends()
+        self.release(index)
 
     def close(self) -> None:
-        for kept in self.kept.values():
-            kept.close_child_ends()
-        self.kept.clear()
+        self.release_all()
 
 
 @dataclass
