@@ -144,6 +144,9 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
         except BaseException:
             self._hb.close()
             raise
+        # Held wherever a standby may be sent into a place (or let go), on either thread: the
+        # death watch's thread sends one itself (see ExitPart._on_death_notice).
+        self._hand_lock = threading.RLock()
         self._deathwatch: DeathWatch | None = None
         if self._hb.death_locks:
             from corral._deathwatch import DeathWatch  # only pools with standbys use it
@@ -151,6 +154,13 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
             notice = self._cb(self._on_death_notice)
 
             def tell(index: int, pid: int) -> None:  # on the watch's thread
+                # Sent from here when it can be: on a busy machine, waiting for the monitor
+                # thread to be scheduled is the longest part of a hand-over.
+                try:
+                    self._on_death_notice(index, pid, watch_thread=True)
+                except Exception:  # e.g. state changing under it: the monitor's turn decides
+                    self.log.debug("death notice for index %d (pid %d) left to the monitor",
+                                   index, pid, exc_info=True)
                 with contextlib.suppress(RuntimeError):  # closed: the pool is gone
                     self._reactor.call_soon_threadsafe(notice, index, pid)
 

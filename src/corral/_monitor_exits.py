@@ -38,7 +38,9 @@ class ExitPart(_Core):
             return
         # Its exit is certain (the pidfd or the sentinel said so): a standby can be sent
         # into its place before anything else, if the restart does not depend on the status.
-        self._handover_first(w, proc, None, self._clock())
+        with self._hand_lock:
+            w.exit_seen = proc.pid
+            self._handover_first(w, proc, None, self._clock())
         try:
             self._on_exit_steps(w, proc)
         finally:
@@ -49,23 +51,31 @@ class ExitPart(_Core):
                 if launch is not None and self._io is not None:
                     self._io.not_started(launch)
 
-    def _on_death_notice(self, index: int, pid: int) -> None:
+    def _on_death_notice(self, index: int, pid: int, watch_thread: bool = False) -> None:
         """The death watch says worker ``index``'s process ``pid`` has begun to exit (its
         death lock was freed by the kernel): a standby can go into its place now, a moment
         before the pidfd tells. Only if that process is ``w``'s and really exiting (an exec
-        frees the lock too); everything else waits for the pidfd."""
-        w = self._slots.get(index)
-        proc = w.proc if w is not None else None
-        if w is None or proc is None or proc.pid != pid or w.handed is not None:
-            return
-        from corral._robust import is_exiting  # loaded by the death watch already
+        frees the lock too); everything else waits for the pidfd.
 
-        if is_exiting(pid):
+        Called on the watch's thread first (``watch_thread``), then on the monitor's; the
+        first that can send the standby does. The watch's thread leaves it to the monitor when
+        the worker's output pipes are involved (they are the monitor thread's).
+        """
+        with self._hand_lock:
+            w = self._slots.get(index)
+            proc = w.proc if w is not None else None
+            if (w is None or proc is None or proc.pid != pid or w.handed is not None
+                    or w.exit_seen == pid or (watch_thread and self._io is not None)):
+                return
+            from corral._robust import is_exiting  # loaded by the death watch already
+
+            if not is_exiting(pid):
+                return
             self._handover_first(w, proc, None, self._clock())
-            if w.handed is not None and self.log.isEnabledFor(logging.DEBUG):
-                self.log.debug("%s (pid %s) has begun to exit (its death lock was freed): "
-                               "a standby goes into its place before the exit is reaped",
-                               w.who, pid)
+            handed = w.handed is not None
+        if handed and self.log.isEnabledFor(logging.DEBUG):
+            self.log.debug("%s (pid %s) has begun to exit (its death lock was freed): a "
+                           "standby goes into its place before the exit is reaped", w.who, pid)
 
     def _on_exit_steps(self, w: WorkerSlot, proc: ProcessLike) -> None:
         # Take the rest of its group down while the dead worker still holds the group id, and
@@ -120,6 +130,11 @@ class ExitPart(_Core):
         every check holds as well a moment later, when the policy decides. ``status`` is None
         before the reap: then only a restart that does not depend on it qualifies.
         """
+        with self._hand_lock:
+            self._handover_first_locked(w, proc, status, now)
+
+    def _handover_first_locked(self, w: WorkerSlot, proc: ProcessLike,
+                               status: ExitStatus | None, now: float) -> None:
         if (w.handed is not None or self._stopping or self._remote
                 or self._take_standby() is None):
             return

@@ -87,6 +87,7 @@ if TYPE_CHECKING:
         _scaling_down: bool
         _snapshot: tuple[WorkerStatus, ...]
         _live_lock: threading.Lock
+        _hand_lock: threading.RLock
         _live: dict[int, ProcessLike]
         _io: WorkerIO | None
         _rng: random.Random

@@ -17,6 +17,7 @@ import itertools
 import logging
 import pickle
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
         _stopping: bool
         _emit_cb: Callable[[Event], None]
         _live: dict[int, ProcessLike]
+        _hand_lock: threading.RLock
         _hb_path: str
         _wake_path: str
         _dl: DeadlineSpace[DeadlineKey]
@@ -165,10 +167,11 @@ class StandbyPart(_Core):
             self._live[proc.pid] = proc
             return
         self._reactor.remove_reader(proc.waitable())
-        if sb.conn is not None:
-            self._reactor.remove_reader(sb.conn.fileno())
-            sb.conn.close()
-            sb.conn = None
+        with self._hand_lock:  # not sent into a place from here on
+            conn, sb.conn = sb.conn, None
+        if conn is not None:
+            self._reactor.remove_reader(conn.fileno())
+            conn.close()
         proc.close()
         self._standbys.pop(sb.id, None)
         now = self._clock()
@@ -219,6 +222,11 @@ class StandbyPart(_Core):
     def _send_handover(self, w: WorkerSlot, stdio: tuple[str | None, str | None] | None,
                        ) -> Standby | None:
         """Tell a ready standby to become worker ``w`` (the message only); None if none can."""
+        with self._hand_lock:
+            return self._send_handover_locked(w, stdio)
+
+    def _send_handover_locked(self, w: WorkerSlot,
+                              stdio: tuple[str | None, str | None] | None) -> Standby | None:
         sb = self._take_standby()
         if sb is None:
             return None
@@ -271,11 +279,12 @@ class StandbyPart(_Core):
 
     def _let_go(self, sb: Standby) -> None:
         """``sb`` is leaving: its pipe is closed (a waiting standby then exits at once)."""
-        sb.state = StandbyState.LEAVING
-        if sb.conn is not None:
-            self._reactor.remove_reader(sb.conn.fileno())
-            sb.conn.close()
-            sb.conn = None
+        with self._hand_lock:
+            sb.state = StandbyState.LEAVING
+            conn, sb.conn = sb.conn, None
+        if conn is not None:
+            self._reactor.remove_reader(conn.fileno())
+            conn.close()
 
     # -------------------------------------------------------------------------- stopping
 

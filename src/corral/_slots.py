@@ -122,6 +122,8 @@ class WorkerSlot:
     # A standby already told to take this slot's place by the exit path, before the policy's
     # bookkeeping (see ExitPart._handover_first); the restart it decides completes it.
     handed: Any = None
+    # The pid whose exit the monitor thread has taken up: a late death notice for it is moot.
+    exit_seen: int = 0
 
     @property
     def who(self) -> str:

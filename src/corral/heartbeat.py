@@ -15,6 +15,7 @@ import errno
 import mmap
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -258,6 +259,9 @@ class HeartbeatTable:
         # With death locks, each reset slot holds a fresh robust mutex for its next process.
         self._lock_init = _robust_init() if death_locks else None
         self.on_grow: Callable[[], None] | None = None  # told after the table grew
+        # A slot may be reset from the death watch's thread (a standby sent in on the notice):
+        # never while the mapping is replaced.
+        self._map_lock = threading.Lock()
         self._fd, self.where = _open_backing(self._capacity * _SLOT)
         self._mm: mmap.mmap | None = None
         self._view: Any = None  # memoryview of doubles (typeshed only knows int items)
@@ -311,22 +315,24 @@ class HeartbeatTable:
                 f"corral could not grow the heartbeat table to {capacity} workers "
                 f"({capacity * _SLOT} bytes in {self.where}): {exc.strerror}. Free space "
                 f"there (in Docker: --shm-size), or set {SHM_DIR_ENV}.") from exc
-        self._capacity = capacity
-        self._map()
+        with self._map_lock:
+            self._capacity = capacity
+            self._map()
         if self.on_grow is not None:
             self.on_grow()
 
     def reset(self, index: int) -> None:
         """Clear a slot before a new process takes it: no inherited beat or readiness."""
         self.ensure(index + 1)
-        assert self._mm is not None
-        self._mm[index * _SLOT : (index + 1) * _SLOT] = bytes(_SLOT)
-        assert self._view is not None
-        self._view[index * _DOUBLES + 4] = -1.0
-        if self._lock_init is not None:
-            at = index * _SLOT + _LOCK_AT
-            self._mm[at : at + len(self._lock_init)] = self._lock_init
-            self._view[index * _DOUBLES + 5] = 1.0
+        with self._map_lock:
+            assert self._mm is not None
+            self._mm[index * _SLOT : (index + 1) * _SLOT] = bytes(_SLOT)
+            assert self._view is not None
+            self._view[index * _DOUBLES + 4] = -1.0
+            if self._lock_init is not None:
+                at = index * _SLOT + _LOCK_AT
+                self._mm[at : at + len(self._lock_init)] = self._lock_init
+                self._view[index * _DOUBLES + 5] = 1.0
 
     @property
     def death_locks(self) -> bool:
@@ -397,12 +403,13 @@ class HeartbeatTable:
         return _read_slot(self._view, self._mm, index)
 
     def close(self) -> None:
-        if self._view is not None:
-            self._view.release()
-            self._view = None
-        if self._mm is not None:
-            self._mm.close()
-            self._mm = None
+        with self._map_lock:
+            if self._view is not None:
+                self._view.release()
+                self._view = None
+            if self._mm is not None:
+                self._mm.close()
+                self._mm = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
