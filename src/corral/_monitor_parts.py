@@ -594,6 +594,11 @@ class ControlPart(_Core):
         for n, reply in self._ready_waiters:
             if ready >= (wanted if n is None else n):
                 reply.finish(ready)
+            elif n is not None and n > wanted:
+                # More than the pool means to run could only be waited for forever.
+                reply.finish(error=ValueError(
+                    f"wait_ready: n must be at most the {wanted} worker(s) pool {self.spec.name!r} "
+                    f"means to run (scale() first), got n={n}"))
             else:
                 keep.append((n, reply))
         self._ready_waiters = keep

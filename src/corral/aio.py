@@ -215,6 +215,7 @@ class AsyncSupervisor:
 
         Raises:
             TimeoutError: fewer were ready within ``timeout`` seconds.
+            ValueError: ``n`` is more than the workers the pool means to run.
             GaveUp: the pool used up its restart budget.
             SupervisorStateError: not started, or stopped before enough workers were ready.
         """

@@ -311,6 +311,8 @@ class Supervisor:
 
         Raises:
             TimeoutError: fewer were ready within ``timeout``.
+            ValueError: ``n`` is more than the workers the pool means to run (at the call, or
+                after a scale-down while waiting): it could never be reached.
             GaveUp: the pool used up its restart budget (now or before the call).
             SupervisorStateError: the pool stopped before enough workers were ready.
         """

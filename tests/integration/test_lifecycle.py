@@ -134,6 +134,39 @@ def test_scale_from_zero_and_back(no_leaks: set[int]) -> None:
         sup.scale(1)
         assert sup.wait_ready(timeout=10) == 1
 
+
+
+@pytest.mark.timeout(30)
+def test_wait_ready_for_more_than_the_pool_runs_is_an_error_not_a_hang(
+        no_leaks: set[int]) -> None:
+    with pool(no_leaks, workers.sleeper, workers=2, start_method="fork") as (sup, _log):
+        assert sup.wait_ready(timeout=10) == 2
+        # No timeout given: before, this waited forever for workers the pool never runs.
+        with pytest.raises(ValueError, match=r"n must be at most the 2 worker.*got n=3"):
+            sup.wait_ready(3)
+        # Waiting already when a scale-down makes the count unreachable: answered then.
+        result: list[BaseException | int] = []
+
+        def waiter() -> None:
+            try:
+                result.append(sup.wait_ready(4, timeout=20))
+            except BaseException as exc:  # handed to the test's thread
+                result.append(exc)
+
+        sup.scale(4)
+        t = threading.Thread(target=waiter)
+        t.start()
+        sup.scale(1)
+        t.join(20)
+        assert not t.is_alive()
+        assert len(result) == 1
+        if isinstance(result[0], int):  # all 4 were ready before the scale-down reached it
+            assert result[0] == 4
+        else:
+            assert isinstance(result[0], ValueError), result
+            assert "got n=4" in str(result[0])
+        assert sup.wait_ready(timeout=10) == 1
+
 # ------------------------------------------------------------------------------ restart
 
 
