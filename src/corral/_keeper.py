@@ -32,6 +32,8 @@ import subprocess
 import sys
 import threading
 
+from corral.heartbeat import UNTRACKED
+
 __all__ = ["KEEPER_TITLE", "keeper"]
 
 log = logging.getLogger(__name__)
@@ -112,7 +114,7 @@ class _Keeper:
                 table_fd = os.memfd_create("corral-keeper", os.MFD_CLOEXEC)
                 fds.append(table_fd)
                 os.ftruncate(table_fd, _CAPACITY * 4)
-                mm = mmap.mmap(table_fd, _CAPACITY * 4)
+                mm = mmap.mmap(table_fd, _CAPACITY * 4, **UNTRACKED)
                 gone_r, gone_w = os.pipe2(os.O_CLOEXEC)
                 fds.append(gone_r)
                 self._gone_w = gone_w

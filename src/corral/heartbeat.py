@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -33,6 +34,11 @@ _DOUBLES = _SLOT // 8
 _TEXT_AT = 64
 _LOCK_AT = 256
 _TEXT_MAX = _LOCK_AT - _TEXT_AT - 2
+
+# Python 3.13+ can map without keeping its own dup of the fd: a dup the supervisor's fork
+# workers would inherit and a worker's own mapping would hold beside the user's fds (on 3.11 and
+# 3.12 the dup stays; README "File descriptors" counts it).
+UNTRACKED: dict[str, Any] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 
 _monotonic = time.monotonic
 _view: Any = None  # the whole table as a memoryview of doubles, in a worker
@@ -111,7 +117,7 @@ def _open_table(path: str, wake_path: str | None) -> tuple[Any, int]:
         fd = os.open(path, os.O_RDWR)
         try:
             size = os.fstat(fd).st_size
-            mm = mmap.mmap(fd, size)
+            mm = mmap.mmap(fd, size, **UNTRACKED)
         finally:
             os.close(fd)
     except BaseException:
@@ -294,7 +300,7 @@ class HeartbeatTable:
             self._view.release()
         if self._mm is not None:
             self._mm.close()
-        self._mm = mmap.mmap(self._fd, self._capacity * _SLOT)
+        self._mm = mmap.mmap(self._fd, self._capacity * _SLOT, **UNTRACKED)
         self._view = memoryview(self._mm).cast("d")
 
 

@@ -3,6 +3,7 @@ import them. Coordination with the test goes through files in a per-test directo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -60,7 +61,13 @@ def blocks_sigterm(index: int, flagdir: str) -> None:
 
 def reports_fds(index: int, flagdir: str) -> None:
     """Report how many fds this worker holds, then wait."""
-    _write(Path(flagdir) / f"fds-{index}", str(len(os.listdir("/proc/self/fd"))))
+    names = os.listdir("/proc/self/fd")
+    _write(Path(flagdir) / f"fds-{index}", str(len(names)))
+    targets = []
+    for name in names:
+        with contextlib.suppress(OSError):  # the listing's own fd is gone already
+            targets.append(os.readlink(f"/proc/self/fd/{name}"))
+    _write(Path(flagdir) / f"fdnames-{index}", "\n".join(targets))
     corral.ready()
     _forever()
 

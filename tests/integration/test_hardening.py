@@ -414,6 +414,22 @@ def test_fork_workers_do_not_hold_their_siblings_fds(no_leaks: set[int], tmp_pat
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.skipif(sys.version_info < (3, 13), reason="mmap keeps a dup of its fd before "
+                    "Python 3.13 (trackfd=False); README counts it")
+def test_workers_hold_no_memfd_of_corral_but_their_dump(method: str, no_leaks: set[int],
+                                                        tmp_path: Path) -> None:
+    with pool(no_leaks, hw.reports_fds, workers=2, args=lambda i: (str(tmp_path),),
+              start_method=method, ready_when="ready") as (sup, _log):
+        sup.wait_ready(timeout=60)
+        for i in range(2):
+            held = (tmp_path / f"fdnames-{i}").read_text().splitlines()
+            ours = [t for t in held if t.startswith("/memfd:corral")]
+            # The heartbeat table and the keeper's table are mapped without an fd of their own.
+            assert ours == [f"/memfd:corral-dump-{i} (deleted)"], held
+
+
+@pytest.mark.timeout(60)
 def test_fork_pool_workers_do_not_hold_their_siblings_fds(no_leaks: set[int]) -> None:
     with corral.ProcessPool(8, start_method="fork", spare_workers=0) as p:
         counts = list(p.map(hw.task_fd_count, [0.5] * 8))
