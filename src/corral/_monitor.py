@@ -151,13 +151,19 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
         if self._hb.death_locks:
             from corral._deathwatch import DeathWatch  # only pools with standbys use it
 
-            notice = self._cb(self._on_death_notice)
+            def on_notice(index: int, pid: int) -> None:  # the monitor's turn
+                self._on_death_notice(index, pid)
+
+            notice = self._cb(on_notice)
 
             def tell(index: int, pid: int) -> None:  # on the watch's thread
                 # Sent from here when it can be: on a busy machine, waiting for the monitor
                 # thread to be scheduled is the longest part of a hand-over.
                 try:
-                    self._on_death_notice(index, pid, watch_thread=True)
+                    if self._on_death_notice(index, pid, watch_thread=True):
+                        # Sent: the pidfd brings the rest. Waking the monitor thread now would
+                        # only compete for a CPU with the standby that was just told to go.
+                        return
                 except Exception:  # e.g. state changing under it: the monitor's turn decides
                     self.log.debug("death notice for index %d (pid %d) left to the monitor",
                                    index, pid, exc_info=True)

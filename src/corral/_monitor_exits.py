@@ -51,7 +51,7 @@ class ExitPart(_Core):
                 if launch is not None and self._io is not None:
                     self._io.not_started(launch)
 
-    def _on_death_notice(self, index: int, pid: int, watch_thread: bool = False) -> None:
+    def _on_death_notice(self, index: int, pid: int, watch_thread: bool = False) -> bool:
         """The death watch says worker ``index``'s process ``pid`` has begun to exit (its
         death lock was freed by the kernel): a standby can go into its place now, a moment
         before the pidfd tells. Only if that process is ``w``'s and really exiting (an exec
@@ -60,22 +60,26 @@ class ExitPart(_Core):
         Called on the watch's thread first (``watch_thread``), then on the monitor's; the
         first that can send the standby does. The watch's thread leaves it to the monitor when
         the worker's output pipes are involved (they are the monitor thread's).
+
+        Returns:
+            True if this call sent a standby into the place.
         """
         with self._hand_lock:
             w = self._slots.get(index)
             proc = w.proc if w is not None else None
             if (w is None or proc is None or proc.pid != pid or w.handed is not None
                     or w.exit_seen == pid or (watch_thread and self._io is not None)):
-                return
+                return False
             from corral._robust import is_exiting  # loaded by the death watch already
 
             if not is_exiting(pid):
-                return
+                return False
             self._handover_first(w, proc, None, self._clock())
             handed = w.handed is not None
         if handed and self.log.isEnabledFor(logging.DEBUG):
             self.log.debug("%s (pid %s) has begun to exit (its death lock was freed): a "
                            "standby goes into its place before the exit is reaped", w.who, pid)
+        return handed
 
     def _on_exit_steps(self, w: WorkerSlot, proc: ProcessLike) -> None:
         # Take the rest of its group down while the dead worker still holds the group id, and
