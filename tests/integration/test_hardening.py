@@ -536,7 +536,7 @@ def test_memory_cannot_run_away_during_a_graceful_recycle(no_leaks: set[int],
     with pool(no_leaks, hw.ignores_sigterm_and_leaks, workers=1,
               args=lambda i: (str(tmp_path), 8 * mib), start_method="fork",
               ready_when="ready", max_memory=100 * mib, memory_check_interval=0.2,
-              stop_timeout=20.0) as (_sup, log):
+              stop_timeout=20.0) as (sup, log):
         exited = log.wait(lambda ev: [e for e in ev if e.kind is EventKind.EXITED], 40,
                           "the recycled worker's exit")
         record = exited[0].exit
@@ -545,6 +545,8 @@ def test_memory_cannot_run_away_during_a_graceful_recycle(no_leaks: set[int],
         # Killed during its 20 s grace, not after it.
         assert record.uptime < 15, record.describe()
         assert "killed at RSS" in (record.detail or "")
+        # Its replacement ignores SIGTERM too: no need to serve the 20 s grace at the end.
+        sup.stop(timeout=1.0)
 
 
 # ---------------------------------------------------------------------- 12. validation
