@@ -135,9 +135,9 @@ class ServesPart:
         Raises:
             OSError: an address could not be bound; ValueError: a bad setting.
         """
+        from corral._notify import Notifier
         from corral.serve import _listeners
         from corral.serve._server import Server
-        from corral.serve._systemd import Notifier
 
         run = self._run()
         options = self._serve_options(cfg)
@@ -145,9 +145,10 @@ class ServesPart:
             warning = _listeners.warn_reuse_port(_listeners.check_migrate_req())
             if warning:
                 log.warning("%s", warning)
-        listeners = _listeners.bind_all(options.bind, reuse_port=options.reuse_port,
-                                        backlog=options.backlog)
         name = cfg.name
+        # systemd's sockets named after the serve, if it passed any: its bind is not bound.
+        listeners = run.activation.for_serve(name) or _listeners.bind_all(
+            options.bind, reuse_port=options.reuse_port, backlog=options.backlog)
         # corral run speaks to systemd for itself (nothing yet): a serve never does.
         server = Server(options, reactor=run.reactor, notifier=Notifier(env={}),
                         listeners=listeners, io=lambda _pool: ServeIO(run, name))
@@ -157,7 +158,8 @@ class ServesPart:
         except OSError as exc:
             _listeners.close_all(listeners)
             raise OSError(exc.errno, f"serve.{name}.http: {exc.strerror or exc}") from None
-        log.info("%s: listening on %s", name, ", ".join(x.address for x in listeners))
+        log.info("%s: listening on %s%s", name, ", ".join(x.address for x in listeners),
+                 " (systemd's sockets)" if any(x.origin == "systemd" for x in listeners) else "")
         return _Serve(cfg, server)
 
     def _begin_serve(self, s: _Serve) -> None:
@@ -303,6 +305,22 @@ class ServesPart:
             self._begin_serve(s)
         s.server.reload(why, done)  # during a start: told when that start is done
         return deferred
+
+    def _serve_scale(self, s: _Serve, n: Any) -> dict[str, Any]:
+        """``corral scale SERVE N``: the serving generation grows (forked from its zygote) or
+        its highest-numbered workers drain; refused during a reload, a recycle or a stop."""
+        self._serve_running(s)
+        return s.server.scale_command(n)
+
+    def _serve_signal(self, s: _Serve, index: Any, sig: Any) -> Any:
+        """``corral signal SERVE[:INDEX] SIG``: to the workers' process groups (INDEX: of the
+        serving generation; none: every worker of every live generation)."""
+        self._serve_running(s)
+        return s.server.signal_command(index, sig)
+
+    def _serve_running(self, s: _Serve) -> None:
+        if not s.begun or s.closed:
+            raise CommandError(f"serve {s.config.name!r} is not running", "not_started")
 
     def _refuse_for_serve(self, s: _Serve, command: str) -> None:
         raise CommandError(f"{s.config.name!r} is a [serve] table: `corral reload "
