@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from corral._loop import Loop, TimerHandle
+from corral._loop import Loop
 
 __all__ = [
     "NOTIFY_ENV",
@@ -427,8 +427,8 @@ class Notifier:
         self.sent: list[str] = []  # what was sent (for status and tests)
         self._is_ready = False
         self._last_status = ""
-        self._watchdog_timer: TimerHandle | None = None
-        self._extend_timer: TimerHandle | None = None
+        self._watchdog_on = False
+        self._extending = False
 
     def _send(self, **fields: object) -> None:
         if not self.enabled:
@@ -469,27 +469,29 @@ class Notifier:
     def start_watchdog(self, loop: Loop) -> None:
         """WATCHDOG=1 every WATCHDOG_USEC/2 from ``loop`` (a stuck loop sends none)."""
         interval = self.watchdog_interval
-        if not interval or self._watchdog_timer is not None:
+        if not interval or self._watchdog_on:
             return
+        self._watchdog_on = True
 
         def ping() -> None:
             self.watchdog()
-            self._watchdog_timer = loop.call_later(interval, ping)
+            loop.call_later(interval, ping)
 
         ping()
 
     def keep_extending(self, loop: Loop, remaining: Callable[[], float | None]) -> None:
         """EXTEND_TIMEOUT_USEC now and every EXTEND_EVERY seconds, for ``remaining()`` +
         EXTEND_MARGIN seconds, until ``remaining()`` says None (the stop is over)."""
-        if not self.enabled or self._extend_timer is not None:
+        if not self.enabled or self._extending:
             return
+        self._extending = True
 
         def extend() -> None:
-            self._extend_timer = None
             left = remaining()
             if left is None:
+                self._extending = False
                 return
             self.extend_timeout(max(left, 0.0) + self.EXTEND_MARGIN)
-            self._extend_timer = loop.call_later(self.EXTEND_EVERY, extend)
+            loop.call_later(self.EXTEND_EVERY, extend)
 
         extend()

@@ -19,19 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_e2e_serve import APPS, _free_port
 
 from conftest import CLI, Corral, alive, toml_argv, worker
 from support import http_get, wait_for
 
 pytestmark = pytest.mark.timeout(120)
-
-APPS = Path(__file__).resolve().parent.parent / "integration" / "serve_app_dir"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _serve_table(tmp_path: Path, name: str, body: str) -> str:

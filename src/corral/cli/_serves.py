@@ -5,6 +5,9 @@ A serve's listeners are bound when it is set up (a taken address fails the start
 reload) and closed by its Server, last, once its workers have drained. Its workers' output goes
 through the log hub under the serve's name; its pools' events into corral's events.
 
+``corral scale NAME N`` and ``corral signal NAME[:INDEX] SIG`` act on its serving generation
+(:meth:`Server.scale_command`, :meth:`Server.signal_command`, shared with ``corral serve``).
+
 ``corral reload NAME`` (or ``restart NAME``) is its rolling reload; a config reload starts an
 added table, drains a removed one, and rolls a changed one to a new generation with the new
 settings (a changed ``bind``/``reuse_port`` takes a new Server: the old one drains and closes

@@ -12,6 +12,10 @@ only hand work to the loop.
     SIGHUP: reload the config (like `corral reload`)
     SIGCHLD: reap adopted orphans (corral is a child subreaper, or PID 1 in a container)
 
+Under systemd it tells ``$NOTIFY_SOCKET`` about the whole config (:mod:`corral.cli._sdnotify`)
+and takes systemd's sockets by name for its serves and programs
+(:mod:`corral.cli._activation`).
+
 With ``--http HOST:PORT`` (or ``http = "HOST:PORT"`` in the file) a
 :class:`~corral.endpoint.Endpoint`, on a thread of its own, serves /metrics /livez /readyz
 /status for every program and serve: one source per name (:class:`_ProgramSource`,
