@@ -68,7 +68,8 @@ class SystemdPart(_Core):
             self.notifier.start_watchdog(self.reactor)
 
     def _sd_reload_begins(self, what: str) -> None:
-        """A config reload (before anything changes): RELOADING=1, once READY=1 was sent."""
+        """A config reload (before anything changes) or a serve's rolling reload (any cause):
+        RELOADING=1, once READY=1 was sent; READY=1 follows once everything has settled."""
         if self.notifier.enabled and self._sd_ready and not self._sd_reloading:
             self._sd_reloading = True
             self.notifier.reloading(f"reloading {what}")
@@ -117,7 +118,6 @@ class SystemdPart(_Core):
         if self.stopping:
             self.notifier.status(self._sd_stop_line())
             return
-        rolling = [name for name, s in self.serves.items() if _rolling(s)]
         if not self._sd_ready:
             if self._sd_settled(failures_ok=False):
                 self._sd_ready = True
@@ -125,11 +125,7 @@ class SystemdPart(_Core):
             else:
                 self.notifier.status(self._sd_line())
             return
-        if rolling and not self._sd_reloading:
-            self._sd_reloading = True
-            self.notifier.reloading(f"reloading serve {', '.join(rolling)}")
-            return
-        if self._sd_reloading and not rolling and self._sd_settled(failures_ok=True):
+        if self._sd_reloading and self._sd_settled(failures_ok=True):
             self._sd_reloading = False
             self.notifier.ready(self._sd_line())
             return
@@ -153,7 +149,7 @@ class SystemdPart(_Core):
             elif state != "settled" and prog.monitor is not None:
                 return False
         for name, s in self.serves.items():
-            if s.server.reload_state is not None:
+            if _rolling(s):  # (a first start counts from min_ready workers: s.ready)
                 return False
             if s.server.stopping:
                 failed.add(name)

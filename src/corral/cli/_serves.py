@@ -156,6 +156,7 @@ class ServesPart:
         server = Server(options, reactor=run.reactor, notifier=Notifier(env={}),
                         listeners=listeners, io=lambda _pool: ServeIO(run, name))
         server.on_pool = lambda sup: sup.subscribe(lambda ev: run._hand(run._on_event, ev))
+        server.on_roll = lambda: run._sd_reload_begins(f"serve {name}")
         try:
             server.start_http()
         except OSError as exc:

@@ -299,6 +299,8 @@ class Server:
         # Hosted: called with each generation's pool before it starts (the host subscribes
         # to its events).
         self.on_pool: Callable[[Any], None] | None = None
+        # Hosted: called as a rolling reload begins (corral run tells systemd RELOADING=1).
+        self.on_roll: Callable[[], None] | None = None
         self._look_timer: Any = None
 
     # ------------------------------------------------------------------------------- set-up
@@ -727,6 +729,8 @@ class Server:
             log.info("serve %s: reload (%s): generation %d -> %d", self.options.name, why,
                      self.current.number, gen.number)
             self.notifier.reloading(f"reloading: generation {gen.number}")
+            if self.on_roll is not None:
+                self.on_roll()
         self._begin_zygote(gen)
         self._arm_reload_deadline(state)
         self.advance()
