@@ -210,7 +210,7 @@ def test_scale_and_signal_a_serve(corral: Any, tmp_path: Path) -> None:
     port = _free_port()
     text = _serve_table(tmp_path, "api", f'bind = ["127.0.0.1:{port}"]\nworkers = 2\n'
                                          'graceful_timeout = "5s"')
-    c: Corral = corral(config=text, env={"TEST_APP_STARTUP": "0.5"})
+    c: Corral = corral(config=text, env={"TEST_APP_STARTUP": "2"})  # a reload to catch
     first = {w["pid"] for w in c.wait_running(2, "api")}
 
     assert "api: scaled to 3 (generation 1)" in c.ok("scale", "api", "3")
