@@ -115,6 +115,28 @@ def test_notify_ready_reload_stop_and_watchdog(corral: Any, tmp_path: Path,
     assert systemd.messages.count("WATCHDOG=1") >= 2, "WATCHDOG=1 every WATCHDOG_USEC/2"
 
 
+@pytest.mark.parametrize("systemd", ["path"], indirect=True)
+def test_a_program_that_gave_up_holds_ready_back_until_a_reload_fixes_it(
+        corral: Any, tmp_path: Path, systemd: FakeSystemd) -> None:
+    good = (f'[program.good]\ncommand = {toml_argv(worker())}\n')
+    # Never ready (ready = "notify", no READY=1 before it exits): it gives up.
+    bad = (f'[program.bad]\ncommand = {toml_argv(worker("--exit", "1"))}\nready = "notify"\n'
+           'backoff = { initial = "100ms", cap = "100ms", jitter = 0 }\n'
+           'budget = { max_restarts = 1, window = "1m" }\n')
+    c: Corral = corral(config=good + bad, env={"NOTIFY_SOCKET": systemd.address})
+    wait_for(lambda: any("failed: bad" in m for m in systemd.messages), 30,
+             "STATUS naming the program that gave up")
+    assert "READY" not in systemd.kinds(), systemd.messages
+    (tmp_path / "c.toml").write_text(good + bad.replace('"--exit", "1"', '"--ready-after", "0.2"'))
+    c.ok("reload")
+    wait_for(lambda: "READY" in systemd.kinds(), 30, "READY=1 once it runs")
+    # Not ready before: no reload to announce either.
+    assert systemd.kinds()[0] == "READY", systemd.kinds()
+    ready = next(m for m in systemd.messages if m.startswith("READY=1"))
+    assert "STATUS=2/2 workers ready" in ready, ready
+    assert c.stop() == 0
+
+
 # Puts the test's sockets on fds 3.. and execs corral with LISTEN_PID = its own pid (which
 # exec keeps): what systemd does for a socket-activated service.
 SHIM = """
