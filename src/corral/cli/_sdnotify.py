@@ -86,21 +86,14 @@ class SystemdPart(_Core):
         stop_timeout of a program still running, and each draining serve's deadline."""
         if self._done():
             return None
-        now = time.monotonic()
         left = 0.0
         for prog in self.programs.values():
             if prog.monitor is not None and not prog.finished:
                 left = max(left, prog.config.stop_timeout)
         for s in self.serves.values():
-            server = s.server
-            if not s.begun or server.done:
-                continue
-            opts = server.options
-            if server._drain_at is not None:  # still in shutdown_delay
-                left = max(left, server._drain_at - now + opts.graceful_timeout + 5.0)
-            else:
-                left = max(left, min(server._stop_deadline - now,
-                                     opts.shutdown_delay + opts.graceful_timeout + 5.0))
+            serve_left = s.server.stop_left() if s.begun else None
+            if serve_left is not None:
+                left = max(left, serve_left)
         return left
 
     # ------------------------------------------------------------------------ each round

@@ -1027,14 +1027,22 @@ class Server:
             if mon is not None and not gen.finished:
                 mon.request_stop(grace, signal.SIGKILL if quick else signal.SIGTERM)
         if grace > 5:
-            self.notifier.keep_extending(self.reactor, self._drain_left)
+            self.notifier.keep_extending(self.reactor, self.stop_left)
         self._publish()
 
-    def _drain_left(self) -> float | None:
-        """Seconds left of the drain (for EXTEND_TIMEOUT_USEC); None once it is over."""
+    def stop_left(self) -> float | None:
+        """A bound on the seconds a stop may still take (for EXTEND_TIMEOUT_USEC): the rest of
+        shutdown_delay and the drain, or all of them if not stopping yet; None once every
+        worker has ended."""
         if all(g.finished for g in self.generations):
             return None
-        return self._stop_deadline - time.monotonic()
+        now = time.monotonic()
+        drain = self.options.graceful_timeout + 5.0
+        if self._drain_at is not None:  # still in shutdown_delay
+            return self._drain_at - now + drain
+        if self._stop_deadline < math.inf:
+            return self._stop_deadline - now
+        return self.options.shutdown_delay + drain
 
     def _start_watchdog(self) -> None:
         self.notifier.start_watchdog(self.reactor)
