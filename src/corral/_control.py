@@ -34,7 +34,7 @@ import socket
 import stat
 import struct
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +57,7 @@ __all__ = [
     "ProtocolError",
     "Stream",
     "StreamChannel",
+    "answer_when_done",
     "default_socket_dir",
     "encode_frame",
     "ensure_socket_dir",
@@ -327,6 +328,33 @@ class Deferred:
             outcome = self._outcome
         if outcome is not None:
             deliver(*outcome)
+
+
+def answer_when_done(replies: Sequence[Any], answer: Callable[[list[Any]], Any]
+                     ) -> Deferred:
+    """A Deferred resolved with ``answer(results)`` once every monitor reply (a
+    :class:`corral._reply.Reply`) is done, or failed with the first error."""
+    deferred = Deferred()
+    results: list[Any] = [None] * len(replies)
+    left = [len(replies)]
+    lock = threading.Lock()
+
+    def done(i: int, r: Any) -> None:
+        if r.error is not None:
+            deferred.fail(f"{type(r.error).__name__}: {r.error}", "failed")
+            return
+        with lock:
+            results[i] = r.result
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            deferred.resolve(answer(results))
+
+    if not replies:
+        deferred.resolve(answer([]))
+    for i, reply in enumerate(replies):
+        reply.add_done_callback(lambda r, i=i: done(i, r))
+    return deferred
 
 
 Dispatch = Callable[[str, dict[str, Any], Peer], Any]

@@ -13,6 +13,9 @@ from a process that exited before it was read cannot be checked against its grou
 dropped (systemd has the same limit; a worker sends READY before it exits).
 
 Sender: never blocks (MSG_DONTWAIT); a no-op when ``$NOTIFY_SOCKET`` is unset.
+:class:`Notifier` is a service's side of it (``corral serve``, ``corral run``): the variables
+taken from the environment and removed from it, STATUS only when it changed, the watchdog
+pings and the stop's time extensions on the caller's loop.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from corral._loop import Loop
 
 __all__ = [
     "NOTIFY_ENV",
+    "Notifier",
     "NotifyMessage",
     "NotifySocket",
     "extend_timeout",
@@ -391,3 +395,103 @@ def watchdog_interval(env: Mapping[str, str] | None = None) -> float | None:
 def strip_notify_env(env: Mapping[str, str]) -> dict[str, str]:
     """``env`` without NOTIFY_SOCKET / WATCHDOG_*: for workers when corral consumes them."""
     return {k: v for k, v in env.items() if k not in NOTIFY_ENV}
+
+
+# ------------------------------------------------------------------------------ a service
+
+
+class Notifier:
+    """A service's messages to systemd (a no-op without ``NOTIFY_SOCKET``).
+
+    The variables are taken at construction and removed from ``os.environ``, so workers (and
+    their children) never talk to systemd in corral's name.
+
+    Args:
+        env: where NOTIFY_SOCKET / WATCHDOG_USEC / WATCHDOG_PID come from (default:
+            ``os.environ``, from which they are then removed).
+    """
+
+    # While a long stop goes on, more time is asked for this often (each time for what is
+    # left of it plus EXTEND_MARGIN).
+    EXTEND_EVERY = 5.0
+    EXTEND_MARGIN = 10.0
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        source = os.environ if env is None else env
+        self.env = {k: source[k] for k in NOTIFY_ENV if k in source}
+        if env is None:
+            for key in NOTIFY_ENV:
+                os.environ.pop(key, None)
+        self.enabled = bool(self.env.get("NOTIFY_SOCKET"))
+        self.watchdog_interval = watchdog_interval(self.env) if self.enabled else None
+        self.sent: list[str] = []  # what was sent (for status and tests)
+        self._is_ready = False
+        self._last_status = ""
+        self._watchdog_on = False
+        self._extending = False
+
+    def _send(self, **fields: object) -> None:
+        if not self.enabled:
+            return
+        notify(env=self.env, **fields)
+        self.sent.append(" ".join(f"{k}={v}" for k, v in fields.items()))
+
+    def ready(self, status: str) -> None:
+        self._is_ready = True
+        self._last_status = status
+        self._send(READY=1, STATUS=status)
+
+    def status(self, text: str) -> None:
+        """STATUS=text, only when it changed (it is recomputed after every loop round)."""
+        if text != self._last_status:
+            self._last_status = text
+            self._send(STATUS=text)
+
+    def reloading(self, status: str) -> None:
+        if self.enabled:
+            self._last_status = status
+            reloading(status, env=self.env)
+            self.sent.append(f"RELOADING=1 STATUS={status}")
+
+    def stopping(self, status: str) -> None:
+        self._last_status = status
+        self._send(STOPPING=1, STATUS=status)
+
+    def extend_timeout(self, seconds: float) -> None:
+        if self.enabled and seconds > 0:
+            extend_timeout(seconds, env=self.env)
+            self.sent.append(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}")
+
+    def watchdog(self) -> None:
+        if self.enabled:
+            watchdog(env=self.env)
+
+    def start_watchdog(self, loop: Loop) -> None:
+        """WATCHDOG=1 every WATCHDOG_USEC/2 from ``loop`` (a stuck loop sends none)."""
+        interval = self.watchdog_interval
+        if not interval or self._watchdog_on:
+            return
+        self._watchdog_on = True
+
+        def ping() -> None:
+            self.watchdog()
+            loop.call_later(interval, ping)
+
+        ping()
+
+    def keep_extending(self, loop: Loop, remaining: Callable[[], float | None]) -> None:
+        """EXTEND_TIMEOUT_USEC now and every EXTEND_EVERY seconds, for ``remaining()`` +
+        EXTEND_MARGIN seconds, until ``remaining()`` says None (the stop is over)."""
+        if not self.enabled or self._extending:
+            return
+        self._extending = True
+
+        def extend() -> None:
+            left = remaining()
+            if left is None:
+                self._extending = False
+                return
+            self.extend_timeout(max(left, 0.0) + self.EXTEND_MARGIN)
+            loop.call_later(self.EXTEND_EVERY, extend)
+
+        extend()

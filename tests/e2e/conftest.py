@@ -56,8 +56,9 @@ class Corral:
     # -- running it
     def start(self, run_args: Sequence[str], *, env: dict[str, str] | None = None,
               wait: bool = True, cwd: Path | None = None, stdout: int | None = None,
-              prefix: Sequence[str] = ()) -> Corral:
-        """``prefix``: a launcher that execs corral (its pid stays corral's), e.g. setpriv."""
+              prefix: Sequence[str] = (), pass_fds: Sequence[int] = ()) -> Corral:
+        """``prefix``: a launcher that execs corral (its pid stays corral's), e.g. setpriv;
+        ``pass_fds``: fds of the test the launcher inherits."""
         full_env = dict(os.environ)
         full_env.pop("CORRAL_SOCKET", None)
         full_env.pop("CORRAL_CONFIG", None)
@@ -68,7 +69,7 @@ class Corral:
                 stdin=subprocess.DEVNULL,
                 stdout=out if stdout is None else stdout, stderr=err,
                 cwd=str(cwd or self.tmp), env=full_env,
-                start_new_session=True)
+                start_new_session=True, pass_fds=tuple(pass_fds))
         if wait:
             wait_for(lambda: self._answers(), 20, "corral run to answer on its socket")
         return self
@@ -203,7 +204,7 @@ def corral(tmp_path: Path) -> Iterator[Callable[..., Corral]]:
 
     def make(*run_args: str, config: str | None = None, env: dict[str, str] | None = None,
              wait: bool = True, name: str = "c", stdout: int | None = None,
-             prefix: Sequence[str] = ()) -> Corral:
+             prefix: Sequence[str] = (), pass_fds: Sequence[int] = ()) -> Corral:
         c = Corral(tmp_path, name)
         made.append(c)
         args = list(run_args)
@@ -211,7 +212,8 @@ def corral(tmp_path: Path) -> Iterator[Callable[..., Corral]]:
             path = tmp_path / f"{name}.toml"
             path.write_text(config)
             args = ["-c", str(path), *args]
-        return c.start(args, env=env, wait=wait, stdout=stdout, prefix=prefix)
+        return c.start(args, env=env, wait=wait, stdout=stdout, prefix=prefix,
+                       pass_fds=pass_fds)
 
     yield make
     for c in made:

@@ -268,6 +268,41 @@ def test_threads_at_import_refuse_the_zygote(tmp_path: Path, serve: list[Serve])
     assert "import-thread" in s.text()
 
 
+def test_scale_and_signal_through_the_control_socket(tmp_path: Path,
+                                                    serve: list[Serve]) -> None:
+    """`corral scale web N` and `corral signal web[:INDEX] SIG` reach corral serve too: the
+    workers grow (forked from the generation's zygote) and shrink (drained), a signal goes to
+    one worker's group; a wrong name, count or index is refused."""
+    s = Serve(tmp_path, "asgi_app:app", workers=1)
+    serve.append(s)
+    first = s.wait_serving()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CORRAL, "--socket", s.sock, *args], capture_output=True,
+                              text=True, timeout=30)
+
+    r = cli("scale", "web", "3")
+    assert r.returncode == 0 and "web: scaled to 3" in r.stdout, r.stderr
+    s.n = 3
+    grown = s.wait_serving()
+    assert first < grown
+    r = cli("scale", "web", "1")
+    assert r.returncode == 0, r.stderr
+    s.n = 1
+    (left,) = s.wait_serving()
+    r = cli("signal", "web:0", "KILL")
+    assert r.returncode == 0 and "web:0: sent SIGKILL to 1 worker(s)" in r.stdout, r.stderr
+    wait_for(lambda: len(s.workers()) == 1 and left not in s.workers(), 20,
+             "worker 0 replaced after its SIGKILL")
+    for args, code, text in ((("scale", "api", "2"), 1, "no program 'api'"),
+                             (("scale", "web", "0"), 1, "between 1 and 4096, got 0"),
+                             (("signal", "web:5", "TERM"), 1, "no worker 5"),
+                             (("signal", "web", "NOPE"), 2, "SIG")):
+        r = cli(*args)
+        assert r.returncode == code and text in r.stderr, (args, r.returncode, r.stderr)
+    assert s.stop() == 0
+
+
 def test_systemd_messages_in_order(tmp_path: Path, serve: list[Serve]) -> None:
     """A fake NOTIFY_SOCKET of our own: what corral serve tells systemd, in order."""
     addr = str(tmp_path / "notify.sock")

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from corral._notify import Notifier
 from corral.serve import _listeners
 from corral.serve._server import ServeOptions, plan
-from corral.serve._systemd import Notifier, service_unit, socket_unit
+from corral.serve._systemd import service_unit, socket_unit
 from corral.serve._worker import detect_interface, own_listeners
 
 

@@ -18,6 +18,7 @@ from corral._control import (
     Deferred,
     Peer,
     Stream,
+    answer_when_done,
 )
 from corral._logs import (
     LogRecord,
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from collections import deque
 
     from corral._logs import LogHub
+    from corral.cli._activation import Activation
     from corral.cli.main import RunOptions
     from corral.cli.runner import CorralRun
 
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
         _removing: list[_Program]
         _closing_sinks: list[str]
         _resources: _Resources
+        activation: Activation
 
         def _console_programs(self, config: Config) -> None: ...
         def _replace_file_sink(self, old: ProgramConfig | None,
@@ -62,6 +65,7 @@ if TYPE_CHECKING:
         def _sync_endpoint(self) -> None: ...
         def _serve_file_sink(self, name: str, present: bool) -> None: ...
         def listeners_for(self, prog: ProgramConfig) -> list[Any]: ...
+        def _sd_reload_begins(self, what: str) -> None: ...
 else:
     _Core = object
 
@@ -116,17 +120,8 @@ class CommandsPart(ServesPart, _Core):
 
     def _submit(self, prog: _Program, fn: Callable[..., None], *args: Any,
                 message: str) -> Deferred:
-        deferred = Deferred()
         reply: Reply = prog.monitor.submit(fn, *args)
-
-        def done(r: Reply) -> None:
-            if r.error is not None:
-                deferred.fail(f"{type(r.error).__name__}: {r.error}", "failed")
-            else:
-                deferred.resolve({"message": message})
-
-        reply.add_done_callback(done)
-        return deferred
+        return answer_when_done([reply], lambda _results: {"message": message})
 
     def _cmd_status(self, args: dict[str, Any]) -> Any:
         wanted = args.get("programs") or None
@@ -191,6 +186,9 @@ class CommandsPart(ServesPart, _Core):
                             message=f"{_who(prog, indexes)}: starting")
 
     def _cmd_scale(self, args: dict[str, Any]) -> Any:
+        serve = self._serve_named(args.get("program"))
+        if serve is not None:
+            return self._serve_scale(serve, args.get("numprocs"))
         prog = self._program(args.get("program"), "scale")
         n = args.get("numprocs")
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
@@ -202,6 +200,9 @@ class CommandsPart(ServesPart, _Core):
                             message=f"{prog.config.name}: scaled to {n}")
 
     def _cmd_signal(self, args: dict[str, Any]) -> Any:
+        serve = self._serve_named(args.get("program"))
+        if serve is not None:
+            return self._serve_signal(serve, args.get("index"), args.get("signal"))
         prog = self._program(args.get("program"), "signal")
         indexes = self._indexes(prog, args.get("index"))
         try:
@@ -281,10 +282,12 @@ class CommandsPart(ServesPart, _Core):
         if path is None:
             raise CommandError("this corral runs a command line, not a file: nothing to "
                                "re-read", "not_configured")
+        self._sd_reload_begins("the config")  # READY=1 follows once it has settled (or failed)
         try:
             new = load(path)
             problems = check_commands(new) + check_targets(new, self.options.config_dir,
                                                            load=True)
+            problems += self.activation.check(new)
             if problems:
                 raise ConfigError(problems)
         except ConfigError as exc:
@@ -302,6 +305,7 @@ class CommandsPart(ServesPart, _Core):
         prepared = self._prepare_serves(new, self.config)
         old_config = self.config
         change = diff(old_config, new)
+        self.activation.warn_unmatched(new)
         self.config = new
         self._console_programs(new)
         if change.globals_changed:

@@ -5,6 +5,9 @@ A serve's listeners are bound when it is set up (a taken address fails the start
 reload) and closed by its Server, last, once its workers have drained. Its workers' output goes
 through the log hub under the serve's name; its pools' events into corral's events.
 
+``corral scale NAME N`` and ``corral signal NAME[:INDEX] SIG`` act on its serving generation
+(:meth:`Server.scale_command`, :meth:`Server.signal_command`, shared with ``corral serve``).
+
 ``corral reload NAME`` (or ``restart NAME``) is its rolling reload; a config reload starts an
 added table, drains a removed one, and rolls a changed one to a new generation with the new
 settings (a changed ``bind``/``reuse_port`` takes a new Server: the old one drains and closes
@@ -135,9 +138,9 @@ class ServesPart:
         Raises:
             OSError: an address could not be bound; ValueError: a bad setting.
         """
+        from corral._notify import Notifier
         from corral.serve import _listeners
         from corral.serve._server import Server
-        from corral.serve._systemd import Notifier
 
         run = self._run()
         options = self._serve_options(cfg)
@@ -145,19 +148,22 @@ class ServesPart:
             warning = _listeners.warn_reuse_port(_listeners.check_migrate_req())
             if warning:
                 log.warning("%s", warning)
-        listeners = _listeners.bind_all(options.bind, reuse_port=options.reuse_port,
-                                        backlog=options.backlog)
         name = cfg.name
+        # systemd's sockets named after the serve, if it passed any: its bind is not bound.
+        listeners = run.activation.for_serve(name) or _listeners.bind_all(
+            options.bind, reuse_port=options.reuse_port, backlog=options.backlog)
         # corral run speaks to systemd for itself (nothing yet): a serve never does.
         server = Server(options, reactor=run.reactor, notifier=Notifier(env={}),
                         listeners=listeners, io=lambda _pool: ServeIO(run, name))
         server.on_pool = lambda sup: sup.subscribe(lambda ev: run._hand(run._on_event, ev))
+        server.on_roll = lambda: run._sd_reload_begins(f"serve {name}")
         try:
             server.start_http()
         except OSError as exc:
             _listeners.close_all(listeners)
             raise OSError(exc.errno, f"serve.{name}.http: {exc.strerror or exc}") from None
-        log.info("%s: listening on %s", name, ", ".join(x.address for x in listeners))
+        log.info("%s: listening on %s%s", name, ", ".join(x.address for x in listeners),
+                 " (systemd's sockets)" if any(x.origin == "systemd" for x in listeners) else "")
         return _Serve(cfg, server)
 
     def _begin_serve(self, s: _Serve) -> None:
@@ -303,6 +309,22 @@ class ServesPart:
             self._begin_serve(s)
         s.server.reload(why, done)  # during a start: told when that start is done
         return deferred
+
+    def _serve_scale(self, s: _Serve, n: Any) -> dict[str, Any]:
+        """``corral scale SERVE N``: the serving generation grows (forked from its zygote) or
+        its highest-numbered workers drain; refused during a reload, a recycle or a stop."""
+        self._serve_running(s)
+        return s.server.scale_command(n)
+
+    def _serve_signal(self, s: _Serve, index: Any, sig: Any) -> Any:
+        """``corral signal SERVE[:INDEX] SIG``: to the workers' process groups (INDEX: of the
+        serving generation; none: every worker of every live generation)."""
+        self._serve_running(s)
+        return s.server.signal_command(index, sig)
+
+    def _serve_running(self, s: _Serve) -> None:
+        if not s.begun or s.closed:
+            raise CommandError(f"serve {s.config.name!r} is not running", "not_started")
 
     def _refuse_for_serve(self, s: _Serve, command: str) -> None:
         raise CommandError(f"{s.config.name!r} is a [serve] table: `corral reload "

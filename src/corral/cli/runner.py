@@ -12,6 +12,10 @@ only hand work to the loop.
     SIGHUP: reload the config (like `corral reload`)
     SIGCHLD: reap adopted orphans (corral is a child subreaper, or PID 1 in a container)
 
+Under systemd it tells ``$NOTIFY_SOCKET`` about the whole config (:mod:`corral.cli._sdnotify`)
+and takes systemd's sockets by name for its serves and programs
+(:mod:`corral.cli._activation`).
+
 With ``--http HOST:PORT`` (or ``http = "HOST:PORT"`` in the file) a
 :class:`~corral.endpoint.Endpoint`, on a thread of its own, serves /metrics /livez /readyz
 /status for every program and serve: one source per name (:class:`_ProgramSource`,
@@ -49,9 +53,11 @@ from corral._logs import (
 )
 from corral._reactor import Reactor
 from corral.cli import schema
+from corral.cli._activation import Activation
 from corral.cli._commands import CommandsPart, _Resources
 from corral.cli._orphans import _Adopted, _become_subreaper, _kill_adopted
 from corral.cli._programs import ProgramIO, _Program, _ProgramSource
+from corral.cli._sdnotify import SystemdPart
 from corral.cli._serves import _ServeSource
 from corral.cli.config import Config, ConfigError, LogConfig, ProgramConfig
 from corral.cli.main import RunOptions
@@ -81,7 +87,7 @@ class _Follower:
     json: bool = field(default=True)
 
 
-class CorralRun(CommandsPart):
+class CorralRun(CommandsPart, SystemdPart):
     """A running ``corral run`` (one per process)."""
 
     def __init__(self, options: RunOptions) -> None:
@@ -116,6 +122,8 @@ class CorralRun(CommandsPart):
         self._served: set[str] = set()  # the program (and serve) names the endpoint serves
         self._stop_why = ""
         self._init_serves()
+        self.activation = Activation()  # systemd's sockets, adopted as run() begins
+        self._init_systemd()
 
     # ------------------------------------------------------------------------------ set-up
 
@@ -186,13 +194,23 @@ class CorralRun(CommandsPart):
 
     def run(self) -> int:
         _console_logging(self.options.json_logs)
+        try:
+            self.activation = Activation.from_environment()
+        except OSError as exc:
+            log.error("socket activation: %s", exc)
+            self.hub.close()
+            self.reactor.close()
+            return 6
         # Every target imported before anything starts (a missing module is named now).
         problems = check_targets(self.config, self.options.config_dir, load=True)
+        problems += self.activation.check(self.config)
         if problems:
+            self.activation.close()
             log.error("%s", ConfigError(problems))
             self.hub.close()
             self.reactor.close()
             return 6  # LSB: not configured
+        self.activation.warn_unmatched(self.config)
         _become_subreaper()
         self.control = ControlServer(self.reactor, self.options.socket, self.dispatch,
                                      allow_uids=self.config.allow_uids,
@@ -201,6 +219,7 @@ class CorralRun(CommandsPart):
             self.control.start()
         except ControlSocketError as exc:
             log.error("%s", exc)
+            self.activation.close()
             self.reactor.close()
             return 1
         try:
@@ -216,6 +235,7 @@ class CorralRun(CommandsPart):
         if not listening or not self._start_endpoint():
             self._close_serves()
             self._close_listeners()
+            self.activation.close()
             self.control.close()
             self.hub.close()
             self.reactor.close()
@@ -228,6 +248,7 @@ class CorralRun(CommandsPart):
                 self._pending.append(name)
         self._sync_endpoint()
         try:
+            self._sd_begin()
             for serve in self.serves.values():  # no dependencies: they start at once
                 self._begin_serve(serve)
             self._start_ready_programs()
@@ -239,6 +260,7 @@ class CorralRun(CommandsPart):
                 if self._replacing or self._removing:
                     self._advance_replacing()
                 self._start_ready_programs()
+                self._advance_systemd()
         except BaseException:
             log.critical("corral's loop failed; stopping every program", exc_info=True)
             for prog in self.programs.values():
@@ -278,12 +300,22 @@ class CorralRun(CommandsPart):
             return []
         key = (prog.name, prog.listen)
         if key not in self._listeners:
-            from corral.serve._listeners import bind_all
+            from corral.serve._listeners import bind, close_all
 
-            names = [name for name, _ in prog.listen]
-            self._listeners[key] = bind_all([addr for _, addr in prog.listen], names=names)
+            got: list[Any] = []
+            try:
+                for name, addr in prog.listen:
+                    # systemd's socket named PROGRAM.NAME, if it passed one: never bound.
+                    adopted = self.activation.for_listen(prog.name, name)
+                    got.append(adopted if adopted is not None else bind(addr, name=name))
+            except BaseException:
+                close_all([x for x in got if x.origin == "bound"])
+                raise
+            self._listeners[key] = got
             log.info("%s: listening on %s (handed over as systemd does)", prog.name,
-                     ", ".join(f"{x.name}={x.address}" for x in self._listeners[key]))
+                     ", ".join(f"{x.name}={x.address}"
+                               + (" (from systemd)" if x.origin == "systemd" else "")
+                               for x in got))
         return self._listeners[key]
 
     def _close_listeners(self) -> None:
@@ -291,7 +323,8 @@ class CorralRun(CommandsPart):
             from corral.serve._listeners import close_all
 
             for listeners in self._listeners.values():
-                close_all(listeners)
+                # systemd's own are closed with the rest of them (Activation.close), last.
+                close_all([x for x in listeners if x.origin != "systemd"])
             self._listeners.clear()
 
     def _shutdown(self) -> None:
@@ -303,6 +336,7 @@ class CorralRun(CommandsPart):
             self.control.close()
         self._close_serves()  # each one's listeners closed after its workers have drained
         self._close_listeners()  # after every program has stopped: closed last
+        self.activation.close()
         # Whatever the hub has not read yet, then close it.
         self.hub.close()
         _kill_adopted()
@@ -454,6 +488,7 @@ class CorralRun(CommandsPart):
             return
         log.info("stopping every program (%s)", why)
         self.stopping = True
+        self._sd_stopping(why)
         self._stop_why = why
         self._pending.clear()
         self._advance_stop()

@@ -8,7 +8,8 @@ the workers (and when ``corral serve`` runs).
 - :mod:`._zygote`: the zygote process and its ``ProcessLike`` children.
 - :mod:`._worker`: the app on uvicorn (ASGI, or WSGI through a2wsgi), readiness, the drain.
 - :mod:`._server`: generations, the rolling reload, recycling, stop, the control socket.
-- :mod:`._systemd`: sd_notify for the service, and unit files.
+- :mod:`._systemd`: unit files (sd_notify itself is :class:`corral._notify.Notifier`, shared
+  with ``corral run``).
 """
 
 from corral.serve._server import ServeOptions, Server, plan

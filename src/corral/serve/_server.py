@@ -34,12 +34,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from corral import _validate as v
+from corral._notify import Notifier
 from corral._observe import parse_address
 from corral._reactor import Reactor
 from corral.serve import _listeners
 from corral.serve._listeners import Listener
 from corral.serve._probe import ServerProbe, ServerState
-from corral.serve._systemd import Notifier
 from corral.serve._worker import RECYCLE_STATUS, WorkerInit, serve_spawned
 from corral.serve._zygote import Zygote, ZygoteError
 
@@ -48,6 +48,7 @@ __all__ = ["ServeOptions", "Server", "plan"]
 log = logging.getLogger("corral.serve")
 
 START_METHODS = ("zygote", "forkserver", "spawn")
+MAX_WORKERS = 4096
 
 
 @dataclass(frozen=True)
@@ -284,8 +285,6 @@ class Server:
         self._numbers = 0
         self._announced_ready = False
         self._stop_deadline = math.inf
-        self._extend_timer: Any = None
-        self._watchdog_timer: Any = None
         self._signals: list[int] = []
         self._wakeup_set = False
         self._control: Any = None
@@ -300,6 +299,8 @@ class Server:
         # Hosted: called with each generation's pool before it starts (the host subscribes
         # to its events).
         self.on_pool: Callable[[Any], None] | None = None
+        # Hosted: called as a rolling reload begins (corral run tells systemd RELOADING=1).
+        self.on_roll: Callable[[], None] | None = None
         self._look_timer: Any = None
 
     # ------------------------------------------------------------------------------- set-up
@@ -644,6 +645,67 @@ class Server:
         gen.target = n
         mon.submit(mon.do_scale, n, gen.sup._prepare(n))
 
+    # ---------------------------------------------------------------------- scale, signal
+
+    def scale(self, n: int) -> None:
+        """Run ``n`` workers of the serving generation: new ones are forked from its zygote,
+        the highest-numbered ones drain (SIGTERM, within graceful_timeout) and their process
+        groups are then killed. Later generations (reloads) start with ``n`` too.
+
+        Raises:
+            TypeError, ValueError: ``n`` is not an int in 1..4096, or below ``min_ready``.
+            RuntimeError: not serving now (starting, stopping, a reload or a recycle under
+                way): nothing changed; try again once it is over.
+        """
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"workers must be an int, got {n!r} ({type(n).__name__})")
+        if not 1 <= n <= MAX_WORKERS:
+            raise ValueError(f"workers must be between 1 and {MAX_WORKERS}, got {n}")
+        opts = self.options
+        if opts.min_ready is not None and n < opts.min_ready:
+            raise ValueError(f"workers must be >= min_ready ({opts.min_ready}), got {n}")
+        gen = self.current
+        state = self.reload_state
+        if self.stopping:
+            raise RuntimeError(f"serve {opts.name!r} is stopping")
+        if state is not None or gen is None or gen.monitor is None:
+            what = ("its first start" if gen is None else
+                    f"a reload to generation {state.new.number}" if state is not None
+                    else "its start")
+            raise RuntimeError(f"serve {opts.name!r}: {what} is under way; scale once it "
+                               "is over")
+        if self._recycling is not None:
+            raise RuntimeError(f"serve {opts.name!r}: a worker is being recycled (through "
+                               "an extra worker); scale once it is over, in a moment")
+        if n != opts.workers:
+            log.info("serve %s: scaling generation %d from %d to %d worker(s)", opts.name,
+                     gen.number, opts.workers, n)
+        self.options = replace(opts, workers=n)
+        self._scale(gen, n)
+        self.advance()
+
+    def signal_workers(self, index: int | None, sig: int) -> list[Any]:
+        """Send ``sig`` to the process group of worker ``index`` of the serving generation
+        (None: every worker of every live generation); the monitors' replies (each answers
+        how many groups it reached).
+
+        Raises:
+            ValueError: no such worker; RuntimeError: no generation serves yet.
+        """
+        if index is None:
+            gens = [g for g in self.generations if g.monitor is not None and not g.finished]
+            if not gens:
+                raise RuntimeError(f"serve {self.options.name!r} has no worker running")
+            return [g.monitor.submit(g.monitor.do_signal, None, sig) for g in gens]
+        gen = self.current
+        if gen is None or gen.monitor is None:
+            raise RuntimeError(f"serve {self.options.name!r} has no serving generation yet")
+        if isinstance(index, bool) or not isinstance(index, int) or (
+                index not in gen.monitor._slots):
+            raise ValueError(f"serve {self.options.name!r} has no worker {index!r} (workers "
+                             f"0..{len(gen.monitor._slots) - 1} of generation {gen.number})")
+        return [gen.monitor.submit(gen.monitor.do_signal, [index], sig)]
+
     # ------------------------------------------------------------------------------ reload
 
     def reload(self, why: str, done: Callable[[str | None], None] | None = None) -> None:
@@ -667,6 +729,8 @@ class Server:
             log.info("serve %s: reload (%s): generation %d -> %d", self.options.name, why,
                      self.current.number, gen.number)
             self.notifier.reloading(f"reloading: generation {gen.number}")
+            if self.on_roll is not None:
+                self.on_roll()
         self._begin_zygote(gen)
         self._arm_reload_deadline(state)
         self.advance()
@@ -962,28 +1026,26 @@ class Server:
             mon = gen.monitor
             if mon is not None and not gen.finished:
                 mon.request_stop(grace, signal.SIGKILL if quick else signal.SIGTERM)
-        if grace > 5 and self.notifier.enabled:
-            self._extend()
+        if grace > 5:
+            self.notifier.keep_extending(self.reactor, self.stop_left)
         self._publish()
 
-    def _extend(self) -> None:
-        """EXTEND_TIMEOUT_USEC while the drain goes on (every 5 s, asking for 10 s more)."""
+    def stop_left(self) -> float | None:
+        """A bound on the seconds a stop may still take (for EXTEND_TIMEOUT_USEC): the rest of
+        shutdown_delay and the drain, or all of them if not stopping yet; None once every
+        worker has ended."""
         if all(g.finished for g in self.generations):
-            return
-        remaining = self._stop_deadline - time.monotonic()
-        self.notifier.extend_timeout(max(remaining, 0) + 10.0)
-        self._extend_timer = self.reactor.call_later(5.0, self._extend)
+            return None
+        now = time.monotonic()
+        drain = self.options.graceful_timeout + 5.0
+        if self._drain_at is not None:  # still in shutdown_delay
+            return self._drain_at - now + drain
+        if self._stop_deadline < math.inf:
+            return self._stop_deadline - now
+        return self.options.shutdown_delay + drain
 
     def _start_watchdog(self) -> None:
-        interval = self.notifier.watchdog_interval
-        if not interval:
-            return
-
-        def ping() -> None:
-            self.notifier.watchdog()
-            self._watchdog_timer = self.reactor.call_later(interval, ping)
-
-        ping()
+        self.notifier.start_watchdog(self.reactor)
 
     # ---------------------------------------------------------------------- control socket
 
@@ -1007,8 +1069,59 @@ class Server:
             return deferred
         if command == "status":
             return self.status()
-        raise CommandError(f"corral serve knows reload and status, not {command!r}",
-                           "unknown_command")
+        if command in ("scale", "signal"):
+            return self._dispatch_workers(command, args, peer)
+        raise CommandError(f"corral serve knows reload, status, scale and signal, not "
+                           f"{command!r}", "unknown_command")
+
+    def _dispatch_workers(self, command: str, args: dict[str, Any], peer: Any) -> Any:
+        """``corral scale NAME N`` and ``corral signal NAME[:INDEX] SIG``."""
+        from corral._control import CommandError
+
+        name = args.get("program")
+        if name != self.options.name:
+            raise CommandError(f"no program {name!r} (this corral serve serves "
+                               f"{self.options.name!r})", "unknown_program")
+        log.info("control: %s %s from uid %s pid %s", command,
+                 {k: v for k, v in args.items() if k != "program"}, peer.uid, peer.pid)
+        if command == "scale":
+            return self.scale_command(args.get("numprocs"))
+        return self.signal_command(args.get("index"), args.get("signal"))
+
+    def scale_command(self, n: Any) -> dict[str, Any]:
+        """:meth:`scale` for a control socket (``corral serve``'s, ``corral run``'s): its
+        answer, or CommandError."""
+        from corral._control import CommandError
+
+        try:
+            self.scale(n)
+        except (TypeError, ValueError) as exc:
+            raise CommandError(f"{self.options.name}: {exc}", "bad_args") from None
+        except RuntimeError as exc:
+            raise CommandError(str(exc), "refused") from None
+        gen = self.current
+        return {"message": f"{self.options.name}: scaled to {n} (generation "
+                           f"{gen.number if gen is not None else '-'})"}
+
+    def signal_command(self, index: Any, sig_text: Any) -> Any:
+        """:meth:`signal_workers` for a control socket: a Deferred answered once the signal
+        was sent, or CommandError."""
+        from corral._control import CommandError, answer_when_done
+        from corral.cli.config import parse_signal
+
+        try:
+            sig = parse_signal(sig_text)
+        except (TypeError, ValueError) as exc:
+            raise CommandError(str(exc), "bad_args") from None
+        try:
+            replies = self.signal_workers(index, int(sig))
+        except ValueError as exc:
+            raise CommandError(str(exc), "unknown_worker") from None
+        except RuntimeError as exc:
+            raise CommandError(str(exc), "not_started") from None
+        who = self.options.name if index is None else f"{self.options.name}:{index}"
+        return answer_when_done(replies, lambda counts: {
+            "message": f"{who}: sent {sig.name} to {sum(counts)} worker(s)"})
 
     def status(self) -> dict[str, Any]:
         """A small JSON view: generations, workers, listeners."""

@@ -1,10 +1,5 @@
-"""systemd, both sides: telling systemd about corral serve, and writing its unit files.
-
-The notify protocol is written directly (:mod:`corral._notify`: one datagram to
-``$NOTIFY_SOCKET``, ``@`` = the abstract namespace): it is one ``sendto``, the man page ships
-standalone versions for that reason, and the test seam is a fake ``NOTIFY_SOCKET`` bound by the
-test. The variables are taken from the environment at start and removed from it, so workers
-(and their children) never talk to systemd in corral's name.
+"""systemd, both sides: telling systemd about corral serve (:class:`corral._notify.Notifier`,
+shared with ``corral run``), and writing its unit files.
 
     start:   STATUS=starting ... -> READY=1 + STATUS once min_ready workers are ready
     reload:  RELOADING=1 + MONOTONIC_USEC (+ STATUS) -> ... -> READY=1 + STATUS (also on abort)
@@ -20,64 +15,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from corral import _notify
-
-__all__ = ["Notifier", "service_unit", "socket_unit"]
-
-
-class Notifier:
-    """corral serve's messages to systemd (a no-op without ``NOTIFY_SOCKET``).
-
-    Args:
-        env: where NOTIFY_SOCKET / WATCHDOG_USEC / WATCHDOG_PID come from (default:
-            ``os.environ``, from which they are then removed).
-    """
-
-    def __init__(self, env: Mapping[str, str] | None = None) -> None:
-        source = os.environ if env is None else env
-        self.env = {k: source[k] for k in _notify.NOTIFY_ENV if k in source}
-        if env is None:
-            for key in _notify.NOTIFY_ENV:
-                os.environ.pop(key, None)
-        self.enabled = bool(self.env.get("NOTIFY_SOCKET"))
-        self.watchdog_interval = _notify.watchdog_interval(self.env) if self.enabled else None
-        self.sent: list[str] = []  # what was sent (for status and tests)
-        self._is_ready = False
-        self._last_status = ""
-
-    def _send(self, **fields: object) -> None:
-        if not self.enabled:
-            return
-        _notify.notify(env=self.env, **fields)
-        self.sent.append(" ".join(f"{k}={v}" for k, v in fields.items()))
-
-    def ready(self, status: str) -> None:
-        self._is_ready = True
-        self._last_status = status
-        self._send(READY=1, STATUS=status)
-
-    def status(self, text: str) -> None:
-        """STATUS=text, only when it changed (it is recomputed after every loop round)."""
-        if text != self._last_status:
-            self._last_status = text
-            self._send(STATUS=text)
-
-    def reloading(self, status: str) -> None:
-        if self.enabled:
-            _notify.reloading(status, env=self.env)
-            self.sent.append(f"RELOADING=1 STATUS={status}")
-
-    def stopping(self, status: str) -> None:
-        self._send(STOPPING=1, STATUS=status)
-
-    def extend_timeout(self, seconds: float) -> None:
-        if self.enabled and seconds > 0:
-            _notify.extend_timeout(seconds, env=self.env)
-            self.sent.append(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}")
-
-    def watchdog(self) -> None:
-        if self.enabled:
-            _notify.watchdog(env=self.env)
+__all__ = ["service_unit", "socket_unit"]
 
 
 def _quote(argv: Sequence[str]) -> str:
