@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import multiprocessing.process
 import multiprocessing.util
@@ -40,7 +41,6 @@ import signal
 import socket
 import struct
 import threading
-import time
 from collections.abc import Callable, Sequence
 from multiprocessing import popen_fork
 from typing import Any
@@ -58,7 +58,10 @@ _NR = {"x86_64": (56, 273, 274), "aarch64": (220, 99, 100)}  # clone, set_/get_r
 _CLONE_PARENT = 0x00008000
 _CLONE_CHILD_SETTID = 0x01000000
 _PR_SET_PDEATHSIG = 1
-_MSG = struct.Struct("=ii")  # (position in the batch, pid); the pipe ends ride as SCM_RIGHTS
+# (kind, index or chunk, pid or status); a worker's two pipe ends ride along as SCM_RIGHTS.
+_MSG = struct.Struct("=iii")
+_WORKER = 1  # (_WORKER, index, pid): a worker was forked
+_END = 2  # (_END, chunk, 0 or an errno): a forker is done with its chunk
 # The fewest workers one forking process takes on (see _template).
 CHUNK_MIN = 4
 
@@ -160,13 +163,14 @@ def _clone(facts: tuple[str | None, int, int, int]) -> int:
 
 def _template(sock: socket.socket, procs: Sequence[multiprocessing.process.BaseProcess],
               supervisor: int, facts: tuple[str | None, int, int, int],
-              prepare: Callable[[int], None] | None) -> int:
-    """The template's life: fork every worker, report each, exit (returns the exit code).
+              prepare: Callable[[int], None] | None, bounds: list[tuple[int, int]],
+              own_ends: tuple[int, int]) -> bool:
+    """The template's part, before it boots as the batch's first worker: fork the others.
 
-    With more than one CPU the batch is cut into chunks, one per CPU: the template forks the
-    last worker of every other chunk first, and that worker forks the rest of its chunk
-    before it boots, so the forks of a batch run in parallel. Every one of them is a child
-    of the supervisor (CLONE_PARENT), however deep it was forked.
+    The batch is cut into chunks, one per CPU (see :func:`_chunks`): the template forks the
+    first worker of every other chunk, which forks the rest of its own chunk before it boots,
+    so a batch is forked in parallel. Every one of them is a child of the supervisor
+    (CLONE_PARENT), however deep it was forked. False: the supervisor is gone.
     """
     # No handler of the supervisor's runs here, and each worker is born with every signal
     # blocked: its bootstrap resets the handlers, then unblocks (a stop signal sent meanwhile
@@ -174,15 +178,11 @@ def _template(sock: socket.socket, procs: Sequence[multiprocessing.process.BaseP
     signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     _syscall().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != supervisor:
-        return 1
+        return False
     if prepare is not None:
         prepare(sock.fileno())
-    chunks = _chunks(len(procs))
-    for lo, hi in chunks[1:]:
-        _fork_one(sock, procs, hi - 1, facts, (), (lo, hi - 1))
-    for i in range(*chunks[0]):
-        _fork_one(sock, procs, i, facts, (), None)
-    return 0
+    _forker(sock, procs, 0, bounds, facts, own_ends)
+    return True
 
 
 def _chunks(n: int) -> list[tuple[int, int]]:
@@ -197,10 +197,32 @@ def _chunks(n: int) -> list[tuple[int, int]]:
     return [(bounds[k], bounds[k + 1]) for k in range(ways)]
 
 
+def _forker(sock: socket.socket, procs: Sequence[multiprocessing.process.BaseProcess],
+            chunk: int, bounds: list[tuple[int, int]], facts: tuple[str | None, int, int, int],
+            own_ends: tuple[int, int]) -> None:
+    """In the first worker of a chunk, before it boots: fork the rest of the chunk (and, in
+    the template, the first worker of every other chunk), report each, then the chunk's end.
+    A failure is reported, never raised: this worker boots all the same, and the supervisor
+    starts what is missing. ``own_ends``: this worker's pipe ends, not its children's."""
+    status = 0
+    try:
+        if chunk == 0:
+            for other in range(1, len(bounds)):
+                _fork_one(sock, procs, bounds[other][0], facts, own_ends,
+                          functools.partial(_forker, sock, procs, other, bounds, facts))
+        for i in range(bounds[chunk][0] + 1, bounds[chunk][1]):
+            _fork_one(sock, procs, i, facts, own_ends, None)
+    except OSError as exc:
+        status = exc.errno or -1
+    except Exception:
+        status = -1
+    sock.send(_MSG.pack(_END, chunk, status))
+
+
 def _fork_one(sock: socket.socket, procs: Sequence[multiprocessing.process.BaseProcess],
               i: int, facts: tuple[str | None, int, int, int], inherited: tuple[int, ...],
-              chunk: tuple[int, int] | None) -> None:
-    """Fork worker ``i`` and report it; the worker first forks ``chunk`` (a [lo, hi) range)."""
+              then: Callable[[tuple[int, int]], None] | None) -> None:
+    """Fork worker ``i`` and report it; ``then(its pipe ends)`` runs in it before it boots."""
     parent_r, child_w = os.pipe()
     child_r, parent_w = os.pipe()
     pid = _clone(facts)
@@ -210,16 +232,15 @@ def _fork_one(sock: socket.socket, procs: Sequence[multiprocessing.process.BaseP
             # The pipe ends of the process we were forked from are not ours.
             for fd in (parent_r, parent_w, *inherited):
                 os.close(fd)
-            if chunk is not None:
-                for j in range(*chunk):
-                    _fork_one(sock, procs, j, facts, (child_r, child_w), None)
+            if then is not None:
+                then((child_r, child_w))
             os.close(sock.fileno())  # (never used again: we end with os._exit)
             code = procs[i]._bootstrap(parent_sentinel=child_r)  # type: ignore[attr-defined]
         finally:
             os._exit(code)
     os.close(child_w)
     os.close(child_r)
-    socket.send_fds(sock, [_MSG.pack(i, pid)], [parent_r, parent_w])
+    socket.send_fds(sock, [_MSG.pack(_WORKER, i, pid)], [parent_r, parent_w])
     os.close(parent_r)
     os.close(parent_w)
 
@@ -227,10 +248,11 @@ def _fork_one(sock: socket.socket, procs: Sequence[multiprocessing.process.BaseP
 def fork_batch(procs: Sequence[multiprocessing.process.BaseProcess],
                take: Callable[[int, multiprocessing.process.BaseProcess], None],
                prepare: Callable[[int], None] | None = None) -> str | None:
-    """On the spawner thread: fork ``procs`` (unstarted fork-method processes) from a template.
+    """On the spawner thread: start ``procs`` (unstarted fork-method processes), the first
+    forked as usual, the others by it before it boots (the template).
 
-    ``take(i, proc)`` is called for each one started (``proc`` then has its ``_popen``), as the
-    template reports it. ``prepare(fd)`` runs in the template before the first fork (with
+    ``take(i, proc)`` is called for each one started (``proc`` then has its ``_popen``), once
+    the template is done. ``prepare(fd)`` runs in the template before its first fork (with
     every signal blocked): what each worker would otherwise do alone, done once; ``fd`` is the
     template's socket, which it must leave open. Returns None if all were started, else why
     not (the processes not taken were not started; the caller starts them the ordinary way).
@@ -242,52 +264,72 @@ def fork_batch(procs: Sequence[multiprocessing.process.BaseProcess],
     before = _children(me)
     if before is None:
         return "no /proc/self/task/<tid>/children here"
+    bounds = _chunks(len(procs))
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     own_fd(ours.fileno())
     own_fd(theirs.fileno())
     supervisor = os.getpid()
     multiprocessing.util._flush_std_streams()  # type: ignore[attr-defined]
+    # The first worker's pipes, as multiprocessing's fork Popen makes them.
+    parent_r, child_w = os.pipe()
+    child_r, parent_w = os.pipe()
     try:
         with forking():
             pid = os.fork()
     except BaseException:
-        for s in (ours, theirs):
-            disown_fd(s.fileno())
-            s.close()
+        for sock in (ours, theirs):
+            disown_fd(sock.fileno())
+            sock.close()
+        for fd in (parent_r, child_w, child_r, parent_w):
+            os.close(fd)
         raise
-    if pid == 0:  # the template
+    if pid == 0:  # the template, then the first worker
         code = 1
         try:
             ours.close()
-            code = _template(theirs, procs, supervisor, facts, prepare)
+            os.close(parent_r)
+            os.close(parent_w)
+            if _template(theirs, procs, supervisor, facts, prepare, bounds, (child_r, child_w)):
+                os.close(theirs.fileno())  # (never used again: we end with os._exit)
+                code = procs[0]._bootstrap(parent_sentinel=child_r)  # type: ignore[attr-defined]
         finally:
             os._exit(code)
+    os.close(child_w)
+    os.close(child_r)
     disown_fd(theirs.fileno())
     theirs.close()
-    taken: set[int] = set()
-    reason: str | None = None
+    started: dict[int, tuple[int, int, int]] = {0: (pid, parent_r, parent_w)}
+    ended: dict[int, int] = {}
     try:
-        reason = _receive(ours, procs, take, taken)
+        reason = _receive(ours, len(procs), len(bounds), started, ended)
     except Exception as exc:  # whatever it is, the batch falls back
         reason = f"{type(exc).__name__}: {exc}"
     finally:
         disown_fd(ours.fileno())
         ours.close()
-        status = _end(pid, reason is not None)
-    if reason is None and status != 0:
-        reason = f"template exited with status {status}"
     if reason is not None:
-        known = {pid, *(p.pid for p in procs if p.pid is not None)}
-        _sweep(me, before | known)
+        # A forker that did not end its chunk may be stuck: it goes, and its worker is
+        # started the ordinary way.
+        for chunk, (lo, _) in enumerate(bounds):
+            if chunk not in ended and lo in started:
+                _kill(*started.pop(lo))
+    elif any(ended.values()):
+        errno = next(e for e in ended.values() if e)
+        reason = f"a fork failed ({os.strerror(errno) if errno > 0 else 'error'})"
+    if reason is not None:
+        _sweep(me, before | {p for p, _, _ in started.values()})
+    for i, (child, r, w) in sorted(started.items()):
+        _adopt(procs[i], child, r, w)
+        take(i, procs[i])
     return reason
 
 
-def _receive(sock: socket.socket, procs: Sequence[multiprocessing.process.BaseProcess],
-             take: Callable[[int, multiprocessing.process.BaseProcess], None],
-             taken: set[int]) -> str | None:
+def _receive(sock: socket.socket, n: int, chunks: int,
+             started: dict[int, tuple[int, int, int]], ended: dict[int, int]) -> str | None:
+    """Take the template's reports until every chunk has ended: None, or what went wrong."""
     poller = select.poll()
     poller.register(sock, select.POLLIN)
-    while True:
+    while len(ended) < chunks:
         if not poller.poll(int(TIMEOUT * 1000)):
             return f"no word from the template for {TIMEOUT:g} s"
         msg, fds, _, _ = socket.recv_fds(sock, _MSG.size, 2, socket.MSG_CMSG_CLOEXEC)
@@ -295,44 +337,39 @@ def _receive(sock: socket.socket, procs: Sequence[multiprocessing.process.BasePr
             for fd in fds:
                 os.close(fd)
             return "the template ended early"
-        i, pid = _MSG.unpack(msg)
-        if len(fds) != 2 or not 0 <= i < len(procs) or i in taken:
+        kind, i, value = _MSG.unpack(msg)
+        if kind == _WORKER and len(fds) == 2 and 0 < i < n and i not in started:
+            started[i] = (value, fds[0], fds[1])
+        elif kind == _END and not fds and 0 <= i < chunks and i not in ended:
+            ended[i] = value
+        else:
             for fd in fds:
                 os.close(fd)
             return "a malformed message from the template"
-        proc = procs[i]
-        popen = ClonedPopen(pid, fds[0], fds[1])
-        # What Process.start() records once its Popen exists (corral keeps its processes
-        # out of multiprocessing's _children, see WorkerProcess.start).
-        proc._popen = popen
-        proc._sentinel = popen.sentinel
-        for attr in ("_target", "_args", "_kwargs"):
-            with contextlib.suppress(AttributeError):
-                delattr(proc, attr)
-        taken.add(i)
-        take(i, proc)
-        if len(taken) == len(procs):
-            return None
+    return None
 
 
-def _end(pid: int, kill: bool) -> int:
-    """Reap the template (killed first if it failed): its wait status, as waitpid's."""
-    if kill:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        if time.monotonic() > deadline:  # exiting: a kill cannot be refused
-            os.kill(pid, signal.SIGKILL)
-            return os.waitpid(pid, 0)[1]
-        fd = os.pidfd_open(pid)
-        try:
-            select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        finally:
-            os.close(fd)
+def _adopt(proc: multiprocessing.process.BaseProcess, pid: int, parent_r: int,
+           parent_w: int) -> None:
+    """What Process.start() records once its Popen exists (corral keeps its processes out of
+    multiprocessing's _children, see WorkerProcess.start)."""
+    popen = ClonedPopen(pid, parent_r, parent_w)
+    proc._popen = popen  # type: ignore[attr-defined]
+    proc._sentinel = popen.sentinel  # type: ignore[attr-defined]
+    for attr in ("_target", "_args", "_kwargs"):
+        with contextlib.suppress(AttributeError):
+            delattr(proc, attr)
+
+
+def _kill(pid: int, parent_r: int, parent_w: int) -> None:
+    """SIGKILL and reap our child ``pid`` (a stuck forker), close its pipe ends."""
+    log.warning("killing pid %d, a start template that did not finish", pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    os.close(parent_r)
+    os.close(parent_w)
 
 
 def _children(tid: int) -> set[int] | None:

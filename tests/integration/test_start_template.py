@@ -144,7 +144,7 @@ def test_a_template_that_fails_half_way_falls_back_to_ordinary_forks(
               args=lambda i: (str(tmp_path),)) as (sup, _):
         reports = _reports(tmp_path, N)
         assert len(batches) == 1 and batches[0][1] is not None
-        assert "start template failed" in caplog.text, caplog.text
+        assert "start template failed (a fork failed" in caplog.text, caplog.text
         _check_children(reports)
         assert sorted(sup.pids()) == sorted(r["pid"] for r in reports.values())
 
@@ -178,7 +178,8 @@ def test_a_silent_template_is_killed_and_what_it_forked_unreported_is_swept(
         assert len(batches) == 1 and "no word from the template" in (batches[0][1] or "")
         orphan = int(unreported.read_text())
         no_leaks.add(orphan)
-        assert f"killing pid {orphan}" in caplog.text, caplog.text
+        assert "a start template that did not finish" in caplog.text, caplog.text
+        assert f"killing pid {orphan}, forked by a failed" in caplog.text, caplog.text
         wait_gone([orphan], 10, "the unreported worker")
         assert orphan not in sup.pids()
         _check_children(reports)
