@@ -20,6 +20,7 @@ from corral._bootstrap import (
     BootConfig,
     WorkerSettings,
     _set_title,
+    reset_signal_handlers,
     run_standby,
     run_worker,
     signals_to_reset,
@@ -187,11 +188,14 @@ class SpawnPart(_SpawnCore):
 
         wake_fd = self._reactor.wake_fd
         title = f"corral: {spec.name} template"
+        reset = reqs[0].boot.reset_signals if reqs[0].boot is not None else None
 
-        def prepare(keep: int) -> None:  # in the template
-            # The supervisor's own fds, closed once here rather than by every worker.
+        def prepare(keep: int) -> None:  # in the template, every signal blocked
+            # What every worker would do alone, done once here: the supervisor's own fds
+            # closed, the signal handlers reset, the title's first setting (which moves the
+            # environment).
             close_internal_fds(keep=(keep, wake_fd))
-            # The title's first setting moves the environment: once, here.
+            reset_signal_handlers(reset)
             _set_title(title)
 
         try:

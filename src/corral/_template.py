@@ -67,6 +67,7 @@ CHUNK_MIN = 4
 
 _checked: dict[int, tuple[str | None, int, int, int]] = {}  # by thread: (reason, head, len, tid)
 _libc: Any = None
+_clone_with: tuple[Any, ...] | None = None
 
 
 def _syscall() -> Any:
@@ -141,21 +142,30 @@ class ClonedPopen(popen_fork.Popen):
 
 def _clone(facts: tuple[str | None, int, int, int]) -> int:
     """Fork a child of our parent (the supervisor), as os.fork() would: 0 in the child."""
-    lib = _syscall()
-    api = ctypes.pythonapi
-    nr = _NR[platform.machine()]
-    api.PyOS_BeforeFork()
-    pid = lib.syscall(ctypes.c_long(nr[0]),
-                      ctypes.c_ulong(_CLONE_PARENT | _CLONE_CHILD_SETTID | signal.SIGCHLD),
-                      ctypes.c_void_p(0), ctypes.c_void_p(0), ctypes.c_void_p(facts[3]),
-                      ctypes.c_void_p(0))
+    global _clone_with
+    if _clone_with is None or _clone_with[0] is not facts:
+        # Built once per template: every object the child touches is a page it copies.
+        lib = _syscall()
+        api = ctypes.pythonapi
+        nr = _NR[platform.machine()]
+        _clone_with = (
+            facts, lib.syscall, api.PyOS_BeforeFork, api.PyOS_AfterFork_Parent,
+            api.PyOS_AfterFork_Child,
+            (ctypes.c_long(nr[0]),
+             ctypes.c_ulong(_CLONE_PARENT | _CLONE_CHILD_SETTID | signal.SIGCHLD),
+             ctypes.c_void_p(0), ctypes.c_void_p(0), ctypes.c_void_p(facts[3]),
+             ctypes.c_void_p(0)),
+            (ctypes.c_long(nr[1]), ctypes.c_void_p(facts[1]), ctypes.c_size_t(facts[2])))
+    _, syscall, before, after_parent, after_child, clone_args, robust_args = _clone_with
+    before()
+    pid = syscall(*clone_args)
     if pid == 0:
         # glibc's fork() does this for the calling thread: a robust list of its own (empty).
-        lib.syscall(ctypes.c_long(nr[1]), ctypes.c_void_p(facts[1]), ctypes.c_size_t(facts[2]))
-        api.PyOS_AfterFork_Child()
+        syscall(*robust_args)
+        after_child()
         return 0
     err = ctypes.get_errno()
-    api.PyOS_AfterFork_Parent()
+    after_parent()
     if pid < 0:
         raise OSError(err, f"clone: {os.strerror(err)}")
     return int(pid)
