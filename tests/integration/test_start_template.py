@@ -192,3 +192,15 @@ def test_spawn_and_forkserver_pools_use_no_template(
               args=lambda i: (str(tmp_path),)):
         _reports(tmp_path, 3)
     assert batches == []
+
+
+def test_without_a_template_here_every_worker_is_forked_the_ordinary_way(
+        no_leaks: set[int], tmp_path: Path, batches: list[tuple[int, str | None]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_template, "unavailable", lambda: "not on this machine (test)")
+    with pool(no_leaks, template_workers.report, workers=4, start_method="fork",
+              args=lambda i: (str(tmp_path),)) as (sup, _):
+        reports = _reports(tmp_path, 4)
+        assert batches == []
+        _check_children(reports)
+        assert sorted(sup.pids()) == sorted(r["pid"] for r in reports.values())
