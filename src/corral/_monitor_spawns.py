@@ -76,8 +76,8 @@ else:
 
 __all__ = ["TEMPLATE_MIN", "SpawnPart"]
 
-# A pool's start with this many fork workers or more forks them from a template (two forks
-# for one worker would cost more than they save).
+# A pool's start with this many fork workers or more forks them from a template (for one or
+# two, its bookkeeping would cost about what it saves).
 TEMPLATE_MIN = 3
 
 S = WorkerState

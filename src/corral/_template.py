@@ -1,10 +1,13 @@
-"""A pool's first fork workers, forked by a one-shot single-threaded template.
+"""A pool's first fork workers, forked by one of them: a single-threaded start template.
 
 Under fork, every worker forked from the supervisor pays Python's after-fork clean-up of the
 supervisor's other threads, and the spawner thread that forks competes for the GIL with the
-monitor thread. For a pool's start the spawner forks one *template* instead (an ordinary
-``os.fork()``, so the template holds the supervisor's state as of that moment, the pool's
-``start()``), and the template, which has one thread, forks the batch's workers.
+monitor thread. For a pool's start the spawner forks the first worker as usual (an ordinary
+``os.fork()``, so it holds the supervisor's state as of that moment, the pool's ``start()``),
+and that process, the *template*, which has one thread, forks the others before it boots.
+With more than one CPU it forks the first worker of each other chunk of the batch, which forks
+the rest of its chunk (:func:`_chunks`). A chunk's workers wait at a gate (a pipe) until their
+forker is done, so the forks are not delayed by the boots they started.
 
 The workers must stay the supervisor's own children (reaped by pid and pidfd, their exit
 statuses, their parent-death signal tied to the spawner thread, process groups set from the
@@ -19,13 +22,13 @@ worker. Both addresses are taken from the kernel (``get_robust_list``) and check
 thread id before the template is used. C-level ``pthread_atfork`` handlers run once, for the
 template's fork, not for each worker's.
 
-The template sends each worker's pid and multiprocessing's two pipe ends (as ``Popen`` of the
-fork start method keeps them) over a socketpair, then exits. Anything that goes wrong (a clone
-that fails, a template that dies or stays silent for :data:`TIMEOUT` seconds) ends the template;
-workers it forked but never reported are killed and reaped, and the rest of the batch is started
-the ordinary way, with a logged reason. Linux with glibc, x86-64 or arm64 only.
+Each forker reports every worker's pid and multiprocessing's two pipe ends (as ``Popen`` of the
+fork start method keeps them) over a socketpair, then the end of its chunk. Anything that goes
+wrong is logged by the caller with the reason: a fork that fails (reported; the workers already
+forked are kept), a forker that dies or says nothing for :data:`TIMEOUT` seconds (killed and
+reaped, with whatever it forked and did not report). The workers not started are started the
+ordinary way. Linux with glibc, x86-64 or arm64 only.
 """
-
 from __future__ import annotations
 
 import _signal  # type: ignore[import-not-found]  # (no stubs)
@@ -63,8 +66,9 @@ _PR_SET_PDEATHSIG = 1
 _MSG = struct.Struct("=iii")
 _WORKER = 1  # (_WORKER, index, pid): a worker was forked
 _END = 2  # (_END, chunk, 0 or an errno): a forker is done with its chunk
-# The fewest workers one forking process takes on (see _template).
-CHUNK_MIN = 4
+# The fewest workers a forker takes on: a chunk's first worker starts forking only once it
+# runs (after its own after-fork work), and boots only after it has forked its chunk.
+CHUNK_MIN = 8
 
 _checked: dict[int, tuple[str | None, int, int, int]] = {}  # by thread: (reason, head, len, tid)
 _libc: Any = None

@@ -65,6 +65,7 @@ def test_a_pools_first_workers_come_from_the_template_as_the_supervisors_childre
         no_leaks: set[int], tmp_path: Path, batches: list[tuple[int, str | None]],
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(template_workers, "STATE", "set before start()")
+    monkeypatch.setattr(_template, "CHUNK_MIN", 3)  # forked by two processes on two CPUs
     with pool(no_leaks, template_workers.report, workers=N, start_method="fork",
               args=lambda i: (str(tmp_path),)) as (sup, _):
         reports = _reports(tmp_path, N)
@@ -127,8 +128,8 @@ def test_a_template_that_fails_half_way_falls_back_to_ordinary_forks(
         no_leaks: set[int], tmp_path: Path, batches: list[tuple[int, str | None]],
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
         chunks: str) -> None:
-    if chunks == "one":
-        monkeypatch.setattr(_template, "CHUNK_MIN", 10_000)
+    # One forking process, or one per CPU (two chunks of three workers on two CPUs).
+    monkeypatch.setattr(_template, "CHUNK_MIN", 10_000 if chunks == "one" else 3)
     real = _template._clone
     made = [0]
 
