@@ -174,10 +174,18 @@ class Spawner(Generic[R, P]):
             except BaseException as exc:  # a bug in start_many: each request fails alone
                 log.exception("starting %d processes together failed", len(reqs))
                 results = [exc] * len(reqs)
-        done = [(req, self._start_one(req) if result is None else result)
-                for req, result in zip(reqs, results, strict=True)]
-        for i in range(0, len(done), BATCH_SIZE):
-            self._hand_over(done[i:i + BATCH_SIZE])
+        # Handed over as ordinary batches are (full, or once batch_time has passed), so the
+        # loop learns of slow starts (spawn, forkserver) as they come.
+        batch: list[tuple[R, P | BaseException]] = []
+        began = time.monotonic()
+        for req, result in zip(reqs, results, strict=True):
+            if not batch:
+                began = time.monotonic()
+            batch.append((req, self._start_one(req) if result is None else result))
+            if len(batch) >= BATCH_SIZE or time.monotonic() - began > self._batch_time:
+                self._hand_over(batch)
+                batch = []
+        self._hand_over(batch)
 
     def _hand_over(self, batch: list[tuple[R, P | BaseException]]) -> None:
         if self._settle is not None:

@@ -30,6 +30,7 @@ def report(index: int, outdir: str, code: int = -1) -> None:
             # list of its own (what glibc's fork() sets up, and the clone must have too).
             "glibc": _template._probe()[0],
             "threads": threading.active_count(),
+            "fds": sorted(os.listdir("/proc/self/fd")),
             "blocked": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, ()))}
     path = Path(outdir) / f"worker-{index}.json"
     tmp = path.with_suffix(".tmp")

@@ -82,6 +82,10 @@ def test_a_pools_first_workers_come_from_the_template_as_the_supervisors_childre
         assert again["pid"] != victim
         _check_children({1: again})
         assert len(batches) == 1
+        # No fd of the template's (its socket, a gate, a sibling's pipes) is left in a worker:
+        # each holds the same fds as one forked from the supervisor.
+        for r in reports.values():
+            assert len(r["fds"]) == len(again["fds"]), (r["fds"], again["fds"])
 
 
 @needs_template

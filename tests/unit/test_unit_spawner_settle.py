@@ -118,3 +118,21 @@ def test_a_request_of_many_while_stopping_starts_nothing() -> None:
     log, out = _run_many([], [2, 3], [], skip=True)
     assert log == ["deliver"]
     assert all(isinstance(result, SpawnSkipped) for _, result in out)
+
+
+@pytest.mark.timeout(30)
+def test_what_start_many_leaves_is_handed_over_as_ordinary_batches_are() -> None:
+    """A slow start (spawn, forkserver) of a pool's first workers reaches the loop once its
+    batch is full or batch_time has passed, not after the last of them."""
+    delivered: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
+
+    def deliver(batch: list[tuple[int, _Proc | BaseException]]) -> None:
+        delivered.put([req for req, _ in batch])
+
+    spawner: Spawner[int, _Proc] = Spawner("test-spawner", _Proc, deliver, lambda: False,
+                                           lambda p: None, batch_time=0.0,
+                                           start_many=lambda reqs: [None] * len(reqs))
+    spawner.request_batch([1, 2, 3])
+    spawner.start()
+    spawner.close(timeout=10)
+    assert [delivered.get(timeout=10) for _ in range(3)] == [[1], [2], [3]]
