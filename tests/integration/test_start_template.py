@@ -51,6 +51,13 @@ def _reports(outdir: Path, n: int) -> dict[int, dict[str, Any]]:
     return {i: json.loads(p.read_text()) for i, p in enumerate(paths)}
 
 
+def _wait_pids(sup: Any, reports: dict[int, dict[str, Any]]) -> None:
+    """The supervisor knows exactly the processes that reported (it learns of them a moment
+    after they run: the spawner hands them over in batches)."""
+    want = sorted(r["pid"] for r in reports.values())
+    wait_for(lambda: sorted(sup.pids()) == want, 30, f"the supervisor's pids to be {want}")
+
+
 def _check_children(reports: dict[int, dict[str, Any]]) -> None:
     for r in reports.values():
         assert r["ppid"] == os.getpid(), r  # the supervisor's own child, not the template's
@@ -73,7 +80,7 @@ def test_a_pools_first_workers_come_from_the_template_as_the_supervisors_childre
         _check_children(reports)
         assert {r["state"] for r in reports.values()} == {"set before start()"}
         assert len({r["pid"] for r in reports.values()}) == N
-        assert sorted(sup.pids()) == sorted(r["pid"] for r in reports.values())
+        _wait_pids(sup, reports)
         # A restart forks from the supervisor as before, and is just as much its child.
         victim = reports[1]["pid"]
         (tmp_path / "worker-1.json").unlink()
@@ -151,7 +158,7 @@ def test_a_template_that_fails_half_way_falls_back_to_ordinary_forks(
         assert len(batches) == 1 and batches[0][1] is not None
         assert "start template failed (a fork failed" in caplog.text, caplog.text
         _check_children(reports)
-        assert sorted(sup.pids()) == sorted(r["pid"] for r in reports.values())
+        _wait_pids(sup, reports)
 
 
 @needs_template
@@ -188,7 +195,7 @@ def test_a_silent_template_is_killed_and_what_it_forked_unreported_is_swept(
         wait_gone([orphan], 10, "the unreported worker")
         assert orphan not in sup.pids()
         _check_children(reports)
-        assert sorted(sup.pids()) == sorted(r["pid"] for r in reports.values())
+        _wait_pids(sup, reports)
 
 
 def test_spawn_and_forkserver_pools_use_no_template(
@@ -208,4 +215,4 @@ def test_without_a_template_here_every_worker_is_forked_the_ordinary_way(
         reports = _reports(tmp_path, 4)
         assert batches == []
         _check_children(reports)
-        assert sorted(sup.pids()) == sorted(r["pid"] for r in reports.values())
+        _wait_pids(sup, reports)
