@@ -8,6 +8,7 @@ sets the process title and attaches the heartbeat slot and the stack-dump handle
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # (no stubs)
 import contextlib
 import ctypes
 import faulthandler
@@ -125,18 +126,36 @@ def signals_to_reset() -> tuple[int, ...]:
     return tuple(out)
 
 
+# Set by a start template (corral._template), whose workers inherit default handlers.
+_handlers_reset = False
+
+
+def reset_signal_handlers(which: tuple[int, ...] | None) -> None:
+    """The handlers and the wakeup fd a forked worker must not keep, reset to the defaults.
+
+    Called by every worker, or once by a start template for all its workers (every signal
+    blocked there): the workers then only unblock signals.
+    """
+    global _handlers_reset
+    for sig in signals_to_reset() if which is None else which:
+        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT
+                      else signal.SIG_DFL)
+    with contextlib.suppress(ValueError):
+        signal.set_wakeup_fd(-1)
+    _handlers_reset = True
+
+
 def _reset_signals(which: tuple[int, ...] | None) -> None:
     # A forked worker inherits the supervisor's Python handlers (a CLI's handlers only enqueue,
     # which would make the worker ignore SIGTERM) and the spawning thread's signal mask. Only
     # what differs is changed: every call here costs each start (page faults in a new child).
     # The handlers before the mask: a stop signal that came while blocked (a zygote's child is
     # born so) is delivered once unblocked, to the defaults, not to a handler of the parent's.
-    for sig in signals_to_reset() if which is None else which:
-        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT
-                      else signal.SIG_DFL)
-    with contextlib.suppress(ValueError):
-        signal.set_wakeup_fd(-1)
-    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    if not _handlers_reset:
+        reset_signal_handlers(which)
+    # _signal's: signal's would make an enum of each signal that was blocked (all of them,
+    # for a child of the start template: ~0.1 ms).
+    _signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
 
 def _kill_own_group() -> None:

@@ -180,7 +180,13 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
             lambda batch: self._reactor.call_soon_threadsafe(self._cb(self._spawned_batch),
                                                              batch),
             lambda: self._stopping, lambda proc: proc.kill_and_reap(), settle=settle,
-            batch_time=_SPAWN_BATCH_TIME)
+            batch_time=_SPAWN_BATCH_TIME,
+            # A pool's first fork workers come from a single-threaded template.
+            start_many=self._start_many if (
+                start_process is None and spec.start_method == "fork"
+                and spec.command is None) else None)
+        # While begin() queues a pool's first starts: they go to the spawner as one request.
+        self._collecting: list[SpawnRequest] | None = None
         self._slots: dict[int, WorkerSlot] = {}
         self._counts: dict[WorkerState, int] = dict.fromkeys(WorkerState, 0)
         # Bumped by every change of what PoolFacts holds; the facts are published at the end
@@ -251,8 +257,13 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
         for index, (name, args) in enumerate(initial):
             self._add(WorkerSlot(index, name, args, BackoffState(self.spec.backoff)))
         now = self._clock()
-        for w in list(self._slots.values()):
-            self._spawn(w, now)
+        self._collecting = []
+        try:
+            for w in list(self._slots.values()):
+                self._spawn(w, now)
+        finally:
+            first, self._collecting = self._collecting, None
+        self._spawner.request_batch(first)
         self._replenish(now)  # standbys after the workers
         # Queued before the thread exists: it forks the first worker as soon as it runs.
         self._spawner.start()

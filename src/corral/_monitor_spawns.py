@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.process
 import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from corral import _template
 from corral._bootstrap import (
     BootConfig,
     WorkerSettings,
+    _set_title,
+    reset_signal_handlers,
     run_standby,
     run_worker,
     signals_to_reset,
@@ -27,7 +31,14 @@ from corral._fdlimit import explain_fd_error
 from corral._slots import POOL, Deadline, SpawnRequest, WorkerSlot
 from corral._spawner import SpawnSkipped
 from corral.events import EventKind, ExitRecord, StopReason
-from corral.process import DUMP_SIGNAL, ProcessLike, WorkerProcess, own_fd
+from corral.process import (
+    DUMP_SIGNAL,
+    ProcessLike,
+    WorkerProcess,
+    close_internal_fds,
+    kill_unregistered,
+    own_fd,
+)
 from corral.states import Trigger, WorkerState
 
 if TYPE_CHECKING:
@@ -44,6 +55,7 @@ if TYPE_CHECKING:
         _fork_extras: dict[str, Any]
         _settings: WorkerSettings | None
         _spawner: Spawner[SpawnRequest, ProcessLike]
+        _collecting: list[SpawnRequest] | None
 
         _standbys: dict[int, Standby]
 
@@ -62,7 +74,11 @@ if TYPE_CHECKING:
 else:
     _SpawnCore = object
 
-__all__ = ["SpawnPart"]
+__all__ = ["TEMPLATE_MIN", "SpawnPart"]
+
+# A pool's start with this many fork workers or more forks them from a template (for one or
+# two, its bookkeeping would cost about what it saves).
+TEMPLATE_MIN = 3
 
 S = WorkerState
 
@@ -140,7 +156,58 @@ class SpawnPart(_SpawnCore):
             dump_signal=DUMP_SIGNAL, forkserver=self.spec.start_method == "forkserver",
             reset_signals=signals_to_reset() if self._fork_extras else None,
             stdio=stdio, settings=self._settings, **self._fork_extras)
-        self._spawner.request(SpawnRequest(w.index, w.generation, boot, w.args, launch))
+        req = SpawnRequest(w.index, w.generation, boot, w.args, launch)
+        if self._collecting is not None:
+            self._collecting.append(req)
+        else:
+            self._spawner.request(req)
+
+    def _start_many(self, reqs: list[SpawnRequest]) -> list[ProcessLike | BaseException | None]:
+        """A pool's first fork workers, from a single-threaded template (on the spawner
+        thread). None for each request left to :meth:`_start_worker`: all of them if there
+        are too few, or whatever a failed template did not start (logged)."""
+        results: list[ProcessLike | BaseException | None] = [None] * len(reqs)
+        if len(reqs) < TEMPLATE_MIN:
+            return results
+        reason = _template.unavailable()
+        if reason is not None:
+            self.log.debug("pool %r: no start template here (%s)", self.spec.name, reason)
+            return results
+        spec = self.spec
+        procs = [self._ctx.Process(  # type: ignore[attr-defined]
+            target=run_worker, args=(req.boot, spec.target, req.args),
+            name=req.boot.name if req.boot is not None else None, daemon=spec.daemon)
+            for req in reqs]
+
+        def take(i: int, proc: multiprocessing.process.BaseProcess) -> None:
+            try:
+                results[i] = WorkerProcess(proc, "fork", settle=False)
+            except BaseException as exc:  # a start that failed half-way: no orphan
+                results[i] = exc
+                kill_unregistered(proc)
+
+        wake_fd = self._reactor.wake_fd
+        title = f"corral: {spec.name} template"
+        reset = reqs[0].boot.reset_signals if reqs[0].boot is not None else None
+
+        def prepare(keep: int) -> None:  # in the template, every signal blocked
+            # What every worker would do alone, done once here: the supervisor's own fds
+            # closed, the signal handlers reset, the title's first setting (which moves the
+            # environment).
+            close_internal_fds(keep=(keep, wake_fd))
+            reset_signal_handlers(reset)
+            _set_title(title)
+
+        try:
+            reason = _template.fork_batch(procs, take, prepare)
+        except Exception as exc:  # e.g. the template's fork: EAGAIN, ENOMEM
+            reason = f"{type(exc).__name__}: {exc}"
+        if reason is not None:
+            left = sum(1 for r in results if r is None)
+            self.log.warning("pool %r: the start template failed (%s); %d of %d worker(s) "
+                             "forked from the supervisor instead", spec.name, reason, left,
+                             len(reqs))
+        return results
 
     def _spawned_batch(self, batch: list[tuple[SpawnRequest, ProcessLike | BaseException]],
                        ) -> None:

@@ -6,7 +6,9 @@ the other workers. The thread lives as long as its pool, which matters: Linux ti
 parent-death signal to the *thread* that forked it.
 
 Requests queued together (a pool's start, a scale-up) are delivered together: one hand-over to
-the loop for the batch, not one per process. A lone restart is delivered at once.
+the loop for the batch, not one per process. A lone restart is delivered at once. A pool's start
+is queued as one request of many (:meth:`Spawner.request_batch`), which ``start_many`` may start
+at once (under fork: from a single-threaded template, see :mod:`corral._template`).
 
     loop thread --request(req)--> queue --> spawner thread: start(req) -> WorkerProcess | error
                                                   |
@@ -37,6 +39,22 @@ BATCH_SIZE = 32
 BATCH_TIME = 0.005  # seconds: a batch is delivered at the latest this long after its first start
 
 
+class _Many(Generic[R]):
+    """Requests queued as one (see :meth:`Spawner.request_batch`)."""
+
+    __slots__ = ("reqs",)
+
+    def __init__(self, reqs: list[R]) -> None:
+        self.reqs = reqs
+
+
+class _Stop:
+    """The end of the queue (close()), met in the middle of a batch."""
+
+
+_STOP = _Stop()
+
+
 class SpawnSkipped(Exception):
     """The pool began stopping before this start came up: nothing was started."""
 
@@ -61,20 +79,25 @@ class Spawner(Generic[R, P]):
             the less is done between them the faster a batch starts.
         batch_time: a batch is delivered at the latest this long (seconds) after its first
             start began (default :data:`BATCH_TIME`).
+        start_many: ``start_many(requests) -> results`` for a :meth:`request_batch`, on the
+            spawner thread: one result per request, None for a request it left to ``start``.
     """
 
     def __init__(self, name: str, start: Callable[[R], P],
                  deliver: Callable[[list[tuple[R, P | BaseException]]], None],
                  skip: Callable[[], bool], discard: Callable[[P], None],
                  settle: Callable[[P], None] | None = None,
-                 batch_time: float = BATCH_TIME) -> None:
+                 batch_time: float = BATCH_TIME,
+                 start_many: Callable[[list[R]], list[P | BaseException | None]] | None = None,
+                 ) -> None:
         self._start = start
         self._deliver = deliver
         self._skip = skip
         self._discard = discard
         self._settle = settle
         self._batch_time = batch_time
-        self._queue: queue.SimpleQueue[R | None] = queue.SimpleQueue()
+        self._start_many = start_many
+        self._queue: queue.SimpleQueue[R | _Many[R] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -84,6 +107,11 @@ class Spawner(Generic[R, P]):
     def request(self, req: R) -> None:
         """Queue one start (any thread)."""
         self._queue.put(req)
+
+    def request_batch(self, reqs: list[R]) -> None:
+        """Queue starts that belong together (a pool's start): ``start_many`` may take them."""
+        if reqs:
+            self._queue.put(_Many(reqs))
 
     def close(self, timeout: float | None = None) -> None:
         """Let the thread finish what is queued and end; wait up to ``timeout`` for it."""
@@ -98,39 +126,79 @@ class Spawner(Generic[R, P]):
 
     def _run(self) -> None:
         q = self._queue
+        item: R | _Many[R] | _Stop | None = q.get()
         while True:
-            item = q.get()
-            batch: list[tuple[R, P | BaseException]] = []
-            began = time.monotonic()
-            while item is not None:
-                result: P | BaseException
-                if self._skip():
-                    result = SpawnSkipped()
-                else:
-                    try:
-                        result = self._start(item)
-                    except BaseException as exc:  # delivered as a failed start
-                        result = exc
-                batch.append((item, result))
-                if len(batch) >= BATCH_SIZE or time.monotonic() - began > self._batch_time:
-                    break
-                try:
-                    item = q.get_nowait()
-                except queue.Empty:
-                    break
-            if self._settle is not None:
-                self._settle_batch(batch)
-            if batch:
-                try:
-                    self._deliver(batch)
-                except Exception:
-                    # Nobody will take these any more (the loop has closed): no orphans.
-                    for _, result in batch:
-                        if not isinstance(result, BaseException):
-                            with contextlib.suppress(Exception):
-                                self._discard(result)
-            if item is None:
+            if item is None or isinstance(item, _Stop):
                 return
+            if isinstance(item, _Many):
+                self._run_many(item.reqs)
+                item = q.get()
+                continue
+            began = time.monotonic()
+            batch: list[tuple[R, P | BaseException]] = [(item, self._start_one(item))]
+            # What follows this batch: the next request, None (close) or a request of many;
+            # nothing queued (or the batch is full): wait for the next one.
+            item = self._next_in_batch(len(batch), began)
+            while item is not None and not isinstance(item, (_Many, _Stop)):
+                batch.append((item, self._start_one(item)))
+                item = self._next_in_batch(len(batch), began)
+            self._hand_over(batch)
+            if isinstance(item, _Stop):
+                return
+            if item is None:
+                item = q.get()
+
+    def _next_in_batch(self, size: int, began: float) -> R | _Many[R] | _Stop | None:
+        """The next request of the batch under way; None when it is complete."""
+        if size >= BATCH_SIZE or time.monotonic() - began > self._batch_time:
+            return None
+        try:
+            item = self._queue.get_nowait()
+        except queue.Empty:
+            return None
+        return _STOP if item is None else item
+
+    def _start_one(self, req: R) -> P | BaseException:
+        if self._skip():
+            return SpawnSkipped()
+        try:
+            return self._start(req)
+        except BaseException as exc:  # delivered as a failed start
+            return exc
+
+    def _run_many(self, reqs: list[R]) -> None:
+        results: list[P | BaseException | None] = [None] * len(reqs)
+        if self._start_many is not None and not self._skip():
+            try:
+                results = self._start_many(reqs)
+            except BaseException as exc:  # a bug in start_many: each request fails alone
+                log.exception("starting %d processes together failed", len(reqs))
+                results = [exc] * len(reqs)
+        # Handed over as ordinary batches are (full, or once batch_time has passed), so the
+        # loop learns of slow starts (spawn, forkserver) as they come.
+        batch: list[tuple[R, P | BaseException]] = []
+        began = time.monotonic()
+        for req, result in zip(reqs, results, strict=True):
+            if not batch:
+                began = time.monotonic()
+            batch.append((req, self._start_one(req) if result is None else result))
+            if len(batch) >= BATCH_SIZE or time.monotonic() - began > self._batch_time:
+                self._hand_over(batch)
+                batch = []
+        self._hand_over(batch)
+
+    def _hand_over(self, batch: list[tuple[R, P | BaseException]]) -> None:
+        if self._settle is not None:
+            self._settle_batch(batch)
+        if batch:
+            try:
+                self._deliver(batch)
+            except Exception:
+                # Nobody will take these any more (the loop has closed): no orphans.
+                for _, result in batch:
+                    if not isinstance(result, BaseException):
+                        with contextlib.suppress(Exception):
+                            self._discard(result)
 
     def _settle_batch(self, batch: list[tuple[R, P | BaseException]]) -> None:
         assert self._settle is not None

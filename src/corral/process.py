@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from multiprocessing.context import BaseContext
 from typing import Any, Protocol
 
@@ -36,6 +37,8 @@ __all__ = [
     "close_internal_fds",
     "disown_fd",
     "dump_fd_is_ours",
+    "forking",
+    "kill_unregistered",
     "own_fd",
     "pid_running",
     "read_stack_dump",
@@ -169,6 +172,16 @@ def _popen_fds(process: multiprocessing.process.BaseProcess) -> tuple[int, ...]:
 
 
 _forking = threading.local()
+
+
+@contextlib.contextmanager
+def forking() -> Iterator[None]:
+    """Around a fork on this thread: the child gets a fresh stdin (see below)."""
+    _forking.active = True
+    try:
+        yield
+    finally:
+        _forking.active = False
 
 
 def _after_fork_in_child() -> None:
@@ -355,11 +368,8 @@ class WorkerProcess(GroupSignals):
         """Start ``target(*args)`` in a new process; ``settle=False`` leaves :meth:`settle` to
         the caller (a spawner that forks a batch first)."""
         proc = ctx.Process(target=target, args=args, name=name, daemon=daemon)  # type: ignore[attr-defined]
-        _forking.active = True
-        try:
+        with forking():
             proc.start()
-        finally:
-            _forking.active = False
         # multiprocessing polls (and so reaps) every child it knows of whenever any process is
         # started; take ours out of that set so only the monitor reaps it.
         multiprocessing.process._children.discard(proc)  # type: ignore[attr-defined]
@@ -437,6 +447,20 @@ class WorkerProcess(GroupSignals):
         except OSError as exc:
             if exc.errno != errno.EBADF:
                 raise
+
+
+def kill_unregistered(process: multiprocessing.process.BaseProcess) -> None:
+    """SIGKILL and reap our child ``process`` that never became a :class:`WorkerProcess`."""
+    pid = process.pid
+    if pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+    popen = getattr(process, "_popen", None)
+    if popen is not None:
+        popen.returncode = -signal.SIGKILL
+        popen.close()
 
 
 def settle(proc: object) -> None:

@@ -1,0 +1,424 @@
+"""A pool's first fork workers, forked by one of them: a single-threaded start template.
+
+Under fork, every worker forked from the supervisor pays Python's after-fork clean-up of the
+supervisor's other threads, and the spawner thread that forks competes for the GIL with the
+monitor thread. For a pool's start the spawner forks the first worker as usual (an ordinary
+``os.fork()``, so it holds the supervisor's state as of that moment, the pool's ``start()``),
+and that process, the *template*, which has one thread, forks the others before it boots.
+With more than one CPU it forks the first worker of each other chunk of the batch, which forks
+the rest of its chunk (:func:`_chunks`). A chunk's workers wait at a gate (a pipe) until their
+forker is done, so the forks are not delayed by the boots they started.
+
+The workers must stay the supervisor's own children (reaped by pid and pidfd, their exit
+statuses, their parent-death signal tied to the spawner thread, process groups set from the
+parent's side). The template creates each with a raw ``clone(CLONE_PARENT | SIGCHLD)``: the
+new process's parent is the template's parent, the supervisor's spawner thread. Around that
+system call the template does what ``os.fork()`` does (``PyOS_BeforeFork``,
+``PyOS_AfterFork_Parent`` / ``_Child``, so ``os.register_at_fork`` hooks run in each worker),
+and in the child what glibc's ``fork()`` does for the calling thread: the kernel writes the new
+thread id into glibc's thread descriptor (``CLONE_CHILD_SETTID``) and the child registers its
+robust-mutex list again (``set_robust_list``), so robust mutexes (corral's death locks) name the
+worker. Both addresses are taken from the kernel (``get_robust_list``) and checked against the
+thread id before the template is used. C-level ``pthread_atfork`` handlers run once, for the
+template's fork, not for each worker's.
+
+Each forker reports every worker's pid and multiprocessing's two pipe ends (as ``Popen`` of the
+fork start method keeps them) over a socketpair, then the end of its chunk. Anything that goes
+wrong is logged by the caller with the reason: a fork that fails (reported; the workers already
+forked are kept), a forker that dies or says nothing for :data:`TIMEOUT` seconds (killed and
+reaped, with whatever it forked and did not report). The workers not started are started the
+ordinary way. Linux with glibc, x86-64 or arm64 only.
+"""
+from __future__ import annotations
+
+import _signal  # type: ignore[import-not-found]  # (no stubs)
+import contextlib
+import ctypes
+import functools
+import logging
+import multiprocessing.process
+import multiprocessing.util
+import os
+import platform
+import select
+import signal
+import socket
+import struct
+import threading
+from collections.abc import Callable, Sequence
+from multiprocessing import popen_fork
+from typing import Any
+
+from corral.process import disown_fd, forking, own_fd
+
+__all__ = ["TIMEOUT", "ClonedPopen", "fork_batch", "unavailable"]
+
+log = logging.getLogger(__name__)
+
+# Seconds without news from the template before it is killed and the batch falls back.
+TIMEOUT = 5.0
+
+_NR = {"x86_64": (56, 273, 274), "aarch64": (220, 99, 100)}  # clone, set_/get_robust_list
+_CLONE_PARENT = 0x00008000
+_CLONE_CHILD_SETTID = 0x01000000
+_PR_SET_PDEATHSIG = 1
+# (kind, index or chunk, pid or status); a worker's two pipe ends ride along as SCM_RIGHTS.
+_MSG = struct.Struct("=iii")
+_WORKER = 1  # (_WORKER, index, pid): a worker was forked
+_END = 2  # (_END, chunk, 0 or an errno): a forker is done with its chunk
+# The fewest workers a forker takes on: a chunk's first worker starts forking only once it
+# runs (after its own after-fork work), and boots only after it has forked its chunk.
+CHUNK_MIN = 8
+
+_checked: dict[int, tuple[str | None, int, int, int]] = {}  # by thread: (reason, head, len, tid)
+_libc: Any = None
+_clone_with: tuple[Any, ...] | None = None
+
+
+def _syscall() -> Any:
+    global _libc
+    if _libc is None:
+        # PyDLL: the GIL stays held across the call, as os.fork() holds it across fork().
+        lib = ctypes.PyDLL(None, use_errno=True)
+        lib.syscall.restype = ctypes.c_long
+        lib.prctl.restype = ctypes.c_int
+        lib.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                              ctypes.c_ulong)
+        for name in ("PyOS_BeforeFork", "PyOS_AfterFork_Parent", "PyOS_AfterFork_Child"):
+            getattr(ctypes.pythonapi, name).restype = None
+        _libc = lib
+    return _libc
+
+
+def _thread_facts() -> tuple[str | None, int, int, int]:
+    """(why not, robust-list head, its size, the tid's address) for the calling thread."""
+    ident = threading.get_ident()
+    known = _checked.get(ident)
+    if known is not None:
+        return known
+    facts: tuple[str | None, int, int, int]
+    try:
+        facts = _probe()
+    except Exception as exc:  # anything unexpected: not here
+        facts = (f"{type(exc).__name__}: {exc}", 0, 0, 0)
+    _checked[ident] = facts
+    return facts
+
+
+def _probe() -> tuple[str | None, int, int, int]:
+    nr = _NR.get(platform.machine())
+    if nr is None or os.uname().sysname != "Linux":
+        return (f"not supported on {os.uname().sysname} {platform.machine()}", 0, 0, 0)
+    if platform.libc_ver()[0] != "glibc":
+        return ("not glibc", 0, 0, 0)
+    lib = _syscall()
+    head, size = ctypes.c_void_p(), ctypes.c_size_t()
+    if lib.syscall(ctypes.c_long(nr[2]), ctypes.c_long(0), ctypes.byref(head),
+                   ctypes.byref(size)) != 0:
+        return (f"get_robust_list: {os.strerror(ctypes.get_errno())}", 0, 0, 0)
+    addr = head.value or 0
+    # glibc's struct pthread: ... pid_t tid; pid_t unused; void *robust_prev;
+    # struct robust_list_head robust_head (whose list points to itself while empty).
+    tid_at = addr - 16
+    if (not addr or size.value != 24
+            or ctypes.c_int.from_address(tid_at).value != threading.get_native_id()
+            or ctypes.c_void_p.from_address(addr - 8).value != addr):
+        return ("glibc's thread descriptor is not laid out as expected", 0, 0, 0)
+    return (None, addr, size.value, tid_at)
+
+
+def unavailable() -> str | None:
+    """Why the calling thread cannot use a template here (None: it can)."""
+    return _thread_facts()[0]
+
+
+class ClonedPopen(popen_fork.Popen):
+    """multiprocessing's fork ``Popen`` for a worker the template forked: the same pid,
+    sentinel and pipe ends, polled and closed as fork's own."""
+
+    def __init__(self, pid: int, parent_r: int, parent_w: int) -> None:  # no _launch
+        self.returncode: int | None = None
+        self.pid = pid
+        self.sentinel = parent_r
+        self.finalizer = multiprocessing.util.Finalize(
+            self, multiprocessing.util.close_fds,  # type: ignore[attr-defined]
+            (parent_r, parent_w))
+
+
+def _clone(facts: tuple[str | None, int, int, int]) -> int:
+    """Fork a child of our parent (the supervisor), as os.fork() would: 0 in the child."""
+    global _clone_with
+    if _clone_with is None or _clone_with[0] is not facts:
+        # Built once per template: every object the child touches is a page it copies.
+        lib = _syscall()
+        api = ctypes.pythonapi
+        nr = _NR[platform.machine()]
+        _clone_with = (
+            facts, lib.syscall, api.PyOS_BeforeFork, api.PyOS_AfterFork_Parent,
+            api.PyOS_AfterFork_Child,
+            (ctypes.c_long(nr[0]),
+             ctypes.c_ulong(_CLONE_PARENT | _CLONE_CHILD_SETTID | signal.SIGCHLD),
+             ctypes.c_void_p(0), ctypes.c_void_p(0), ctypes.c_void_p(facts[3]),
+             ctypes.c_void_p(0)),
+            (ctypes.c_long(nr[1]), ctypes.c_void_p(facts[1]), ctypes.c_size_t(facts[2])))
+    _, syscall, before, after_parent, after_child, clone_args, robust_args = _clone_with
+    before()
+    pid = syscall(*clone_args)
+    if pid == 0:
+        # glibc's fork() does this for the calling thread: a robust list of its own (empty).
+        syscall(*robust_args)
+        after_child()
+        return 0
+    err = ctypes.get_errno()
+    after_parent()
+    if pid < 0:
+        raise OSError(err, f"clone: {os.strerror(err)}")
+    return int(pid)
+
+
+def _template(sock: socket.socket, procs: Sequence[multiprocessing.process.BaseProcess],
+              supervisor: int, facts: tuple[str | None, int, int, int],
+              prepare: Callable[[int], None] | None, bounds: list[tuple[int, int]],
+              own_ends: tuple[int, int]) -> bool:
+    """The template's part, before it boots as the batch's first worker: fork the others.
+
+    The batch is cut into chunks, one per CPU (see :func:`_chunks`): the template forks the
+    first worker of every other chunk, which forks the rest of its own chunk before it boots,
+    so a batch is forked in parallel. Every one of them is a child of the supervisor
+    (CLONE_PARENT), however deep it was forked. False: the supervisor is gone.
+    """
+    # No handler of the supervisor's runs here, and each worker is born with every signal
+    # blocked: its bootstrap resets the handlers, then unblocks (a stop signal sent meanwhile
+    # is delivered then, to the defaults).
+    # (_signal's: signal's makes an enum of every signal, in and out: ~0.2 ms of the start.)
+    _signal.pthread_sigmask(signal.SIG_BLOCK, _signal.valid_signals())
+    _syscall().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != supervisor:
+        return False
+    if prepare is not None:
+        prepare(sock.fileno())
+    _forker(sock, procs, 0, bounds, facts, own_ends)
+    return True
+
+
+def _chunks(n: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of a batch of ``n``: one per CPU we may run on, at least
+    :data:`CHUNK_MIN` workers each."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except OSError:
+        cpus = os.cpu_count() or 1
+    ways = max(1, min(cpus, n // CHUNK_MIN))
+    bounds = [n * k // ways for k in range(ways + 1)]
+    return [(bounds[k], bounds[k + 1]) for k in range(ways)]
+
+
+def _forker(sock: socket.socket, procs: Sequence[multiprocessing.process.BaseProcess],
+            chunk: int, bounds: list[tuple[int, int]], facts: tuple[str | None, int, int, int],
+            own_ends: tuple[int, int]) -> None:
+    """In the first worker of a chunk, before it boots: fork the rest of the chunk (and, in
+    the template, the first worker of every other chunk), report each, then the chunk's end.
+    A failure is reported, never raised: this worker boots all the same, and the supervisor
+    starts what is missing. ``own_ends``: this worker's pipe ends, not its children's."""
+    status = 0
+    # The chunk's workers wait at this gate until the chunk is forked: the scheduler would
+    # otherwise give each new process the CPU ahead of its forker, which then forks the rest
+    # of the batch in the gaps (a forker that dies opens it too: its end closes).
+    gate = os.pipe()
+    held = (*own_ends, *gate)
+    forked = 0
+    try:
+        if chunk == 0:
+            for other in range(1, len(bounds)):
+                _fork_one(sock, procs, bounds[other][0], facts, held, None,
+                          functools.partial(_forker, sock, procs, other, bounds, facts))
+        for i in range(bounds[chunk][0] + 1, bounds[chunk][1]):
+            _fork_one(sock, procs, i, facts, own_ends, gate, None)
+            forked += 1
+    except OSError as exc:
+        status = exc.errno or -1
+    except Exception:
+        status = -1
+    with contextlib.suppress(OSError):
+        os.write(gate[1], b"g" * forked)
+    os.close(gate[0])
+    os.close(gate[1])
+    sock.send(_MSG.pack(_END, chunk, status))
+
+
+def _fork_one(sock: socket.socket, procs: Sequence[multiprocessing.process.BaseProcess],
+              i: int, facts: tuple[str | None, int, int, int], inherited: tuple[int, ...],
+              gate: tuple[int, int] | None,
+              then: Callable[[tuple[int, int]], None] | None) -> None:
+    """Fork worker ``i`` and report it. In it, before it boots: ``inherited`` fds are closed,
+    it waits at ``gate`` (its forker's, see :func:`_forker`) or runs ``then(its pipe ends)``."""
+    parent_r, child_w = os.pipe()
+    child_r, parent_w = os.pipe()
+    pid = _clone(facts)
+    if pid == 0:
+        code = 1
+        try:
+            # The pipe ends of the process we were forked from are not ours.
+            for fd in (parent_r, parent_w, *inherited):
+                os.close(fd)
+            if gate is not None:
+                os.close(gate[1])
+                os.read(gate[0], 1)
+                os.close(gate[0])
+            if then is not None:
+                then((child_r, child_w))
+            os.close(sock.fileno())  # (never used again: we end with os._exit)
+            code = procs[i]._bootstrap(parent_sentinel=child_r)  # type: ignore[attr-defined]
+        finally:
+            os._exit(code)
+    os.close(child_w)
+    os.close(child_r)
+    socket.send_fds(sock, [_MSG.pack(_WORKER, i, pid)], [parent_r, parent_w])
+    os.close(parent_r)
+    os.close(parent_w)
+
+
+def fork_batch(procs: Sequence[multiprocessing.process.BaseProcess],
+               take: Callable[[int, multiprocessing.process.BaseProcess], None],
+               prepare: Callable[[int], None] | None = None) -> str | None:
+    """On the spawner thread: start ``procs`` (unstarted fork-method processes), the first
+    forked as usual, the others by it before it boots (the template).
+
+    ``take(i, proc)`` is called for each one started (``proc`` then has its ``_popen``), once
+    the template is done. ``prepare(fd)`` runs in the template before its first fork (with
+    every signal blocked): what each worker would otherwise do alone, done once; ``fd`` is the
+    template's socket, which it must leave open. Returns None if all were started, else why
+    not (the processes not taken were not started; the caller starts them the ordinary way).
+    """
+    facts = _thread_facts()
+    if facts[0] is not None:
+        return facts[0]
+    me = threading.get_native_id()
+    before = _children(me)
+    if before is None:
+        return "no /proc/self/task/<tid>/children here"
+    bounds = _chunks(len(procs))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    own_fd(ours.fileno())
+    own_fd(theirs.fileno())
+    supervisor = os.getpid()
+    multiprocessing.util._flush_std_streams()  # type: ignore[attr-defined]
+    # The first worker's pipes, as multiprocessing's fork Popen makes them.
+    parent_r, child_w = os.pipe()
+    child_r, parent_w = os.pipe()
+    try:
+        with forking():
+            pid = os.fork()
+    except BaseException:
+        for sock in (ours, theirs):
+            disown_fd(sock.fileno())
+            sock.close()
+        for fd in (parent_r, child_w, child_r, parent_w):
+            os.close(fd)
+        raise
+    if pid == 0:  # the template, then the first worker
+        code = 1
+        try:
+            ours.close()
+            os.close(parent_r)
+            os.close(parent_w)
+            if _template(theirs, procs, supervisor, facts, prepare, bounds, (child_r, child_w)):
+                os.close(theirs.fileno())  # (never used again: we end with os._exit)
+                code = procs[0]._bootstrap(parent_sentinel=child_r)  # type: ignore[attr-defined]
+        finally:
+            os._exit(code)
+    os.close(child_w)
+    os.close(child_r)
+    disown_fd(theirs.fileno())
+    theirs.close()
+    started: dict[int, tuple[int, int, int]] = {0: (pid, parent_r, parent_w)}
+    ended: dict[int, int] = {}
+    try:
+        reason = _receive(ours, len(procs), len(bounds), started, ended)
+    except Exception as exc:  # whatever it is, the batch falls back
+        reason = f"{type(exc).__name__}: {exc}"
+    finally:
+        disown_fd(ours.fileno())
+        ours.close()
+    if reason is not None:
+        # A forker that did not end its chunk may be stuck: it goes, and its worker is
+        # started the ordinary way.
+        for chunk, (lo, _) in enumerate(bounds):
+            if chunk not in ended and lo in started:
+                _kill(*started.pop(lo))
+    elif any(ended.values()):
+        errno = next(e for e in ended.values() if e)
+        reason = f"a fork failed ({os.strerror(errno) if errno > 0 else 'error'})"
+    if reason is not None:
+        _sweep(me, before | {p for p, _, _ in started.values()})
+    for i, (child, r, w) in sorted(started.items()):
+        _adopt(procs[i], child, r, w)
+        take(i, procs[i])
+    return reason
+
+
+def _receive(sock: socket.socket, n: int, chunks: int,
+             started: dict[int, tuple[int, int, int]], ended: dict[int, int]) -> str | None:
+    """Take the template's reports until every chunk has ended: None, or what went wrong."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    while len(ended) < chunks:
+        if not poller.poll(int(TIMEOUT * 1000)):
+            return f"no word from the template for {TIMEOUT:g} s"
+        msg, fds, _, _ = socket.recv_fds(sock, _MSG.size, 2, socket.MSG_CMSG_CLOEXEC)
+        if len(msg) != _MSG.size:
+            for fd in fds:
+                os.close(fd)
+            return "the template ended early"
+        kind, i, value = _MSG.unpack(msg)
+        if kind == _WORKER and len(fds) == 2 and 0 < i < n and i not in started:
+            started[i] = (value, fds[0], fds[1])
+        elif kind == _END and not fds and 0 <= i < chunks and i not in ended:
+            ended[i] = value
+        else:
+            for fd in fds:
+                os.close(fd)
+            return "a malformed message from the template"
+    return None
+
+
+def _adopt(proc: multiprocessing.process.BaseProcess, pid: int, parent_r: int,
+           parent_w: int) -> None:
+    """What Process.start() records once its Popen exists (corral keeps its processes out of
+    multiprocessing's _children, see WorkerProcess.start)."""
+    popen = ClonedPopen(pid, parent_r, parent_w)
+    proc._popen = popen  # type: ignore[attr-defined]
+    proc._sentinel = popen.sentinel  # type: ignore[attr-defined]
+    for attr in ("_target", "_args", "_kwargs"):
+        with contextlib.suppress(AttributeError):
+            delattr(proc, attr)
+
+
+def _kill(pid: int, parent_r: int, parent_w: int) -> None:
+    """SIGKILL and reap our child ``pid`` (a stuck forker), close its pipe ends."""
+    log.warning("killing pid %d, a start template that did not finish", pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    os.close(parent_r)
+    os.close(parent_w)
+
+
+def _children(tid: int) -> set[int] | None:
+    try:
+        with open(f"/proc/self/task/{tid}/children", "rb") as fh:
+            return {int(p) for p in fh.read().split()}
+    except (OSError, ValueError):
+        return None
+
+
+def _sweep(tid: int, known: set[int]) -> None:
+    """Kill and reap what a failed template forked and never reported (our children, by pid:
+    nothing else forks on this thread meanwhile)."""
+    now = _children(tid) or set()
+    for pid in sorted(now - known):
+        log.warning("killing pid %d, forked by a failed start template and never reported", pid)
+        with contextlib.suppress(ChildProcessError, ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)

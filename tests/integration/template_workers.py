@@ -1,0 +1,47 @@
+"""Targets for test_start_template.py (module-level: the tests patch nothing in them)."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import corral
+
+# Set by the test before the pool's start(): a worker must see the value of that moment.
+STATE = "import"
+
+
+def report(index: int, outdir: str, code: int = -1) -> None:
+    """Writes who it is and what it inherited to outdir/worker-<index>.json, then beats (or,
+    with ``code`` >= 0, exits with it once the test has read the report)."""
+    from corral import _template
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    sig = ctypes.c_int(0)
+    libc.prctl(2, ctypes.byref(sig), 0, 0, 0)  # PR_GET_PDEATHSIG
+    data = {"index": index, "pid": os.getpid(), "ppid": os.getppid(), "pgid": os.getpgid(0),
+            "pdeathsig": sig.value, "state": STATE,
+            # glibc's view of this thread matches the kernel's: its thread id and a robust
+            # list of its own (what glibc's fork() sets up, and the clone must have too).
+            "glibc": _template._probe()[0],
+            "threads": threading.active_count(),
+            "fds": sorted(os.listdir("/proc/self/fd")),
+            "blocked": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, ()))}
+    path = Path(outdir) / f"worker-{index}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.rename(path)
+    if code >= 0:
+        go = Path(outdir) / "go"
+        while not go.exists():  # the test reads the report first, then lets it exit
+            time.sleep(0.01)
+        os._exit(code)
+    corral.ready()
+    while True:
+        corral.beat()
+        time.sleep(0.05)

@@ -1,0 +1,218 @@
+"""A pool's first fork workers come from a single-threaded start template (corral._template):
+they are the supervisor's own children all the same, and a template that fails falls back."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import template_workers
+from _helpers import pool, start_supervisor_script, wait_gone
+
+from corral import _template
+from corral.events import StopReason
+from corral.exitstatus import ExitStatus
+from support import wait_for
+
+pytestmark = [pytest.mark.timeout(60), pytest.mark.filterwarnings(
+    "ignore:This process .* is multi-threaded:DeprecationWarning")]
+
+N = 6
+
+needs_template = pytest.mark.skipif(_template.unavailable() is not None,
+                                    reason=f"no start template here: {_template.unavailable()}")
+
+
+@pytest.fixture
+def batches(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, str | None]]]:
+    """Every fork_batch call: (how many processes, the reason it failed or None)."""
+    calls: list[tuple[int, str | None]] = []
+    real = _template.fork_batch
+
+    def spy(procs: Any, take: Any, prepare: Any = None) -> str | None:
+        reason = real(procs, take, prepare)
+        calls.append((len(procs), reason))
+        return reason
+
+    monkeypatch.setattr(_template, "fork_batch", spy)
+    yield calls
+
+
+def _reports(outdir: Path, n: int) -> dict[int, dict[str, Any]]:
+    paths = [outdir / f"worker-{i}.json" for i in range(n)]
+    wait_for(lambda: all(p.exists() for p in paths), 30, f"{n} worker reports")
+    return {i: json.loads(p.read_text()) for i, p in enumerate(paths)}
+
+
+def _wait_pids(sup: Any, reports: dict[int, dict[str, Any]]) -> None:
+    """The supervisor knows exactly the processes that reported (it learns of them a moment
+    after they run: the spawner hands them over in batches)."""
+    want = sorted(r["pid"] for r in reports.values())
+    wait_for(lambda: sorted(sup.pids()) == want, 30, f"the supervisor's pids to be {want}")
+
+
+def _check_children(reports: dict[int, dict[str, Any]]) -> None:
+    for r in reports.values():
+        assert r["ppid"] == os.getpid(), r  # the supervisor's own child, not the template's
+        assert r["pgid"] == r["pid"], r
+        assert r["pdeathsig"] == signal.SIGKILL, r
+        assert r["glibc"] is None, r  # glibc's thread id and robust list are the worker's
+        assert r["blocked"] == [], r  # born with every signal blocked, then unblocked
+
+
+@needs_template
+def test_a_pools_first_workers_come_from_the_template_as_the_supervisors_children(
+        no_leaks: set[int], tmp_path: Path, batches: list[tuple[int, str | None]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(template_workers, "STATE", "set before start()")
+    monkeypatch.setattr(_template, "CHUNK_MIN", 3)  # forked by two processes on two CPUs
+    with pool(no_leaks, template_workers.report, workers=N, start_method="fork",
+              args=lambda i: (str(tmp_path),)) as (sup, _):
+        reports = _reports(tmp_path, N)
+        assert batches == [(N, None)]
+        _check_children(reports)
+        assert {r["state"] for r in reports.values()} == {"set before start()"}
+        assert len({r["pid"] for r in reports.values()}) == N
+        _wait_pids(sup, reports)
+        # A restart forks from the supervisor as before, and is just as much its child.
+        victim = reports[1]["pid"]
+        (tmp_path / "worker-1.json").unlink()
+        os.kill(victim, signal.SIGKILL)
+        again = _reports(tmp_path, N)[1]
+        assert again["pid"] != victim
+        _check_children({1: again})
+        assert len(batches) == 1
+        # No fd of the template's (its socket, a gate, a sibling's pipes) is left in a worker:
+        # each holds the same fds as one forked from the supervisor.
+        for r in reports.values():
+            assert len(r["fds"]) == len(again["fds"]), (r["fds"], again["fds"])
+
+
+@needs_template
+def test_template_workers_are_reaped_with_their_exit_statuses(
+        no_leaks: set[int], tmp_path: Path, batches: list[tuple[int, str | None]]) -> None:
+    with pool(no_leaks, template_workers.report, workers=N, start_method="fork",
+              restart="never", args=lambda i: (str(tmp_path), 10 + i)) as (sup, _):
+        reports = _reports(tmp_path, N)
+        assert batches == [(N, None)]
+        os.kill(reports[0]["pid"], signal.SIGTERM)  # before "go": killed by the signal
+        wait_for(lambda: any(r.pid == reports[0]["pid"] for r in sup.history()), 30,
+                 "worker 0's exit")
+        (tmp_path / "go").write_text("")
+        wait_for(lambda: len(sup.history()) == N, 30, "every exit")
+        by_index = {r.index: r for r in sup.history()}
+        assert by_index[0].exit == ExitStatus(signal=signal.SIGTERM)
+        assert by_index[0].reason is StopReason.KILLED
+        for i in range(1, N):
+            assert by_index[i].pid == reports[i]["pid"]
+            assert by_index[i].exit == ExitStatus(code=10 + i), by_index[i]
+            assert by_index[i].reason is StopReason.EXITED
+
+
+@needs_template
+def test_template_workers_die_with_a_killed_supervisor(no_leaks: set[int]) -> None:
+    proc, pids = start_supervisor_script("fork", N)
+    no_leaks.update([proc.pid, *pids])
+    try:
+        assert len(pids) == N
+        for pid in pids:  # the script's children, not a template's
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                assert int(fh.read().rsplit(b")", 1)[1].split()[1]) == proc.pid
+        proc.kill()
+        proc.wait(10)
+        wait_gone(pids, 10, "workers after their supervisor's SIGKILL")
+    finally:
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+@needs_template
+@pytest.mark.parametrize("chunks", ["one", "per-cpu"])
+def test_a_template_that_fails_half_way_falls_back_to_ordinary_forks(
+        no_leaks: set[int], tmp_path: Path, batches: list[tuple[int, str | None]],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        chunks: str) -> None:
+    # One forking process, or one per CPU (two chunks of three workers on two CPUs).
+    monkeypatch.setattr(_template, "CHUNK_MIN", 10_000 if chunks == "one" else 3)
+    real = _template._clone
+    made = [0]
+
+    def clone(facts: Any) -> int:  # (in the template, and in a helper that forks a chunk)
+        if made[0] == 2:
+            raise OSError(11, "injected: the template cannot fork")
+        made[0] += 1
+        return real(facts)
+
+    monkeypatch.setattr(_template, "_clone", clone)
+    caplog.set_level(logging.WARNING, logger="corral")
+    with pool(no_leaks, template_workers.report, workers=N, start_method="fork",
+              args=lambda i: (str(tmp_path),)) as (sup, _):
+        reports = _reports(tmp_path, N)
+        assert len(batches) == 1 and batches[0][1] is not None
+        assert "start template failed (a fork failed" in caplog.text, caplog.text
+        _check_children(reports)
+        _wait_pids(sup, reports)
+
+
+@needs_template
+def test_a_silent_template_is_killed_and_what_it_forked_unreported_is_swept(
+        no_leaks: set[int], tmp_path: Path, batches: list[tuple[int, str | None]],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(_template, "CHUNK_MIN", 10_000)  # one forking process: deterministic
+    monkeypatch.setattr(_template, "TIMEOUT", 1.0)
+    real = _template._clone
+    made = [0]
+    unreported = tmp_path / "unreported"
+
+    def clone(facts: Any) -> int:
+        pid = real(facts)
+        if pid:
+            made[0] += 1
+            if made[0] == 2:  # forked, never reported: the template hangs
+                unreported.write_text(str(pid))
+                time.sleep(3600)
+        return pid
+
+    monkeypatch.setattr(_template, "_clone", clone)
+    caplog.set_level(logging.WARNING, logger="corral")
+    began = time.monotonic()
+    with pool(no_leaks, template_workers.report, workers=N, start_method="fork",
+              args=lambda i: (str(tmp_path),)) as (sup, _):
+        reports = _reports(tmp_path, N)
+        assert time.monotonic() - began < 30
+        assert len(batches) == 1 and "no word from the template" in (batches[0][1] or "")
+        orphan = int(unreported.read_text())
+        no_leaks.add(orphan)
+        assert "a start template that did not finish" in caplog.text, caplog.text
+        assert f"killing pid {orphan}, forked by a failed" in caplog.text, caplog.text
+        wait_gone([orphan], 10, "the unreported worker")
+        assert orphan not in sup.pids()
+        _check_children(reports)
+        _wait_pids(sup, reports)
+
+
+def test_spawn_and_forkserver_pools_use_no_template(
+        no_leaks: set[int], tmp_path: Path, batches: list[tuple[int, str | None]]) -> None:
+    with pool(no_leaks, template_workers.report, workers=3, start_method="spawn",
+              args=lambda i: (str(tmp_path),)):
+        _reports(tmp_path, 3)
+    assert batches == []
+
+
+def test_without_a_template_here_every_worker_is_forked_the_ordinary_way(
+        no_leaks: set[int], tmp_path: Path, batches: list[tuple[int, str | None]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_template, "unavailable", lambda: "not on this machine (test)")
+    with pool(no_leaks, template_workers.report, workers=4, start_method="fork",
+              args=lambda i: (str(tmp_path),)) as (sup, _):
+        reports = _reports(tmp_path, 4)
+        assert batches == []
+        _check_children(reports)
+        _wait_pids(sup, reports)
