@@ -27,7 +27,7 @@ fork start method keeps them) over a socketpair, then the end of its chunk. Anyt
 wrong is logged by the caller with the reason: a fork that fails (reported; the workers already
 forked are kept), a forker that dies or says nothing for :data:`TIMEOUT` seconds (killed and
 reaped, with whatever it forked and did not report). The workers not started are started the
-ordinary way. Linux with glibc, x86-64 or arm64 only.
+ordinary way. Linux with glibc, x86-64 only.
 """
 from __future__ import annotations
 
@@ -51,14 +51,17 @@ from typing import Any
 
 from corral.process import disown_fd, forking, own_fd
 
-__all__ = ["TIMEOUT", "ClonedPopen", "fork_batch", "unavailable"]
+__all__ = ["OFF_VARIABLE", "TIMEOUT", "ClonedPopen", "fork_batch", "unavailable"]
 
 log = logging.getLogger(__name__)
 
 # Seconds without news from the template before it is killed and the batch falls back.
 TIMEOUT = 5.0
 
-_NR = {"x86_64": (56, 273, 274), "aarch64": (220, 99, 100)}  # clone, set_/get_robust_list
+# clone, set_/get_robust_list. x86-64 only: clone's argument order differs between
+# architectures (arm64 takes tls before child_tid), and a child_tid in the wrong place would
+# leave glibc's thread id stale without any error; other machines use the ordinary path.
+_NR = {"x86_64": (56, 273, 274)}
 _CLONE_PARENT = 0x00008000
 _CLONE_CHILD_SETTID = 0x01000000
 _PR_SET_PDEATHSIG = 1
@@ -127,8 +130,15 @@ def _probe() -> tuple[str | None, int, int, int]:
     return (None, addr, size.value, tid_at)
 
 
+# The escape hatch: CORRAL_START_TEMPLATE=0 in the environment forks every worker the
+# ordinary way (read at each pool start, so a program can also set it before start()).
+OFF_VARIABLE = "CORRAL_START_TEMPLATE"
+
+
 def unavailable() -> str | None:
     """Why the calling thread cannot use a template here (None: it can)."""
+    if os.environ.get(OFF_VARIABLE, "").strip() in ("0", "false", "no", "off"):
+        return f"turned off by {OFF_VARIABLE}={os.environ[OFF_VARIABLE]}"
     return _thread_facts()[0]
 
 
