@@ -157,7 +157,9 @@ def test_a_stream_starts_after_events_still_on_their_way(no_leaks: set[int]) -> 
         sup.supervisor.subscribe(hold)  # after AsyncSupervisor's own: it sees one READY
         async with sup:
             await sup.wait_ready(timeout=30)
-            assert held.is_set()  # the events thread is stuck: two READY events wait behind it
+            # The events thread gets stuck on the first READY (at once, or a moment after
+            # wait_ready() answered): the two other READY events then wait behind it.
+            assert await asyncio.to_thread(held.wait, 10)
             stream = sup.events()
             gate.set()
         return [e async for e in stream]
