@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from corral import _template
 from corral._bootstrap import (
     BootConfig,
     WorkerSettings,
@@ -169,6 +168,8 @@ class SpawnPart(_SpawnCore):
         results: list[ProcessLike | BaseException | None] = [None] * len(reqs)
         if len(reqs) < TEMPLATE_MIN:
             return results
+        from corral import _template  # ctypes, platform: only pools that start a batch
+
         reason = _template.unavailable()
         if reason is not None:
             self.log.debug("pool %r: no start template here (%s)", self.spec.name, reason)

@@ -445,7 +445,8 @@ def test_event_json_carries_the_dump_of_a_hang() -> None:
 def test_import_corral_stays_light() -> None:
     code = ("import sys, corral\n"
             "heavy = [m for m in ('prometheus_client', 'asyncio', 'corral.metrics', "
-            "'corral.endpoint', 'corral.aio', 'http.server', 'click', 'rich') "
+            "'corral.endpoint', 'corral.aio', 'http.server', 'click', 'rich', "
+            "'corral._template', 'corral._deathwatch', 'corral.serve', 'corral.cli') "
             "if m in sys.modules]\n"
             "print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
