@@ -101,6 +101,10 @@ class Supervisor:
                 options["workers"] = workers
             self.spec = PoolSpec(target, **options)
         worker_settings(self.spec)  # an unknown user, a missing cwd: refused here, not at start
+        if self.spec.start_method == "fork" and self.spec.command is None:
+            # What start() will fork its first workers with, loaded now (ctypes, platform:
+            # ~4 ms) so that start() does not wait for an import; `import corral` skips it.
+            from corral import _template  # noqa: F401
         # Internal (the corral command): run the monitor on the caller's reactor, with log
         # pipes and notify sockets.
         self._host = _host
