@@ -206,23 +206,15 @@ def test_spawn_and_forkserver_pools_use_no_template(
     assert batches == []
 
 
-def test_without_a_template_here_every_worker_is_forked_the_ordinary_way(
-        no_leaks: set[int], tmp_path: Path, batches: list[tuple[int, str | None]],
+@pytest.mark.parametrize("why", ["unavailable", "turned off"])
+def test_without_a_template_every_worker_is_forked_the_ordinary_way(
+        why: str, no_leaks: set[int], tmp_path: Path, batches: list[tuple[int, str | None]],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_template, "unavailable", lambda: "not on this machine (test)")
-    with pool(no_leaks, template_workers.report, workers=4, start_method="fork",
-              args=lambda i: (str(tmp_path),)) as (sup, _):
-        reports = _reports(tmp_path, 4)
-        assert batches == []
-        _check_children(reports)
-        _wait_pids(sup, reports)
-
-
-def test_the_environment_can_turn_the_template_off(
-        no_leaks: set[int], tmp_path: Path, batches: list[tuple[int, str | None]],
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(_template.OFF_VARIABLE, "0")
-    assert _template.unavailable() == f"turned off by {_template.OFF_VARIABLE}=0"
+    if why == "unavailable":
+        monkeypatch.setattr(_template, "unavailable", lambda: "not on this machine (test)")
+    else:  # the escape hatch, CORRAL_START_TEMPLATE=0
+        monkeypatch.setenv(_template.OFF_VARIABLE, "0")
+        assert _template.unavailable() == f"turned off by {_template.OFF_VARIABLE}=0"
     with pool(no_leaks, template_workers.report, workers=4, start_method="fork",
               args=lambda i: (str(tmp_path),)) as (sup, _):
         reports = _reports(tmp_path, 4)
