@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import http.client
 import os
+import secrets
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import psutil
@@ -134,3 +137,39 @@ class Load:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)
+
+
+class FakeSystemd:
+    """A NOTIFY_SOCKET of the test's own, read as systemd does, as the datagrams come."""
+
+    def __init__(self, tmp_path: Path, abstract: bool) -> None:
+        self.rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if abstract:
+            name = f"corral-test-{secrets.token_hex(6)}"
+            self.rx.bind("\0" + name)
+            self.address = "@" + name
+        else:
+            self.address = str(tmp_path / "notify.sock")
+            self.rx.bind(self.address)
+        self.rx.settimeout(0.2)
+        self.messages: list[str] = []
+        self._done = threading.Event()
+        self._reader = threading.Thread(target=self._receive, daemon=True)
+        self._reader.start()
+
+    def _receive(self) -> None:
+        while not self._done.is_set():
+            try:
+                self.messages.append(self.rx.recv(4096).decode())
+            except TimeoutError:
+                continue
+
+    def kinds(self) -> list[str]:
+        """The first field of each message but WATCHDOG=1 and STATUS alone."""
+        return [m.split("\n")[0].split("=")[0] for m in list(self.messages)
+                if m != "WATCHDOG=1" and not m.startswith("STATUS=")]
+
+    def close(self) -> None:
+        self._done.set()
+        self._reader.join(5)
+        self.rx.close()

@@ -8,12 +8,10 @@ by pid at the end (the ``corral`` fixture)."""
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ import pytest
 from test_e2e_serve import APPS, _free_port
 
 from conftest import CLI, Corral, alive, toml_argv, worker
-from support import http_get, wait_for
+from support import FakeSystemd, http_get, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,42 +28,6 @@ pytestmark = pytest.mark.timeout(120)
 def _serve_table(tmp_path: Path, name: str, body: str) -> str:
     shutil.copy(APPS / "asgi_app.py", tmp_path)  # the config's directory is the app dir
     return f'\n[serve.{name}]\napp = "asgi_app:app"\n{body}\n'
-
-
-class FakeSystemd:
-    """A NOTIFY_SOCKET of the test's own, read as systemd does, as the datagrams come."""
-
-    def __init__(self, tmp_path: Path, abstract: bool) -> None:
-        self.rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        if abstract:
-            name = f"corral-test-{secrets.token_hex(6)}"
-            self.rx.bind("\0" + name)
-            self.address = "@" + name
-        else:
-            self.address = str(tmp_path / "notify.sock")
-            self.rx.bind(self.address)
-        self.rx.settimeout(0.2)
-        self.messages: list[str] = []
-        self._done = threading.Event()
-        self._reader = threading.Thread(target=self._receive, daemon=True)
-        self._reader.start()
-
-    def _receive(self) -> None:
-        while not self._done.is_set():
-            try:
-                self.messages.append(self.rx.recv(4096).decode())
-            except TimeoutError:
-                continue
-
-    def kinds(self) -> list[str]:
-        """The first field of each message but WATCHDOG=1 and STATUS alone."""
-        return [m.split("\n")[0].split("=")[0] for m in list(self.messages)
-                if m != "WATCHDOG=1" and not m.startswith("STATUS=")]
-
-    def close(self) -> None:
-        self._done.set()
-        self._reader.join(5)
-        self.rx.close()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from support import Load, http_get, kill_pids, wait_for
+from support import FakeSystemd, Load, http_get, kill_pids, wait_for
 
 _get = http_get
 
@@ -305,25 +305,11 @@ def test_scale_and_signal_through_the_control_socket(tmp_path: Path,
 
 def test_systemd_messages_in_order(tmp_path: Path, serve: list[Serve]) -> None:
     """A fake NOTIFY_SOCKET of our own: what corral serve tells systemd, in order."""
-    addr = str(tmp_path / "notify.sock")
-    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    rx.bind(addr)
-    rx.settimeout(0.2)
-    messages: list[str] = []
-    done = threading.Event()
-
-    def receive() -> None:  # read as systemd does, as they come (the queue is short)
-        while not done.is_set():
-            try:
-                messages.append(rx.recv(4096).decode())
-            except TimeoutError:
-                continue
-
-    reader = threading.Thread(target=receive, daemon=True)
-    reader.start()
+    fake = FakeSystemd(tmp_path, abstract=False)
+    messages = fake.messages
 
     s = Serve(tmp_path, "asgi_app:app", "--graceful-timeout", "12",
-              env={"NOTIFY_SOCKET": addr, "WATCHDOG_USEC": "400000",
+              env={"NOTIFY_SOCKET": fake.address, "WATCHDOG_USEC": "400000",
                    "TEST_APP_STARTUP": "0.2"})
     serve.append(s)
     try:
@@ -334,9 +320,7 @@ def test_systemd_messages_in_order(tmp_path: Path, serve: list[Serve]) -> None:
         wait_for(lambda: any("EXTEND_TIMEOUT_USEC=" in m for m in messages), 5,
                  "the stop's messages read")
     finally:
-        done.set()
-        reader.join(5)
-        rx.close()
+        fake.close()
     kinds = [m.split("\n")[0].split("=")[0] for m in messages if "WATCHDOG=1" not in m]
     assert sum("WATCHDOG=1" in m for m in messages) >= 2, "pings every WATCHDOG_USEC/2"
     ready_at = kinds.index("READY")
