@@ -188,17 +188,36 @@ def is_exiting(pid: int) -> bool:
     """True once process ``pid`` has begun to exit: every one of its threads has (PF_EXITING,
     from /proc) or is a zombie. The main thread alone is not enough: it can end (pthread_exit)
     while other threads run on, and its death lock is freed then too. False if any thread
-    runs (an exec also frees robust mutexes: that is not a death) or the process is gone."""
+    runs (an exec also frees robust mutexes: that is not a death) or the process is gone.
+
+    An exec from a thread other than the main one kills the other threads and then takes the
+    process's pid over: a thread vanishes mid-check, and the list read before is stale. So a
+    vanished thread or a changed list means: look again (a real death settles at once; an
+    exec shows its running thread under the pid on the next look). Unsure means False: the
+    caller then waits for the pidfd, which is never wrong."""
+    for _ in range(3):
+        tids = _tasks(pid)
+        if not tids:
+            return False
+        states = [_task_exiting(pid, tid) for tid in tids]
+        if False in states:
+            return False
+        if None not in states and _tasks(pid) == tids:
+            return True
+    return False
+
+
+def _tasks(pid: int) -> list[str]:
     try:
-        tids = os.listdir(f"/proc/{pid}/task")
+        return sorted(os.listdir(f"/proc/{pid}/task"))
     except OSError:
-        return False
-    return bool(tids) and all(_task_exiting(pid, tid) for tid in tids)
+        return []
 
 
-def _task_exiting(pid: int, tid: str) -> bool:
+def _task_exiting(pid: int, tid: str) -> bool | None:
     """Thread ``tid`` has begun to exit, or is bound to: a group exit (a fatal signal,
-    exit_group) leaves SIGKILL pending in every thread it has not reached yet."""
+    exit_group) leaves SIGKILL pending in every thread it has not reached yet. None if the
+    thread is gone already."""
     task = f"/proc/{pid}/task/{tid}"
     try:
         with open(f"{task}/stat", "rb") as f:
@@ -211,7 +230,7 @@ def _task_exiting(pid: int, tid: str) -> bool:
                 if line.startswith(b"SigPnd:"):
                     return bool(int(line.split()[1], 16) & _SIGKILL_BIT)
     except FileNotFoundError:
-        return tid != str(pid)  # another thread gone already; the process itself: no word
+        return None
     except (OSError, IndexError, ValueError):
         pass
     return False

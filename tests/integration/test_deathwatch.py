@@ -132,7 +132,7 @@ def test_an_exec_from_another_thread_is_not_a_death(watched: Watched) -> None:
     """An exec from a thread other than the main one ends the main thread first (the lock is
     freed, /proc shows the leader exiting) while the exec'ing thread runs on: not a death.
     Repeated: the check races the kernel's exec (before the fix, 9 in 10 were judged deaths)."""
-    for _ in range(3):
+    for _ in range(10):
         pid = watched.start(0, then_exec=True, exec_thread=True)
         index, noticed, exiting = watched.next_notice()
         assert (index, noticed, exiting) == (0, pid, False)
