@@ -190,34 +190,24 @@ def is_exiting(pid: int) -> bool:
     while other threads run on, and its death lock is freed then too. False if any thread
     runs (an exec also frees robust mutexes: that is not a death) or the process is gone.
 
-    An exec from a thread other than the main one kills the other threads and then takes the
-    process's pid over: a thread vanishes mid-check, and the list read before is stale. So a
-    vanished thread or a changed list means: look again (a real death settles at once; an
-    exec shows its running thread under the pid on the next look). Unsure means False: the
-    caller then waits for the pidfd, which is never wrong."""
-    for _ in range(3):
-        tids = _tasks(pid)
-        if not tids:
-            return False
-        states = [_task_exiting(pid, tid) for tid in tids]
-        if False in states:
-            return False
-        if None not in states and _tasks(pid) == tids:
-            return True
-    return False
-
-
-def _tasks(pid: int) -> list[str]:
+    An exec from a thread other than the main one kills the other threads, then gives the
+    exec'ing thread the process's pid: read in between, every thread listed looks exiting
+    (the old main thread, and the exec'ing one gone or its tid already the old main
+    thread's). So the main thread is read again last: after an exec it is the running one.
+    A thread gone meanwhile counts as exiting (a dying process's threads go one by one)."""
     try:
-        return sorted(os.listdir(f"/proc/{pid}/task"))
+        tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return []
+        return False
+    leader = str(pid)
+    return (bool(tids) and all(_task_exiting(pid, tid) is not False for tid in tids)
+            and _task_exiting(pid, leader) is True)
 
 
 def _task_exiting(pid: int, tid: str) -> bool | None:
     """Thread ``tid`` has begun to exit, or is bound to: a group exit (a fatal signal,
     exit_group) leaves SIGKILL pending in every thread it has not reached yet. None if the
-    thread is gone already."""
+    thread is gone (for the main thread: the process has been reaped)."""
     task = f"/proc/{pid}/task/{tid}"
     try:
         with open(f"{task}/stat", "rb") as f:

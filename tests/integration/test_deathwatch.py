@@ -39,7 +39,7 @@ class Watched:
         self.notices.put((index, pid, _robust.is_exiting(pid)))
 
     def start(self, index: int, then_exec: bool = False, main_exits: bool = False,
-              exec_thread: bool = False) -> int:
+              exec_thread: bool = False, threads: int = 0) -> int:
         """A child that takes slot ``index`` (its death lock included), then sleeps (or, once
         its lock is armed, execs ``sleep``); returns once it holds the lock."""
         self.table.reset(index)
@@ -67,6 +67,8 @@ class Watched:
                     threading.Thread(target=_sleep_forever, daemon=False).start()
                     ctypes.CDLL(None).pthread_exit(None)
                 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+                for _ in range(threads):
+                    threading.Thread(target=_sleep_forever, daemon=True).start()
                 while True:
                     signal.pause()
             finally:
@@ -116,6 +118,19 @@ def test_a_killed_holder_is_told_while_its_exit_has_begun(watched: Watched) -> N
     os.kill(pids[1], signal.SIGKILL)
     assert watched.next_notice() == (1, pids[1], True)
     assert watched.notices.empty()  # the others are alive: nothing about them
+
+
+def test_a_killed_holder_with_many_threads_is_told_it_is_exiting(watched: Watched) -> None:
+    """Its threads end one by one, and vanish from /proc while the check reads it: a
+    thread gone counts as exiting (the early notice is not lost to the race)."""
+    for _ in range(5):
+        pid = watched.start(0, threads=16)
+        wait_for(lambda p=pid: len(os.listdir(f"/proc/{p}/task")) == 17, 10, "its threads")
+        wait_for(lambda: _held_words(watched) == 1, 10, "the lock armed")
+        os.kill(pid, signal.SIGKILL)
+        assert watched.next_notice() == (0, pid, True)
+        os.waitpid(pid, 0)
+        watched.children.remove(pid)
 
 
 def test_an_exec_frees_the_lock_but_is_not_a_death(watched: Watched) -> None:
