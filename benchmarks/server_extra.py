@@ -382,12 +382,15 @@ def sigkill(tmp: str, rate: float, kills: int, standby: int, startup: str) -> di
             os.kill(victim, signal.SIGKILL)
             kill_times.append(t)
             found = exited = None
+            took_over: list[int] = []
             while (found is None or exited is None) and time.monotonic() - t < 30:
                 now = time.monotonic()
                 if exited is None and _exited(victim):
                     exited = now
-                if found is None and any(accepting_in(pid, fds, inode) for pid, fds in watched):
-                    found = now
+                if found is None:
+                    took_over = [pid for pid, fds in watched if accepting_in(pid, fds, inode)]
+                    if took_over:
+                        found = now
                 if found is None and (not watched or now - t > 0.02):
                     for pid in _children(zygote):
                         if (pid != victim and (pid not in before or pid in standbys)
@@ -397,6 +400,8 @@ def sigkill(tmp: str, rate: float, kills: int, standby: int, startup: str) -> di
                 time.sleep(0.00005)
             if found is None or exited is None:
                 raise RuntimeError("no replacement accepting within 30 s")
+            if took_over and not accepting(took_over[0], inode):  # the full scan must agree
+                raise RuntimeError(f"standby {took_over[0]}: the two reads disagree")
             exits.append(exited - t)
             took.append(found - t)
             time.sleep(float(startup) + 1.5)  # a new standby warms up
