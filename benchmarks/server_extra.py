@@ -313,7 +313,7 @@ def listener_inode(port: int) -> int:
 
 def accepting(pid: int, inode: int) -> bool:
     """``pid`` has the listener registered in one of its epoll sets: its server accepts."""
-    needle = f"ino:{inode:x}"
+    needle = f" ino:{inode:x} "  # spaces: not a longer inode that starts the same
     try:
         for fd in os.listdir(f"/proc/{pid}/fdinfo"):
             with contextlib.suppress(OSError), open(f"/proc/{pid}/fdinfo/{fd}") as f:
@@ -340,7 +340,7 @@ def accepting_in(pid: int, fds: list[int], inode: int) -> bool:
     """:func:`accepting`, reading only the epoll fds ``fds`` of ``pid`` (one small file
     each, where the full scan reads every fd's: ~0.5 ms for a uvicorn worker, which made
     the poll itself the slowest part of what it timed)."""
-    needle = f"ino:{inode:x}"
+    needle = f" ino:{inode:x} "
     for fd in fds:
         with contextlib.suppress(OSError), open(f"/proc/{pid}/fdinfo/{fd}") as f:
             if needle in f.read():
@@ -389,13 +389,13 @@ def sigkill(tmp: str, rate: float, kills: int, standby: int, startup: str) -> di
                     exited = now
                 if found is None:
                     took_over = [pid for pid, fds in watched if accepting_in(pid, fds, inode)]
-                    if took_over:
-                        found = now
+                    if took_over:  # stamped after the read that saw it: an upper bound
+                        found = time.monotonic()
                 if found is None and (not watched or now - t > 0.02):
                     for pid in _children(zygote):
                         if (pid != victim and (pid not in before or pid in standbys)
                                 and accepting(pid, inode)):
-                            found = now
+                            found = time.monotonic()
                             break
                 time.sleep(0.00005)
             if found is None or exited is None:
@@ -522,8 +522,8 @@ def markdown(r: dict[str, Any]) -> str:
                      f"{k.get('replacement_ms_max')} max; of which the kernel's exit of the "
                      f"killed worker {k.get('victim_exit_ms_median')} ms median; its exit -> "
                      f"replacement accepting {k.get('exit_to_accepting_ms_median')} ms median, "
-                     f"{k.get('exit_to_accepting_ms_max')} max (2x a zygote fork = "
-                     f"{round(2 * zyg, 2) if zyg else '-'} ms)")
+                     f"{k.get('exit_to_accepting_ms_max')} max (2x a zygote fork, median of "
+                     f"20 = {round(2 * zyg, 2) if zyg else '-'} ms; compared: medians)")
     return "\n".join(lines) + "\n"
 
 
