@@ -19,6 +19,7 @@ from corral._bootstrap import (
     BootConfig,
     WorkerSettings,
     _set_title,
+    hand_stdin_to_workers,
     reset_signal_handlers,
     run_standby,
     run_worker,
@@ -194,10 +195,11 @@ class SpawnPart(_SpawnCore):
         def prepare(keep: int) -> None:  # in the template, every signal blocked
             # What every worker would do alone, done once here: the supervisor's own fds
             # closed, the signal handlers reset, the title's first setting (which moves the
-            # environment).
+            # environment), stdin on /dev/null.
             close_internal_fds(keep=(keep, wake_fd))
             reset_signal_handlers(reset)
             _set_title(title)
+            hand_stdin_to_workers()
 
         try:
             reason = _template.fork_batch(procs, take, prepare)

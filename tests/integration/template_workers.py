@@ -6,6 +6,7 @@ import ctypes
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -31,7 +32,11 @@ def report(index: int, outdir: str, code: int = -1) -> None:
             "glibc": _template._probe()[0],
             "threads": threading.active_count(),
             "fds": sorted(os.listdir("/proc/self/fd")),
-            "blocked": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, ()))}
+            "blocked": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, ())),
+            # As multiprocessing leaves it in a fork child: /dev/null, open, at EOF.
+            "stdin": [getattr(sys.stdin, "name", None), sys.stdin.closed,
+                      os.path.realpath(f"/proc/self/fd/{sys.stdin.fileno()}"),
+                      sys.stdin.read()] if sys.stdin is not None else None}
     path = Path(outdir) / f"worker-{index}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data))

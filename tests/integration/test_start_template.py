@@ -65,6 +65,9 @@ def _check_children(reports: dict[int, dict[str, Any]]) -> None:
         assert r["pdeathsig"] == signal.SIGKILL, r
         assert r["glibc"] is None, r  # glibc's thread id and robust list are the worker's
         assert r["blocked"] == [], r  # born with every signal blocked, then unblocked
+        # The template hides its stdin from multiprocessing (which would close it and open
+        # /dev/null again in each worker) and gives it back before the target runs.
+        assert r["stdin"] is not None and r["stdin"][1:] == [False, os.devnull, ""], r
 
 
 @needs_template
@@ -89,7 +92,8 @@ def test_a_pools_first_workers_come_from_the_template_as_the_supervisors_childre
         assert again["pid"] != victim
         _check_children({1: again})
         assert len(batches) == 1
-        # No fd of the template's (its socket, a gate, a sibling's pipes) is left in a worker:
+        # No fd of the template's (its socket, the pipes it made ahead for its siblings) is
+        # left in a worker:
         # each holds the same fds as one forked from the supervisor.
         for r in reports.values():
             assert len(r["fds"]) == len(again["fds"]), (r["fds"], again["fds"])
