@@ -100,6 +100,24 @@ def test_a_pools_first_workers_come_from_the_template_as_the_supervisors_childre
 
 
 @needs_template
+@pytest.mark.parametrize("chunks", ["one", "per-cpu"])
+def test_workers_reported_in_several_groups_hold_only_their_own_pipes(
+        no_leaks: set[int], tmp_path: Path, batches: list[tuple[int, str | None]],
+        monkeypatch: pytest.MonkeyPatch, chunks: str) -> None:
+    # Groups of 2: each forker makes its pipes and reports in three or more rounds.
+    monkeypatch.setattr(_template, "_PER_MSG", 2)
+    monkeypatch.setattr(_template, "CHUNK_MIN", 10_000 if chunks == "one" else 3)
+    n = 7
+    with pool(no_leaks, template_workers.report, workers=n, start_method="fork",
+              args=lambda i: (str(tmp_path),)) as (sup, _):
+        reports = _reports(tmp_path, n)
+        assert batches == [(n, None)]
+        _check_children(reports)
+        _wait_pids(sup, reports)
+        assert len({len(r["fds"]) for r in reports.values()}) == 1, reports
+
+
+@needs_template
 def test_template_workers_are_reaped_with_their_exit_statuses(
         no_leaks: set[int], tmp_path: Path, batches: list[tuple[int, str | None]]) -> None:
     with pool(no_leaks, template_workers.report, workers=N, start_method="fork",
