@@ -160,11 +160,20 @@ def hand_stdin_to_workers() -> None:
 
     multiprocessing's bootstrap closes a fork child's stdin and opens /dev/null in its place
     unless ``sys.stdin`` is None: ~0.17 ms of page faults in each new process. The template
-    hides its stdin from it, and :func:`run_worker` gives it back before any user code runs.
+    hides its stdin from it, and :func:`run_worker` gives it back before the target runs (the
+    program's ``os.register_at_fork`` hooks, which run in between, see None).
     """
     global _template_stdin
     _template_stdin = sys.stdin
     sys.stdin = None
+
+
+def _take_stdin() -> None:
+    """A template's worker: its stdin back (once: a process this worker forks later, a pool of
+    its own say, must not take it again)."""
+    global _template_stdin
+    if _template_stdin is not None:
+        sys.stdin, _template_stdin = _template_stdin, None
 
 
 def _reset_signals(which: tuple[int, ...] | None) -> None:
@@ -272,8 +281,7 @@ def _release_forkserver() -> None:
 
 def run_worker(config: BootConfig, target: Callable[..., Any], args: tuple[Any, ...]) -> None:
     """The multiprocessing target of every worker: prepare, then ``target(index, *args)``."""
-    if _template_stdin is not None:
-        sys.stdin = _template_stdin
+    _take_stdin()
     armed, dump_fd = _prepare(config)
     _take_slot(config, config.index, config.name, dump_fd)
     if config.settings is not None:

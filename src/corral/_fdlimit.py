@@ -1,8 +1,9 @@
 """Room for file descriptors: raise our soft RLIMIT_NOFILE when a pool needs it, explain EMFILE.
 
-The supervisor holds about two fds per worker (a pidfd and multiprocessing's sentinel; a
-ProcessPool worker also a socket and an open /proc statm), so a pool of a few hundred workers
-outgrows the common soft limit of 1024 long before the hard limit.
+The supervisor holds about three fds per worker (a pidfd and multiprocessing's two pipe ends
+under fork, its sentinel otherwise; a ProcessPool worker also a socket and an open /proc
+statm), so a pool of a few hundred workers outgrows the common soft limit of 1024 long before
+the hard limit.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ __all__ = ["FDS_PER_WORKER", "ensure_fd_room", "explain_fd_error"]
 
 log = logging.getLogger("corral.supervisor")
 
-FDS_PER_WORKER = 2
+FDS_PER_WORKER = 3
 _MARGIN = 64  # for the pool's own fds and the program's
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import _signal  # type: ignore[import-not-found]  # (no stubs)
 import contextlib
 import ctypes
+import errno
 import functools
 import logging
 import multiprocessing.process
@@ -75,8 +76,9 @@ _MSG = struct.Struct("=iii")
 # two pipe ends, as multiprocessing's fork Popen keeps them)
 _WORKERS = 1
 _END = 2  # (_END, chunk, 0 or an errno): a forker is done with its chunk
-# Workers per report, and per group of pipes made ahead (4 fds a worker): at most 253 fds go
-# in one message, and 4 x 32 is within the room ensure_fd_room makes (2 a worker, plus 64).
+# Workers per report, and per group of pipes made ahead (4 fds a worker, held until the group
+# is forked; a group that finds no room for all of them goes in smaller ones): at most 253
+# fds go in one message.
 _PER_MSG = 32
 # The fewest workers a forker takes on: a chunk's first worker starts forking only once it
 # runs (after its own after-fork work), and boots only after it has forked its chunk.
@@ -236,39 +238,67 @@ def _forker(sock: socket.socket, procs: Sequence[multiprocessing.process.BasePro
     A failure is reported, never raised: this worker boots all the same, and the supervisor
     starts what is missing. ``own_ends``: this worker's pipe ends, not its children's."""
     status = 0
-    # (index, the chunk it forks or -1): the other chunks' first workers first.
-    order = [(lo, other) for other, (lo, _) in enumerate(bounds) if other and not chunk]
-    order += [(i, -1) for i in range(bounds[chunk][0] + 1, bounds[chunk][1])]
+    # (index, the chunk it forks or -1). The other chunks' first workers first, and reported
+    # at once, before the rest: a forker the supervisor does not know of could still be
+    # forking when a failed batch is swept.
+    heads = [(lo, other) for other, (lo, _) in enumerate(bounds) if other and not chunk]
+    rest = [(i, -1) for i in range(bounds[chunk][0] + 1, bounds[chunk][1])]
+    groups = [heads] if heads else []
+    groups += [rest[at:at + _PER_MSG] for at in range(0, len(rest), _PER_MSG)]
     try:
-        for at in range(0, len(order), _PER_MSG):
-            group = order[at:at + _PER_MSG]
-            # The group's pipes before its first fork: after a fork each page this process
-            # writes is copied again, so the less the loop below does, the sooner the batch
-            # is forked (and the fewer fds are open at once, the group's size bounds).
-            ends = {i: (*os.pipe(), *os.pipe()) for i, _ in group}
-            made = _Runs(fd for quad in ends.values() for fd in quad)
-            forked: list[tuple[int, int, int, int]] = []  # (index, pid, parent_r, parent_w)
-            try:
-                for i, heads in group:
-                    then = None if heads < 0 else functools.partial(
-                        _forker, sock, procs, heads, bounds, facts)
-                    forked.append(_fork_one(sock, procs, i, facts, ends[i], made, own_ends,
-                                            then))
-            finally:
-                try:
-                    if forked:
-                        socket.send_fds(
-                            sock, [_MSG.pack(_WORKERS, chunk, len(forked)),
-                                   struct.pack(f"={2 * len(forked)}i",
-                                               *(v for f in forked for v in f[:2]))],
-                            [fd for f in forked for fd in f[2:]])
-                finally:
-                    made.close_all()  # the supervisor has its copies of the parent's ends
+        for group in groups:
+            while group:
+                group = _fork_group(sock, procs, chunk, bounds, facts, own_ends, group)
     except OSError as exc:
         status = exc.errno or -1
     except Exception:
         status = -1
     sock.send(_MSG.pack(_END, chunk, status))
+
+
+def _fork_group(sock: socket.socket, procs: Sequence[multiprocessing.process.BaseProcess],
+                chunk: int, bounds: list[tuple[int, int]],
+                facts: tuple[str | None, int, int, int], own_ends: tuple[int, int],
+                group: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Fork ``group`` (its pipes made first, then the forks, then one report); returns what is
+    left of it: the workers whose pipes found no room (another round, once these are closed).
+    Raises OSError if not even one worker's pipes could be made, or a fork failed."""
+    # The pipes before the first fork: after a fork each page this process writes is copied
+    # again, so the less the loop below does, the sooner the batch is forked.
+    ends: dict[int, tuple[int, int, int, int]] = {}
+    try:
+        for i, _ in group:
+            parent_r, child_w = os.pipe()
+            try:
+                child_r, parent_w = os.pipe()
+            except OSError:
+                os.close(parent_r)
+                os.close(child_w)
+                raise
+            ends[i] = (parent_r, child_w, child_r, parent_w)
+    except OSError as exc:
+        # Out of fds (the program's own may fill the limit): fork what has pipes.
+        if not ends or exc.errno not in (errno.EMFILE, errno.ENFILE):
+            _Runs(fd for quad in ends.values() for fd in quad).close_all()
+            raise
+    made = _Runs(fd for quad in ends.values() for fd in quad)
+    forked: list[tuple[int, int, int, int]] = []  # (index, pid, parent_r, parent_w)
+    try:
+        for i, heads in group[:len(ends)]:
+            then = None if heads < 0 else functools.partial(
+                _forker, sock, procs, heads, bounds, facts)
+            forked.append(_fork_one(sock, procs, i, facts, ends[i], made, own_ends, then))
+    finally:
+        try:
+            if forked:
+                socket.send_fds(
+                    sock, [_MSG.pack(_WORKERS, chunk, len(forked)),
+                           struct.pack(f"={2 * len(forked)}i",
+                                       *(v for f in forked for v in f[:2]))],
+                    [fd for f in forked for fd in f[2:]])
+        finally:
+            made.close_all()  # the supervisor has its copies of the parent's ends
+    return group[len(ends):]
 
 
 def _cpus() -> int:

@@ -50,3 +50,28 @@ def report(index: int, outdir: str, code: int = -1) -> None:
     while True:
         corral.beat()
         time.sleep(0.05)
+
+
+def inner_stdin(index: int, outdir: str) -> None:
+    """The worker of a pool started inside a template's worker: its stdin."""
+    std = sys.stdin
+    data = ([os.path.realpath(f"/proc/self/fd/{std.fileno()}"), std.closed]
+            if std is not None and not std.closed else [None, True])
+    (Path(outdir) / "inner.json").write_text(json.dumps({"pid": os.getpid(), "stdin": data}))
+    while True:
+        time.sleep(0.05)
+
+
+def nested(index: int, outdir: str) -> None:
+    """Worker 0 closes its stdin, then runs a pool of its own (one fork worker)."""
+    if index == 0:
+        sys.stdin.close()
+        inner = corral.Supervisor(inner_stdin, workers=1, start_method="fork",
+                                  args=lambda i: (outdir,), stop_timeout=1.0).start()
+        try:
+            while True:
+                time.sleep(0.05)
+        finally:
+            inner.stop()
+    while True:
+        time.sleep(0.05)

@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,6 +117,39 @@ def test_workers_reported_in_several_groups_hold_only_their_own_pipes(
         _check_children(reports)
         _wait_pids(sup, reports)
         assert len({len(r["fds"]) for r in reports.values()}) == 1, reports
+
+
+@needs_template
+def test_a_template_short_of_fds_forks_in_smaller_groups(no_leaks: set[int],
+                                                          tmp_path: Path) -> None:
+    # The program's own fds leave room for the pipes of about 15 of the 19 workers the
+    # template forks: it makes what fits, forks those, and goes on (it used to give up, and
+    # boot as worker 0 with every fd of its limit taken).
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "_template_emfile.py"), str(tmp_path),
+         "20", "70"], capture_output=True, timeout=60, cwd=Path(__file__).parent)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    pids = json.loads(proc.stdout)
+    no_leaks.update(pids)
+    assert len(pids) == 20, (pids, err)
+    assert "start template failed" not in err, err
+    fds = {json.loads(p.read_text())["fds"] for p in tmp_path.glob("w*.json")}
+    assert len(fds) == 1, fds  # worker 0 (the template) holds what the others hold
+    wait_gone(pids, 10, "the workers of the stopped pool")
+
+
+@needs_template
+def test_a_pool_inside_a_template_worker_gets_a_fresh_stdin(
+        no_leaks: set[int], tmp_path: Path) -> None:
+    with pool(no_leaks, template_workers.nested, workers=3, start_method="fork",
+              args=lambda i: (str(tmp_path),)):
+        inner = tmp_path / "inner.json"
+        wait_for(inner.exists, 30, "the inner pool's worker")
+        report = json.loads(inner.read_text())
+        no_leaks.add(report["pid"])
+        # Not the template's stdin (closed by worker 0): multiprocessing's fresh /dev/null.
+        assert report["stdin"] == [os.devnull, False], report
 
 
 @needs_template
