@@ -54,7 +54,7 @@ from collections.abc import Callable, Iterable, Sequence
 from multiprocessing import popen_fork
 from typing import Any
 
-from corral.process import disown_fd, forking, own_fd
+from corral.process import disown_fd, forking, own_fd, usable_cpus
 
 __all__ = ["OFF_VARIABLE", "TIMEOUT", "ClonedPopen", "fork_batch", "unavailable"]
 
@@ -225,7 +225,7 @@ def _template(sock: socket.socket, procs: Sequence[multiprocessing.process.BaseP
 def _chunks(n: int) -> list[tuple[int, int]]:
     """[lo, hi) ranges of a batch of ``n``: one per CPU we may run on, at least
     :data:`CHUNK_MIN` workers each."""
-    ways = max(1, min(_cpus(), n // CHUNK_MIN))
+    ways = max(1, min(usable_cpus(), n // CHUNK_MIN))
     bounds = [n * k // ways for k in range(ways + 1)]
     return [(bounds[k], bounds[k + 1]) for k in range(ways)]
 
@@ -265,29 +265,28 @@ def _fork_group(sock: socket.socket, procs: Sequence[multiprocessing.process.Bas
     Raises OSError if not even one worker's pipes could be made, or a fork failed."""
     # The pipes before the first fork: after a fork each page this process writes is copied
     # again, so the less the loop below does, the sooner the batch is forked.
-    ends: dict[int, tuple[int, int, int, int]] = {}
+    fds: list[int] = []  # per worker: parent_r, child_w, child_r, parent_w
     try:
-        for i, _ in group:
-            parent_r, child_w = os.pipe()
-            try:
-                child_r, parent_w = os.pipe()
-            except OSError:
-                os.close(parent_r)
-                os.close(child_w)
-                raise
-            ends[i] = (parent_r, child_w, child_r, parent_w)
+        for _ in group:
+            fds += os.pipe()
+            fds += os.pipe()
     except OSError as exc:
-        # Out of fds (the program's own may fill the limit): fork what has pipes.
-        if not ends or exc.errno not in (errno.EMFILE, errno.ENFILE):
-            _Runs(fd for quad in ends.values() for fd in quad).close_all()
+        # Out of fds (the program's own may fill the limit): fork the workers with pipes.
+        whole = 4 * (len(fds) // 4)
+        if not whole or exc.errno not in (errno.EMFILE, errno.ENFILE):
+            _Runs(fds).close_all()
             raise
-    made = _Runs(fd for quad in ends.values() for fd in quad)
+        _Runs(fds[whole:]).close_all()
+        del fds[whole:]
+    fit = group[:len(fds) // 4]
+    made = _Runs(fds)
     forked: list[tuple[int, int, int, int]] = []  # (index, pid, parent_r, parent_w)
     try:
-        for i, heads in group[:len(ends)]:
+        for k, (i, heads) in enumerate(fit):
             then = None if heads < 0 else functools.partial(
                 _forker, sock, procs, heads, bounds, facts)
-            forked.append(_fork_one(sock, procs, i, facts, ends[i], made, own_ends, then))
+            forked.append(_fork_one(sock, procs, i, facts, fds[4 * k:4 * k + 4], made,
+                                    own_ends, then))
     finally:
         try:
             if forked:
@@ -298,14 +297,7 @@ def _fork_group(sock: socket.socket, procs: Sequence[multiprocessing.process.Bas
                     [fd for f in forked for fd in f[2:]])
         finally:
             made.close_all()  # the supervisor has its copies of the parent's ends
-    return group[len(ends):]
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except OSError:
-        return os.cpu_count() or 1
+    return group[len(fit):]
 
 
 class _Runs:
@@ -331,7 +323,7 @@ class _Runs:
 
 
 def _fork_one(sock: socket.socket, procs: Sequence[multiprocessing.process.BaseProcess],
-              i: int, facts: tuple[str | None, int, int, int], ends: tuple[int, int, int, int],
+              i: int, facts: tuple[str | None, int, int, int], ends: Sequence[int],
               made: _Runs, inherited: tuple[int, int],
               then: Callable[[tuple[int, int]], None] | None) -> tuple[int, int, int, int]:
     """Fork worker ``i``: (i, pid, and the supervisor's two pipe ends). In it, before it

@@ -36,7 +36,8 @@ from typing import Any
 
 from corral.policy import Backoff, RestartBudget
 from corral.pool._records import PoolConfig
-from corral.pool.executor import ProcessPool, _default_workers
+from corral.pool.executor import ProcessPool
+from corral.process import usable_cpus
 from corral.spec import START_METHODS
 
 __all__ = ["ProcessPoolExecutor"]
@@ -71,7 +72,7 @@ class ProcessPoolExecutor(ProcessPool):
                  initargs: Iterable[Any] = (), *,
                  max_tasks_per_child: int | None = None) -> None:
         if max_workers is None:
-            max_workers = _default_workers()
+            max_workers = usable_cpus()
         elif isinstance(max_workers, bool) or not isinstance(max_workers, int):
             raise TypeError(f"max_workers must be an int, got {max_workers!r} "
                             f"({type(max_workers).__name__})")

@@ -44,6 +44,7 @@ __all__ = [
     "read_stack_dump",
     "settle",
     "stack_dump_size",
+    "usable_cpus",
     "wait_exit",
 ]
 
@@ -98,6 +99,14 @@ def disown_fd(fd: int) -> None:
     if fd < len(_released_fds):
         _released_fds[fd] = 0
     _checked_fds.pop(fd, None)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity call on this system
+        return os.cpu_count() or 1
 
 
 def close_internal_fds(keep: tuple[int, ...] = ()) -> None:

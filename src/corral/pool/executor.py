@@ -28,6 +28,7 @@ from corral.pool import _worker
 from corral.pool._future import PoolFuture, cancel_pending, results
 from corral.pool._records import PoolConfig, Task, describe
 from corral.pool._runner import PoolRunner, finalize
+from corral.process import usable_cpus
 from corral.spec import START_METHODS
 
 if TYPE_CHECKING:
@@ -40,13 +41,6 @@ _P = ParamSpec("_P")
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _DEFAULT: Any = object()  # "use the pool's default" in submit_task()
-
-
-def _default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 # -------------------------------------------------------------------------------- the pool
@@ -147,7 +141,7 @@ class ProcessPool(Executor):
                  stop_timeout: float = 5.0, name: str = "pool", backend: str = "local",
                  ray_options: Mapping[str, Any] | None = None) -> None:
         if max_workers is None:
-            max_workers = _default_workers()
+            max_workers = usable_cpus()
         v.integer("max_workers", max_workers, minimum=1)
         v.integer("spare_workers", spare_workers)
         v.choice("start_method", start_method, START_METHODS)
