@@ -18,14 +18,13 @@ import multiprocessing.connection
 import os
 import resource
 import signal
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from corral import heartbeat
-from corral.process import DUMP_NAME, close_internal_fds
+from corral.process import DUMP_NAME, close_internal_fds, take_stdin
 
 _PR_SET_PDEATHSIG = 1
 # Where a worker's dump memfd goes (minus 16): far above what a program reuses after closing its
@@ -131,58 +130,101 @@ def signals_to_reset() -> tuple[int, ...]:
     return tuple(out)
 
 
-# Set by a start template (corral._template), whose workers inherit default handlers.
-_handlers_reset = False
-
-
 def reset_signal_handlers(which: tuple[int, ...] | None) -> None:
     """The handlers and the wakeup fd a forked worker must not keep, reset to the defaults.
 
     Called by every worker, or once by a start template for all its workers (every signal
     blocked there): the workers then only unblock signals.
     """
-    global _handlers_reset
     for sig in signals_to_reset() if which is None else which:
         signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT
                       else signal.SIG_DFL)
     with contextlib.suppress(ValueError):
         signal.set_wakeup_fd(-1)
-    _handlers_reset = True
 
 
-# Set by a start template: the stdin its workers take (see hand_stdin_to_workers).
-_template_stdin: Any = None
+@dataclass
+class _TemplateGifts:
+    """What a start template did once for all its workers (see :func:`become_template`)."""
+
+    dump_fd: int  # where faulthandler writes in every worker of the template (-1: no dump)
+    template_pid: int
 
 
-def hand_stdin_to_workers() -> None:
-    """In a start template: its workers keep the template's stdin (/dev/null, see
-    corral.process.forking) instead of each opening /dev/null again.
+# Set in a start template, taken once by each of its workers (a pool started inside a worker
+# later must not take them again: its workers are forked by another supervisor).
+_gifts: _TemplateGifts | None = None
 
-    multiprocessing's bootstrap closes a fork child's stdin and opens /dev/null in its place
-    unless ``sys.stdin`` is None: ~0.17 ms of page faults in each new process. The template
-    hides its stdin from it, and :func:`run_worker` gives it back before the target runs (the
-    program's ``os.register_at_fork`` hooks, which run in between, see None).
+
+def become_template(keep: tuple[int, ...], reset: tuple[int, ...] | None, title: str,
+                    index: int, dump_signal: int | None) -> None:
+    """In a start template, before its first fork (every signal blocked): what each of its
+    workers would otherwise do alone, done once.
+
+    The supervisor's fds are closed (but ``keep``), the signal handlers reset, the title set
+    (its first setting moves the environment), the supervisor's other threads forgotten, and
+    the stack-dump handler registered on a memfd at a high number that each worker replaces
+    with its own (the template boots as worker ``index``). The workers' stdin is the
+    template's (see :func:`corral.process.take_stdin`).
     """
-    global _template_stdin
-    _template_stdin = sys.stdin
-    sys.stdin = None
+    global _gifts
+    close_internal_fds(keep=keep)
+    reset_signal_handlers(reset)
+    _set_title(title)
+    _forget_other_threads()
+    dump_fd = -1
+    if dump_signal is not None:
+        with contextlib.suppress(OSError, ValueError, RuntimeError):
+            dump_fd = _make_dump_fd(index)
+            faulthandler.register(dump_signal, file=dump_fd, all_threads=True, chain=False)
+    _gifts = _TemplateGifts(dump_fd, os.getpid())
 
 
-def _take_stdin() -> None:
-    """A template's worker: its stdin back (once: a process this worker forks later, a pool of
-    its own say, must not take it again)."""
-    global _template_stdin
-    if _template_stdin is not None:
-        sys.stdin, _template_stdin = _template_stdin, None
+def _forget_other_threads() -> None:
+    """The supervisor's other threads do not exist in a template; their Thread objects are
+    stopped by the template's after-fork already. Each worker's threading after-fork would
+    reset and stop every one of them again (~50 us of page faults a worker for a handful)."""
+    me = threading.current_thread()
+    dangling = getattr(threading, "_dangling", None)
+    if dangling is not None:
+        for thread in list(dangling):
+            if thread is not me:
+                dangling.discard(thread)
 
 
-def _reset_signals(which: tuple[int, ...] | None) -> None:
+def _take_gifts() -> _TemplateGifts | None:
+    """A template's worker: what the template did for it (once)."""
+    global _gifts
+    gifts, _gifts = _gifts, None
+    return gifts
+
+
+def _own_dump_fd(gifts: _TemplateGifts, index: int) -> int:
+    """A template's worker: its own dump memfd, put where the template registered the handler
+    (in the template itself, the one it made). -1: no dump here (the handler is dropped)."""
+    if gifts.dump_fd < 0 or os.getpid() == gifts.template_pid:
+        return gifts.dump_fd
+    try:
+        fd = os.memfd_create(f"{DUMP_NAME}-{index}", os.MFD_CLOEXEC)
+        try:
+            os.dup2(fd, gifts.dump_fd, inheritable=False)
+        finally:
+            os.close(fd)
+    except OSError:
+        # Never the template's memfd: a dump must not land in another process's file.
+        with contextlib.suppress(OSError):
+            os.close(gifts.dump_fd)
+        return -1
+    return gifts.dump_fd
+
+
+def _reset_signals(which: tuple[int, ...] | None, handlers_reset: bool = False) -> None:
     # A forked worker inherits the supervisor's Python handlers (a CLI's handlers only enqueue,
     # which would make the worker ignore SIGTERM) and the spawning thread's signal mask. Only
     # what differs is changed: every call here costs each start (page faults in a new child).
     # The handlers before the mask: a stop signal that came while blocked (a zygote's child is
     # born so) is delivered once unblocked, to the defaults, not to a handler of the parent's.
-    if not _handlers_reset:
+    if not handlers_reset:  # (a start template's workers: done once, in the template)
         reset_signal_handlers(which)
     # _signal's: signal's would make an enum of each signal that was blocked (all of them,
     # for a child of the start template: ~0.1 ms).
@@ -281,8 +323,8 @@ def _release_forkserver() -> None:
 
 def run_worker(config: BootConfig, target: Callable[..., Any], args: tuple[Any, ...]) -> None:
     """The multiprocessing target of every worker: prepare, then ``target(index, *args)``."""
-    _take_stdin()
-    armed, dump_fd = _prepare(config)
+    take_stdin()
+    armed, dump_fd = _prepare(config, _take_gifts())
     _take_slot(config, config.index, config.name, dump_fd)
     if config.settings is not None:
         _apply_settings(config.settings)
@@ -334,6 +376,7 @@ def run_standby(config: BootConfig, target: Callable[..., Any], conn: Any,
     import pickle
     import traceback
 
+    take_stdin()
     armed, dump_fd = _prepare(config)
     # What the handover would otherwise pay for, done now: the title's first setting (it moves
     # the environment, ~20 us), the heartbeat table's mapping and the wake fd (opened while
@@ -413,10 +456,11 @@ def _take_place(config: BootConfig, hand: Handover, early: tuple[Any, int] | Non
         _apply_settings(config.settings)
 
 
-def _prepare(config: BootConfig) -> tuple[bool, int]:
+def _prepare(config: BootConfig, gifts: _TemplateGifts | None = None) -> tuple[bool, int]:
     """What every worker (or standby) does first: fds, stdio, group, signals, parent death,
-    the dump handler. Returns (the parent-death signal is armed, the dump memfd)."""
-    if config.forked:
+    the dump handler (``gifts``: what a start template did for it). Returns (the parent-death
+    signal is armed, the dump memfd)."""
+    if config.forked and gifts is None:
         close_internal_fds(keep=(config.wake_fd,))
     if config.stdio is not None:
         _redirect_stdio(config.stdio)
@@ -424,7 +468,7 @@ def _prepare(config: BootConfig) -> tuple[bool, int]:
         os.setpgid(0, 0)
     except OSError:
         pass  # already a group leader (the supervisor set it first)
-    _reset_signals(config.reset_signals)
+    _reset_signals(config.reset_signals, handlers_reset=gifts is not None)
     parent = os.getppid()
     if config.forkserver:
         _release_forkserver()
@@ -435,7 +479,13 @@ def _prepare(config: BootConfig) -> tuple[bool, int]:
     if os.getppid() != parent or parent == 1:
         _kill_own_group()
     dump_fd = -1
-    if config.dump_signal is not None:
+    if gifts is not None:
+        if config.dump_signal is not None:
+            dump_fd = _own_dump_fd(gifts, max(config.index, 0))
+            if dump_fd < 0:
+                with contextlib.suppress(ValueError):
+                    faulthandler.unregister(config.dump_signal)
+    elif config.dump_signal is not None:
         # Evidence from a hung worker: a C-level handler dumps every thread's stack into a memfd
         # the supervisor reads through /proc, even when the interpreter itself is stuck.
         dump_fd = _make_dump_fd(max(config.index, 0))

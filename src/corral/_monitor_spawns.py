@@ -18,9 +18,7 @@ from typing import TYPE_CHECKING, Any
 from corral._bootstrap import (
     BootConfig,
     WorkerSettings,
-    _set_title,
-    hand_stdin_to_workers,
-    reset_signal_handlers,
+    become_template,
     run_standby,
     run_worker,
     signals_to_reset,
@@ -35,7 +33,6 @@ from corral.process import (
     DUMP_SIGNAL,
     ProcessLike,
     WorkerProcess,
-    close_internal_fds,
     kill_unregistered,
     own_fd,
 )
@@ -190,16 +187,12 @@ class SpawnPart(_SpawnCore):
 
         wake_fd = self._reactor.wake_fd
         title = f"corral: {spec.name} template"
-        reset = reqs[0].boot.reset_signals if reqs[0].boot is not None else None
+        first = reqs[0].boot
 
         def prepare(keep: int) -> None:  # in the template, every signal blocked
-            # What every worker would do alone, done once here: the supervisor's own fds
-            # closed, the signal handlers reset, the title's first setting (which moves the
-            # environment), stdin on /dev/null.
-            close_internal_fds(keep=(keep, wake_fd))
-            reset_signal_handlers(reset)
-            _set_title(title)
-            hand_stdin_to_workers()
+            # What every worker would do alone, done once here.
+            become_template((keep, wake_fd), first.reset_signals if first else None, title,
+                            first.index if first else 0, first.dump_signal if first else None)
 
         try:
             reason = _template.fork_batch(procs, take, prepare)

@@ -181,11 +181,19 @@ def _popen_fds(process: multiprocessing.process.BaseProcess) -> tuple[int, ...]:
 
 
 _forking = threading.local()
+# The stdin of this process's fork children: /dev/null, made once here and never read here (so
+# no thread of ours can hold its lock at a fork), with (st_dev, st_ino) to notice a program that
+# closed it. The fd is never closed by the object (a reused number must stay the program's).
+_spare_lock = threading.Lock()
+_spare_stdin: tuple[Any, tuple[int, int]] | None = None
+# In a fork child: that stdin, until the worker's bootstrap takes it (take_stdin).
+_child_stdin: Any = None
 
 
 @contextlib.contextmanager
 def forking() -> Iterator[None]:
     """Around a fork on this thread: the child gets a fresh stdin (see below)."""
+    _make_spare_stdin()
     _forking.active = True
     try:
         yield
@@ -193,13 +201,48 @@ def forking() -> Iterator[None]:
         _forking.active = False
 
 
+def _make_spare_stdin() -> None:
+    global _spare_stdin
+    with _spare_lock:
+        if _spare_stdin is not None:
+            try:
+                st = os.fstat(_spare_stdin[0].fileno())
+                if (st.st_dev, st.st_ino) == _spare_stdin[1]:
+                    return
+            except (OSError, ValueError):
+                pass
+        try:
+            fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            st = os.fstat(fd)
+            _spare_stdin = (open(fd, encoding="utf-8", closefd=False),  # noqa: SIM115
+                            (st.st_dev, st.st_ino))
+        except OSError:
+            _spare_stdin = None  # (out of fds: the child opens its own)
+
+
 def _after_fork_in_child() -> None:
     # multiprocessing's fork child closes sys.stdin first thing; if another thread of the
     # supervisor was blocked reading stdin at fork time, that object's lock is held forever in
-    # the child and the worker deadlocks. Hand the child a fresh stdin so nothing waits on it.
+    # the child and the worker deadlocks. The child gets the spare (made before the fork), and
+    # multiprocessing sees None, so it neither closes it nor opens /dev/null once more (two
+    # text streams made in every new process: ~0.3 ms of page faults); the worker's bootstrap
+    # takes it back (take_stdin) before the program's code runs.
+    global _spare_lock, _spare_stdin, _child_stdin
+    _spare_lock = threading.Lock()  # another thread may have held it at the fork
     if getattr(_forking, "active", False):
         _forking.active = False
-        sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115
+        spare, _spare_stdin = _spare_stdin, None  # this process makes its own for its children
+        _child_stdin = (spare[0] if spare is not None
+                        else open(os.devnull, encoding="utf-8"))  # noqa: SIM115
+        sys.stdin = None
+
+
+def take_stdin() -> None:
+    """In a fork-started worker, first thing: its stdin back (once: a process it forks later,
+    a pool of its own say, gets one of its own)."""
+    global _child_stdin
+    if _child_stdin is not None:
+        sys.stdin, _child_stdin = _child_stdin, None
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -10,11 +10,24 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import corral
 
 # Set by the test before the pool's start(): a worker must see the value of that moment.
 STATE = "import"
+
+
+def _dump_memfds() -> list[list[Any]]:
+    out: list[list[Any]] = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:  # (the listing's own fd is gone by now)
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link.startswith("/memfd:corral-dump"):
+                out.append([link, os.stat(f"/proc/self/fd/{fd}").st_ino])
+        except OSError:
+            pass
+    return out
 
 
 def report(index: int, outdir: str, code: int = -1) -> None:
@@ -32,6 +45,8 @@ def report(index: int, outdir: str, code: int = -1) -> None:
             "glibc": _template._probe()[0],
             "threads": threading.active_count(),
             "fds": sorted(os.listdir("/proc/self/fd")),
+            # corral's stack-dump memfds held: (its name, its inode); exactly this worker's.
+            "dumps": _dump_memfds(),
             "blocked": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, ())),
             # As multiprocessing leaves it in a fork child: /dev/null, open, at EOF.
             "stdin": [getattr(sys.stdin, "name", None), sys.stdin.closed,
@@ -47,6 +62,24 @@ def report(index: int, outdir: str, code: int = -1) -> None:
             time.sleep(0.01)
         os._exit(code)
     corral.ready()
+    while True:
+        corral.beat()
+        time.sleep(0.05)
+
+
+def hang_in_template_worker() -> None:
+    """Where worker ``who`` of :func:`hangs` stops beating (named in its stack dump)."""
+    while True:
+        time.sleep(0.05)
+
+
+def hangs(index: int, outdir: str, who: int) -> None:
+    """Beats; worker ``who`` stops beating once it has written outdir/hanging-<pid>."""
+    corral.ready()
+    corral.beat()
+    if index == who:
+        (Path(outdir) / f"hanging-{os.getpid()}").write_text("")
+        hang_in_template_worker()
     while True:
         corral.beat()
         time.sleep(0.05)

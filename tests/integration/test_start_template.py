@@ -19,7 +19,7 @@ import template_workers
 from _helpers import pool, start_supervisor_script, wait_gone
 
 from corral import _template
-from corral.events import StopReason
+from corral.events import EventKind, StopReason
 from corral.exitstatus import ExitStatus
 from support import wait_for
 
@@ -67,9 +67,15 @@ def _check_children(reports: dict[int, dict[str, Any]]) -> None:
         assert r["pdeathsig"] == signal.SIGKILL, r
         assert r["glibc"] is None, r  # glibc's thread id and robust list are the worker's
         assert r["blocked"] == [], r  # born with every signal blocked, then unblocked
-        # The template hides its stdin from multiprocessing (which would close it and open
-        # /dev/null again in each worker) and gives it back before the target runs.
+        # Every fork child's stdin is hidden from multiprocessing (which would close it and
+        # open /dev/null again in each worker) and given back before the target runs.
         assert r["stdin"] is not None and r["stdin"][1:] == [False, os.devnull, ""], r
+        # Its own stack-dump memfd, and no other (a template's worker replaces the template's
+        # with its own, at the number the template registered the handler on).
+        assert [d[0] for d in r["dumps"]] == [f"/memfd:corral-dump-{r['index']} (deleted)"], r
+        assert r["threads"] == 1, r
+    inodes = [d[1] for r in reports.values() for d in r["dumps"]]
+    assert len(set(inodes)) == len(inodes), reports
 
 
 @needs_template
@@ -148,8 +154,33 @@ def test_a_pool_inside_a_template_worker_gets_a_fresh_stdin(
         wait_for(inner.exists, 30, "the inner pool's worker")
         report = json.loads(inner.read_text())
         no_leaks.add(report["pid"])
-        # Not the template's stdin (closed by worker 0): multiprocessing's fresh /dev/null.
+        # Not the template's stdin (closed by worker 0): a fresh /dev/null of worker 0's.
         assert report["stdin"] == [os.devnull, False], report
+
+
+@needs_template
+@pytest.mark.parametrize("who", [0, 2])  # the template itself, and a worker it forked
+def test_a_hung_template_worker_is_dumped_into_its_own_memfd(
+        no_leaks: set[int], tmp_path: Path, batches: list[tuple[int, str | None]],
+        who: int) -> None:
+    with pool(no_leaks, template_workers.hangs, workers=4, start_method="fork",
+              args=lambda i: (str(tmp_path), who), heartbeat_timeout=1.0,
+              startup_timeout=30, ready_when="beat", kill_grace=0.5) as (sup, log):
+        wait_for(lambda: list(tmp_path.glob("hanging-*")), 30, "the hang")
+        hung = int(next(tmp_path.glob("hanging-*")).name.split("-")[1])
+        no_leaks.add(hung)
+        exited = log.wait(lambda ev: [e for e in ev if e.kind is EventKind.EXITED], 30,
+                          "the hung worker's exit")
+        record = exited[0].exit
+        assert batches == [(4, None)]
+        assert record is not None and record.pid == hung, record
+        assert record.reason is StopReason.HUNG, record
+        detail = record.detail or ""
+        assert "most recent call first" in detail and "in hang_in_template_worker" in detail, (
+            detail)
+        # Only the hung worker's stack: no other worker's (a shared memfd would mix them).
+        assert detail.count("in hang_in_template_worker") == 1, detail
+        sup.stop()
 
 
 @needs_template
