@@ -18,8 +18,9 @@ group and would be orphaned. Nothing the supervisor runs can help once it is SIG
 
 If the supervisor ends cleanly every group has been cleared already and the keeper just exits.
 
-The keeper never runs user code and imports nothing but ``os``, ``mmap``, ``select``, ``signal``
-and ``sys``.
+The keeper never runs user code and imports nothing but the built-in ``_signal``, ``posix`` and
+``sys`` and the small ``select``: ``os`` and ``signal`` (enum, functools, collections) doubled
+the CPU its start costs, and that start competes with a pool's first workers for the CPU.
 """
 
 from __future__ import annotations
@@ -44,31 +45,31 @@ KEEPER_TITLE = "corral-keeper"
 # the supervisor writes to (EOF: it is gone); stdin is the table: native int32 process group ids,
 # 0 for a free slot.
 _KEEPER_CODE = r"""# corral-keeper
-import mmap, os, select, signal, sys
-for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
-    signal.signal(s, signal.SIG_IGN)
+import _signal, posix, select, sys
+for s in (_signal.SIGINT, _signal.SIGHUP, _signal.SIGTERM, _signal.SIGPIPE):
+    _signal.signal(s, _signal.SIG_IGN)
 sup, gone = int(sys.argv[1]), int(sys.argv[2])
 try:
-    pidfd = os.pidfd_open(sup)
+    pidfd = posix.pidfd_open(sup)
 except OSError:
     pidfd = -1
-if os.getppid() == sup:  # else it ended before this line
+if posix.getppid() == sup:  # else it ended before this line
     poller = select.poll()
     if pidfd >= 0:
         poller.register(pidfd, select.POLLIN)
     poller.register(gone, select.POLLIN)
     while not poller.poll():
         pass
-size = os.fstat(0).st_size
-if size:
-    table = memoryview(mmap.mmap(0, size, mmap.MAP_SHARED, mmap.PROT_READ)).cast("i")
-    for g in table[1 : 1 + table[0]]:
+head = posix.pread(0, 4, 0)
+used = int.from_bytes(head, sys.byteorder, signed=True) if len(head) == 4 else 0
+if used > 0:
+    for g in memoryview(posix.pread(0, 4 * used, 4)).cast("i"):
         if g > 0:
             try:
-                os.killpg(g, signal.SIGKILL)
+                posix.killpg(g, _signal.SIGKILL)
             except OSError:
                 pass
-os._exit(0)
+posix._exit(0)
 """
 
 # Slots in the table: far more process groups than one supervisor ever has at once. The memfd
