@@ -174,9 +174,16 @@ def become_template(keep: tuple[int, ...], reset: tuple[int, ...] | None, title:
     _forget_other_threads()
     dump_fd = -1
     if dump_signal is not None:
-        with contextlib.suppress(OSError, ValueError, RuntimeError):
+        with contextlib.suppress(OSError):
             dump_fd = _make_dump_fd(index)
-            faulthandler.register(dump_signal, file=dump_fd, all_threads=True, chain=False)
+        if dump_fd >= 0:
+            try:
+                faulthandler.register(dump_signal, file=dump_fd, all_threads=True, chain=False)
+            except (OSError, ValueError, RuntimeError):
+                # No handler: no fd either, or the supervisor would send a signal whose
+                # default action ends the worker.
+                os.close(dump_fd)
+                dump_fd = -1
     _gifts = _TemplateGifts(dump_fd, os.getpid())
 
 

@@ -60,7 +60,7 @@ class StackDump:
             user's file), or it is already gone.
         """
         if fd < 0:
-            return "(no stack dump: the worker had not set up its dump handler yet)"
+            return "(no stack dump: the worker has no dump handler, not set up yet or failed)"
         if not dump_fd_is_ours(proc.pid, fd):
             return NOT_OURS.format(fd=fd)
         if not proc.send(DUMP_SIGNAL):

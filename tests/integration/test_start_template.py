@@ -184,6 +184,35 @@ def test_a_hung_template_worker_is_dumped_into_its_own_memfd(
 
 
 @needs_template
+def test_a_template_without_a_dump_handler_gives_its_workers_none(
+        no_leaks: set[int], tmp_path: Path, batches: list[tuple[int, str | None]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Mocked: faulthandler.register cannot be made to fail for a real signal number. The
+    # template inherits the patch (a fork of this process); it must then hand out no dump fd,
+    # else the supervisor would send a signal that nothing handles and that ends the worker.
+    import faulthandler
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("refused by the test")
+    monkeypatch.setattr(faulthandler, "register", refuse)
+    with pool(no_leaks, template_workers.hangs, workers=4, start_method="fork",
+              args=lambda i: (str(tmp_path), 2), heartbeat_timeout=1.0,
+              startup_timeout=30, ready_when="beat", kill_grace=0.5) as (sup, log):
+        wait_for(lambda: list(tmp_path.glob("hanging-*")), 30, "the hang")
+        hung = int(next(tmp_path.glob("hanging-*")).name.split("-")[1])
+        no_leaks.add(hung)
+        exited = log.wait(lambda ev: [e for e in ev if e.kind is EventKind.EXITED], 30,
+                          "the hung worker's exit")
+        record = exited[0].exit
+        assert batches == [(4, None)]
+        assert record is not None and record.pid == hung, record
+        assert record.reason is StopReason.HUNG, record
+        assert "no stack dump: the worker has no dump handler" in (record.detail or ""), record
+        assert record.exit.signal in (signal.SIGTERM, signal.SIGKILL), record
+        sup.stop()
+
+
+@needs_template
 def test_template_workers_are_reaped_with_their_exit_statuses(
         no_leaks: set[int], tmp_path: Path, batches: list[tuple[int, str | None]]) -> None:
     with pool(no_leaks, template_workers.report, workers=N, start_method="fork",
