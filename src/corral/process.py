@@ -235,6 +235,11 @@ def _after_fork_in_child() -> None:
         _child_stdin = (spare[0] if spare is not None
                         else open(os.devnull, encoding="utf-8"))  # noqa: SIM115
         sys.stdin = None
+        # fd 0 too, as multiprocessing's close-and-reopen would have left it: else whatever the
+        # worker starts (a subprocess inherits fd 0) reads the supervisor's terminal or pipe.
+        with contextlib.suppress(OSError, ValueError):
+            if _child_stdin.fileno() != 0:
+                os.dup2(_child_stdin.fileno(), 0)
 
 
 def take_stdin() -> None:

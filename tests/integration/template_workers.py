@@ -108,3 +108,12 @@ def nested(index: int, outdir: str) -> None:
             inner.stop()
     while True:
         time.sleep(0.05)
+
+
+def fd0(index: int, outdir: str) -> None:
+    """Writes where its fd 0 points to outdir/fd0-<pid>, then sleeps."""
+    tmp = Path(outdir) / f".fd0-{os.getpid()}"
+    tmp.write_text(os.readlink("/proc/self/fd/0"))
+    tmp.rename(Path(outdir) / f"fd0-{os.getpid()}")
+    while True:
+        time.sleep(0.05)

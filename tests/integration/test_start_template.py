@@ -212,6 +212,49 @@ def test_a_template_without_a_dump_handler_gives_its_workers_none(
         sup.stop()
 
 
+_FD0_SCRIPT = """
+import sys
+import corral, template_workers
+sup = corral.Supervisor(template_workers.fd0, workers=4, start_method="fork",
+                        args=lambda i: (sys.argv[1],))
+sup.start()
+print("started", flush=True)
+sys.stdin.readline()  # the test's go: its pipe, still the supervisor's
+sup.stop()
+"""
+
+
+@needs_template
+def test_fork_workers_fd_0_is_dev_null_not_the_supervisors_stdin(
+        no_leaks: set[int], tmp_path: Path) -> None:
+    # A subprocess a worker starts inherits fd 0: it must not read the supervisor's pipe.
+    proc = subprocess.Popen([sys.executable, "-c", _FD0_SCRIPT, str(tmp_path)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            cwd=Path(template_workers.__file__).parent)
+    no_leaks.add(proc.pid)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        def reports(n: int) -> dict[int, str] | None:
+            got = {int(f.name.split("-")[1]): f.read_text() for f in tmp_path.glob("fd0-*")}
+            return got if len(got) == n else None
+        first = wait_for(lambda: reports(4), 30, "the 4 template workers' reports")
+        no_leaks.update(first)
+        os.kill(min(first), signal.SIGKILL)  # its replacement is forked by the spawner
+        after = wait_for(lambda: reports(5), 30, "the replacement's report")
+        no_leaks.update(after)
+        assert set(after.values()) == {os.devnull}, after
+        assert os.readlink(f"/proc/{proc.pid}/fd/0").startswith("pipe:")
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stdin.close()
+        proc.stdout.close()
+
+
 @needs_template
 def test_template_workers_are_reaped_with_their_exit_statuses(
         no_leaks: set[int], tmp_path: Path, batches: list[tuple[int, str | None]]) -> None:
