@@ -260,6 +260,15 @@ CMD_SYSTEMS = ("corral", "supervisord", "circus")
 # --------------------------------------------------------------------------- running jobs
 
 
+def job_env() -> dict[str, str]:
+    """The environment every scenario process runs in."""
+    env = dict(os.environ)
+    env["DUCK_SECRETS_DIR"] = str(VENV / "duck-secrets")  # duck writes a secret at import
+    env["PYTHONPATH"] = str(HERE)
+    env.pop("PYTHONSTARTUP", None)
+    return env
+
+
 def set_subreaper() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
@@ -448,10 +457,7 @@ def main() -> int:
     if not compat:
         print("corral.WorkerProcessManager is not available: no corral-compat column")
 
-    env = dict(os.environ)
-    env["DUCK_SECRETS_DIR"] = str(VENV / "duck-secrets")  # duck writes a secret at import
-    env["PYTHONPATH"] = str(HERE)
-    env.pop("PYTHONSTARTUP", None)
+    env = job_env()
 
     def on_signal(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
