@@ -117,8 +117,10 @@ def main() -> None:
         for system in SYSTEMS:  # alternating, so both see the same conditions
             res = subprocess.run(
                 [sys.executable, __file__, "--child", system, "--workers", str(opts.workers),
-                 "--starts", str(opts.starts)], capture_output=True, text=True, timeout=120,
-                check=True)
+                 "--starts", str(opts.starts)], capture_output=True, text=True, timeout=120)
+            if res.returncode != 0:
+                raise SystemExit(f"the {system} process failed (exit status {res.returncode}):\n"
+                                 f"{res.stderr}")
             rows[system] += json.loads(res.stdout)[1:]
     print(f"{opts.workers} fork workers, {opts.processes} fresh processes of {opts.starts} starts "
           f"each (the first not counted); load average {os.getloadavg()}")
