@@ -27,19 +27,19 @@ from collections.abc import Callable
 import corral
 from corral import _template
 
-REC = struct.Struct("=id")
+REC = struct.Struct("=idd")  # index, monotonic time and process CPU at the first line
 
 
 def _target(index: int, path: str) -> None:
-    now = time.monotonic()
+    now, cpu = time.monotonic(), time.process_time()
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    os.write(fd, REC.pack(index, now))
+    os.write(fd, REC.pack(index, now, cpu))
     while True:
         time.sleep(3600)
 
 
 class Probe:
-    """A FIFO the workers write their first line's time to."""
+    """A FIFO the workers write their first line's time (and CPU used so far) to."""
 
     def __init__(self) -> None:
         self.path = tempfile.mktemp(prefix="corral-startup-ab-")
@@ -47,8 +47,9 @@ class Probe:
         self.fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
         self._keep = os.open(self.path, os.O_WRONLY)  # no EOF between rounds
 
-    def last_of(self, n: int, timeout: float = 30.0) -> float:
-        got: dict[int, float] = {}
+    def first_lines(self, n: int, timeout: float = 30.0) -> dict[int, tuple[float, float]]:
+        """{index: (monotonic time, process CPU)} of workers 0..n-1's first lines."""
+        got: dict[int, tuple[float, float]] = {}
         buf = b""
         end = time.monotonic() + timeout
         while len(got) < n:
@@ -56,10 +57,14 @@ class Probe:
                 raise TimeoutError(f"{len(got)} of {n} workers reported")
             buf += os.read(self.fd, 65536)
             while len(buf) >= REC.size:
-                i, t = REC.unpack_from(buf)
+                i, t, cpu = REC.unpack_from(buf)
                 buf = buf[REC.size:]
-                got[i] = t
-        return max(got.values())
+                got[i] = (t, cpu)
+        return got
+
+    def last_of(self, n: int, timeout: float = 30.0) -> float:
+        """When the last of workers 0..n-1 ran its first line."""
+        return max(t for t, _ in self.first_lines(n, timeout).values())
 
     def close(self) -> None:
         os.close(self.fd)

@@ -17,42 +17,17 @@ import json
 import multiprocessing
 import os
 import resource
-import select
 import statistics
-import struct
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
+from startup_ab import Probe, _target
+
 import corral
 
-REC = struct.Struct("=idd")  # index, monotonic time and process CPU at the first line
 SYSTEMS = ("corral", "floor")
-
-
-def _target(index: int, path: str) -> None:
-    now, cpu = time.monotonic(), time.process_time()
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    os.write(fd, REC.pack(index, now, cpu))
-    while True:
-        time.sleep(3600)
-
-
-def _first_lines(fd: int, n: int, timeout: float = 30.0) -> dict[int, tuple[float, float]]:
-    got: dict[int, tuple[float, float]] = {}
-    buf = b""
-    end = time.monotonic() + timeout
-    while len(got) < n:
-        if not select.select([fd], [], [], max(0.0, end - time.monotonic()))[0]:
-            raise TimeoutError(f"{len(got)} of {n} workers reported")
-        buf += os.read(fd, 65536)
-        while len(buf) >= REC.size:
-            i, t, c = REC.unpack_from(buf)
-            buf = buf[REC.size:]
-            got[i] = (t, c)
-    return got
 
 
 def _cpu() -> float:
@@ -62,10 +37,7 @@ def _cpu() -> float:
 
 def child(system: str, n: int, starts: int) -> list[dict[str, float]]:
     """In a fresh process: ``starts`` starts of ``system``, one record each."""
-    path = tempfile.mktemp(prefix="corral-startup-cpu-")
-    os.mkfifo(path)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    keep = os.open(path, os.O_WRONLY)  # no EOF between starts
+    probe = Probe()
     out = []
     try:
         for _ in range(starts):
@@ -76,14 +48,14 @@ def child(system: str, n: int, starts: int) -> list[dict[str, float]]:
                 if system == "floor":
                     ctx = multiprocessing.get_context("fork")
                     for i in range(n):
-                        proc = ctx.Process(target=_target, args=(i, path))
+                        proc = ctx.Process(target=_target, args=(i, probe.path))
                         proc.start()
                         procs.append(proc)
                 else:
                     sup = corral.Supervisor(_target, workers=n, start_method="fork",
-                                            args=lambda i: (path,))
+                                            args=lambda i: (probe.path,))
                     sup.start()
-                got = _first_lines(fd, n)
+                got = probe.first_lines(n)
                 wall = max(t for t, _ in got.values()) - t0
                 parent = _cpu() - cpu0
                 workers = sum(c for _, c in got.values())
@@ -96,9 +68,7 @@ def child(system: str, n: int, starts: int) -> list[dict[str, float]]:
                 if sup is not None:
                     sup.stop()
     finally:
-        os.close(fd)
-        os.close(keep)
-        os.unlink(path)
+        probe.close()
     return out
 
 
