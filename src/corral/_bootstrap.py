@@ -172,18 +172,7 @@ def become_template(keep: tuple[int, ...], reset: tuple[int, ...] | None, title:
     reset_signal_handlers(reset)
     _set_title(title)
     _forget_other_threads()
-    dump_fd = -1
-    if dump_signal is not None:
-        with contextlib.suppress(OSError):
-            dump_fd = _make_dump_fd(index)
-        if dump_fd >= 0:
-            try:
-                faulthandler.register(dump_signal, file=dump_fd, all_threads=True, chain=False)
-            except (OSError, ValueError, RuntimeError):
-                # No handler: no fd either, or the supervisor would send a signal whose
-                # default action ends the worker.
-                os.close(dump_fd)
-                dump_fd = -1
+    dump_fd = -1 if dump_signal is None else _dump_handler(dump_signal, index)
     _gifts = _TemplateGifts(dump_fd, os.getpid())
 
 
@@ -495,9 +484,23 @@ def _prepare(config: BootConfig, gifts: _TemplateGifts | None = None) -> tuple[b
     elif config.dump_signal is not None:
         # Evidence from a hung worker: a C-level handler dumps every thread's stack into a memfd
         # the supervisor reads through /proc, even when the interpreter itself is stuck.
-        dump_fd = _make_dump_fd(max(config.index, 0))
-        faulthandler.register(config.dump_signal, file=dump_fd, all_threads=True, chain=False)
+        dump_fd = _dump_handler(config.dump_signal, max(config.index, 0))
     return armed, dump_fd
+
+
+def _dump_handler(sig: int, index: int) -> int:
+    """faulthandler's handler for ``sig`` on a new memfd: its fd, or -1 if either cannot be
+    had (the supervisor then sends no dump signal: its default action would end the worker)."""
+    try:
+        fd = _make_dump_fd(index)
+    except OSError:
+        return -1
+    try:
+        faulthandler.register(sig, file=fd, all_threads=True, chain=False)
+    except (OSError, ValueError, RuntimeError):
+        os.close(fd)
+        return -1
+    return fd
 
 
 def _set_title(title: str) -> None:

@@ -37,6 +37,7 @@ __all__ = [
     "close_internal_fds",
     "disown_fd",
     "dump_fd_is_ours",
+    "forked_here",
     "forking",
     "kill_unregistered",
     "own_fd",
@@ -195,10 +196,16 @@ def forking() -> Iterator[None]:
     """Around a fork on this thread: the child gets a fresh stdin (see below)."""
     _make_spare_stdin()
     _forking.active = True
+    _forking.forked = True
     try:
         yield
     finally:
         _forking.active = False
+
+
+def forked_here() -> bool:
+    """Whether corral has forked on this thread (through :func:`forking`) before."""
+    return bool(getattr(_forking, "forked", False))
 
 
 def _make_spare_stdin() -> None:

@@ -3,6 +3,7 @@ they are the supervisor's own children all the same, and a template that fails f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -183,18 +184,21 @@ def test_a_hung_template_worker_is_dumped_into_its_own_memfd(
         sup.stop()
 
 
-@needs_template
+@pytest.mark.parametrize("how", [pytest.param("template", marks=needs_template), "ordinary"])
 def test_a_template_without_a_dump_handler_gives_its_workers_none(
         no_leaks: set[int], tmp_path: Path, batches: list[tuple[int, str | None]],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, how: str) -> None:
     # Mocked: faulthandler.register cannot be made to fail for a real signal number. The
     # template inherits the patch (a fork of this process); it must then hand out no dump fd,
     # else the supervisor would send a signal that nothing handles and that ends the worker.
+    # A worker forked the ordinary way runs without a handler too (it used to die at boot).
     import faulthandler
 
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("refused by the test")
     monkeypatch.setattr(faulthandler, "register", refuse)
+    if how == "ordinary":
+        monkeypatch.setenv(_template.OFF_VARIABLE, "0")
     with pool(no_leaks, template_workers.hangs, workers=4, start_method="fork",
               args=lambda i: (str(tmp_path), 2), heartbeat_timeout=1.0,
               startup_timeout=30, ready_when="beat", kill_grace=0.5) as (sup, log):
@@ -204,7 +208,7 @@ def test_a_template_without_a_dump_handler_gives_its_workers_none(
         exited = log.wait(lambda ev: [e for e in ev if e.kind is EventKind.EXITED], 30,
                           "the hung worker's exit")
         record = exited[0].exit
-        assert batches == [(4, None)]
+        assert batches == ([(4, None)] if how == "template" else [])
         assert record is not None and record.pid == hung, record
         assert record.reason is StopReason.HUNG, record
         assert "no stack dump: the worker has no dump handler" in (record.detail or ""), record
@@ -356,6 +360,72 @@ def test_a_silent_template_is_killed_and_what_it_forked_unreported_is_swept(
         assert orphan not in sup.pids()
         _check_children(reports)
         _wait_pids(sup, reports)
+
+
+@needs_template
+def test_a_failed_templates_sweep_spares_what_its_thread_had_forked_before(
+        no_leaks: set[int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # fork_batch reads its thread's children before the template's fork only on a thread that
+    # has forked before (a pool's new spawner thread has none): here one has, and that child
+    # must outlive the sweep of a template that hangs with one clone unreported.
+    import multiprocessing
+    import threading
+
+    from corral.process import forked_here, forking
+
+    monkeypatch.setattr(_template, "TIMEOUT", 1.0)
+    real = _template._clone
+    made = [0]
+    unreported = tmp_path / "unreported"
+
+    def clone(facts: Any) -> int:
+        pid = real(facts)
+        if pid:
+            made[0] += 1
+            if made[0] == 2:
+                unreported.write_text(str(pid))
+                time.sleep(3600)
+        return pid
+
+    monkeypatch.setattr(_template, "_clone", clone)
+    caplog.set_level(logging.WARNING, logger="corral")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=time.sleep, args=(60,)) for _ in range(4)]
+    taken: list[int] = []
+    out: dict[str, Any] = {}
+
+    def on_a_thread() -> None:
+        out["fresh"] = forked_here()
+        with forking():
+            earlier = os.fork()
+        if earlier == 0:
+            time.sleep(60)
+            os._exit(0)
+        out["earlier"] = earlier
+        out["forked"] = forked_here()
+        out["reason"] = _template.fork_batch(procs, lambda i, p: taken.append(p.pid))
+
+    thread = threading.Thread(target=on_a_thread)
+    thread.start()
+    thread.join(30)
+    try:
+        assert not thread.is_alive()
+        assert out["fresh"] is False and out["forked"] is True
+        assert "no word from the template" in (out["reason"] or "")
+        orphan = int(unreported.read_text())
+        no_leaks.add(orphan)
+        wait_gone([orphan], 10, "the unreported clone")
+        os.kill(out["earlier"], 0)  # still there: not swept
+        assert f"killing pid {out['earlier']}" not in caplog.text, caplog.text
+    finally:
+        for pid in [out.get("earlier"), *taken]:
+            if pid:
+                no_leaks.add(pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
 
 
 def test_spawn_and_forkserver_pools_use_no_template(
