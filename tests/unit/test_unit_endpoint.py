@@ -188,13 +188,32 @@ def test_connection_limit_evicts_idle_then_refuses(web: FakeSource) -> None:
             s.close()
 
 
+def _settled_rounds(ep: Endpoint) -> int:
+    """The endpoint's round count once its thread sleeps in epoll_wait with that count
+    unchanged across two looks (the round that closed the last connection may still be
+    finishing when ``_conns`` empties)."""
+    reactor, thread = ep._reactor, ep._thread
+    assert reactor is not None and thread is not None
+    path = f"/proc/self/task/{thread.native_id}/wchan"
+    last = [-1]
+
+    def settled() -> bool:
+        with open(path) as fh:
+            asleep = "epoll" in fh.read()
+        before, last[0] = last[0], reactor.rounds if asleep else -1
+        return asleep and before == last[0]
+
+    wait_for(settled, 5, "the endpoint's thread asleep in epoll_wait")
+    return reactor.rounds
+
+
 def test_unused_endpoint_costs_nothing(web: FakeSource) -> None:
     with Endpoint("127.0.0.1:0", pools=[web]).start() as ep:
         assert get(ep.address, "/livez").status == 200
         reactor = ep._reactor
         assert reactor is not None
         wait_for(lambda: not ep._conns, 5, "the connection to close")
-        rounds = reactor.rounds
+        rounds = _settled_rounds(ep)
         thread = ep._thread
         assert thread is not None
         cpu0 = time.clock_gettime(time.pthread_getcpuclockid(thread.ident or 0))
