@@ -325,11 +325,9 @@ def test_a_template_that_fails_half_way_falls_back_to_ordinary_forks(
         _wait_pids(sup, reports)
 
 
-@needs_template
-def test_a_silent_template_is_killed_and_what_it_forked_unreported_is_swept(
-        no_leaks: set[int], tmp_path: Path, batches: list[tuple[int, str | None]],
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(_template, "CHUNK_MIN", 10_000)  # one forking process: deterministic
+def _hang_after_second_clone(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Make the template hang right after its second clone, which it never reports (its pid
+    goes to the file returned), and give up on a silent template after 1 s."""
     monkeypatch.setattr(_template, "TIMEOUT", 1.0)
     real = _template._clone
     made = [0]
@@ -345,6 +343,15 @@ def test_a_silent_template_is_killed_and_what_it_forked_unreported_is_swept(
         return pid
 
     monkeypatch.setattr(_template, "_clone", clone)
+    return unreported
+
+
+@needs_template
+def test_a_silent_template_is_killed_and_what_it_forked_unreported_is_swept(
+        no_leaks: set[int], tmp_path: Path, batches: list[tuple[int, str | None]],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(_template, "CHUNK_MIN", 10_000)  # one forking process: deterministic
+    unreported = _hang_after_second_clone(monkeypatch, tmp_path)
     caplog.set_level(logging.WARNING, logger="corral")
     began = time.monotonic()
     with pool(no_leaks, template_workers.report, workers=N, start_method="fork",
@@ -374,21 +381,7 @@ def test_a_failed_templates_sweep_spares_what_its_thread_had_forked_before(
 
     from corral.process import forked_here, forking
 
-    monkeypatch.setattr(_template, "TIMEOUT", 1.0)
-    real = _template._clone
-    made = [0]
-    unreported = tmp_path / "unreported"
-
-    def clone(facts: Any) -> int:
-        pid = real(facts)
-        if pid:
-            made[0] += 1
-            if made[0] == 2:
-                unreported.write_text(str(pid))
-                time.sleep(3600)
-        return pid
-
-    monkeypatch.setattr(_template, "_clone", clone)
+    unreported = _hang_after_second_clone(monkeypatch, tmp_path)
     caplog.set_level(logging.WARNING, logger="corral")
     ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=time.sleep, args=(60,)) for _ in range(4)]
