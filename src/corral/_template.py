@@ -54,6 +54,7 @@ from collections.abc import Callable, Iterable, Sequence
 from multiprocessing import popen_fork
 from typing import Any
 
+from corral._forkchild import run_forked
 from corral.process import disown_fd, forked_here, forking, own_fd, usable_cpus
 
 __all__ = ["OFF_VARIABLE", "TIMEOUT", "ClonedPopen", "fork_batch", "unavailable"]
@@ -213,13 +214,16 @@ def _template(sock: socket.socket, procs: Sequence[multiprocessing.process.BaseP
     # is delivered then, to the defaults).
     # (_signal's: signal's makes an enum of every signal, in and out: ~0.2 ms of the start.)
     _signal.pthread_sigmask(signal.SIG_BLOCK, _signal.valid_signals())
-    _syscall().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != supervisor:
         return False
     if prepare is not None:
         prepare(sock.fileno())
     _forker(sock, procs, 0, bounds, facts, own_ends)
-    return True
+    # Our parent-death signal once the others are forked (its ctypes call costs ~50 us of
+    # page faults before the first fork). A supervisor that died meanwhile is noticed all the
+    # same: the reports fail, and each worker checks its parent as it boots.
+    _syscall().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    return os.getppid() == supervisor
 
 
 def _chunks(n: int) -> list[tuple[int, int]]:
@@ -341,7 +345,7 @@ def _fork_one(sock: socket.socket, procs: Sequence[multiprocessing.process.BaseP
             if then is not None:
                 then((child_r, child_w))
             os.close(sock.fileno())  # (never used again: we end with os._exit)
-            code = procs[i]._bootstrap(parent_sentinel=child_r)  # type: ignore[attr-defined]
+            code = run_forked(procs[i], child_r)
         finally:
             os._exit(code)
     return (i, pid, parent_r, parent_w)
@@ -396,7 +400,7 @@ def fork_batch(procs: Sequence[multiprocessing.process.BaseProcess],
             os.close(parent_w)
             if _template(theirs, procs, supervisor, facts, prepare, bounds, (child_r, child_w)):
                 os.close(theirs.fileno())  # (never used again: we end with os._exit)
-                code = procs[0]._bootstrap(parent_sentinel=child_r)  # type: ignore[attr-defined]
+                code = run_forked(procs[0], child_r)
         finally:
             os._exit(code)
     os.close(child_w)

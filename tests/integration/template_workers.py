@@ -117,3 +117,27 @@ def fd0(index: int, outdir: str) -> None:
     tmp.rename(Path(outdir) / f"fd0-{os.getpid()}")
     while True:
         time.sleep(0.05)
+
+
+def ends(index: int, outdir: str) -> None:
+    """Reports what multiprocessing says of this process, registers an atexit handler, then
+    ends its own way: 0 returns, 1 ``sys.exit(7)``, 2 ``sys.exit("bye")``, 3 raises."""
+    import atexit
+    import multiprocessing
+
+    out = Path(outdir)
+    me, parent = multiprocessing.current_process(), multiprocessing.parent_process()
+    facts = {"name": me.name, "pid": me.pid == os.getpid(),
+             "parent": parent.pid if parent is not None else None,
+             "parent_alive": parent.is_alive() if parent is not None else None,
+             "children": len(multiprocessing.active_children())}
+    (out / f"mp-{index}.json").write_text(json.dumps(facts))
+    atexit.register(lambda: (out / f"atexit-{index}").write_text(""))
+    # What multiprocessing writes to stderr as the process ends goes to this file.
+    sys.stderr = open(out / f"stderr-{index}", "w")  # noqa: SIM115
+    if index == 1:
+        sys.exit(7)
+    if index == 2:
+        sys.exit("bye")
+    if index == 3:
+        raise ValueError("a worker's own error")

@@ -19,7 +19,7 @@ import pytest
 import template_workers
 from _helpers import pool, start_supervisor_script, wait_gone
 
-from corral import _template
+from corral import _forkchild, _template
 from corral.events import EventKind, StopReason
 from corral.exitstatus import ExitStatus
 from support import wait_for
@@ -444,3 +444,41 @@ def test_without_a_template_every_worker_is_forked_the_ordinary_way(
         assert batches == []
         _check_children(reports)
         _wait_pids(sup, reports)
+
+
+@pytest.mark.parametrize("how", ["template", "template, multiprocessing's bootstrap",
+                                 "ordinary fork"])
+def test_a_template_worker_ends_as_a_multiprocessing_fork_child_does(
+        how: str, no_leaks: set[int], tmp_path: Path, batches: list[tuple[int, str | None]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The template runs its workers' bootstrap itself (corral._forkchild): the same process
+    facts, exit codes, stderr and atexit handlers as multiprocessing's fork Popen gives (which
+    runs the child's atexit handlers from Python 3.13 on, and never before); so does the
+    fallback to multiprocessing's own bootstrap (on a Python corral's was not checked on)."""
+    if how.startswith("template") and _template.unavailable() is not None:
+        pytest.skip(f"no start template here: {_template.unavailable()}")
+    if how == "ordinary fork":
+        monkeypatch.setenv(_template.OFF_VARIABLE, "0")
+    if how == "template, multiprocessing's bootstrap":
+        monkeypatch.setattr(_forkchild, "_OWN_BOOTSTRAP", False)
+    else:
+        assert _forkchild._OWN_BOOTSTRAP  # every Python corral is tested on
+    n = 4
+    with pool(no_leaks, template_workers.ends, workers=n, start_method="fork",
+              restart="never", args=lambda i: (str(tmp_path),)) as (sup, _):
+        wait_for(lambda: len(sup.history()) == n, 30, "every worker's exit")
+        codes = {r.index: r.exit for r in sup.history()}
+    assert batches == ([(n, None)] if how.startswith("template") else [])
+    assert codes == {0: ExitStatus(code=0), 1: ExitStatus(code=7), 2: ExitStatus(code=1),
+                     3: ExitStatus(code=1)}
+    for i in range(n):
+        facts = json.loads((tmp_path / f"mp-{i}.json").read_text())
+        assert facts == {"name": facts["name"], "pid": True, "parent": os.getpid(),
+                         "parent_alive": True, "children": 0}, facts
+        assert facts["name"].endswith(f"-{i}"), facts
+        assert (tmp_path / f"atexit-{i}").exists() == (sys.version_info >= (3, 13)), i
+    stderr = {i: (tmp_path / f"stderr-{i}").read_text() for i in range(n)}
+    assert stderr[0] == stderr[1] == "", stderr
+    assert stderr[2] == "bye\n", stderr
+    assert stderr[3].startswith("Process "), stderr
+    assert "ValueError: a worker's own error" in stderr[3], stderr
