@@ -10,6 +10,10 @@ process instead: its floor then runs in a process that has run corral, which fla
 ratio.) Run it with the bench's Python:
 
     benchmarks/.venv-bench/bin/python benchmarks/startup_fresh.py --workers 8 --rounds 8
+
+With ``--old <an older checkout>/src`` each round also runs corral from that source (through
+``PYTHONPATH``, ahead of the installed one), the two orders alternating: old against new in the
+same conditions.
 """
 
 from __future__ import annotations
@@ -22,15 +26,17 @@ import time
 
 import run
 
-SYSTEMS = ("corral", "floor")
 
-
-def one(system: str, workers: int, reps: int, tmp: str) -> list[float]:
-    """One ``scenarios.py startup`` job in a fresh process: its starts, in ms."""
+def one(system: str, workers: int, reps: int, tmp: str, old: str | None = None) -> list[float]:
+    """One ``scenarios.py startup`` job in a fresh process: its starts, in ms (``old``: corral
+    imported from that source directory)."""
     job = run.Job("startup", system,
                   {"system": system, "workers": workers, "method": "fork", "reps": reps},
                   timeout=120.0, title=f"start-up: {system}, {workers} workers, fork")
-    run.run_job(job, run.job_env(), tmp, time.monotonic() + 3600)
+    env = run.job_env()
+    if old is not None:
+        env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], old])
+    run.run_job(job, env, tmp, time.monotonic() + 3600)
     if job.error is not None:
         raise RuntimeError(f"{job.title}: {job.error}")
     return [s * 1e3 for s in job.result[f"startup.fork.{workers}"]]
@@ -41,26 +47,35 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3, help="starts per process (make bench: 3)")
+    ap.add_argument("--old", metavar="SRC", help="also run corral imported from SRC (the src "
+                    "directory of an older checkout), alternating with the current one")
     opts = ap.parse_args()
     run.set_subreaper()
-    medians: dict[str, list[float]] = {s: [] for s in SYSTEMS}
-    firsts: dict[str, list[float]] = {s: [] for s in SYSTEMS}
+    variants = ["corral", "old", "floor"] if opts.old else ["corral", "floor"]
+    medians: dict[str, list[float]] = {v: [] for v in variants}
+    firsts: dict[str, list[float]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="corral-startup-fresh-") as tmp:
-        for _ in range(opts.rounds):
-            for system in SYSTEMS:
-                starts = one(system, opts.workers, opts.reps, tmp)
-                medians[system].append(statistics.median(starts))
-                firsts[system].append(starts[0])
-    ratios = [c / f for c, f in zip(medians["corral"], medians["floor"], strict=True)]
+        for k in range(opts.rounds):
+            order = variants if k % 2 == 0 or not opts.old else ["old", "corral", "floor"]
+            for v in order:
+                starts = one("floor" if v == "floor" else "corral", opts.workers, opts.reps,
+                             tmp, opts.old if v == "old" else None)
+                medians[v].append(statistics.median(starts))
+                firsts[v].append(starts[0])
     print(f"{opts.workers} workers, fork, {opts.rounds} rounds of {opts.reps} starts; "
           f"load average {os.getloadavg()}")
-    for system in SYSTEMS:
-        for label, values in (("median of each round", medians[system]),
-                              ("first start", firsts[system])):
-            print(f"{system:7s} {label:22s} " + " ".join(f"{x:5.1f}" for x in values) + " ms")
-    print(f"{'ratio':30s} " + " ".join(f"{x:5.2f}" for x in ratios)
-          + f"  (median {statistics.median(ratios):.2f}x; within 1.2x: "
-          f"{sum(r <= 1.2 for r in ratios)} of {len(ratios)})")
+    for v in variants:
+        for label, values in (("median of each round", medians[v]),
+                              ("first start", firsts[v])):
+            print(f"{v:7s} {label:22s} " + " ".join(f"{x:5.1f}" for x in values) + " ms")
+    floor = statistics.median(medians["floor"])
+    for v in variants[:-1]:
+        ratios = [c / f for c, f in zip(medians[v], medians["floor"], strict=True)]
+        print(f"{v + ' ratio':30s} " + " ".join(f"{x:5.2f}" for x in ratios)
+              + f"  (median {statistics.median(ratios):.3f}x; within 1.2x: "
+              f"{sum(r <= 1.2 for r in ratios)} of {len(ratios)})")
+        print(f"{v:7s} median of the rounds {statistics.median(medians[v]):.2f} ms, "
+              f"{statistics.median(medians[v]) / floor:.3f}x the floor's {floor:.2f} ms")
 
 
 if __name__ == "__main__":
