@@ -29,7 +29,7 @@ def run_forked(proc: Any, sentinel: int) -> int:
         atexit._clear()
         atexit.register(mp_util._exit_function)  # type: ignore[attr-defined]
     try:
-        if _OWN_BOOTSTRAP:
+        if _OWN_BOOTSTRAP and _unpatched(type(proc)):
             return _bootstrap(proc, sentinel)
         return int(proc._bootstrap(parent_sentinel=sentinel))
     finally:
@@ -52,6 +52,13 @@ _OWN_BOOTSTRAP = sys.version_info[:2] <= (3, 13) and all(
         (threading, ("_shutdown", "_HAVE_THREAD_NATIVE_ID")),
         (atexit, ("_clear", "_run_exitfuncs")),
     ) for name in names)
+
+
+def _unpatched(cls: type) -> bool:
+    """Whether ``cls`` bootstraps with multiprocessing's own methods (a tool that wraps them,
+    coverage.py say, or a subclass that overrides them, must have its version run)."""
+    return all(getattr(getattr(cls, name, None), "__module__", None) == "multiprocessing.process"
+               for name in ("_bootstrap", "_after_fork"))
 
 
 def _bootstrap(proc: Any, sentinel: int) -> int:
@@ -93,6 +100,7 @@ def _bootstrap(proc: Any, sentinel: int) -> int:
     except SystemExit as exc:
         code = _exit_code(exc.code)
     except BaseException:
+        code = 1  # (the run may have returned, then the exit function raised)
         import traceback
 
         sys.stderr.write(f"Process {proc.name}:\n")
@@ -110,5 +118,5 @@ def _exit_code(value: object) -> int:
         return 0
     if isinstance(value, int):
         return value
-    sys.stderr.write(f"{value}\n")
+    sys.stderr.write(str(value) + "\n")
     return 1

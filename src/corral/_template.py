@@ -214,16 +214,13 @@ def _template(sock: socket.socket, procs: Sequence[multiprocessing.process.BaseP
     # is delivered then, to the defaults).
     # (_signal's: signal's makes an enum of every signal, in and out: ~0.2 ms of the start.)
     _signal.pthread_sigmask(signal.SIG_BLOCK, _signal.valid_signals())
+    _syscall().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != supervisor:
         return False
     if prepare is not None:
         prepare(sock.fileno())
     _forker(sock, procs, 0, bounds, facts, own_ends)
-    # Our parent-death signal once the others are forked (its ctypes call costs ~50 us of
-    # page faults before the first fork). A supervisor that died meanwhile is noticed all the
-    # same: the reports fail, and each worker checks its parent as it boots.
-    _syscall().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    return os.getppid() == supervisor
+    return True
 
 
 def _chunks(n: int) -> list[tuple[int, int]]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import multiprocessing.process
+import multiprocessing.util
 import os
 import signal
 import subprocess
@@ -461,8 +463,11 @@ def test_a_template_worker_ends_as_a_multiprocessing_fork_child_does(
         monkeypatch.setenv(_template.OFF_VARIABLE, "0")
     if how == "template, multiprocessing's bootstrap":
         monkeypatch.setattr(_forkchild, "_OWN_BOOTSTRAP", False)
-    else:
+    elif how == "template":
         assert _forkchild._OWN_BOOTSTRAP  # every Python corral is tested on
+    # Two chunks: worker 2 forks worker 3 before it runs (a chunk's first worker's path).
+    monkeypatch.setattr(_template, "CHUNK_MIN", 2)
+    monkeypatch.setattr(_template, "usable_cpus", lambda: 2)
     n = 4
     with pool(no_leaks, template_workers.ends, workers=n, start_method="fork",
               restart="never", args=lambda i: (str(tmp_path),)) as (sup, _):
@@ -482,3 +487,45 @@ def test_a_template_worker_ends_as_a_multiprocessing_fork_child_does(
     assert stderr[2] == "bye\n", stderr
     assert stderr[3].startswith("Process "), stderr
     assert "ValueError: a worker's own error" in stderr[3], stderr
+
+
+@pytest.mark.parametrize("how", ["template", "template, bootstrap patched", "ordinary fork"])
+def test_a_template_worker_whose_exit_function_raises_exits_as_multiprocessing_says(
+        how: str, no_leaks: set[int], tmp_path: Path, batches: list[tuple[int, str | None]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """multiprocessing's exit function raising after the target ended: exit code 1 on Python
+    3.11/3.12 (the bootstrap calls it), the target's own from 3.13 (an atexit handler, whose
+    error is printed); and a bootstrap wrapped by a tool (as coverage.py does) is the one
+    that runs."""
+    if how.startswith("template") and _template.unavailable() is not None:
+        pytest.skip(f"no start template here: {_template.unavailable()}")
+    if how == "ordinary fork":
+        monkeypatch.setenv(_template.OFF_VARIABLE, "0")
+    real_bootstrap = multiprocessing.process.BaseProcess._bootstrap  # type: ignore[attr-defined]
+    if how == "template, bootstrap patched":
+        def wrapped(self: Any, *args: Any, **kwargs: Any) -> int:
+            (tmp_path / f"wrapped-{os.getpid()}").write_text("")
+            return int(real_bootstrap(self, *args, **kwargs))
+
+        monkeypatch.setattr(multiprocessing.process.BaseProcess, "_bootstrap", wrapped)
+
+    def failing_exit() -> None:
+        raise RuntimeError("the exit function failed")
+
+    monkeypatch.setattr(multiprocessing.util, "_exit_function", failing_exit)
+    n = 3
+    with pool(no_leaks, template_workers.ends, workers=n, start_method="fork",
+              restart="never", args=lambda i: (str(tmp_path),)) as (sup, _):
+        wait_for(lambda: len(sup.history()) == n, 30, "every worker's exit")
+        exits = {r.index: r.exit for r in sup.history()}
+        pids = {r.index: r.pid for r in sup.history()}
+    assert batches == ([(n, None)] if how.startswith("template") else [])
+    if sys.version_info >= (3, 13):
+        want = {0: ExitStatus(code=0), 1: ExitStatus(code=7), 2: ExitStatus(code=1)}
+    else:  # its error replaces the run's outcome, SystemExit included
+        want = {0: ExitStatus(code=1), 1: ExitStatus(code=1), 2: ExitStatus(code=1)}
+    assert exits == want, exits
+    wrapped_in = {int(p.name.split("-")[1]) for p in tmp_path.glob("wrapped-*")}
+    assert wrapped_in == (set(pids.values()) if how == "template, bootstrap patched" else set())
+    if sys.version_info < (3, 13):  # (from 3.13 the atexit report is left in stderr's buffer)
+        assert "the exit function failed" in (tmp_path / "stderr-0").read_text()
