@@ -198,6 +198,16 @@ def _clone(facts: tuple[str | None, int, int, int]) -> int:
     return int(pid)
 
 
+def _exit(code: int) -> None:
+    """End a worker the template forked, whatever its exit code: a code out of the C int's
+    range (``sys.exit(2**40)``) makes ``os._exit`` raise, and the worker must never unwind
+    into its forker's code (the forking loop, whose frames it inherited)."""
+    try:
+        os._exit(code)
+    finally:
+        os._exit(1)
+
+
 def _template(sock: socket.socket, procs: Sequence[multiprocessing.process.BaseProcess],
               supervisor: int, facts: tuple[str | None, int, int, int],
               prepare: Callable[[int], None] | None, bounds: list[tuple[int, int]],
@@ -344,7 +354,7 @@ def _fork_one(sock: socket.socket, procs: Sequence[multiprocessing.process.BaseP
             os.close(sock.fileno())  # (never used again: we end with os._exit)
             code = run_forked(procs[i], child_r)
         finally:
-            os._exit(code)
+            _exit(code)
     return (i, pid, parent_r, parent_w)
 
 
@@ -399,7 +409,7 @@ def fork_batch(procs: Sequence[multiprocessing.process.BaseProcess],
                 os.close(theirs.fileno())  # (never used again: we end with os._exit)
                 code = run_forked(procs[0], child_r)
         finally:
-            os._exit(code)
+            _exit(code)
     os.close(child_w)
     os.close(child_r)
     disown_fd(theirs.fileno())

@@ -141,3 +141,13 @@ def ends(index: int, outdir: str) -> None:
         sys.exit("bye")
     if index == 3:
         raise ValueError("a worker's own error")
+
+
+def exits_huge(index: int, outdir: str) -> None:
+    """Records that it ran as ``index`` (one file per process); worker 1 then calls
+    ``sys.exit(2**40)``, an exit code ``os._exit`` cannot take; the others sleep."""
+    (Path(outdir) / f"ran-{index}-{os.getpid()}").write_text("")
+    if index == 1:
+        sys.exit(2**40)
+    while True:
+        time.sleep(0.05)

@@ -529,3 +529,22 @@ def test_a_template_worker_whose_exit_function_raises_exits_as_multiprocessing_s
     assert wrapped_in == (set(pids.values()) if how == "template, bootstrap patched" else set())
     if sys.version_info < (3, 13):  # (from 3.13 the atexit report is left in stderr's buffer)
         assert "the exit function failed" in (tmp_path / "stderr-0").read_text()
+
+
+@needs_template
+def test_a_template_worker_with_an_exit_code_out_of_range_ends_there(
+        no_leaks: set[int], tmp_path: Path, batches: list[tuple[int, str | None]]) -> None:
+    """``sys.exit(2**40)`` in a worker: ``os._exit`` refuses the code; the worker still ends
+    there (status 1), and no worker runs twice (unwinding into its forker's code, it would
+    run the template's loop; before, that loop failed on the worker's closed socket)."""
+    n = 4
+    with pool(no_leaks, template_workers.exits_huge, workers=n, start_method="fork",
+              restart="never", args=lambda i: (str(tmp_path),)) as (sup, _):
+        wait_for(lambda: len(sup.history()) == 1, 30, "worker 1's exit")
+        wait_for(lambda: len(list(tmp_path.glob("ran-*"))) >= n, 30, "every worker's start")
+        assert batches == [(n, None)]
+        assert sup.history()[0].index == 1
+        assert sup.history()[0].exit == ExitStatus(code=1)
+        time.sleep(0.5)  # room for a runaway worker to fork and boot again, if one escaped
+        ran = sorted(p.name.split("-")[1] for p in tmp_path.glob("ran-*"))
+        assert ran == [str(i) for i in range(n)], ran
