@@ -34,7 +34,9 @@ def main() -> None:
     sup = corral.Supervisor(target, workers=n, start_method="fork", args=lambda i: (out,))
     sup.start()
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and len(os.listdir(out)) < n:
+    # Every worker booted, and the supervisor has taken them in (a worker can write its file
+    # before the supervisor has its pid: the template reports the batch after its forks).
+    while time.monotonic() < deadline and (len(os.listdir(out)) < n or len(sup.pids()) < n):
         time.sleep(0.02)
     print(json.dumps(sorted(sup.pids())), flush=True)
     sup.stop()
