@@ -11,9 +11,10 @@ ratio.) Run it with the bench's Python:
 
     benchmarks/.venv-bench/bin/python benchmarks/startup_fresh.py --workers 8 --rounds 8
 
-With ``--old <an older checkout>/src`` each round also runs corral from that source (through
-``PYTHONPATH``, ahead of the installed one), the two orders alternating: old against new in the
-same conditions.
+With ``--original`` each round also runs the original (Duck's ``WorkerProcessManager``), as
+the bench's row does. With ``--old <an older checkout>/src`` each round also runs corral from
+that source (through ``PYTHONPATH``, ahead of the installed one), the two orders alternating:
+old against new in the same conditions.
 """
 
 from __future__ import annotations
@@ -47,18 +48,24 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3, help="starts per process (make bench: 3)")
+    ap.add_argument("--original", action="store_true",
+                    help="also run the original (Duck's WorkerProcessManager) each round")
     ap.add_argument("--old", metavar="SRC", help="also run corral imported from SRC (the src "
                     "directory of an older checkout), alternating with the current one")
     opts = ap.parse_args()
     run.set_subreaper()
     variants = ["corral", "old", "floor"] if opts.old else ["corral", "floor"]
+    if opts.original:
+        variants.insert(-1, "original")
     medians: dict[str, list[float]] = {v: [] for v in variants}
     firsts: dict[str, list[float]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="corral-startup-fresh-") as tmp:
         for k in range(opts.rounds):
-            order = variants if k % 2 == 0 or not opts.old else ["old", "corral", "floor"]
+            order = list(variants)
+            if k % 2 and opts.old:  # the two corrals in turn first
+                order[:2] = ["old", "corral"]
             for v in order:
-                starts = one("floor" if v == "floor" else "corral", opts.workers, opts.reps,
+                starts = one("corral" if v == "old" else v, opts.workers, opts.reps,
                              tmp, opts.old if v == "old" else None)
                 medians[v].append(statistics.median(starts))
                 firsts[v].append(starts[0])
