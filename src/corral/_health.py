@@ -13,7 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["HealthRunner", "measure_rss"]
+__all__ = ["HealthRunner", "measure_rss", "over_max_memory"]
 
 
 class HealthRunner:
@@ -62,3 +62,15 @@ def measure_rss(targets: list[tuple[int, int, int]]) -> list[tuple[int, int, int
             continue
         out.append((index, generation, rss))
     return out
+
+
+def over_max_memory(rss: int, limit: int) -> str:
+    """Why a worker is recycled: ``"RSS 150.02 MiB > max_memory 150.0 MiB"``.
+
+    One decimal, or as many as it takes (up to 6) for the RSS to read as more than the limit:
+    a worker a few pages over 150 MiB must not read "150.0 MiB > 150.0 MiB".
+    """
+    digits = 1
+    while digits < 6 and round(rss / 2**20, digits) <= round(limit / 2**20, digits):
+        digits += 1
+    return f"RSS {rss / 2**20:.{digits}f} MiB > max_memory {limit / 2**20:.{digits}f} MiB"

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from corral._eventlog import event_extra
 from corral._evidence import STEP, StackDump
-from corral._health import HealthRunner
+from corral._health import HealthRunner, over_max_memory
 from corral._liveness import due, next_look
 from corral._observe import PoolFacts, PoolSummary
 from corral._reactor import DeadlineSpace, Reactor
@@ -320,8 +320,7 @@ class WatchPart(_Core):
                 continue
             if w.state in (S.STARTING, S.RUNNING):
                 self._stop_worker(w, StopReason.RECYCLED_MEMORY, AfterStop.RESTART, now,
-                                  detail=f"RSS {rss / 2**20:.1f} MiB > max_memory "
-                                         f"{limit / 2**20:.1f} MiB")
+                                  detail=over_max_memory(rss, limit))
                 when = self._dl.get((POOL, Deadline.MEMORY))
                 if when is not None and when > now + _RECYCLE_CHECK:
                     self._dl.set((POOL, Deadline.MEMORY), now + _RECYCLE_CHECK)

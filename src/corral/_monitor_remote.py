@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+from corral._health import over_max_memory
 from corral._slots import POOL, AfterStop, Deadline, DeadlineKey, WorkerSlot
 from corral.events import Event, EventKind, ExitRecord, StopReason
 from corral.states import WorkerState
@@ -124,8 +125,7 @@ class RemotePart(_Core):
         limit = self.spec.max_memory
         if limit is not None and reply.rss > limit and w.state in (S.STARTING, S.RUNNING):
             self._stop_worker(w, StopReason.RECYCLED_MEMORY, AfterStop.RESTART, now,
-                              detail=f"RSS {reply.rss / 2**20:.1f} MiB > max_memory "
-                                     f"{limit / 2**20:.1f} MiB")
+                              detail=over_max_memory(reply.rss, limit))
             return
         self._judge(w, now)
 
