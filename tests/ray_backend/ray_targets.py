@@ -85,3 +85,18 @@ def stops_itself(index: int) -> None:
     # actors no SIGCONT) continued it 5 ms after the stop, and it returned. Stop again if so.
     while True:
         os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def grows_once(index: int, flags: str, size: int) -> None:
+    """Ready and beating; the first process of each index also holds ``size`` bytes (written,
+    so resident) until it is stopped. Its replacements stay small."""
+    corral.ready()
+    mark = os.path.join(flags, f"grew-{index}")
+    hoard = b""
+    if not os.path.exists(mark):
+        with open(mark, "w") as fh:
+            fh.write(str(os.getpid()))
+        hoard = b"\x01" * size
+    while True:
+        corral.beat()
+        time.sleep(0.05 + 0 * len(hoard))  # (the hoard is kept alive by this loop)

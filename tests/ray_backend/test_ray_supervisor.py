@@ -11,6 +11,7 @@ identical. Time bounds are generous (seconds); ray_bench.py measures the latenci
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -276,3 +277,33 @@ def test_a_raising_target_is_an_exit_with_the_remote_traceback(
     # restart="never": not restarted (the pool, its only worker gone, may have stopped too).
     wait_for(lambda: sup.status()[0].state.value in ("exited", "stopped"), 10, "no restart")
     assert sup.status()[0].restarts == 0
+
+
+_MIB = 2**20
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_a_worker_over_max_memory_is_recycled(
+        pools: Callable[..., tuple[corral.Supervisor, Recorder]], backend: str,
+        tmp_path: Path) -> None:
+    """max_memory on Ray: the RSS comes with each probe's reply (the local backend reads it from
+    /proc); a worker over the limit is recycled, the reason naming both sizes as they are."""
+    limit = 300 * _MIB  # well above a Ray actor's own RSS
+    sup, rec = pools(ray_targets.grows_once, 1, backend,
+                     args=lambda i: (str(tmp_path), 500 * _MIB), ready_when="ready",
+                     heartbeat_timeout=5, max_memory=limit, memory_check_interval=0.2)
+    wait_for(lambda: (tmp_path / "grew-0").exists(), 60, "the first worker's hoard")
+    first = int((tmp_path / "grew-0").read_text())
+    wait_for(_replaced(sup, 0, first), 30, "the replacement, ready")
+    record = sup.status()[0].last_exit
+    assert record is not None and record.pid == first, record
+    assert record.reason is StopReason.RECYCLED_MEMORY, record.describe()
+    # (What follows it: the SIGKILL if it grew past 125 % during its grace; on Ray, what Ray
+    # said of the actor's end.)
+    match = re.match(r"RSS ([0-9.]+) MiB > max_memory ([0-9.]+) MiB\b", record.detail or "")
+    assert match, record.detail
+    assert float(match.group(1)) * _MIB > limit and float(match.group(2)) * _MIB == limit
+    assert sup.status()[0].restarts == 1
+    wait_for(lambda: [e for e in rec.of(EventKind.EXITED, 0)
+                      if e.exit is not None and e.exit.reason is StopReason.RECYCLED_MEMORY],
+             10, "the EXITED event of the recycle")
