@@ -287,6 +287,14 @@ class WatchPart(_Core):
             self._dl.set((w.index, Deadline.HEALTH),
                                        now + self.spec.health_check_interval)
 
+    def _readable_pid(self, proc: ProcessLike) -> int | None:
+        """The pid whose memory can be read here: a Ray actor on another node has none (its
+        probe replies carry its RSS, see _monitor_remote); on this node both tell."""
+        if not self._remote:
+            return proc.pid
+        local_pid = getattr(proc, "local_pid", None)
+        return local_pid() if local_pid is not None else None
+
     def _recycling_for_memory(self, w: WorkerSlot) -> bool:
         return w.state is S.STOPPING and w.stop_reason is StopReason.RECYCLED_MEMORY
 
@@ -298,9 +306,10 @@ class WatchPart(_Core):
         self._dl.set((POOL, Deadline.MEMORY), now + interval)
         if self._memory_pending:
             return
-        targets = [(w.index, w.generation, w.proc.pid) for w in self._slots.values()
+        targets = [(w.index, w.generation, pid) for w in self._slots.values()
                    if w.proc is not None and (w.state in (S.STARTING, S.RUNNING)
-                                              or self._recycling_for_memory(w))]
+                                              or self._recycling_for_memory(w))
+                   and (pid := self._readable_pid(w.proc)) is not None]
         if not targets:
             self._dl.cancel((POOL, Deadline.MEMORY))
             return

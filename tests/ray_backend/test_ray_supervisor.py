@@ -307,3 +307,35 @@ def test_a_worker_over_max_memory_is_recycled(
     wait_for(lambda: [e for e in rec.of(EventKind.EXITED, 0)
                       if e.exit is not None and e.exit.reason is StopReason.RECYCLED_MEMORY],
              10, "the EXITED event of the recycle")
+
+
+def test_a_ray_worker_on_another_node_is_measured_by_its_probes_only(
+        pools: Callable[..., tuple[corral.Supervisor, Recorder]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pid of an actor on another node names nothing (or another process) here: its memory
+    must not be read through /proc, only from its probe replies. A second node cannot be made
+    on this machine, so this node's id is replaced (a monkeypatch) and the local reader spied."""
+    from corral import _health
+    from corral.ray import _backend
+
+    read: list[list[tuple[int, int, int]]] = []
+    real = _health.measure_rss
+
+    def spy(targets: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        read.append(list(targets))
+        return real(targets)
+
+    monkeypatch.setattr(_health, "measure_rss", spy)
+    monkeypatch.setattr(_backend, "_driver_node", lambda: "another-node")
+    limit = 300 * _MIB
+    sup, _ = pools(ray_targets.grows_once, 1, "ray",
+                   args=lambda i: (str(tmp_path), 500 * _MIB), ready_when="ready",
+                   heartbeat_timeout=5, max_memory=limit, memory_check_interval=0.2)
+    wait_for(lambda: (tmp_path / "grew-0").exists(), 60, "the first worker's hoard")
+    first = int((tmp_path / "grew-0").read_text())
+    wait_for(_replaced(sup, 0, first), 30, "the replacement, ready")
+    record = sup.status()[0].last_exit
+    assert record is not None and record.reason is StopReason.RECYCLED_MEMORY, record
+    assert (record.detail or "").startswith("RSS "), record.detail
+    assert "during the grace" not in (record.detail or ""), record.detail  # no local reading
+    assert not any(pid == first for targets in read for _, _, pid in targets), read

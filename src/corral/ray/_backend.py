@@ -397,12 +397,19 @@ class RayWorker:
             ray.kill(self.actor, no_restart=True)
         except Exception as exc:  # already gone, or the cluster went away
             log.debug("ray.kill of worker %r (pid %s): %s", self.name, self.pid, exc)
-        if self.node_id and self.node_id == _driver_node() and _is_ray_worker(self.pid):
+        if self.local_pid() is not None:
             # Ray reports the actor dead at once but first asks its process to exit, and
             # SIGKILLs it only ~5 s later if it does not (a SIGSTOPped or stuck one). On our
             # own machine we need not wait for that.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(self.pid, signal.SIGKILL)
+
+    def local_pid(self) -> int | None:
+        """Its pid if its process runs on this machine (and still is a Ray worker), else None:
+        the pid of a process on another node names nothing, or something else, here."""
+        if self.node_id and self.node_id == _driver_node() and _is_ray_worker(self.pid):
+            return self.pid
+        return None
 
     def stop(self, grace: float) -> ActorExit | None:
         """Stop cooperatively, then kill at the deadline; wait for the end (blocking), and
