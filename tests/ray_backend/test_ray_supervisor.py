@@ -24,7 +24,7 @@ import pytest
 import ray
 
 import corral
-from corral.events import Event, EventKind, StopReason
+from corral.events import Event, EventKind, ExitRecord, StopReason
 from ray_backend import ray_targets
 from support import wait_for
 
@@ -280,6 +280,23 @@ def test_a_raising_target_is_an_exit_with_the_remote_traceback(
 
 
 _MIB = 2**20
+_LIMIT = 300 * _MIB  # well above a Ray actor's own RSS
+
+
+def _recycled_for_memory(pools: Callable[..., tuple[corral.Supervisor, Recorder]], backend: str,
+                         tmp_path: Path) -> tuple[corral.Supervisor, Recorder, ExitRecord]:
+    """One worker holding 500 MiB under max_memory=300 MiB: its exit record once it has been
+    recycled and its replacement is ready."""
+    sup, rec = pools(ray_targets.grows_once, 1, backend,
+                     args=lambda i: (str(tmp_path), 500 * _MIB), ready_when="ready",
+                     heartbeat_timeout=5, max_memory=_LIMIT, memory_check_interval=0.2)
+    wait_for(lambda: (tmp_path / "grew-0").exists(), 60, "the first worker's hoard")
+    first = int((tmp_path / "grew-0").read_text())
+    wait_for(_replaced(sup, 0, first), 30, "the replacement, ready")
+    record = sup.status()[0].last_exit
+    assert record is not None and record.pid == first, record
+    assert record.reason is StopReason.RECYCLED_MEMORY, record.describe()
+    return sup, rec, record
 
 
 @pytest.mark.parametrize("backend", ["local", "ray"])
@@ -288,21 +305,12 @@ def test_a_worker_over_max_memory_is_recycled(
         tmp_path: Path) -> None:
     """max_memory on Ray: the RSS comes with each probe's reply (the local backend reads it from
     /proc); a worker over the limit is recycled, the reason naming both sizes as they are."""
-    limit = 300 * _MIB  # well above a Ray actor's own RSS
-    sup, rec = pools(ray_targets.grows_once, 1, backend,
-                     args=lambda i: (str(tmp_path), 500 * _MIB), ready_when="ready",
-                     heartbeat_timeout=5, max_memory=limit, memory_check_interval=0.2)
-    wait_for(lambda: (tmp_path / "grew-0").exists(), 60, "the first worker's hoard")
-    first = int((tmp_path / "grew-0").read_text())
-    wait_for(_replaced(sup, 0, first), 30, "the replacement, ready")
-    record = sup.status()[0].last_exit
-    assert record is not None and record.pid == first, record
-    assert record.reason is StopReason.RECYCLED_MEMORY, record.describe()
+    sup, rec, record = _recycled_for_memory(pools, backend, tmp_path)
     # (What follows it: the SIGKILL if it grew past 125 % during its grace; on Ray, what Ray
     # said of the actor's end.)
     match = re.match(r"RSS ([0-9.]+) MiB > max_memory ([0-9.]+) MiB\b", record.detail or "")
     assert match, record.detail
-    assert float(match.group(1)) * _MIB > limit and float(match.group(2)) * _MIB == limit
+    assert float(match.group(1)) * _MIB > _LIMIT and float(match.group(2)) * _MIB == _LIMIT
     assert sup.status()[0].restarts == 1
     wait_for(lambda: [e for e in rec.of(EventKind.EXITED, 0)
                       if e.exit is not None and e.exit.reason is StopReason.RECYCLED_MEMORY],
@@ -327,15 +335,7 @@ def test_a_ray_worker_on_another_node_is_measured_by_its_probes_only(
 
     monkeypatch.setattr(_health, "measure_rss", spy)
     monkeypatch.setattr(_backend, "_driver_node", lambda: "another-node")
-    limit = 300 * _MIB
-    sup, _ = pools(ray_targets.grows_once, 1, "ray",
-                   args=lambda i: (str(tmp_path), 500 * _MIB), ready_when="ready",
-                   heartbeat_timeout=5, max_memory=limit, memory_check_interval=0.2)
-    wait_for(lambda: (tmp_path / "grew-0").exists(), 60, "the first worker's hoard")
-    first = int((tmp_path / "grew-0").read_text())
-    wait_for(_replaced(sup, 0, first), 30, "the replacement, ready")
-    record = sup.status()[0].last_exit
-    assert record is not None and record.reason is StopReason.RECYCLED_MEMORY, record
+    _, _, record = _recycled_for_memory(pools, "ray", tmp_path)
     assert (record.detail or "").startswith("RSS "), record.detail
     assert "during the grace" not in (record.detail or ""), record.detail  # no local reading
-    assert not any(pid == first for targets in read for _, _, pid in targets), read
+    assert not any(pid == record.pid for targets in read for _, _, pid in targets), read
