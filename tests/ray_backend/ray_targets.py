@@ -94,8 +94,10 @@ def grows_once(index: int, flags: str, size: int) -> None:
     mark = os.path.join(flags, f"grew-{index}")
     hoard: list[bytes] = []  # held by this frame until the process ends
     if not os.path.exists(mark):
-        with open(mark, "w") as fh:
+        # Whole or not at all: the test reads the pid as soon as the file exists.
+        with open(mark + ".tmp", "w") as fh:
             fh.write(str(os.getpid()))
+        os.replace(mark + ".tmp", mark)
         hoard.append(b"\x01" * size)
     while True:
         corral.beat()
