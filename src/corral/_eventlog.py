@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from corral import _json  # noqa: F401  # loaded now, never on the monitor thread
 from corral.events import Event
 
 __all__ = ["event_extra"]

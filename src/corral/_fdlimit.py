@@ -21,11 +21,12 @@ FDS_PER_WORKER = 3
 _MARGIN = 64  # for the pool's own fds and the program's
 
 
-def _open_fds() -> int:
+def _open_fds() -> int | None:
+    """How many fds this process has open; None if that cannot be read (it takes one fd)."""
     try:
         return len(os.listdir("/proc/self/fd"))
     except OSError:
-        return 0
+        return None
 
 
 def ensure_fd_room(workers: int, per_worker: int = FDS_PER_WORKER) -> None:
@@ -37,7 +38,7 @@ def ensure_fd_room(workers: int, per_worker: int = FDS_PER_WORKER) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return
-    need = _open_fds() + workers * per_worker + _MARGIN
+    need = (_open_fds() or soft) + workers * per_worker + _MARGIN
     if need <= soft:
         return
     target = need * 2 if hard == resource.RLIM_INFINITY else min(hard, need * 2)
@@ -63,6 +64,8 @@ def explain_fd_error(exc: BaseException) -> str:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         which = ("this process's RLIMIT_NOFILE" if exc.errno == errno.EMFILE
                  else "the system-wide file table (fs.file-max)")
-        text += (f" ({which} is exhausted: {_open_fds()} fds open, soft limit {soft}, hard "
-                 f"limit {hard}; raise the hard limit with ulimit -Hn or LimitNOFILE=)")
+        open_now = _open_fds()
+        count = "every fd in use" if open_now is None else f"{open_now} fds open"
+        text += (f" ({which} is exhausted: {count}, soft limit {soft}, hard limit {hard}; "
+                 "raise the hard limit with ulimit -Hn or LimitNOFILE=)")
     return text

@@ -76,6 +76,8 @@ _HISTORY = 32  # exit records kept for GaveUp and status
 # with 5 ms, the loop's share of a start of 128 workers was ~20 ms of CPU, with 50 ms ~6 ms. A
 # lone restart is still delivered at once.
 _SPAWN_BATCH_TIME = 0.05
+# How long the monitor thread, ending, waits for the spawner thread (idle by then) to end.
+_SPAWNER_JOIN = 1.0
 
 
 def _pong(reply: Reply) -> None:
@@ -339,7 +341,7 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
             f"pool {self.spec.name!r} stopped before {'all' if n is None else n} worker(s) "
             "were ready")
 
-    def ping(self, timeout: float) -> bool:
+    def ping(self, timeout: float | None) -> bool:
         """True if the monitor thread answers within ``timeout`` seconds: it is not wedged
         (an idle loop blocks in epoll, so the time of its last round says nothing)."""
         if self.finished.is_set():
@@ -366,7 +368,8 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
                 self._emergency_kill()
             raise
         finally:
-            self._spawner.close()
+            # Joined (it is idle by now): stop() returns with none of the pool's threads left.
+            self._spawner.close(timeout=_SPAWNER_JOIN)
 
     def _round(self, max_wait: float | None = None) -> None:
         self._round_body(max_wait)

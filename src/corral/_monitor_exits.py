@@ -99,7 +99,9 @@ class ExitPart(_Core):
         for kind in (Deadline.KILL, Deadline.DUMP, Deadline.HEALTH, Deadline.HEALTH_TIMEOUT,
                      Deadline.AGE):
             self._dl.cancel((w.index, kind))
-        w.dump = None
+        if w.dump is not None:
+            w.dump.close()
+            w.dump = None
         if w.stop_reason is not None:
             reason = w.stop_reason
         elif getattr(proc, "exit_reason", None) is not None:  # a Ray actor: Ray's word

@@ -333,16 +333,22 @@ class WatchPart(_Core):
                 when = self._dl.get((POOL, Deadline.MEMORY))
                 if when is not None and when > now + _RECYCLE_CHECK:
                     self._dl.set((POOL, Deadline.MEMORY), now + _RECYCLE_CHECK)
-            elif (self._recycling_for_memory(w) and rss > limit * _HARD_MEMORY
-                  and w.proc is not None):
+                if rss > limit * _HARD_MEMORY:
+                    # Grown past the hard limit between two checks: no grace at all.
+                    self._kill_past_hard_memory(w, rss, "is already past")
+            elif self._recycling_for_memory(w) and rss > limit * _HARD_MEMORY:
                 # Its graceful stop must not let memory run away: past the hard limit, SIGKILL.
-                self.log.warning("%s still grows during its graceful recycle (RSS %.1f MiB > "
-                                 "%.0f%% of max_memory); sending SIGKILL", w.who, rss / 2**20,
-                                 _HARD_MEMORY * 100)
-                w.stop_detail = (f"{w.stop_detail}; killed at RSS {rss / 2**20:.1f} MiB during "
-                                 "the grace")
-                w.proc.stop_sent = signal.SIGKILL
-                w.proc.send_group(signal.SIGKILL)
+                self._kill_past_hard_memory(w, rss, "still grows during its graceful recycle, "
+                                            "past")
+
+    def _kill_past_hard_memory(self, w: WorkerSlot, rss: int, how: str) -> None:
+        if w.proc is None:
+            return
+        self.log.warning("%s %s %.0f%% of max_memory (RSS %.1f MiB); sending SIGKILL", w.who,
+                         how, _HARD_MEMORY * 100, rss / 2**20)
+        w.stop_detail = f"{w.stop_detail}; killed at RSS {rss / 2**20:.1f} MiB"
+        w.proc.stop_sent = signal.SIGKILL
+        w.proc.send_group(signal.SIGKILL)
 
 
 class ControlPart(_Core):

@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
 
 MAX_WAIT = 86400.0  # the longest single wait (a far deadline must not overflow epoll's ms)
+# How long close() waits for another thread to leave the wake pipe's section (microseconds,
+# unless a signal handler runs inside it and waits for this close: see close()).
+_CLOSE_WAIT = 0.5
 _READ = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _WRITE = select.EPOLLOUT | select.EPOLLERR
 
@@ -138,6 +141,8 @@ class Reactor(Generic[K]):
         self._wake_lock = threading.RLock()
         self._wake_pending = False
         self._closed = False
+        # close() could not wait for the lock: the thread in the section closes the pipe.
+        self._close_deferred = False
         # time.monotonic() the loop woke from epoll for the round it is in; 0.0 while it
         # waits in epoll (read from other threads by busy_for()).
         self._busy_since = 0.0
@@ -168,23 +173,35 @@ class Reactor(Generic[K]):
         # Under the lock a hand-over is either in the inbox before close() (and the owner's
         # drain_inbox() finds it) or refused: it is never silently lost.
         with self._wake_lock:
-            if self._closed:
-                raise RuntimeError(f"{self.name}: the reactor is closed")
-            self._inbox.append((callback, args))
-            if not self._wake_pending:
-                self._wake_pending = True
-                with contextlib.suppress(BlockingIOError):
-                    os.write(self._wake_w, b"\0")
+            try:
+                if self._closed:
+                    raise RuntimeError(f"{self.name}: the reactor is closed")
+                self._inbox.append((callback, args))
+                if self._closed:
+                    # Closed meanwhile: a signal handler ran inside this section and waited
+                    # for the loop's end (see close()). Refused, so the caller answers itself.
+                    raise RuntimeError(f"{self.name}: the reactor is closed")
+                if not self._wake_pending:
+                    self._wake_pending = True
+                    with contextlib.suppress(BlockingIOError):
+                        os.write(self._wake_w, b"\0")
+            finally:
+                if self._close_deferred:
+                    self._release_pipe()
 
     def wake(self) -> None:
         """Make the current (or next) wait return. Merged: one byte until the loop reads it."""
         if self._wake_pending:
             return  # a byte is in the pipe, or on its way: the loop will look at the inbox
         with self._wake_lock:
-            if self._wake_w >= 0 and not self._wake_pending:
-                self._wake_pending = True
-                with contextlib.suppress(BlockingIOError):
-                    os.write(self._wake_w, b"\0")
+            try:
+                if self._wake_w >= 0 and not self._wake_pending:
+                    self._wake_pending = True
+                    with contextlib.suppress(BlockingIOError):
+                        os.write(self._wake_w, b"\0")
+            finally:
+                if self._close_deferred:
+                    self._release_pipe()
 
     def add_wake_callback(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` (loop thread) after each batch in which the wake pipe was
@@ -406,21 +423,42 @@ class Reactor(Generic[K]):
 
     def close(self) -> None:
         """Release the epoll and the wake pipe. Later call_soon_threadsafe calls raise."""
-        with self._wake_lock:
-            if self._closed:
-                return
+        if self._closed:
+            return
+        if self._wake_lock.acquire(timeout=_CLOSE_WAIT):
+            try:
+                self._closed = True
+                self._release_pipe()
+            finally:
+                self._wake_lock.release()
+        else:
+            # Another thread has been inside the lock's section all this time: a signal
+            # handler runs there (between two bytecodes) and waits for this very close, as
+            # stop() called from a SIGTERM handler waits for the monitor's end. Refuse
+            # hand-overs from now on, and leave the pipe to that thread: it closes it as it
+            # leaves the section (or this one does, if it has left meanwhile).
             self._closed = True
-            for fd in (self._wake_r, self._wake_w):
-                disown_fd(fd)
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            self._wake_r = self._wake_w = -1
+            self._close_deferred = True
+            if self._wake_lock.acquire(blocking=False):
+                try:
+                    self._release_pipe()
+                finally:
+                    self._wake_lock.release()
         self._epoll.close()
         # Let go of every callback: a closed reactor must not keep its owner alive (a cycle
         # through the owner's bound methods would wait for the cyclic GC).
         self._watch.clear()
         self._deadlines = Deadlines()
         self._on_deadline = None
+
+    def _release_pipe(self) -> None:
+        """Close the wake pipe (under the lock; idempotent)."""
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                disown_fd(fd)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_r = self._wake_w = -1
 
     def drain_inbox(self) -> list[tuple[Callable[..., None], tuple[Any, ...]]]:
         """Take whatever is still in the inbox (after close(): hand-overs that came too late)."""

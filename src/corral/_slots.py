@@ -19,6 +19,7 @@ from corral.states import WorkerState
 if TYPE_CHECKING:
     from corral._bootstrap import BootConfig
     from corral._command import Launch
+    from corral._evidence import StackDump
 
 __all__ = ["POOL", "AfterStop", "Deadline", "DeadlineKey", "SpawnRequest", "WorkerSlot"]
 
@@ -110,7 +111,7 @@ class WorkerSlot:
     stop_reason: StopReason | None = None
     after_stop: AfterStop = AfterStop.POLICY
     stop_detail: str | None = None
-    dump: object | None = None  # an _evidence.StackDump while one is being taken
+    dump: StackDump | None = None  # while a stack dump is being taken
     health_failures: int = 0
     health_pending: Future[bool] | None = None
     health_last: str = ""

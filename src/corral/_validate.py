@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
+
+# The most workers a count may ask for: Linux's largest pid_max (PID_MAX_LIMIT on 64-bit
+# machines); more processes cannot exist at once, so a larger count is a mistake, not a pool.
+MAX_WORKERS = 4_194_304
 
 
 def _given(value: Any) -> str:
@@ -60,17 +65,27 @@ def choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
-def timeout(name: str, value: Any) -> float | None:
-    """A timeout: None or ``math.inf`` (no limit), or a number >= 0. Returns None for no limit."""
+def timeout(name: str, value: Any, *, positive: bool = False) -> float | None:
+    """A timeout: None or ``math.inf`` (no limit), or a number >= 0 (> 0 when ``positive``).
+    Returns None for no limit; so is any number too large for the threading primitives
+    (``threading.TIMEOUT_MAX``, some 292 years), which would raise OverflowError in a wait."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be None or a number of seconds >= 0, got {_given(value)}")
-    if math.isnan(value):
-        raise ValueError(f"{name} must be None or a number of seconds >= 0, got nan")
-    if value < 0:
-        raise ValueError(f"{name} must be None or a number of seconds >= 0, got {value!r}")
-    return None if math.isinf(value) else float(value)
+    if math.isnan(value) or value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be None or a number of seconds {bound}, got {value!r}")
+    return None if value >= threading.TIMEOUT_MAX else float(value)
+
+
+def count(name: str, value: Any, *, minimum: int = 0) -> int:
+    """A number of workers: an int from ``minimum`` to :data:`MAX_WORKERS`."""
+    integer(name, value, minimum=minimum)
+    if value > MAX_WORKERS:
+        raise ValueError(f"{name} must be at most {MAX_WORKERS:,} (Linux's largest pid_max: no "
+                         f"more processes can exist at once), got {value!r}")
+    return int(value)
 
 
 def index(name: str, value: Any) -> int:

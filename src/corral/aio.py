@@ -24,6 +24,7 @@ is never dropped, and ends the stream. corral never waits for a consumer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections import deque
@@ -35,9 +36,10 @@ from corral import _validate as v
 from corral._reply import Reply
 from corral.events import Event, EventKind
 from corral.status import WorkerStatus
-from corral.supervisor import Supervisor
+from corral.supervisor import _CANCEL_WAIT, Supervisor
 
 if TYPE_CHECKING:
+    from corral._monitor import Monitor
     from corral.pool import ProcessPool
     from corral.spec import PoolSpec
 
@@ -230,7 +232,10 @@ class AsyncSupervisor:
         try:
             result = await asyncio.wait_for(fut, timeout)
         except TimeoutError:
-            monitor.call(monitor.do_cancel, reply, wait=False)
+            if await self._cancel_wait(monitor, reply):  # answered before the cancel
+                if reply.error is not None:
+                    raise reply.error from None
+                return int(reply.result or 0)
             raise TimeoutError(
                 f"pool {self.spec.name!r}: fewer than {n if n is not None else 'all'} workers "
                 f"ready within {timeout}s") from None
@@ -238,6 +243,17 @@ class AsyncSupervisor:
             monitor.call(monitor.do_cancel, reply, wait=False)
             raise
         return int(result or 0)
+
+    @staticmethod
+    async def _cancel_wait(monitor: Monitor, reply: Reply) -> bool:
+        """As :meth:`corral.Supervisor._cancel_wait`, awaited: True if the monitor answered
+        the wait before it took it back (even ``timeout=0`` gets the answer as of now)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
+        monitor.submit(monitor.do_cancel, reply, reply=_LoopReply(loop, done))
+        with contextlib.suppress(TimeoutError, RuntimeError):
+            await asyncio.wait_for(done, _CANCEL_WAIT)
+        return reply.done.is_set()
 
     async def wait(self, timeout: float | None = None) -> bool:
         """Until the pool has stopped. True if it has, False on timeout.

@@ -103,7 +103,9 @@ class HeartbeatHealthCheck:
     def __init__(self, heartbeat_timeout: float, startup_grace: float | None = None) -> None:
         self.heartbeat_timeout = v.number("heartbeat_timeout", heartbeat_timeout, strict=True)
         if startup_grace is None:
-            startup_grace = max(STARTUP_GRACE_FACTOR * self.heartbeat_timeout, STARTUP_GRACE_MIN)
+            # (capped: ten times a huge timeout would overflow to inf, which is refused)
+            startup_grace = min(max(STARTUP_GRACE_FACTOR * self.heartbeat_timeout,
+                                    STARTUP_GRACE_MIN), sys.float_info.max)
         self.startup_grace = v.number("startup_grace", startup_grace, strict=True)
         # The manager whose workers this check watches: set by the manager, never pickled.
         self._manager: weakref.ref[WorkerProcessManager] | None = None
@@ -139,10 +141,12 @@ class HeartbeatHealthCheck:
         and not used.
 
         Raises:
+            TypeError, ValueError: ``idx`` is not a worker index (an int >= 0).
             HeartbeatUpdateNeverCalled: no worker of the manager has ever called
                 ``update_heartbeat`` (or this check is not the ``health_check_fn`` of a running
                 manager): the heartbeat is probably not wired up.
         """
+        v.index("idx", idx)
         manager = self._manager() if self._manager is not None else None
         ages = manager._heartbeat_ages() if manager is not None else {}
         if any(age is not None for age in ages.values()):
@@ -476,7 +480,7 @@ class WorkerProcessManager:
 
     def _validate(self) -> None:
         v.callable_("worker_fn", self.worker_fn)
-        v.integer("num_workers", self.num_workers)
+        v.count("num_workers", self.num_workers)
         v.callable_("args_fn", self.args_fn)
         v.callable_("worker_name_fn", self.worker_name_fn)
         v.callable_("health_check_fn", self.health_check_fn, optional=True)

@@ -631,7 +631,7 @@ class Endpoint:
         if self._status is not None:
             return self._status()
         from corral import __version__
-        from corral.cli.schema import program_to_json, status_payload, worker_to_json
+        from corral._json import program_to_json, status_payload, worker_to_json
 
         programs = []
         for src in self.sources.pools():

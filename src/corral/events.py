@@ -94,6 +94,6 @@ class Event:
     def to_json(self) -> dict[str, Any]:
         """The ``corral.event/1`` object (docs/json-schema.md), as ``corral events --json``
         prints it and corral's log records carry it (``record.corral``)."""
-        from corral.cli.schema import event_to_json
+        from corral._json import event_to_json
 
         return event_to_json(self)

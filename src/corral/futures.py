@@ -34,6 +34,7 @@ import multiprocessing.context
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from corral import _validate as v
 from corral.policy import Backoff, RestartBudget
 from corral.pool._records import PoolConfig
 from corral.pool.executor import ProcessPool
@@ -78,6 +79,8 @@ class ProcessPoolExecutor(ProcessPool):
                             f"({type(max_workers).__name__})")
         elif max_workers <= 0:
             raise ValueError(f"max_workers must be greater than 0, got {max_workers!r}")
+        else:
+            v.count("max_workers", max_workers, minimum=1)
         if mp_context is None:
             mp_context = multiprocessing.get_context(
                 "spawn" if max_tasks_per_child is not None else None)

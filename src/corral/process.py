@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from multiprocessing.context import BaseContext
 from typing import Any, Protocol
 
+from corral._forklocks import logging_held
 from corral._keeper import keeper
 from corral.exitstatus import ExitStatus
 
@@ -36,15 +37,13 @@ __all__ = [
     "WorkerProcess",
     "close_internal_fds",
     "disown_fd",
-    "dump_fd_is_ours",
     "forked_here",
     "forking",
     "kill_unregistered",
+    "open_dump_fd",
     "own_fd",
     "pid_running",
-    "read_stack_dump",
     "settle",
-    "stack_dump_size",
     "usable_cpus",
     "wait_exit",
 ]
@@ -139,33 +138,29 @@ def close_internal_fds(keep: tuple[int, ...] = ()) -> None:
     flags.clear()
 
 
-def dump_fd_is_ours(pid: int, fd: int) -> bool:
-    """True if ``fd`` of ``pid`` still is corral's stack-dump memfd.
+def open_dump_fd(pid: int, fd: int) -> int | None:
+    """An fd of this process on ``pid``'s stack-dump memfd (its fd ``fd``), or None if that
+    number is not corral's memfd any more.
 
     A worker may close its fds and open its own files: the number faulthandler writes to could
-    then be a user's file, which must never receive (or be read as) a stack dump.
+    then be a user's file, which must never receive (or be read as) a stack dump. The name is
+    checked before the open (a user's FIFO or device is never opened) and again through the
+    opened fd, so what is checked is what is read.
     """
+    memfd = f"/memfd:{DUMP_NAME}"
     try:
-        return os.readlink(f"/proc/{pid}/fd/{fd}").startswith(f"/memfd:{DUMP_NAME}")
+        if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith(memfd):
+            return None
+        ours = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
-        return False
-
-
-def stack_dump_size(pid: int, fd: int) -> int:
-    """Bytes written so far to a worker's stack-dump memfd (0 if unreadable)."""
+        return None
     try:
-        return os.stat(f"/proc/{pid}/fd/{fd}").st_size
+        if os.readlink(f"/proc/self/fd/{ours}").startswith(memfd):
+            return ours
     except OSError:
-        return 0
-
-
-def read_stack_dump(pid: int, fd: int, limit: int = 256 * 1024) -> str:
-    """The text of a worker's stack dump, read through /proc while the worker still exists."""
-    try:
-        with open(f"/proc/{pid}/fd/{fd}", "rb") as fh:
-            return fh.read(limit).decode("utf-8", "replace")
-    except OSError:
-        return ""
+        pass
+    os.close(ours)
+    return None
 
 def _popen_fds(process: multiprocessing.process.BaseProcess) -> tuple[int, ...]:
     """The fds multiprocessing keeps in the parent for ``process`` (closed by its finalizer)."""
@@ -192,13 +187,19 @@ _child_stdin: Any = None
 
 
 @contextlib.contextmanager
-def forking() -> Iterator[None]:
-    """Around a fork on this thread: the child gets a fresh stdin (see below)."""
+def forking(python_child: bool = True) -> Iterator[None]:
+    """Around a fork on this thread: the child gets a fresh stdin (see below), and, if it runs
+    Python (the fork start method), no write of corral's logging half done (see
+    :mod:`corral._forklocks`)."""
     _make_spare_stdin()
     _forking.active = True
     _forking.forked = True
     try:
-        yield
+        if python_child:
+            with logging_held():
+                yield
+        else:
+            yield
     finally:
         _forking.active = False
 
@@ -432,7 +433,7 @@ class WorkerProcess(GroupSignals):
         """Start ``target(*args)`` in a new process; ``settle=False`` leaves :meth:`settle` to
         the caller (a spawner that forks a batch first)."""
         proc = ctx.Process(target=target, args=args, name=name, daemon=daemon)  # type: ignore[attr-defined]
-        with forking():
+        with forking(python_child=ctx.get_start_method() == "fork"):
             proc.start()
         # multiprocessing polls (and so reaps) every child it knows of whenever any process is
         # started; take ours out of that set so only the monitor reaps it.

@@ -188,7 +188,7 @@ class PoolSpec:
             v.integer("umask", self.umask)
             if self.umask > 0o777:
                 raise ValueError(f"umask must be in 0..0o777, got {self.umask:#o}")
-        v.integer("workers", self.workers)
+        v.count("workers", self.workers)
         v.callable_("args", self.args, optional=True)
         v.callable_("names", self.names, optional=True)
         if not isinstance(self.name, str):
@@ -250,7 +250,7 @@ class PoolSpec:
             object.__setattr__(self, "ray_options", validate_options(self.ray_options))
         elif self.ray_options is not None:
             raise ValueError("ray_options go with backend='ray'")
-        v.integer("standby", self.standby)
+        v.count("standby", self.standby)
         init = self.standby_init
         if init is not None and not callable(init) and not (
                 isinstance(init, str) and init.count(":") == 1 and all(init.split(":"))):

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from corral import _validate as v
-from corral._eventqueue import EventQueue
+from corral._eventqueue import DRAIN, EventQueue
 from corral._fdlimit import ensure_fd_room
 from corral._identity import worker_settings
 from corral._keeper import keeper
@@ -29,6 +29,7 @@ from corral.spec import PoolSpec
 from corral.status import WorkerStatus
 
 if TYPE_CHECKING:
+    from corral._reply import Reply
     from corral._stats import StatsSnapshot
     from corral.endpoint import Endpoint
 
@@ -37,8 +38,12 @@ __all__ = ["Supervisor"]
 log = logging.getLogger("corral.supervisor")
 
 _running: weakref.WeakSet[Supervisor] = weakref.WeakSet()
-# After stop(), how long the subscribers' thread may take to deliver the last events.
-_EVENTS_DRAIN = 1.0
+# How long stop() waits for the subscribers' thread to deliver the last events: what is left
+# of its deadline, at least _EVENTS_WAIT_MIN and at most the queue's drain time.
+_EVENTS_WAIT_MIN = 0.1
+# How long a wait_ready() whose time is up waits for the monitor to take the wait back (and
+# answer it, if it can): microseconds unless the loop is wedged.
+_CANCEL_WAIT = 0.25
 
 
 @atexit.register
@@ -221,8 +226,10 @@ class Supervisor:
         Args:
             timeout: seconds for the whole pool (default None: the spec's ``stop_timeout``);
                 0 kills at once; ``math.inf``: no SIGKILL, wait for the workers to exit.
-            wait: block until every worker has been reaped. Subscribers get at most a second
-                more to take the last events; one that blocks does not hold stop() up.
+            wait: block until every worker has been reaped. Subscribers get what is left of
+                the deadline (at least 0.1 s, at most 1 s) to take the last events; one that
+                blocks does not hold stop() up, and a second after the pool's STOPPED event
+                what they have not taken is dropped (the STOPPED event itself is delivered).
 
         Raises:
             TypeError, ValueError: ``timeout`` is not None or a number >= 0 (nan included).
@@ -231,6 +238,7 @@ class Supervisor:
         if grace is None:
             grace = math.inf
         v.boolean("wait", wait)
+        called = time.monotonic()
         self._check_owner()
         with self._lock:  # a start() in progress finishes first, then is stopped
             monitor = self._monitor
@@ -244,7 +252,8 @@ class Supervisor:
             monitor.join()
             dispatcher = self._dispatcher
             if dispatcher is not None and dispatcher is not threading.current_thread():
-                dispatcher.join(timeout=_EVENTS_DRAIN)
+                left = called + grace - time.monotonic()
+                dispatcher.join(timeout=min(DRAIN, max(_EVENTS_WAIT_MIN, left)))
         # The endpoint answers 503 on /readyz while the pool stops; it goes with the pool.
         self._close_endpoint(self._endpoint, wait=wait)
         _running.discard(self)
@@ -280,7 +289,7 @@ class Supervisor:
             TypeError, ValueError: ``n`` is not an int >= 0.
             OSError: no room for the heartbeats of ``n`` workers (shared memory) or their fds.
         """
-        v.integer("n", n)
+        v.count("n", n)
         monitor = self._require_started()
         prepared = self._prepare(n)
         ensure_fd_room(n)
@@ -325,14 +334,23 @@ class Supervisor:
         timeout = v.timeout("timeout", timeout)
         monitor = self._require_started()
         cmd = monitor.submit(monitor.do_wait_ready, n)
-        if not cmd.done.wait(timeout):
-            monitor.call(monitor.do_cancel, cmd, wait=False)
+        if not cmd.done.wait(timeout) and not self._cancel_wait(monitor, cmd):
             raise TimeoutError(
                 f"pool {self.spec.name!r}: fewer than {n if n is not None else 'all'} workers "
                 f"ready within {timeout}s")
         if cmd.error is not None:
             raise cmd.error
         return int(cmd.result or 0)
+
+    @staticmethod
+    def _cancel_wait(monitor: Monitor, cmd: Reply) -> bool:
+        """Withdraw a wait whose time is up. True if the monitor had answered it first: the
+        question reaches the monitor thread, so even ``timeout=0`` gets the answer as of now
+        (an idle monitor takes microseconds; a wedged one is given up on after
+        :data:`_CANCEL_WAIT`)."""
+        with contextlib.suppress(TimeoutError, RuntimeError):
+            monitor.call(monitor.do_cancel, cmd, timeout=_CANCEL_WAIT)
+        return cmd.done.is_set()
 
     # ------------------------------------------------------------------------------ inspection
 
@@ -343,20 +361,31 @@ class Supervisor:
             TimeoutError: the monitor did not answer within ``timeout`` seconds (None: no
                 limit; it answers within microseconds unless it is wedged).
         """
-        timeout = v.timeout("timeout", timeout)
+        timeout = v.timeout("timeout", timeout, positive=True)
         self._check_owner()
         monitor = self._monitor
         if monitor is None:
             return ()
-        result: tuple[WorkerStatus, ...] = monitor.call(monitor.do_status, timeout=timeout)
+        try:
+            result: tuple[WorkerStatus, ...] = monitor.call(monitor.do_status, timeout=timeout)
+        except TimeoutError:
+            raise TimeoutError(f"pool {self.spec.name!r}: its monitor thread did not answer "
+                               f"status() within {timeout:g}s (busy, or its loop is wedged: "
+                               "see ping())") from None
         return result
 
-    def ping(self, timeout: float = 1.0) -> bool:
+    def ping(self, timeout: float | None = 1.0) -> bool:
         """True if the pool's monitor thread answers within ``timeout`` seconds (a liveness
-        probe: False once the pool has stopped, or if its loop is wedged)."""
+        probe: False once the pool has stopped, or if its loop is wedged).
+
+        Raises:
+            TypeError, ValueError: ``timeout`` is not None or a number > 0 (an answer takes
+                some time: 0 could only ever say False).
+        """
+        limit = v.timeout("timeout", timeout, positive=True)
         monitor = self._monitor
         return (monitor is not None and os.getpid() == self._owner_pid
-                and monitor.ping(timeout))
+                and monitor.ping(limit))
 
     def stats_snapshot(self) -> StatsSnapshot | None:
         """The pool's counters (restarts by reason, exits by cause, restart latency, budget),

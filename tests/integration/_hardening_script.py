@@ -18,10 +18,19 @@ Modes:
   logs          a WorkerProcessManager with logging not configured (the default), one worker
                 killed and replaced, then stop(): Duck's lines must reach stderr.
   logs-config   the same after logging.basicConfig(level=WARNING).
+  emfile        a Supervisor whose process runs out of fds just as a worker dies (logging not
+                configured, as in a program that never set it up); then the fds are freed:
+                the pool must be alive and restart the worker. Prints {"ok", "ping",
+                "workers"}.
+  locked-console  Duck's console: sys.stderr/stdout writes under one lock of the program's;
+                N kills, each replacement must get past its first print within 10 s (a fork
+                during corral's own log write would leave it stuck on that lock). Prints
+                {"stuck": [...], "workers": [...]}.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -143,8 +152,86 @@ def main() -> None:
         assert sup is not None
         sup.wait(timeout=10)
         # At exit corral's own handler joins the events thread, so its last lines are out.
+    elif mode == "emfile":
+        _emfile(method)
+    elif mode == "locked-console":
+        _locked_console(method, flagdir, n)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
+
+
+def _emfile(method: str) -> None:
+    """See the module's docstring (emfile)."""
+    import hardening_workers as hw
+
+    import corral
+
+    sup = corral.Supervisor(hw.exits_on_sigterm, workers=2, start_method=method,
+                            ready_when="ready", backoff=corral.Backoff(initial=0.05, cap=0.2))
+    sup.start()
+    sup.wait_ready(timeout=30)
+    seen = set(sup.pids())
+    victim = sup.status()[0].pid
+    hog = []
+    with contextlib.suppress(OSError):
+        while True:
+            hog.append(os.open(os.devnull, os.O_RDONLY))
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while (st := sup.status()) and st[0].pid == victim and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the monitor has taken the exit (its log line included)
+    for fd in hog:
+        os.close(fd)
+    ok = True
+    try:
+        sup.wait_ready(timeout=30)
+    except Exception as exc:
+        ok = f"{type(exc).__name__}: {exc}"  # type: ignore[assignment]
+    seen.update(sup.pids())
+    print(json.dumps({"ok": ok, "ping": sup.ping(5.0), "workers": sorted(seen),
+                      "restarted": victim not in sup.pids()}), flush=True)
+    sup.stop()
+
+
+def _locked_console(method: str, flagdir: Path, kills: int) -> None:
+    """See the module's docstring (locked-console)."""
+    import hardening_workers as hw
+
+    import corral
+
+    lock = threading.Lock()  # Duck wraps sys.stdout.write and sys.stderr.write like this
+    for stream in (sys.stdout, sys.stderr):
+        def write(data: str, _write: object = stream.write) -> int:
+            with lock:
+                return _write(data)  # type: ignore[operator,no-any-return]
+        stream.write = write  # type: ignore[method-assign]
+    manager = corral.WorkerProcessManager(
+        hw.prints_then_sleeps_duck, 2, args_fn=lambda idx: (str(flagdir),),
+        restart_timeout=0, start_method=method)  # enable_logs: lines at every restart
+    manager.start()
+    seen: set[int] = set()
+    stuck: list[int] = []
+    for k in range(kills):
+        pids = manager.running_pids()
+        seen.update(pids)
+        _wait_files(flagdir, "printed-", len(seen) - len(stuck))
+        os.kill(pids[k % 2], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not (new := [p for p in manager.running_pids() if p not in pids]):
+            if time.monotonic() > deadline:
+                raise SystemExit("the killed worker was not replaced")
+            time.sleep(0.01)
+        seen.update(new)
+        while not (flagdir / f"printed-{new[0]}").exists():
+            if time.monotonic() > deadline:
+                stuck.append(new[0])
+                os.kill(new[0], signal.SIGKILL)  # the next round starts clean
+                break
+            time.sleep(0.01)
+    manager.stop()
+    print(json.dumps({"stuck": stuck, "workers": sorted(seen)}), file=sys.__stdout__,
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,33 @@ def hijacks_dump_fd(index: int, flagdir: str) -> None:
     _forever()  # no more beats: hung
 
 
+def swaps_files_in_during_the_dump(index: int, flagdir: str) -> None:
+    """Beat once, then hang; a thread waits for the dump to begin (its memfd grows), then
+    closes every fd and opens a file of its own again and again: the dump's number now names
+    the user's file while the supervisor is still collecting."""
+    dump_fd = -1
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith("/memfd:corral-dump"):
+                dump_fd = int(name)
+        except OSError:
+            continue
+    user_file = Path(flagdir) / f"user-{index}.txt"
+    user_file.write_text("USERDATA secret\n")
+
+    def swap() -> None:
+        while os.fstat(dump_fd).st_size == 0:
+            pass
+        os.closerange(3, dump_fd + 8)
+        for _ in range(dump_fd + 8):
+            os.open(user_file, os.O_RDONLY)
+
+    threading.Thread(target=swap, daemon=True).start()
+    _write(Path(flagdir) / f"armed-{index}-{os.getpid()}", str(dump_fd))
+    corral.beat()
+    _forever()  # no more beats: hung
+
+
 def ignores_sigterm_and_leaks(index: int, flagdir: str, chunk: int) -> None:
     """Ignore SIGTERM and grow by ``chunk`` bytes every 50 ms, without bound."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -100,6 +128,20 @@ def ignores_sigterm_and_leaks(index: int, flagdir: str, chunk: int) -> None:
     while True:
         hoard.append(os.urandom(16) * (chunk // 16))
         time.sleep(0.05)
+
+
+def ignores_sigterm_and_jumps(index: int, flagdir: str, size: int) -> None:
+    """Ignore SIGTERM, be ready, then take ``size`` bytes at once and hold them (the first
+    worker only, the one that creates the flag file: its replacements stay small)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    corral.ready()
+    try:
+        os.close(os.open(Path(flagdir) / "jumped", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        _forever()
+    hoard = os.urandom(16) * (size // 16)
+    while hoard:
+        time.sleep(3600)
 
 
 def exits_on_sigterm(index: int) -> None:
@@ -113,6 +155,13 @@ def crash_at_once_duck(idx: int, *args: Any) -> None:
 
 
 def sleep_duck(idx: int, *args: Any) -> None:
+    _forever()
+
+
+def prints_then_sleeps_duck(idx: int, flagdir: str) -> None:
+    """Print a line (through whatever the program made of sys.stdout), then say so."""
+    print(f"worker {idx} (pid {os.getpid()}) serving", flush=True)
+    _write(Path(flagdir) / f"printed-{os.getpid()}", "1")
     _forever()
 
 

@@ -54,6 +54,7 @@ def test_async_supervisor_lifecycle(method: str, no_leaks: set[int]) -> None:
         async with sup:
             stream = sup.events()
             assert await sup.wait_ready(timeout=30) == 3
+            assert await sup.wait_ready(timeout=0) == 3  # a poll: the answer as of now
             statuses = await sup.status()
             assert [s.state for s in statuses] == [WorkerState.RUNNING] * 3
             assert sup.http_address is not None

@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -158,6 +159,10 @@ def test_heartbeat_check_in_the_main_process() -> None:
         hc.check_health(None, 0)
     with pytest.raises(HeartbeatUpdateNeverCalled):
         hc(None, 0)
+    for bad, error in ((True, TypeError), ("0", TypeError), ([0], TypeError), (None, TypeError),
+                       (-1, ValueError)):
+        with pytest.raises(error, match=r"idx must be a worker index"):
+            hc.check_health(None, bad)
     # It pickles (spawn/forkserver send it to each worker) without its manager link.
     WorkerProcessManager(_fn, 1, health_check_fn=hc)
     copy = pickle.loads(pickle.dumps(hc))
@@ -166,6 +171,9 @@ def test_heartbeat_check_in_the_main_process() -> None:
 
 
 def test_default_startup_grace() -> None:
+    # Ten times a huge timeout is capped, never inf (which would be refused, naming
+    # startup_grace, a parameter the caller did not pass).
+    assert HeartbeatHealthCheck(1e308).startup_grace == sys.float_info.max
     assert HeartbeatHealthCheck(0.5).startup_grace == 30.0
     assert HeartbeatHealthCheck(3.01).startup_grace == pytest.approx(30.1)
     assert HeartbeatHealthCheck(10).startup_grace == 100.0

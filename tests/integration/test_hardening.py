@@ -26,6 +26,7 @@ from corral import EventKind, StopReason, WorkerState
 from corral._eventqueue import EventQueue
 from corral._keeper import keeper
 from corral.events import Event
+from corral.futures import ProcessPoolExecutor
 from corral.heartbeat import SHM_DIR_ENV, HeartbeatTable
 from support import START_METHODS, pid_alive, wait_for
 
@@ -398,7 +399,39 @@ def test_compat_stays_out_of_a_configured_logging(no_leaks: set[int], tmp_path: 
     assert "[WARNING]" not in err  # our console stays silent
 
 
+@pytest.mark.timeout(120)
+def test_a_replacement_is_never_forked_inside_a_log_write(no_leaks: set[int],
+                                                         tmp_path: Path) -> None:
+    # Duck's console: every write under one lock of the program's. corral logs a restart
+    # exactly when it forks the replacement; a fork inside that write left the new worker
+    # stuck on its first print, holding a heartbeat-less request loop (half of 20 kills).
+    # Fork only: spawn and forkserver children do not inherit the supervisor's locks.
+    done = subprocess.run([sys.executable, str(SCRIPT), "locked-console", "fork",
+                           str(tmp_path), "20"], capture_output=True, timeout=110, cwd=HERE)
+    out = done.stdout.decode().strip().splitlines()
+    result = json.loads(out[-1]) if out and out[-1].startswith("{") else {}
+    no_leaks.update(result.get("workers", []))
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert result["stuck"] == [], result
+
+
 # --------------------------------------------------------------------------------- 8. fds
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.timeout(90)
+def test_the_monitor_survives_running_out_of_fds_as_a_worker_dies(
+        method: str, no_leaks: set[int], tmp_path: Path) -> None:
+    # The exit's log record was formatted through a module imported at that moment: with no
+    # fd free the import failed and the monitor thread died (the pool silently gone).
+    done = subprocess.run([sys.executable, str(SCRIPT), "emfile", method, str(tmp_path)],
+                          capture_output=True, timeout=80, cwd=HERE)
+    out = done.stdout.decode().strip().splitlines()
+    result = json.loads(out[-1]) if out and out[-1].startswith("{") else {}
+    no_leaks.update(result.get("workers", []))
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert result["ok"] is True and result["ping"] and result["restarted"], result
+    assert "the monitor thread failed" not in done.stderr.decode()
 
 
 @pytest.mark.timeout(90)
@@ -453,6 +486,29 @@ def test_soft_fd_limit_is_raised_for_a_large_pool(no_leaks: set[int]) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+@pytest.mark.timeout(120)
+def test_soft_fd_limit_is_raised_for_a_large_process_pool(method: str,
+                                                         no_leaks: set[int]) -> None:
+    # Under a soft limit of 100 the pool started ~20 of 60 workers and failed the other tasks
+    # with EMFILE (under forkserver, every one), never naming the limit.
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the hard RLIMIT_NOFILE ({hard}) is too low to raise anything")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (100, hard))
+    try:
+        with corral.ProcessPool(60, start_method=method, spare_workers=0) as p:
+            futures = [p.submit(time.sleep, 0.5) for _ in range(60)]
+            for f in futures:
+                f.result(timeout=90)
+            no_leaks.update(p.worker_pids())
+            assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 100
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 # ---------------------------------------------------------------------- 9. the dump's fd
 
 
@@ -471,6 +527,25 @@ def test_a_dump_never_lands_in_a_users_file(method: str, no_leaks: set[int],
         assert "no stack dump: the worker closed or replaced corral's dump file" in (
             record.detail or "")
         assert (tmp_path / "user-0.txt").read_text() == "user data\n"
+        sup.stop()
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.timeout(60)
+def test_a_file_swapped_in_during_the_dump_is_never_read_as_the_dump(
+        method: str, no_leaks: set[int], tmp_path: Path) -> None:
+    # The dump's memfd is checked, then read: through one fd of the supervisor's own, opened
+    # before the check. Read again by number, it gave the user's file as "the stack dump".
+    with pool(no_leaks, hw.swaps_files_in_during_the_dump, workers=1,
+              args=lambda i: (str(tmp_path),), start_method=method, heartbeat_timeout=1.0,
+              startup_timeout=30, ready_when="beat", kill_grace=0.5,
+              restart="never") as (sup, log):
+        wait_for(lambda: list(tmp_path.glob("armed-0-*[0-9]")), 30, "the armed worker")
+        exited = log.wait(lambda ev: [e for e in ev if e.kind is EventKind.EXITED], 30,
+                          "the hung worker's exit")
+        record = exited[0].exit
+        assert record is not None and record.reason is StopReason.HUNG
+        assert "USERDATA" not in (record.detail or ""), record.detail
         sup.stop()
 
 
@@ -511,6 +586,50 @@ def test_a_blocking_subscriber_does_not_stretch_stop(no_leaks: set[int]) -> None
         release.set()
 
 
+@pytest.mark.timeout(90)
+def test_a_slow_subscriber_gets_stopped_soon_after_the_pool_stops(no_leaks: set[int]) -> None:
+    # 0.5 s per event and some 30 events waiting at the stop: delivering them all would take
+    # the subscribers' thread ~15 s past stop(); a second after STOPPED the rest is dropped.
+    got: list[Event] = []
+
+    def slow(event: Event) -> None:
+        got.append(event)
+        time.sleep(0.5)
+
+    with pool(no_leaks, hw.exits_on_sigterm, workers=1, start_method="fork",
+              ready_when="ready", stop_timeout=5.0) as (sup, _log):
+        sup.subscribe(slow)
+        sup.wait_ready(timeout=30)
+        sup.scale(8)
+        sup.wait_ready(timeout=30)
+        sup.scale(1)
+        sup.stop()
+        thread = sup._dispatcher
+        assert thread is not None
+        thread.join(5.0)
+        assert not thread.is_alive(), f"still delivering: {len(got)} events so far"
+    assert got[-1].kind is EventKind.STOPPED
+
+
+def test_event_queue_drops_what_is_late_after_stopped(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    q = EventQueue("p", drain=1.0, clock=lambda: now[0])
+
+    def ev(kind: EventKind, i: int) -> Event:
+        return Event(kind, "p", i, None, None, 0.0)
+
+    for i in range(5):
+        q.put(ev(EventKind.SPAWNED, i))
+    q.put(ev(EventKind.STOPPED, 99))
+    with caplog.at_level(logging.WARNING, "corral.supervisor"):
+        assert q.get().index == 0  # within the drain time: in order
+        now[0] = 1.01
+        assert q.get().index == 99  # past it: the rest is dropped, STOPPED comes next
+    assert len(q) == 0 and q.dropped == 4
+    assert any("4 event(s) its subscribers had not taken yet are dropped" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_event_queue_is_bounded_and_keeps_the_newest(caplog: pytest.LogCaptureFixture) -> None:
     q = EventQueue("p", maxlen=3)
 
@@ -546,6 +665,29 @@ def test_memory_cannot_run_away_during_a_graceful_recycle(no_leaks: set[int],
         assert record.uptime < 15, record.describe()
         assert "killed at RSS" in (record.detail or "")
         # Its replacement ignores SIGTERM too: no need to serve the 20 s grace at the end.
+        sup.stop(timeout=1.0)
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_first_seen_past_the_hard_memory_limit_gets_no_grace(
+        no_leaks: set[int], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Between two checks it jumps from nothing to 3x max_memory: the reading that finds it
+    # there kills it (SIGKILL, past 125%), rather than asking first and killing a check later
+    # while it may grow on.
+    mib = 2**20
+    with caplog.at_level(logging.WARNING, "corral"), \
+            pool(no_leaks, hw.ignores_sigterm_and_jumps, workers=1,
+                 args=lambda i: (str(tmp_path), 300 * mib), start_method="fork",
+                 ready_when="ready", max_memory=100 * mib, memory_check_interval=0.2,
+                 stop_timeout=20.0) as (sup, log):
+        exited = log.wait(lambda ev: [e for e in ev if e.kind is EventKind.EXITED], 40,
+                          "the recycled worker's exit")
+        record = exited[0].exit
+        assert record is not None and record.reason is StopReason.RECYCLED_MEMORY
+        assert record.exit is not None and record.exit.signal == signal.SIGKILL
+        assert "killed at RSS" in (record.detail or "")
+        kills = [r.getMessage() for r in caplog.records if "sending SIGKILL" in r.getMessage()]
+        assert kills and "is already past 125% of max_memory" in kills[0], kills
         sup.stop(timeout=1.0)
 
 
@@ -590,6 +732,51 @@ def test_public_methods_validate_their_arguments(no_leaks: set[int]) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_zero_huge_and_bad_timeouts_and_counts(no_leaks: set[int]) -> None:
+    with pool(no_leaks, hw.exits_on_sigterm, workers=2, start_method="fork",
+              ready_when="ready") as (sup, _log):
+        sup.wait_ready(timeout=30)
+        before = threads_and_fds()
+        # timeout=0 is a poll: the answer as of now (the question still reaches the monitor).
+        for _ in range(50):
+            assert sup.wait_ready(timeout=0) == 2
+        # Past threading.TIMEOUT_MAX a number means no limit, as inf does.
+        for huge in (1e308, 2**70):
+            assert sup.wait_ready(timeout=huge) == 2
+            assert len(sup.status(timeout=huge)) == 2
+            assert sup.wait(timeout=huge * 0) is False
+            assert sup.ping(huge) and sup.ping(math.inf) and sup.ping(None)
+        for bad in (0, -1, math.nan):
+            with pytest.raises(ValueError, match=r"timeout must be None or a number of "
+                                                 r"seconds > 0"):
+                sup.ping(bad)
+            with pytest.raises(ValueError, match=r"timeout must be .* > 0"):
+                sup.status(timeout=bad)
+        for bad_type in ("1", True):
+            with pytest.raises(TypeError, match="timeout"):
+                sup.ping(bad_type)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"n must be at most 4,194,304 .*pid_max"):
+            sup.scale(2**70)
+        assert sup.running and threads_and_fds() == before
+        sup.stop()
+        # stop() returns with none of the pool's threads left (the spawner was joined too).
+        name = sup.spec.name
+        assert not [t.name for t in threading.enumerate() if t.name.endswith(f"[{name}]")]
+    for make in (lambda: corral.Supervisor(workers.sleeper, workers=2**70),
+                 lambda: corral.WorkerProcessManager(workers.sleeper, 10**7),
+                 lambda: corral.ProcessPool(10**7),
+                 lambda: ProcessPoolExecutor(10**7)):
+        with pytest.raises(ValueError, match=r"at most 4,194,304"):
+            make()
+
+
+    with pool(no_leaks, workers.slow_ready, workers=1, args=lambda i: (60.0,),
+              start_method="fork", ready_when="ready") as (sup, _log), \
+            pytest.raises(TimeoutError, match="fewer than all workers ready"):
+        sup.wait_ready(timeout=0)
+
+
+@pytest.mark.timeout(60)
 def test_stop_with_an_infinite_timeout_waits_without_a_crash(no_leaks: set[int]) -> None:
     with pool(no_leaks, workers.ignore_sigterm, workers=1, start_method="fork",
               ready_when="ready", backoff=FAST) as (sup, _log):
@@ -606,6 +793,7 @@ def test_stop_with_an_infinite_timeout_waits_without_a_crash(no_leaks: set[int])
 _KEEPER_SCRIPT = r"""
 import os, subprocess, sys
 from corral._keeper import keeper
+from corral.futures import ProcessPoolExecutor
 keeper.start()
 groups = [subprocess.Popen(["sleep", "600"], start_new_session=True) for _ in range(4)]
 for p in groups:

@@ -19,7 +19,7 @@ from _helpers import EventLog, running_with_new_pid, status_of
 
 import corral
 from corral import EventKind, WorkerState
-from corral.cli.schema import STATUS_SCHEMA, worker_to_json
+from corral._json import STATUS_SCHEMA, worker_to_json
 from corral.endpoint import Endpoint
 from obs_support import get, scrape, value
 from support import wait_for

@@ -337,5 +337,5 @@ def test_a_ray_worker_on_another_node_is_measured_by_its_probes_only(
     monkeypatch.setattr(_backend, "_driver_node", lambda: "another-node")
     _, _, record = _recycled_for_memory(pools, "ray", tmp_path)
     assert (record.detail or "").startswith("RSS "), record.detail
-    assert "during the grace" not in (record.detail or ""), record.detail  # no local reading
+    assert "killed at RSS" not in (record.detail or ""), record.detail  # no local reading
     assert not any(pid == record.pid for targets in read for _, _, pid in targets), read

@@ -1,8 +1,8 @@
 """The `corral` command: every verb as a subprocess against a control socket served by a fake
 corral (a ControlServer whose dispatch returns canned corral.status/1 etc. payloads built with
-corral.cli.schema from real WorkerStatus records). The supervisor wiring is tested elsewhere
-once it exists; here the CLI side is real end to end: argument parsing, the socket, exit codes,
-output. Also: `import corral` stays light."""
+corral._json, the JSON shapes, from real WorkerStatus records). The supervisor wiring is tested
+elsewhere once it exists; here the CLI side is real end to end: argument parsing, the socket,
+exit codes, output. Also: `import corral` stays light."""
 
 from __future__ import annotations
 
@@ -21,13 +21,13 @@ import pytest
 from rich.console import Console
 
 from corral._control import CommandError, ControlServer, Peer, Stream, StreamChannel
-from corral.cli import render
-from corral.cli.schema import (
+from corral._json import (
     event_to_json,
     program_to_json,
     status_payload,
     worker_to_json,
 )
+from corral.cli import render
 from corral.events import Event, EventKind, ExitRecord
 from corral.exitstatus import ExitStatus
 from corral.states import StopReason, WorkerState
@@ -353,7 +353,7 @@ def test_example_config_passes_check() -> None:
 
 
 def test_command_event_shape() -> None:
-    from corral.cli.schema import command_event
+    from corral._json import command_event
 
     ev = command_event("restart", {"program": "web", "index": 2}, uid=1000, gid=100, pid=77,
                        at=5.0)

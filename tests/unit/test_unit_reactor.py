@@ -266,3 +266,44 @@ def test_timeout_skips_cancelled_deadlines() -> None:
         assert r.timeout() == pytest.approx(100.0)
     finally:
         r.close()
+
+
+@pytest.mark.timeout(30)
+def test_close_does_not_wait_for_a_thread_held_up_inside_a_hand_over() -> None:
+    # A SIGTERM handler that calls Supervisor.stop() runs on the main thread between two
+    # bytecodes, maybe inside call_soon_threadsafe's locked section, and waits there for the
+    # monitor's end, whose last act is close(): close() waited for that lock for ever. The
+    # handler is played by an inbox whose append blocks until close() has returned.
+    r = Reactor("t")
+    pipe = (r._wake_r, r._wake_w)
+    inside = threading.Event()
+    closed = threading.Event()
+
+    class HeldUp(list[object]):
+        def append(self, item: object) -> None:
+            inside.set()
+            assert closed.wait(20), "close() never returned"
+            super().append(item)
+
+    r._inbox = HeldUp()  # type: ignore[assignment]
+    outcome: list[BaseException] = []
+
+    def hand_over() -> None:
+        try:
+            r.call_soon_threadsafe(print)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=hand_over)
+    t.start()
+    assert inside.wait(10)
+    r.close()  # returns (after its short wait for the lock) while the section is still held
+    closed.set()
+    t.join(10)
+    assert not t.is_alive()
+    # The hand-over was refused (its caller answers itself), and the thread that held the
+    # section closed the wake pipe as it left.
+    assert len(outcome) == 1 and isinstance(outcome[0], RuntimeError), outcome
+    assert r._wake_r == -1 and r._wake_w == -1 and pipe[0] >= 0
+    with pytest.raises(RuntimeError, match="closed"):
+        r.call_soon_threadsafe(print)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import corral
+from corral import _json as schema
 from corral._control import (
     CommandError,
     Deferred,
@@ -25,7 +26,6 @@ from corral._logs import (
     record_to_json,
 )
 from corral._reply import Reply
-from corral.cli import schema
 from corral.cli._programs import ProgramIO, _Program
 from corral.cli._serves import ServesPart
 from corral.cli.config import Config, ConfigError, ProgramConfig, diff, load, parse_signal

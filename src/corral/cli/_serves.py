@@ -21,10 +21,10 @@ import os
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from corral import _json as schema
 from corral._command import Launch
 from corral._control import CommandError, Deferred
 from corral._observe import PoolSummary, PoolView, SupervisorSource
-from corral.cli import schema
 from corral.cli._model import Config, ServeConfig
 from corral.cli._programs import KeptPipes, _ProgramSource, attach_pipes, log_pipes
 from corral.process import ProcessLike

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import corral
+from corral import _json as schema
 from corral._control import (
     CommandError,
     ControlServer,
@@ -52,7 +53,6 @@ from corral._logs import (
     LogHub,
 )
 from corral._reactor import Reactor
-from corral.cli import schema
 from corral.cli._activation import Activation
 from corral.cli._commands import CommandsPart, _Resources
 from corral.cli._orphans import _Adopted, _become_subreaper, _kill_adopted

@@ -12,6 +12,7 @@ import random
 from collections import deque
 from dataclasses import dataclass
 
+from corral._fdlimit import explain_fd_error
 from corral.events import ExitRecord
 from corral.exitstatus import ExitStatus
 from corral.policy import BackoffState, BudgetWindow
@@ -95,7 +96,7 @@ class Brakes:
 
     def start_error(self, error: BaseException, record: ExitRecord) -> Break | None:
         """A worker process could not be started at all (the error the start raised)."""
-        what = f"{type(error).__name__}: {error}"
+        what = explain_fd_error(error)  # the text, and the fd limit when it was hit
         # An OSError (no memory, process or fd limits) may pass; anything else (pickling the
         # initializer's arguments, say) fails the same way every time.
         if not isinstance(error, OSError):

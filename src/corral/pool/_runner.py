@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from corral._bootstrap import run_worker
+from corral._fdlimit import ensure_fd_room
 from corral._keeper import keeper
 from corral._reactor import Reactor
 from corral._spawner import Spawner, preload_for_forkserver
@@ -39,6 +40,9 @@ __all__ = ["PoolRunner", "ProcessStarter", "SpawnFn", "finalize", "preload_modul
 log = logging.getLogger("corral.procpool")
 
 SpawnFn = Callable[[SpawnRequest], Started]
+
+# The supervising process's fds per pool worker: FDS_PER_WORKER, its socket, its statm file.
+POOL_FDS_PER_WORKER = 5
 
 
 class ProcessStarter:
@@ -218,6 +222,9 @@ class PoolRunner(RunnerFront):
         method = cfg.start_method
         if spawn is None:
             keeper.start()  # workers' process groups die with this process, however it ends
+            # Room for every worker's fds (its socket, pidfd and multiprocessing's pipe here,
+            # a forkserver's connection while it starts): the soft limit is raised if need be.
+            ensure_fd_room(cfg.max_workers + cfg.spare_workers, per_worker=POOL_FDS_PER_WORKER)
             ctx = (cfg.context if cfg.context is not None
                    else multiprocessing.get_context(cfg.start_method))
             method = ctx.get_start_method()

@@ -142,7 +142,7 @@ class ProcessPool(Executor):
                  ray_options: Mapping[str, Any] | None = None) -> None:
         if max_workers is None:
             max_workers = usable_cpus()
-        v.integer("max_workers", max_workers, minimum=1)
+        v.count("max_workers", max_workers, minimum=1)
         v.integer("spare_workers", spare_workers)
         v.choice("start_method", start_method, START_METHODS)
         v.callable_("initializer", initializer, optional=True)
@@ -251,10 +251,14 @@ class ProcessPool(Executor):
             NotPicklable, PoolBroken, RuntimeError: as :meth:`submit`.
         """
         v.callable_("fn", fn)
-        if isinstance(args, str | bytes | bytearray) or not isinstance(args, Iterable):
+        if (isinstance(args, str | bytes | bytearray | Mapping)
+                or not isinstance(args, Iterable)):
+            # A mapping would pass its keys as positional arguments: surely meant as kwargs.
+            hint = ("keyword arguments go in kwargs=" if isinstance(args, Mapping)
+                    else "for one argument write args=(value,)")
             raise TypeError(f"args must be a tuple (or another iterable of positional "
-                            f"arguments, not a string), got {args!r} ({type(args).__name__}); "
-                            "for one argument write args=(value,)")
+                            f"arguments, not a string or a mapping), got {args!r} "
+                            f"({type(args).__name__}); {hint}")
         args = tuple(args)
         if kwargs is None:
             kwargs = {}
@@ -363,15 +367,25 @@ class ProcessPool(Executor):
         """
         v.callable_("fn", fn)
         v.integer("chunksize", chunksize, minimum=1)
+        if chunksize > sys.maxsize:
+            raise ValueError(f"chunksize must be at most sys.maxsize ({sys.maxsize}), got "
+                             f"{chunksize!r}")
+        iterators = []
+        for k, iterable in enumerate(iterables):
+            try:
+                iterators.append(iter(iterable))
+            except TypeError:
+                raise TypeError(f"map()'s iterable {k + 1} must be iterable, got "
+                                f"{iterable!r} ({type(iterable).__name__})") from None
         timeout = _timeout("timeout", timeout, allow_zero=True)
         end = None if timeout is None else time.monotonic() + timeout
         futures: list[Future[Any]] = []
         try:
             if chunksize == 1:
-                for args in zip(*iterables, strict=False):
+                for args in zip(*iterators, strict=False):
                     futures.append(self.submit(fn, *args))
             else:
-                items = zip(*iterables, strict=False)
+                items = zip(*iterators, strict=False)
                 while chunk := tuple(itertools.islice(items, chunksize)):
                     futures.append(self._submit(_worker.run_chunk, (fn, chunk), {},
                                                 self._cfg.task_timeout, self._cfg.retries, fn))

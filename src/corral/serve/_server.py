@@ -115,7 +115,7 @@ class ServeOptions:
             object.__setattr__(self, "bind", (self.bind,))
         for b in self.bind:
             _listeners.parse_bind(b)
-        v.integer("workers", self.workers, minimum=1)
+        v.count("workers", self.workers, minimum=1)
         v.choice("interface", self.interface, ("auto", "asgi", "wsgi"))
         v.choice("start_method", self.start_method, START_METHODS)
         v.integer("max_surge", self.max_surge)
@@ -1125,7 +1125,7 @@ class Server:
 
     def status(self) -> dict[str, Any]:
         """A small JSON view: generations, workers, listeners."""
-        from corral.cli import schema
+        from corral import _json as schema
 
         programs = []
         for gen in self.generations:

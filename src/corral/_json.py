@@ -1,7 +1,9 @@
 """The versioned JSON shapes of `corral status --json`, events and logs (docs/json-schema.md).
 
 The supervisor side builds them with these functions, the CLI reads them; both import this
-module, so the shape lives in one place. It imports no CLI library.
+module, so the shape lives in one place. It imports no CLI library, and is loaded with corral
+(by :mod:`corral._eventlog`): the monitor thread formats events for its log records, and an
+import there, at the first event, could fail when the process is out of fds.
 """
 
 from __future__ import annotations
