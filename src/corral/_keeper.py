@@ -162,6 +162,64 @@ class _Keeper:
             self._slots[pgid] = slot
             table[slot] = pgid
 
+    def reserve(self, n: int = 1) -> list[int]:
+        """Slots for ``n`` processes about to be forked, each of which writes its own group
+        into its slot first thing (:meth:`claim`, in the child), before it can start
+        anything: a supervisor killed between the fork and :meth:`adopt` still has that group
+        killed. 0 for each slot there is none for (no keeper: nothing to claim)."""
+        if self._table is None or self._pid != os.getpid():
+            self.start()
+        table = self._table
+        if table is None or self._pid != os.getpid():
+            return [0] * n
+        out = []
+        with self._lock:
+            for _ in range(n):
+                if self._free:
+                    out.append(self._free.pop())
+                elif self._next < _CAPACITY:
+                    slot, self._next = self._next, self._next + 1
+                    table[slot] = 0
+                    table[0] = slot  # the keeper reads slots up to here
+                    out.append(slot)
+                else:
+                    out.append(0)
+        return out
+
+    def claim(self, slot: int) -> None:
+        """In the forked child, first thing: its group (its pid: it leads its own) into the
+        slot its parent reserved. One store into the shared table, no lock (the parent does
+        not touch the slot until :meth:`adopt`, which stores the same value)."""
+        table = self._table
+        if slot > 0 and table is not None:
+            table[slot] = os.getpid()
+
+    def adopt(self, slot: int, pgid: int) -> None:
+        """In the supervisor, after the fork: the reserved ``slot`` holds group ``pgid`` (as
+        :meth:`register`, which then finds it there)."""
+        table = self._table
+        if slot <= 0 or table is None or self._pid != os.getpid():
+            self.register(pgid)
+            return
+        with self._lock:
+            old = self._slots.get(pgid)
+            if old is not None and old != slot:  # (cannot happen: one slot per new process)
+                table[old] = 0
+                self._free.append(old)
+            self._slots[pgid] = slot
+            table[slot] = pgid
+
+    def release(self, slot: int) -> None:
+        """A reserved slot whose process was never started (or was killed and reaped before
+        it was adopted): free it."""
+        table = self._table
+        if slot <= 0 or table is None or self._pid != os.getpid():
+            return
+        with self._lock:
+            if slot not in self._slots.values():
+                table[slot] = 0
+                self._free.append(slot)
+
     def unregister(self, pgid: int) -> None:
         """Group ``pgid`` is gone (its leader was reaped): forget it."""
         table = self._table

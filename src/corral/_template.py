@@ -55,6 +55,7 @@ from multiprocessing import popen_fork
 from typing import Any
 
 from corral._forkchild import run_forked
+from corral._keeper import keeper
 from corral.process import disown_fd, forked_here, forking, own_fd, usable_cpus
 
 __all__ = ["OFF_VARIABLE", "TIMEOUT", "ClonedPopen", "fork_batch", "unavailable"]
@@ -85,6 +86,8 @@ _PER_MSG = 32
 # runs (after its own after-fork work), and boots only after it has forked its chunk.
 CHUNK_MIN = 8
 
+# The batch's keeper slots, by worker index (set before the template's fork, inherited).
+_keeper_slots: list[int] = []
 _checked: dict[int, tuple[str | None, int, int, int]] = {}  # by thread: (reason, head, len, tid)
 _libc: Any = None
 _clone_with: tuple[Any, ...] | None = None
@@ -343,6 +346,7 @@ def _fork_one(sock: socket.socket, procs: Sequence[multiprocessing.process.BaseP
     parent_r, child_w, child_r, parent_w = ends
     pid = _clone(facts)
     if pid == 0:
+        keeper.claim(_keeper_slots[i])
         code = 1
         try:
             # The pipes of the others and of the process we were forked from are not ours.
@@ -381,6 +385,10 @@ def fork_batch(procs: Sequence[multiprocessing.process.BaseProcess],
     if before is None or not _have_children_file():
         return "no /proc/self/task/<tid>/children here"
     bounds = _chunks(len(procs))
+    # Each worker claims its keeper slot first thing, before it can start anything (see
+    # corral._keeper): the template's and the clones' alike (they inherit the list).
+    global _keeper_slots
+    _keeper_slots = slots = keeper.reserve(len(procs))
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     own_fd(ours.fileno())
     own_fd(theirs.fileno())
@@ -390,9 +398,11 @@ def fork_batch(procs: Sequence[multiprocessing.process.BaseProcess],
     parent_r, child_w = os.pipe()
     child_r, parent_w = os.pipe()
     try:
-        with forking():
+        with forking(keeper_slot=slots[0]):
             pid = os.fork()
     except BaseException:
+        for slot in slots:
+            keeper.release(slot)
         for sock in (ours, theirs):
             disown_fd(sock.fileno())
             sock.close()
@@ -434,6 +444,11 @@ def fork_batch(procs: Sequence[multiprocessing.process.BaseProcess],
         reason = f"a fork failed ({os.strerror(errno) if errno > 0 else 'error'})"
     if reason is not None:
         _sweep(me, before | {p for p, _, _ in started.values()})
+    for i, slot in enumerate(slots):
+        if i in started:
+            keeper.adopt(slot, started[i][0])
+        else:
+            keeper.release(slot)  # never forked, or killed and reaped with its forker
     for i, (child, r, w) in sorted(started.items()):
         _adopt(procs[i], child, r, w)
         take(i, procs[i])

@@ -693,7 +693,7 @@ class WorkerProcessManager:
     @property
     def running(self) -> bool:
         """True from ``start()`` until ``stop()`` (or until every worker of a pool without
-        monitoring has exited)."""
+        monitoring has exited); False in a forked child, where the pool does not run."""
         sup = self._sup
         return not self._stopped and sup is not None and sup.running
 

@@ -187,13 +187,15 @@ _child_stdin: Any = None
 
 
 @contextlib.contextmanager
-def forking(python_child: bool = True) -> Iterator[None]:
+def forking(python_child: bool = True, keeper_slot: int = 0) -> Iterator[None]:
     """Around a fork on this thread: the child gets a fresh stdin (see below), and, if it runs
     Python (the fork start method), no write of corral's logging half done (see
-    :mod:`corral._forklocks`)."""
+    :mod:`corral._forklocks`), and it claims ``keeper_slot`` (see
+    :meth:`corral._keeper._Keeper.reserve`) before anything else."""
     _make_spare_stdin()
     _forking.active = True
     _forking.forked = True
+    _forking.keeper_slot = keeper_slot
     try:
         if python_child:
             with logging_held():
@@ -202,6 +204,7 @@ def forking(python_child: bool = True) -> Iterator[None]:
             yield
     finally:
         _forking.active = False
+        _forking.keeper_slot = 0
 
 
 def forked_here() -> bool:
@@ -239,6 +242,9 @@ def _after_fork_in_child() -> None:
     _spare_lock = threading.Lock()  # another thread may have held it at the fork
     if getattr(_forking, "active", False):
         _forking.active = False
+        # Its group is known to the keeper before it can start anything (a supervisor killed
+        # right after this fork still has it killed).
+        keeper.claim(getattr(_forking, "keeper_slot", 0))
         spare, _spare_stdin = _spare_stdin, None  # this process makes its own for its children
         _child_stdin = (spare[0] if spare is not None
                         else open(os.devnull, encoding="utf-8"))  # noqa: SIM115
@@ -433,8 +439,15 @@ class WorkerProcess(GroupSignals):
         """Start ``target(*args)`` in a new process; ``settle=False`` leaves :meth:`settle` to
         the caller (a spawner that forks a batch first)."""
         proc = ctx.Process(target=target, args=args, name=name, daemon=daemon)  # type: ignore[attr-defined]
-        with forking(python_child=ctx.get_start_method() == "fork"):
-            proc.start()
+        python_child = ctx.get_start_method() == "fork"
+        slot = keeper.reserve()[0] if python_child else 0
+        try:
+            with forking(python_child, slot):
+                proc.start()
+        except BaseException:
+            keeper.release(slot)
+            raise
+        keeper.adopt(slot, proc.pid)
         # multiprocessing polls (and so reaps) every child it knows of whenever any process is
         # started; take ours out of that set so only the monitor reaps it.
         multiprocessing.process._children.discard(proc)  # type: ignore[attr-defined]

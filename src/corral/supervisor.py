@@ -415,7 +415,10 @@ class Supervisor:
 
     @property
     def running(self) -> bool:
-        return self._monitor is not None and not self._monitor.finished.is_set()
+        """True from start() until the pool has stopped; False in a forked child (the pool
+        runs in the parent)."""
+        return (self._monitor is not None and not self._monitor.finished.is_set()
+                and os.getpid() == self._owner_pid)
 
     # ------------------------------------------------------------------------------- events
 

@@ -18,6 +18,8 @@ Modes:
   logs          a WorkerProcessManager with logging not configured (the default), one worker
                 killed and replaced, then stop(): Duck's lines must reach stderr.
   logs-config   the same after logging.basicConfig(level=WARNING).
+  killed-at-start  a Supervisor of N fork workers whose worker 1 starts a grandchild and
+                SIGKILLs this process at once (see hardening_workers).
   emfile        a Supervisor whose process runs out of fds just as a worker dies (logging not
                 configured, as in a program that never set it up); then the fds are freed:
                 the pool must be alive and restart the worker. Prints {"ok", "ping",
@@ -91,17 +93,21 @@ def main() -> None:
         if mode == "fork-pool":
             pool = corral.ProcessPool(1, start_method=method)
             pool.submit(abs, -1).result(timeout=30)
-            calls = {"submit": lambda: pool.submit(abs, -2), "shutdown": pool.shutdown}
+            calls = {"submit": lambda: pool.submit(abs, -2), "shutdown": pool.shutdown,
+                     "worker_pids": pool.worker_pids, "spare_pids": pool.spare_pids,
+                     "stats": pool.stats}
         elif mode == "fork-child":
             sup = corral.Supervisor(hw.exits_on_sigterm, workers=1, start_method=method)
             sup.start()
-            calls = {"status": sup.status, "stop": sup.stop, "scale": lambda: sup.scale(2)}
+            calls = {"status": sup.status, "stop": sup.stop, "scale": lambda: sup.scale(2),
+                     "running": lambda: _false(sup.running)}
         else:
             manager = corral.WorkerProcessManager(hw.sleep_duck, 1, start_method=method,
                                                   enable_logs=False)
             manager.start()
             calls = {"status": manager.status, "stop": manager.stop,
-                     "running_pids": manager.running_pids}
+                     "running_pids": manager.running_pids,
+                     "running": lambda: _false(manager.running)}
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
@@ -152,12 +158,24 @@ def main() -> None:
         assert sup is not None
         sup.wait(timeout=10)
         # At exit corral's own handler joins the events thread, so its last lines are out.
+    elif mode == "killed-at-start":
+        sup = corral.Supervisor(hw.kills_its_supervisor_at_once, workers=n,
+                                args=lambda i: (str(flagdir),), start_method=method)
+        sup.start()
+        threading.Event().wait()  # until worker 1 kills this process
     elif mode == "emfile":
         _emfile(method)
     elif mode == "locked-console":
         _locked_console(method, flagdir, n)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
+
+
+def _false(value: bool) -> None:
+    """A property a forked child reads: it must say the pool does not run here."""
+    if value is not False:
+        raise AssertionError(f"True in a forked child: {value!r}")
+    raise RuntimeError("running is False in this fork child")
 
 
 def _emfile(method: str) -> None:

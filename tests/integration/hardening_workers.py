@@ -46,6 +46,16 @@ def with_sleep_child(index: int, flagdir: str, block: bool = False) -> None:
     _forever()
 
 
+def kills_its_supervisor_at_once(index: int, flagdir: str) -> None:
+    """Worker 1 starts a grandchild in its group first thing, reports it, and SIGKILLs the
+    supervisor: its start (a fork, its report) may not have been taken in yet."""
+    if index == 1:
+        child = subprocess.Popen(["sleep", "600"])
+        _write(Path(flagdir) / f"gc-{index}-{os.getpid()}", f"{child.pid} {os.getpid()}")
+        os.kill(os.getppid(), signal.SIGKILL)
+    _forever()
+
+
 def duck_with_sleep_child(idx: int, flagdir: str) -> None:
     """The same for WorkerProcessManager (worker_fn(idx, *args))."""
     _start_marker(idx, flagdir)

@@ -184,6 +184,31 @@ def test_grandchildren_die_within_a_second_of_a_sigkilled_supervisor(
         proc.stdout.close()
 
 
+@pytest.mark.parametrize("workers", [2, 8])
+@pytest.mark.timeout(90)
+def test_a_worker_s_group_is_known_to_the_keeper_before_it_can_start_anything(
+        workers: int, no_leaks: set[int], tmp_path: Path) -> None:
+    # Under fork a worker runs at once; its group was registered with the keeper only once the
+    # fork had returned in the supervisor (a pool's start: once the template had forked them
+    # all). A supervisor killed in between left that worker's children behind.
+    for attempt in range(3):
+        flagdir = tmp_path / str(attempt)
+        flagdir.mkdir()
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), "killed-at-start", "fork",
+                                 str(flagdir), str(workers)], cwd=HERE)
+        try:
+            assert proc.wait(30) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        files = list(flagdir.glob("gc-1-*[0-9]"))
+        assert len(files) == 1, files
+        grandchild, worker = (int(x) for x in files[0].read_text().split())
+        no_leaks.update([grandchild, worker])
+        wait_gone([worker, grandchild], 5, "worker 1 and its grandchild")
+
+
 @pytest.mark.parametrize("method", START_METHODS)
 @pytest.mark.timeout(90)
 def test_task_children_die_with_a_sigkilled_pool_host(method: str, no_leaks: set[int],

@@ -432,7 +432,12 @@ class ProcessPool(Executor):
     def worker_pids(self) -> tuple[int, ...]:
         """The pids of the worker processes that exist right now (starting, idle, busy or
         leaving), spares not included: at most ``max_workers``, but for workers on their way
-        out (recycled, killed) whose places are already taken."""
+        out (recycled, killed) whose places are already taken.
+
+        Raises:
+            RuntimeError: called in a forked child of the pool's process.
+        """
+        self._check_owner()
         return self._shared.pids
 
     def spare_pids(self) -> tuple[int, ...]:
@@ -440,11 +445,17 @@ class ProcessPool(Executor):
 
         A spare that takes a worker's place moves to :meth:`worker_pids`.
         """
+        self._check_owner()
         return self._shared.spare_pids
 
     def stats(self) -> dict[str, int]:
         """Counters: workers started (spares too) and lost, tasks done, lost, retried, timed
-        out, spares promoted, ..."""
+        out, spares promoted, ...
+
+        Raises:
+            RuntimeError: called in a forked child of the pool's process.
+        """
+        self._check_owner()
         return dict(self._shared.counters)
 
     @property
