@@ -12,7 +12,6 @@ import datetime
 import time
 from typing import Any
 
-from corral._logs import LOG_SCHEMA
 from corral.events import Event, ExitRecord, StopReason
 from corral.status import WorkerStatus
 
@@ -31,6 +30,7 @@ __all__ = [
 _DUMPED = (StopReason.HUNG, StopReason.STARTUP_TIMEOUT)
 
 STATUS_SCHEMA = "corral.status/1"
+LOG_SCHEMA = "corral.log/1"  # the version every JSON log line carries (docs/json-schema.md)
 EVENT_SCHEMA = "corral.event/1"
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from json.encoder import encode_basestring as _encode_str
 from typing import NamedTuple, Protocol
 
+from corral._json import LOG_SCHEMA
 from corral._loop import Loop
 from corral._outbuf import OutBuffer, open_output
 
@@ -56,7 +57,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAX_LINE = 64 * 1024
-LOG_SCHEMA = "corral.log/1"  # the version every JSON log line carries (docs/json-schema.md)
 READ_SIZE = 64 * 1024
 
 

@@ -199,8 +199,9 @@ class WatchPart(_Core):
             what = (f"no heartbeat for {now - last:.3f}s" if reason is StopReason.HUNG
                     else f"not ready {now - w.proc.started:.3f}s after start")
             event = self._emit(EventKind.UNHEALTHY, w, message=f"{reason.value}: {what}")
+            state = "hung" if reason is StopReason.HUNG else "past its startup timeout"
             self.log.warning("%s is %s (%s); collecting a stack dump, then stopping it", w.who,
-                             reason.value, what,
+                             state, what,
                              extra=event_extra(self.log, logging.WARNING, event))
             self._stop_worker(w, reason, AfterStop.POLICY, now, detail=what, dump=True)
         self._live_at = min(self._live_at, earliest)

@@ -242,6 +242,10 @@ def test_events_follow_json_with_commands(corral: Any) -> None:
     assert "exited" in text and "restart" in text and f"by uid {os.geteuid()}" in text
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_top_renders_a_frame_without_a_tty(corral: Any) -> None:
     c: Corral = corral("-n", "2", "--name", "w", "--", *worker())
     c.wait_running(2)
@@ -252,9 +256,12 @@ def test_top_renders_a_frame_without_a_tty(corral: Any) -> None:
     import pty
 
     master, slave = pty.openpty()
+    # SIGINT back to its default first: a shell's background job (make test &) starts with it
+    # ignored, and an ignored SIGINT is inherited, so Ctrl-C would not reach `top`.
     top = subprocess.Popen([*CLI, "--socket", c.socket, "top", "-i", "0.2"], stdin=slave,
                            stdout=slave, stderr=slave, start_new_session=True,
-                           env={**os.environ, "TERM": "xterm", "COLUMNS": "120"})
+                           env={**os.environ, "TERM": "xterm", "COLUMNS": "120"},
+                           preexec_fn=_default_sigint)
     os.close(slave)
     try:
         seen = b""

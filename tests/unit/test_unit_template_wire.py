@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from corral import _template
-from corral._bootstrap import signals_to_reset
+from corral._bootstrap import _RESET_TO_DEFAULT, signals_to_reset
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -138,8 +138,9 @@ def test_receive_says_when_the_template_ends_early(
 
 
 def test_signals_to_reset_names_every_handler_that_is_not_the_default() -> None:
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1,
-                                                    signal.SIGINT, signal.SIGHUP)}
+    # Every signal it looks at, from the defaults (a shell's background job starts with SIGINT
+    # and SIGQUIT ignored, say), and put back as found.
+    saved = {sig: signal.getsignal(sig) for sig in (*_RESET_TO_DEFAULT, signal.SIGINT)}
     try:
         for sig in saved:
             signal.signal(sig, signal.SIG_DFL)
