@@ -1,4 +1,4 @@
-"""Logging's locks held across a fork whose child runs Python (the fork start method).
+"""No log write of corral's half done in a child forked to run Python (the fork start method).
 
 A fork copies every lock in the state it is in. corral logs from its own threads (the
 monitor's exit lines, the compat layer's familiar lines) exactly when it restarts a worker,
@@ -7,69 +7,67 @@ starts with whatever the write held: logging re-creates its handlers' locks in t
 not a lock of the program's own inside the stream (Duck wraps ``sys.stderr.write`` in one), so
 the new worker blocks forever on its first print.
 
-So around such a fork the spawner holds logging's module lock, then the lock of every handler a
-record of corral's can reach (the ``corral`` loggers' handlers and their ancestors', and
-logging's last resort): no write of corral's is half done in the child. The order (module lock
-first) is the one ``logging.config`` takes. Each lock is waited for at most :data:`WAIT`
-seconds: a handler stuck in a write (a full pipe) delays a fork, never stops it.
+So every record of a ``corral`` logger is handled under one lock of corral's (each such
+logger's ``handle`` is wrapped, at the first fork and whenever loggers were added since), and
+the spawner holds that lock across such a fork. It holds no lock of anyone else's: a handler
+of the program's that is stuck, or a thread that logs while it holds a lock the fork needs
+(the import lock), can delay a fork by at most :data:`WAIT` seconds, never deadlock it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import os
+import threading
 from collections.abc import Iterator
-from typing import Any
 
 __all__ = ["WAIT", "logging_held"]
 
-# Seconds to wait for one lock before forking without it.
+# Seconds a fork waits for a corral record being written before it goes ahead anyway.
 WAIT = 0.5
 
-# (how many loggers there were, the corral loggers among them): rescanned when loggers are added.
-_corral_loggers: tuple[int, list[logging.Logger]] = (-1, [])
+_guard = threading.RLock()
+_seen = -1  # how many loggers there were when the corral ones were last wrapped
 
 
-def _loggers() -> list[logging.Logger]:
-    global _corral_loggers
+def _handle_guarded(logger: logging.Logger, record: logging.LogRecord) -> None:
+    with _guard:
+        type(logger).handle(logger, record)
+
+
+def _wrap_corral_loggers() -> None:
+    global _seen
     registry = logging.Logger.manager.loggerDict
-    seen, found = _corral_loggers
-    if seen != len(registry):
-        found = [lg for name, lg in list(registry.items())
-                 if (name == "corral" or name.startswith("corral."))
-                 and isinstance(lg, logging.Logger)]
-        _corral_loggers = (len(registry), found)
-    return found
-
-
-def _locks() -> list[Any]:
-    """Logging's module lock, then each distinct handler lock a corral record can reach."""
-    locks: list[Any] = [logging._lock]  # type: ignore[attr-defined]
-    seen: set[int] = set()
-    for start in _loggers():
-        logger: logging.Logger | None = start
-        while logger is not None:
-            for handler in logger.handlers:
-                if id(handler) not in seen and handler.lock is not None:
-                    seen.add(id(handler))
-                    locks.append(handler.lock)
-            logger = logger.parent if logger.propagate else None
-    last = logging.lastResort
-    if last is not None and id(last) not in seen and last.lock is not None:
-        locks.append(last.lock)
-    return locks
+    if _seen == len(registry):
+        return
+    for name, logger in list(registry.items()):
+        if ((name == "corral" or name.startswith("corral.")) and isinstance(logger, logging.Logger)
+                and "handle" not in vars(logger)):
+            logger.handle = functools.partial(_handle_guarded, logger)  # type: ignore[method-assign]
+    _seen = len(registry)
 
 
 @contextlib.contextmanager
 def logging_held() -> Iterator[None]:
-    """Hold logging's locks (see the module's docstring) for the ``with`` body: a fork."""
-    held: list[Any] = []
+    """Hold corral's logging guard for the ``with`` body (a fork): no corral record is half
+    written in the child."""
+    _wrap_corral_loggers()
+    got = _guard.acquire(timeout=WAIT)
     try:
-        for lock in _locks():
-            if lock.acquire(timeout=WAIT):
-                held.append(lock)
         yield
     finally:
-        for lock in reversed(held):
-            with contextlib.suppress(RuntimeError):
-                lock.release()
+        if got:
+            with contextlib.suppress(RuntimeError):  # a fork child's fresh lock (see below)
+                _guard.release()
+
+
+def _after_fork_in_child() -> None:
+    # Held by the forking thread at the fork: a fresh one, or the child's other threads could
+    # never log through corral's loggers again.
+    global _guard
+    _guard = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

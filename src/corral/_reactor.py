@@ -143,6 +143,7 @@ class Reactor(Generic[K]):
         self._closed = False
         # close() could not wait for the lock: the thread in the section closes the pipe.
         self._close_deferred = False
+        self._depth = 0  # sections under the lock (nested ones: a signal handler's)
         # time.monotonic() the loop woke from epoll for the round it is in; 0.0 while it
         # waits in epoll (read from other threads by busy_for()).
         self._busy_since = 0.0
@@ -172,36 +173,57 @@ class Reactor(Generic[K]):
         """
         # Under the lock a hand-over is either in the inbox before close() (and the owner's
         # drain_inbox() finds it) or refused: it is never silently lost.
-        with self._wake_lock:
-            try:
-                if self._closed:
-                    raise RuntimeError(f"{self.name}: the reactor is closed")
-                self._inbox.append((callback, args))
-                if self._closed:
-                    # Closed meanwhile: a signal handler ran inside this section and waited
-                    # for the loop's end (see close()). Refused, so the caller answers itself.
-                    raise RuntimeError(f"{self.name}: the reactor is closed")
-                if not self._wake_pending:
-                    self._wake_pending = True
-                    with contextlib.suppress(BlockingIOError):
-                        os.write(self._wake_w, b"\0")
-            finally:
-                if self._close_deferred:
-                    self._release_pipe()
+        try:
+            with self._wake_lock:
+                self._depth += 1
+                try:
+                    if self._closed:
+                        raise RuntimeError(f"{self.name}: the reactor is closed")
+                    self._inbox.append((callback, args))
+                    if self._closed:
+                        # Closed meanwhile: a signal handler ran inside this section and
+                        # waited for the loop's end (see close()). Refused, so the caller
+                        # answers itself.
+                        raise RuntimeError(f"{self.name}: the reactor is closed")
+                    self._write_wake()
+                finally:
+                    self._depth -= 1
+        finally:
+            if self._close_deferred:
+                self._release_deferred()
 
     def wake(self) -> None:
         """Make the current (or next) wait return. Merged: one byte until the loop reads it."""
         if self._wake_pending:
             return  # a byte is in the pipe, or on its way: the loop will look at the inbox
-        with self._wake_lock:
+        try:
+            with self._wake_lock:
+                self._depth += 1
+                try:
+                    self._write_wake()
+                finally:
+                    self._depth -= 1
+        finally:
+            if self._close_deferred:
+                self._release_deferred()
+
+    def _write_wake(self) -> None:
+        # (under the lock)
+        if self._wake_w >= 0 and not self._wake_pending:
+            self._wake_pending = True
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake_w, b"\0")
+
+    def _release_deferred(self) -> None:
+        """After a section, if close() left the pipe to the threads in sections: close it,
+        unless this thread is still inside an outer section (a signal handler's hand-over ran
+        nested in it): the outer one closes it as it leaves, never writing to a closed fd."""
+        if self._wake_lock.acquire(timeout=_CLOSE_WAIT):
             try:
-                if self._wake_w >= 0 and not self._wake_pending:
-                    self._wake_pending = True
-                    with contextlib.suppress(BlockingIOError):
-                        os.write(self._wake_w, b"\0")
-            finally:
-                if self._close_deferred:
+                if self._depth == 0:
                     self._release_pipe()
+            finally:
+                self._wake_lock.release()
 
     def add_wake_callback(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` (loop thread) after each batch in which the wake pipe was

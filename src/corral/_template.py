@@ -86,8 +86,9 @@ _PER_MSG = 32
 # runs (after its own after-fork work), and boots only after it has forked its chunk.
 CHUNK_MIN = 8
 
-# The batch's keeper slots, by worker index (set before the template's fork, inherited).
-_keeper_slots: list[int] = []
+# keeper_slots: the batch's keeper slots by worker index, set on the spawner thread before
+# the template's fork (the template's thread inherits it).
+_tls = threading.local()
 _checked: dict[int, tuple[str | None, int, int, int]] = {}  # by thread: (reason, head, len, tid)
 _libc: Any = None
 _clone_with: tuple[Any, ...] | None = None
@@ -346,7 +347,7 @@ def _fork_one(sock: socket.socket, procs: Sequence[multiprocessing.process.BaseP
     parent_r, child_w, child_r, parent_w = ends
     pid = _clone(facts)
     if pid == 0:
-        keeper.claim(_keeper_slots[i])
+        keeper.claim(_tls.keeper_slots[i])
         code = 1
         try:
             # The pipes of the others and of the process we were forked from are not ours.
@@ -385,18 +386,28 @@ def fork_batch(procs: Sequence[multiprocessing.process.BaseProcess],
     if before is None or not _have_children_file():
         return "no /proc/self/task/<tid>/children here"
     bounds = _chunks(len(procs))
-    # Each worker claims its keeper slot first thing, before it can start anything (see
-    # corral._keeper): the template's and the clones' alike (they inherit the list).
-    global _keeper_slots
-    _keeper_slots = slots = keeper.reserve(len(procs))
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     own_fd(ours.fileno())
     own_fd(theirs.fileno())
     supervisor = os.getpid()
     multiprocessing.util._flush_std_streams()  # type: ignore[attr-defined]
     # The first worker's pipes, as multiprocessing's fork Popen makes them.
-    parent_r, child_w = os.pipe()
-    child_r, parent_w = os.pipe()
+    pipes: list[int] = []
+    try:
+        pipes += os.pipe()
+        pipes += os.pipe()
+    except OSError:
+        for fd in pipes:
+            os.close(fd)
+        for sock in (ours, theirs):
+            disown_fd(sock.fileno())
+            sock.close()
+        raise
+    parent_r, child_w, child_r, parent_w = pipes
+    # Each worker claims its keeper slot first thing, before it can start anything (see
+    # corral._keeper): the template's and the clones' alike. This thread's own: the template's
+    # only thread is its copy (two pools may start at once, on two spawner threads).
+    _tls.keeper_slots = slots = keeper.reserve(len(procs))
     try:
         with forking(keeper_slot=slots[0]):
             pid = os.fork()

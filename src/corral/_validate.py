@@ -73,6 +73,8 @@ def timeout(name: str, value: Any, *, positive: bool = False) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be None or a number of seconds >= 0, got {_given(value)}")
+    if isinstance(value, int) and value >= threading.TIMEOUT_MAX:
+        return None  # (an int too large for a float: math.isnan would overflow)
     if math.isnan(value) or value < 0 or (positive and value == 0):
         bound = "> 0" if positive else ">= 0"
         raise ValueError(f"{name} must be None or a number of seconds {bound}, got {value!r}")

@@ -284,9 +284,15 @@ class WorkerProcessInfo:
         return None
 
     def join(self, timeout: float | None = None) -> None:
-        """Wait until the process has exited (at most ``timeout`` seconds)."""
+        """Wait until the process has exited (at most ``timeout`` seconds; None, ``math.inf``
+        or a larger number than a wait can take: no limit).
+
+        Raises:
+            TypeError, ValueError: ``timeout`` is not None or a number >= 0.
+        """
+        limit = v.timeout("timeout", timeout)
         if self.pid is not None and self.is_alive():
-            wait_exit(self.pid, timeout)
+            wait_exit(self.pid, limit)
 
     def _send(self, sig: int) -> None:
         if self.pid is not None and self.is_alive():

@@ -312,7 +312,14 @@ def wait_exit(pid: int, timeout: float | None = None) -> None:
     try:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
-        poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
+        if timeout is None:
+            poller.poll(None)
+            return
+        # In slices of a day at most: poll() takes an int of milliseconds.
+        deadline = time.monotonic() + timeout
+        while not poller.poll(max(0, int(min(deadline - time.monotonic(), 86400.0) * 1000))):
+            if time.monotonic() >= deadline:
+                return
     finally:
         os.close(fd)
 
@@ -535,6 +542,7 @@ def kill_unregistered(process: multiprocessing.process.BaseProcess) -> None:
             os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
+        keeper.unregister(pid)  # a fork child is in the keeper's table from its first moment
     popen = getattr(process, "_popen", None)
     if popen is not None:
         popen.returncode = -signal.SIGKILL

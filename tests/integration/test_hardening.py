@@ -766,7 +766,7 @@ def test_zero_huge_and_bad_timeouts_and_counts(no_leaks: set[int]) -> None:
         for _ in range(50):
             assert sup.wait_ready(timeout=0) == 2
         # Past threading.TIMEOUT_MAX a number means no limit, as inf does.
-        for huge in (1e308, 2**70):
+        for huge in (1e308, 2**70, 10**400):
             assert sup.wait_ready(timeout=huge) == 2
             assert len(sup.status(timeout=huge)) == 2
             assert sup.wait(timeout=huge * 0) is False
@@ -787,6 +787,19 @@ def test_zero_huge_and_bad_timeouts_and_counts(no_leaks: set[int]) -> None:
         # stop() returns with none of the pool's threads left (the spawner was joined too).
         name = sup.spec.name
         assert not [t.name for t in threading.enumerate() if t.name.endswith(f"[{name}]")]
+    with corral.ProcessPool(1, start_method="fork") as p:
+        assert list(p.map(abs, [-1, -2], timeout=1e10)) == [1, 2]
+        no_leaks.update(p.worker_pids())
+    manager = corral.WorkerProcessManager(hw.sleep_duck, 1, start_method="fork",
+                                          enable_logs=False)
+    manager.start()
+    try:
+        no_leaks.update(manager.running_pids())
+        manager.worker_processes[0].join(timeout=0)  # alive: returns at once
+        with pytest.raises(ValueError, match="timeout"):
+            manager.worker_processes[0].join(timeout=-1)
+    finally:
+        manager.stop()
     for make in (lambda: corral.Supervisor(workers.sleeper, workers=2**70),
                  lambda: corral.WorkerProcessManager(workers.sleeper, 10**7),
                  lambda: corral.ProcessPool(10**7),

@@ -283,6 +283,11 @@ def test_close_does_not_wait_for_a_thread_held_up_inside_a_hand_over() -> None:
         def append(self, item: object) -> None:
             inside.set()
             assert closed.wait(20), "close() never returned"
+            # The handler hands over once more, nested: refused, and it must leave the pipe
+            # to the outer section (which is still inside, and would write to it).
+            with pytest.raises(RuntimeError, match="closed"):
+                r.call_soon_threadsafe(print)
+            assert r._wake_w >= 0
             super().append(item)
 
     r._inbox = HeldUp()  # type: ignore[assignment]

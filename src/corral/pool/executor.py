@@ -8,7 +8,6 @@ workers are managed on the pool's own threads (:mod:`corral.pool._runner`,
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import pickle
 import sys
@@ -143,7 +142,7 @@ class ProcessPool(Executor):
         if max_workers is None:
             max_workers = usable_cpus()
         v.count("max_workers", max_workers, minimum=1)
-        v.integer("spare_workers", spare_workers)
+        v.count("spare_workers", spare_workers)
         v.choice("start_method", start_method, START_METHODS)
         v.callable_("initializer", initializer, optional=True)
         if not isinstance(initargs, tuple):
@@ -490,8 +489,9 @@ def _timeout(name: str, value: Any, *, allow_zero: bool = False) -> float | None
     """A timeout in seconds: > 0 (>= 0 with ``allow_zero``); None or ``math.inf``: none."""
     if value is None:
         return None
-    if isinstance(value, int | float) and not isinstance(value, bool) and value == math.inf:
-        return None
+    if (isinstance(value, int | float) and not isinstance(value, bool)
+            and value >= threading.TIMEOUT_MAX):
+        return None  # inf, or more than a wait can take: no limit
     return v.number(name, value, strict=not allow_zero)
 
 
