@@ -3,15 +3,18 @@
 A custom ``health_check(process, index)`` may block or hang, and reading the RSS of a worker and
 its children through psutil takes a while: both run on threads of their own and hand their
 results back to the monitor's reactor. Memory readings have a thread of their own, so hung
-health checks can never starve memory recycling.
+health checks can never starve memory recycling. The threads are daemons: a check that never
+returns does not hold up the program's exit once its pool has stopped.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
+
+from corral._daemonpool import DaemonExecutor
 
 __all__ = ["HealthRunner", "measure_rss", "over_max_memory"]
 
@@ -22,12 +25,12 @@ class HealthRunner:
     def __init__(self, name: str, max_checks: Callable[[], int]) -> None:
         self._name = name
         self._max_checks = max_checks
-        self._checks: ThreadPoolExecutor | None = None
-        self._memory: ThreadPoolExecutor | None = None
+        self._checks: DaemonExecutor | None = None
+        self._memory: DaemonExecutor | None = None
 
     def check(self, fn: Callable[..., bool], *args: Any) -> Future[bool]:
         if self._checks is None:
-            self._checks = ThreadPoolExecutor(
+            self._checks = DaemonExecutor(
                 max_workers=max(2, min(64, self._max_checks())),
                 thread_name_prefix=f"corral-check[{self._name}]")
         return self._checks.submit(fn, *args)
@@ -35,7 +38,7 @@ class HealthRunner:
     def measure(self, targets: list[tuple[int, int, int]],
                 ) -> Future[list[tuple[int, int, int]]]:
         if self._memory is None:
-            self._memory = ThreadPoolExecutor(
+            self._memory = DaemonExecutor(
                 max_workers=1, thread_name_prefix=f"corral-memory[{self._name}]")
         return self._memory.submit(measure_rss, targets)
 

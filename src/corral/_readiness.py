@@ -25,10 +25,11 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from corral._daemonpool import DaemonExecutor
 from corral._loop import Loop, TimerHandle
 
 __all__ = [
@@ -197,15 +198,15 @@ class LogMatcher:
         return False
 
 
-_executor: ThreadPoolExecutor | None = None
+_executor: DaemonExecutor | None = None
 _executor_lock = threading.Lock()
 
 
-def _shared_executor() -> ThreadPoolExecutor:
+def _shared_executor() -> DaemonExecutor:
     global _executor
     with _executor_lock:
         if _executor is None:
-            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corral-probe")
+            _executor = DaemonExecutor(1, "corral-probe")
         return _executor
 
 
@@ -225,7 +226,7 @@ class Prober:
 
     def __init__(self, loop: Loop, spec: ReadyTcp | ReadyHttp, on_ready: Callable[[], None],
                  *, interval: float = 0.05, max_interval: float = 1.0, timeout: float = 1.0,
-                 executor: ThreadPoolExecutor | None = None) -> None:
+                 executor: Executor | None = None) -> None:
         if not isinstance(spec, ReadyTcp | ReadyHttp):
             raise TypeError(f"Prober needs a tcp: or http: spec, got {spec!r}")
         self.spec = spec

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from typing import Any
 
 # The most workers a count may ask for: Linux's largest pid_max (PID_MAX_LIMIT on 64-bit
 # machines); more processes cannot exist at once, so a larger count is a mistake, not a pool.
 MAX_WORKERS = 4_194_304
+_FLOAT_MAX = int(sys.float_info.max)
 
 
 def _given(value: Any) -> str:
@@ -20,6 +22,12 @@ def number(name: str, value: Any, *, minimum: float = 0.0, strict: bool = False,
     """Check that ``value`` is a real number >= minimum (> when ``strict``); return it as float."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number, got {_given(value)}")
+    if isinstance(value, int) and abs(value) > _FLOAT_MAX:
+        # (past any float: math.isnan would raise OverflowError, which names no parameter)
+        if allow_inf and value > 0:
+            return math.inf
+        raise ValueError(f"{name} must be a finite number, got an int of "
+                         f"{value.bit_length()} bits")
     if math.isnan(value) or (math.isinf(value) and not allow_inf):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if strict and not value > minimum:

@@ -463,7 +463,9 @@ class WorkerProcessManager:
         self._quiet = False
         log_filter = _LogFilter(self)
         self._logger.addFilter(log_filter)
-        weakref.finalize(self, self._logger.removeFilter, log_filter)
+        # Not at exit: the pool is stopped at exit after weakref's own hook has run (atexit
+        # order), and its last lines must still be filtered (enable_logs=False) and formatted.
+        weakref.finalize(self, self._logger.removeFilter, log_filter).atexit = False
         # Duck printed its lines (info included) without any set-up: do the same until the
         # application configures logging (see _DefaultConsole and _LogFilter).
         self._own_level = self._logger.level == logging.NOTSET
@@ -471,7 +473,7 @@ class WorkerProcessManager:
             self._logger.setLevel(logging.INFO)
         console = _DefaultConsole()
         self._logger.addHandler(console)
-        weakref.finalize(self, self._logger.removeHandler, console)
+        weakref.finalize(self, self._logger.removeHandler, console).atexit = False
         self._spawned: set[int] = set()
         self._lock = threading.RLock()
         self._sup: Supervisor | None = None

@@ -240,6 +240,7 @@ def _after_fork_in_child() -> None:
     # takes it back (take_stdin) before the program's code runs.
     global _spare_lock, _spare_stdin, _child_stdin
     _spare_lock = threading.Lock()  # another thread may have held it at the fork
+    _forget_parents_forkserver()
     if getattr(_forking, "active", False):
         _forking.active = False
         # Its group is known to the keeper before it can start anything (a supervisor killed
@@ -254,6 +255,29 @@ def _after_fork_in_child() -> None:
         with contextlib.suppress(OSError, ValueError):
             if _child_stdin.fileno() != 0:
                 os.dup2(_child_stdin.fileno(), 0)
+
+
+def _forget_parents_forkserver() -> None:
+    """In any fork child: forget the forkserver multiprocessing started for the parent.
+
+    It is not this process's child: multiprocessing would ``waitpid`` it (ChildProcessError)
+    and every forkserver start here would fail, a pool counting each failure as a crash. A
+    forkserver start here now starts this process's own; our copy of the parent's server's
+    "alive" pipe is closed, so this process never keeps that server alive.
+    """
+    module = sys.modules.get("multiprocessing.forkserver")
+    server = getattr(module, "_forkserver", None)
+    if server is None or getattr(server, "_forkserver_pid", None) is None:
+        return
+    alive = getattr(server, "_forkserver_alive_fd", None)
+    if isinstance(alive, int):
+        with contextlib.suppress(OSError):
+            os.close(alive)
+    server._forkserver_address = None
+    server._forkserver_alive_fd = None
+    server._forkserver_pid = None
+    server._inherited_fds = None
+    server._lock = threading.Lock()  # another thread may have held it at the fork
 
 
 def take_stdin() -> None:

@@ -24,6 +24,14 @@ Modes:
                 configured, as in a program that never set it up); then the fds are freed:
                 the pool must be alive and restart the worker. Prints {"ok", "ping",
                 "workers"}.
+  quiet-exit    WorkerProcessManager(enable_logs=False) of N workers that ignore SIGTERM;
+                prints their pids, then exits without stop(): the stop at exit (SIGKILL after
+                the grace) must stay as silent as an explicit stop().
+  hung-check-exit  WorkerProcessManager whose health check never returns; once it hangs,
+                stop(), print {"stopped_after"}, exit: the exit must not wait for the check.
+  fork-forkserver  a forkserver ProcessPool, then os.fork(): the child makes a forkserver pool
+                of its own and runs a task (the parent's server is not its child); prints
+                {"child", "child_exit", "parent"}.
   locked-console  Duck's console: sys.stderr/stdout writes under one lock of the program's;
                 N kills, each replacement must get past its first print within 10 s (a fork
                 during corral's own log write would leave it stuck on that lock). Prints
@@ -163,6 +171,53 @@ def main() -> None:
                                 args=lambda i: (str(flagdir),), start_method=method)
         sup.start()
         threading.Event().wait()  # until worker 1 kills this process
+    elif mode == "quiet-exit":
+        manager = corral.WorkerProcessManager(hw.ignores_sigterm_duck, n, start_method=method,
+                                              enable_logs=False, process_stop_timeout=0.5)
+        manager.start()
+        deadline = time.monotonic() + 30
+        while len(pids := manager.running_pids()) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print(json.dumps({"workers": pids}), flush=True)
+        # No stop(): corral's exit handler stops the pool.
+    elif mode == "hung-check-exit":
+        def hangs(process: object, idx: int) -> bool:
+            (flagdir / f"check-{idx}").write_text("1")
+            time.sleep(600)
+            return True
+
+        manager = corral.WorkerProcessManager(hw.sleep_duck, 1, start_method=method,
+                                              health_check_fn=hangs, enable_logs=False)
+        manager.health_check_interval = 0.1
+        manager.start()
+        _wait_files(flagdir, "check-", 1)
+        t0 = time.monotonic()
+        manager.stop()
+        print(json.dumps({"stopped_after": time.monotonic() - t0,
+                          "workers": manager.running_pids()}), flush=True)
+        # The interpreter's exit must not wait for the check's thread.
+    elif mode == "fork-forkserver":
+        with corral.ProcessPool(1, start_method="forkserver") as pool:
+            pool.submit(abs, -1).result(timeout=30)
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(r)
+                try:
+                    with corral.ProcessPool(1, start_method="forkserver") as own:
+                        seen = own.submit(abs, -5).result(timeout=30)
+                except Exception as exc:
+                    seen = f"{type(exc).__name__}: {exc}"
+                os.write(w, json.dumps(seen).encode())
+                os._exit(0)
+            os.close(w)
+            data = b""
+            while chunk := os.read(r, 65536):
+                data += chunk
+            _, status = os.waitpid(pid, 0)
+            print(json.dumps({"child": json.loads(data or b"null"),
+                              "child_exit": os.waitstatus_to_exitcode(status),
+                              "parent": pool.submit(abs, -6).result(timeout=30)}), flush=True)
     elif mode == "emfile":
         _emfile(method)
     elif mode == "locked-console":

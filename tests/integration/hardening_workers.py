@@ -168,6 +168,11 @@ def sleep_duck(idx: int, *args: Any) -> None:
     _forever()
 
 
+def ignores_sigterm_duck(idx: int, *args: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _forever()
+
+
 def prints_then_sleeps_duck(idx: int, flagdir: str) -> None:
     """Print a line (through whatever the program made of sys.stdout), then say so."""
     print(f"worker {idx} (pid {os.getpid()}) serving", flush=True)

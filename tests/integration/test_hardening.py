@@ -293,6 +293,17 @@ def test_a_forked_child_gets_runtime_errors_and_exits(mode: str, no_leaks: set[i
 # ------------------------------------------------------------------------ 4. signal masks
 
 
+@pytest.mark.timeout(90)
+def test_a_fork_child_starts_a_forkserver_pool_of_its_own(no_leaks: set[int],
+                                                          tmp_path: Path) -> None:
+    # The parent's forkserver is not the child's child: multiprocessing's waitpid on it failed
+    # every start (ChildProcessError), and the child's pool gave up after its restart budget.
+    done = subprocess.run([sys.executable, str(SCRIPT), "fork-forkserver", "forkserver",
+                           str(tmp_path)], capture_output=True, timeout=80, cwd=HERE)
+    assert done.returncode == 0, done.stderr.decode()
+    assert json.loads(done.stdout) == {"child": 5, "child_exit": 0, "parent": 6}
+
+
 @pytest.mark.parametrize("method", START_METHODS)
 @pytest.mark.timeout(60)
 def test_corral_threads_in_a_worker_never_take_its_signals(method: str, no_leaks: set[int],
@@ -422,6 +433,39 @@ def test_compat_stays_out_of_a_configured_logging(no_leaks: set[int], tmp_path: 
     assert len(detected) == 1 and detected[0].startswith("CONFIGURED "), err
     assert "Stopped worker process manager." not in err  # INFO: below the app's WARNING
     assert "[WARNING]" not in err  # our console stays silent
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.timeout(90)
+def test_enable_logs_false_stays_silent_when_the_pool_is_stopped_at_exit(
+        method: str, no_leaks: set[int], tmp_path: Path) -> None:
+    # The program exits without stop(); corral's exit handler stops the pool and SIGKILLs the
+    # workers that ignore SIGTERM. weakref's exit hook used to remove the manager's log filter
+    # first, and those lines reached stderr through logging's last resort.
+    done = subprocess.run([sys.executable, str(SCRIPT), "quiet-exit", method, str(tmp_path),
+                           "2"], capture_output=True, timeout=80, cwd=HERE)
+    out = json.loads(done.stdout)
+    no_leaks.update(out["workers"])
+    assert done.returncode == 0, done.stderr.decode()
+    assert len(out["workers"]) == 2
+    assert done.stderr.decode() == ""
+    wait_gone(out["workers"], 10, "workers stopped at exit")
+
+
+@pytest.mark.timeout(90)
+def test_a_hung_health_check_does_not_hold_up_the_exit(no_leaks: set[int],
+                                                       tmp_path: Path) -> None:
+    # The check sleeps 600 s. A ThreadPoolExecutor's threads are joined at interpreter exit
+    # (before atexit handlers), so the program used to live until the check returned.
+    try:
+        done = subprocess.run([sys.executable, str(SCRIPT), "hung-check-exit", "fork",
+                               str(tmp_path)], capture_output=True, timeout=60, cwd=HERE)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the program did not exit within 60 s of its start: its exit waited "
+                    "for the hung health check")
+    assert done.returncode == 0, done.stderr.decode()
+    out = json.loads(done.stdout)
+    assert out["workers"] == []
 
 
 @pytest.mark.timeout(120)

@@ -397,3 +397,30 @@ def test_backend_and_ray_options_are_validated() -> None:
     assert spec.standby == 1 and spec.ray_options == {"num_cpus": 0.5}
     with pytest.raises((TypeError, ValueError), match="ray_options"):
         PoolSpec(work, backend="ray", ray_options={"max_restarts": 3})
+
+
+HUGE = 10**400  # an int past any float: math.isnan() on it raises OverflowError
+
+
+@pytest.mark.parametrize(("name", "make"), [
+    ("stop_timeout", lambda: corral.Supervisor(work, stop_timeout=HUGE)),
+    ("heartbeat_timeout", lambda: corral.Supervisor(work, heartbeat_timeout=-HUGE)),
+    ("restart_timeout", lambda: corral.WorkerProcessManager(work, 1, restart_timeout=HUGE)),
+    ("process_stop_timeout",
+     lambda: corral.WorkerProcessManager(work, 1, process_stop_timeout=HUGE)),
+    ("heartbeat_timeout", lambda: corral.HeartbeatHealthCheck(HUGE)),
+    ("stop_timeout", lambda: corral.ProcessPool(1, stop_timeout=HUGE)),
+    ("memory_check_interval", lambda: corral.ProcessPool(1, memory_check_interval=HUGE)),
+    ("Backoff.initial", lambda: Backoff(initial=HUGE)),
+    ("RestartBudget.window", lambda: RestartBudget(window=HUGE)),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_an_int_past_any_float_is_a_value_error_naming_the_parameter(
+        name: str, make: Callable[[], object]) -> None:
+    with pytest.raises(ValueError, match=rf"^{name} must be a finite number, got an int of "
+                                         r"1329 bits$"):
+        make()
+
+
+def test_an_int_past_any_float_means_no_limit_where_inf_does() -> None:
+    assert Backoff(reset_after=HUGE).reset_after == HUGE
+    assert Backoff(reset_after=math.inf).reset_after == math.inf
