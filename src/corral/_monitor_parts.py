@@ -29,7 +29,7 @@ from corral._reactor import DeadlineSpace, Reactor
 from corral._reply import Reply
 from corral._slots import POOL, AfterStop, Deadline, DeadlineKey, WorkerSlot
 from corral._stats import PoolStats
-from corral.errors import GaveUp
+from corral.errors import GaveUp, SupervisorStateError
 from corral.events import Event, EventKind, ExitRecord, StopReason
 from corral.heartbeat import HeartbeatTable
 from corral.policy import BackoffState, BudgetWindow, Strategy
@@ -752,7 +752,7 @@ class ControlPart(_Core):
         elif fn == self.do_wait_ready:
             reply.finish(error=self.not_ready_error(None))
         else:
-            reply.finish(error=RuntimeError(f"pool {self.spec.name!r} has stopped"))
+            reply.finish(error=SupervisorStateError(f"pool {self.spec.name!r} has stopped"))
 
     # ------------------------------------------------------------------ strategies (groups)
 

@@ -9,6 +9,7 @@ Every OS call the monitor and the pool make about a process goes through a :clas
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # (no stubs)
 import contextlib
 import errno
 import multiprocessing
@@ -177,6 +178,8 @@ def _popen_fds(process: multiprocessing.process.BaseProcess) -> tuple[int, ...]:
 
 
 _forking = threading.local()
+# Blocked across a fork whose child runs Python (_signal's set of ints: signal's makes enums).
+_ALL_SIGNALS = _signal.valid_signals()
 # The stdin of this process's fork children: /dev/null, made once here and never read here (so
 # no thread of ours can hold its lock at a fork), with (st_dev, st_ino) to notice a program that
 # closed it. The fd is never closed by the object (a reused number must stay the program's).
@@ -196,8 +199,15 @@ def forking(python_child: bool = True, keeper_slot: int = 0) -> Iterator[None]:
     _forking.active = True
     _forking.forked = True
     _forking.keeper_slot = keeper_slot
+    mask = None
+    parent = os.getpid()
     try:
         if python_child:
+            # The child is born with every signal blocked: until its bootstrap has reset the
+            # handlers it inherited (the program's own), a signal would run one of them in the
+            # worker. It unblocks them then (a stop signal sent meanwhile is delivered to the
+            # defaults).
+            mask = _signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
             with logging_held():
                 yield
         else:
@@ -205,6 +215,8 @@ def forking(python_child: bool = True, keeper_slot: int = 0) -> Iterator[None]:
     finally:
         _forking.active = False
         _forking.keeper_slot = 0
+        if mask is not None and os.getpid() == parent:
+            _signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def forked_here() -> bool:

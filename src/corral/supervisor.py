@@ -44,6 +44,9 @@ _EVENTS_WAIT_MIN = 0.1
 # How long a wait_ready() whose time is up waits for the monitor to take the wait back (and
 # answer it, if it can): microseconds unless the loop is wedged.
 _CANCEL_WAIT = 0.25
+# How long past its deadline stop() waits for the monitor (which kills at the deadline) before
+# it kills the workers itself, and again after that.
+_STOP_MARGIN = 2.0
 
 
 @atexit.register
@@ -226,7 +229,10 @@ class Supervisor:
         Args:
             timeout: seconds for the whole pool (default None: the spec's ``stop_timeout``);
                 0 kills at once; ``math.inf``: no SIGKILL, wait for the workers to exit.
-            wait: block until every worker has been reaped. Subscribers get what is left of
+            wait: block until every worker has been reaped (if the monitor thread is held
+                up past the deadline, say by a lock the calling thread holds, the workers are
+                killed from this thread and stop() returns at most 4 s past the deadline;
+                the monitor reaps them once it can). Subscribers get what is left of
                 the deadline (at least 0.1 s, at most 1 s) to take the last events; one that
                 blocks does not hold stop() up, and a second after the pool's STOPPED event
                 what they have not taken is dropped (the STOPPED event itself is delivered).
@@ -247,9 +253,9 @@ class Supervisor:
         if not monitor.finished.is_set():
             with contextlib.suppress(RuntimeError):  # it finished meanwhile
                 monitor.request_stop(grace, signal_for(self.spec, grace))
-        if wait:
-            monitor.finished.wait()
-            monitor.join()
+        if wait and self._wait_for_monitor(monitor, called, grace):
+            # Its last line is logged after it finished: bounded, as above.
+            monitor.join(_STOP_MARGIN)
             dispatcher = self._dispatcher
             if dispatcher is not None and dispatcher is not threading.current_thread():
                 left = called + grace - time.monotonic()
@@ -257,6 +263,32 @@ class Supervisor:
         # The endpoint answers 503 on /readyz while the pool stops; it goes with the pool.
         self._close_endpoint(self._endpoint, wait=wait)
         _running.discard(self)
+
+    def _wait_for_monitor(self, monitor: Monitor, called: float, grace: float) -> bool:
+        """Wait for the monitor to finish a stop: True once it has. It kills at the deadline
+        and reaps at once; if it has not finished :data:`_STOP_MARGIN` past it, something holds
+        it up (a lock this very thread holds: stop() called from a signal handler that
+        interrupted a log write through a handler the monitor needs), and the workers' groups
+        are sent SIGKILL from this thread; False if it still has not finished by then."""
+        if math.isinf(grace):
+            monitor.finished.wait()
+            return True
+        left = called + grace + _STOP_MARGIN - time.monotonic()
+        if monitor.finished.wait(min(max(0.0, left), threading.TIMEOUT_MAX)):
+            return True
+        with contextlib.suppress(RuntimeError):  # it finished meanwhile
+            monitor.request_stop(0.0, signal.SIGKILL)
+        if monitor.finished.wait(_STOP_MARGIN):
+            return True
+        # Logged from a thread of its own: this thread may be inside a handler's emit (a
+        # signal handler), where a record of ours would be a reentrant write.
+        threading.Thread(target=log.warning, name="corral-stop-warning", daemon=True, args=(
+            "pool %r: its monitor thread did not finish within %.1f s of the stop deadline; "
+            "every worker's process group was sent SIGKILL from the thread that called stop(). "
+            "Likely cause: stop() called from a signal handler that interrupted a log write the "
+            "monitor waits for, or a logging handler that blocks. The monitor reaps the "
+            "workers once it can go on.", self.spec.name, 2 * _STOP_MARGIN)).start()
+        return False
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the pool has stopped. True if it has, False on timeout.
@@ -268,7 +300,7 @@ class Supervisor:
         monitor = self._require_started()
         if not monitor.finished.wait(timeout):
             return False
-        monitor.join()
+        monitor.join(_STOP_MARGIN)  # (its last line, logged after it finished: see stop())
         _running.discard(self)
         if monitor.gave_up is not None:
             raise monitor.gave_up

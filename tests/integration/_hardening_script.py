@@ -32,6 +32,16 @@ Modes:
   fork-forkserver  a forkserver ProcessPool, then os.fork(): the child makes a forkserver pool
                 of its own and runs a task (the parent's server is not its child); prints
                 {"child", "child_exit", "parent"}.
+  atfork-lock   a lock of the program's made fork-safe with os.register_at_fork, held by a
+                thread that logs through a corral logger in a loop, beside a crash-looping fork
+                pool: restarts must go on (a fork waits for that lock). Prints {"restarts"}.
+  fork-mask     a fork pool under a program whose SIGTERM handler writes a file: an at-fork
+                hook records the signal mask each child is born with, the target what it
+                starts with; one worker is killed and replaced, then stop(). Prints
+                {"main", "workers"}.
+  stop-in-handler  the main thread logs (its own records) in a loop through a file handler
+                that the pool's records go through too; a SIGTERM handler calls
+                stop(timeout=1) while workers crash and restart. Prints {"stop_took"}.
   locked-console  Duck's console: sys.stderr/stdout writes under one lock of the program's;
                 N kills, each replacement must get past its first print within 10 s (a fork
                 during corral's own log write would leave it stuck on that lock). Prints
@@ -218,6 +228,12 @@ def main() -> None:
             print(json.dumps({"child": json.loads(data or b"null"),
                               "child_exit": os.waitstatus_to_exitcode(status),
                               "parent": pool.submit(abs, -6).result(timeout=30)}), flush=True)
+    elif mode == "atfork-lock":
+        _atfork_lock(method)
+    elif mode == "fork-mask":
+        _fork_mask(method, flagdir)
+    elif mode == "stop-in-handler":
+        _stop_in_handler(method, flagdir)
     elif mode == "emfile":
         _emfile(method)
     elif mode == "locked-console":
@@ -231,6 +247,110 @@ def _false(value: bool) -> None:
     if value is not False:
         raise AssertionError(f"True in a forked child: {value!r}")
     raise RuntimeError("running is False in this fork child")
+
+
+def _restarts(sup: object) -> int:
+    return sum(st.restarts for st in sup.status(timeout=10))  # type: ignore[attr-defined]
+
+
+def _atfork_lock(method: str) -> None:
+    """See the module's docstring (atfork-lock)."""
+    import hardening_workers as hw
+
+    import corral
+
+    logging.basicConfig(level=logging.INFO, stream=open(os.devnull, "w"))  # noqa: SIM115
+    lock = threading.Lock()
+
+    def fresh() -> None:
+        nonlocal lock
+        lock = threading.Lock()
+
+    os.register_at_fork(before=lock.acquire, after_in_parent=lock.release,
+                        after_in_child=fresh)
+    sup = corral.Supervisor(hw.crash_at_once_duck, workers=2, start_method=method,
+                            backoff=corral.Backoff(initial=0.001, cap=0.005),
+                            budget=corral.RestartBudget(max_restarts=10**6, window=1))
+    sup.start()
+    done = threading.Event()
+
+    def logs_under_the_lock() -> None:
+        log = logging.getLogger("corral.supervisor")
+        while not done.is_set():
+            with lock:
+                log.info("the application logs while it holds its fork-safe lock")
+
+    thread = threading.Thread(target=logs_under_the_lock, daemon=True)
+    thread.start()
+    first = _restarts(sup)
+    deadline = time.monotonic() + 30
+    while (restarts := _restarts(sup)) < first + 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    done.set()
+    thread.join(10)
+    print(json.dumps({"restarts": restarts - first}), flush=True)
+    sup.stop(timeout=5)
+
+
+def _fork_mask(method: str, flagdir: Path) -> None:
+    """See the module's docstring (fork-mask)."""
+    import hardening_workers as hw
+
+    import corral
+
+    main = os.getpid()
+
+    def on_term(signum: int, frame: object) -> None:
+        if os.getpid() != main:
+            (flagdir / f"handler-{os.getpid()}").write_text("1")
+
+    def born() -> None:  # first thing in every fork child, before multiprocessing's bootstrap
+        mask = sorted(int(sig) for sig in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        (flagdir / f"born-{os.getpid()}").write_text(json.dumps(mask))
+
+    signal.signal(signal.SIGTERM, on_term)
+    os.register_at_fork(after_in_child=born)
+    sup = corral.Supervisor(hw.reports_signals, workers=2, args=lambda i: (str(flagdir),),
+                            start_method=method, ready_when="ready")
+    sup.start()
+    sup.wait_ready(timeout=30)
+    victim = sup.pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    _wait_files(flagdir, "target-", 3)
+    workers = [*sup.pids(), victim]
+    sup.stop(timeout=5)
+    print(json.dumps({"main": main, "workers": workers}), flush=True)
+
+
+def _stop_in_handler(method: str, flagdir: Path) -> None:
+    """See the module's docstring (stop-in-handler)."""
+    import hardening_workers as hw
+
+    import corral
+
+    logging.basicConfig(level=logging.INFO, filename=str(flagdir / "app.log"))
+    app = logging.getLogger("app")
+    sup = corral.Supervisor(hw.crash_at_once_duck, workers=3, start_method=method,
+                            backoff=corral.Backoff(initial=0.001, cap=0.005),
+                            budget=corral.RestartBudget(max_restarts=10**6, window=1))
+    took: list[float] = []
+
+    def on_term(signum: int, frame: object) -> None:
+        t0 = time.monotonic()
+        sup.stop(timeout=1)
+        took.append(time.monotonic() - t0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    sup.start()
+
+    def kick() -> None:
+        time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=kick, daemon=True).start()
+    while not took:
+        app.info("tick %s", "x" * 200)
+    print(json.dumps({"stop_took": took[0]}), flush=True)
 
 
 def _emfile(method: str) -> None:

@@ -4,6 +4,7 @@ import them. Coordination with the test goes through files in a per-test directo
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -206,4 +207,14 @@ def task_hijacks_dump_fd(flagdir: str) -> None:
     fd = os.open(user_file, os.O_RDWR | os.O_APPEND)
     if dump_fd >= 0:
         os.dup2(fd, dump_fd)
+    _forever()
+
+
+def reports_signals(index: int, flagdir: str) -> None:
+    """Write what the target starts with: the blocked signals and SIGTERM's handler."""
+    blocked = sorted(int(sig) for sig in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    default = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    _write(Path(flagdir) / f"target-{os.getpid()}",
+           json.dumps({"blocked": blocked, "sigterm_default": default}))
+    corral.ready()
     _forever()

@@ -293,6 +293,22 @@ def test_a_forked_child_gets_runtime_errors_and_exits(mode: str, no_leaks: set[i
 # ------------------------------------------------------------------------ 4. signal masks
 
 
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.timeout(90)
+def test_stop_from_a_signal_handler_that_interrupted_a_log_write_keeps_its_deadline(
+        method: str, no_leaks: set[int], tmp_path: Path) -> None:
+    # The handler interrupts the main thread inside the file handler's emit (its lock held);
+    # the monitor needs that lock for its own lines: stop() used to wait for it forever.
+    try:
+        done = subprocess.run([sys.executable, str(SCRIPT), "stop-in-handler", method,
+                               str(tmp_path)], capture_output=True, timeout=60, cwd=HERE)
+    except subprocess.TimeoutExpired:
+        pytest.fail("stop(timeout=1) from the SIGTERM handler did not return within 60 s")
+    assert done.returncode == 0, done.stderr.decode()
+    # stop(timeout=1): at most the deadline and two margins of 2 s, generously bounded here.
+    assert json.loads(done.stdout)["stop_took"] < 20
+
+
 @pytest.mark.timeout(90)
 def test_a_fork_child_starts_a_forkserver_pool_of_its_own(no_leaks: set[int],
                                                           tmp_path: Path) -> None:
@@ -302,6 +318,25 @@ def test_a_fork_child_starts_a_forkserver_pool_of_its_own(no_leaks: set[int],
                            str(tmp_path)], capture_output=True, timeout=80, cwd=HERE)
     assert done.returncode == 0, done.stderr.decode()
     assert json.loads(done.stdout) == {"child": 5, "child_exit": 0, "parent": 6}
+
+
+@pytest.mark.timeout(60)
+def test_a_fork_worker_is_born_with_every_signal_blocked(no_leaks: set[int],
+                                                          tmp_path: Path) -> None:
+    # Until its bootstrap has reset the handlers it inherited, a signal would run one of the
+    # program's handlers in the worker (a stop right after a restart did, 10 of 20 runs).
+    done = subprocess.run([sys.executable, str(SCRIPT), "fork-mask", "fork", str(tmp_path)],
+                          capture_output=True, timeout=50, cwd=HERE)
+    assert done.returncode == 0, done.stderr.decode()
+    out = json.loads(done.stdout)
+    assert len(out["workers"]) == 3  # two, and the replacement of the killed one
+    wanted = {int(signal.SIGTERM), int(signal.SIGINT), int(signal.SIGHUP), int(signal.SIGUSR1)}
+    for pid in out["workers"]:
+        born = set(json.loads((tmp_path / f"born-{pid}").read_text()))
+        assert wanted <= born, f"worker {pid} was born with only {sorted(born)} blocked"
+        target = json.loads((tmp_path / f"target-{pid}").read_text())
+        assert target == {"blocked": [], "sigterm_default": True}
+    assert not list(tmp_path.glob("handler-*")), "the program's handler ran in a worker"
 
 
 @pytest.mark.parametrize("method", START_METHODS)
@@ -466,6 +501,53 @@ def test_a_hung_health_check_does_not_hold_up_the_exit(no_leaks: set[int],
     assert done.returncode == 0, done.stderr.decode()
     out = json.loads(done.stdout)
     assert out["workers"] == []
+
+
+@pytest.mark.timeout(90)
+def test_a_thread_logging_under_a_fork_safe_lock_never_stalls_restarts(
+        no_leaks: set[int], tmp_path: Path) -> None:
+    # The program's lock is taken by an at-fork hook; a thread holding it logs through a corral
+    # logger while a fork waits for that lock. Both used to wait for each other for good.
+    try:
+        done = subprocess.run([sys.executable, str(SCRIPT), "atfork-lock", "fork",
+                               str(tmp_path)], capture_output=True, timeout=60, cwd=HERE)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the pool's restarts stalled (a fork and a log record waited for each "
+                    "other)")
+    assert done.returncode == 0, done.stderr.decode()
+    assert json.loads(done.stdout)["restarts"] >= 10
+
+
+@pytest.mark.timeout(90)
+def test_a_hung_log_handler_of_one_pool_does_not_hold_up_another(no_leaks: set[int]) -> None:
+    release, entered = threading.Event(), threading.Event()
+
+    class HungHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            entered.set()
+            release.wait(60)  # a network log handler whose server stopped answering
+
+    fast = {"start_method": "fork", "backoff": corral.Backoff(initial=0.001, cap=0.01),
+            "budget": corral.RestartBudget(max_restarts=10**6, window=1)}
+    a_log = logging.getLogger("corral.pool.hung-a")
+    handler = HungHandler()
+    a_log.addHandler(handler)
+    a = corral.Supervisor(hw.crash_at_once_duck, workers=1, name="hung-a", **fast)
+    b = corral.Supervisor(hw.crash_at_once_duck, workers=2, name="free-b", **fast)
+    try:
+        a.start()
+        assert entered.wait(30), "pool a never logged"
+        b.start()
+        deadline = time.monotonic() + 30
+        while (restarts := sum(st.restarts for st in b.status(timeout=10))) < 10:
+            assert time.monotonic() < deadline, f"pool b made only {restarts} restarts"
+            time.sleep(0.05)
+    finally:
+        release.set()
+        a_log.removeHandler(handler)
+        for sup in (b, a):
+            with contextlib.suppress(Exception):
+                sup.stop(timeout=5)
 
 
 @pytest.mark.timeout(120)
