@@ -400,6 +400,15 @@ def test_wait_ready_raises_when_the_pool_is_stopped_meanwhile(no_leaks: set[int]
             sup.wait_ready(timeout=30)
 
 
+@pytest.mark.timeout(60)
+def test_control_after_stop_raises_supervisor_state_error(no_leaks: set[int]) -> None:
+    with pool(no_leaks, workers.sleeper, workers=1, start_method="fork") as (sup, _log):
+        sup.stop(timeout=5)
+        for call in (lambda: sup.scale(2), lambda: sup.restart(0), sup.restart_all):
+            with pytest.raises(corral.SupervisorStateError, match="has stopped"):
+                call()
+
+
 # ---------------------------------------------------------------- 6. compat restart_timeout
 
 
