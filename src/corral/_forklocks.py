@@ -123,6 +123,10 @@ def _after_fork_in_child() -> None:
     # thread will never undo here): a fresh one, or this process could never log again.
     global _gate
     _gate = _Gate()
+    # The forking thread's marks: a fork worker never returns into logging_held (it ends
+    # with os._exit inside the fork's call), and its own pools' forks must gate its records.
+    _local.forking = False
+    _local.depth = 0
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
