@@ -141,12 +141,7 @@ def main() -> None:
             os.close(w)
             sys.exit(0)  # a normal exit: atexit handlers run and must not block
         os.close(w)
-        data = b""
-        while chunk := os.read(r, 65536):
-            data += chunk
-        _, status = os.waitpid(pid, 0)
-        print(json.dumps({"child": json.loads(data or b"{}"),
-                          "child_exit": os.waitstatus_to_exitcode(status)}), flush=True)
+        print(json.dumps(_child_report(r, pid, {})), flush=True)
         if mode == "fork-pool":
             pool.shutdown()
         elif mode == "fork-child":
@@ -221,13 +216,9 @@ def main() -> None:
                 os.write(w, json.dumps(seen).encode())
                 os._exit(0)
             os.close(w)
-            data = b""
-            while chunk := os.read(r, 65536):
-                data += chunk
-            _, status = os.waitpid(pid, 0)
-            print(json.dumps({"child": json.loads(data or b"null"),
-                              "child_exit": os.waitstatus_to_exitcode(status),
-                              "parent": pool.submit(abs, -6).result(timeout=30)}), flush=True)
+            report = _child_report(r, pid, None)
+            report["parent"] = pool.submit(abs, -6).result(timeout=30)
+            print(json.dumps(report), flush=True)
     elif mode == "atfork-lock":
         _atfork_lock(method)
     elif mode == "fork-mask":
@@ -240,6 +231,18 @@ def main() -> None:
         _locked_console(method, flagdir, n)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
+
+
+def _child_report(r: int, pid: int, empty: object) -> dict[str, object]:
+    """What an os.fork() child wrote (JSON) to the pipe ``r`` until it closed it (``empty``
+    if nothing), and its exit code once reaped."""
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    return {"child": json.loads(data) if data else empty,
+            "child_exit": os.waitstatus_to_exitcode(status)}
 
 
 def _false(value: bool) -> None:

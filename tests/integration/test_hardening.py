@@ -142,6 +142,27 @@ def test_table_falls_back_when_memfd_is_refused(tmp_path: Path,
         table.close()
 
 
+def run_mode(mode: str, method: str, tmp_path: Path, *extra: str, timeout: float,
+             hang: str | None = None, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    """Run ``_hardening_script.py mode method tmp_path *extra`` to its end.
+
+    Args:
+        timeout: seconds before the script counts as hung (it is killed then).
+        hang: the failure message for a hung script (else TimeoutExpired propagates).
+        check: assert it exited with 0 (its stderr's tail in the message).
+    """
+    try:
+        done = subprocess.run([sys.executable, str(SCRIPT), mode, method, str(tmp_path), *extra],
+                              capture_output=True, timeout=timeout, cwd=HERE)
+    except subprocess.TimeoutExpired:
+        if hang is None:
+            raise
+        pytest.fail(hang)
+    if check:
+        assert done.returncode == 0, done.stderr.decode()[-3000:]
+    return done
+
+
 # ---------------------------------------------------------------- 2. orphans, abrupt deaths
 
 
@@ -299,12 +320,8 @@ def test_stop_from_a_signal_handler_that_interrupted_a_log_write_keeps_its_deadl
         method: str, no_leaks: set[int], tmp_path: Path) -> None:
     # The handler interrupts the main thread inside the file handler's emit (its lock held);
     # the monitor needs that lock for its own lines: stop() used to wait for it forever.
-    try:
-        done = subprocess.run([sys.executable, str(SCRIPT), "stop-in-handler", method,
-                               str(tmp_path)], capture_output=True, timeout=60, cwd=HERE)
-    except subprocess.TimeoutExpired:
-        pytest.fail("stop(timeout=1) from the SIGTERM handler did not return within 60 s")
-    assert done.returncode == 0, done.stderr.decode()
+    done = run_mode("stop-in-handler", method, tmp_path, timeout=60,
+                    hang="stop(timeout=1) from the SIGTERM handler did not return within 60 s")
     # stop(timeout=1): at most the deadline and two margins of 2 s, generously bounded here.
     assert json.loads(done.stdout)["stop_took"] < 20
 
@@ -314,9 +331,7 @@ def test_a_fork_child_starts_a_forkserver_pool_of_its_own(no_leaks: set[int],
                                                           tmp_path: Path) -> None:
     # The parent's forkserver is not the child's child: multiprocessing's waitpid on it failed
     # every start (ChildProcessError), and the child's pool gave up after its restart budget.
-    done = subprocess.run([sys.executable, str(SCRIPT), "fork-forkserver", "forkserver",
-                           str(tmp_path)], capture_output=True, timeout=80, cwd=HERE)
-    assert done.returncode == 0, done.stderr.decode()
+    done = run_mode("fork-forkserver", "forkserver", tmp_path, timeout=80)
     assert json.loads(done.stdout) == {"child": 5, "child_exit": 0, "parent": 6}
 
 
@@ -325,9 +340,7 @@ def test_a_fork_worker_is_born_with_every_signal_blocked(no_leaks: set[int],
                                                           tmp_path: Path) -> None:
     # Until its bootstrap has reset the handlers it inherited, a signal would run one of the
     # program's handlers in the worker (a stop right after a restart did, 10 of 20 runs).
-    done = subprocess.run([sys.executable, str(SCRIPT), "fork-mask", "fork", str(tmp_path)],
-                          capture_output=True, timeout=50, cwd=HERE)
-    assert done.returncode == 0, done.stderr.decode()
+    done = run_mode("fork-mask", "fork", tmp_path, timeout=50)
     out = json.loads(done.stdout)
     assert len(out["workers"]) == 3  # two, and the replacement of the killed one
     wanted = {int(signal.SIGTERM), int(signal.SIGINT), int(signal.SIGHUP), int(signal.SIGUSR1)}
@@ -454,9 +467,7 @@ def test_compat_restart_timeout_restarts_at_once_and_throttles_loops(no_leaks: s
 @pytest.mark.timeout(60)
 def test_compat_prints_ducks_lines_when_logging_is_not_configured(no_leaks: set[int],
                                                                  tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, str(SCRIPT), "logs", "fork", str(tmp_path)],
-                          capture_output=True, timeout=50, cwd=HERE)
-    assert done.returncode == 0, done.stderr.decode()
+    done = run_mode("logs", "fork", tmp_path, timeout=50)
     victim = json.loads(done.stdout)["victim"]
     err = done.stderr.decode()
     assert f"Detected unhealthy/dead worker (duck-worker-1, pid={victim}), restarting..." in err
@@ -468,9 +479,7 @@ def test_compat_prints_ducks_lines_when_logging_is_not_configured(no_leaks: set[
 
 @pytest.mark.timeout(60)
 def test_compat_stays_out_of_a_configured_logging(no_leaks: set[int], tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, str(SCRIPT), "logs-config", "fork", str(tmp_path)],
-                          capture_output=True, timeout=50, cwd=HERE)
-    assert done.returncode == 0, done.stderr.decode()
+    done = run_mode("logs-config", "fork", tmp_path, timeout=50)
     err = done.stderr.decode()
     lines = err.splitlines()
     detected = [ln for ln in lines if "Detected unhealthy/dead worker" in ln]
@@ -486,8 +495,7 @@ def test_enable_logs_false_stays_silent_when_the_pool_is_stopped_at_exit(
     # The program exits without stop(); corral's exit handler stops the pool and SIGKILLs the
     # workers that ignore SIGTERM. weakref's exit hook used to remove the manager's log filter
     # first, and those lines reached stderr through logging's last resort.
-    done = subprocess.run([sys.executable, str(SCRIPT), "quiet-exit", method, str(tmp_path),
-                           "2"], capture_output=True, timeout=80, cwd=HERE)
+    done = run_mode("quiet-exit", method, tmp_path, "2", timeout=80, check=False)
     out = json.loads(done.stdout)
     no_leaks.update(out["workers"])
     assert done.returncode == 0, done.stderr.decode()
@@ -501,13 +509,9 @@ def test_a_hung_health_check_does_not_hold_up_the_exit(no_leaks: set[int],
                                                        tmp_path: Path) -> None:
     # The check sleeps 600 s. A ThreadPoolExecutor's threads are joined at interpreter exit
     # (before atexit handlers), so the program used to live until the check returned.
-    try:
-        done = subprocess.run([sys.executable, str(SCRIPT), "hung-check-exit", "fork",
-                               str(tmp_path)], capture_output=True, timeout=60, cwd=HERE)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the program did not exit within 60 s of its start: its exit waited "
-                    "for the hung health check")
-    assert done.returncode == 0, done.stderr.decode()
+    done = run_mode("hung-check-exit", "fork", tmp_path, timeout=60,
+                    hang="the program did not exit within 60 s of its start: its exit waited "
+                         "for the hung health check")
     out = json.loads(done.stdout)
     assert out["workers"] == []
 
@@ -517,13 +521,9 @@ def test_a_thread_logging_under_a_fork_safe_lock_never_stalls_restarts(
         no_leaks: set[int], tmp_path: Path) -> None:
     # The program's lock is taken by an at-fork hook; a thread holding it logs through a corral
     # logger while a fork waits for that lock. Both used to wait for each other for good.
-    try:
-        done = subprocess.run([sys.executable, str(SCRIPT), "atfork-lock", "fork",
-                               str(tmp_path)], capture_output=True, timeout=60, cwd=HERE)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the pool's restarts stalled (a fork and a log record waited for each "
-                    "other)")
-    assert done.returncode == 0, done.stderr.decode()
+    done = run_mode("atfork-lock", "fork", tmp_path, timeout=60,
+                    hang="the pool's restarts stalled (a fork and a log record waited for "
+                         "each other)")
     assert json.loads(done.stdout)["restarts"] >= 10
 
 
@@ -566,8 +566,7 @@ def test_a_replacement_is_never_forked_inside_a_log_write(no_leaks: set[int],
     # exactly when it forks the replacement; a fork inside that write left the new worker
     # stuck on its first print, holding a heartbeat-less request loop (half of 20 kills).
     # Fork only: spawn and forkserver children do not inherit the supervisor's locks.
-    done = subprocess.run([sys.executable, str(SCRIPT), "locked-console", "fork",
-                           str(tmp_path), "20"], capture_output=True, timeout=110, cwd=HERE)
+    done = run_mode("locked-console", "fork", tmp_path, "20", timeout=110, check=False)
     out = done.stdout.decode().strip().splitlines()
     result = json.loads(out[-1]) if out and out[-1].startswith("{") else {}
     no_leaks.update(result.get("workers", []))
@@ -584,8 +583,7 @@ def test_the_monitor_survives_running_out_of_fds_as_a_worker_dies(
         method: str, no_leaks: set[int], tmp_path: Path) -> None:
     # The exit's log record was formatted through a module imported at that moment: with no
     # fd free the import failed and the monitor thread died (the pool silently gone).
-    done = subprocess.run([sys.executable, str(SCRIPT), "emfile", method, str(tmp_path)],
-                          capture_output=True, timeout=80, cwd=HERE)
+    done = run_mode("emfile", method, tmp_path, timeout=80, check=False)
     out = done.stdout.decode().strip().splitlines()
     result = json.loads(out[-1]) if out and out[-1].startswith("{") else {}
     no_leaks.update(result.get("workers", []))
