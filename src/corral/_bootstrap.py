@@ -20,10 +20,11 @@ import resource
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from corral import heartbeat
+from corral._keeper import claim_slot
 from corral.process import DUMP_NAME, close_internal_fds, take_stdin
 
 _PR_SET_PDEATHSIG = 1
@@ -72,6 +73,15 @@ class BootConfig:
     stdio: tuple[str | None, str | None] | None = None
     # Where and as whom the target runs (PoolSpec env/cwd/umask/user/group), or None.
     settings: WorkerSettings | None = None
+    # Spawn and forkserver: the keeper's slot reserved for this process and the table's path
+    # (a fork child claims its slot in corral's after-fork, through the shared mapping).
+    keeper_slot: int = 0
+    keeper_table: str | None = None
+
+
+def with_keeper_slot(config: BootConfig, slot: int, table: str) -> BootConfig:
+    """``config`` for a spawn or forkserver child that claims keeper slot ``slot`` itself."""
+    return replace(config, keeper_slot=slot, keeper_table=table)
 
 
 @dataclass(frozen=True)
@@ -232,6 +242,19 @@ def _kill_own_group() -> None:
         os.killpg(os.getpgid(0), signal.SIGKILL)
     finally:
         os._exit(1)
+
+
+def _supervisor_gone() -> bool:
+    """Whether multiprocessing's sentinel of the supervisor (a pipe only it writes to) is at
+    its end: the supervisor is gone, however it ended."""
+    parent = multiprocessing.parent_process()
+    sentinel = getattr(parent, "sentinel", None) if parent is not None else None
+    if sentinel is None:
+        return False
+    try:
+        return bool(multiprocessing.connection.wait([sentinel], 0))
+    except (OSError, ValueError):
+        return False
 
 
 def _watch_parent() -> None:
@@ -464,6 +487,11 @@ def _prepare(config: BootConfig, gifts: _TemplateGifts | None = None) -> tuple[b
         os.setpgid(0, 0)
     except OSError:
         pass  # already a group leader (the supervisor set it first)
+    if config.keeper_slot > 0 and config.keeper_table is not None:
+        # Before anything can be started in the group, and before the checks below: a
+        # supervisor that dies after them (before it has registered us) leaves this group to
+        # the keeper.
+        claim_slot(config.keeper_table, config.keeper_slot)
     _reset_signals(config.reset_signals, handlers_reset=gifts is not None)
     parent = os.getppid()
     if config.forkserver:
@@ -471,8 +499,10 @@ def _prepare(config: BootConfig, gifts: _TemplateGifts | None = None) -> tuple[b
     else:
         parent = config.supervisor_pid
     armed = _set_pdeathsig(signal.SIGKILL)
-    # If our parent died before prctl, no signal will come: check by hand.
-    if os.getppid() != parent or parent == 1:
+    # If our parent died before prctl, no signal will come: check by hand. The forkserver's
+    # child checks the supervisor too: the forkserver can outlive it for a moment, and the
+    # watch thread (which would kill this group) is not running yet.
+    if os.getppid() != parent or parent == 1 or (config.forkserver and _supervisor_gone()):
         _kill_own_group()
     dump_fd = -1
     if gifts is not None:

@@ -35,7 +35,7 @@ import threading
 
 from corral.heartbeat import UNTRACKED
 
-__all__ = ["KEEPER_TITLE", "keeper"]
+__all__ = ["KEEPER_TITLE", "claim_slot", "keeper"]
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,14 @@ class _Keeper:
                     out.append(0)
         return out
 
+    def table_path(self) -> str | None:
+        """Where a spawn or forkserver child opens the table to claim its slot
+        (:func:`claim_slot`): the keeper's stdin, through /proc. None if it is not running."""
+        proc = self._proc
+        if proc is None or self._table is None or self._pid != os.getpid():
+            return None
+        return f"/proc/{proc.pid}/fd/0"
+
     def claim(self, slot: int) -> None:
         """In the forked child, first thing: its group (its pid: it leads its own) into the
         slot its parent reserved. One store into the shared table, no lock (the parent does
@@ -256,6 +264,23 @@ class _Keeper:
         self._slots, self._free, self._next = {}, [], 1
         self._lock = threading.Lock()  # another thread may have held it at the fork
         self._pid = os.getpid()
+
+
+def claim_slot(path: str, slot: int) -> None:
+    """In a spawn or forkserver child, first thing: its group (its pid: it leads its own) into
+    the slot its supervisor reserved, through the table's path (:meth:`_Keeper.table_path`);
+    the child does not share the supervisor's mapping. A table that cannot be opened (the
+    keeper is gone) is skipped: the supervisor registers the group all the same."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.pwrite(fd, os.getpid().to_bytes(4, sys.byteorder, signed=True), 4 * slot)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 keeper = _Keeper()

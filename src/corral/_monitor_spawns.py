@@ -22,6 +22,7 @@ from corral._bootstrap import (
     run_standby,
     run_worker,
     signals_to_reset,
+    with_keeper_slot,
 )
 from corral._command import CommandProcess
 from corral._eventlog import event_extra
@@ -85,14 +86,17 @@ class SpawnPart(_SpawnCore):
 
     def _start_worker(self, req: SpawnRequest) -> ProcessLike:
         spec = self.spec
-        assert req.boot is not None  # only a standby's handover has none, and is no start
+        boot = req.boot
+        assert boot is not None  # only a standby's handover has none, and is no start
         if req.standby is not None:
             ours, theirs = multiprocessing.Pipe(duplex=True)
             own_fd(ours.fileno())
             try:
+                rest = (spec.target, theirs, spec.standby_init)
                 proc = WorkerProcess.start(
-                    self._ctx, run_standby, (req.boot, spec.target, theirs, spec.standby_init),
-                    req.boot.name, spec.daemon, settle=False)
+                    self._ctx, run_standby, (boot, *rest), boot.name, spec.daemon,
+                    settle=False, slot_args=lambda slot, path: (
+                        with_keeper_slot(boot, slot, path), *rest))
             except BaseException:
                 ours.close()
                 raise
@@ -109,8 +113,10 @@ class SpawnPart(_SpawnCore):
                 if req.launch is not None:
                     req.launch.close_child_ends()  # the child has its copies now
         # Settled by the spawner once its batch is forked (see Spawner).
-        return WorkerProcess.start(self._ctx, run_worker, (req.boot, spec.target, req.args),
-                                   req.boot.name, spec.daemon, settle=False)
+        return WorkerProcess.start(
+            self._ctx, run_worker, (boot, spec.target, req.args), boot.name, spec.daemon,
+            settle=False, slot_args=lambda slot, path: (
+                with_keeper_slot(boot, slot, path), spec.target, req.args))
 
     def _launch_io(self, w: WorkerSlot,
                    ) -> tuple[Launch | None, tuple[str | None, str | None] | None]:

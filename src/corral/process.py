@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.context import BaseContext
 from typing import Any, Protocol
 
@@ -478,14 +478,31 @@ class WorkerProcess(GroupSignals):
 
     @classmethod
     def start(cls, ctx: BaseContext, target: Any, args: tuple[Any, ...], name: str,
-              daemon: bool, *, settle: bool = True) -> WorkerProcess:
+              daemon: bool, *, settle: bool = True,
+              slot_args: Callable[[int, str], tuple[Any, ...]] | None = None,
+              ) -> WorkerProcess:
         """Start ``target(*args)`` in a new process; ``settle=False`` leaves :meth:`settle` to
-        the caller (a spawner that forks a batch first)."""
-        proc = ctx.Process(target=target, args=args, name=name, daemon=daemon)  # type: ignore[attr-defined]
+        the caller (a spawner that forks a batch first).
+
+        Args:
+            slot_args: under spawn and forkserver, ``args`` rebuilt to carry the keeper slot
+                reserved for the child and the table's path, so that the child claims the
+                slot itself before it can start anything (a fork child claims it in corral's
+                after-fork): a supervisor killed before :meth:`_Keeper.adopt` still has the
+                child's group killed.
+        """
         python_child = ctx.get_start_method() == "fork"
-        slot = keeper.reserve()[0] if python_child else 0
+        slot = 0
+        if python_child:
+            slot = keeper.reserve()[0]
+        elif slot_args is not None:
+            slot = keeper.reserve()[0]
+            path = keeper.table_path() if slot else None
+            if path is not None:
+                args = slot_args(slot, path)
+        proc = ctx.Process(target=target, args=args, name=name, daemon=daemon)  # type: ignore[attr-defined]
         try:
-            with forking(python_child, slot):
+            with forking(python_child, slot if python_child else 0):
                 proc.start()
         except BaseException:
             keeper.release(slot)

@@ -176,6 +176,24 @@ def main() -> None:
                                 args=lambda i: (str(flagdir),), start_method=method)
         sup.start()
         threading.Event().wait()  # until worker 1 kills this process
+    elif mode == "slow-adopt":
+        # The supervisor's thread held up between a worker's start and its registration with
+        # the keeper, as a busy thread of the program's holding the GIL would hold it up: a
+        # delay in adopt() makes that window certain. The worker kills us within it.
+        from corral._keeper import keeper
+
+        adopt = keeper.adopt
+
+        def slow_adopt(slot: int, pgid: int) -> None:
+            time.sleep(5)
+            adopt(slot, pgid)
+
+        keeper.adopt = slow_adopt  # type: ignore[method-assign]
+        supervisor = os.getpid()
+        sup = corral.Supervisor(hw.kills_its_supervisor_holding_the_gil, workers=1,
+                                args=lambda i: (str(flagdir), supervisor), start_method=method)
+        sup.start()
+        threading.Event().wait()  # until the worker kills this process
     elif mode == "quiet-exit":
         manager = corral.WorkerProcessManager(hw.ignores_sigterm_duck, n, start_method=method,
                                               enable_logs=False, process_stop_timeout=0.5)

@@ -57,6 +57,17 @@ def kills_its_supervisor_at_once(index: int, flagdir: str) -> None:
     _forever()
 
 
+def kills_its_supervisor_holding_the_gil(index: int, flagdir: str, supervisor: int) -> None:
+    """Start a grandchild in our group, report it, SIGKILL the supervisor, then run native code
+    that holds the GIL: our watch thread (which kills the group when the supervisor dies)
+    cannot run, and the parent-death signal ends this worker alone."""
+    child = subprocess.Popen(["sleep", "600"])
+    _write(Path(flagdir) / f"gc-{index}-{os.getpid()}", f"{child.pid} {os.getpid()}")
+    os.kill(supervisor, signal.SIGKILL)
+    sum(range(10**10))
+    _forever()
+
+
 def duck_with_sleep_child(idx: int, flagdir: str) -> None:
     """The same for WorkerProcessManager (worker_fn(idx, *args))."""
     _start_marker(idx, flagdir)

@@ -232,6 +232,29 @@ def test_a_worker_s_group_is_known_to_the_keeper_before_it_can_start_anything(
 
 @pytest.mark.parametrize("method", START_METHODS)
 @pytest.mark.timeout(90)
+def test_a_worker_claims_its_keeper_slot_before_the_supervisor_registers_it(
+        method: str, no_leaks: set[int], tmp_path: Path) -> None:
+    # Under spawn and forkserver the supervisor registered a worker's group with the keeper
+    # only once the start had returned on its thread; a supervisor killed before then (the
+    # worker already running its target) left the worker's children behind when the worker
+    # died of its parent-death signal before its watch thread could kill its group.
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "slow-adopt", method, str(tmp_path)],
+                            cwd=HERE)
+    try:
+        assert proc.wait(60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    files = list(tmp_path.glob("gc-0-*[0-9]"))
+    assert len(files) == 1, files
+    grandchild, worker = (int(x) for x in files[0].read_text().split())
+    no_leaks.update([grandchild, worker])
+    wait_gone([worker, grandchild], 5, "the worker and its grandchild")
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.timeout(90)
 def test_task_children_die_with_a_sigkilled_pool_host(method: str, no_leaks: set[int],
                                                       tmp_path: Path) -> None:
     proc, info = run_script("pool-wait", method, tmp_path, no_leaks, n=2)

@@ -22,7 +22,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from corral._bootstrap import run_worker
+from corral._bootstrap import run_worker, with_keeper_slot
 from corral._fdlimit import ensure_fd_room
 from corral._keeper import keeper
 from corral._reactor import Reactor
@@ -60,9 +60,10 @@ class ProcessStarter:
         # so it is never closed twice there).
         own_fd(ours.fileno())
         try:
-            proc = WorkerProcess.start(self._ctx, run_worker,
-                                       (req.boot, _worker.main, (theirs, *self._args)),
-                                       req.boot.name, False)
+            rest = (_worker.main, (theirs, *self._args))
+            proc = WorkerProcess.start(
+                self._ctx, run_worker, (req.boot, *rest), req.boot.name, False,
+                slot_args=lambda slot, path: (with_keeper_slot(req.boot, slot, path), *rest))
         except BaseException:
             disown_fd(ours.fileno())
             ours.close()
