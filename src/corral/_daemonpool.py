@@ -15,7 +15,12 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
-__all__ = ["DaemonExecutor"]
+__all__ = ["DaemonExecutor", "NoThread"]
+
+
+class NoThread(RuntimeError):
+    """A call that no thread can run: none could be started (a limit on threads or processes,
+    such as a full pids cgroup) and none is running to take it later."""
 
 T = TypeVar("T")
 
@@ -82,14 +87,22 @@ class DaemonExecutor(Executor):
             if self._closed:
                 raise RuntimeError("cannot schedule new calls after shutdown")
             future: Future[T] = Future()
-            self._items.put((future, fn, args, kwargs))
             # A thread that finished a call and waits for the next takes it; else a new one.
             if not self._idle.acquire(blocking=False) and len(self._threads) < self._max:
                 thread = threading.Thread(target=_work, args=(self._items, self._idle),
                                           name=f"{self._prefix}_{len(self._threads)}",
                                           daemon=True)
-                thread.start()
-                self._threads.append(thread)
+                try:
+                    thread.start()
+                except RuntimeError as exc:  # "can't start new thread": EAGAIN from clone
+                    if not self._threads:  # nobody to take it later: the call fails now
+                        future.set_exception(NoThread(
+                            f"no thread could be started for the call ({exc}): a limit on "
+                            "threads or processes (RLIMIT_NPROC, a pids cgroup) is reached"))
+                        return future
+                else:
+                    self._threads.append(thread)
+            self._items.put((future, fn, args, kwargs))
             return future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:

@@ -220,6 +220,7 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
         self._needs_ready_scan = spec.ready_when != "started"
         self._health = HealthRunner(spec.name, lambda: len(self._slots) + 1)
         self._memory_pending = False
+        self._no_thread_logged = False  # a check could not run for want of a thread
         self.gave_up: GaveUp | None = None
         self.finished = threading.Event()
         self._standby_init()

@@ -20,6 +20,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from corral._daemonpool import NoThread
 from corral._eventlog import event_extra
 from corral._evidence import STEP, StackDump
 from corral._health import HealthRunner, over_max_memory
@@ -70,6 +71,7 @@ if TYPE_CHECKING:
         _hbt: float
         _needs_ready_scan: bool
         _memory_pending: bool
+        _no_thread_logged: bool
         _budget: BudgetWindow
         stats: PoolStats
         _stopping: bool
@@ -264,7 +266,11 @@ class WatchPart(_Core):
         self._dl.cancel((index, Deadline.HEALTH_TIMEOUT))
         now = self._clock()
         error = future.exception()
-        if error is None and future.result() is True:
+        if isinstance(error, NoThread):
+            # The check did not run: no failure of the worker's, and not a reason to stop.
+            self._no_thread(f"health check of {w.who} skipped", error)
+        elif error is None and future.result() is True:
+            self._thread_ok()
             w.health_failures, w.health_last = 0, "ok"
         elif error is not None:
             self._health_failed(w, f"health check raised {type(error).__name__}: {error}", now)
@@ -273,6 +279,19 @@ class WatchPart(_Core):
         if w.state is S.RUNNING:
             self._dl.set((index, Deadline.HEALTH),
                                        now + self.spec.health_check_interval)
+
+    def _no_thread(self, what: str, error: BaseException) -> None:
+        """Once until a call runs again: say that a check could not run."""
+        if not self._no_thread_logged:
+            self._no_thread_logged = True
+            self.log.warning("pool %r: %s: %s; checks are retried at their interval",
+                             self.spec.name, what, error)
+
+    def _thread_ok(self) -> None:
+        if self._no_thread_logged:
+            self._no_thread_logged = False
+            self.log.info("pool %r: threads for checks can be started again",
+                             self.spec.name)
 
     def _health_failed(self, w: WorkerSlot, why: str, now: float) -> None:
         self._dl.cancel((w.index, Deadline.HEALTH_TIMEOUT))
@@ -321,8 +340,12 @@ class WatchPart(_Core):
     def _memory_result(self, future: Future[list[tuple[int, int, int]]]) -> None:
         self._memory_pending = False
         limit = self.spec.max_memory
-        if future.exception() is not None or limit is None:
+        error = future.exception()
+        if isinstance(error, NoThread):
+            self._no_thread("memory reading skipped", error)
+        if error is not None or limit is None:
             return
+        self._thread_ok()
         now = self._clock()
         for index, generation, rss in future.result():
             w = self._slots.get(index)

@@ -24,6 +24,9 @@ Modes:
                 configured, as in a program that never set it up); then the fds are freed:
                 the pool must be alive and restart the worker. Prints {"ok", "ping",
                 "workers"}.
+  pids-full     (inside a pids cgroup) a Supervisor with health checks and memory readings
+                whose worker 0 takes every pid: no thread can be started for a while; the pool
+                must live on. Prints {"ping_full", "ping", "restarts", "checked_1"}.
   quiet-exit    WorkerProcessManager(enable_logs=False) of N workers that ignore SIGTERM;
                 prints their pids, then exits without stop(): the stop at exit (SIGKILL after
                 the grace) must stay as silent as an explicit stop().
@@ -194,6 +197,29 @@ def main() -> None:
                                 args=lambda i: (str(flagdir), supervisor), start_method=method)
         sup.start()
         threading.Event().wait()  # until the worker kills this process
+    elif mode == "pids-full":
+        # Run inside a pids cgroup: worker 0 takes every pid left, so no thread can start.
+        checks: list[int] = []
+
+        def check(process: object, index: int) -> bool:
+            checks.append(index)
+            return True
+
+        sup = corral.Supervisor(hw.takes_every_pid, workers=2, start_method=method,
+                                args=lambda i: (str(flagdir),), health_check=check,
+                                health_check_interval=0.3, health_check_timeout=2,
+                                max_memory=2**40, memory_check_interval=0.3)
+        sup.start()
+        _wait_files(flagdir, "full-", 1)
+        time.sleep(1.5)  # checks due while the pids are taken (the condition is the limit)
+        ping_full = sup.ping()
+        deadline = time.monotonic() + 30
+        while 1 not in checks and time.monotonic() < deadline:  # once pids are free again
+            time.sleep(0.05)
+        status = {st.index: st.restarts for st in sup.status(timeout=10)}
+        print(json.dumps({"ping_full": ping_full, "ping": sup.ping(), "restarts": status,
+                          "checked_1": 1 in checks}), flush=True)
+        sup.stop(timeout=5)
     elif mode == "quiet-exit":
         manager = corral.WorkerProcessManager(hw.ignores_sigterm_duck, n, start_method=method,
                                               enable_logs=False, process_stop_timeout=0.5)

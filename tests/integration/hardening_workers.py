@@ -68,6 +68,25 @@ def kills_its_supervisor_holding_the_gil(index: int, flagdir: str, supervisor: i
     _forever()
 
 
+def takes_every_pid(index: int, flagdir: str) -> None:
+    """Worker 0 forks until the pids limit refuses (its children hold their pids 3 s), reports
+    it, then ends (a restart once the pids are free); the others beat."""
+    if index == 0:
+        n = 0
+        with contextlib.suppress(OSError):
+            while True:
+                if os.fork() == 0:
+                    time.sleep(3)
+                    os._exit(0)
+                n += 1
+        _write(Path(flagdir) / f"full-{os.getpid()}", str(n))
+        time.sleep(3)
+        sys.exit(0)
+    while True:
+        corral.beat()
+        time.sleep(0.1)
+
+
 def duck_with_sleep_child(idx: int, flagdir: str) -> None:
     """The same for WorkerProcessManager (worker_fn(idx, *args))."""
     _start_marker(idx, flagdir)

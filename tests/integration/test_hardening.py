@@ -597,6 +597,44 @@ def test_a_replacement_is_never_forked_inside_a_log_write(no_leaks: set[int],
     assert result["stuck"] == [], result
 
 
+# ------------------------------------------------------------------- pids and threads run out
+
+PIDS_CGROUPS = Path("/sys/fs/cgroup/pids")
+
+
+@pytest.mark.skipif(not (PIDS_CGROUPS.is_dir() and os.access(PIDS_CGROUPS, os.W_OK)),
+                    reason="needs a writable cgroup v1 pids hierarchy (root)")
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.timeout(120)
+def test_the_monitor_survives_when_no_thread_can_be_started(
+        method: str, no_leaks: set[int], tmp_path: Path) -> None:
+    # A health check or memory reading runs on a thread started on demand; with every pid of
+    # the program's cgroup taken (a worker forking away), starting it raised on the monitor
+    # thread, which then stopped every worker: the pool was gone.
+    group = PIDS_CGROUPS / f"corral-test-{os.getpid()}-{method}"
+    group.mkdir()
+    try:
+        (group / "pids.max").write_text("40")
+        done = subprocess.run(
+            ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(group),
+             sys.executable, str(SCRIPT), "pids-full", method, str(tmp_path)],
+            capture_output=True, timeout=100, cwd=HERE)
+    finally:
+        for line in (group / "cgroup.procs").read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(line), signal.SIGKILL)
+        wait_for(lambda: not (group / "cgroup.procs").read_text().strip(), 10,
+                 "the test cgroup to empty")
+        group.rmdir()
+    err = done.stderr.decode()
+    assert done.returncode == 0, err[-3000:]
+    out = json.loads(done.stdout)
+    assert "the monitor thread failed" not in err
+    assert "no thread could be started" in err
+    assert out["ping_full"] and out["ping"], out
+    assert out["restarts"]["1"] == 0 and out["checked_1"], out  # the healthy worker untouched
+
+
 # --------------------------------------------------------------------------------- 8. fds
 
 
