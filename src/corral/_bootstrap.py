@@ -498,12 +498,21 @@ def _prepare(config: BootConfig, gifts: _TemplateGifts | None = None) -> tuple[b
         _release_forkserver()
     else:
         parent = config.supervisor_pid
-    armed = _set_pdeathsig(signal.SIGKILL)
-    # If our parent died before prctl, no signal will come: check by hand. The forkserver's
-    # child checks the supervisor too: the forkserver can outlive it for a moment, and the
-    # watch thread (which would kill this group) is not running yet.
-    if os.getppid() != parent or parent == 1 or (config.forkserver and _supervisor_gone()):
-        _kill_own_group()
+    if config.forkserver and config.keeper_slot > 0:
+        # Our parent is multiprocessing's forkserver, which a failed start can end (CPython's
+        # server dies of a request cut short, or of its own failed fork): a parent-death signal
+        # against it would take every healthy worker down with it. The supervisor's death is
+        # covered without it: the keeper kills this group (claimed above), and so does the
+        # watch thread. The supervisor is checked here, since the forkserver may outlive it
+        # for a moment and the watch thread is not running yet.
+        armed = False
+        if _supervisor_gone():
+            _kill_own_group()
+    else:
+        armed = _set_pdeathsig(signal.SIGKILL)
+        # If our parent died before prctl, no signal will come: check by hand.
+        if os.getppid() != parent or parent == 1 or (config.forkserver and _supervisor_gone()):
+            _kill_own_group()
     dump_fd = -1
     if gifts is not None:
         if config.dump_signal is not None:

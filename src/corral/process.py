@@ -425,6 +425,11 @@ def _release_fds(owner: int, pidfd: int, mp_fds: tuple[int, ...]) -> None:
             os.close(pidfd)
 
 
+# Seconds the monitor waits for the forkserver to report the status of a process whose
+# pidfd said it exited (the forkserver reaps it at once; this only bounds a stopped one).
+FORKSERVER_STATUS_WAIT = 0.2
+
+
 class WorkerProcess(GroupSignals):
     """One process of one worker. Created and started by the spawner thread."""
 
@@ -514,13 +519,15 @@ class WorkerProcess(GroupSignals):
         return cls(proc, ctx.get_start_method(), settle=settle)
 
     def waitable(self) -> int:
-        """What becomes ready when the process has exited.
+        """What becomes ready when the process has exited: its pidfd.
 
-        A pidfd for our own children (the multiprocessing sentinel is a pipe that grandchildren
-        may inherit, so it can stay open after the worker died); the sentinel under forkserver,
-        where it carries the exit status from the forkserver.
+        Not multiprocessing's sentinel: under fork and spawn a pipe that grandchildren may
+        inherit (open after the worker died); under forkserver a pipe from the forkserver,
+        which closes when the forkserver ends (a failed start can end it) with the worker alive,
+        and says nothing while the forkserver is stopped. The sentinel only if no pidfd could
+        be had.
         """
-        if self.start_method == "forkserver" or self._pidfd < 0:
+        if self._pidfd < 0:
             return self.process.sentinel
         return self._pidfd
 
@@ -560,12 +567,44 @@ class WorkerProcess(GroupSignals):
                                            core_dumped=result.si_code == os.CLD_DUMPED)
                 popen.returncode = self.exit.returncode  # keep Process.exitcode/is_alive right
         else:
-            code = self.process.exitcode  # forkserver: read from the sentinel
-            if code is None:
+            status = self._forkserver_status()
+            if status is None:
                 return None
-            self.exit = ExitStatus.from_returncode(code)
+            self.exit = status
         keeper.unregister(self.pid)  # reaped: its group id may be reused from now on
         return self.exit
+
+    def _forkserver_status(self) -> ExitStatus | None:
+        """The status the forkserver (the parent) sends once it has reaped the process; None
+        while it runs. The forkserver reaps at once; one that has ended, or is stopped for
+        longer than :data:`FORKSERVER_STATUS_WAIT`, never sends it: the status is unknown."""
+        popen = getattr(self.process, "_popen", None)
+        if popen is None:
+            return None
+        if popen.returncode is not None:
+            return ExitStatus.from_returncode(popen.returncode)
+        exited = self._pidfd >= 0 and bool(select.select([self._pidfd], [], [], 0)[0])
+        if self._pidfd >= 0 and not exited:
+            return None
+        wait = FORKSERVER_STATUS_WAIT if exited else 0
+        try:
+            ready = multiprocessing.connection.wait([popen.sentinel], wait)
+        except (OSError, ValueError):
+            ready = []
+        if ready:
+            from multiprocessing import forkserver
+
+            try:
+                popen.returncode = forkserver.read_signed(popen.sentinel)
+            except (EOFError, OSError):
+                pass
+            else:
+                return ExitStatus.from_returncode(popen.returncode)
+        elif not exited:
+            return None
+        return ExitStatus.unknown_status(
+            "not reported by multiprocessing's forkserver, its parent (it ended, or is "
+            "stopped)")
 
     def close(self) -> None:
         """Release the pidfd and multiprocessing's pipes (only after reaping)."""

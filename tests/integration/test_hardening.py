@@ -597,6 +597,63 @@ def test_a_replacement_is_never_forked_inside_a_log_write(no_leaks: set[int],
     assert result["stuck"] == [], result
 
 
+# ----------------------------------------------------------------- the forkserver's own fate
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.timeout(90)
+def test_healthy_forkserver_workers_outlive_the_forkserver(no_leaks: set[int]) -> None:
+    # A failed start can end multiprocessing's forkserver (a request cut short by EMFILE, its
+    # own fork failing with EAGAIN); the workers' parent-death signal was tied to it, so every
+    # healthy worker died with it, each recorded as "exit code 255".
+    with pool(no_leaks, workers.sleeper, workers=3, start_method="forkserver") as (sup, log):
+        assert sup.wait_ready(timeout=30) == 3
+        before = {s.index: s.pid for s in sup.status()}
+        server = _ppid(before[0])
+        no_leaks.add(server)
+        os.kill(server, signal.SIGKILL)
+        wait_gone([server], 10, "the forkserver")
+        # A death after it: seen through the pidfd (no forkserver to report its status), and
+        # replaced by a new forkserver's child.
+        os.kill(before[0], signal.SIGKILL)
+        wait_for(lambda: status_of(sup, 0).pid not in (None, before[0])
+                 and status_of(sup, 0).state is WorkerState.RUNNING, 30,
+                 "worker 0's replacement")
+        after = {s.index: s.pid for s in sup.status()}
+        assert after[1] == before[1] and after[2] == before[2], (before, after)
+        assert pid_alive(before[1]) and pid_alive(before[2])
+        assert [s.restarts for s in sup.status()] == [1, 0, 0]
+        exits = log.of(EventKind.EXITED)
+        assert [e.index for e in exits] == [0], exits
+        assert exits[0].exit is not None and exits[0].exit.exit is not None
+        assert exits[0].exit.exit.unknown  # the status went with the forkserver
+
+
+@pytest.mark.timeout(90)
+def test_a_death_is_seen_while_the_forkserver_is_stopped(no_leaks: set[int]) -> None:
+    # The exit was known only from the forkserver's report: with the forkserver stopped
+    # (SIGSTOP), a dead worker stayed "running" and was never replaced.
+    with pool(no_leaks, workers.sleeper, workers=2, start_method="forkserver") as (sup, log):
+        assert sup.wait_ready(timeout=30) == 2
+        victim = status_of(sup, 0).pid
+        assert victim is not None
+        server = _ppid(victim)
+        os.kill(server, signal.SIGSTOP)
+        try:
+            os.kill(victim, signal.SIGKILL)
+            log.wait(lambda evs: any(e.kind is EventKind.EXITED for e in evs), 15,
+                     "worker 0's exit while the forkserver is stopped")
+        finally:
+            os.kill(server, signal.SIGCONT)
+        exit_ = log.of(EventKind.EXITED)[0].exit
+        assert exit_ is not None and exit_.exit is not None and exit_.exit.unknown
+        assert pid_alive(status_of(sup, 1).pid or 0)
+
+
 # ------------------------------------------------------------------- pids and threads run out
 
 PIDS_CGROUPS = Path("/sys/fs/cgroup/pids")
