@@ -148,7 +148,15 @@ class SpawnPart(_SpawnCore):
             sb, launch = handed
             self._finish_handover(w, sb, launch)
             return
-        launch, stdio = self._launch_io(w)
+        try:
+            launch, stdio = self._launch_io(w)
+        except OSError as exc:
+            # Its output pipes could not be made (out of fds): a start that failed, with
+            # backoff and the restart budget, on the next round of the loop (never here: a
+            # failure that lasts would recurse through the restart).
+            failed = SpawnRequest(w.index, w.generation, None, w.args, None)
+            self._reactor.call_soon_threadsafe(self._cb(self._spawned), failed, exc)
+            return
         if self._standbys and self._give_place(w, stdio, launch):
             return  # a hot standby took its place: no process start
         boot = BootConfig(

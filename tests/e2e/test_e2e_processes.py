@@ -244,3 +244,37 @@ def test_pid_1_in_a_container(tmp_path: Path) -> None:
                 os.kill(corral_pid, signal.SIGKILL)  # the namespace dies with its PID 1
             proc.kill()
             proc.wait(10)
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit(1)")
+def test_running_out_of_fds_for_a_restart_is_a_failed_start(corral: Any) -> None:
+    """A restart whose output pipes cannot be made (corral out of fds, here held by idle
+    control connections) is a start that failed: logged, backed off, retried. It used to end
+    the program's loop: its workers were never restarted again."""
+    import socket
+
+    limit = 64
+    c: Corral = corral("-n", "2", "--set", "backoff={initial=0.2, cap=0.5}", "--", "sleep",
+                       "1000", prefix=["prlimit", f"--nofile={limit}:{limit}"])
+    first = c.wait_running(2)
+    conns: list[socket.socket] = []
+    try:
+        def full() -> bool:
+            if len(os.listdir(f"/proc/{c.pid}/fd")) >= limit:
+                return True
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(c.socket)  # accepted (an fd of corral's) while it has room
+            conns.append(s)
+            return False
+
+        wait_for(full, 20, f"corral to hold {limit} fds", interval=0.02)
+        os.kill(first[0]["pid"], signal.SIGKILL)
+        c.wait_err("could not start a process", timeout=20)
+    finally:
+        for s in conns:
+            s.close()
+    ws = c.wait_workers(lambda ws: len(ws) == 2 and all(w["state"] == "running" and w["pid"]
+                                                         for w in ws),
+                        "worker 0 restarted once fds were free", timeout=30)
+    assert ws[0]["pid"] != first[0]["pid"] and ws[1]["pid"] == first[1]["pid"]
+    assert "loop failed" not in c.err()
