@@ -8,22 +8,23 @@
                    Kubernetes' httpGet probes do: it is the worker's own endpoint).
 ``"log:REGEX"``    a line of the worker's output matches REGEX (``re.search``).
 
-Probes run off the loop thread, on one shared daemon thread, and their result comes back with
-``call_soon_threadsafe``. Why: ``http.client`` only blocks, a connect to a loopback port whose
-accept queue is full blocks until its timeout (the SYN is dropped), and the loop interface has
-no wait-for-writable for a non-blocking connect. One thread, idle unless a worker is starting,
-each probe bounded by a short timeout, is simpler and as cheap. ``log:`` needs no probe: the
-log hub feeds :class:`LogMatcher`.
+Probes run off the loop thread, on a few shared daemon threads (one program's slow answer
+delays no other program's probe), and their result comes back with ``call_soon_threadsafe``.
+Why: a connect to a loopback port whose accept queue is full blocks until its timeout (the SYN
+is dropped), and the loop interface has no wait-for-writable for a non-blocking connect.
+Threads idle unless a worker is starting, each probe bounded by one short deadline for the
+whole of it, are simpler and as cheap. ``log:`` needs no probe: the log hub feeds
+:class:`LogMatcher`.
 """
 
 from __future__ import annotations
 
-import http.client
 import logging
 import re
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -155,30 +156,57 @@ def probe_tcp(host: str, port: int, timeout: float = 1.0) -> bool:
 
 
 def probe_http(url: str, timeout: float = 1.0) -> bool:
-    """True if ``GET url`` answers 2xx within ``timeout`` (no redirects followed)."""
+    """True if ``GET url`` answers a 2xx status within ``timeout`` in all (no redirects
+    followed).
+
+    Only the status line is read, against one deadline for the whole probe: a body that never
+    ends (an event stream) is not waited for, and a server that trickles its answer a byte at
+    a time cannot hold the probe (and the probes of other programs behind it) past it.
+    """
     parts = urlsplit(url)
     host = parts.hostname or "127.0.0.1"
-    path = parts.path or "/"
-    if parts.query:
-        path += "?" + parts.query
-    conn: http.client.HTTPConnection
-    if parts.scheme == "https":
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        conn = http.client.HTTPSConnection(host, parts.port, timeout=timeout, context=ctx)
-    else:
-        conn = http.client.HTTPConnection(host, parts.port, timeout=timeout)
+    https = parts.scheme == "https"
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    name = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        name = f"{name}:{parts.port}"
+    deadline = time.monotonic() + timeout
     try:
-        conn.request("GET", path, headers={"User-Agent": "corral-readiness",
-                                           "Connection": "close"})
-        resp = conn.getresponse()
-        resp.read(65536)
-        return 200 <= resp.status < 300
-    except (OSError, http.client.HTTPException):
+        request = (f"GET {target} HTTP/1.1\r\nHost: {name}\r\nUser-Agent: corral-readiness\r\n"
+                   "Connection: close\r\n\r\n").encode("ascii")
+        sock = socket.create_connection((host, parts.port or (443 if https else 80)),
+                                        timeout=timeout)
+    except (OSError, UnicodeError, ValueError):
+        return False
+    try:
+        if https:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            sock = ctx.wrap_socket(sock, server_hostname=host)
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        sock.sendall(request)
+        head = b""
+        while b"\r\n" not in head and len(head) < 1024:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            sock.settimeout(left)
+            chunk = sock.recv(1024)
+            if not chunk:
+                break
+            head += chunk
+        status = _STATUS_LINE.match(head.split(b"\r\n", 1)[0])
+        return status is not None and 200 <= int(status.group(1)) < 300
+    except (OSError, ValueError):
         return False
     finally:
-        conn.close()
+        sock.close()
+
+
+# "HTTP/1.1 200 OK", "HTTP/1.0 204", "HTTP/2 200"
+_STATUS_LINE = re.compile(rb"HTTP/\d(?:\.\d)? (\d{3})(?: |$)")
 
 
 class LogMatcher:
@@ -206,7 +234,8 @@ def _shared_executor() -> DaemonExecutor:
     global _executor
     with _executor_lock:
         if _executor is None:
-            _executor = DaemonExecutor(1, "corral-probe")
+            # Probes of several programs side by side: a slow answer delays no other program.
+            _executor = DaemonExecutor(8, "corral-probe")
         return _executor
 
 
@@ -214,7 +243,7 @@ class Prober:
     """Probe a ``tcp:``/``http:`` spec until it succeeds, then call ``on_ready`` (loop thread).
 
     Probes run every ``interval`` seconds, growing by half up to ``max_interval``, on the shared
-    probe thread. The startup timeout is the supervisor's business: it cancels the prober.
+    probe threads. The startup timeout is the supervisor's business: it cancels the prober.
 
     Args:
         loop: the event loop.

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -102,6 +104,65 @@ def test_probe_http(http_server: int) -> None:
     assert probe_http(f"http://127.0.0.1:{http_server}/ok")
     assert not probe_http(f"http://127.0.0.1:{http_server}/starting")
     assert not probe_http(f"http://127.0.0.1:{free_port()}/ok", timeout=0.5)
+
+
+def _one_answer(answer: Callable[[socket.socket], None]) -> tuple[int, threading.Thread]:
+    """A listener that answers its first connection with ``answer(conn)`` (real sockets)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def serve() -> None:
+        with listener:
+            conn, _ = listener.accept()
+            with conn, contextlib.suppress(OSError):
+                conn.recv(4096)
+                answer(conn)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return listener.getsockname()[1], t
+
+
+def test_probe_http_reads_the_status_line_only() -> None:
+    # An event stream: 200 at once, then a body that never ends. Reading the body (64 KiB,
+    # each read under its own timeout) held the probe, and every program's probes behind it.
+    stop = threading.Event()
+
+    def stream(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
+        while not stop.wait(0.2):
+            conn.sendall(b"data: tick\n\n")
+
+    port, t = _one_answer(stream)
+    try:
+        t0 = time.monotonic()
+        assert probe_http(f"http://127.0.0.1:{port}/events", timeout=1.0)
+        assert time.monotonic() - t0 < 5  # generous: it returns at the status line
+    finally:
+        stop.set()
+        t.join(10)
+
+
+def test_probe_http_has_one_deadline_for_the_whole_probe() -> None:
+    # A server that trickles its answer a byte at a time, each byte within the per-read
+    # timeout: the probe fails at its deadline, not when the server is done.
+    stop = threading.Event()
+
+    def trickle(conn: socket.socket) -> None:
+        for byte in b"HTTP/1.1 200 OK\r\n" * 100:
+            if stop.wait(0.3):
+                return
+            conn.sendall(bytes([byte]))
+
+    port, t = _one_answer(trickle)
+    try:
+        t0 = time.monotonic()
+        assert not probe_http(f"http://127.0.0.1:{port}/", timeout=1.0)
+        assert time.monotonic() - t0 < 4  # (before: the whole status line, ~5 s)
+    finally:
+        stop.set()
+        t.join(10)
 
 
 def test_prober_waits_until_the_port_listens(loop) -> None:
