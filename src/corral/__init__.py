@@ -6,7 +6,7 @@ budget, shut everything down within one deadline, and say what happened and why.
 
 from typing import TYPE_CHECKING
 
-from corral.errors import CorralError, GaveUp, NotPicklable, SupervisorStateError
+from corral.errors import CorralError, GaveUp, NotPicklable, RestartFailed, SupervisorStateError
 from corral.events import Event, EventKind, ExitRecord, StopReason
 from corral.exitstatus import ExitStatus
 from corral.heartbeat import beat, in_worker, ready, set_status
@@ -78,6 +78,7 @@ __all__ = [
     "ProcessPool",
     "ProcessPoolExecutor",
     "RestartBudget",
+    "RestartFailed",
     "RestartPolicy",
     "StopReason",
     "Strategy",

@@ -215,6 +215,7 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
         self._group: GroupRestart | None = None
         self._rolling: deque[int] = deque()
         self._rolling_current: int | None = None
+        self._rolling_old: int | None = None  # the pid the rolling restart is replacing
         self._rolling_waiters: list[Reply] = []
         self._ready_waiters: list[tuple[int | None, Reply]] = []
         self._needs_ready_scan = spec.ready_when != "started"

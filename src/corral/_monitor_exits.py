@@ -207,8 +207,11 @@ class ExitPart(_Core):
                 self._group_maybe_restart(now)
         else:
             self._restart_per_policy(w, trigger, record, now)
-        if self._rolling_current == w.index and w.state is not S.PENDING:
-            self._rolling_advance()  # the rolling restart cannot wait for this one
+        if self._rolling_current == w.index:
+            if record.pid != self._rolling_old:
+                self._rolling_failed(w, record)  # its replacement ended before it was ready
+            elif w.state not in (S.PENDING, S.BACKOFF):
+                self._rolling_advance()  # no replacement is coming (removed, or held)
 
     def _restart_per_policy(self, w: WorkerSlot, trigger: Trigger, record: ExitRecord,
                             now: float) -> None:

@@ -30,7 +30,7 @@ from corral._reactor import DeadlineSpace, Reactor
 from corral._reply import Reply
 from corral._slots import POOL, AfterStop, Deadline, DeadlineKey, WorkerSlot
 from corral._stats import PoolStats
-from corral.errors import GaveUp, SupervisorStateError
+from corral.errors import GaveUp, RestartFailed, SupervisorStateError
 from corral.events import Event, EventKind, ExitRecord, StopReason
 from corral.heartbeat import HeartbeatTable
 from corral.policy import BackoffState, BudgetWindow, Strategy
@@ -84,6 +84,7 @@ if TYPE_CHECKING:
         _group: GroupRestart | None
         _rolling: deque[int]
         _rolling_current: int | None
+        _rolling_old: int | None
         _rolling_waiters: list[Reply]
         _ready_waiters: list[tuple[int | None, Reply]]
         _scaling_down: bool
@@ -119,6 +120,7 @@ if TYPE_CHECKING:
         def _check_ready_waiters(self) -> None: ...
         def _begin_dump(self, w: WorkerSlot, now: float) -> bool: ...
         def _rolling_advance(self) -> None: ...
+        def _rolling_failed(self, w: WorkerSlot, record: ExitRecord) -> None: ...
         def _group_maybe_restart(self, now: float) -> None: ...
         def _live_changed(self) -> None: ...
         def _stop_standbys(self) -> None: ...
@@ -559,10 +561,25 @@ class ControlPart(_Core):
             if w is None or w.state.final:
                 continue
             self._rolling_current = index
+            self._rolling_old = w.proc.pid if w.proc is not None else None
             self._restart_one(index, now)
             return
         for reply in self._rolling_waiters:
             reply.finish()
+        self._rolling_waiters.clear()
+
+    def _rolling_failed(self, w: WorkerSlot, record: ExitRecord) -> None:
+        """The rolling restart's replacement of ``w`` ended before it was ready: stop there
+        (the workers not yet restarted keep their old process) and say so to its callers."""
+        left = len(self._rolling)
+        self._rolling.clear()
+        self._rolling_current = None
+        message = (f"pool {self.spec.name!r}: rolling restart stopped: the replacement of "
+                   f"worker {w.name!r} (index {w.index}) ended before it was ready "
+                   f"({record.describe()}); {left} worker(s) not yet restarted keep running")
+        self.log.error("%s", message)
+        for reply in self._rolling_waiters:
+            reply.finish(error=RestartFailed(message))
         self._rolling_waiters.clear()
 
     def do_hold(self, reply: Reply, indexes: list[int] | None) -> None:

@@ -14,6 +14,7 @@ __all__ = [
     "GaveUp",
     "IllegalTransition",
     "NotPicklable",
+    "RestartFailed",
     "SupervisorStateError",
 ]
 
@@ -36,6 +37,11 @@ class NotPicklable(CorralError, TypeError, pickle.PicklingError):
     A ``TypeError`` (what pickle raises for most such objects) and a ``pickle.PicklingError``
     (what ``concurrent.futures`` code expects).
     """
+
+
+class RestartFailed(CorralError, RuntimeError):
+    """A rolling restart stopped: a replacement ended before it was ready. The workers not yet
+    restarted keep running their old process."""
 
 
 class GaveUp(CorralError):

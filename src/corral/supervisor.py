@@ -343,6 +343,8 @@ class Supervisor:
 
         Raises:
             TimeoutError: not finished within ``timeout`` (it carries on in the background).
+            RestartFailed: a replacement ended (or could not be started) before it was ready:
+                the restart stopped there, and the workers not yet restarted keep running.
         """
         timeout = v.timeout("timeout", timeout)
         monitor = self._require_started()

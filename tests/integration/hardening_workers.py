@@ -87,6 +87,16 @@ def takes_every_pid(index: int, flagdir: str) -> None:
         time.sleep(0.1)
 
 
+def ready_unless_broken(index: int, flagdir: str) -> None:
+    """A new deploy gone wrong: once ``flagdir/broken`` exists, a new process exits with 1
+    0.2 s after its start, never ready; before, ready at once."""
+    if (Path(flagdir) / "broken").exists():
+        time.sleep(0.2)
+        sys.exit(1)
+    corral.ready()
+    _forever()
+
+
 def duck_with_sleep_child(idx: int, flagdir: str) -> None:
     """The same for WorkerProcessManager (worker_fn(idx, *args))."""
     _start_marker(idx, flagdir)

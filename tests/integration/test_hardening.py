@@ -597,6 +597,30 @@ def test_a_replacement_is_never_forked_inside_a_log_write(no_leaks: set[int],
     assert result["stuck"] == [], result
 
 
+# ------------------------------------------------------------------------ rolling restarts
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.timeout(90)
+def test_a_rolling_restart_stops_at_a_replacement_that_never_gets_ready(
+        method: str, no_leaks: set[int], tmp_path: Path) -> None:
+    # It moved on to the next worker whenever a replacement died, so a bad deploy replaced
+    # every healthy worker with crashing ones, and restart_all() returned as if all was well.
+    with pool(no_leaks, hw.ready_unless_broken, workers=3, start_method=method,
+              ready_when="ready", args=lambda i: (str(tmp_path),),
+              backoff=corral.Backoff(initial=0.5, cap=1.0)) as (sup, _log):
+        assert sup.wait_ready(timeout=30) == 3
+        old = {s.index: s.pid for s in sup.status()}
+        (tmp_path / "broken").write_text("1")
+        with pytest.raises(corral.RestartFailed, match="ended before it was ready"):
+            sup.restart_all(timeout=30)
+        now = {s.index: s for s in sup.status()}
+        assert now[1].pid == old[1] and now[2].pid == old[2], (old, now)
+        assert now[1].ready and now[2].ready
+        (tmp_path / "broken").unlink()
+        assert sup.wait_ready(timeout=30) == 3  # worker 0 comes back once the code is fixed
+
+
 # ----------------------------------------------------------------- the forkserver's own fate
 
 
