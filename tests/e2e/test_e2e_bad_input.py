@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from conftest import CLI, Corral, toml_argv, worker
+from support import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,6 +45,9 @@ BAD_FILES = {
     "command is a string": ('[program.web]\ncommand = "sleep 1"\n',
                             ["c.toml:2: program.web.command: expected an array of argv "
                              "strings (or set shell = true"]),
+    "nested too deep": ("x = " + "[" * 3000 + "]" * 3000 + "\n",
+                        ["c.toml: (syntax): expected TOML whose arrays and tables nest a few "
+                         "hundred deep at most, got nesting too deep to read (RecursionError)"]),
     "command that does not exist": ('[program.web]\ncommand = ["no-such-program-xyz", "-v"]\n',
                                     ["program.web.command: expected a program that exists "
                                      "and is executable, got 'no-such-program-xyz' (not found "
@@ -187,3 +192,45 @@ def test_run_refuses_both_a_command_and_a_file(tmp_path: Path) -> None:
     assert r.returncode == 2 and "not both" in r.stderr
     r = _run(tmp_path, "run", "-n", "2", "-c", str(conf))
     assert r.returncode == 2 and "go with a command" in r.stderr
+
+
+EXITING_MODULE = """\
+import sys
+sys.exit("exitmod: FOO is not set")
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGHUP", "corral reload"])
+def test_a_reload_of_a_file_that_raises_anything_is_refused_and_changes_nothing(
+        corral: Any, tmp_path: Path, how: str) -> None:
+    """A reloaded file whose target module calls sys.exit() at import, then one nested too deep
+    for the TOML parser (RecursionError): both refused as bad config, corral and its workers
+    carry on untouched (they were SIGKILLed with corral before)."""
+    (tmp_path / "exitmod.py").write_text(EXITING_MODULE)
+    good = f"[program.a]\ncommand = {toml_argv(worker())}\nnumprocs = 2\n"
+    c: Corral = corral(config=good)
+    pids = {w["pid"] for w in c.wait_running(2, "a")}
+    conf = tmp_path / "c.toml"
+    bad_files = [
+        (good + '[program.b]\ntarget = "exitmod:run"\n',
+         "its import called sys.exit('exitmod: FOO is not set')"),
+        (good + "x = " + "[" * 3000 + "]" * 3000 + "\n",
+         "nesting too deep to read (RecursionError)"),
+    ]
+    for n, (text, message) in enumerate(bad_files, 1):
+        conf.write_text(text)
+        if how == "SIGHUP":
+            c.signal(signal.SIGHUP)
+            wait_for(lambda n=n: c.err().count("reload refused, nothing changed") == n, 20,
+                     "the reload refused in corral's log")
+        else:
+            r = c.cli("reload")
+            assert r.returncode == 1, (r.returncode, r.stderr)
+            assert message in r.stderr and "[bad_config]" in r.stderr, r.stderr
+        assert message in c.err()
+        assert c.proc is not None and c.proc.poll() is None, c.err()
+        assert {w["pid"] for w in c.wait_running(2, "a")} == pids
+        assert [p["name"] for p in c.status()["programs"]] == ["a"]
+    assert "corral's loop failed" not in c.err()
+    conf.write_text(good)
+    assert c.stop() == 0

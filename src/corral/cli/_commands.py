@@ -293,6 +293,13 @@ class CommandsPart(ServesPart, _Core):
         except ConfigError as exc:
             log.error("reload refused, nothing changed: %s", exc)
             raise CommandError(str(exc), "bad_config") from None
+        except (Exception, SystemExit) as exc:
+            # Whatever reading, validating or importing the file raised (not KeyboardInterrupt):
+            # the file's problem, refused like any other; corral carries on unchanged.
+            log.error("reload refused, nothing changed: %s: %s: %s", path,
+                      type(exc).__name__, exc)
+            raise CommandError(f"{path}: could not be loaded ({type(exc).__name__}: {exc})",
+                               "bad_config") from None
         try:
             # New or changed `listen` sockets are bound now (unchanged ones are kept: the same
             # queue across the program's replacement); one that cannot be refuses the reload.

@@ -548,8 +548,13 @@ class CorralRun(CommandsPart, SystemdPart):
         if signum in (signal.SIGTERM, signal.SIGINT):
             self.stop_all(signal.Signals(signum).name)
         elif signum == signal.SIGHUP:
-            with contextlib.suppress(CommandError):
+            try:
                 self._reload()
+            except CommandError:
+                pass  # refused, and already logged: nothing changed
+            except Exception:
+                # A reload never takes corral (and every worker) down with it.
+                log.exception("reload on SIGHUP failed; corral carries on")
         elif signum == signal.SIGCHLD:
             self._sweep_adopted()
 
