@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -233,4 +235,42 @@ def test_a_reload_of_a_file_that_raises_anything_is_refused_and_changes_nothing(
         assert [p["name"] for p in c.status()["programs"]] == ["a"]
     assert "corral's loop failed" not in c.err()
     conf.write_text(good)
+    assert c.stop() == 0
+
+
+def _read_frame(s: socket.socket) -> dict[str, Any] | None:
+    """One length-prefixed JSON frame from ``s``; None at EOF."""
+    buf = b""
+    while True:
+        if len(buf) >= 4:
+            (size,) = struct.unpack(">I", buf[:4])
+            if len(buf) >= 4 + size:
+                frame: dict[str, Any] = json.loads(buf[4:4 + size])
+                return frame
+        chunk = s.recv(65536)
+        if not chunk:
+            return None
+        buf += chunk
+
+
+def test_a_control_message_nested_too_deep_gets_an_error_and_corral_carries_on(
+        corral: Any) -> None:
+    """[[[...]]] 3000 deep (6 KB, well under the size limit) went past json's recursion limit
+    and the RecursionError killed corral run and every worker: now an error frame, the
+    connection closed, corral answers and its workers run on."""
+    c: Corral = corral("-n", "2", "--name", "web", "--", *worker())
+    pids = {w["pid"] for w in c.wait_running(2)}
+    body = b"[" * 3000 + b"]" * 3000
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(20)
+        s.connect(c.socket)
+        s.sendall(struct.pack(">I", len(body)) + body)
+        reply = _read_frame(s)
+        assert reply is not None, c.err()
+        assert reply["status"] == "error" and reply["error"]["code"] == "bad_request", reply
+        assert "nested too deep" in reply["error"]["message"], reply
+        assert _read_frame(s) is None  # and the connection closed
+    assert c.proc is not None and c.proc.poll() is None, c.err()
+    assert {w["pid"] for w in c.wait_running(2)} == pids
+    assert "corral's loop failed" not in c.err()
     assert c.stop() == 0
