@@ -274,3 +274,28 @@ def test_a_control_message_nested_too_deep_gets_an_error_and_corral_carries_on(
     assert {w["pid"] for w in c.wait_running(2)} == pids
     assert "corral's loop failed" not in c.err()
     assert c.stop() == 0
+
+
+def _raw_call(path: str, command: str, args: dict[str, Any]) -> dict[str, Any] | None:
+    """One request on a raw connection (no CLI in between to check the arguments)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(20)
+        s.connect(path)
+        body = json.dumps({"v": 1, "id": 1, "command": command, "args": args}).encode()
+        s.sendall(struct.pack(">I", len(body)) + body)
+        return _read_frame(s)
+
+
+def test_scale_over_the_socket_is_bounded_like_the_cli(corral: Any) -> None:
+    """A raw client's scale to 3,000,000 had corral prepare that many slots (830 MB, then
+    deaf to SIGTERM): refused with the CLI's bound, nothing changes."""
+    c: Corral = corral("-n", "1", "--name", "web", "--", *worker())
+    pids = {w["pid"] for w in c.wait_running(1)}
+    for n in (3_000_000, 4097, -1):
+        reply = _raw_call(c.socket, "scale", {"program": "web", "numprocs": n})
+        assert reply is not None and reply["status"] == "error", reply
+        assert reply["error"]["code"] == "bad_args", reply
+        assert reply["error"]["message"] == (
+            f"numprocs must be an int between 0 and 4096, got {n}"), reply
+    assert {w["pid"] for w in c.wait_running(1)} == pids
+    assert c.stop() == 0

@@ -32,13 +32,13 @@ from corral.cli._values import (
 )
 from corral.policy import Backoff, RestartBudget, RestartPolicy
 
-__all__ = ["Ctx", "check_privileges", "validate"]
+__all__ = ["MAX_NUMPROCS", "Ctx", "check_privileges", "validate"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _TARGET = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _BAD_STOP_SIGNALS = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT, signal.SIGCHLD}
-_MAX_NUMPROCS = 4096
+MAX_NUMPROCS = 4096
 
 
 class _Bad:
@@ -390,7 +390,7 @@ def _program(ctx: Ctx, name: str, t: Any, log_defaults: LogConfig) -> ProgramCon
         else:
             kw["args"] = tuple(t["args"])
     if "numprocs" in t:
-        kw["numprocs"] = _int(ctx, p("numprocs"), t["numprocs"], 0, _MAX_NUMPROCS)
+        kw["numprocs"] = _int(ctx, p("numprocs"), t["numprocs"], 0, MAX_NUMPROCS)
     if "cwd" in t:
         cwd = _str(ctx, p("cwd"), t["cwd"])
         if cwd is not BAD:
@@ -528,7 +528,7 @@ def _serve(ctx: Ctx, name: str, t: Any) -> ServeConfig | None:
             checked = [_address(ctx, p("bind"), b, unix=True) for b in binds]
             kw["bind"] = BAD if BAD in checked else tuple(checked)
     if "workers" in t:
-        kw["workers"] = _int(ctx, p("workers"), t["workers"], 1, _MAX_NUMPROCS)
+        kw["workers"] = _int(ctx, p("workers"), t["workers"], 1, MAX_NUMPROCS)
     if "interface" in t:
         if t["interface"] not in ("asgi", "wsgi", "auto"):
             kw["interface"] = ctx.error(p("interface"), "\"asgi\", \"wsgi\" or \"auto\"",
