@@ -299,3 +299,49 @@ def test_scale_over_the_socket_is_bounded_like_the_cli(corral: Any) -> None:
             f"numprocs must be an int between 0 and 4096, got {n}"), reply
     assert {w["pid"] for w in c.wait_running(1)} == pids
     assert c.stop() == 0
+
+
+def _bad_env_file(tmp_path: Path, kind: str) -> str:
+    """An env_file that is no regular file of at most 1 MiB (a FIFO nobody writes to, a
+    device that never ends, a file one byte too large)."""
+    if kind == "fifo":
+        path = tmp_path / "env.fifo"
+        os.mkfifo(path)
+        return str(path)
+    if kind == "device":
+        return "/dev/zero"
+    path = tmp_path / "big.env"
+    path.write_text("A=" + "x" * (1024 * 1024 - 3) + "\n" + "B=1\n")  # 1 MiB, and 4 bytes
+    return str(path)
+
+
+ENV_FILE_GIVEN = {"fifo": "(a FIFO)", "device": "(a character device)",
+                  "too large": f"({1024 * 1024 + 4} bytes)"}
+
+
+@pytest.mark.parametrize("kind", sorted(ENV_FILE_GIVEN))
+def test_an_env_file_that_is_no_small_regular_file_is_refused(tmp_path: Path, corral: Any,
+                                                              kind: str) -> None:
+    """env_file was read whole without a look at what it is: a FIFO blocked corral (check,
+    run, and a reload: the loop), /dev/zero grew it without end. Now a config error, at
+    once, naming the file and the limit; a reload of it is refused and corral carries on."""
+    env_file = _bad_env_file(tmp_path, kind)
+    want = (f"program.a.env_file: expected a regular file of UTF-8 KEY=VALUE lines, at most "
+            f"1 MiB, got {env_file!r} {ENV_FILE_GIVEN[kind]}")
+    good = f"[program.a]\ncommand = {toml_argv(worker())}\n"
+    bad = good + f"env_file = {json.dumps(env_file)}\n"
+    conf = tmp_path / "bad.toml"
+    conf.write_text(bad)
+    check = _run(tmp_path, "check", "-c", str(conf), timeout=20)
+    assert check.returncode == 1 and want in check.stderr, check.stderr
+    run = _run(tmp_path, "run", "-c", str(conf), timeout=20)
+    assert run.returncode == 6 and want in run.stderr, run.stderr
+    # The running corral is asked to reload it (SIGHUP: the loop itself reads the file).
+    c: Corral = corral(config=good)
+    pids = {w["pid"] for w in c.wait_running(1, "a")}
+    (tmp_path / "c.toml").write_text(bad)
+    c.signal(signal.SIGHUP)
+    c.wait_err("reload refused, nothing changed")
+    assert want in c.err()
+    assert {w["pid"] for w in c.wait_running(1, "a")} == pids
+    assert c.stop() == 0
