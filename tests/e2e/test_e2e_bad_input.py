@@ -345,3 +345,29 @@ def test_an_env_file_that_is_no_small_regular_file_is_refused(tmp_path: Path, co
     assert want in c.err()
     assert {w["pid"] for w in c.wait_running(1, "a")} == pids
     assert c.stop() == 0
+
+
+def test_a_socket_path_past_the_af_unix_limit_is_a_clear_error(tmp_path: Path) -> None:
+    """--socket (or socket_dir + socket_name) longer than sun_path gave an OSError traceback
+    from bind(): now an error naming the parameter, the limit and the length, nothing
+    started."""
+    marker = tmp_path / "started"
+    deep = tmp_path / ("d" * 120)
+    sock = str(deep / "corral.sock")
+    size = len(os.fsencode(sock))
+    r = _run(tmp_path, "run", "--", "/bin/sh", "-c", f"touch {marker}; exec sleep 600",
+             socket_path=sock)
+    assert r.returncode == 2, r.stderr
+    assert (f"--socket (or $CORRAL_SOCKET): expected a path of at most 107 bytes (the AF_UNIX "
+            f"limit), got {size} bytes: {sock}") in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'socket_dir = "{deep}"\n' + MARKER_PROGRAM.format(marker=marker))
+    env = {k: v for k, v in os.environ.items() if k not in ("CORRAL_SOCKET", "CORRAL_CONFIG")}
+    r = subprocess.run([*CLI, "run", "-c", str(conf)], capture_output=True, text=True,
+                       timeout=30, cwd=str(tmp_path), start_new_session=True, env=env)
+    assert r.returncode == 6, r.stderr
+    assert (f"{conf}: socket_dir/socket_name: expected a socket path of at most 107 bytes "
+            f"(the AF_UNIX limit), got {size} bytes: {sock}") in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not marker.exists()

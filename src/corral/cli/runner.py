@@ -222,6 +222,11 @@ class CorralRun(CommandsPart, SystemdPart):
             self.activation.close()
             self.reactor.close()
             return 1
+        except OSError as exc:  # cannot be bound (a path too long, a read-only directory...)
+            log.error("control socket %s: %s", self.options.socket, exc.strerror or exc)
+            self.activation.close()
+            self.reactor.close()
+            return 1
         try:
             for config in self.config.programs.values():
                 self.listeners_for(config)
