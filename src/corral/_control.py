@@ -157,6 +157,11 @@ class FrameDecoder:
                 obj = json.loads(body)
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise ProtocolError(f"message is not valid UTF-8 JSON ({exc})") from None
+            except RecursionError:
+                # [[[[...]]]] a few KB long is past the parser's recursion limit: malformed
+                # like any other, never a crash of the loop that reads it.
+                raise ProtocolError("message is JSON nested too deep to read (arrays and "
+                                    "objects nest a few hundred deep at most)") from None
             if not isinstance(obj, dict):
                 raise ProtocolError(f"message must be a JSON object, got {type(obj).__name__}")
             out.append(obj)

@@ -25,6 +25,7 @@ age families written anew by the same direct writing, so still byte for byte the
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
@@ -33,6 +34,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.utils import floatToGoString
 
 __all__ = ["Renderer"]
+
+log = logging.getLogger(__name__)
 
 _EOF = b"# EOF\n"
 _float_text = cast(Callable[[float], str], floatToGoString)  # as the encoders write values
@@ -71,7 +74,15 @@ class Renderer:
         if chosen is None:
             if len(self._encoders) > 16:  # a few distinct Accept headers in practice
                 self._encoders.clear()
-            chosen = self._encoders[accept] = choose_encoder(accept)
+            try:
+                chosen = choose_encoder(accept)
+            except Exception as exc:
+                # A malformed Accept (version=\xff made prometheus_client compare a str with
+                # an int): the client gets the plain text format, as with no Accept at all.
+                log.debug("metrics: Accept %r is malformed (%s: %s); serving plain text",
+                          accept, type(exc).__name__, exc)
+                chosen = choose_encoder("")
+            self._encoders[accept] = chosen
         return chosen
 
     def stamp(self, content_type: str, key: Any) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
+import struct
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -11,6 +14,7 @@ from typing import Any
 import pytest
 
 from conftest import CLI, Corral, toml_argv, worker
+from support import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,6 +47,9 @@ BAD_FILES = {
     "command is a string": ('[program.web]\ncommand = "sleep 1"\n',
                             ["c.toml:2: program.web.command: expected an array of argv "
                              "strings (or set shell = true"]),
+    "nested too deep": ("x = " + "[" * 3000 + "]" * 3000 + "\n",
+                        ["c.toml: (syntax): expected TOML whose arrays and tables nest a few "
+                         "hundred deep at most, got nesting too deep to read (RecursionError)"]),
     "command that does not exist": ('[program.web]\ncommand = ["no-such-program-xyz", "-v"]\n',
                                     ["program.web.command: expected a program that exists "
                                      "and is executable, got 'no-such-program-xyz' (not found "
@@ -187,3 +194,180 @@ def test_run_refuses_both_a_command_and_a_file(tmp_path: Path) -> None:
     assert r.returncode == 2 and "not both" in r.stderr
     r = _run(tmp_path, "run", "-n", "2", "-c", str(conf))
     assert r.returncode == 2 and "go with a command" in r.stderr
+
+
+EXITING_MODULE = """\
+import sys
+sys.exit("exitmod: FOO is not set")
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGHUP", "corral reload"])
+def test_a_reload_of_a_file_that_raises_anything_is_refused_and_changes_nothing(
+        corral: Any, tmp_path: Path, how: str) -> None:
+    """A reloaded file whose target module calls sys.exit() at import, then one nested too deep
+    for the TOML parser (RecursionError): both refused as bad config, corral and its workers
+    carry on untouched (they were SIGKILLed with corral before)."""
+    (tmp_path / "exitmod.py").write_text(EXITING_MODULE)
+    good = f"[program.a]\ncommand = {toml_argv(worker())}\nnumprocs = 2\n"
+    c: Corral = corral(config=good)
+    pids = {w["pid"] for w in c.wait_running(2, "a")}
+    conf = tmp_path / "c.toml"
+    bad_files = [
+        (good + '[program.b]\ntarget = "exitmod:run"\n',
+         "its import called sys.exit('exitmod: FOO is not set')"),
+        (good + "x = " + "[" * 3000 + "]" * 3000 + "\n",
+         "nesting too deep to read (RecursionError)"),
+    ]
+    for n, (text, message) in enumerate(bad_files, 1):
+        conf.write_text(text)
+        if how == "SIGHUP":
+            c.signal(signal.SIGHUP)
+            wait_for(lambda n=n: c.err().count("reload refused, nothing changed") == n, 20,
+                     "the reload refused in corral's log")
+        else:
+            r = c.cli("reload")
+            assert r.returncode == 1, (r.returncode, r.stderr)
+            assert message in r.stderr and "[bad_config]" in r.stderr, r.stderr
+        assert message in c.err()
+        assert c.proc is not None and c.proc.poll() is None, c.err()
+        assert {w["pid"] for w in c.wait_running(2, "a")} == pids
+        assert [p["name"] for p in c.status()["programs"]] == ["a"]
+    assert "corral's loop failed" not in c.err()
+    conf.write_text(good)
+    assert c.stop() == 0
+
+
+def _read_frame(s: socket.socket) -> dict[str, Any] | None:
+    """One length-prefixed JSON frame from ``s``; None at EOF."""
+    buf = b""
+    while True:
+        if len(buf) >= 4:
+            (size,) = struct.unpack(">I", buf[:4])
+            if len(buf) >= 4 + size:
+                frame: dict[str, Any] = json.loads(buf[4:4 + size])
+                return frame
+        chunk = s.recv(65536)
+        if not chunk:
+            return None
+        buf += chunk
+
+
+def test_a_control_message_nested_too_deep_gets_an_error_and_corral_carries_on(
+        corral: Any) -> None:
+    """[[[...]]] 3000 deep (6 KB, well under the size limit) went past json's recursion limit
+    and the RecursionError killed corral run and every worker: now an error frame, the
+    connection closed, corral answers and its workers run on."""
+    c: Corral = corral("-n", "2", "--name", "web", "--", *worker())
+    pids = {w["pid"] for w in c.wait_running(2)}
+    body = b"[" * 3000 + b"]" * 3000
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(20)
+        s.connect(c.socket)
+        s.sendall(struct.pack(">I", len(body)) + body)
+        reply = _read_frame(s)
+        assert reply is not None, c.err()
+        assert reply["status"] == "error" and reply["error"]["code"] == "bad_request", reply
+        assert "nested too deep" in reply["error"]["message"], reply
+        assert _read_frame(s) is None  # and the connection closed
+    assert c.proc is not None and c.proc.poll() is None, c.err()
+    assert {w["pid"] for w in c.wait_running(2)} == pids
+    assert "corral's loop failed" not in c.err()
+    assert c.stop() == 0
+
+
+def _raw_call(path: str, command: str, args: dict[str, Any]) -> dict[str, Any] | None:
+    """One request on a raw connection (no CLI in between to check the arguments)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(20)
+        s.connect(path)
+        body = json.dumps({"v": 1, "id": 1, "command": command, "args": args}).encode()
+        s.sendall(struct.pack(">I", len(body)) + body)
+        return _read_frame(s)
+
+
+def test_scale_over_the_socket_is_bounded_like_the_cli(corral: Any) -> None:
+    """A raw client's scale to 3,000,000 had corral prepare that many slots (830 MB, then
+    deaf to SIGTERM): refused with the CLI's bound, nothing changes."""
+    c: Corral = corral("-n", "1", "--name", "web", "--", *worker())
+    pids = {w["pid"] for w in c.wait_running(1)}
+    for n in (3_000_000, 4097, -1):
+        reply = _raw_call(c.socket, "scale", {"program": "web", "numprocs": n})
+        assert reply is not None and reply["status"] == "error", reply
+        assert reply["error"]["code"] == "bad_args", reply
+        assert reply["error"]["message"] == (
+            f"numprocs must be an int between 0 and 4096, got {n}"), reply
+    assert {w["pid"] for w in c.wait_running(1)} == pids
+    assert c.stop() == 0
+
+
+def _bad_env_file(tmp_path: Path, kind: str) -> str:
+    """An env_file that is no regular file of at most 1 MiB (a FIFO nobody writes to, a
+    device that never ends, a file one byte too large)."""
+    if kind == "fifo":
+        path = tmp_path / "env.fifo"
+        os.mkfifo(path)
+        return str(path)
+    if kind == "device":
+        return "/dev/zero"
+    path = tmp_path / "big.env"
+    path.write_text("A=" + "x" * (1024 * 1024 - 3) + "\n" + "B=1\n")  # 1 MiB, and 4 bytes
+    return str(path)
+
+
+ENV_FILE_GIVEN = {"fifo": "(a FIFO)", "device": "(a character device)",
+                  "too large": f"({1024 * 1024 + 4} bytes)"}
+
+
+@pytest.mark.parametrize("kind", sorted(ENV_FILE_GIVEN))
+def test_an_env_file_that_is_no_small_regular_file_is_refused(tmp_path: Path, corral: Any,
+                                                              kind: str) -> None:
+    """env_file was read whole without a look at what it is: a FIFO blocked corral (check,
+    run, and a reload: the loop), /dev/zero grew it without end. Now a config error, at
+    once, naming the file and the limit; a reload of it is refused and corral carries on."""
+    env_file = _bad_env_file(tmp_path, kind)
+    want = (f"program.a.env_file: expected a regular file of UTF-8 KEY=VALUE lines, at most "
+            f"1 MiB, got {env_file!r} {ENV_FILE_GIVEN[kind]}")
+    good = f"[program.a]\ncommand = {toml_argv(worker())}\n"
+    bad = good + f"env_file = {json.dumps(env_file)}\n"
+    conf = tmp_path / "bad.toml"
+    conf.write_text(bad)
+    check = _run(tmp_path, "check", "-c", str(conf), timeout=20)
+    assert check.returncode == 1 and want in check.stderr, check.stderr
+    run = _run(tmp_path, "run", "-c", str(conf), timeout=20)
+    assert run.returncode == 6 and want in run.stderr, run.stderr
+    # The running corral is asked to reload it (SIGHUP: the loop itself reads the file).
+    c: Corral = corral(config=good)
+    pids = {w["pid"] for w in c.wait_running(1, "a")}
+    (tmp_path / "c.toml").write_text(bad)
+    c.signal(signal.SIGHUP)
+    c.wait_err("reload refused, nothing changed")
+    assert want in c.err()
+    assert {w["pid"] for w in c.wait_running(1, "a")} == pids
+    assert c.stop() == 0
+
+
+def test_a_socket_path_past_the_af_unix_limit_is_a_clear_error(tmp_path: Path) -> None:
+    """--socket (or socket_dir + socket_name) longer than sun_path gave an OSError traceback
+    from bind(): now an error naming the parameter, the limit and the length, nothing
+    started."""
+    marker = tmp_path / "started"
+    deep = tmp_path / ("d" * 120)
+    sock = str(deep / "corral.sock")
+    size = len(os.fsencode(sock))
+    r = _run(tmp_path, "run", "--", "/bin/sh", "-c", f"touch {marker}; exec sleep 600",
+             socket_path=sock)
+    assert r.returncode == 2, r.stderr
+    assert (f"--socket (or $CORRAL_SOCKET): expected a path of at most 107 bytes (the AF_UNIX "
+            f"limit), got {size} bytes: {sock}") in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'socket_dir = "{deep}"\n' + MARKER_PROGRAM.format(marker=marker))
+    env = {k: v for k, v in os.environ.items() if k not in ("CORRAL_SOCKET", "CORRAL_CONFIG")}
+    r = subprocess.run([*CLI, "run", "-c", str(conf)], capture_output=True, text=True,
+                       timeout=30, cwd=str(tmp_path), start_new_session=True, env=env)
+    assert r.returncode == 6, r.stderr
+    assert (f"{conf}: socket_dir/socket_name: expected a socket path of at most 107 bytes "
+            f"(the AF_UNIX limit), got {size} bytes: {sock}") in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not marker.exists()

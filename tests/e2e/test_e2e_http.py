@@ -140,3 +140,24 @@ def test_http_flag_and_bad_addresses(corral: Any, tmp_path: Path) -> None:
     r = c.cli("run", "-c", str(bad))
     assert r.returncode == 6, r.stderr
     assert "http" in r.stderr and "'localhost:99999'" in r.stderr
+
+
+def test_metrics_with_a_malformed_accept_header_serves_plain_text(corral: Any) -> None:
+    """`Accept: application/openmetrics-text; version=\\xff` made prometheus_client's
+    choose_encoder raise: a 500 and an ERROR traceback in corral's log carrying the request.
+    Now the plain text format, as with no Accept, and nothing logged."""
+    c: Corral = corral("--http", "127.0.0.1:0", "-n", "1", "--name", "w", "--", *worker())
+    c.wait_running(1, "w")
+    addr = _address(c)
+    for accept in ("application/openmetrics-text; version=\xff",
+                   "application/openmetrics-text; version=x.y"):
+        r = get(addr, "/metrics", headers={"Accept": accept})
+        assert r.status == 200, (accept, r.status, r.text)
+        assert r.headers["content-type"].startswith("text/plain; version=0.0.4"), r.headers
+        assert "corral_workers" in r.text
+    # Well-formed ones still get what they asked for.
+    r = get(addr, "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert r.status == 200 and r.headers["content-type"].startswith(
+        "application/openmetrics-text"), r.headers
+    assert "Traceback" not in c.err() and "ERROR" not in c.err(), c.err()
+    assert c.stop() == 0

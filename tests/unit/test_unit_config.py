@@ -305,7 +305,8 @@ def test_missing_file_and_empty_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("snippet", "key", "expected"), [
     ('command = ["a"]\nnumprocs = 5000', "numprocs", "between 0 and 4096"),
     ('command = ["a"]\ncwd = "missing-dir"', "cwd", "an existing directory"),
-    ('command = ["a"]\nenv_file = "missing.env"', "env_file", "a readable env file"),
+    ('command = ["a"]\nenv_file = "missing.env"', "env_file", "a regular file of UTF-8 "
+     "KEY=VALUE lines, at most 1 MiB"),
     ('command = []', "command", "at least one argv string"),
     ('command = ["a", 1]', "command", "an array of non-empty argv strings"),
     ('command = ["a"]\nshell = true', "", ""),  # a one-element list with shell is fine

@@ -27,6 +27,7 @@ from corral._logs import (
 )
 from corral._reply import Reply
 from corral.cli._programs import ProgramIO, _Program
+from corral.cli._schema import MAX_NUMPROCS
 from corral.cli._serves import ServesPart
 from corral.cli.config import Config, ConfigError, ProgramConfig, diff, load, parse_signal
 from corral.cli.preflight import check_commands, check_targets
@@ -191,8 +192,11 @@ class CommandsPart(ServesPart, _Core):
             return self._serve_scale(serve, args.get("numprocs"))
         prog = self._program(args.get("program"), "scale")
         n = args.get("numprocs")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise CommandError(f"numprocs must be an int >= 0, got {n!r}", "bad_args")
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_NUMPROCS:
+            # The same bound as the file's numprocs and `corral scale`: a raw client asking
+            # for millions would have corral prepare millions of slots first.
+            raise CommandError(f"numprocs must be an int between 0 and {MAX_NUMPROCS}, got "
+                               f"{n!r}", "bad_args")
         sup = prog.supervisor
         assert sup is not None
         prepared = sup._prepare(n)
@@ -293,6 +297,13 @@ class CommandsPart(ServesPart, _Core):
         except ConfigError as exc:
             log.error("reload refused, nothing changed: %s", exc)
             raise CommandError(str(exc), "bad_config") from None
+        except (Exception, SystemExit) as exc:
+            # Whatever reading, validating or importing the file raised (not KeyboardInterrupt):
+            # the file's problem, refused like any other; corral carries on unchanged.
+            log.error("reload refused, nothing changed: %s: %s: %s", path,
+                      type(exc).__name__, exc)
+            raise CommandError(f"{path}: could not be loaded ({type(exc).__name__}: {exc})",
+                               "bad_config") from None
         try:
             # New or changed `listen` sockets are bound now (unchanged ones are kept: the same
             # queue across the program's replacement); one that cannot be refuses the reload.

@@ -13,6 +13,7 @@ import os
 import pwd
 import re
 import signal
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import fields
 from types import MappingProxyType
@@ -32,13 +33,64 @@ from corral.cli._values import (
 )
 from corral.policy import Backoff, RestartBudget, RestartPolicy
 
-__all__ = ["Ctx", "check_privileges", "validate"]
+__all__ = ["MAX_NUMPROCS", "Ctx", "check_privileges", "validate"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _TARGET = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _BAD_STOP_SIGNALS = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT, signal.SIGCHLD}
-_MAX_NUMPROCS = 4096
+MAX_NUMPROCS = 4096
+MAX_ENV_FILE = 1024 * 1024  # bytes of one env_file
+_ENV_FILE_EXPECTED = "a regular file of UTF-8 KEY=VALUE lines, at most 1 MiB"
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def _not_a_regular_file(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def _read_env_file(path: str) -> str:
+    """The text of the env file ``path``: a regular file, at most :data:`MAX_ENV_FILE` bytes.
+
+    Never blocks and never reads without end: the kind is checked before it is opened (a
+    FIFO, /dev/zero...), the open is non-blocking, the open file checked again, and no more
+    than the limit (and one byte) read.
+
+    Raises:
+        OSError: it cannot be read.
+        ValueError: not a regular file, too large, not UTF-8 (the message says which).
+    """
+    kind = _not_a_regular_file(os.stat(path).st_mode)
+    if kind is not None:
+        raise ValueError(kind)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        kind = _not_a_regular_file(st.st_mode)  # replaced since the stat
+        if kind is not None:
+            raise ValueError(kind)
+        if st.st_size > MAX_ENV_FILE:
+            raise ValueError(f"{st.st_size} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_ENV_FILE:
+            chunk = os.read(fd, MAX_ENV_FILE + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > MAX_ENV_FILE:
+            raise ValueError(f"more than {MAX_ENV_FILE} bytes")
+    finally:
+        os.close(fd)
+    try:
+        return b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8: {exc}") from None
 
 
 class _Bad:
@@ -390,7 +442,7 @@ def _program(ctx: Ctx, name: str, t: Any, log_defaults: LogConfig) -> ProgramCon
         else:
             kw["args"] = tuple(t["args"])
     if "numprocs" in t:
-        kw["numprocs"] = _int(ctx, p("numprocs"), t["numprocs"], 0, _MAX_NUMPROCS)
+        kw["numprocs"] = _int(ctx, p("numprocs"), t["numprocs"], 0, MAX_NUMPROCS)
     if "cwd" in t:
         cwd = _str(ctx, p("cwd"), t["cwd"])
         if cwd is not BAD:
@@ -408,11 +460,13 @@ def _program(ctx: Ctx, name: str, t: Any, log_defaults: LogConfig) -> ProgramCon
                 full = ctx.resolve(f)
                 resolved.append(full)
                 try:
-                    with open(full, encoding="utf-8") as fh:
-                        text = fh.read()
+                    text = _read_env_file(full)
                 except OSError as exc:
-                    ctx.error(p("env_file"), "a readable env file",
+                    ctx.error(p("env_file"), _ENV_FILE_EXPECTED,
                               f"{f!r} ({exc.strerror or exc})")
+                    continue
+                except ValueError as exc:
+                    ctx.error(p("env_file"), _ENV_FILE_EXPECTED, f"{f!r} ({exc})")
                     continue
                 values, issues = parse_env_file(text, full)
                 ctx.issues.extend(issues)
@@ -528,7 +582,7 @@ def _serve(ctx: Ctx, name: str, t: Any) -> ServeConfig | None:
             checked = [_address(ctx, p("bind"), b, unix=True) for b in binds]
             kw["bind"] = BAD if BAD in checked else tuple(checked)
     if "workers" in t:
-        kw["workers"] = _int(ctx, p("workers"), t["workers"], 1, _MAX_NUMPROCS)
+        kw["workers"] = _int(ctx, p("workers"), t["workers"], 1, MAX_NUMPROCS)
     if "interface" in t:
         if t["interface"] not in ("asgi", "wsgi", "auto"):
             kw["interface"] = ctx.error(p("interface"), "\"asgi\", \"wsgi\" or \"auto\"",

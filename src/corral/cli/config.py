@@ -35,6 +35,7 @@ and KiB/MiB/... are powers of 1024; KB/MB/... powers of 1000).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tomllib
@@ -78,6 +79,8 @@ __all__ = [
 
 CONFIG_NAMES = ("corral.toml", "pyproject.toml")
 
+log = logging.getLogger(__name__)
+
 
 
 def _decode_error(file: str, exc: tomllib.TOMLDecodeError) -> ConfigError:
@@ -90,10 +93,34 @@ def _decode_error(file: str, exc: tomllib.TOMLDecodeError) -> ConfigError:
                                     f"{message}{col}")])
 
 
+def _too_deep(file: str) -> ConfigError:
+    return ConfigError([ConfigIssue(file, None, "(syntax)",
+                                    "TOML whose arrays and tables nest a few hundred deep at "
+                                    "most", "nesting too deep to read (RecursionError)")])
+
+
 def load_text(text: str, path: str = "corral.toml", *, check_privileges: bool = True
               ) -> Config:
     """Validate the TOML ``text`` as if it were the file ``path`` (relative paths in it are
-    resolved against that file's directory); :class:`ConfigError` lists every problem."""
+    resolved against that file's directory); :class:`ConfigError` lists every problem.
+
+    Any failure while reading or validating it is a :class:`ConfigError` (nesting too deep
+    for the parser included), never another exception: a reload must be able to refuse it.
+    """
+    try:
+        return _load_text(text, path, check_privileges)
+    except ConfigError:
+        raise
+    except RecursionError:
+        raise _too_deep(path) from None
+    except Exception as exc:
+        # Not a problem the validator knows how to name: still the file's, still refused.
+        log.debug("validating %s failed", path, exc_info=True)
+        raise ConfigError([ConfigIssue(path, None, "(file)", "a config corral can validate",
+                                       f"{type(exc).__name__}: {exc}")]) from None
+
+
+def _load_text(text: str, path: str, check_privileges: bool) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -127,7 +154,7 @@ def find_config(directory: str = ".") -> str | None:
             with open(py, "rb") as fh:
                 if isinstance(tomllib.load(fh).get("tool", {}).get("corral"), dict):
                     return py
-        except (OSError, tomllib.TOMLDecodeError):
+        except (OSError, tomllib.TOMLDecodeError, RecursionError):
             return None
     return None
 

@@ -41,6 +41,7 @@ EXIT_UNIMPLEMENTED = 3
 EXIT_PRIVILEGE = 4
 EXIT_NOT_CONFIGURED = 6
 EXIT_NOT_RUNNING = 7
+MAX_SOCKET_PATH = 107  # bytes: sun_path is 108, with its NUL
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,14 @@ def run(state: _State, numprocs: int | None, name: str | None, stop_timeout: flo
     if problems:
         fail(str(ConfigError(problems)), EXIT_USAGE if command else EXIT_NOT_CONFIGURED)
     socket = state.socket or config.socket_path
+    size = len(os.fsencode(socket))
+    if size > MAX_SOCKET_PATH:
+        given = f"{size} bytes: {socket}"
+        if state.socket:
+            fail(f"--socket (or $CORRAL_SOCKET): expected a path of at most {MAX_SOCKET_PATH} "
+                 f"bytes (the AF_UNIX limit), got {given}", EXIT_USAGE)
+        fail(f"{config.path}: socket_dir/socket_name: expected a socket path of at most "
+             f"{MAX_SOCKET_PATH} bytes (the AF_UNIX limit), got {given}", EXIT_NOT_CONFIGURED)
     runner: Runner
     if _runner is not None:
         runner = _runner

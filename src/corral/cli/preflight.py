@@ -82,10 +82,14 @@ def check_targets(config: Config, config_dir: str | None, *, load: bool) -> list
                                         "function")
                 elif importlib.util.find_spec(module.split(".")[0]) is None:
                     raise ModuleNotFoundError(f"No module named {module.split('.')[0]!r}")
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
+                # SystemExit too: a module that calls sys.exit() at import (a missing
+                # setting) is a bad target, not a reason for corral to exit.
+                why = (f"its import called sys.exit({exc.code!r})"
+                       if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}")
                 issues.append(ConfigIssue(config.path, prog.line, f"program.{name}.target",
                                           "an importable module:function",
-                                          f"{prog.target!r} ({type(exc).__name__}: {exc})"))
+                                          f"{prog.target!r} ({why})"))
     finally:
         if added and not load:
             sys.path.remove(config_dir)  # type: ignore[arg-type]

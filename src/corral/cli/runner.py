@@ -222,6 +222,11 @@ class CorralRun(CommandsPart, SystemdPart):
             self.activation.close()
             self.reactor.close()
             return 1
+        except OSError as exc:  # cannot be bound (a path too long, a read-only directory...)
+            log.error("control socket %s: %s", self.options.socket, exc.strerror or exc)
+            self.activation.close()
+            self.reactor.close()
+            return 1
         try:
             for config in self.config.programs.values():
                 self.listeners_for(config)
@@ -548,8 +553,13 @@ class CorralRun(CommandsPart, SystemdPart):
         if signum in (signal.SIGTERM, signal.SIGINT):
             self.stop_all(signal.Signals(signum).name)
         elif signum == signal.SIGHUP:
-            with contextlib.suppress(CommandError):
+            try:
                 self._reload()
+            except CommandError:
+                pass  # refused, and already logged: nothing changed
+            except Exception:
+                # A reload never takes corral (and every worker) down with it.
+                log.exception("reload on SIGHUP failed; corral carries on")
         elif signum == signal.SIGCHLD:
             self._sweep_adopted()
 
