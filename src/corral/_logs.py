@@ -7,8 +7,11 @@ Data flow (everything on the loop thread)::
                                                                       |    JSON lines, files)
                                                                       +--> followers (logs -f)
 
-Memory is bounded everywhere. A reader holds at most one partial line (64 KiB) and one read.
-A sink writes through a bounded :class:`~corral._outbuf.OutBuffer`; when one is congested (its
+Memory is bounded everywhere. A reader holds at most one partial line (64 KiB) and one read,
+which it hands on in batches of about :data:`BATCH_BYTES` (each line counted with what its
+prefix or JSON keys add): 64 KiB of empty lines formats to megabytes, so a reader paused in
+the middle of a read keeps the rest and reads no more until it is resumed. A sink writes
+through a bounded :class:`~corral._outbuf.OutBuffer`; when one is congested (its
 consumer, e.g. a slow terminal or a full pipe behind ``/dev/stdout``, does not keep up) the hub
 stops reading the pipes that feed that sink, so the children block in ``write()``: the kernel
 pipe is the backpressure, and no line is lost. Rings are bounded by lines and bytes. Followers
@@ -35,7 +38,7 @@ from json.encoder import encode_basestring as _encode_str
 from typing import NamedTuple, Protocol
 
 from corral._json import LOG_SCHEMA
-from corral._loop import Loop
+from corral._loop import Loop, TimerHandle
 from corral._outbuf import OutBuffer, open_output
 
 __all__ = [
@@ -58,6 +61,12 @@ log = logging.getLogger(__name__)
 
 MAX_LINE = 64 * 1024
 READ_SIZE = 64 * 1024
+# One read is handed to the hub in batches of about this many bytes, a piece counting its
+# text plus _PIECE_COST (its prefix or JSON keys once formatted): 64 KiB of empty lines would
+# otherwise format to megabytes at once. Between batches the reader checks whether a sink
+# became congested and, if so, keeps the rest until it has drained (backpressure, no loss).
+BATCH_BYTES = 64 * 1024
+_PIECE_COST = 128
 
 
 class Piece(NamedTuple):
@@ -145,6 +154,9 @@ class PipeReader:
         self._paused = False
         self._closed = False
         self._watching = False
+        self._held: list[Piece] = []  # pieces read but not delivered yet (paused mid-read)
+        self._eof = False  # EOF seen; close once the held pieces are delivered
+        self._release_timer: TimerHandle | None = None
         os.set_blocking(fd, False)
         self._watch()
 
@@ -165,7 +177,18 @@ class PipeReader:
     def resume(self) -> None:
         if self._paused:
             self._paused = False
-            self._watch()
+            if self._held or self._eof:
+                # The rest of a read comes first, on the next round (not inside the
+                # callback that resumed us).
+                if self._release_timer is None:
+                    self._release_timer = self._loop.call_later(0.0, self._release)
+            else:
+                self._watch()
+
+    @property
+    def held(self) -> int:
+        """Pieces read but not delivered yet (the reader was paused in the middle of a read)."""
+        return len(self._held)
 
     def close(self) -> None:
         """Stop and close the fd (without a final flush: use it to abandon the pipe)."""
@@ -173,7 +196,46 @@ class PipeReader:
             return
         self._closed = True
         self._unwatch()
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
+        self._held = []
         os.close(self.fd)
+
+    def _deliver(self, pieces: list[Piece]) -> None:
+        """Hand ``pieces`` to ``on_lines`` in batches; stop (and hold the rest) once paused."""
+        start, count = 0, len(pieces)
+        while start < count:
+            end, cost = start, 0
+            while end < count and cost < BATCH_BYTES:
+                cost += len(pieces[end].text) + _PIECE_COST
+                end += 1
+            self._on_lines(pieces if start == 0 and end == count else pieces[start:end])
+            start = end
+            if self._closed:
+                return
+            if self._paused and start < count:
+                self._held = pieces[start:]
+                return
+
+    def _release(self) -> None:
+        """Resumed with held pieces: deliver them, then read on (or finish the EOF)."""
+        self._release_timer = None
+        if self._closed or self._paused:
+            return
+        held, self._held = self._held, []
+        self._deliver(held)
+        if self._closed or self._held:
+            return
+        if self._eof:
+            self._finish()
+        elif not self._paused:
+            self._watch()
+
+    def _finish(self) -> None:
+        self.close()
+        if self._on_eof is not None:
+            self._on_eof()
 
     def _watch(self) -> None:
         if not self._watching and not self._closed and not self._paused:
@@ -186,7 +248,7 @@ class PipeReader:
             self._loop.remove_reader(self.fd)
 
     def _on_readable(self) -> None:
-        if self._closed or self._paused:
+        if self._closed or self._paused or self._held:
             return
         try:
             data = os.read(self.fd, self._read_size)
@@ -200,14 +262,15 @@ class PipeReader:
         if data:
             pieces = self._splitter.feed(data)
             if pieces:
-                self._on_lines(pieces)
+                self._deliver(pieces)
             return
+        self._eof = True
+        self._unwatch()
         pieces = self._splitter.flush()
         if pieces:
-            self._on_lines(pieces)
-        self.close()
-        if self._on_eof is not None:
-            self._on_eof()
+            self._deliver(pieces)
+        if not self._held and not self._closed:
+            self._finish()
 
 
 @dataclass(slots=True)
@@ -276,6 +339,57 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+DROP_WARN_INTERVAL = 10.0
+
+
+class _Drops:
+    """Output a sink's buffer refused (past its hard limit): counted, and said at most once per
+    :data:`DROP_WARN_INTERVAL` seconds with the workers it came from (and once more at close).
+
+    Readers hand the hub batches small enough that this should not happen (module docstring):
+    it is the last resort that keeps memory bounded, never silent.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.bytes = 0  # in total
+        self.lines = 0
+        self._bytes = 0  # since the last warning
+        self._lines = 0
+        self._labels: dict[str, None] = {}
+        self._next = 0.0
+
+    def add(self, nbytes: int, records: Sequence[LogRecord]) -> None:
+        self.bytes += nbytes
+        self.lines += len(records)
+        self._bytes += nbytes
+        self._lines += len(records)
+        for rec in records:
+            if len(self._labels) >= 8:
+                break
+            self._labels[rec.label] = None
+        now = time.monotonic()
+        if now >= self._next:
+            self._next = now + DROP_WARN_INTERVAL
+            self.say()
+
+    def say(self) -> None:
+        if not self._lines:
+            return
+        log.warning("%s: %d line(s) (%d bytes) of %s dropped: more than its buffer holds "
+                    "(%d bytes dropped in all)", self.name, self._lines, self._bytes,
+                    ", ".join(self._labels), self.bytes)
+        self._bytes = self._lines = 0
+        self._labels.clear()
+
+
+def _put(out: OutBuffer, data: bytes, records: Sequence[LogRecord], drops: _Drops) -> None:
+    """``out.write(data)``; a refusal for want of room (not a dead fd: that is said once by
+    the buffer) is counted and said."""
+    if not out.write(data) and out.failed is None and not out.closed:
+        drops.add(len(data), records)
+
+
 class _OutSink:
     """A sink that writes formatted bytes through an OutBuffer."""
 
@@ -285,6 +399,7 @@ class _OutSink:
         self._listener: Callable[[Sink, bool], None] | None = None
         self.out = OutBuffer(fd, loop, on_pause=self._paused, on_resume=self._resumed,
                              owns_fd=owns_fd, name=name)
+        self.drops = _Drops(name)
 
     def bind(self, on_congestion: Callable[[Sink, bool], None]) -> None:
         self._listener = on_congestion
@@ -301,6 +416,7 @@ class _OutSink:
             self._listener(self, False)
 
     def close(self) -> None:
+        self.drops.say()
         self.out.close()
 
 
@@ -374,7 +490,7 @@ class ConsoleSink(_OutSink):
             add(head_of(rec))
             add(rec.text)
             add(b"\\\n" if rec.more else b"\n")
-        self.out.write(b"".join(parts))
+        _put(self.out, b"".join(parts), records, self.drops)
 
     def _stamp(self, ts: float) -> bytes:
         return _local_clock(ts, self._clock_cache, date=False) + b" "
@@ -403,7 +519,7 @@ class JsonLinesSink(_OutSink):
         super().__init__(own, loop, "JSON log sink")
 
     def emit(self, records: Sequence[LogRecord]) -> None:
-        self.out.write(_json_lines(records))
+        _put(self.out, _json_lines(records), records, self.drops)
 
 
 class FileSink:
@@ -442,6 +558,7 @@ class FileSink:
         self._rotatable = False
         self._out: OutBuffer | None = None
         self._clock_cache: list[object] = []
+        self._drops = _Drops(f"log file {path}")
         self._open()
 
     @property
@@ -489,7 +606,7 @@ class FileSink:
 
     def emit(self, records: Sequence[LogRecord]) -> None:
         if self._out is not None:
-            self._out.write(b"".join([self._format(r) for r in records]))
+            _put(self._out, b"".join([self._format(r) for r in records]), records, self._drops)
             return
         if self._fd < 0:
             return
@@ -534,6 +651,7 @@ class FileSink:
             self._open()
 
     def close(self) -> None:
+        self._drops.say()
         if self._out is not None:
             self._out.close()
             self._out = None

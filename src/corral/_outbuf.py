@@ -107,6 +107,10 @@ class OutBuffer:
     def failed(self) -> OSError | None:
         return self._failed
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def write(self, data: bytes) -> bool:
         """Queue ``data``; False if it was refused (over ``limit``, failed or closed fd)."""
         if self._failed is not None or self._closed:

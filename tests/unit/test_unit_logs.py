@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -468,3 +469,114 @@ def test_fast_json_lines_equal_record_to_json(loop) -> None:
                LogRecord(1.5, 'we"ird', 3, None, "stdout", b"")]
     lines = _json_lines(records).decode().splitlines()
     assert [json.loads(x) for x in lines] == [record_to_json(r) for r in records]
+
+
+# --- a read of many short lines (formatted, it is far larger than the read) --------------------
+
+
+def test_pipe_reader_paused_mid_read_holds_the_rest_and_delivers_it_on_resume(loop) -> None:
+    """A read of 64 KiB of empty lines comes in batches; paused after the first, the reader
+    holds the rest (and reads no more) until it is resumed, then delivers it in order."""
+    r, w = os.pipe()
+    batches: list[list[Piece]] = []
+    reader: PipeReader
+
+    def on_lines(pieces: list[Piece]) -> None:
+        batches.append(pieces)
+        reader.pause()
+
+    reader = PipeReader(r, loop, on_lines)
+    os.write(w, b"first\n" + b"\n" * 60_000 + b"last\n")
+    loop.run_until(lambda: batches, what="the first batch")
+    loop.run_for(0.05)
+    assert len(batches) == 1 and reader.held > 0
+    assert len(batches[0]) < 1000  # a batch, not the whole read
+    while reader.held:
+        reader.resume()
+        n = len(batches)
+        loop.run_until(lambda n=n: len(batches) > n, what="the next batch")
+    got = [p.text for b in batches for p in b]
+    assert got == [b"first"] + [b""] * 60_000 + [b"last"]
+    os.close(w)
+    reader.resume()
+    loop.run_until(lambda: reader.closed, what="eof")
+
+
+@pytest.mark.parametrize("json_sink", [False, True], ids=["console", "json"])
+def test_bursts_of_empty_lines_reach_a_slow_sink_whole(loop, json_sink: bool) -> None:
+    """One 64 KiB read of empty lines formats to ~4-8 MiB (a 60-character program name, or
+    JSON): more than the sink's buffer may hold. It used to be refused, silently; now the
+    reader is throttled instead: every line arrives, in order, and memory stays bounded."""
+    name = "p" * 60
+    con_r, con_w = os.pipe()
+    sink: ConsoleSink | JsonLinesSink = (JsonLinesSink(loop, con_w) if json_sink
+                                         else ConsoleSink(loop, con_w))
+    os.close(con_w)
+    hub = LogHub(loop, [sink])
+    r, w = os.pipe()
+    bursts, blank = 4, 100_000
+
+    def write() -> None:
+        with os.fdopen(w, "wb") as f:
+            for i in range(bursts):
+                f.write(b"seq %d\n" % i + b"\n" * blank)
+            f.write(b"done\n")
+
+    writer = threading.Thread(target=write, daemon=True)
+    eof: list[bool] = []
+    received = bytearray()
+    os.set_blocking(con_r, False)
+    peak = 0
+
+    def drain() -> None:
+        nonlocal peak
+        peak = max(peak, sink.out.pending)
+        try:
+            received.extend(os.read(con_r, 1 << 16))  # slower than the worker: one read a turn
+        except BlockingIOError:
+            pass
+
+    try:
+        hub.attach(r, name, 0, 42, "stdout", on_eof=lambda: eof.append(True))
+        writer.start()
+        loop.add_reader(con_r, drain)
+        loop.run_until(lambda: eof and sink.out.pending == 0, timeout=50, what="all output")
+        while True:  # what is left in the pipe
+            before = len(received)
+            drain()
+            if len(received) == before:
+                break
+        loop.remove_reader(con_r)
+    finally:
+        hub.close()
+        writer.join(10)
+        os.close(con_r)
+    lines = bytes(received).splitlines()
+    if json_sink:
+        texts = [json.loads(x)["line"] for x in lines]
+    else:
+        texts = [x.split(b" |  ", 1)[1].decode() if b" |  " in x else "" for x in lines]
+    assert [t for t in texts if t] == [f"seq {i}" for i in range(bursts)] + ["done"]
+    assert len(texts) == bursts * (blank + 1) + 1
+    assert sink.out.dropped_bytes == 0 and sink.drops.bytes == 0
+    assert peak <= 2 * 1024 * 1024
+
+
+def test_a_refused_write_is_counted_and_said(loop, caplog: pytest.LogCaptureFixture) -> None:
+    """The last resort (a batch too big for the buffer at all) is never silent."""
+    con_r, con_w = os.pipe()
+    sink = ConsoleSink(loop, con_w)
+    os.close(con_w)
+    try:
+        sink.out._limit = 100  # what a write may never pass
+        with caplog.at_level("WARNING", logger="corral._logs"):
+            # fill the pipe, then one write over the limit
+            while sink.out.pending == 0:
+                sink.emit([rec(b"x" * 40)])
+            sink.emit([rec(b"y" * 500, program="api", index=3)])
+        assert sink.drops.lines == 1 and sink.drops.bytes > 500
+        assert any("api.3" in r.getMessage() and "dropped" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        sink.close()
+        os.close(con_r)
