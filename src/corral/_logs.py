@@ -18,8 +18,9 @@ pipe is the backpressure, and no line is lost. Rings are bounded by lines and by
 (``corral logs -f``) never slow the workers down: each has a bounded queue and, past it, loses
 lines and is told how many.
 
-A line longer than :data:`MAX_LINE` is cut into pieces of at most that size; each piece but the
-last has ``more=True`` and each but the first has ``cont=True``. Nothing is dropped silently.
+A line longer than :data:`MAX_LINE` is cut into pieces of at most that size, never inside a
+UTF-8 character (a piece may be up to 3 bytes shorter); each piece but the last has
+``more=True`` and each but the first has ``cont=True``. Nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -120,14 +121,33 @@ class LineSplitter:
         """Emit ``text`` in pieces; when not ``last``, keep (return) a short remainder."""
         limit = self.max_line
         while len(text) > limit:
-            out.append(Piece(text[:limit], True, self._cont))
+            cut = _char_boundary(text, limit)
+            out.append(Piece(text[:cut], True, self._cont))
             self._cont = True
-            text = text[limit:]
+            text = text[cut:]
         if not last:
             return text
         out.append(Piece(text, False, self._cont))
         self._cont = False
         return b""
+
+
+def _char_boundary(text: bytes, limit: int) -> int:
+    """Where to cut ``text`` (longer than ``limit``) so as not to split a UTF-8 character.
+
+    ``limit``, moved back to the start of the character that straddles it (3 bytes at most,
+    never to 0); bytes that are not UTF-8 there are cut at ``limit``. Each piece is decoded on
+    its own (JSON logs), so a split character would become two U+FFFD.
+    """
+    cut = limit
+    while cut > 1 and limit - cut < 3 and text[cut] & 0xC0 == 0x80:
+        cut -= 1
+    if cut == limit:
+        return limit
+    lead = text[cut]
+    size = 2 if 0xC0 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4 if 0xF0 <= lead < 0xF8 \
+        else 0
+    return cut if cut + size > limit else limit
 
 
 class PipeReader:

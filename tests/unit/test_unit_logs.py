@@ -580,3 +580,34 @@ def test_a_refused_write_is_counted_and_said(loop, caplog: pytest.LogCaptureFixt
     finally:
         sink.close()
         os.close(con_r)
+
+
+def test_splitter_never_cuts_inside_a_utf8_character() -> None:
+    """Each piece is decoded on its own (JSON logs): a cut inside a character made two U+FFFD.
+    The cut moves back to the character's start; bytes that are not UTF-8 are cut anyway."""
+    for width in (1, 2, 3, 4):  # a, é, €, 😀
+        char = "aé€😀"[width - 1].encode()
+        for limit in range(width, 12):  # (a piece shorter than a character must cut it)
+            for lead in range(4):
+                text = b"x" * lead + char * 20
+                s = LineSplitter(max_line=limit)
+                pieces = s.feed(text + b"\n")
+                assert b"".join(p.text for p in pieces) == text
+                for p in pieces:
+                    p.text.decode("utf-8")  # strict: no piece splits a character
+                    assert 0 < len(p.text) <= limit
+                    assert len(p.text) >= limit - 3 or not p.more
+    s = LineSplitter(max_line=4)
+    assert s.feed(b"a\xc3\xa9\xc3\xa9\n") == [Piece(b"a\xc3\xa9", True),
+                                             Piece(b"\xc3\xa9", False, True)]
+    # not UTF-8 (stray continuation bytes): cut at the limit, nothing lost
+    assert s.feed(b"\x80\x80\x80\x80\x80\n") == [Piece(b"\x80" * 4, True),
+                                                 Piece(b"\x80", False, True)]
+    # max_line smaller than a character: the character is cut (a piece is never empty)
+    s = LineSplitter(max_line=1)
+    assert s.feed("é\n".encode()) == [Piece(b"\xc3", True), Piece(b"\xa9", False, True)]
+    # an unterminated long line too, and the default 64 KiB cut
+    s = LineSplitter()
+    text = ("a" + "é" * 49_999).encode()
+    pieces = s.feed(text) + s.flush()
+    assert "".join(p.text.decode("utf-8") for p in pieces) == "a" + "é" * 49_999
