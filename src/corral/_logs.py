@@ -579,6 +579,10 @@ class FileSink:
         self._out: OutBuffer | None = None
         self._clock_cache: list[object] = []
         self._drops = _Drops(f"log file {path}")
+        self._failing: str | None = None  # why writes fail, while they do
+        self._dropped_lines = 0  # since they began to
+        self._dropped_bytes = 0
+        self._broken_line = False
         self._open()
 
     @property
@@ -645,15 +649,56 @@ class FileSink:
         self._write(b"".join(chunk))
 
     def _write(self, data: bytes) -> None:
+        """Append ``data`` (whole lines): each line is written whole or not at all.
+
+        A write that fails (ENOSPC, EFBIG...) after writing part of ``data`` is cut back to
+        its last whole line (``ftruncate``), and the rest is dropped: said once when the file
+        stops taking lines, and once when it takes them again, with what was dropped.
+        """
         if not data or self._fd < 0:
             return
-        try:
-            os.write(self._fd, data)
-        except OSError as exc:
-            log.warning("log file %s: write failed (%s); its lines are dropped until it can "
-                        "be reopened (disk full?)", self.path, exc)
+        if self._broken_line:  # a cut-off line could not be taken back: end it first
+            data = b"\n" + data
+        done = 0
+        error: OSError | None = None
+        with memoryview(data) as view:
+            while done < len(data):
+                try:
+                    n = os.write(self._fd, view[done:])
+                except InterruptedError:
+                    continue
+                except OSError as exc:
+                    error = exc
+                    break
+                if n <= 0:
+                    error = OSError(errno.ENOSPC, "short write")
+                    break
+                done += n
+        if error is None:
+            self._size += done
+            self._broken_line = False
+            if self._failing is not None:
+                log.warning("log file %s: written again; %d line(s) (%d bytes) were dropped "
+                            "while it could not be written (%s)", self.path,
+                            self._dropped_lines, self._dropped_bytes, self._failing)
+                self._failing = None
+                self._dropped_lines = self._dropped_bytes = 0
             return
-        self._size += len(data)
+        whole = data.rfind(b"\n", 0, done) + 1
+        if whole < done:
+            try:
+                os.ftruncate(self._fd, os.fstat(self._fd).st_size - (done - whole))
+            except OSError:
+                whole = done
+        self._broken_line = whole > 0 and data[whole - 1:whole] != b"\n"
+        self._size += whole
+        lost = memoryview(data)[whole:]
+        self._dropped_bytes += len(lost)
+        self._dropped_lines += bytes(lost).count(b"\n")
+        if self._failing is None:
+            self._failing = error.strerror or str(error)
+            log.warning("log file %s: write failed (%s); its lines are dropped until it can "
+                        "be written again (disk full?), which will be said", self.path, error)
 
     def _rotate(self) -> None:
         os.close(self._fd)
@@ -672,6 +717,11 @@ class FileSink:
 
     def close(self) -> None:
         self._drops.say()
+        if self._failing is not None:
+            log.warning("log file %s: closed while it could not be written (%s); %d line(s) "
+                        "(%d bytes) were dropped", self.path, self._failing,
+                        self._dropped_lines, self._dropped_bytes)
+            self._failing = None
         if self._out is not None:
             self._out.close()
             self._out = None

@@ -611,3 +611,53 @@ def test_splitter_never_cuts_inside_a_utf8_character() -> None:
     text = ("a" + "é" * 49_999).encode()
     pieces = s.feed(text) + s.flush()
     assert "".join(p.text.decode("utf-8") for p in pieces) == "a" + "é" * 49_999
+
+
+def test_file_sink_full_disk_warns_once_and_never_leaves_a_cut_line(
+        loop, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A file that stops taking writes part-way (RLIMIT_FSIZE here: a short write, then EFBIG,
+    as ENOSPC does on a full disk): one warning when it starts, one when writing resumes with
+    what was dropped; the file holds whole lines only, never a cut one glued to the next."""
+    import re
+    import resource
+    import signal
+
+    path = tmp_path / "w.log"
+    sink = FileSink(str(path), loop, max_bytes=0)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    n = 0
+
+    def batch() -> None:
+        nonlocal n
+        sink.emit([rec(b"line %05d " % (n + i) + b"y" * 100) for i in range(3)])
+        n += 3
+
+    try:
+        with caplog.at_level("WARNING", logger="corral._logs"):
+            batch()
+            resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size + 1000, hard))
+            for _ in range(200):
+                batch()
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            for _ in range(3):
+                batch()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+        sink.close()
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages
+    assert "write failed" in messages[0]
+    assert "written again" in messages[1]
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b""
+    nums = []
+    for line in lines[:-1]:
+        m = re.fullmatch(rb"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} web\.1 \|  line (\d{5}) y{100}",
+                         line)
+        assert m, line
+        nums.append(int(m.group(1)))
+    dropped = n - len(nums)
+    assert nums[-9:] == list(range(n - 9, n))  # written again after
+    assert f"{dropped} line(s)" in messages[1]
