@@ -26,10 +26,12 @@ UTF-8 character (a piece may be up to 3 bytes shorter); each piece but the last 
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import stat
 import sys
+import termios
 import time
 import zlib
 from collections import deque
@@ -204,6 +206,16 @@ class PipeReader:
                     self._release_timer = self._loop.call_later(0.0, self._release)
             else:
                 self._watch()
+
+    def waiting(self) -> int:
+        """Bytes in the pipe not read yet (0 once closed)."""
+        if self._closed:
+            return 0
+        try:
+            buf = fcntl.ioctl(self.fd, termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return 0
+        return int.from_bytes(buf, sys.byteorder)
 
     @property
     def held(self) -> int:
@@ -435,6 +447,11 @@ class _OutSink:
         if self._listener is not None:
             self._listener(self, False)
 
+    @property
+    def pending(self) -> int:
+        """Bytes accepted but not written yet."""
+        return 0 if self.out.failed is not None else self.out.pending
+
     def close(self) -> None:
         self.drops.say()
         self.out.close()
@@ -588,6 +605,12 @@ class FileSink:
     @property
     def rotatable(self) -> bool:
         return self._rotatable
+
+    @property
+    def pending(self) -> int:
+        """Bytes accepted but not written yet (a FIFO or a terminal behind the path)."""
+        out = self._out
+        return 0 if out is None or out.failed is not None else out.pending
 
     def bind(self, on_congestion: Callable[[Sink, bool], None]) -> None:
         self._listener = on_congestion
@@ -819,6 +842,7 @@ class LogHub:
         self._sinks: list[Sink] = []
         self._congested: set[int] = set()  # id() of congested sinks
         self._readers: dict[int, tuple[PipeReader, str]] = {}
+        self._labels: dict[int, str] = {}  # fd -> "web.0 stdout", for messages
         self._rings: dict[tuple[str, int], Ring] = {}
         self._ring_lines = ring_lines
         self._ring_bytes = ring_bytes
@@ -855,11 +879,13 @@ class LogHub:
 
         def eof() -> None:
             self._readers.pop(fd, None)
+            self._labels.pop(fd, None)
             if on_eof is not None:
                 on_eof()
 
         reader = PipeReader(fd, self._loop, on_lines, eof)
         self._readers[fd] = (reader, program)
+        self._labels[fd] = f"{program}.{index} {stream}"
         if self._blocked(program):
             reader.pause()
         return reader
@@ -933,8 +959,37 @@ class LogHub:
 
         return unsubscribe
 
+    def unfinished(self) -> int:
+        """Output not yet out: bytes in the sinks' buffers, pieces readers hold, bytes in the
+        pipes of readers that have not hit EOF (a pipe kept open by a leftover process but
+        empty counts for nothing)."""
+        total = sum(getattr(sink, "pending", 0) for sink in self._sinks)
+        for reader, _ in self._readers.values():
+            total += reader.held + reader.waiting()
+        return total
+
+    def flush(self, run_once: Callable[[float], object], timeout: float) -> bool:
+        """At shutdown, before :meth:`close`: go on reading the pipes and writing the sinks
+        (``run_once(deadline)`` runs one round of the loop) until everything read or readable
+        is out or ``timeout`` seconds have passed. Returns True if everything is out."""
+        deadline = time.monotonic() + timeout
+        while self.unfinished():
+            if time.monotonic() >= deadline:
+                return False
+            run_once(min(deadline, time.monotonic() + 0.1))
+        return True
+
     def close(self) -> None:
-        """Close every reader and sink (rings stay readable)."""
+        """Close every reader and sink (rings stay readable); what is left is dropped and said
+        (use :meth:`flush` first)."""
+        unread = [(self._labels.get(fd, program), reader.held, reader.waiting())
+                  for fd, (reader, program) in self._readers.items()]
+        unread = [x for x in unread if x[1] or x[2]]
+        if unread:
+            log.warning("workers' output dropped at shutdown, not written in time: %s",
+                        ", ".join(f"{label}: {held} line(s) read, {waiting} bytes unread"
+                                  for label, held, waiting in unread))
+        self._labels.clear()
         for reader, _ in list(self._readers.values()):
             reader.close()
         self._readers.clear()

@@ -150,7 +150,8 @@ class OutBuffer:
             if written > 0:
                 del self._buf[:written]
         if self._buf:
-            log.warning("%s: closed with %d bytes unwritten", self.name, len(self._buf))
+            log.warning("%s: closed with %d bytes unwritten (its reader did not keep up); "
+                        "they are dropped", self.name, len(self._buf))
         self._closed = True
         self._stop_waiting()
         self._buf.clear()

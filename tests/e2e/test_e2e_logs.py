@@ -260,3 +260,50 @@ def test_bursts_of_empty_lines_lose_nothing_in_json_logs(corral: Any) -> None:
     assert len(lines) == 3 * 70001 + 1
     c.stop()
     assert "dropped" not in c.err()
+
+
+LAST_WORDS = """
+import os, signal, sys, time
+idx = os.environ["CORRAL_INDEX"]
+def bye(*_):
+    for i in range(3000):
+        sys.stdout.write(f"bye {idx} {i} " + "z" * 100 + "\\n")
+    sys.stdout.write(f"LAST {idx}\\n")
+    sys.stdout.flush()
+    os._exit(0)
+signal.signal(signal.SIGTERM, bye)
+print("up", idx, flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def test_last_lines_reach_a_slow_console_at_shutdown(corral: Any) -> None:
+    """The workers' last lines (often why they stopped) used to be dropped at shutdown when
+    the console was behind: corral tried one write, then closed. Now it flushes them (within
+    a bounded time) before it exits."""
+    import subprocess
+    import sys
+
+    c: Corral = corral("-n", "2", "--name", "bye", "--stop-timeout", "20", "--",
+                       sys.executable, "-c", LAST_WORDS, stdout=subprocess.PIPE)
+    assert c.proc is not None and c.proc.stdout is not None
+    fd = c.proc.stdout.fileno()
+    got = bytearray()
+
+    def consume() -> None:  # a slow console: 4 KiB every 2 ms (about 2 MB/s)
+        while chunk := os.read(fd, 4096):
+            got.extend(chunk)
+            time.sleep(0.002)
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    wait_for(lambda: got.count(b"|  up ") == 2, 20, "both workers up")
+    assert c.stop() == 0
+    reader.join(30)
+    assert not reader.is_alive()
+    text = bytes(got).decode()
+    for i in range(2):
+        assert f"|  LAST {i}\n" in text
+        assert len(re.findall(rf"\|  bye {i} \d+ z", text)) == 3000
+    assert "unwritten" not in c.err() and "dropped" not in c.err()

@@ -5,12 +5,15 @@ Real pipes and real child processes; the loop is tests/selector_loop.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -661,3 +664,71 @@ def test_file_sink_full_disk_warns_once_and_never_leaves_a_cut_line(
     dropped = n - len(nums)
     assert nums[-9:] == list(range(n - 9, n))  # written again after
     assert f"{dropped} line(s)" in messages[1]
+
+
+# --- shutdown: what was read reaches a slow console, for a bounded time ------------------------
+
+
+def _hub_with_a_dead_worker(loop, nbytes: int) -> tuple[LogHub, ConsoleSink, int, threading.Thread]:
+    """A hub whose console nobody reads yet and a "worker" that wrote ``nbytes`` and ended."""
+    con_r, con_w = os.pipe()
+    sink = ConsoleSink(loop, con_w)
+    os.close(con_w)
+    hub = LogHub(loop, [sink])
+    r, w = os.pipe()
+
+    def write() -> None:
+        with contextlib.suppress(BrokenPipeError), os.fdopen(w, "wb") as f:
+            for i in range(nbytes // 100):
+                f.write(b"bye %06d " % i + b"z" * 89 + b"\n")
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    hub.attach(r, "w", 0, 42, "stdout")
+    loop.run_until(lambda: hub.paused_readers == 1, what="the console congested")
+    return hub, sink, con_r, writer
+
+
+def test_hub_flush_at_shutdown_writes_everything_to_a_slow_console(loop) -> None:
+    hub, _sink, con_r, writer = _hub_with_a_dead_worker(loop, 600_000)
+    got = bytearray()
+
+    def consume() -> None:  # a slow consumer: 4 KiB at a time, until EOF
+        while True:
+            chunk = os.read(con_r, 4096)
+            if not chunk:
+                return
+            got.extend(chunk)
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    try:
+        loop.run_until(lambda: not writer.is_alive(), timeout=30, what="the worker's end")
+        assert hub.flush(lambda until: loop.run_once(max(0.0, until - time.monotonic())), 30)
+        assert hub.unfinished() == 0
+    finally:
+        hub.close()  # closes the console's fd: the consumer sees EOF
+        consumer.join(10)
+        os.close(con_r)
+    lines = bytes(got).splitlines()
+    assert len(lines) == 6000 and lines[-1].split()[3] == b"005999"
+
+
+def test_hub_flush_gives_up_in_time_and_close_says_what_is_dropped(
+        loop, caplog: pytest.LogCaptureFixture) -> None:
+    hub, _sink, con_r, writer = _hub_with_a_dead_worker(loop, 600_000)
+    try:
+        t0 = time.monotonic()
+        assert not hub.flush(lambda until: loop.run_once(max(0.0, until - time.monotonic())),
+                             0.5)
+        assert time.monotonic() - t0 < 3
+        assert hub.unfinished() > 0
+        with caplog.at_level("WARNING"):
+            hub.close()
+        text = "\n".join(r.getMessage() for r in caplog.records)
+        assert "bytes unread" in text and "w.0 stdout:" in text  # the pipe, by worker
+        assert re.search(r"console log sink: closed with \d+ bytes unwritten", text)
+    finally:
+        hub.close()
+        os.close(con_r)
+        writer.join(10)
