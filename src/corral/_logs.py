@@ -7,25 +7,31 @@ Data flow (everything on the loop thread)::
                                                                       |    JSON lines, files)
                                                                       +--> followers (logs -f)
 
-Memory is bounded everywhere. A reader holds at most one partial line (64 KiB) and one read.
-A sink writes through a bounded :class:`~corral._outbuf.OutBuffer`; when one is congested (its
+Memory is bounded everywhere. A reader holds at most one partial line (64 KiB) and one read,
+which it hands on in batches of about :data:`BATCH_BYTES` (each line counted with what its
+prefix or JSON keys add): 64 KiB of empty lines formats to megabytes, so a reader paused in
+the middle of a read keeps the rest and reads no more until it is resumed. A sink writes
+through a bounded :class:`~corral._outbuf.OutBuffer`; when one is congested (its
 consumer, e.g. a slow terminal or a full pipe behind ``/dev/stdout``, does not keep up) the hub
 stops reading the pipes that feed that sink, so the children block in ``write()``: the kernel
 pipe is the backpressure, and no line is lost. Rings are bounded by lines and bytes. Followers
 (``corral logs -f``) never slow the workers down: each has a bounded queue and, past it, loses
 lines and is told how many.
 
-A line longer than :data:`MAX_LINE` is cut into pieces of at most that size; each piece but the
-last has ``more=True`` and each but the first has ``cont=True``. Nothing is dropped silently.
+A line longer than :data:`MAX_LINE` is cut into pieces of at most that size, never inside a
+UTF-8 character (a piece may be up to 3 bytes shorter); each piece but the last has
+``more=True`` and each but the first has ``cont=True``. Nothing is dropped silently.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import stat
 import sys
+import termios
 import time
 import zlib
 from collections import deque
@@ -35,7 +41,7 @@ from json.encoder import encode_basestring as _encode_str
 from typing import NamedTuple, Protocol
 
 from corral._json import LOG_SCHEMA
-from corral._loop import Loop
+from corral._loop import Loop, TimerHandle
 from corral._outbuf import OutBuffer, open_output
 
 __all__ = [
@@ -58,6 +64,12 @@ log = logging.getLogger(__name__)
 
 MAX_LINE = 64 * 1024
 READ_SIZE = 64 * 1024
+# One read is handed to the hub in batches of about this many bytes, a piece counting its
+# text plus _PIECE_COST (its prefix or JSON keys once formatted): 64 KiB of empty lines would
+# otherwise format to megabytes at once. Between batches the reader checks whether a sink
+# became congested and, if so, keeps the rest until it has drained (backpressure, no loss).
+BATCH_BYTES = 64 * 1024
+_PIECE_COST = 128
 
 
 class Piece(NamedTuple):
@@ -111,14 +123,33 @@ class LineSplitter:
         """Emit ``text`` in pieces; when not ``last``, keep (return) a short remainder."""
         limit = self.max_line
         while len(text) > limit:
-            out.append(Piece(text[:limit], True, self._cont))
+            cut = _char_boundary(text, limit)
+            out.append(Piece(text[:cut], True, self._cont))
             self._cont = True
-            text = text[limit:]
+            text = text[cut:]
         if not last:
             return text
         out.append(Piece(text, False, self._cont))
         self._cont = False
         return b""
+
+
+def _char_boundary(text: bytes, limit: int) -> int:
+    """Where to cut ``text`` (longer than ``limit``) so as not to split a UTF-8 character.
+
+    ``limit``, moved back to the start of the character that straddles it (3 bytes at most,
+    never to 0); bytes that are not UTF-8 there are cut at ``limit``. Each piece is decoded on
+    its own (JSON logs), so a split character would become two U+FFFD.
+    """
+    cut = limit
+    while cut > 1 and limit - cut < 3 and text[cut] & 0xC0 == 0x80:
+        cut -= 1
+    if cut == limit:
+        return limit
+    lead = text[cut]
+    size = 2 if 0xC0 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4 if 0xF0 <= lead < 0xF8 \
+        else 0
+    return cut if cut + size > limit else limit
 
 
 class PipeReader:
@@ -145,6 +176,9 @@ class PipeReader:
         self._paused = False
         self._closed = False
         self._watching = False
+        self._held: list[Piece] = []  # pieces read but not delivered yet (paused mid-read)
+        self._eof = False  # EOF seen; close once the held pieces are delivered
+        self._release_timer: TimerHandle | None = None
         os.set_blocking(fd, False)
         self._watch()
 
@@ -165,7 +199,28 @@ class PipeReader:
     def resume(self) -> None:
         if self._paused:
             self._paused = False
-            self._watch()
+            if self._held or self._eof:
+                # The rest of a read comes first, on the next round (not inside the
+                # callback that resumed us).
+                if self._release_timer is None:
+                    self._release_timer = self._loop.call_later(0.0, self._release)
+            else:
+                self._watch()
+
+    def waiting(self) -> int:
+        """Bytes in the pipe not read yet (0 once closed)."""
+        if self._closed:
+            return 0
+        try:
+            buf = fcntl.ioctl(self.fd, termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return 0
+        return int.from_bytes(buf, sys.byteorder)
+
+    @property
+    def held(self) -> int:
+        """Pieces read but not delivered yet (the reader was paused in the middle of a read)."""
+        return len(self._held)
 
     def close(self) -> None:
         """Stop and close the fd (without a final flush: use it to abandon the pipe)."""
@@ -173,7 +228,46 @@ class PipeReader:
             return
         self._closed = True
         self._unwatch()
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
+        self._held = []
         os.close(self.fd)
+
+    def _deliver(self, pieces: list[Piece]) -> None:
+        """Hand ``pieces`` to ``on_lines`` in batches; stop (and hold the rest) once paused."""
+        start, count = 0, len(pieces)
+        while start < count:
+            end, cost = start, 0
+            while end < count and cost < BATCH_BYTES:
+                cost += len(pieces[end].text) + _PIECE_COST
+                end += 1
+            self._on_lines(pieces if start == 0 and end == count else pieces[start:end])
+            start = end
+            if self._closed:
+                return
+            if self._paused and start < count:
+                self._held = pieces[start:]
+                return
+
+    def _release(self) -> None:
+        """Resumed with held pieces: deliver them, then read on (or finish the EOF)."""
+        self._release_timer = None
+        if self._closed or self._paused:
+            return
+        held, self._held = self._held, []
+        self._deliver(held)
+        if self._closed or self._held:
+            return
+        if self._eof:
+            self._finish()
+        elif not self._paused:
+            self._watch()
+
+    def _finish(self) -> None:
+        self.close()
+        if self._on_eof is not None:
+            self._on_eof()
 
     def _watch(self) -> None:
         if not self._watching and not self._closed and not self._paused:
@@ -186,7 +280,7 @@ class PipeReader:
             self._loop.remove_reader(self.fd)
 
     def _on_readable(self) -> None:
-        if self._closed or self._paused:
+        if self._closed or self._paused or self._held:
             return
         try:
             data = os.read(self.fd, self._read_size)
@@ -200,14 +294,15 @@ class PipeReader:
         if data:
             pieces = self._splitter.feed(data)
             if pieces:
-                self._on_lines(pieces)
+                self._deliver(pieces)
             return
+        self._eof = True
+        self._unwatch()
         pieces = self._splitter.flush()
         if pieces:
-            self._on_lines(pieces)
-        self.close()
-        if self._on_eof is not None:
-            self._on_eof()
+            self._deliver(pieces)
+        if not self._held and not self._closed:
+            self._finish()
 
 
 @dataclass(slots=True)
@@ -276,6 +371,57 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+DROP_WARN_INTERVAL = 10.0
+
+
+class _Drops:
+    """Output a sink's buffer refused (past its hard limit): counted, and said at most once per
+    :data:`DROP_WARN_INTERVAL` seconds with the workers it came from (and once more at close).
+
+    Readers hand the hub batches small enough that this should not happen (module docstring):
+    it is the last resort that keeps memory bounded, never silent.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.bytes = 0  # in total
+        self.lines = 0
+        self._bytes = 0  # since the last warning
+        self._lines = 0
+        self._labels: dict[str, None] = {}
+        self._next = 0.0
+
+    def add(self, nbytes: int, records: Sequence[LogRecord]) -> None:
+        self.bytes += nbytes
+        self.lines += len(records)
+        self._bytes += nbytes
+        self._lines += len(records)
+        for rec in records:
+            if len(self._labels) >= 8:
+                break
+            self._labels[rec.label] = None
+        now = time.monotonic()
+        if now >= self._next:
+            self._next = now + DROP_WARN_INTERVAL
+            self.say()
+
+    def say(self) -> None:
+        if not self._lines:
+            return
+        log.warning("%s: %d line(s) (%d bytes) of %s dropped: more than its buffer holds "
+                    "(%d bytes dropped in all)", self.name, self._lines, self._bytes,
+                    ", ".join(self._labels), self.bytes)
+        self._bytes = self._lines = 0
+        self._labels.clear()
+
+
+def _put(out: OutBuffer, data: bytes, records: Sequence[LogRecord], drops: _Drops) -> None:
+    """``out.write(data)``; a refusal for want of room (not a dead fd: that is said once by
+    the buffer) is counted and said."""
+    if not out.write(data) and out.failed is None and not out.closed:
+        drops.add(len(data), records)
+
+
 class _OutSink:
     """A sink that writes formatted bytes through an OutBuffer."""
 
@@ -285,6 +431,7 @@ class _OutSink:
         self._listener: Callable[[Sink, bool], None] | None = None
         self.out = OutBuffer(fd, loop, on_pause=self._paused, on_resume=self._resumed,
                              owns_fd=owns_fd, name=name)
+        self.drops = _Drops(name)
 
     def bind(self, on_congestion: Callable[[Sink, bool], None]) -> None:
         self._listener = on_congestion
@@ -300,7 +447,13 @@ class _OutSink:
         if self._listener is not None:
             self._listener(self, False)
 
+    @property
+    def pending(self) -> int:
+        """Bytes accepted but not written yet."""
+        return 0 if self.out.failed is not None else self.out.pending
+
     def close(self) -> None:
+        self.drops.say()
         self.out.close()
 
 
@@ -374,7 +527,7 @@ class ConsoleSink(_OutSink):
             add(head_of(rec))
             add(rec.text)
             add(b"\\\n" if rec.more else b"\n")
-        self.out.write(b"".join(parts))
+        _put(self.out, b"".join(parts), records, self.drops)
 
     def _stamp(self, ts: float) -> bytes:
         return _local_clock(ts, self._clock_cache, date=False) + b" "
@@ -403,7 +556,7 @@ class JsonLinesSink(_OutSink):
         super().__init__(own, loop, "JSON log sink")
 
     def emit(self, records: Sequence[LogRecord]) -> None:
-        self.out.write(_json_lines(records))
+        _put(self.out, _json_lines(records), records, self.drops)
 
 
 class FileSink:
@@ -442,11 +595,22 @@ class FileSink:
         self._rotatable = False
         self._out: OutBuffer | None = None
         self._clock_cache: list[object] = []
+        self._drops = _Drops(f"log file {path}")
+        self._failing: str | None = None  # why writes fail, while they do
+        self._dropped_lines = 0  # since they began to
+        self._dropped_bytes = 0
+        self._broken_line = False
         self._open()
 
     @property
     def rotatable(self) -> bool:
         return self._rotatable
+
+    @property
+    def pending(self) -> int:
+        """Bytes accepted but not written yet (a FIFO or a terminal behind the path)."""
+        out = self._out
+        return 0 if out is None or out.failed is not None else out.pending
 
     def bind(self, on_congestion: Callable[[Sink, bool], None]) -> None:
         self._listener = on_congestion
@@ -489,7 +653,7 @@ class FileSink:
 
     def emit(self, records: Sequence[LogRecord]) -> None:
         if self._out is not None:
-            self._out.write(b"".join([self._format(r) for r in records]))
+            _put(self._out, b"".join([self._format(r) for r in records]), records, self._drops)
             return
         if self._fd < 0:
             return
@@ -508,15 +672,56 @@ class FileSink:
         self._write(b"".join(chunk))
 
     def _write(self, data: bytes) -> None:
+        """Append ``data`` (whole lines): each line is written whole or not at all.
+
+        A write that fails (ENOSPC, EFBIG...) after writing part of ``data`` is cut back to
+        its last whole line (``ftruncate``), and the rest is dropped: said once when the file
+        stops taking lines, and once when it takes them again, with what was dropped.
+        """
         if not data or self._fd < 0:
             return
-        try:
-            os.write(self._fd, data)
-        except OSError as exc:
-            log.warning("log file %s: write failed (%s); its lines are dropped until it can "
-                        "be reopened (disk full?)", self.path, exc)
+        if self._broken_line:  # a cut-off line could not be taken back: end it first
+            data = b"\n" + data
+        done = 0
+        error: OSError | None = None
+        with memoryview(data) as view:
+            while done < len(data):
+                try:
+                    n = os.write(self._fd, view[done:])
+                except InterruptedError:
+                    continue
+                except OSError as exc:
+                    error = exc
+                    break
+                if n <= 0:
+                    error = OSError(errno.ENOSPC, "short write")
+                    break
+                done += n
+        if error is None:
+            self._size += done
+            self._broken_line = False
+            if self._failing is not None:
+                log.warning("log file %s: written again; %d line(s) (%d bytes) were dropped "
+                            "while it could not be written (%s)", self.path,
+                            self._dropped_lines, self._dropped_bytes, self._failing)
+                self._failing = None
+                self._dropped_lines = self._dropped_bytes = 0
             return
-        self._size += len(data)
+        whole = data.rfind(b"\n", 0, done) + 1
+        if whole < done:
+            try:
+                os.ftruncate(self._fd, os.fstat(self._fd).st_size - (done - whole))
+            except OSError:
+                whole = done
+        self._broken_line = whole > 0 and data[whole - 1:whole] != b"\n"
+        self._size += whole
+        lost = memoryview(data)[whole:]
+        self._dropped_bytes += len(lost)
+        self._dropped_lines += bytes(lost).count(b"\n")
+        if self._failing is None:
+            self._failing = error.strerror or str(error)
+            log.warning("log file %s: write failed (%s); its lines are dropped until it can "
+                        "be written again (disk full?), which will be said", self.path, error)
 
     def _rotate(self) -> None:
         os.close(self._fd)
@@ -534,6 +739,12 @@ class FileSink:
             self._open()
 
     def close(self) -> None:
+        self._drops.say()
+        if self._failing is not None:
+            log.warning("log file %s: closed while it could not be written (%s); %d line(s) "
+                        "(%d bytes) were dropped", self.path, self._failing,
+                        self._dropped_lines, self._dropped_bytes)
+            self._failing = None
         if self._out is not None:
             self._out.close()
             self._out = None
@@ -631,6 +842,7 @@ class LogHub:
         self._sinks: list[Sink] = []
         self._congested: set[int] = set()  # id() of congested sinks
         self._readers: dict[int, tuple[PipeReader, str]] = {}
+        self._labels: dict[int, str] = {}  # fd -> "web.0 stdout", for messages
         self._rings: dict[tuple[str, int], Ring] = {}
         self._ring_lines = ring_lines
         self._ring_bytes = ring_bytes
@@ -667,11 +879,13 @@ class LogHub:
 
         def eof() -> None:
             self._readers.pop(fd, None)
+            self._labels.pop(fd, None)
             if on_eof is not None:
                 on_eof()
 
         reader = PipeReader(fd, self._loop, on_lines, eof)
         self._readers[fd] = (reader, program)
+        self._labels[fd] = f"{program}.{index} {stream}"
         if self._blocked(program):
             reader.pause()
         return reader
@@ -745,8 +959,37 @@ class LogHub:
 
         return unsubscribe
 
+    def unfinished(self) -> int:
+        """Output not yet out: bytes in the sinks' buffers, pieces readers hold, bytes in the
+        pipes of readers that have not hit EOF (a pipe kept open by a leftover process but
+        empty counts for nothing)."""
+        total = sum(getattr(sink, "pending", 0) for sink in self._sinks)
+        for reader, _ in self._readers.values():
+            total += reader.held + reader.waiting()
+        return total
+
+    def flush(self, run_once: Callable[[float], object], timeout: float) -> bool:
+        """At shutdown, before :meth:`close`: go on reading the pipes and writing the sinks
+        (``run_once(deadline)`` runs one round of the loop) until everything read or readable
+        is out or ``timeout`` seconds have passed. Returns True if everything is out."""
+        deadline = time.monotonic() + timeout
+        while self.unfinished():
+            if time.monotonic() >= deadline:
+                return False
+            run_once(min(deadline, time.monotonic() + 0.1))
+        return True
+
     def close(self) -> None:
-        """Close every reader and sink (rings stay readable)."""
+        """Close every reader and sink (rings stay readable); what is left is dropped and said
+        (use :meth:`flush` first)."""
+        unread = [(self._labels.get(fd, program), reader.held, reader.waiting())
+                  for fd, (reader, program) in self._readers.items()]
+        unread = [x for x in unread if x[1] or x[2]]
+        if unread:
+            log.warning("workers' output dropped at shutdown, not written in time: %s",
+                        ", ".join(f"{label}: {held} line(s) read, {waiting} bytes unread"
+                                  for label, held, waiting in unread))
+        self._labels.clear()
         for reader, _ in list(self._readers.values()):
             reader.close()
         self._readers.clear()

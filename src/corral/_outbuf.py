@@ -107,6 +107,10 @@ class OutBuffer:
     def failed(self) -> OSError | None:
         return self._failed
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def write(self, data: bytes) -> bool:
         """Queue ``data``; False if it was refused (over ``limit``, failed or closed fd)."""
         if self._failed is not None or self._closed:
@@ -146,7 +150,8 @@ class OutBuffer:
             if written > 0:
                 del self._buf[:written]
         if self._buf:
-            log.warning("%s: closed with %d bytes unwritten", self.name, len(self._buf))
+            log.warning("%s: closed with %d bytes unwritten (its reader did not keep up); "
+                        "they are dropped", self.name, len(self._buf))
         self._closed = True
         self._stop_waiting()
         self._buf.clear()

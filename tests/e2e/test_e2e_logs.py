@@ -222,3 +222,88 @@ def test_a_stalled_console_throttles_the_workers_not_corral(corral: Any) -> None
     for m in re.finditer(rb"\|  seq (\d) (\d+) ", bytes(got)):
         seqs[m.group(1).decode()].append(int(m.group(2)))
     assert seqs["0"] == list(range(n)) and seqs["1"] == list(range(n))
+
+
+BLANK_BURSTS = """
+import sys, time
+out = sys.stdout.buffer
+for i in range(3):
+    out.write(b"seq %d\\n" % i + b"\\n" * 70000)
+    out.flush()
+out.write(b"done\\n")
+out.flush()
+time.sleep(600)
+"""
+
+
+def test_bursts_of_empty_lines_lose_nothing_in_json_logs(corral: Any) -> None:
+    """One 64 KiB read of empty lines is ~8 MiB of JSON, past the console buffer's limit: it
+    used to be dropped whole, silently. Now the worker is throttled and every line arrives."""
+    import subprocess
+    import sys
+
+    c: Corral = corral("-n", "1", "--name", "blank", "--json-logs", "--",
+                       sys.executable, "-c", BLANK_BURSTS, stdout=subprocess.PIPE)
+    assert c.proc is not None and c.proc.stdout is not None
+    got = bytearray()
+    fd = c.proc.stdout.fileno()
+    deadline = time.monotonic() + 60
+    while b'"line": "done"' not in got and time.monotonic() < deadline:
+        if select.select([fd], [], [], 1)[0]:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            got += chunk
+    lines = [json.loads(x)["line"] for x in bytes(got).splitlines()
+             if b'"program": "blank"' in x]
+    assert [x for x in lines if x] == ["seq 0", "seq 1", "seq 2", "done"]
+    assert len(lines) == 3 * 70001 + 1
+    c.stop()
+    assert "dropped" not in c.err()
+
+
+LAST_WORDS = """
+import os, signal, sys, time
+idx = os.environ["CORRAL_INDEX"]
+def bye(*_):
+    for i in range(3000):
+        sys.stdout.write(f"bye {idx} {i} " + "z" * 100 + "\\n")
+    sys.stdout.write(f"LAST {idx}\\n")
+    sys.stdout.flush()
+    os._exit(0)
+signal.signal(signal.SIGTERM, bye)
+print("up", idx, flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def test_last_lines_reach_a_slow_console_at_shutdown(corral: Any) -> None:
+    """The workers' last lines (often why they stopped) used to be dropped at shutdown when
+    the console was behind: corral tried one write, then closed. Now it flushes them (within
+    a bounded time) before it exits."""
+    import subprocess
+    import sys
+
+    c: Corral = corral("-n", "2", "--name", "bye", "--stop-timeout", "20", "--",
+                       sys.executable, "-c", LAST_WORDS, stdout=subprocess.PIPE)
+    assert c.proc is not None and c.proc.stdout is not None
+    fd = c.proc.stdout.fileno()
+    got = bytearray()
+
+    def consume() -> None:  # a slow console: 4 KiB every 2 ms (about 2 MB/s)
+        while chunk := os.read(fd, 4096):
+            got.extend(chunk)
+            time.sleep(0.002)
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    wait_for(lambda: got.count(b"|  up ") == 2, 20, "both workers up")
+    assert c.stop() == 0
+    reader.join(30)
+    assert not reader.is_alive()
+    text = bytes(got).decode()
+    for i in range(2):
+        assert f"|  LAST {i}\n" in text
+        assert len(re.findall(rf"\|  bye {i} \d+ z", text)) == 3000
+    assert "unwritten" not in c.err() and "dropped" not in c.err()

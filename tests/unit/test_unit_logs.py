@@ -5,11 +5,15 @@ Real pipes and real child processes; the loop is tests/selector_loop.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -468,3 +472,263 @@ def test_fast_json_lines_equal_record_to_json(loop) -> None:
                LogRecord(1.5, 'we"ird', 3, None, "stdout", b"")]
     lines = _json_lines(records).decode().splitlines()
     assert [json.loads(x) for x in lines] == [record_to_json(r) for r in records]
+
+
+# --- a read of many short lines (formatted, it is far larger than the read) --------------------
+
+
+def test_pipe_reader_paused_mid_read_holds_the_rest_and_delivers_it_on_resume(loop) -> None:
+    """A read of 64 KiB of empty lines comes in batches; paused after the first, the reader
+    holds the rest (and reads no more) until it is resumed, then delivers it in order."""
+    r, w = os.pipe()
+    batches: list[list[Piece]] = []
+    reader: PipeReader
+
+    def on_lines(pieces: list[Piece]) -> None:
+        batches.append(pieces)
+        reader.pause()
+
+    reader = PipeReader(r, loop, on_lines)
+    os.write(w, b"first\n" + b"\n" * 60_000 + b"last\n")
+    loop.run_until(lambda: batches, what="the first batch")
+    loop.run_for(0.05)
+    assert len(batches) == 1 and reader.held > 0
+    assert len(batches[0]) < 1000  # a batch, not the whole read
+    while reader.held:
+        reader.resume()
+        n = len(batches)
+        loop.run_until(lambda n=n: len(batches) > n, what="the next batch")
+    got = [p.text for b in batches for p in b]
+    assert got == [b"first"] + [b""] * 60_000 + [b"last"]
+    os.close(w)
+    reader.resume()
+    loop.run_until(lambda: reader.closed, what="eof")
+
+
+@pytest.mark.parametrize("json_sink", [False, True], ids=["console", "json"])
+def test_bursts_of_empty_lines_reach_a_slow_sink_whole(loop, json_sink: bool) -> None:
+    """One 64 KiB read of empty lines formats to ~4-8 MiB (a 60-character program name, or
+    JSON): more than the sink's buffer may hold. It used to be refused, silently; now the
+    reader is throttled instead: every line arrives, in order, and memory stays bounded."""
+    name = "p" * 60
+    con_r, con_w = os.pipe()
+    sink: ConsoleSink | JsonLinesSink = (JsonLinesSink(loop, con_w) if json_sink
+                                         else ConsoleSink(loop, con_w))
+    os.close(con_w)
+    hub = LogHub(loop, [sink])
+    r, w = os.pipe()
+    bursts, blank = 4, 100_000
+
+    def write() -> None:
+        with os.fdopen(w, "wb") as f:
+            for i in range(bursts):
+                f.write(b"seq %d\n" % i + b"\n" * blank)
+            f.write(b"done\n")
+
+    writer = threading.Thread(target=write, daemon=True)
+    eof: list[bool] = []
+    received = bytearray()
+    os.set_blocking(con_r, False)
+    peak = 0
+
+    def drain() -> None:
+        nonlocal peak
+        peak = max(peak, sink.out.pending)
+        try:
+            received.extend(os.read(con_r, 1 << 16))  # slower than the worker: one read a turn
+        except BlockingIOError:
+            pass
+
+    try:
+        hub.attach(r, name, 0, 42, "stdout", on_eof=lambda: eof.append(True))
+        writer.start()
+        loop.add_reader(con_r, drain)
+        loop.run_until(lambda: eof and sink.out.pending == 0, timeout=50, what="all output")
+        while True:  # what is left in the pipe
+            before = len(received)
+            drain()
+            if len(received) == before:
+                break
+        loop.remove_reader(con_r)
+    finally:
+        hub.close()
+        writer.join(10)
+        os.close(con_r)
+    lines = bytes(received).splitlines()
+    if json_sink:
+        texts = [json.loads(x)["line"] for x in lines]
+    else:
+        texts = [x.split(b" |  ", 1)[1].decode() if b" |  " in x else "" for x in lines]
+    assert [t for t in texts if t] == [f"seq {i}" for i in range(bursts)] + ["done"]
+    assert len(texts) == bursts * (blank + 1) + 1
+    assert sink.out.dropped_bytes == 0 and sink.drops.bytes == 0
+    assert peak <= 2 * 1024 * 1024
+
+
+def test_a_refused_write_is_counted_and_said(loop, caplog: pytest.LogCaptureFixture) -> None:
+    """The last resort (a batch too big for the buffer at all) is never silent."""
+    con_r, con_w = os.pipe()
+    sink = ConsoleSink(loop, con_w)
+    os.close(con_w)
+    try:
+        sink.out._limit = 100  # what a write may never pass
+        with caplog.at_level("WARNING", logger="corral._logs"):
+            # fill the pipe, then one write over the limit
+            while sink.out.pending == 0:
+                sink.emit([rec(b"x" * 40)])
+            sink.emit([rec(b"y" * 500, program="api", index=3)])
+        assert sink.drops.lines == 1 and sink.drops.bytes > 500
+        assert any("api.3" in r.getMessage() and "dropped" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        sink.close()
+        os.close(con_r)
+
+
+def test_splitter_never_cuts_inside_a_utf8_character() -> None:
+    """Each piece is decoded on its own (JSON logs): a cut inside a character made two U+FFFD.
+    The cut moves back to the character's start; bytes that are not UTF-8 are cut anyway."""
+    for width in (1, 2, 3, 4):  # a, é, €, 😀
+        char = "aé€😀"[width - 1].encode()
+        for limit in range(width, 12):  # (a piece shorter than a character must cut it)
+            for lead in range(4):
+                text = b"x" * lead + char * 20
+                s = LineSplitter(max_line=limit)
+                pieces = s.feed(text + b"\n")
+                assert b"".join(p.text for p in pieces) == text
+                for p in pieces:
+                    p.text.decode("utf-8")  # strict: no piece splits a character
+                    assert 0 < len(p.text) <= limit
+                    assert len(p.text) >= limit - 3 or not p.more
+    s = LineSplitter(max_line=4)
+    assert s.feed(b"a\xc3\xa9\xc3\xa9\n") == [Piece(b"a\xc3\xa9", True),
+                                             Piece(b"\xc3\xa9", False, True)]
+    # not UTF-8 (stray continuation bytes): cut at the limit, nothing lost
+    assert s.feed(b"\x80\x80\x80\x80\x80\n") == [Piece(b"\x80" * 4, True),
+                                                 Piece(b"\x80", False, True)]
+    # max_line smaller than a character: the character is cut (a piece is never empty)
+    s = LineSplitter(max_line=1)
+    assert s.feed("é\n".encode()) == [Piece(b"\xc3", True), Piece(b"\xa9", False, True)]
+    # an unterminated long line too, and the default 64 KiB cut
+    s = LineSplitter()
+    text = ("a" + "é" * 49_999).encode()
+    pieces = s.feed(text) + s.flush()
+    assert "".join(p.text.decode("utf-8") for p in pieces) == "a" + "é" * 49_999
+
+
+def test_file_sink_full_disk_warns_once_and_never_leaves_a_cut_line(
+        loop, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A file that stops taking writes part-way (RLIMIT_FSIZE here: a short write, then EFBIG,
+    as ENOSPC does on a full disk): one warning when it starts, one when writing resumes with
+    what was dropped; the file holds whole lines only, never a cut one glued to the next."""
+    import re
+    import resource
+    import signal
+
+    path = tmp_path / "w.log"
+    sink = FileSink(str(path), loop, max_bytes=0)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    n = 0
+
+    def batch() -> None:
+        nonlocal n
+        sink.emit([rec(b"line %05d " % (n + i) + b"y" * 100) for i in range(3)])
+        n += 3
+
+    try:
+        with caplog.at_level("WARNING", logger="corral._logs"):
+            batch()
+            resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size + 1000, hard))
+            for _ in range(200):
+                batch()
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            for _ in range(3):
+                batch()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+        sink.close()
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages
+    assert "write failed" in messages[0]
+    assert "written again" in messages[1]
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b""
+    nums = []
+    for line in lines[:-1]:
+        m = re.fullmatch(rb"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} web\.1 \|  line (\d{5}) y{100}",
+                         line)
+        assert m, line
+        nums.append(int(m.group(1)))
+    dropped = n - len(nums)
+    assert nums[-9:] == list(range(n - 9, n))  # written again after
+    assert f"{dropped} line(s)" in messages[1]
+
+
+# --- shutdown: what was read reaches a slow console, for a bounded time ------------------------
+
+
+def _hub_with_a_dead_worker(loop, nbytes: int) -> tuple[LogHub, ConsoleSink, int, threading.Thread]:
+    """A hub whose console nobody reads yet and a "worker" that wrote ``nbytes`` and ended."""
+    con_r, con_w = os.pipe()
+    sink = ConsoleSink(loop, con_w)
+    os.close(con_w)
+    hub = LogHub(loop, [sink])
+    r, w = os.pipe()
+
+    def write() -> None:
+        with contextlib.suppress(BrokenPipeError), os.fdopen(w, "wb") as f:
+            for i in range(nbytes // 100):
+                f.write(b"bye %06d " % i + b"z" * 89 + b"\n")
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    hub.attach(r, "w", 0, 42, "stdout")
+    loop.run_until(lambda: hub.paused_readers == 1, what="the console congested")
+    return hub, sink, con_r, writer
+
+
+def test_hub_flush_at_shutdown_writes_everything_to_a_slow_console(loop) -> None:
+    hub, _sink, con_r, writer = _hub_with_a_dead_worker(loop, 600_000)
+    got = bytearray()
+
+    def consume() -> None:  # a slow consumer: 4 KiB at a time, until EOF
+        while True:
+            chunk = os.read(con_r, 4096)
+            if not chunk:
+                return
+            got.extend(chunk)
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    try:
+        loop.run_until(lambda: not writer.is_alive(), timeout=30, what="the worker's end")
+        assert hub.flush(lambda until: loop.run_once(max(0.0, until - time.monotonic())), 30)
+        assert hub.unfinished() == 0
+    finally:
+        hub.close()  # closes the console's fd: the consumer sees EOF
+        consumer.join(10)
+        os.close(con_r)
+    lines = bytes(got).splitlines()
+    assert len(lines) == 6000 and lines[-1].split()[3] == b"005999"
+
+
+def test_hub_flush_gives_up_in_time_and_close_says_what_is_dropped(
+        loop, caplog: pytest.LogCaptureFixture) -> None:
+    hub, _sink, con_r, writer = _hub_with_a_dead_worker(loop, 600_000)
+    try:
+        t0 = time.monotonic()
+        assert not hub.flush(lambda until: loop.run_once(max(0.0, until - time.monotonic())),
+                             0.5)
+        assert time.monotonic() - t0 < 3
+        assert hub.unfinished() > 0
+        with caplog.at_level("WARNING"):
+            hub.close()
+        text = "\n".join(r.getMessage() for r in caplog.records)
+        assert "bytes unread" in text and "w.0 stdout:" in text  # the pipe, by worker
+        assert re.search(r"console log sink: closed with \d+ bytes unwritten", text)
+    finally:
+        hub.close()
+        os.close(con_r)
+        writer.join(10)

@@ -73,6 +73,9 @@ log = logging.getLogger("corral.run")
 
 _PR_SET_CHILD_SUBREAPER = 36
 _EVENTS_KEPT = 1000
+# At shutdown, how long the workers' output corral has read (or that waits in their pipes)
+# may take to reach a slow console or log FIFO before what is left is dropped (and counted).
+LOG_FLUSH_TIMEOUT = 5.0
 
 
 def run(options: RunOptions) -> int:
@@ -342,7 +345,17 @@ class CorralRun(CommandsPart, SystemdPart):
         self._close_serves()  # each one's listeners closed after its workers have drained
         self._close_listeners()  # after every program has stopped: closed last
         self.activation.close()
-        # Whatever the hub has not read yet, then close it.
+        # Whatever the hub has not read or written yet (a slow console), for a bounded time:
+        # the workers' last lines are often why they stopped. Then close it.
+        try:
+            flushed = self.hub.flush(lambda until: self.reactor.run_once(extra=until),
+                                     LOG_FLUSH_TIMEOUT)
+        except Exception:  # the loop itself failed (we may be here because of it)
+            log.warning("logs: could not flush the workers' output at shutdown", exc_info=True)
+        else:
+            if not flushed:
+                log.warning("logs: the workers' output is not all written %.0f s into the "
+                            "shutdown; what is left is dropped", LOG_FLUSH_TIMEOUT)
         self.hub.close()
         _kill_adopted()
         for sig in self._signals:
