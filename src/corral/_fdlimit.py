@@ -58,7 +58,8 @@ def ensure_fd_room(workers: int, per_worker: int = FDS_PER_WORKER) -> None:
 
 
 def explain_fd_error(exc: BaseException) -> str:
-    """The text of ``exc``, with the fd limit that was hit when it is EMFILE/ENFILE."""
+    """The text of ``exc``, with the fd limit that was hit when it is EMFILE/ENFILE, and the
+    limits on processes that may have been when it is EAGAIN (a fork or a thread refused)."""
     text = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -68,4 +69,10 @@ def explain_fd_error(exc: BaseException) -> str:
         count = "every fd in use" if open_now is None else f"{open_now} fds open"
         text += (f" ({which} is exhausted: {count}, soft limit {soft}, hard limit {hard}; "
                  "raise the hard limit with ulimit -Hn or LimitNOFILE=)")
+    elif isinstance(exc, OSError) and exc.errno == errno.EAGAIN:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+        limit = "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
+        text += (" (no new process or thread could be made: a limit on processes is reached, "
+                 f"RLIMIT_NPROC (soft {limit}) or the pids limit of this cgroup "
+                 "(pids.max; TasksMax= under systemd), or the system's kernel.pid_max)")
     return text
