@@ -215,19 +215,26 @@ def test_a_worker_s_group_is_known_to_the_keeper_before_it_can_start_anything(
     for attempt in range(3):
         flagdir = tmp_path / str(attempt)
         flagdir.mkdir()
-        proc = subprocess.Popen([sys.executable, str(SCRIPT), "killed-at-start", "fork",
-                                 str(flagdir), str(workers)], cwd=HERE)
-        try:
-            assert proc.wait(30) == -signal.SIGKILL
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-        files = list(flagdir.glob("gc-1-*[0-9]"))
-        assert len(files) == 1, files
-        grandchild, worker = (int(x) for x in files[0].read_text().split())
-        no_leaks.update([grandchild, worker])
-        wait_gone([worker, grandchild], 5, "worker 1 and its grandchild")
+        killed_by_a_worker("killed-at-start", "fork", flagdir, 1, no_leaks, str(workers))
+
+
+def killed_by_a_worker(mode: str, method: str, flagdir: Path, index: int,
+                       started: set[int], *extra: str) -> None:
+    """Run a script mode whose worker ``index`` starts a grandchild, reports it and SIGKILLs
+    the supervising script; both must be gone within 5 s."""
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), mode, method, str(flagdir), *extra],
+                            cwd=HERE)
+    try:
+        assert proc.wait(60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    files = list(flagdir.glob(f"gc-{index}-*[0-9]"))
+    assert len(files) == 1, files
+    grandchild, worker = (int(x) for x in files[0].read_text().split())
+    started.update([grandchild, worker])
+    wait_gone([worker, grandchild], 5, f"worker {index} and its grandchild")
 
 
 @pytest.mark.parametrize("method", START_METHODS)
@@ -238,19 +245,7 @@ def test_a_worker_claims_its_keeper_slot_before_the_supervisor_registers_it(
     # only once the start had returned on its thread; a supervisor killed before then (the
     # worker already running its target) left the worker's children behind when the worker
     # died of its parent-death signal before its watch thread could kill its group.
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "slow-adopt", method, str(tmp_path)],
-                            cwd=HERE)
-    try:
-        assert proc.wait(60) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    files = list(tmp_path.glob("gc-0-*[0-9]"))
-    assert len(files) == 1, files
-    grandchild, worker = (int(x) for x in files[0].read_text().split())
-    no_leaks.update([grandchild, worker])
-    wait_gone([worker, grandchild], 5, "the worker and its grandchild")
+    killed_by_a_worker("slow-adopt", method, tmp_path, 0, no_leaks)
 
 
 @pytest.mark.parametrize("method", START_METHODS)
