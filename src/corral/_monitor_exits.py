@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from corral._eventlog import event_extra
 from corral._slots import AfterStop, Deadline, WorkerSlot
-from corral.events import EventKind, ExitRecord, StopReason
+from corral.events import Event, EventKind, ExitRecord, StopReason
 from corral.exitstatus import ExitStatus
 from corral.policy import RestartPolicy, Strategy
 from corral.process import ProcessLike
@@ -183,14 +183,20 @@ class ExitPart(_Core):
         after, w.stop_reason, w.stop_detail = w.after_stop, None, None
         w.after_stop = AfterStop.POLICY
         event = self._emit(EventKind.EXITED, w, exit=record)
+        delayed: list[tuple[float, Event]] = []
         try:
-            self._decide(w, trigger, record, now, after)
+            self._decide(w, trigger, record, now, after, delayed)
         finally:
-            # Logged after the decision: a replacement (a standby) is already on its way.
+            # Logged after the decision: a replacement (a standby) is already on its way. The
+            # restart's delay after the exit it follows, naming the pid that ended.
             self._log_exit(record, event)
+            for delay, restarting in delayed:
+                self.log.info("worker %r (index %d, pid %s) restarts in %.3fs (failure %d in "
+                              "a row)", w.name, w.index, record.pid, delay, w.backoff.streak,
+                              extra=event_extra(self.log, logging.INFO, restarting))
 
     def _decide(self, w: WorkerSlot, trigger: Trigger, record: ExitRecord, now: float,
-                after: AfterStop) -> None:
+                after: AfterStop, delayed: list[tuple[float, Event]]) -> None:
         if self._stopping or after is AfterStop.STAY:
             self._move(w, trigger, S.STOPPED)
         elif after is AfterStop.REMOVE:
@@ -206,7 +212,7 @@ class ExitPart(_Core):
                 self._group.down.discard(w.index)
                 self._group_maybe_restart(now)
         else:
-            self._restart_per_policy(w, trigger, record, now)
+            self._restart_per_policy(w, trigger, record, now, delayed)
         if self._rolling_current == w.index:
             if record.pid != self._rolling_old:
                 self._rolling_failed(w, record)  # its replacement ended before it was ready
@@ -214,7 +220,9 @@ class ExitPart(_Core):
                 self._rolling_advance()  # no replacement is coming (removed, or held)
 
     def _restart_per_policy(self, w: WorkerSlot, trigger: Trigger, record: ExitRecord,
-                            now: float) -> None:
+                            now: float, delayed: list[tuple[float, Event]]) -> None:
+        """Restart ``w`` per the restart policy, budget and backoff, or give up. A restart
+        with a delay goes into ``delayed`` (logged after the exit)."""
         clean = (record.exit is not None and record.exit.clean
                  and record.reason is StopReason.EXITED)
         if not self.spec.restart_policy.wants_restart(clean_exit=clean):
@@ -239,9 +247,8 @@ class ExitPart(_Core):
         if self._restart_group(w, trigger, now, delay):
             return
         event = self._emit(EventKind.RESTARTING, w, delay=delay)
-        if delay > 0:
-            self.log.info("%s restarts in %.3fs (failure %d in a row)", w.who, delay,
-                          w.backoff.streak, extra=event_extra(self.log, logging.INFO, event))
+        if delay > 0 and self.log.isEnabledFor(logging.INFO):
+            delayed.append((delay, event))
         self._restart_at(w, trigger, now + max(delay, 0.0), now)
 
     def _restart_at(self, w: WorkerSlot, trigger: Trigger, when: float, now: float) -> None:
