@@ -557,8 +557,17 @@ def _take_slot(config: BootConfig, index: int, name: str, dump_fd: int) -> None:
         # it, added since, is opened like under spawn).
         heartbeat._attach_view(table.view, index, dump_fd, config.wake_fd, config.ready_on_beat)
     elif config.heartbeat_path is not None:
-        heartbeat._attach(config.heartbeat_path, index, dump_fd, config.wake_path,
-                          config.ready_on_beat)
+        try:
+            heartbeat._attach(config.heartbeat_path, index, dump_fd, config.wake_path,
+                              config.ready_on_beat)
+        except FileNotFoundError:
+            # The pool closed its table: it stopped before this start got here (a forkserver
+            # held up past the stop's deadline). Nothing of the user's has run: one line, not
+            # a traceback of corral's internals.
+            with contextlib.suppress(OSError):
+                os.write(2, f"corral: worker {name!r} started after pool {config.pool!r} had "
+                            "stopped; exiting\n".encode())
+            os._exit(1)
 
 
 def _last_steps(config: BootConfig, armed: bool) -> None:

@@ -190,6 +190,7 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
         # While begin() queues a pool's first starts: they go to the spawner as one request.
         self._collecting: list[SpawnRequest] | None = None
         self._slots: dict[int, WorkerSlot] = {}
+        self._abandoned = False  # a start was given up on at the stop's deadline
         self._counts: dict[WorkerState, int] = dict.fromkeys(WorkerState, 0)
         # Bumped by every change of what PoolFacts holds; the facts are published at the end
         # of the round (observed() serves them to other threads without a round trip).
@@ -371,7 +372,8 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
             raise
         finally:
             # Joined (it is idle by now): stop() returns with none of the pool's threads left.
-            self._spawner.close(timeout=_SPAWNER_JOIN)
+            # Not when a start was given up on: that thread is stuck in it.
+            self._spawner.close(timeout=0.0 if self._abandoned else _SPAWNER_JOIN)
 
     def _round(self, max_wait: float | None = None) -> None:
         self._round_body(max_wait)
@@ -613,6 +615,8 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
                 for straggler in self._slots.values():
                     if straggler.state is S.STOPPING:
                         self._kill(straggler)
+                    elif straggler.state is S.PENDING:
+                        self._abandon_start(straggler)
                 self._kill_standbys()
             elif kind is Deadline.MEMORY:
                 self._measure_memory(now)
@@ -647,6 +651,18 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
             self._stop_worker(w, StopReason.RECYCLED_AGE, AfterStop.RESTART, now,
                               detail=f"age {now - w.proc.started:.1f}s > max_age "
                                      f"{self.spec.max_age:g}s")
+
+    def _abandon_start(self, w: WorkerSlot) -> None:
+        """The stop's deadline came while ``w``'s start is still with the spawner thread (a
+        forkserver that is stopped or stuck never answers): the stop does not wait for it. A
+        process that comes later is killed on arrival (a new generation, or the loop closed)."""
+        w.generation += 1
+        self._abandoned = True
+        self._move(w, Trigger.STOP, S.STOPPED)
+        self.log.warning("worker %r (index %d): its start had not returned by the stop's "
+                         "deadline (under %s: is the start method's server stopped or "
+                         "stuck?); not waiting for it, a process that still comes is killed",
+                         w.name, w.index, self.spec.start_method)
 
     # -------------------------------------------------------------------------------- outputs
 

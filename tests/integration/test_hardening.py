@@ -673,6 +673,44 @@ def test_a_death_is_seen_while_the_forkserver_is_stopped(no_leaks: set[int]) -> 
         assert pid_alive(status_of(sup, 1).pid or 0)
 
 
+@pytest.mark.timeout(90)
+def test_stop_keeps_its_deadline_with_a_start_stuck_in_a_stopped_forkserver(
+        no_leaks: set[int], caplog: pytest.LogCaptureFixture) -> None:
+    # A replacement's start sent to a stopped forkserver never returned, and stop() waited for
+    # it: stop(timeout=0.5) took 5.5 s (the deadline, the 4 s margin, the 1 s spawner join)
+    # and logged that the monitor thread was held up.
+    with caplog.at_level(logging.WARNING, "corral"), \
+            pool(no_leaks, workers.sleeper, workers=2, start_method="forkserver") as (sup, _):
+        assert sup.wait_ready(timeout=30) == 2
+        victim = status_of(sup, 0).pid
+        assert victim is not None
+        server = _ppid(victim)
+        os.kill(server, signal.SIGSTOP)
+        try:
+            os.kill(victim, signal.SIGKILL)
+            in_state(sup, 0, WorkerState.PENDING)  # its replacement is with the spawner
+            began = time.monotonic()
+            sup.stop(timeout=0.5)
+            took = time.monotonic() - began
+        finally:
+            os.kill(server, signal.SIGCONT)
+        assert took < 3.0, took
+        assert all(s.state is WorkerState.STOPPED for s in sup.status())
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("its start had not returned by the stop's deadline" in m for m in lines), lines
+    assert not any("did not finish within" in m for m in lines), lines
+    # The start that came after the stop is killed (or ends by itself): nothing is left.
+    wait_for(lambda: not _children(server), 15, "the forkserver's late child gone")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
 # ------------------------------------------------------------------- pids and threads run out
 
 PIDS_CGROUPS = Path("/sys/fs/cgroup/pids")
@@ -1135,3 +1173,26 @@ def test_keeper_kills_registered_groups_only(no_leaks: set[int]) -> None:
         for p in (proc.stdout, proc.stdin):
             if p is not None:
                 p.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_delayed_restart_is_logged_after_the_exit_it_follows_naming_its_pid(
+        no_leaks: set[int], caplog: pytest.LogCaptureFixture) -> None:
+    # It was logged before the exit's own line, and as "pid None" (the slot's process is gone
+    # by then): a reader saw a restart announced for a worker not yet said to have ended.
+    backoff = corral.Backoff(initial=0.2, multiplier=1.0, cap=0.2, jitter=0.0)
+    with caplog.at_level(logging.INFO, "corral"), \
+            pool(no_leaks, workers.crash_at_once, workers=1, start_method="fork",
+                 backoff=backoff) as (sup, log):
+        exits = log.wait(lambda ev: [e for e in ev if e.kind is EventKind.EXITED][:2]
+                         if sum(e.kind is EventKind.EXITED for e in ev) >= 2 else None,
+                         30, "two exits")
+        sup.stop(timeout=2.0)
+    lines = [r.getMessage() for r in caplog.records]
+    for ev in exits:
+        assert ev.exit is not None
+        pid = ev.exit.pid
+        ended = [i for i, m in enumerate(lines) if f"pid {pid})" in m and "exit code 1" in m]
+        restarts = [i for i, m in enumerate(lines) if f"pid {pid}) restarts in 0.200s" in m]
+        assert ended and restarts and ended[0] < restarts[0], (pid, lines)
+    assert not any("pid None" in m for m in lines), lines
