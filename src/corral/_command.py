@@ -12,10 +12,12 @@ or posix_spawn when it can), never with a ``preexec_fn`` (unsafe in a process wi
 from __future__ import annotations
 
 import contextlib
+import errno
 import grp
 import multiprocessing.connection
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import time
@@ -27,7 +29,7 @@ from corral._keeper import keeper
 from corral.exitstatus import ExitStatus
 from corral.process import GroupSignals, disown_fd, own_fd
 
-__all__ = ["CommandProcess", "Launch"]
+__all__ = ["CommandProcess", "Launch", "missing_interpreter"]
 
 
 @dataclass
@@ -104,6 +106,34 @@ def _numeric_ids(user: int | str | None, group: int | str | None
     return uid, gid, _supplementary_groups(user, group)
 
 
+def missing_interpreter(argv0: str, env: Mapping[str, str],
+                        cwd: str | None) -> FileNotFoundError | None:
+    """Why exec said ENOENT for a program that exists: the interpreter its ``#!`` line names
+    does not (exec reports that as the script being missing). None: not that case."""
+    path = shutil.which(argv0, path=env.get("PATH", os.defpath)) if "/" not in argv0 \
+        else os.path.join(cwd or os.getcwd(), argv0)
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(256)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    # The kernel splits the line at the first blank (space or tab) only: a \r stays in it.
+    line = first[2:].rstrip(b"\n").lstrip(b" \t")
+    interp = os.fsdecode(line.replace(b"\t", b" ").split(b" ", 1)[0])
+    if not interp:
+        return None
+    if os.path.exists(interp):
+        return None
+    why = f"{argv0!r} exists, but the interpreter its #! line names, {interp!r}, does not"
+    if interp.endswith("\r"):
+        why += " (the line ends in \\r: the file has Windows line endings)"
+    return FileNotFoundError(errno.ENOENT, why, path)
+
+
 class CommandProcess(GroupSignals):
     """One running command (a ``ProcessLike``)."""
 
@@ -143,15 +173,21 @@ class CommandProcess(GroupSignals):
             ids = None
             if user is not None or group is not None:
                 ids = _numeric_ids(user, group)
-            return cls(None, spawn_with_listeners(
-                argv, launch.listeners, env=full_env, cwd=cwd, stdout=launch.stdout,
-                stderr=launch.stderr, umask=umask, ids=ids))
-        popen = subprocess.Popen(
-            list(argv), stdin=subprocess.DEVNULL, stdout=launch.stdout, stderr=launch.stderr,
-            env=full_env, cwd=cwd, user=user, group=group,
-            extra_groups=_supplementary_groups(user, group),
-            umask=-1 if umask is None else umask, process_group=0, close_fds=True,
-            pass_fds=launch.pass_fds)
+            try:
+                return cls(None, spawn_with_listeners(
+                    argv, launch.listeners, env=full_env, cwd=cwd, stdout=launch.stdout,
+                    stderr=launch.stderr, umask=umask, ids=ids))
+            except FileNotFoundError as exc:
+                raise missing_interpreter(argv[0], full_env, cwd) or exc from None
+        try:
+            popen = subprocess.Popen(
+                list(argv), stdin=subprocess.DEVNULL, stdout=launch.stdout,
+                stderr=launch.stderr, env=full_env, cwd=cwd, user=user, group=group,
+                extra_groups=_supplementary_groups(user, group),
+                umask=-1 if umask is None else umask, process_group=0, close_fds=True,
+                pass_fds=launch.pass_fds)
+        except FileNotFoundError as exc:
+            raise missing_interpreter(argv[0], full_env, cwd) or exc from None
         return cls(popen)
 
     def waitable(self) -> int:

@@ -19,8 +19,11 @@ _SIGNAL_HINTS = {
     signal.SIGPIPE: "it wrote to a closed pipe or socket",
 }
 _CODE_HINTS = {
-    1: "an uncaught exception, most likely (see the worker's stderr)",
+    # 1 is Python's uncaught exception and most programs' "it failed": name both.
+    1: "an uncaught exception in Python, or a program's general failure (see its stderr)",
     2: "a usage error, or a SystemExit(2)",
+    126: "a shell found the command but could not run it (not executable, or a directory)",
+    127: "a shell did not find the command (not in PATH, or a missing #! interpreter)",
     120: "an error while flushing stdout/stderr at interpreter exit",
     137: "a shell or launcher reported SIGKILL (perhaps the OOM killer)",
 }

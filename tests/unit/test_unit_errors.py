@@ -71,7 +71,7 @@ def test_exit_record_describe() -> None:
     crash, segv, never = _history()
     assert crash.describe() == (
         "worker 'w-0' (index 0, pid 101): exited, exit code 1 after 0.25s "
-        "(an uncaught exception, most likely (see the worker's stderr))"
+        "(an uncaught exception in Python, or a program's general failure (see its stderr))"
     )
     assert segv.describe().startswith(
         "worker 'w-1' (index 1, pid 102): killed by signal, SIGSEGV(-11), core dumped after 0.50s")

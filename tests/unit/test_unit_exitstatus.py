@@ -80,6 +80,10 @@ def test_hints() -> None:
     assert "native code" in (ExitStatus(signal=signal.SIGABRT).hint or "")
     assert "closed pipe" in (ExitStatus(signal=signal.SIGPIPE).hint or "")
     assert "exception" in (ExitStatus(code=1).hint or "")
+    # Not only Python: a command's worker exits 1 for any failure.
+    assert "a program's general failure" in (ExitStatus(code=1).hint or "")
+    assert "could not run it" in (ExitStatus(code=126).hint or "")
+    assert "did not find the command" in (ExitStatus(code=127).hint or "")
     assert "SIGKILL" in (ExitStatus(code=137).hint or "")
     # No hint where there is nothing useful to say.
     assert ExitStatus(code=0).hint is None
