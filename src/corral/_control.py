@@ -34,6 +34,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -386,6 +387,7 @@ class _Connection:
         self.closing = False
         self.read_timer: TimerHandle | None = None
         self.idle_timer: TimerHandle | None = None
+        self.idle_since: float | None = None  # monotonic; None while something is in flight
         self.out = OutBuffer(self.fd, server.loop, high_water=server.max_output // 2,
                              low_water=0, limit=server.max_output, owns_fd=False,
                              on_resume=self._drained, on_error=lambda _e: self.close(),
@@ -474,11 +476,19 @@ class _Connection:
                                            f"{self.server.read_timeout:g}s"))
         self.finish_after_flush()
 
+    @property
+    def evictable(self) -> bool:
+        """Idle: nothing in flight either way (no stream, no reply, no partial message)."""
+        return (self.idle_since is not None and not self.closed and not self.closing
+                and not self.decoder.partial and self.out.pending == 0)
+
     def arm_idle(self) -> None:
         if self.idle_timer is not None:
             self.idle_timer.cancel()
             self.idle_timer = None
-        if self.server.idle_timeout is not None and not self.streams and not self.pending:
+        idle = not self.streams and not self.pending
+        self.idle_since = (self.idle_since or time.monotonic()) if idle else None
+        if self.server.idle_timeout is not None and idle:
             self.idle_timer = self.server.loop.call_later(self.server.idle_timeout,
                                                           self.on_idle)
 
@@ -717,12 +727,29 @@ class ControlServer:
                              f"uid {os.geteuid()}, root, and the configured allow_uids / "
                              "allow_gids may")
                 continue
-            if len(self._conns) >= self.max_connections:
-                log.warning("control: refused pid %d: %d connections already open", peer.pid,
-                            len(self._conns))
+            if len(self._conns) >= self.max_connections and not self._evict_idle(peer):
+                log.warning("control: refused pid %d: %d connections already open, none of "
+                            "them idle", peer.pid, len(self._conns))
                 self._refuse(conn, "busy", f"too many connections ({self.max_connections})")
                 continue
             self._conns.add(_Connection(self, conn, peer))
+
+    def _evict_idle(self, newcomer: Peer) -> bool:
+        """Close the connection idle the longest to make room; False: none is idle.
+
+        Without it, clients that connect and say nothing (a stuck script, a loop of `nc -U`)
+        would hold every slot for ``idle_timeout`` and lock out `corral status` and `stop`.
+        """
+        idle = [c for c in self._conns if c.evictable]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda c: c.idle_since or 0.0)
+        log.info("control: closing the connection of pid %d (idle %.1fs) to make room for "
+                 "pid %d: %d connections open", oldest.peer.pid,
+                 time.monotonic() - (oldest.idle_since or 0.0), newcomer.pid,
+                 len(self._conns))
+        oldest.close()
+        return True
 
     @staticmethod
     def _refuse(conn: socket.socket, code: str, message: str) -> None:

@@ -227,7 +227,7 @@ def test_a_reload_of_a_file_that_raises_anything_is_refused_and_changes_nothing(
                      "the reload refused in corral's log")
         else:
             r = c.cli("reload")
-            assert r.returncode == 1, (r.returncode, r.stderr)
+            assert r.returncode == 6, (r.returncode, r.stderr)  # README: a file with errors
             assert message in r.stderr and "[bad_config]" in r.stderr, r.stderr
         assert message in c.err()
         assert c.proc is not None and c.proc.poll() is None, c.err()

@@ -198,6 +198,9 @@ def test_logs_tail_json_and_follow(corral: Any) -> None:
         follow.wait(10)
     r = c.cli("logs", "nosuch")
     assert r.returncode == 1 and "no program 'nosuch'" in r.stderr
+    # A worker that is not there (and has no lines kept) is an error too, not empty output.
+    r = c.cli("logs", "w:99")
+    assert r.returncode == 1 and "program 'w' has no worker 99" in r.stderr, r
 
 
 def test_events_follow_json_with_commands(corral: Any) -> None:

@@ -43,6 +43,7 @@ from corral.cli.client import (
     RemoteError,
 )
 from selector_loop import SelectorLoop
+from support import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -286,6 +287,43 @@ def test_idle_connection_is_closed(serve) -> None:
     s = raw_connect(server.path)
     assert read_frame(s) is None  # EOF after the idle timeout
     s.close()
+
+
+def test_idle_connections_make_room_for_a_new_one(serve) -> None:
+    # Clients that connect and say nothing held every slot for idle_timeout: `corral status`
+    # and `corral stop` were refused "busy" meanwhile. The one idle longest now makes room.
+    lt, server = serve(echo_dispatch, max_connections=3, read_timeout=30.0)
+    idle = []
+    for _ in range(3):
+        idle.append(raw_connect(server.path))
+        n = len(idle)
+        wait_for(lambda n=n: lt.call(lambda: server.connections) == n, 10,
+                 "the connection accepted")
+    with ControlClient(server.path) as c:
+        assert c.call("echo", {"n": 1})["args"] == {"n": 1}
+    assert read_frame(idle[0]) is None  # the oldest was closed for it
+    for s in idle:
+        s.close()
+    wait_for(lambda: lt.call(lambda: server.connections) == 0, 10, "every connection closed")
+    # Connections with a message under way are not idle: then a newcomer is refused.
+    busy = []
+    data = encode_frame({"v": 1, "id": 1, "command": "echo"})
+    for _ in range(3):
+        s = raw_connect(server.path)
+        s.sendall(data[:7])
+        busy.append(s)
+        n = len(busy)
+        wait_for(lambda n=n: lt.call(lambda: sum(
+            c.decoder.partial for c in server._conns)) == n, 10, "the partial message read")
+    late = raw_connect(server.path)
+    reply = read_frame(late)
+    assert reply is not None and reply["error"]["code"] == "busy", reply
+    late.close()
+    for s in busy:
+        s.sendall(data[7:])
+        got = read_frame(s)
+        assert got is not None and got["status"] == "ok", got
+        s.close()
 
 
 def test_deferred_reply_from_another_thread(serve) -> None:

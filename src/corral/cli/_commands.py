@@ -222,8 +222,17 @@ class CommandsPart(ServesPart, _Core):
                 self.serves):
             raise CommandError(f"no program {program!r}", "unknown_program")
         index = args.get("index")
+        if index is not None and (isinstance(index, bool) or not isinstance(index, int)
+                                  or index < 0):
+            raise CommandError(f"a worker index is an int >= 0, got {index!r}", "bad_args")
         n = args.get("lines", 100)
         records = self.hub.tail(n if isinstance(n, int) else 100, program, index)
+        prog = self.programs.get(program) if program is not None else None
+        if (index is not None and prog is not None and prog.monitor is not None
+                and index not in prog.monitor._slots and not records):
+            # Neither a worker now nor one with lines kept (a worker scaled away keeps its).
+            raise CommandError(f"program {program!r} has no worker {index!r}",
+                               "unknown_worker")
         lines = [record_to_json(r) for r in records]
         if not args.get("follow"):
             return {"lines": lines}

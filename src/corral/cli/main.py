@@ -119,7 +119,9 @@ def _client(state: _State, timeout: float | None = 10.0) -> Iterator[ControlClie
     except PermissionDenied as exc:
         fail(str(exc), EXIT_PRIVILEGE)
     except RemoteError as exc:
-        fail(f"{exc} [{exc.code}]", EXIT_ERROR)
+        # corral refused a reload of a file with errors: as when this side found them first.
+        fail(f"{exc} [{exc.code}]",
+             EXIT_NOT_CONFIGURED if exc.code == "bad_config" else EXIT_ERROR)
     except ControlError as exc:
         fail(str(exc), EXIT_ERROR)
 
