@@ -137,7 +137,8 @@ def missing_interpreter(argv0: str, env: Mapping[str, str],
 class CommandProcess(GroupSignals):
     """One running command (a ``ProcessLike``)."""
 
-    def __init__(self, popen: subprocess.Popen[bytes] | None, pid: int | None = None) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes] | None, pid: int | None = None,
+                 keeper_slot: int = 0) -> None:
         self.popen = popen
         self.pid: int = popen.pid if popen is not None else int(pid)  # type: ignore[arg-type]
         self.started = time.monotonic()
@@ -149,7 +150,7 @@ class CommandProcess(GroupSignals):
             self._pidfd = own_fd(os.pidfd_open(self.pid))
         except OSError:
             pass
-        keeper.register(self.pid)  # process_group=0: its group id is its pid
+        keeper.adopt(keeper_slot, self.pid)  # process_group=0: its group id is its pid
 
     @classmethod
     def start(cls, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
@@ -164,22 +165,24 @@ class CommandProcess(GroupSignals):
         launch = launch or Launch()
         full_env = dict(os.environ if env is None else env)
         full_env.update(launch.env)
-        if launch.listeners:
-            if launch.pass_fds:
-                raise ValueError("listeners cannot be handed to a command started with "
-                                 f"pass_fds (pass_fds={launch.pass_fds!r})")
-            from corral.serve._listeners import spawn_with_listeners
-
-            ids = None
-            if user is not None or group is not None:
-                ids = _numeric_ids(user, group)
-            try:
-                return cls(None, spawn_with_listeners(
-                    argv, launch.listeners, env=full_env, cwd=cwd, stdout=launch.stdout,
-                    stderr=launch.stderr, umask=umask, ids=ids))
-            except FileNotFoundError as exc:
-                raise missing_interpreter(argv[0], full_env, cwd) or exc from None
+        if launch.listeners and launch.pass_fds:
+            raise ValueError("listeners cannot be handed to a command started with "
+                             f"pass_fds (pass_fds={launch.pass_fds!r})")
+        # Marked for the keeper until its group is registered: a supervisor killed while the
+        # start returns still has the program killed.
+        slot, mark = keeper.reserve_for_command()
+        full_env.update(mark)
         try:
+            if launch.listeners:
+                from corral.serve._listeners import spawn_with_listeners
+
+                ids = None
+                if user is not None or group is not None:
+                    ids = _numeric_ids(user, group)
+                pid = spawn_with_listeners(
+                    argv, launch.listeners, env=full_env, cwd=cwd, stdout=launch.stdout,
+                    stderr=launch.stderr, umask=umask, ids=ids)
+                return cls(None, pid, keeper_slot=slot)
             popen = subprocess.Popen(
                 list(argv), stdin=subprocess.DEVNULL, stdout=launch.stdout,
                 stderr=launch.stderr, env=full_env, cwd=cwd, user=user, group=group,
@@ -187,8 +190,12 @@ class CommandProcess(GroupSignals):
                 umask=-1 if umask is None else umask, process_group=0, close_fds=True,
                 pass_fds=launch.pass_fds)
         except FileNotFoundError as exc:
+            keeper.release(slot)
             raise missing_interpreter(argv[0], full_env, cwd) or exc from None
-        return cls(popen)
+        except BaseException:
+            keeper.release(slot)
+            raise
+        return cls(popen, keeper_slot=slot)
 
     def waitable(self) -> int:
         return self._pidfd

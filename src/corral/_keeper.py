@@ -35,15 +35,17 @@ import threading
 
 from corral.heartbeat import UNTRACKED
 
-__all__ = ["KEEPER_TITLE", "claim_slot", "keeper"]
+__all__ = ["KEEPER_ENV", "KEEPER_TITLE", "claim_slot", "keeper"]
 
 log = logging.getLogger(__name__)
 
 KEEPER_TITLE = "corral-keeper"
 
 # Runs in ``python -I -S``: argv[1] is the supervisor's pid, argv[2] the read end of a pipe only
-# the supervisor writes to (EOF: it is gone); stdin is the table: native int32 process group ids,
-# 0 for a free slot.
+# the supervisor writes to (EOF: it is gone), argv[3] the token of this keeper's command starts;
+# stdin is the table: native int32 process group ids, 0 for a free slot, -1 for a slot reserved
+# for a command being started (see _Keeper.reserve_for_command): at the end the keeper looks in
+# /proc for group leaders whose environment carries ``CORRAL_KEEPER=<token>/<slot>``.
 _KEEPER_CODE = r"""# corral-keeper
 import _signal, posix, select, sys
 for s in (_signal.SIGINT, _signal.SIGHUP, _signal.SIGTERM, _signal.SIGPIPE):
@@ -62,15 +64,49 @@ if posix.getppid() == sup:  # else it ended before this line
         pass
 head = posix.pread(0, 4, 0)
 used = int.from_bytes(head, sys.byteorder, signed=True) if len(head) == 4 else 0
+pending = []
 if used > 0:
-    for g in memoryview(posix.pread(0, 4 * used, 4)).cast("i"):
+    for i, g in enumerate(memoryview(posix.pread(0, 4 * used, 4)).cast("i"), 1):
         if g > 0:
             try:
                 posix.killpg(g, _signal.SIGKILL)
             except OSError:
                 pass
+        elif g == -1:
+            pending.append(b"\0CORRAL_KEEPER=" + sys.argv[3].encode() + b"/%d\0" % i)
+if pending:  # commands started, not yet registered: found by the marker in their environment
+    for name in posix.listdir(b"/proc"):
+        if not name.isdigit() or int(name) in (sup, posix.getpid()):
+            continue
+        try:
+            fd = posix.open(b"/proc/" + name + b"/environ", posix.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            env = b"\0"
+            while True:
+                part = posix.read(fd, 65536)
+                if not part:
+                    break
+                env += part
+            env += b"\0"
+        except OSError:
+            env = b""
+        finally:
+            posix.close(fd)
+        if any(mark in env for mark in pending):
+            pid = int(name)
+            for kill in (posix.killpg, posix.kill):  # its group, if it leads one; then it
+                try:
+                    kill(pid, _signal.SIGKILL)
+                except OSError:
+                    pass
 posix._exit(0)
 """
+
+# The environment variable that marks a command started by this supervisor until its group is
+# registered (see reserve_for_command).
+KEEPER_ENV = "CORRAL_KEEPER"
 
 # Slots in the table: far more process groups than one supervisor ever has at once. The memfd
 # is sparse: only the pages of slots in use take memory.
@@ -90,6 +126,7 @@ class _Keeper:
         self._gone_w = -1  # the pipe the keeper sees close when this process ends
         self._pid = 0  # the supervising process the keeper protects
         self._failed = False
+        self._token = ""  # marks this supervisor's command starts (KEEPER_ENV)
 
     @property
     def pid(self) -> int | None:
@@ -119,9 +156,10 @@ class _Keeper:
                 gone_r, gone_w = os.pipe2(os.O_CLOEXEC)
                 fds.append(gone_r)
                 self._gone_w = gone_w
+                self._token = f"{os.getpid()}.{os.urandom(6).hex()}"
                 self._proc = subprocess.Popen(
                     [sys.executable, "-I", "-S", "-c", _KEEPER_CODE, str(os.getpid()),
-                     str(gone_r)],
+                     str(gone_r), self._token],
                     stdin=table_fd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                     pass_fds=(gone_r,), close_fds=True, start_new_session=True)
             except OSError as exc:
@@ -185,6 +223,19 @@ class _Keeper:
                 else:
                     out.append(0)
         return out
+
+    def reserve_for_command(self) -> tuple[int, dict[str, str]]:
+        """A slot for a command about to be started, and the environment entry to start it
+        with. An exec'd program cannot claim its slot as a Python worker does (:meth:`claim`):
+        the slot is marked, and if this process dies before :meth:`adopt` the keeper finds the
+        program by the entry in its environment and kills its group. ``(0, {})``: no keeper.
+        """
+        slot = self.reserve(1)[0]
+        table = self._table
+        if slot <= 0 or table is None:
+            return 0, {}
+        table[slot] = -1
+        return slot, {KEEPER_ENV: f"{self._token}/{slot}"}
 
     def table_path(self) -> str | None:
         """Where a spawn or forkserver child opens the table to claim its slot
@@ -261,6 +312,7 @@ class _Keeper:
             with contextlib.suppress(OSError):
                 os.close(self._gone_w)
         self._proc, self._table, self._gone_w, self._failed = None, None, -1, False
+        self._token = ""
         self._slots, self._free, self._next = {}, [], 1
         self._lock = threading.Lock()  # another thread may have held it at the fork
         self._pid = os.getpid()

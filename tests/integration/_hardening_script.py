@@ -197,6 +197,29 @@ def main() -> None:
                                 args=lambda i: (str(flagdir), supervisor), start_method=method)
         sup.start()
         threading.Event().wait()  # until the worker kills this process
+    elif mode == "slow-adopt-command":
+        # A command worker: the start returned, its group not registered yet (held up here as
+        # in "slow-adopt"); the test SIGKILLs this process within that window.
+        from corral._keeper import keeper
+
+        adopt, register = keeper.adopt, keeper.register
+
+        def slow_adopt(slot: int, pgid: int) -> None:
+            time.sleep(30)
+            adopt(slot, pgid)
+
+        def slow_register(pgid: int) -> None:
+            time.sleep(30)
+            register(pgid)
+
+        keeper.adopt = slow_adopt  # type: ignore[method-assign]
+        keeper.register = slow_register  # type: ignore[method-assign]
+        script = 'sleep 600 & echo "$! $$" > "$0/gc-0.tmp" && mv "$0/gc-0.tmp" "$0/gc-0"; wait'
+        sup = corral.Supervisor(command=["sh", "-c", script, str(flagdir)], workers=1)
+        sup.start()
+        child, command = (int(x) for x in _wait_files(flagdir, "gc-", 1)[0].read_text().split())
+        print(json.dumps({"workers": [command], "grandchildren": [child]}), flush=True)
+        threading.Event().wait()
     elif mode == "pids-full":
         # Run inside a pids cgroup: worker 0 takes every pid left, so no thread can start.
         checks: list[int] = []

@@ -248,6 +248,24 @@ def test_a_worker_claims_its_keeper_slot_before_the_supervisor_registers_it(
     killed_by_a_worker("slow-adopt", method, tmp_path, 0, no_leaks)
 
 
+@pytest.mark.timeout(90)
+def test_a_command_dies_with_a_supervisor_killed_before_registering_it(
+        no_leaks: set[int], tmp_path: Path) -> None:
+    # A command's group was registered with the keeper only once its start had returned (an
+    # exec'd program cannot claim a slot itself): `corral run` SIGKILLed in that window left
+    # the program and its children running (7 of 55 kills during starts). It is now started
+    # marked in its environment, and the keeper finds it by that mark.
+    proc, info = run_script("slow-adopt-command", "fork", tmp_path, no_leaks)
+    try:
+        assert all(pid_alive(p) for p in info["workers"] + info["grandchildren"])
+        proc.kill()
+        proc.wait(10)
+        wait_gone(info["workers"] + info["grandchildren"], 5, "the command and its child")
+    finally:
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
 @pytest.mark.parametrize("method", START_METHODS)
 @pytest.mark.timeout(90)
 def test_task_children_die_with_a_sigkilled_pool_host(method: str, no_leaks: set[int],
