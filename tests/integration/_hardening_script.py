@@ -229,7 +229,8 @@ def main() -> None:
             return True
 
         sup = corral.Supervisor(hw.takes_every_pid, workers=2, start_method=method,
-                                args=lambda i: (str(flagdir),), health_check=check,
+                                args=lambda i: (str(flagdir),), ready_when="ready",
+                                health_check=check,
                                 health_check_interval=0.3, health_check_timeout=2,
                                 max_memory=2**40, memory_check_interval=0.3)
         skipped = threading.Event()

@@ -70,8 +70,13 @@ def kills_its_supervisor_holding_the_gil(index: int, flagdir: str, supervisor: i
 
 def takes_every_pid(index: int, flagdir: str) -> None:
     """Worker 0 forks until the pids limit refuses (its children hold their pids 3 s), reports
-    it, then ends (a restart once the pids are free); the others beat."""
+    it, then ends (a restart once the pids are free); the others beat, ready only once the
+    pids are full (ready_when="ready"): the pool's first health check, and the first thread
+    it needs, come while no thread can be started, however fast the start was."""
+    here = Path(flagdir)
     if index == 0:
+        while not (here / "up-1").exists():  # worker 1 has its process (and its pid) first
+            time.sleep(0.01)
         n = 0
         with contextlib.suppress(OSError):
             while True:
@@ -82,6 +87,11 @@ def takes_every_pid(index: int, flagdir: str) -> None:
         _write(Path(flagdir) / f"full-{os.getpid()}", str(n))
         time.sleep(3)
         sys.exit(0)
+    _write(here / f"up-{index}", str(os.getpid()))
+    while not any(p.name.startswith("full-") and not p.name.endswith(".tmp")
+                  for p in here.iterdir()):
+        time.sleep(0.01)
+    corral.ready()
     while True:
         corral.beat()
         time.sleep(0.1)
