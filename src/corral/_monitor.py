@@ -78,6 +78,9 @@ _HISTORY = 32  # exit records kept for GaveUp and status
 _SPAWN_BATCH_TIME = 0.05
 # How long the monitor thread, ending, waits for the spawner thread (idle by then) to end.
 _SPAWNER_JOIN = 1.0
+# How long past the stop's deadline a start still under way is waited for (its process then
+# stopped as it arrives) before it is given up on (a forkserver that is stopped or stuck).
+_START_OVERTIME = 1.0
 
 
 def _pong(reply: Reply) -> None:
@@ -191,6 +194,7 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
         self._collecting: list[SpawnRequest] | None = None
         self._slots: dict[int, WorkerSlot] = {}
         self._abandoned = False  # a start was given up on at the stop's deadline
+        self._stop_overtime = False  # the stop's deadline was extended for a start under way
         self._counts: dict[WorkerState, int] = dict.fromkeys(WorkerState, 0)
         # Bumped by every change of what PoolFacts holds; the facts are published at the end
         # of the round (observed() serves them to other threads without a round trip).
@@ -615,8 +619,15 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
                 for straggler in self._slots.values():
                     if straggler.state is S.STOPPING:
                         self._kill(straggler)
-                    elif straggler.state is S.PENDING:
-                        self._abandon_start(straggler)
+                pending = [s for s in self._slots.values() if s.state is S.PENDING]
+                if pending and not self._stop_overtime:
+                    # A start still under way (a spawn takes a few hundred ms): its process is
+                    # stopped as it arrives. Only one that takes longer still is given up on.
+                    self._stop_overtime = True
+                    self._dl.set((POOL, Deadline.STOP), now + _START_OVERTIME)
+                else:
+                    for late in pending:
+                        self._abandon_start(late)
                 self._kill_standbys()
             elif kind is Deadline.MEMORY:
                 self._measure_memory(now)
@@ -653,16 +664,17 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
                                      f"{self.spec.max_age:g}s")
 
     def _abandon_start(self, w: WorkerSlot) -> None:
-        """The stop's deadline came while ``w``'s start is still with the spawner thread (a
-        forkserver that is stopped or stuck never answers): the stop does not wait for it. A
-        process that comes later is killed on arrival (a new generation, or the loop closed)."""
+        """``w``'s start is still with the spawner thread :data:`_START_OVERTIME` past the
+        stop's deadline (a forkserver that is stopped or stuck never answers): the stop does not
+        wait for it. A process that comes later is killed on arrival (a new generation, or the
+        loop closed)."""
         w.generation += 1
         self._abandoned = True
         self._move(w, Trigger.STOP, S.STOPPED)
-        self.log.warning("worker %r (index %d): its start had not returned by the stop's "
-                         "deadline (under %s: is the start method's server stopped or "
+        self.log.warning("worker %r (index %d): its start had not returned %.0f s after the "
+                         "stop's deadline (under %s: is the start method's server stopped or "
                          "stuck?); not waiting for it, a process that still comes is killed",
-                         w.name, w.index, self.spec.start_method)
+                         w.name, w.index, _START_OVERTIME, self.spec.start_method)
 
     # -------------------------------------------------------------------------------- outputs
 
