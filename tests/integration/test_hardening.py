@@ -704,6 +704,9 @@ def test_stop_keeps_its_deadline_with_a_start_stuck_in_a_stopped_forkserver(
         victim = status_of(sup, 0).pid
         assert victim is not None
         server = _ppid(victim)
+        monitor = sup._monitor
+        assert monitor is not None
+        spawner = monitor._spawner.thread
         os.kill(server, signal.SIGSTOP)
         try:
             os.kill(victim, signal.SIGKILL)
@@ -719,7 +722,10 @@ def test_stop_keeps_its_deadline_with_a_start_stuck_in_a_stopped_forkserver(
     assert any("its start had not returned 1 s after the stop's deadline" in m
                for m in lines), lines
     assert not any("did not finish within" in m for m in lines), lines
-    # The start that came after the stop is killed (or ends by itself): nothing is left.
+    # The start that came after the stop is killed (or ends by itself): nothing is left. Its
+    # process exists once the spawner thread has its pid, which it then kills and ends.
+    spawner.join(15)
+    assert not spawner.is_alive()
     wait_for(lambda: not _children(server), 15, "the forkserver's late child gone")
 
 
