@@ -189,11 +189,10 @@ class CommandProcess(GroupSignals):
                 extra_groups=_supplementary_groups(user, group),
                 umask=-1 if umask is None else umask, process_group=0, close_fds=True,
                 pass_fds=launch.pass_fds)
-        except FileNotFoundError as exc:
+        except BaseException as exc:
             keeper.release(slot)
-            raise missing_interpreter(argv[0], full_env, cwd) or exc from None
-        except BaseException:
-            keeper.release(slot)
+            if isinstance(exc, FileNotFoundError):
+                raise missing_interpreter(argv[0], full_env, cwd) or exc from None
             raise
         return cls(popen, keeper_slot=slot)
 

@@ -41,11 +41,15 @@ log = logging.getLogger(__name__)
 
 KEEPER_TITLE = "corral-keeper"
 
+# The environment variable that marks a command started by this supervisor until its group is
+# registered (see _Keeper.reserve_for_command).
+KEEPER_ENV = "CORRAL_KEEPER"
+
 # Runs in ``python -I -S``: argv[1] is the supervisor's pid, argv[2] the read end of a pipe only
-# the supervisor writes to (EOF: it is gone), argv[3] the token of this keeper's command starts;
-# stdin is the table: native int32 process group ids, 0 for a free slot, -1 for a slot reserved
-# for a command being started (see _Keeper.reserve_for_command): at the end the keeper looks in
-# /proc for group leaders whose environment carries ``CORRAL_KEEPER=<token>/<slot>``.
+# the supervisor writes to (EOF: it is gone), argv[3] the mark of this keeper's command starts
+# (``CORRAL_KEEPER=<token>/``); stdin is the table: native int32 process group ids, 0 for a free
+# slot, -1 for a slot reserved for a command being started: at the end the keeper looks in /proc
+# for processes whose environment carries the mark and that slot's number.
 _KEEPER_CODE = r"""# corral-keeper
 import _signal, posix, select, sys
 for s in (_signal.SIGINT, _signal.SIGHUP, _signal.SIGTERM, _signal.SIGPIPE):
@@ -73,7 +77,7 @@ if used > 0:
             except OSError:
                 pass
         elif g == -1:
-            pending.append(b"\0CORRAL_KEEPER=" + sys.argv[3].encode() + b"/%d\0" % i)
+            pending.append(b"\0" + sys.argv[3].encode() + b"%d\0" % i)
 if pending:  # commands started, not yet registered: found by the marker in their environment
     for name in posix.listdir(b"/proc"):
         if not name.isdigit() or int(name) in (sup, posix.getpid()):
@@ -82,18 +86,15 @@ if pending:  # commands started, not yet registered: found by the marker in thei
             fd = posix.open(b"/proc/" + name + b"/environ", posix.O_RDONLY)
         except OSError:
             continue
+        parts = [b"\0"]
         try:
-            env = b"\0"
-            while True:
-                part = posix.read(fd, 65536)
-                if not part:
-                    break
-                env += part
-            env += b"\0"
+            while part := posix.read(fd, 65536):
+                parts.append(part)
         except OSError:
-            env = b""
+            parts = []
         finally:
             posix.close(fd)
+        env = b"".join(parts) + b"\0"
         if any(mark in env for mark in pending):
             pid = int(name)
             for kill in (posix.killpg, posix.kill):  # its group, if it leads one; then it
@@ -103,10 +104,6 @@ if pending:  # commands started, not yet registered: found by the marker in thei
                     pass
 posix._exit(0)
 """
-
-# The environment variable that marks a command started by this supervisor until its group is
-# registered (see reserve_for_command).
-KEEPER_ENV = "CORRAL_KEEPER"
 
 # Slots in the table: far more process groups than one supervisor ever has at once. The memfd
 # is sparse: only the pages of slots in use take memory.
@@ -159,7 +156,7 @@ class _Keeper:
                 self._token = f"{os.getpid()}.{os.urandom(6).hex()}"
                 self._proc = subprocess.Popen(
                     [sys.executable, "-I", "-S", "-c", _KEEPER_CODE, str(os.getpid()),
-                     str(gone_r), self._token],
+                     str(gone_r), f"{KEEPER_ENV}={self._token}/"],
                     stdin=table_fd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                     pass_fds=(gone_r,), close_fds=True, start_new_session=True)
             except OSError as exc:

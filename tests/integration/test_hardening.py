@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import hardening_workers as hw
+import psutil
 import pytest
 import workers
 from _helpers import FAST, EventLog, in_state, pool, status_of, wait_gone
@@ -695,7 +696,7 @@ def test_a_death_is_seen_while_the_forkserver_is_stopped(no_leaks: set[int]) -> 
 def test_stop_keeps_its_deadline_with_a_start_stuck_in_a_stopped_forkserver(
         no_leaks: set[int], caplog: pytest.LogCaptureFixture) -> None:
     # A replacement's start sent to a stopped forkserver never returned, and stop() waited for
-    # it: stop(timeout=0.5) took 4.5-5.5 s (the deadline, the 4 s margin, the spawner join)
+    # it: stop(timeout=0.2) took over 4 s (the deadline, the 4 s margin, the spawner join)
     # and logged that the monitor thread was held up. Now it waits 1 s past the deadline for a
     # start under way, then gives it up.
     with caplog.at_level(logging.WARNING, "corral"), \
@@ -712,11 +713,11 @@ def test_stop_keeps_its_deadline_with_a_start_stuck_in_a_stopped_forkserver(
             os.kill(victim, signal.SIGKILL)
             in_state(sup, 0, WorkerState.PENDING)  # its replacement is with the spawner
             began = time.monotonic()
-            sup.stop(timeout=0.5)
+            sup.stop(timeout=0.2)
             took = time.monotonic() - began
         finally:
             os.kill(server, signal.SIGCONT)
-        assert took < 3.0, took
+        assert took < 3.5, took  # 1.2 s expected; the margin is for a loaded machine
         assert all(s.state is WorkerState.STOPPED for s in sup.status())
     lines = [r.getMessage() for r in caplog.records]
     assert any("its start had not returned 1 s after the stop's deadline" in m
@@ -726,15 +727,8 @@ def test_stop_keeps_its_deadline_with_a_start_stuck_in_a_stopped_forkserver(
     # process exists once the spawner thread has its pid, which it then kills and ends.
     spawner.join(15)
     assert not spawner.is_alive()
-    wait_for(lambda: not _children(server), 15, "the forkserver's late child gone")
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(c) for c in f.read().split()]
-    except OSError:
-        return []
+    wait_for(lambda: not psutil.Process(server).children(), 15,
+             "the forkserver's late child gone")
 
 
 # ------------------------------------------------------------------- pids and threads run out
