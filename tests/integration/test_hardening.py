@@ -731,6 +731,56 @@ def test_stop_keeps_its_deadline_with_a_start_stuck_in_a_stopped_forkserver(
              "the forkserver's late child gone")
 
 
+@pytest.mark.timeout(90)
+def test_pool_shutdown_keeps_its_deadline_with_a_start_stuck_in_a_stopped_forkserver(
+        no_leaks: set[int], caplog: pytest.LogCaptureFixture) -> None:
+    # The ProcessPool's close waited for every start under way: with the forkserver stopped
+    # (SIGSTOP, a terminal's Ctrl-Z of the whole group), a replacement's start never returned
+    # and shutdown(wait=True), like interpreter exit, waited forever. Now it waits 1 s past
+    # stop_timeout for a start under way, then gives it up.
+    p = corral.ProcessPool(1, spare_workers=0, start_method="forkserver", stop_timeout=0.5)
+    ended = threading.Event()
+    took = math.inf
+    server = 0
+    try:
+        with caplog.at_level(logging.WARNING, "corral"):
+            victim = p.submit(os.getpid).result(timeout=30)
+            no_leaks.add(victim)
+            server = _ppid(victim)
+            runner = p._runner
+            spawner = runner._spawner.thread if runner._spawner is not None else None
+            assert spawner is not None
+            os.kill(server, signal.SIGSTOP)
+            os.kill(victim, signal.SIGKILL)
+            # Its replacement's start is with the spawner (and the stopped forkserver).
+            wait_for(lambda: p.stats()["workers_lost"] == 1 and p.stats()["started"] == 1, 15,
+                     "the pool to see its worker die")
+
+            def shut() -> None:
+                nonlocal took
+                began = time.monotonic()
+                p.shutdown(wait=True)
+                took = time.monotonic() - began
+                ended.set()
+
+            threading.Thread(target=shut, daemon=True).start()
+            # Before, this waited for ever: let the forkserver go after 10 s (the test fails).
+            ended.wait(10)
+    finally:
+        if server:
+            os.kill(server, signal.SIGCONT)
+        ended.wait(30)
+    assert took < 3.5, took  # 1.5 s expected; the margin is for a loaded machine
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("1 worker start(s) had not returned 1 s after stop_timeout" in m
+               for m in lines), lines
+    # The start that came after the close is killed: nothing is left.
+    spawner.join(15)
+    assert not spawner.is_alive()
+    wait_for(lambda: not psutil.Process(server).children(), 15,
+             "the forkserver's late child gone")
+
+
 # ------------------------------------------------------------------- pids and threads run out
 
 PIDS_CGROUPS = Path("/sys/fs/cgroup/pids")

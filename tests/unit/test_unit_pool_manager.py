@@ -138,8 +138,13 @@ class World:
         self.table: Any = None
         self.fail: BaseException | None = None  # what a start raises, if set
         self.failed = 0
+        self.hold: threading.Event | None = None  # set: a start waits for it (a stuck server)
+        self.held = threading.Event()  # a start is waiting for ``hold``
 
     def spawn(self, req: SpawnRequest) -> tuple[FakeProcess, socket.socket]:
+        if self.hold is not None:
+            self.held.set()
+            assert self.hold.wait(30), "the test never let the start go"
         if self.fail is not None:
             self.failed += 1
             raise self.fail
@@ -484,3 +489,26 @@ def test_a_start_that_fails_twice_the_same_way_breaks_the_pool(
     assert "a worker could not be started (PicklingError" in str(broken)
     assert isinstance(broken.__cause__, pickle.PicklingError)
     assert h.world.failed == 2 and len(h.world) == 0
+
+
+def test_a_close_gives_up_a_start_that_never_returns(make: Callable[..., Harness]) -> None:
+    # A start stuck with the spawner thread (a stopped forkserver) held the close for ever:
+    # it waits stop_timeout plus START_OVERTIME for it, then gives it up; a process that
+    # comes after that is killed on arrival.
+    h = make(stop_timeout=2.0)
+    (w,) = h.booted(1)
+    h.world.hold = threading.Event()
+    w.proc.exit(ExitStatus(signal=signal.SIGKILL))
+    h.until(h.world.held.is_set, "the replacement's start, held up")
+    h.runner.request_shutdown(cancel_futures=False)
+    h.step()
+    h.advance(2.1)  # stop_timeout: the start gets its overtime
+    assert not h.manager.done
+    h.advance(0.8)
+    assert not h.manager.done
+    h.advance(0.3)  # START_OVERTIME (1 s) past stop_timeout
+    h.until(lambda: h.manager.done, "the close", timeout=5)
+    assert h.manager.abandoned == 1
+    h.world.hold.set()  # the server goes on: the late process is killed as it arrives
+    h.until(lambda: len(h.world) == 2 and h.world[1].proc.closed, "the late one killed")
+    assert signal.SIGKILL in h.world[1].proc.signals

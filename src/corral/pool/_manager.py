@@ -83,7 +83,8 @@ from corral.pool.errors import (
 from corral.process import DUMP_SIGNAL, disown_fd
 from corral.states import StopReason
 
-__all__ = ["SPARE_HOLD", "PoolManager", "SpawnRequest", "Started"]
+__all__ = ["SPARE_HOLD", "START_OVERTIME", "PoolManager", "SpawnRequest", "Started",
+           "discard_started"]
 
 log = logging.getLogger("corral.procpool")  # not corral.pool.*: the supervisors' pools log there
 
@@ -92,6 +93,10 @@ log = logging.getLogger("corral.procpool")  # not corral.pool.*: the supervisors
 # a CPU) would otherwise delay that task's result, the one the spare is there to speed up.
 SPARE_HOLD = 0.05
 SPARE_GRACE = 0.002
+# A closing pool waits this much longer than stop_timeout for a start still under way (a
+# forkserver or spawn start takes tens of ms); one still with the spawner thread then (a
+# forkserver that is stopped or stuck never answers) is given up on: shutdown stays bounded.
+START_OVERTIME = 1.0
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 # The states and deadline kinds, bound once: the hot path compares them by identity.
@@ -112,6 +117,16 @@ class SpawnRequest:
 
 
 Started = tuple[PoolProcess, Endpoint]  # what a start makes: the process and our socket end
+
+
+def discard_started(started: Started) -> None:
+    """A started worker nobody can take any more: kill and reap it, close its socket."""
+    proc, conn = started
+    try:
+        proc.kill_and_reap()
+    finally:
+        disown_fd(conn.fileno())
+        conn.close()
 
 
 @dataclass(slots=True)
@@ -161,6 +176,8 @@ class PoolManager:
         self._closing = False  # shutting down: no new start; idle workers were told to quit
         self.stop_spawning = False  # read by the spawner thread: skip what is queued
         self.done = False  # closed and every worker is gone: the loop ends
+        self.abandoned = 0  # starts given up on at the close (their processes never came)
+        self._stop_overtime = False  # the close waited START_OVERTIME more for starts
 
     def after_round(self, now: float) -> None:
         """After a round's events: hand out tasks, fill places, close when it is time."""
@@ -258,7 +275,12 @@ class PoolManager:
 
     def on_spawned(self, batch: list[tuple[SpawnRequest, Started | BaseException]]) -> None:
         for req, result in batch:
-            self._spawned(self._roster.workers[req.worker_id], result)
+            w = self._roster.workers.get(req.worker_id)
+            if w is None:  # a start given up on at the close (_abandon_starts): too late
+                if not isinstance(result, BaseException):
+                    discard_started(result)
+                continue
+            self._spawned(w, result)
 
     def _spawned(self, w: PoolWorker, result: Started | BaseException) -> None:
         self._roster.spawning -= 1
@@ -418,6 +440,22 @@ class PoolManager:
         self._leave(w, LeaveReason.SEND_FAILED, kill=True)  # half sent, no thread for the rest
         t.resolve(exc=sent)
 
+    def _abandon_starts(self) -> None:
+        """Starts still with the spawner thread :data:`START_OVERTIME` past the close's
+        stop_timeout: the close does not wait for them. A process that still comes is killed
+        on arrival (:meth:`on_spawned`, or the spawner's discard once the loop has closed)."""
+        late = [w for w in self._roster.workers.values() if w.proc is None]
+        for w in late:
+            self._roster.set_state(w, _LEAVING)
+            self._forget(w)
+        self._roster.spawning -= len(late)
+        self.abandoned += len(late)
+        if late:
+            log.warning("pool %r: %d worker start(s) had not returned %g s after stop_timeout "
+                        "(under %s: is the start method's server stopped or stuck?); not "
+                        "waiting for them, a process that still comes is killed", self.cfg.name,
+                        len(late), START_OVERTIME, self._method)
+
     # ------------------------------------------------------------------------------ outcomes
 
     def _task_lost(self, t: Task, exc: WorkerLost) -> None:
@@ -542,6 +580,12 @@ class PoolManager:
                                     "%gs; killing it", self.cfg.name, straggler.proc.pid,
                                     self.cfg.stop_timeout)
                         straggler.proc.send_group(signal.SIGKILL)
+                if self._roster.spawning:
+                    if not self._stop_overtime:
+                        self._stop_overtime = True
+                        self._loop.set_deadline(PoolDeadline.STOP, now + START_OVERTIME)
+                    else:
+                        self._abandon_starts()
             else:  # BACKOFF, SPARE_HOLD
                 self.fill(now)
             return

@@ -29,7 +29,7 @@ from corral._reactor import Reactor
 from corral._spawner import Spawner, preload_for_forkserver
 from corral.heartbeat import HeartbeatTable
 from corral.pool import _worker
-from corral.pool._manager import PoolManager, SpawnRequest, Started
+from corral.pool._manager import PoolManager, SpawnRequest, Started, discard_started
 from corral.pool._records import DeadlineKey, Endpoint, PoolConfig, Task
 from corral.pool._shared import PoolShared
 from corral.pool.errors import PoolBroken
@@ -92,16 +92,6 @@ def preload_modules(cfg: PoolConfig, first: Any = None) -> list[str]:
                 and getattr(module, "__spec__", None) is not None):
             out.append(str(name))
     return out
-
-
-def _discard(started: Started) -> None:
-    """A started worker nobody can take any more: kill and reap it, close its socket."""
-    proc, conn = started
-    try:
-        proc.kill_and_reap()
-    finally:
-        disown_fd(conn.fileno())
-        conn.close()
 
 
 class RunnerFront:
@@ -241,7 +231,7 @@ class PoolRunner(RunnerFront):
             self._release()
             raise
         self._spawner = Spawner(f"corral-pool-spawner[{cfg.name}]", spawn, self._deliver,
-                                self._skip, _discard)
+                                self._skip, discard_started)
         self.manager = PoolManager(self.shared, reactor, table, self._spawner.request,
                                    method=method, clock=self._clock, rng=self._rng)
         if start_spawner:
@@ -288,7 +278,9 @@ class PoolRunner(RunnerFront):
     def finish(self) -> None:
         """Stop the spawner, kill a start that came up too late, release everything."""
         if self._spawner is not None:
-            self._spawner.close(timeout=10)
+            # A start given up on keeps its thread (stuck in a stopped forkserver): not joined.
+            abandoned = self.manager is not None and self.manager.abandoned
+            self._spawner.close(timeout=0.0 if abandoned else 10)
         reactor = self._reactor
         if reactor is not None and self.manager is not None:
             reactor.close()
@@ -296,7 +288,7 @@ class PoolRunner(RunnerFront):
                 if fn == self.manager.on_spawned:  # a start that came up after an emergency
                     for _, result in args[0]:
                         if not isinstance(result, BaseException):
-                            _discard(result)
+                            discard_started(result)
         self._release()
         self.shared.pids = self.shared.spare_pids = ()
         # No reference cycle may outlive the pool (runner -> manager -> spawner -> runner):
