@@ -50,7 +50,7 @@ from corral._identity import worker_settings
 from corral._monitor_exits import ExitPart
 from corral._monitor_parts import ControlPart, GroupRestart, WatchPart
 from corral._monitor_remote import RemotePart
-from corral._monitor_spawns import SpawnPart
+from corral._monitor_spawns import SLOW_START, SpawnPart
 from corral._monitor_standby import StandbyPart
 from corral._observe import PoolFacts
 from corral._reactor import Reactor
@@ -192,6 +192,11 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
                 and spec.command is None) else None)
         # While begin() queues a pool's first starts: they go to the spawner as one request.
         self._collecting: list[SpawnRequest] | None = None
+        # Seconds after which a start still with the spawner is logged (0: never; see
+        # SLOW_START): forkserver and spawn starts of a local pool's Python workers.
+        self._slow_start = 0.0 if (
+            start_process is not None or spec.start_method == "fork"
+            or spec.command is not None) else min(SLOW_START, spec.startup_timeout or SLOW_START)
         self._slots: dict[int, WorkerSlot] = {}
         self._abandoned = False  # a start was given up on at the stop's deadline
         self._stop_overtime = False  # the stop's deadline was extended for a start under way
@@ -657,6 +662,8 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
         elif kind is Deadline.HEALTH_TIMEOUT and w.state is S.RUNNING:
             self._health_failed(w, f"health check still running after "
                                    f"{self.spec.health_check_timeout:g}s", now)
+        elif kind is Deadline.START and w.state is S.PENDING:
+            self._start_slow(w)
         elif kind is Deadline.AGE and w.state in (S.STARTING, S.RUNNING):
             assert w.proc is not None
             self._stop_worker(w, StopReason.RECYCLED_AGE, AfterStop.RESTART, now,

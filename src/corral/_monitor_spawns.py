@@ -54,6 +54,7 @@ if TYPE_CHECKING:
         _settings: WorkerSettings | None
         _spawner: Spawner[SpawnRequest, ProcessLike]
         _collecting: list[SpawnRequest] | None
+        _slow_start: float
 
         _standbys: dict[int, Standby]
 
@@ -72,11 +73,16 @@ if TYPE_CHECKING:
 else:
     _SpawnCore = object
 
-__all__ = ["TEMPLATE_MIN", "SpawnPart"]
+__all__ = ["SLOW_START", "TEMPLATE_MIN", "SpawnPart"]
 
 # A pool's start with this many fork workers or more forks them from a template (for one or
 # two, its bookkeeping would cost about what it saves).
 TEMPLATE_MIN = 3
+# A forkserver or spawn start still with the spawner thread after this many seconds (or the
+# pool's startup_timeout, if shorter) is logged: a stopped or stuck forkserver never answers,
+# and the slot would otherwise sit PENDING without a word. (A fork start cannot wait on
+# another process: nothing is armed for it, nothing added to its restart path.)
+SLOW_START = 10.0
 
 S = WorkerState
 
@@ -168,6 +174,8 @@ class SpawnPart(_SpawnCore):
             reset_signals=signals_to_reset() if self._fork_extras else None,
             stdio=stdio, settings=self._settings, **self._fork_extras)
         req = SpawnRequest(w.index, w.generation, boot, w.args, launch)
+        if self._slow_start:
+            self._dl.set((w.index, Deadline.START), now + self._slow_start)
         if self._collecting is not None:
             self._collecting.append(req)
         else:
@@ -219,6 +227,14 @@ class SpawnPart(_SpawnCore):
                              len(reqs))
         return results
 
+    def _start_slow(self, w: WorkerSlot) -> None:
+        """``w``'s start has been with the spawner thread :attr:`_slow_start` seconds (the
+        START deadline): say so once; the process is taken as soon as it comes."""
+        self.log.warning("worker %r (index %d): its start has not returned after %g s (under "
+                         "%s: is the start method's server stopped or stuck?); the worker "
+                         "starts when it does", w.name, w.index, self._slow_start,
+                         self.spec.start_method)
+
     def _spawned_batch(self, batch: list[tuple[SpawnRequest, ProcessLike | BaseException]],
                        ) -> None:
         for req, result in batch:
@@ -248,6 +264,8 @@ class SpawnPart(_SpawnCore):
             if launch is not None and self._io is not None:
                 self._io.not_started(launch)
             return
+        if self._slow_start:
+            self._dl.cancel((index, Deadline.START))
         if isinstance(result, BaseException) and launch is not None and self._io is not None:
             self._io.not_started(launch)
         now = self._clock()

@@ -46,6 +46,7 @@ class Deadline(enum.Enum):
     HEALTH                    time for a custom health check                         a slot
     HEALTH_TIMEOUT            a health check runs too long: a failure                a slot
     AGE                       max_age reached: recycle                               a slot
+    START                     a start (forkserver, spawn) has not returned: warn     a slot
     STOP                      the pool's stop deadline: SIGKILL every straggler      POOL
     MEMORY                    time to measure the workers' RSS                       POOL
     GROUP                     a group restart's backoff is over                      POOL
@@ -70,6 +71,7 @@ class Deadline(enum.Enum):
     PROBE = "probe"
     LIVENESS = "liveness"
     STANDBY = "standby"
+    START = "start"
 
 
 POOL = -1  # the owner of pool-wide deadlines

@@ -732,6 +732,33 @@ def test_stop_keeps_its_deadline_with_a_start_stuck_in_a_stopped_forkserver(
 
 
 @pytest.mark.timeout(90)
+def test_a_start_stuck_in_a_stopped_forkserver_is_logged_and_taken_when_it_comes(
+        no_leaks: set[int], caplog: pytest.LogCaptureFixture) -> None:
+    # A replacement whose start never returned (the forkserver stopped) sat PENDING without a
+    # word; now a warning names it after startup_timeout (at most 10 s), and the worker is
+    # taken as usual once the forkserver goes on.
+    with caplog.at_level(logging.WARNING, "corral"), \
+            pool(no_leaks, workers.sleeper, workers=2, start_method="forkserver",
+                 startup_timeout=1.0) as (sup, _):
+        assert sup.wait_ready(timeout=30) == 2
+        victim = status_of(sup, 0).pid
+        assert victim is not None
+        server = _ppid(victim)
+        os.kill(server, signal.SIGSTOP)
+        try:
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: any("its start has not returned after 1 s" in r.getMessage()
+                                 for r in caplog.records), 15, "the warning")
+            assert status_of(sup, 0).state is WorkerState.PENDING
+        finally:
+            os.kill(server, signal.SIGCONT)
+        wait_for(lambda: status_of(sup, 0).state is WorkerState.RUNNING
+                 and status_of(sup, 0).pid not in (None, victim), 30, "the replacement")
+    lines = [r.getMessage() for r in caplog.records if "has not returned" in r.getMessage()]
+    assert len(lines) == 1 and "worker 'sleeper-0' (index 0)" in lines[0], lines
+
+
+@pytest.mark.timeout(90)
 def test_pool_shutdown_keeps_its_deadline_with_a_start_stuck_in_a_stopped_forkserver(
         no_leaks: set[int], caplog: pytest.LogCaptureFixture) -> None:
     # The ProcessPool's close waited for every start under way: with the forkserver stopped
