@@ -230,10 +230,12 @@ class SpawnPart(_SpawnCore):
     def _start_slow(self, w: WorkerSlot) -> None:
         """``w``'s start has been with the spawner thread :attr:`_slow_start` seconds (the
         START deadline): say so once; the process is taken as soon as it comes."""
-        self.log.warning("worker %r (index %d): its start has not returned after %g s (under "
-                         "%s: is the start method's server stopped or stuck?); the worker "
-                         "starts when it does", w.name, w.index, self._slow_start,
-                         self.spec.start_method)
+        why = ("the forkserver is stopped or stuck, or still importing its preload"
+               if self.spec.start_method == "forkserver" else
+               "the new interpreter has not taken its start data: stopped, or the machine "
+               "overloaded")
+        self.log.warning("worker %r (index %d): its start has not returned after %g s (%s?); "
+                         "the worker starts when it does", w.name, w.index, self._slow_start, why)
 
     def _spawned_batch(self, batch: list[tuple[SpawnRequest, ProcessLike | BaseException]],
                        ) -> None:
