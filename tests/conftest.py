@@ -30,6 +30,7 @@ def no_leaks() -> Iterator[set[int]]:
     before_children = set(descendants())
     before_fds = len(os.listdir("/proc/self/fd"))
     server_before = _forkserver_running()
+    tracker_before = _tracker_running()
     started: set[int] = set()
     yield started
     leaked = {pid for pid in set(descendants()) - before_children
@@ -42,9 +43,17 @@ def no_leaks() -> Iterator[set[int]]:
     # fds may lag by a few (multiprocessing's helpers open theirs lazily): allow a small slack.
     after_fds = wait_for_fds(before_fds)
     # A forkserver this test started (the first under that method) keeps two fds for the rest
-    # of the session: its alive pipe and the resource tracker's.
-    slack = 3 + (2 if _forkserver_running() and not server_before else 0)
+    # of the session: its alive pipe and the resource tracker's; the tracker alone (started by
+    # the session's first spawn pool) keeps one.
+    slack = 3 + (2 if _forkserver_running() and not server_before else
+                 1 if _tracker_running() and not tracker_before else 0)
     assert after_fds <= before_fds + slack, f"fd leak: {before_fds} -> {after_fds}"
+
+
+def _tracker_running() -> bool:
+    from multiprocessing import resource_tracker
+
+    return getattr(resource_tracker._resource_tracker, "_fd", None) is not None
 
 
 def _forkserver_running() -> bool:

@@ -195,8 +195,9 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
         # Seconds after which a start still with the spawner is logged (0: never; see
         # SLOW_START): forkserver and spawn starts of a local pool's Python workers.
         self._slow_start = 0.0 if (
-            start_process is not None or spec.start_method == "fork"
-            or spec.command is not None) else min(SLOW_START, spec.startup_timeout or SLOW_START)
+            start_process is not None or spec.start_method == "fork" or spec.command is not None
+            or clock is not time.monotonic) else min(SLOW_START, spec.startup_timeout or SLOW_START)
+        self._slow_warned: SpawnRequest | None = None  # the stuck start logged last
         self._slots: dict[int, WorkerSlot] = {}
         self._abandoned = False  # a start was given up on at the stop's deadline
         self._stop_overtime = False  # the stop's deadline was extended for a start under way
@@ -663,7 +664,7 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
             self._health_failed(w, f"health check still running after "
                                    f"{self.spec.health_check_timeout:g}s", now)
         elif kind is Deadline.START and w.state is S.PENDING:
-            self._start_slow(w)
+            self._start_slow(w, now)
         elif kind is Deadline.AGE and w.state in (S.STARTING, S.RUNNING):
             assert w.proc is not None
             self._stop_worker(w, StopReason.RECYCLED_AGE, AfterStop.RESTART, now,

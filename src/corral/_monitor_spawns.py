@@ -27,7 +27,7 @@ from corral._bootstrap import (
 from corral._command import CommandProcess
 from corral._eventlog import event_extra
 from corral._fdlimit import explain_fd_error
-from corral._slots import POOL, Deadline, SpawnRequest, WorkerSlot
+from corral._slots import POOL, AfterStop, Deadline, SpawnRequest, WorkerSlot
 from corral._spawner import SpawnSkipped
 from corral.events import EventKind, ExitRecord, StopReason
 from corral.process import (
@@ -55,6 +55,7 @@ if TYPE_CHECKING:
         _spawner: Spawner[SpawnRequest, ProcessLike]
         _collecting: list[SpawnRequest] | None
         _slow_start: float
+        _slow_warned: SpawnRequest | None
 
         _standbys: dict[int, Standby]
 
@@ -227,15 +228,33 @@ class SpawnPart(_SpawnCore):
                              len(reqs))
         return results
 
-    def _start_slow(self, w: WorkerSlot) -> None:
-        """``w``'s start has been with the spawner thread :attr:`_slow_start` seconds (the
-        START deadline): say so once; the process is taken as soon as it comes."""
+    def _start_slow(self, w: WorkerSlot, now: float) -> None:
+        """``w`` has been PENDING :attr:`_slow_start` seconds (its START deadline). The spawner
+        starts one process at a time: if the start under way has taken that long, it is
+        logged (once); either way ``w`` is looked at again later (it may be queued behind)."""
+        slow = self._slow_start
+        current = self._spawner.current
+        mono = time.monotonic()
+        if current is None or mono - current[1] < slow:
+            began = mono if current is None else current[1]
+            self._dl.set((w.index, Deadline.START), now + began + slow - mono)
+            return
+        self._dl.set((w.index, Deadline.START), now + slow)
+        req, began = current
+        stuck = self._slots.get(req.index)
+        if (req is self._slow_warned or stuck is None or self._stopping
+                or stuck.after_stop is AfterStop.REMOVE):
+            return  # said already; a standby's; or the stop or scale-down says what follows
+        self._slow_warned = req
+        behind = sum(1 for s in self._slots.values() if s.state is S.PENDING) - 1
         why = ("the forkserver is stopped or stuck, or still importing its preload"
                if self.spec.start_method == "forkserver" else
                "the new interpreter has not taken its start data: stopped, or the machine "
                "overloaded")
-        self.log.warning("worker %r (index %d): its start has not returned after %g s (%s?); "
-                         "the worker starts when it does", w.name, w.index, self._slow_start, why)
+        self.log.warning("worker %r (index %d): its start has not returned after %.0f s (%s?); "
+                         "the worker starts when it does%s", stuck.name, stuck.index,
+                         mono - began, why,
+                         f" ({behind} more start(s) wait behind it)" if behind > 0 else "")
 
     def _spawned_batch(self, batch: list[tuple[SpawnRequest, ProcessLike | BaseException]],
                        ) -> None:

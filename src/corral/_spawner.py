@@ -98,6 +98,9 @@ class Spawner(Generic[R, P]):
         self._batch_time = batch_time
         self._start_many = start_many
         self._queue: queue.SimpleQueue[R | _Many[R] | None] = queue.SimpleQueue()
+        # The start under way and when it began (time.monotonic()), read by other threads to
+        # tell a stuck start from one still queued behind others.
+        self.current: tuple[R, float] | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -161,10 +164,13 @@ class Spawner(Generic[R, P]):
     def _start_one(self, req: R) -> P | BaseException:
         if self._skip():
             return SpawnSkipped()
+        self.current = (req, time.monotonic())
         try:
             return self._start(req)
         except BaseException as exc:  # delivered as a failed start
             return exc
+        finally:
+            self.current = None
 
     def _run_many(self, reqs: list[R]) -> None:
         results: list[P | BaseException | None] = [None] * len(reqs)
