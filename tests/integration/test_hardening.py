@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import hardening_workers as hw
 import psutil
@@ -818,6 +819,44 @@ def test_pool_shutdown_keeps_its_deadline_with_a_start_stuck_in_a_stopped_forkse
     # The start that came after the close is killed: nothing is left.
     spawner.join(15)
     assert not spawner.is_alive()
+    wait_for(lambda: not psutil.Process(server).children(), 15,
+             "the forkserver's late child gone")
+
+
+@pytest.mark.timeout(90)
+def test_pool_shutdown_cancelling_futures_keeps_its_deadline_with_a_stuck_start(
+        no_leaks: set[int]) -> None:
+    # shutdown(wait=True, cancel_futures=True) kept one task for the worker whose start was
+    # stuck in the stopped forkserver: the close never began and shutdown never returned.
+    p = corral.ProcessPool(1, spare_workers=0, start_method="forkserver", stop_timeout=0.5)
+    ended = threading.Event()
+    took = math.inf
+    server = 0
+    futures: list[Any] = []
+    try:
+        victim = p.submit(os.getpid).result(timeout=30)
+        no_leaks.add(victim)
+        server = _ppid(victim)
+        os.kill(server, signal.SIGSTOP)
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: p.stats()["workers_lost"] == 1, 15, "the pool to see its worker die")
+        futures = [p.submit(time.sleep, 0.1) for _ in range(3)]
+
+        def shut() -> None:
+            nonlocal took
+            began = time.monotonic()
+            p.shutdown(wait=True, cancel_futures=True)
+            took = time.monotonic() - began
+            ended.set()
+
+        threading.Thread(target=shut, daemon=True).start()
+        ended.wait(10)  # before, for ever: the forkserver is let go after 10 s (a failure)
+    finally:
+        if server:
+            os.kill(server, signal.SIGCONT)
+        ended.wait(30)
+    assert took < 6, took  # 3 s expected (1.5 s for the kept task, 1.5 for the close)
+    assert all(f.cancelled() for f in futures), [f._state for f in futures]
     wait_for(lambda: not psutil.Process(server).children(), 15,
              "the forkserver's late child gone")
 

@@ -512,3 +512,30 @@ def test_a_close_gives_up_a_start_that_never_returns(make: Callable[..., Harness
     h.world.hold.set()  # the server goes on: the late process is killed as it arrives
     h.until(lambda: len(h.world) == 2 and h.world[1].proc.closed, "the late one killed")
     assert signal.SIGKILL in h.world[1].proc.signals
+
+
+def test_tasks_kept_for_starts_that_never_return_are_cancelled(
+        make: Callable[..., Harness]) -> None:
+    # shutdown(cancel_futures=True) keeps the next task for a worker still starting (it counts
+    # as running); with that start stuck (a stopped forkserver) the task waited for ever and
+    # the close never began. Now it is cancelled stop_timeout + 1 s later, and the close
+    # keeps its own deadline.
+    h = make(stop_timeout=2.0)
+    (w,) = h.booted(1)
+    h.world.hold = threading.Event()
+    w.proc.exit(ExitStatus(signal=signal.SIGKILL))
+    h.until(h.world.held.is_set, "the replacement's start, held up")
+    futures = [h.submit(square, i) for i in range(3)]
+    h.step()
+    h.runner.request_shutdown(cancel_futures=True)
+    h.step()
+    assert futures[0].running() and all(f.cancelled() for f in futures[1:])
+    h.advance(2.5)
+    assert futures[0].running()  # not before stop_timeout + 1 s
+    h.advance(0.6)
+    h.until(lambda: futures[0].cancelled(), "the kept task cancelled", timeout=5)
+    h.advance(2.1)  # the close's stop_timeout: the start gets its overtime
+    h.advance(1.1)
+    h.until(lambda: h.manager.done, "the close", timeout=5)
+    assert h.manager.abandoned == 1
+    h.world.hold.set()

@@ -31,6 +31,9 @@ key                                when it falls
 ``PoolDeadline.BACKOFF``           the backoff after failed starts is over: start workers
 ``PoolDeadline.SPARE_HOLD``        a promoted spare's first task had its moment: start spares
 ``PoolDeadline.STOP``              a closing pool's stop_timeout: SIGKILL every straggler
+``PoolDeadline.KEPT``              stop_timeout + 1 s after shutdown(cancel_futures=True): the
+                                   tasks kept for workers still starting are cancelled if no
+                                   worker exists to run them (every start stuck)
 ``(id, WorkerDeadline.TIMER)``     the task's timeout or the next memory check (lazy: a timer
                                    that fires early re-arms itself, one entry per worker)
 ``(id, WorkerDeadline.DUMP)``      look at the stack dump being written again (``STEP``)
@@ -440,6 +443,20 @@ class PoolManager:
         self._leave(w, LeaveReason.SEND_FAILED, kill=True)  # half sent, no thread for the rest
         t.resolve(exc=sent)
 
+    def _cancel_kept(self) -> None:
+        """shutdown(cancel_futures=True) kept tasks for workers still starting; if no worker
+        can run them yet (every start still with the spawner thread), they are cancelled, so
+        that the close can begin and keep its deadline."""
+        if self._closing or not self._roster.spawning or not self.shared.has_pending():
+            return
+        if any(w.proc is not None and w.state is not _LEAVING
+               for w in self._roster.workers.values()):
+            return  # a worker exists: they run on it, as promised
+        log.warning("pool %r: no worker start returned within stop_timeout + %g s (under %s: is "
+                    "the start method's server stopped or stuck?); cancelling the tasks kept "
+                    "for them", self.cfg.name, START_OVERTIME, self._method)
+        self.shared.cancel_pending(0, kept_too=True)
+
     def _abandon_starts(self) -> None:
         """Starts still with the spawner thread :data:`START_OVERTIME` past the close's
         stop_timeout: the close does not wait for them. A process that still comes is killed
@@ -573,7 +590,9 @@ class PoolManager:
 
     def on_deadline(self, key: DeadlineKey, now: float) -> None:
         if isinstance(key, PoolDeadline):
-            if key is PoolDeadline.STOP:
+            if key is PoolDeadline.KEPT:
+                self._cancel_kept()
+            elif key is PoolDeadline.STOP:
                 for straggler in self._roster.workers.values():
                     if straggler.state is _LEAVING and straggler.proc is not None:
                         log.warning("pool %r: worker pid %d did not exit within stop_timeout="
@@ -630,9 +649,13 @@ class PoolManager:
         cancels the waiting tasks first."""
         if cancel_futures:
             # The next tasks for workers that are still starting are as good as started (as in
-            # concurrent.futures, whose call queue holds them): they run.
-            self.shared.cancel_pending(
-                0 if self._closing else max(0, self._roster.active - self._roster.busy))
+            # concurrent.futures, whose call queue holds them): they run. If none of those
+            # starts returns (a stopped forkserver), they are cancelled after all (KEPT).
+            keep = 0 if self._closing else max(0, self._roster.active - self._roster.busy)
+            self.shared.cancel_pending(keep)
+            if keep and self._roster.spawning:
+                self._loop.set_deadline(PoolDeadline.KEPT, self._clock() + self.cfg.stop_timeout
+                                        + START_OVERTIME)
 
     def terminate(self) -> None:
         """Cancel every task, running ones too (their workers are killed), and close."""

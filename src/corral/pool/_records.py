@@ -94,6 +94,7 @@ class PoolDeadline(enum.Enum):
     BACKOFF = "backoff"  # the backoff after failed starts is over: start workers again
     SPARE_HOLD = "spare hold"  # a promoted spare's first task had its moment: start spares
     STOP = "stop"  # the stop timeout of a closing pool: SIGKILL the stragglers
+    KEPT = "kept"  # shutdown(cancel_futures=True): no worker came for the tasks kept for them
 
 
 class WorkerDeadline(enum.Enum):

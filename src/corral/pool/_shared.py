@@ -97,8 +97,9 @@ class PoolShared:
             t.drop()
         return False
 
-    def cancel_pending(self, keep: int) -> None:
-        """Cancel the waiting tasks but the first ``keep`` (which now count as running)."""
+    def cancel_pending(self, keep: int, kept_too: bool = False) -> None:
+        """Cancel the waiting tasks but the first ``keep`` (which now count as running);
+        ``kept_too``: those kept by an earlier call as well (they never reached a worker)."""
         kept: list[Task] = []
         while self.pending:
             t = self.pending.popleft()
@@ -108,7 +109,7 @@ class PoolShared:
                 kept.append(t)
                 continue
             t.drop()
-            t.future._cancel(allow_running=t.attempts > 0)
+            t.future._cancel(allow_running=kept_too or t.attempts > 0)
         self.pending.extend(kept)
 
     def fail_pending(self, error: Callable[[], BaseException]) -> None:
