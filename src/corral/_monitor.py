@@ -56,7 +56,7 @@ from corral._observe import PoolFacts
 from corral._reactor import Reactor
 from corral._reply import Reply
 from corral._slots import POOL, AfterStop, Deadline, DeadlineKey, SpawnRequest, WorkerSlot
-from corral._spawner import Spawner, preload_for_forkserver
+from corral._spawner import START_OVERTIME, Spawner, preload_for_forkserver, stuck_start_hint
 from corral._stats import PoolStats
 from corral._workerio import WorkerIO
 from corral.errors import GaveUp, SupervisorStateError
@@ -78,9 +78,6 @@ _HISTORY = 32  # exit records kept for GaveUp and status
 _SPAWN_BATCH_TIME = 0.05
 # How long the monitor thread, ending, waits for the spawner thread (idle by then) to end.
 _SPAWNER_JOIN = 1.0
-# How long past the stop's deadline a start still under way is waited for (its process then
-# stopped as it arrives) before it is given up on (a forkserver that is stopped or stuck).
-_START_OVERTIME = 1.0
 
 
 def _pong(reply: Reply) -> None:
@@ -630,7 +627,7 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
                     # A start still under way (a spawn takes a few hundred ms): its process is
                     # stopped as it arrives. Only one that takes longer still is given up on.
                     self._stop_overtime = True
-                    self._dl.set((POOL, Deadline.STOP), now + _START_OVERTIME)
+                    self._dl.set((POOL, Deadline.STOP), now + START_OVERTIME)
                 else:
                     for late in pending:
                         self._abandon_start(late)
@@ -672,7 +669,7 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
                                      f"{self.spec.max_age:g}s")
 
     def _abandon_start(self, w: WorkerSlot) -> None:
-        """``w``'s start is still with the spawner thread :data:`_START_OVERTIME` past the
+        """``w``'s start is still with the spawner thread :data:`START_OVERTIME` past the
         stop's deadline (a forkserver that is stopped or stuck never answers): the stop does not
         wait for it. A process that comes later is killed on arrival (a new generation, or the
         loop closed)."""
@@ -680,9 +677,9 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
         self._abandoned = True
         self._move(w, Trigger.STOP, S.STOPPED)
         self.log.warning("worker %r (index %d): its start had not returned %.0f s after the "
-                         "stop's deadline (under %s: is the start method's server stopped or "
-                         "stuck?); not waiting for it, a process that still comes is killed",
-                         w.name, w.index, _START_OVERTIME, self.spec.start_method)
+                         "stop's deadline (%s); not waiting for it, a process that still comes "
+                         "is killed", w.name, w.index, START_OVERTIME,
+                         stuck_start_hint(self.spec.start_method))
 
     # -------------------------------------------------------------------------------- outputs
 

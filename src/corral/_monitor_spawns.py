@@ -28,7 +28,7 @@ from corral._command import CommandProcess
 from corral._eventlog import event_extra
 from corral._fdlimit import explain_fd_error
 from corral._slots import POOL, AfterStop, Deadline, SpawnRequest, WorkerSlot
-from corral._spawner import SpawnSkipped
+from corral._spawner import SpawnSkipped, stuck_start_hint
 from corral.events import EventKind, ExitRecord, StopReason
 from corral.process import (
     DUMP_SIGNAL,
@@ -247,13 +247,9 @@ class SpawnPart(_SpawnCore):
             return  # said already; a standby's; or the stop or scale-down says what follows
         self._slow_warned = req
         behind = sum(1 for s in self._slots.values() if s.state is S.PENDING) - 1
-        why = ("the forkserver is stopped or stuck, or still importing its preload"
-               if self.spec.start_method == "forkserver" else
-               "the new interpreter has not taken its start data: stopped, or the machine "
-               "overloaded")
-        self.log.warning("worker %r (index %d): its start has not returned after %.0f s (%s?); "
+        self.log.warning("worker %r (index %d): its start has not returned after %.0f s (%s); "
                          "the worker starts when it does%s", stuck.name, stuck.index,
-                         mono - began, why,
+                         mono - began, stuck_start_hint(self.spec.start_method),
                          f" ({behind} more start(s) wait behind it)" if behind > 0 else "")
 
     def _spawned_batch(self, batch: list[tuple[SpawnRequest, ProcessLike | BaseException]],

@@ -28,7 +28,8 @@ from typing import Any, Generic, TypeVar
 
 from corral.process import WorkerProcess
 
-__all__ = ["BATCH_SIZE", "BATCH_TIME", "SpawnSkipped", "Spawner", "preload_for_forkserver"]
+__all__ = ["BATCH_SIZE", "BATCH_TIME", "START_OVERTIME", "SpawnSkipped", "Spawner",
+           "preload_for_forkserver", "stuck_start_hint"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,20 @@ P = TypeVar("P")  # what a start makes (a WorkerProcess, or the pool's (process,
 
 BATCH_SIZE = 32
 BATCH_TIME = 0.005  # seconds: a batch is delivered at the latest this long after its first start
+# How long past a stop's deadline a start still under way is waited for (its process is then
+# stopped as it arrives) before it is given up on: a stopped or stuck forkserver never answers,
+# and a stop (a supervisor's, a process pool's close) must keep its deadline.
+START_OVERTIME = 1.0
+
+
+def stuck_start_hint(method: str) -> str:
+    """The likely causes of a start that does not return, for log lines."""
+    if method == "forkserver":
+        return "is the forkserver stopped or stuck, or still importing its preload?"
+    if method == "spawn":
+        return ("has the new interpreter not taken its start data: stopped, or the machine "
+                "overloaded?")
+    return f"is the {method} start stuck?"
 
 
 class _Many(Generic[R]):

@@ -693,6 +693,37 @@ def test_a_death_is_seen_while_the_forkserver_is_stopped(no_leaks: set[int]) -> 
         assert pid_alive(status_of(sup, 1).pid or 0)
 
 
+@contextlib.contextmanager
+def _forkserver_stopped(victim: int) -> Iterator[int]:
+    """SIGSTOP the forkserver that started ``victim``, then SIGKILL ``victim``: its
+    replacement's start is stuck in the server. Yields the server's pid; SIGCONT at the end,
+    whatever happens."""
+    server = _ppid(victim)
+    os.kill(server, signal.SIGSTOP)
+    try:
+        os.kill(victim, signal.SIGKILL)
+        yield server
+    finally:
+        os.kill(server, signal.SIGCONT)
+
+
+def _shutdown_on_a_thread(p: corral.ProcessPool, **kwargs: Any,
+                          ) -> tuple[threading.Event, list[float]]:
+    """``p.shutdown(wait=True, **kwargs)`` on a thread of its own: (its end, the seconds it
+    took once it has ended)."""
+    ended = threading.Event()
+    took: list[float] = []
+
+    def shut() -> None:
+        began = time.monotonic()
+        p.shutdown(wait=True, **kwargs)
+        took.append(time.monotonic() - began)
+        ended.set()
+
+    threading.Thread(target=shut, daemon=True).start()
+    return ended, took
+
+
 @pytest.mark.timeout(90)
 def test_stop_keeps_its_deadline_with_a_start_stuck_in_a_stopped_forkserver(
         no_leaks: set[int], caplog: pytest.LogCaptureFixture) -> None:
@@ -705,19 +736,14 @@ def test_stop_keeps_its_deadline_with_a_start_stuck_in_a_stopped_forkserver(
         assert sup.wait_ready(timeout=30) == 2
         victim = status_of(sup, 0).pid
         assert victim is not None
-        server = _ppid(victim)
         monitor = sup._monitor
         assert monitor is not None
         spawner = monitor._spawner.thread
-        os.kill(server, signal.SIGSTOP)
-        try:
-            os.kill(victim, signal.SIGKILL)
+        with _forkserver_stopped(victim) as server:
             in_state(sup, 0, WorkerState.PENDING)  # its replacement is with the spawner
             began = time.monotonic()
             sup.stop(timeout=0.2)
             took = time.monotonic() - began
-        finally:
-            os.kill(server, signal.SIGCONT)
         assert took < 3.5, took  # 1.2 s expected; the margin is for a loaded machine
         assert all(s.state is WorkerState.STOPPED for s in sup.status())
     lines = [r.getMessage() for r in caplog.records]
@@ -744,15 +770,10 @@ def test_a_start_stuck_in_a_stopped_forkserver_is_logged_and_taken_when_it_comes
         assert sup.wait_ready(timeout=30) == 2
         victim = status_of(sup, 0).pid
         assert victim is not None
-        server = _ppid(victim)
-        os.kill(server, signal.SIGSTOP)
-        try:
-            os.kill(victim, signal.SIGKILL)
+        with _forkserver_stopped(victim):
             wait_for(lambda: any("its start has not returned after" in r.getMessage()
                                  for r in caplog.records), 15, "the warning")
             assert status_of(sup, 0).state is WorkerState.PENDING
-        finally:
-            os.kill(server, signal.SIGCONT)
         wait_for(lambda: status_of(sup, 0).state is WorkerState.RUNNING
                  and status_of(sup, 0).pid not in (None, victim), 30, "the replacement")
     lines = [r.getMessage() for r in caplog.records if "has not returned" in r.getMessage()]
@@ -781,38 +802,21 @@ def test_pool_shutdown_keeps_its_deadline_with_a_start_stuck_in_a_stopped_forkse
     # and shutdown(wait=True), like interpreter exit, waited forever. Now it waits 1 s past
     # stop_timeout for a start under way, then gives it up.
     p = corral.ProcessPool(1, spare_workers=0, start_method="forkserver", stop_timeout=0.5)
-    ended = threading.Event()
-    took = math.inf
-    server = 0
-    try:
-        with caplog.at_level(logging.WARNING, "corral"):
-            victim = p.submit(os.getpid).result(timeout=30)
-            no_leaks.add(victim)
-            server = _ppid(victim)
-            runner = p._runner
-            spawner = runner._spawner.thread if runner._spawner is not None else None
-            assert spawner is not None
-            os.kill(server, signal.SIGSTOP)
-            os.kill(victim, signal.SIGKILL)
+    with caplog.at_level(logging.WARNING, "corral"):
+        victim = p.submit(os.getpid).result(timeout=30)
+        no_leaks.add(victim)
+        runner = p._runner
+        spawner = runner._spawner.thread if runner._spawner is not None else None
+        assert spawner is not None
+        with _forkserver_stopped(victim) as server:
             # Its replacement's start is with the spawner (and the stopped forkserver).
             wait_for(lambda: p.stats()["workers_lost"] == 1 and p.stats()["started"] == 1, 15,
                      "the pool to see its worker die")
-
-            def shut() -> None:
-                nonlocal took
-                began = time.monotonic()
-                p.shutdown(wait=True)
-                took = time.monotonic() - began
-                ended.set()
-
-            threading.Thread(target=shut, daemon=True).start()
+            ended, took = _shutdown_on_a_thread(p)
             # Before, this waited for ever: let the forkserver go after 10 s (the test fails).
             ended.wait(10)
-    finally:
-        if server:
-            os.kill(server, signal.SIGCONT)
         ended.wait(30)
-    assert took < 3.5, took  # 1.5 s expected; the margin is for a loaded machine
+    assert took and took[0] < 3.5, took  # 1.5 s expected; the margin is for a loaded machine
     lines = [r.getMessage() for r in caplog.records]
     assert any("1 worker start(s) had not returned 1 s after stop_timeout" in m
                for m in lines), lines
@@ -829,33 +833,15 @@ def test_pool_shutdown_cancelling_futures_keeps_its_deadline_with_a_stuck_start(
     # shutdown(wait=True, cancel_futures=True) kept one task for the worker whose start was
     # stuck in the stopped forkserver: the close never began and shutdown never returned.
     p = corral.ProcessPool(1, spare_workers=0, start_method="forkserver", stop_timeout=0.5)
-    ended = threading.Event()
-    took = math.inf
-    server = 0
-    futures: list[Any] = []
-    try:
-        victim = p.submit(os.getpid).result(timeout=30)
-        no_leaks.add(victim)
-        server = _ppid(victim)
-        os.kill(server, signal.SIGSTOP)
-        os.kill(victim, signal.SIGKILL)
+    victim = p.submit(os.getpid).result(timeout=30)
+    no_leaks.add(victim)
+    with _forkserver_stopped(victim) as server:
         wait_for(lambda: p.stats()["workers_lost"] == 1, 15, "the pool to see its worker die")
         futures = [p.submit(time.sleep, 0.1) for _ in range(3)]
-
-        def shut() -> None:
-            nonlocal took
-            began = time.monotonic()
-            p.shutdown(wait=True, cancel_futures=True)
-            took = time.monotonic() - began
-            ended.set()
-
-        threading.Thread(target=shut, daemon=True).start()
+        ended, took = _shutdown_on_a_thread(p, cancel_futures=True)
         ended.wait(10)  # before, for ever: the forkserver is let go after 10 s (a failure)
-    finally:
-        if server:
-            os.kill(server, signal.SIGCONT)
-        ended.wait(30)
-    assert took < 6, took  # 3 s expected (1.5 s for the kept task, 1.5 for the close)
+    ended.wait(30)
+    assert took and took[0] < 6, took  # 3 s expected (1.5 s for the kept task, 1.5 for the close)
     assert all(f.cancelled() for f in futures), [f._state for f in futures]
     wait_for(lambda: not psutil.Process(server).children(), 15,
              "the forkserver's late child gone")

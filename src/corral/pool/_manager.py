@@ -57,7 +57,7 @@ from typing import Any
 
 from corral._bootstrap import BootConfig, signals_to_reset
 from corral._reactor import Reactor
-from corral._spawner import SpawnSkipped
+from corral._spawner import START_OVERTIME, SpawnSkipped, stuck_start_hint
 from corral.events import ExitRecord
 from corral.heartbeat import HeartbeatTable
 from corral.pool._conn import Sent, read_frames, send_frame
@@ -86,8 +86,7 @@ from corral.pool.errors import (
 from corral.process import DUMP_SIGNAL, disown_fd
 from corral.states import StopReason
 
-__all__ = ["SPARE_HOLD", "START_OVERTIME", "PoolManager", "SpawnRequest", "Started",
-           "discard_started"]
+__all__ = ["SPARE_HOLD", "PoolManager", "SpawnRequest", "Started", "discard_started"]
 
 log = logging.getLogger("corral.procpool")  # not corral.pool.*: the supervisors' pools log there
 
@@ -96,10 +95,6 @@ log = logging.getLogger("corral.procpool")  # not corral.pool.*: the supervisors
 # a CPU) would otherwise delay that task's result, the one the spare is there to speed up.
 SPARE_HOLD = 0.05
 SPARE_GRACE = 0.002
-# A closing pool waits this much longer than stop_timeout for a start still under way (a
-# forkserver or spawn start takes tens of ms); one still with the spawner thread then (a
-# forkserver that is stopped or stuck never answers) is given up on: shutdown stays bounded.
-START_OVERTIME = 1.0
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 # The states and deadline kinds, bound once: the hot path compares them by identity.
@@ -452,9 +447,9 @@ class PoolManager:
         if any(w.proc is not None and w.state is not _LEAVING
                for w in self._roster.workers.values()):
             return  # a worker exists: they run on it, as promised
-        log.warning("pool %r: no worker start returned within stop_timeout + %g s (under %s: is "
-                    "the start method's server stopped or stuck?); cancelling the tasks kept "
-                    "for them", self.cfg.name, START_OVERTIME, self._method)
+        log.warning("pool %r: no worker start returned within stop_timeout + %g s (%s); "
+                    "cancelling the tasks kept for them", self.cfg.name, START_OVERTIME,
+                    stuck_start_hint(self._method))
         self.shared.cancel_pending(0, kept_too=True)
 
     def _abandon_starts(self) -> None:
@@ -469,9 +464,8 @@ class PoolManager:
         self.abandoned += len(late)
         if late:
             log.warning("pool %r: %d worker start(s) had not returned %g s after stop_timeout "
-                        "(under %s: is the start method's server stopped or stuck?); not "
-                        "waiting for them, a process that still comes is killed", self.cfg.name,
-                        len(late), START_OVERTIME, self._method)
+                        "(%s); not waiting for them, a process that still comes is killed",
+                        self.cfg.name, len(late), START_OVERTIME, stuck_start_hint(self._method))
 
     # ------------------------------------------------------------------------------ outcomes
 
