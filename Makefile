@@ -23,8 +23,12 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
+# Two pytest workers (the machines have 2 cores, and most tests wait on processes): about half
+# the time of one. Every Ray test goes to one worker (tests/conftest.py). TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 2
+
 test: lint typecheck
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 	$(MAKE) --no-print-directory conformance
 
 # CPython 3.13's own concurrent.futures process-pool tests (the installed `test` package, not
@@ -36,9 +40,20 @@ conformance:
 	@if [ -z "$(PY313)" ] || [ ! -x "$(PY313)" ]; then \
 	  echo "conformance: no Python 3.13 from pyenv here; skipped"; \
 	else \
-	  $(MAKE) --no-print-directory venv PY=$(PY313) VENV=.venv-3.13 && \
-	  .venv-3.13/bin/python tests/conformance/run_cpython_futures.py; \
+	  $(MAKE) --no-print-directory $(CONF_STAMP) PY=$(PY313) && \
+	  $(CONF_VENV)/bin/python tests/conformance/run_cpython_futures.py; \
 	fi
+
+# The conformance run needs corral and its dependencies only, not the test extra (Ray alone is
+# most of that install's time).
+CONF_VENV := .venv-conformance
+CONF_STAMP := $(CONF_VENV)/.installed
+
+$(CONF_STAMP): pyproject.toml
+	$(PY) -m venv $(CONF_VENV)
+	$(CONF_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CONF_VENV)/bin/python -m pip install --quiet -e .
+	touch $(CONF_STAMP)
 
 unit: venv
 	$(BIN)/python -m pytest -q tests/unit
@@ -59,4 +74,4 @@ bench-quick:
 	$(PY) benchmarks/run.py --quick
 
 clean:
-	rm -rf $(VENV) .venv-3.* .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-3.* $(CONF_VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -18,6 +18,11 @@ from support import (  # noqa: F401
     wait_for_fds,
 )
 
+# pytest-xdist's workers set COLUMNS=80 and LINES=24: the commands the suite runs then render
+# for an 80-column terminal (cut cells). Every test sees the environment of a plain run.
+for _var in ("COLUMNS", "LINES"):
+    os.environ.pop(_var, None)
+
 
 @pytest.fixture
 def no_leaks() -> Iterator[set[int]]:
@@ -70,3 +75,12 @@ def loop(request: pytest.FixtureRequest) -> Iterator[object]:
     lp = SelectorLoop() if request.param == "plain" else SelectorWriterLoop()
     yield lp
     lp.close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``-n 2 --dist loadgroup``), every Ray test goes to one worker, in a
+    row: the cluster is package-scoped, and one is enough for the 2 cores."""
+    ray_group = pytest.mark.xdist_group("ray")
+    for item in items:
+        if "ray_backend" in item.nodeid.split("/"):
+            item.add_marker(ray_group)

@@ -90,7 +90,10 @@ def inner_stdin(index: int, outdir: str) -> None:
     std = sys.stdin
     data = ([os.path.realpath(f"/proc/self/fd/{std.fileno()}"), std.closed]
             if std is not None and not std.closed else [None, True])
-    (Path(outdir) / "inner.json").write_text(json.dumps({"pid": os.getpid(), "stdin": data}))
+    # Written whole, then renamed: the test reads it as soon as it exists.
+    tmp = Path(outdir) / ".inner.json"
+    tmp.write_text(json.dumps({"pid": os.getpid(), "stdin": data}))
+    tmp.rename(Path(outdir) / "inner.json")
     while True:
         time.sleep(0.05)
 

@@ -95,4 +95,7 @@ def stop_self_after_marker(path: str) -> None:
     import signal
 
     Path(path).write_text(str(os.getpid()))
-    os.kill(os.getpid(), signal.SIGSTOP)
+    # Stopped for good: something outside corral (corral sends Ray actors no SIGCONT) can
+    # continue it (see ray_targets.stops_itself); the task must not return then.
+    while True:
+        os.kill(os.getpid(), signal.SIGSTOP)
