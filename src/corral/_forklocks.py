@@ -26,7 +26,7 @@ import os
 import threading
 from collections.abc import Iterator
 
-__all__ = ["WAIT", "logging_held"]
+__all__ = ["WAIT", "logging_held", "records_in_progress"]
 
 # Seconds a fork waits for the corral records being handled (or a record for the forks in
 # progress) before it goes ahead anyway.
@@ -91,6 +91,13 @@ def _wrap_corral_loggers() -> None:
                 and "handle" not in vars(logger)):
             logger.handle = functools.partial(_handle_guarded, logger)  # type: ignore[method-assign]
     _seen = len(registry)
+
+
+def records_in_progress() -> bool:
+    """Whether a corral record is being handled now (a fork would wait for it; a hint, read
+    without the lock)."""
+    gate = _gate
+    return gate.records > gate.stuck_records
 
 
 @contextlib.contextmanager

@@ -189,6 +189,12 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
                 and spec.command is None) else None)
         # While begin() queues a pool's first starts: they go to the spawner as one request.
         self._collecting: list[SpawnRequest] | None = None
+        # A fork restart may be forked on this pool's own loop thread (see _fork_here): not a
+        # host's loop (other pools' turns), not a custom start or a command.
+        self._fork_here_ok = (start_process is None and spec.start_method == "fork"
+                              and spec.command is None and host is None)
+        self._forked_this_round = False
+        self._with_spawner = 0  # requests with the spawner, not yet taken back
         # Seconds after which a start still with the spawner is logged (0: never; see
         # SLOW_START): forkserver and spawn starts of a local pool's Python workers.
         self._slow_start = 0.0 if (
@@ -275,6 +281,7 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
                 self._spawn(w, now)
         finally:
             first, self._collecting = self._collecting, None
+        self._with_spawner += len(first)
         self._spawner.request_batch(first)
         self._replenish(now)  # standbys after the workers
         # Queued before the thread exists: it forks the first worker as soon as it runs.

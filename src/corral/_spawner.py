@@ -1,9 +1,10 @@
 """The one long-lived thread that starts a pool's processes.
 
 Starting a process takes about a millisecond with fork and tens of milliseconds with forkserver or
-spawn; it happens here, never on the loop thread, so a restart never delays the supervision of
-the other workers. The thread lives as long as its pool, which matters: Linux ties a child's
-parent-death signal to the *thread* that forked it.
+spawn; it happens here, not on the loop thread, so a restart never delays the supervision of
+the other workers (one exception: a lone fork restart that nothing would make wait is forked by
+a pool's own loop thread, see ``SpawnPart._fork_here``). The thread lives as long as its pool,
+which matters: Linux ties a child's parent-death signal to the *thread* that forked it.
 
 Requests queued together (a pool's start, a scale-up) are delivered together: one hand-over to
 the loop for the batch, not one per process. A lone restart is delivered at once. A pool's start

@@ -502,6 +502,75 @@ def test_compat_restart_timeout_restarts_at_once_and_throttles_loops(no_leaks: s
 # ---------------------------------------------------------------------------- 7. Duck's logs
 
 
+@pytest.fixture
+def start_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The name of the thread each Python worker start of the pools made from here on runs on
+    (the pool's monitor thread, or its spawner thread)."""
+    from corral import _monitor
+
+    names: list[str] = []
+    real = _monitor.Monitor._start_worker
+
+    def spy(self: Any, req: Any) -> Any:
+        names.append(threading.current_thread().name)
+        return real(self, req)
+
+    monkeypatch.setattr(_monitor.Monitor, "_start_worker", spy)
+    return names
+
+
+@pytest.mark.timeout(60)
+def test_a_fork_restart_is_forked_at_once_by_the_monitor_unless_the_fork_would_wait(
+        no_leaks: set[int], start_threads: list[str]) -> None:
+    """A lone fork restart is forked on the monitor's own thread as it handles the exit (no
+    hand-over to the spawner thread: the compat row with restart_timeout=2, 2.01x -> 1.72x the
+    floor in 9 alternating runs). Not when the fork would wait: with the import lock held by
+    another thread it goes to the spawner (which waits for it without the GIL), and the monitor
+    goes on answering meanwhile."""
+    import _imp
+
+    with pool(no_leaks, workers.sleeper, workers=2, start_method="fork") as (sup, _):
+        first = {i: in_state(sup, i, WorkerState.RUNNING).pid for i in (0, 1)}
+        assert all(name.startswith("corral-spawner[") for name in start_threads), start_threads
+        start_threads.clear()
+        os.kill(first[0], signal.SIGKILL)
+        wait_for(lambda: status_of(sup, 0).pid not in (None, first[0]), 10,
+                 "worker 0's replacement")
+        no_leaks.add(status_of(sup, 0).pid or 0)
+        assert len(start_threads) == 1, start_threads
+        assert start_threads[0].startswith("corral-monitor["), start_threads
+
+        start_threads.clear()
+        held, release = threading.Event(), threading.Event()
+
+        def hold_the_import_lock() -> None:
+            _imp.acquire_lock()
+            try:
+                held.set()
+                release.wait(20)
+            finally:
+                _imp.release_lock()
+
+        holder = threading.Thread(target=hold_the_import_lock, daemon=True)
+        holder.start()
+        try:
+            assert held.wait(10)
+            os.kill(first[1], signal.SIGKILL)
+            # The exit is handled and the monitor answers while the start waits for the lock.
+            wait_for(lambda: status_of(sup, 1).state is WorkerState.PENDING, 10,
+                     "worker 1 pending, its start waiting for the import lock")
+            wait_for(lambda: start_threads, 10, "the start to be under way")
+            assert sup.status(timeout=5)[1].state is WorkerState.PENDING
+            assert len(start_threads) == 1, start_threads
+            assert start_threads[0].startswith("corral-spawner["), start_threads
+        finally:
+            release.set()
+            holder.join(10)
+        wait_for(lambda: status_of(sup, 1).pid not in (None, first[1]), 10,
+                 "worker 1's replacement")
+        no_leaks.add(status_of(sup, 1).pid or 0)
+
+
 @pytest.mark.timeout(60)
 def test_compat_prints_ducks_lines_when_logging_is_not_configured(no_leaks: set[int],
                                                                  tmp_path: Path) -> None:
