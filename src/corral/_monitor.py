@@ -193,8 +193,9 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
         # host's loop (other pools' turns), not a custom start or a command.
         self._fork_here_ok = (start_process is None and spec.start_method == "fork"
                               and spec.command is None and host is None)
-        self._forked_this_round = False
-        self._with_spawner = 0  # requests with the spawner, not yet taken back
+        # Starts handed over (to the spawner, or forked by _fork_here) whose results the loop
+        # has not taken yet.
+        self._starts_out = 0
         # Seconds after which a start still with the spawner is logged (0: never; see
         # SLOW_START): forkserver and spawn starts of a local pool's Python workers.
         self._slow_start = 0.0 if (
@@ -281,7 +282,7 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
                 self._spawn(w, now)
         finally:
             first, self._collecting = self._collecting, None
-        self._with_spawner += len(first)
+        self._starts_out += len(first)
         self._spawner.request_batch(first)
         self._replenish(now)  # standbys after the workers
         # Queued before the thread exists: it forks the first worker as soon as it runs.

@@ -8,7 +8,6 @@ command), taking the result on the monitor thread, and a worker's readiness.
 from __future__ import annotations
 
 import _imp
-import contextlib
 import logging
 import multiprocessing
 import multiprocessing.process
@@ -39,7 +38,6 @@ from corral.process import (
     WorkerProcess,
     kill_unregistered,
     own_fd,
-    settle,
 )
 from corral.states import Trigger, WorkerState
 
@@ -61,8 +59,7 @@ if TYPE_CHECKING:
         _slow_start: float
         _slow_warned: SpawnRequest | None
         _fork_here_ok: bool
-        _forked_this_round: bool
-        _with_spawner: int
+        _starts_out: int
 
         _standbys: dict[int, Standby]
 
@@ -189,44 +186,28 @@ class SpawnPart(_SpawnCore):
         elif self._may_fork_here():
             self._fork_here(req)
         else:
-            self._with_spawner += 1
+            self._starts_out += 1
             self._spawner.request(req)
 
     def _may_fork_here(self) -> bool:
         """Whether this fork restart may be forked on the loop thread itself, not handed to
-        the spawner thread: the first of a round, with the spawner idle, nothing the fork
-        would wait for (the import lock, a corral record being handled). Waking the spawner
-        and waiting for the GIL it needs while the loop does the exit's bookkeeping cost a
-        restart after a quiet spell ~1 ms (see :meth:`_fork_here`)."""
-        return (self._fork_here_ok and not self._with_spawner and not self._forked_this_round
-                and not self._stopping and not _imp.lock_held()
-                and not records_in_progress())
+        the spawner thread: no other start out (none with the spawner, none forked here and not
+        yet taken: the first of a burst only), nothing the fork would wait for (the import
+        lock, a corral record being handled). Waking the spawner and waiting for the GIL it
+        needs while the loop does the exit's bookkeeping cost a restart after a quiet spell
+        ~1 ms (see :meth:`_fork_here`)."""
+        return (self._fork_here_ok and not self._starts_out and not self._stopping
+                and not _imp.lock_held() and not records_in_progress())
 
     def _fork_here(self, req: SpawnRequest) -> None:
         """Fork ``req``'s worker now, on the loop thread: the replacement boots on the other
-        CPU while the loop goes on with the exit's bookkeeping. Only the first of a round: the
-        rest of a burst go to the spawner, which forks them while the loop works. The result
-        is taken by the loop after this round's events, as a spawner's batch is."""
-        self._forked_this_round = True
-        # (Through the inbox with a wake: from a deadline (a restart after its backoff) the
-        # next round must run the inbox, and a round without events does not.)
-        self._reactor.call_soon_threadsafe(self._end_fork_round)
-        result: ProcessLike | BaseException
-        try:
-            result = self._start_worker(req)
-        except BaseException as exc:  # delivered as a failed start, as the spawner does
-            result = exc
-        else:
-            try:
-                settle(result)
-            except BaseException as exc:
-                with contextlib.suppress(Exception):
-                    result.kill_and_reap()
-                result = exc
-        self._reactor.call_soon_threadsafe(self._cb(self._spawned), req, result)
-
-    def _end_fork_round(self) -> None:
-        self._forked_this_round = False
+        CPU while the loop goes on with the exit's bookkeeping; the rest of a burst go to the
+        spawner, which forks them while the loop works. The result is handed to the loop as a
+        spawner's batch is (through the inbox with a wake: from a deadline, a restart after
+        its backoff, the next round must run the inbox), and taken after this round's events."""
+        self._starts_out += 1
+        batch = [(req, self._spawner.start_here(req))]
+        self._reactor.call_soon_threadsafe(self._cb(self._spawned_batch), batch)
 
     def _start_many(self, reqs: list[SpawnRequest]) -> list[ProcessLike | BaseException | None]:
         """A pool's first fork workers, from a single-threaded template (on the spawner
@@ -300,7 +281,7 @@ class SpawnPart(_SpawnCore):
 
     def _spawned_batch(self, batch: list[tuple[SpawnRequest, ProcessLike | BaseException]],
                        ) -> None:
-        self._with_spawner = max(0, self._with_spawner - len(batch))
+        self._starts_out = max(0, self._starts_out - len(batch))
         for req, result in batch:
             if req.standby is not None:
                 self._standby_spawned(req.standby, result, req.standby.pending_conn)
@@ -316,7 +297,7 @@ class SpawnPart(_SpawnCore):
             forkserver=self.spec.start_method == "forkserver",
             reset_signals=signals_to_reset() if self._fork_extras else None,
             settings=self._settings, **self._fork_extras)
-        self._with_spawner += 1
+        self._starts_out += 1
         self._spawner.request(SpawnRequest(-sb.id, 0, boot, (), None, sb))
 
     def _spawned(self, req: SpawnRequest, result: ProcessLike | BaseException) -> None:

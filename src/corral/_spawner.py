@@ -188,6 +188,14 @@ class Spawner(Generic[R, P]):
         finally:
             self.current = None
 
+    def start_here(self, req: R) -> P | BaseException:
+        """Start ``req`` on the calling thread, as this thread would: the process, settled, or
+        the error (a process that could not be settled undone). The caller delivers it."""
+        batch: list[tuple[R, P | BaseException]] = [(req, self._start_one(req))]
+        if self._settle is not None:
+            self._settle_batch(batch)
+        return batch[0][1]
+
     def _run_many(self, reqs: list[R]) -> None:
         results: list[P | BaseException | None] = [None] * len(reqs)
         if self._start_many is not None and not self._skip():

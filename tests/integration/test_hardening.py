@@ -827,6 +827,11 @@ def test_stop_keeps_its_deadline_with_a_start_stuck_in_a_stopped_forkserver(
              "the forkserver's late child gone")
 
 
+def _not_returned(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The slow-start warnings logged (a start that has not returned)."""
+    return [r.getMessage() for r in caplog.records if "has not returned" in r.getMessage()]
+
+
 @pytest.mark.timeout(90)
 def test_a_start_stuck_in_a_stopped_forkserver_is_logged_and_taken_when_it_comes(
         no_leaks: set[int], caplog: pytest.LogCaptureFixture) -> None:
@@ -845,7 +850,7 @@ def test_a_start_stuck_in_a_stopped_forkserver_is_logged_and_taken_when_it_comes
             assert status_of(sup, 0).state is WorkerState.PENDING
         wait_for(lambda: status_of(sup, 0).state is WorkerState.RUNNING
                  and status_of(sup, 0).pid not in (None, victim), 30, "the replacement")
-    lines = [r.getMessage() for r in caplog.records if "has not returned" in r.getMessage()]
+    lines = _not_returned(caplog)
     assert len(lines) == 1 and "worker 'sleeper-0' (index 0)" in lines[0], lines
 
 
@@ -859,7 +864,7 @@ def test_starts_queued_behind_others_are_not_taken_for_stuck(
             pool(no_leaks, workers.sleeper, workers=64, start_method="spawn",
                  startup_timeout=1.0) as (sup, _):
         assert sup.wait_ready(timeout=60) == 64
-    lines = [r.getMessage() for r in caplog.records if "has not returned" in r.getMessage()]
+    lines = _not_returned(caplog)
     assert not lines, lines
 
 
