@@ -18,6 +18,14 @@ group and would be orphaned. Nothing the supervisor runs can help once it is SIG
 
 If the supervisor ends cleanly every group has been cleared already and the keeper just exits.
 
+A pool's start starts the keeper *gated*: ``/bin/sh`` waits on that pipe, and execs the keeper
+(the same pid, its stdin still the table) once the supervisor writes a newline there, after the
+pool's first workers are forked, or at EOF, when the supervisor is gone. A Python interpreter's
+own start costs ~10 ms of CPU, which on a small machine competed with the first workers' for
+the CPU (8 fork workers up ~5 ms, a third of their start-up); a shell costs ~0.7 ms. The
+protection holds from the gate's start: the groups are in the table, and the supervisor's death
+ends the wait as it ends the keeper's.
+
 The keeper never runs user code and imports nothing but the built-in ``_signal``, ``posix`` and
 ``sys`` and the small ``select``: ``os`` and ``signal`` (enum, functools, collections) doubled
 the CPU its start costs, and that start competes with a pool's first workers for the CPU.
@@ -46,7 +54,8 @@ KEEPER_TITLE = "corral-keeper"
 KEEPER_ENV = "CORRAL_KEEPER"
 
 # Runs in ``python -I -S``: argv[1] is the supervisor's pid, argv[2] the read end of a pipe only
-# the supervisor writes to (EOF: it is gone), argv[3] the mark of this keeper's command starts
+# the supervisor writes to (EOF: it is gone; what is written there is the gate's, and read
+# past), argv[3] the mark of this keeper's command starts
 # (``CORRAL_KEEPER=<token>/``); stdin is the table: native int32 process group ids, 0 for a free
 # slot, -1 for a slot reserved for a command being started: at the end the keeper looks in /proc
 # for processes whose environment carries the mark and that slot's number.
@@ -64,7 +73,7 @@ if posix.getppid() == sup:  # else it ended before this line
     if pidfd >= 0:
         poller.register(pidfd, select.POLLIN)
     poller.register(gone, select.POLLIN)
-    while not poller.poll():
+    while not any(fd != gone or not posix.read(gone, 64) for fd, _ in poller.poll()):
         pass
 head = posix.pread(0, 4, 0)
 used = int.from_bytes(head, sys.byteorder, signed=True) if len(head) == 4 else 0
@@ -105,6 +114,15 @@ if pending:  # commands started, not yet registered: found by the marker in thei
 posix._exit(0)
 """
 
+# The gate (``sh -c``): $0 the Python to exec, $1 the keeper's code, $2-$4 its argv. Signals
+# ignored here stay ignored across the exec. ``read`` takes a pipe's bytes one at a time: the
+# newline that opens the gate is consumed, nothing after it. The pipe is opened by its /proc
+# path (dash's ``<&N`` takes one digit only) and whatever ``read`` meets (EOF, an error), the
+# exec follows: a gate that fails opens.
+_GATE = ('trap "" INT HUP TERM PIPE; read -r _ <"/proc/self/fd/$3"; '
+         'exec "$0" -I -S -c "$1" "$2" "$3" "$4"')
+_SHELL = "/bin/sh"
+
 # Slots in the table: far more process groups than one supervisor ever has at once. The memfd
 # is sparse: only the pages of slots in use take memory.
 _CAPACITY = 1 << 20
@@ -123,7 +141,9 @@ class _Keeper:
         self._gone_w = -1  # the pipe the keeper sees close when this process ends
         self._pid = 0  # the supervising process the keeper protects
         self._failed = False
+        self._gated = False  # the keeper waits at its gate (see open_gate)
         self._token = ""  # marks this supervisor's command starts (KEEPER_ENV)
+        self._table_fd = 0  # the table's fd number in the keeper (its stdin, and this one)
 
     @property
     def pid(self) -> int | None:
@@ -131,18 +151,27 @@ class _Keeper:
         proc = self._proc
         return proc.pid if proc is not None and self._pid == os.getpid() else None
 
-    def start(self) -> None:
+    def start(self, gated: bool = False) -> None:
         """Start the keeper if it is not running yet (cheap when it is).
 
         A keeper that cannot be started is logged once; supervision goes on without it.
+
+        Args:
+            gated: the keeper's Python starts only at :meth:`open_gate` (or once this process
+                is gone): a pool's start opens it after its first workers are forked, so that
+                the keeper's start does not compete with theirs. Not gated: at once (and a
+                gated keeper's gate is opened).
         """
         if self._pid == os.getpid() and (self._proc is not None or self._failed):
+            if not gated:
+                self.open_gate()
             return
         with self._lock:
             if self._pid != os.getpid():
                 self._reset()
             if self._proc is not None or self._failed:
                 return
+            gated = gated and os.access(_SHELL, os.X_OK)  # no shell (distroless): no gate
             mm: mmap.mmap | None = None
             fds: list[int] = []
             try:
@@ -154,11 +183,16 @@ class _Keeper:
                 fds.append(gone_r)
                 self._gone_w = gone_w
                 self._token = f"{os.getpid()}.{os.urandom(6).hex()}"
+                argv = [_KEEPER_CODE, str(os.getpid()), str(gone_r),
+                        f"{KEEPER_ENV}={self._token}/"]
                 self._proc = subprocess.Popen(
-                    [sys.executable, "-I", "-S", "-c", _KEEPER_CODE, str(os.getpid()),
-                     str(gone_r), f"{KEEPER_ENV}={self._token}/"],
+                    [_SHELL, "-c", _GATE, sys.executable, *argv] if gated
+                    else [sys.executable, "-I", "-S", "-c", *argv],
                     stdin=table_fd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                    pass_fds=(gone_r,), close_fds=True, start_new_session=True)
+                    # The table also under its own number: at its gate the shell's stdin is
+                    # the pipe while it reads (see table_path).
+                    pass_fds=(gone_r, table_fd), close_fds=True, start_new_session=True)
+                self._table_fd = table_fd
             except OSError as exc:
                 self._failed = True
                 if mm is not None:
@@ -173,6 +207,18 @@ class _Keeper:
                 for fd in fds:
                     os.close(fd)
             self._table = memoryview(mm).cast("i")
+            self._gated = gated
+
+    def open_gate(self) -> None:
+        """Let a gated keeper start its Python now (once; cheap when there is nothing to do)."""
+        if not self._gated:
+            return
+        with self._lock:
+            if not self._gated or self._pid != os.getpid():
+                return
+            self._gated = False
+            with contextlib.suppress(OSError):  # a keeper killed by someone: nothing to open
+                os.write(self._gone_w, b"\n")
 
     def register(self, pgid: int) -> None:
         """Kill group ``pgid`` if this process dies before :meth:`unregister`."""
@@ -236,11 +282,12 @@ class _Keeper:
 
     def table_path(self) -> str | None:
         """Where a spawn or forkserver child opens the table to claim its slot
-        (:func:`claim_slot`): the keeper's stdin, through /proc. None if it is not running."""
+        (:func:`claim_slot`): the table's fd in the keeper, through /proc. None if it is not
+        running."""
         proc = self._proc
         if proc is None or self._table is None or self._pid != os.getpid():
             return None
-        return f"/proc/{proc.pid}/fd/0"
+        return f"/proc/{proc.pid}/fd/{self._table_fd}"
 
     def claim(self, slot: int) -> None:
         """In the forked child, first thing: its group (its pid: it leads its own) into the
@@ -293,6 +340,7 @@ class _Keeper:
         freeing the parent's table of groups here touched dozens of shared pages in every
         fork-started worker."""
         self._lock = threading.Lock()
+        self._gated = False
         if self._gone_w >= 0:
             with contextlib.suppress(OSError):
                 os.close(self._gone_w)
@@ -309,6 +357,7 @@ class _Keeper:
             with contextlib.suppress(OSError):
                 os.close(self._gone_w)
         self._proc, self._table, self._gone_w, self._failed = None, None, -1, False
+        self._gated = False
         self._token = ""
         self._slots, self._free, self._next = {}, [], 1
         self._lock = threading.Lock()  # another thread may have held it at the fork

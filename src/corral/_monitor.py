@@ -47,6 +47,7 @@ from corral import states
 from corral._eventlog import event_extra
 from corral._health import HealthRunner
 from corral._identity import worker_settings
+from corral._keeper import keeper
 from corral._monitor_exits import ExitPart
 from corral._monitor_parts import ControlPart, GroupRestart, WatchPart
 from corral._monitor_remote import RemotePart
@@ -581,6 +582,7 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
     def _close(self) -> None:
         """Release the pool's fds: its reactor's (hosted: its part of the host's), and the
         heartbeat table."""
+        keeper.open_gate()  # a pool ended before its first starts came back: not left gated
         if self._io is not None:
             self._io.close()
         if self._remote:

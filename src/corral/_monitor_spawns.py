@@ -29,6 +29,7 @@ from corral._command import CommandProcess
 from corral._eventlog import event_extra
 from corral._fdlimit import explain_fd_error
 from corral._forklocks import records_in_progress
+from corral._keeper import keeper
 from corral._slots import POOL, AfterStop, Deadline, SpawnRequest, WorkerSlot
 from corral._spawner import SpawnSkipped, stuck_start_hint
 from corral.events import EventKind, ExitRecord, StopReason
@@ -282,6 +283,7 @@ class SpawnPart(_SpawnCore):
     def _spawned_batch(self, batch: list[tuple[SpawnRequest, ProcessLike | BaseException]],
                        ) -> None:
         self._starts_out = max(0, self._starts_out - len(batch))
+        keeper.open_gate()  # the first starts are done: the keeper's own may begin
         for req, result in batch:
             if req.standby is not None:
                 self._standby_spawned(req.standby, result, req.standby.pending_conn)

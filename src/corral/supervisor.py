@@ -161,7 +161,9 @@ class Supervisor:
             # The endpoint first: an address in use fails start() before any process exists.
             endpoint = self._start_endpoint()
             try:
-                keeper.start()
+                # Gated: its Python starts once the first workers are forked (the monitor
+                # opens the gate), not beside them.
+                keeper.start(gated=True)
             except BaseException:
                 self._close_endpoint(endpoint)
                 raise

@@ -1350,7 +1350,9 @@ _KEEPER_SCRIPT = r"""
 import os, subprocess, sys
 from corral._keeper import keeper
 from corral.futures import ProcessPoolExecutor
-keeper.start()
+# Its fds numbered past 9 (a program's own fds come first; dash's `<&N` takes one digit).
+busy = [os.open(os.devnull, os.O_RDONLY) for _ in range(12)]
+keeper.start(gated=sys.argv[1] == "gated")  # gated: never opened, the supervisor dies first
 groups = [subprocess.Popen(["sleep", "600"], start_new_session=True) for _ in range(4)]
 for p in groups:
     keeper.register(p.pid)
@@ -1362,15 +1364,31 @@ sys.stdin.read()  # until the test SIGKILLs this process
 """
 
 
+def exe_of(pid: int) -> str:
+    """The program ``pid`` runs (resolved), or "" once it is gone."""
+    try:
+        return os.path.realpath(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
+
+
+SHELL = os.path.realpath("/bin/sh")
+
+
+@pytest.mark.parametrize("gate", ["open", "gated"])
 @pytest.mark.timeout(60)
-def test_keeper_kills_registered_groups_only(no_leaks: set[int]) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", _KEEPER_SCRIPT], stdin=subprocess.PIPE,
+def test_keeper_kills_registered_groups_only(gate: str, no_leaks: set[int]) -> None:
+    # Gated (a pool's start: the keeper's Python starts once the first workers are forked): a
+    # supervisor that dies before the gate opens still has its groups killed.
+    proc = subprocess.Popen([sys.executable, "-c", _KEEPER_SCRIPT, gate], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         *pids, keeper_pid = (int(x) for x in proc.stdout.readline().split())
         no_leaks.update([*pids, keeper_pid])
         assert all(pid_alive(p) for p in pids)
+        if gate == "gated":  # still the shell at its gate, not the keeper's Python
+            assert exe_of(keeper_pid) == SHELL
         proc.kill()
         proc.wait(10)
         wait_gone([pids[0], pids[2], pids[3], keeper_pid], 5, "the registered groups")
@@ -1406,3 +1424,70 @@ def test_a_delayed_restart_is_logged_after_the_exit_it_follows_naming_its_pid(
         restarts = [i for i, m in enumerate(lines) if f"pid {pid}) restarts in 0.200s" in m]
         assert ended and restarts and ended[0] < restarts[0], (pid, lines)
     assert not any("pid None" in m for m in lines), lines
+
+
+_GATE_SCRIPT = r"""
+import fcntl, os, subprocess, sys, termios, threading, time
+import corral, workers
+from corral import _template
+from corral._keeper import keeper
+held = threading.Event()
+fork_batch = _template.fork_batch
+def slow_fork_batch(*args, **kwargs):  # the pool's first workers held back by the test
+    held.wait(60)
+    return fork_batch(*args, **kwargs)
+_template.fork_batch = slow_fork_batch
+sup = corral.Supervisor(workers.sleeper, workers=4, start_method="fork")
+sup.start()
+group = subprocess.Popen(["sleep", "600"], start_new_session=True)
+keeper.register(group.pid)
+print(keeper.pid, group.pid, flush=True)
+sys.stdin.readline()  # the test has seen the keeper at its gate
+held.set()
+sup.wait_ready(timeout=30)
+print(" ".join(str(s.pid) for s in sup.status()), flush=True)
+sys.stdin.readline()  # the test has seen the keeper's Python
+# A byte on the keeper's pipe (a second opening, say) is read past, not taken for our end.
+os.write(keeper._gone_w, b"\n\n")
+def unread() -> int:
+    return int.from_bytes(fcntl.ioctl(keeper._gone_w, termios.FIONREAD, b"\0" * 4), sys.byteorder)
+deadline = time.monotonic() + 30
+while unread() and time.monotonic() < deadline:
+    time.sleep(0.01)
+print(unread(), flush=True)
+sys.stdin.read()  # until the test SIGKILLs this process
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_pool_s_start_opens_the_keeper_s_gate_once_its_workers_are_forked(
+        no_leaks: set[int]) -> None:
+    # The keeper's Python start (~10 ms of CPU) competed with a pool's first workers for the
+    # CPU: a pool's start leaves it at its gate (a shell) until the first starts are back.
+    proc = subprocess.Popen([sys.executable, "-c", _GATE_SCRIPT], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=HERE)
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        keeper_pid, group = (int(x) for x in proc.stdout.readline().split())
+        no_leaks.update([keeper_pid, group])
+        assert exe_of(keeper_pid) == SHELL  # the workers are not forked yet
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        workers = [int(x) for x in proc.stdout.readline().split()]
+        no_leaks.update(workers)
+        assert len(workers) == 4
+        wait_for(lambda: exe_of(keeper_pid) == os.path.realpath(sys.executable), 30,
+                 "the keeper's Python to start once the workers were forked")
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "0"  # the keeper read the bytes
+        assert pid_alive(keeper_pid) and pid_alive(group)  # and took them for nothing
+        proc.kill()
+        proc.wait(10)
+        wait_gone([keeper_pid, group, *workers], 5, "the keeper, its group and the workers")
+    finally:
+        proc.kill()
+        proc.wait(10)
+        for p in (proc.stdout, proc.stdin):
+            if p is not None:
+                p.close()
