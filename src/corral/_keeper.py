@@ -34,6 +34,7 @@ the CPU its start costs, and that start competes with a pool's first workers for
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import mmap
 import os
@@ -175,13 +176,14 @@ class _Keeper:
             mm: mmap.mmap | None = None
             fds: list[int] = []
             try:
-                table_fd = os.memfd_create("corral-keeper", os.MFD_CLOEXEC)
-                fds.append(table_fd)
+                fds.append(os.memfd_create("corral-keeper", os.MFD_CLOEXEC))
+                table_fd = fds[-1] = _past_stdio(fds[-1])
                 os.ftruncate(table_fd, _CAPACITY * 4)
                 mm = mmap.mmap(table_fd, _CAPACITY * 4, **UNTRACKED)
                 gone_r, gone_w = os.pipe2(os.O_CLOEXEC)
-                fds.append(gone_r)
                 self._gone_w = gone_w
+                fds.append(gone_r)
+                gone_r = fds[-1] = _past_stdio(gone_r)
                 self._token = f"{os.getpid()}.{os.urandom(6).hex()}"
                 argv = [_KEEPER_CODE, str(os.getpid()), str(gone_r),
                         f"{KEEPER_ENV}={self._token}/"]
@@ -362,6 +364,17 @@ class _Keeper:
         self._slots, self._free, self._next = {}, [], 1
         self._lock = threading.Lock()  # another thread may have held it at the fork
         self._pid = os.getpid()
+
+
+def _past_stdio(fd: int) -> int:
+    """``fd``, or a copy of it numbered 3 or more (the original closed): passed to the keeper
+    under its own number, it must not be one the keeper's stdio replaces (a supervisor started
+    with its stdio closed gets its first new fds there)."""
+    if fd > 2:
+        return fd
+    new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)  # (raises: ``fd`` is still open)
+    os.close(fd)
+    return new
 
 
 def claim_slot(path: str, slot: int) -> None:

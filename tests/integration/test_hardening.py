@@ -1491,3 +1491,49 @@ def test_a_pool_s_start_opens_the_keeper_s_gate_once_its_workers_are_forked(
         for p in (proc.stdout, proc.stdin):
             if p is not None:
                 p.close()
+
+
+_CLOSED_STDIO_SCRIPT = r"""
+import os, subprocess, sys
+out = sys.argv[2]
+for fd in (0, 1, 2):  # a daemon that closed its stdio: the keeper's fds are made in their place
+    os.close(fd)
+from corral._keeper import keeper
+keeper.start(gated=sys.argv[1] == "gated")
+group = subprocess.Popen(["sleep", "600"], start_new_session=True, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+keeper.register(group.pid)
+with open(out + ".tmp", "w") as fh:
+    fh.write(f"{keeper.pid} {group.pid} {keeper.table_path()}")
+os.rename(out + ".tmp", out)
+import threading
+threading.Event().wait()  # until the test SIGKILLs this process
+"""
+
+
+@pytest.mark.parametrize("gate", ["open", "gated"])
+@pytest.mark.timeout(60)
+def test_the_keeper_of_a_supervisor_without_stdio_watches_its_pipe_and_table(
+        gate: str, no_leaks: set[int], tmp_path: Path) -> None:
+    # The keeper's pipe and table are passed under their own numbers: made where a closed
+    # stdio left room (0-2), the keeper's own stdio replaced them (its pipe became /dev/null,
+    # read as the supervisor's end: every group killed at once).
+    out = tmp_path / "keeper"
+    proc = subprocess.Popen([sys.executable, "-c", _CLOSED_STDIO_SCRIPT, gate, str(out)],
+                            stdin=subprocess.DEVNULL)
+    no_leaks.add(proc.pid)
+    try:
+        wait_for(out.exists, 30, "the script's report")
+        keeper_pid, group, table = out.read_text().split()
+        no_leaks.update([int(keeper_pid), int(group)])
+        argv = Path(f"/proc/{keeper_pid}/cmdline").read_bytes().split(b"\0")
+        gone = int(argv[-3])  # ... <supervisor pid> <its pipe> <mark>
+        assert gone > 2 and os.readlink(f"/proc/{keeper_pid}/fd/{gone}").startswith("pipe:")
+        assert "memfd:corral-keeper" in os.readlink(table)
+        assert pid_alive(int(group))
+        proc.kill()
+        proc.wait(10)
+        wait_gone([int(keeper_pid), int(group)], 5, "the keeper and the registered group")
+    finally:
+        proc.kill()
+        proc.wait(10)
