@@ -5,8 +5,9 @@ worker alone: whatever the worker started (a subprocess, a shell pipeline) stays
 group and would be orphaned. Nothing the supervisor runs can help once it is SIGKILLed or calls
 ``os._exit()``, so one small helper per supervising process does it instead:
 
-- it is started once, with ``posix_spawn`` (never a fork of a multi-threaded supervisor), in a
-  session of its own so a terminal's Ctrl-C does not reach it;
+- it is started once, as a program of its own (exec'd: never a fork of a multi-threaded
+  supervisor that goes on running Python), in a session of its own so a terminal's Ctrl-C
+  does not reach it;
 - the supervisor writes each worker's process group into a table in shared memory (a memfd the
   keeper holds) as the worker starts, and clears it once the worker has been reaped: a store of
   four bytes, no system call, and the keeper is never woken while the supervisor lives (a pipe
@@ -20,11 +21,12 @@ If the supervisor ends cleanly every group has been cleared already and the keep
 
 A pool's start starts the keeper *gated*: ``/bin/sh`` waits on that pipe, and execs the keeper
 (the same pid, its stdin still the table) once the supervisor writes a newline there, after the
-pool's first workers are forked, or at EOF, when the supervisor is gone. A Python interpreter's
-own start costs ~10 ms of CPU, which on a small machine competed with the first workers' for
-the CPU (8 fork workers up ~5 ms, a third of their start-up); a shell costs ~0.7 ms. The
-protection holds from the gate's start: the groups are in the table, and the supervisor's death
-ends the wait as it ends the keeper's.
+pool's first starts are back, or at EOF, when the supervisor is gone. A Python interpreter's
+own start (~10 ms of CPU on a 2-core VM) competed with the first workers' for the CPU (8 fork
+workers' first start up ~5 ms); a shell costs ~0.7 ms. The groups are protected from the gate's
+start on, with less in reserve: until the gate opens only the pipe's EOF tells of the
+supervisor's death (no pidfd), and the keeper's interpreter starts then. Without a shell, or
+without an absolute ``sys.executable``, the keeper starts at once.
 
 The keeper never runs user code and imports nothing but the built-in ``_signal``, ``posix`` and
 ``sys`` and the small ``select``: ``os`` and ``signal`` (enum, functools, collections) doubled
@@ -38,6 +40,7 @@ import fcntl
 import logging
 import mmap
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -119,8 +122,9 @@ posix._exit(0)
 # ignored here stay ignored across the exec. ``read`` takes a pipe's bytes one at a time: the
 # newline that opens the gate is consumed, nothing after it. The pipe is opened by its /proc
 # path (dash's ``<&N`` takes one digit only) and whatever ``read`` meets (EOF, an error), the
-# exec follows: a gate that fails opens.
-_GATE = ('trap "" INT HUP TERM PIPE; read -r _ <"/proc/self/fd/$3"; '
+# exec follows: a gate that fails opens (``set +e``: a bash that is /bin/sh would take errexit
+# from an exported SHELLOPTS).
+_GATE = ('set +e; trap "" INT HUP TERM PIPE; read -r _ <"/proc/self/fd/$3" || :; '
          'exec "$0" -I -S -c "$1" "$2" "$3" "$4"')
 _SHELL = "/bin/sh"
 
@@ -172,7 +176,10 @@ class _Keeper:
                 self._reset()
             if self._proc is not None or self._failed:
                 return
-            gated = gated and os.access(_SHELL, os.X_OK)  # no shell (distroless): no gate
+            # No shell (distroless), or no Python to name: no gate (a keeper that cannot start
+            # is then seen here, and logged).
+            gated = (gated and os.access(_SHELL, os.X_OK) and os.path.isabs(sys.executable)
+                     and os.access(sys.executable, os.X_OK))
             mm: mmap.mmap | None = None
             fds: list[int] = []
             try:
@@ -184,9 +191,15 @@ class _Keeper:
                 self._gone_w = gone_w
                 fds.append(gone_r)
                 gone_r = fds[-1] = _past_stdio(gone_r)
+                # This end too: a daemon that gives itself stdio again (dup2 onto 0-2) would
+                # close it, and the keeper would take that for this process's end.
+                self._gone_w = _past_stdio(gone_w)
                 self._token = f"{os.getpid()}.{os.urandom(6).hex()}"
                 argv = [_KEEPER_CODE, str(os.getpid()), str(gone_r),
                         f"{KEEPER_ENV}={self._token}/"]
+                # Before _proc: a start() on another thread that finds the keeper running
+                # opens its gate (see the top of this method).
+                self._gated = gated
                 self._proc = subprocess.Popen(
                     [_SHELL, "-c", _GATE, sys.executable, *argv] if gated
                     else [sys.executable, "-I", "-S", "-c", *argv],
@@ -197,6 +210,7 @@ class _Keeper:
                 self._table_fd = table_fd
             except OSError as exc:
                 self._failed = True
+                self._gated = False
                 if mm is not None:
                     mm.close()
                 if self._gone_w >= 0:
@@ -209,7 +223,6 @@ class _Keeper:
                 for fd in fds:
                     os.close(fd)
             self._table = memoryview(mm).cast("i")
-            self._gated = gated
 
     def open_gate(self) -> None:
         """Let a gated keeper start its Python now (once; cheap when there is nothing to do)."""
@@ -219,8 +232,7 @@ class _Keeper:
             if not self._gated or self._pid != os.getpid():
                 return
             self._gated = False
-            with contextlib.suppress(OSError):  # a keeper killed by someone: nothing to open
-                os.write(self._gone_w, b"\n")
+            _write_unsignalled(self._gone_w, b"\n")
 
     def register(self, pgid: int) -> None:
         """Kill group ``pgid`` if this process dies before :meth:`unregister`."""
@@ -364,6 +376,26 @@ class _Keeper:
         self._slots, self._free, self._next = {}, [], 1
         self._lock = threading.Lock()  # another thread may have held it at the fork
         self._pid = os.getpid()
+
+
+def _write_unsignalled(fd: int, data: bytes) -> None:
+    """Write ``data`` to pipe ``fd``, whose reader may be gone (a keeper killed by someone):
+    neither an error nor a SIGPIPE, even where the program restored SIGPIPE's default (which
+    would end it). Blocked on this thread, a SIGPIPE the write raises stays pending there, and
+    is taken before the mask is restored."""
+    if signal.getsignal(signal.SIGPIPE) is signal.SIG_IGN:  # Python's default
+        with contextlib.suppress(OSError):
+            os.write(fd, data)
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
+    try:
+        os.write(fd, data)
+    except BrokenPipeError:
+        signal.sigtimedwait({signal.SIGPIPE}, 0)
+    except OSError:
+        pass
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _past_stdio(fd: int) -> int:

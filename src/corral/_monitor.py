@@ -285,6 +285,8 @@ class Monitor(SpawnPart, ExitPart, RemotePart, StandbyPart, ControlPart, WatchPa
             first, self._collecting = self._collecting, None
         self._starts_out += len(first)
         self._spawner.request_batch(first)
+        if not first:  # nothing to start (no workers): the keeper's own start may begin
+            keeper.open_gate()
         self._replenish(now)  # standbys after the workers
         # Queued before the thread exists: it forks the first worker as soon as it runs.
         self._spawner.start()

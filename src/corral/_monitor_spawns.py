@@ -283,7 +283,6 @@ class SpawnPart(_SpawnCore):
     def _spawned_batch(self, batch: list[tuple[SpawnRequest, ProcessLike | BaseException]],
                        ) -> None:
         self._starts_out = max(0, self._starts_out - len(batch))
-        keeper.open_gate()  # the first starts are done: the keeper's own may begin
         for req, result in batch:
             if req.standby is not None:
                 self._standby_spawned(req.standby, result, req.standby.pending_conn)
@@ -303,6 +302,7 @@ class SpawnPart(_SpawnCore):
         self._spawner.request(SpawnRequest(-sb.id, 0, boot, (), None, sb))
 
     def _spawned(self, req: SpawnRequest, result: ProcessLike | BaseException) -> None:
+        keeper.open_gate()  # the first starts are back: the keeper's own may begin
         index, generation, launch = req.index, req.generation, req.launch
         w = self._slots.get(index)
         if (w is None or w.generation != generation or w.state is not S.PENDING

@@ -173,6 +173,7 @@ class Supervisor:
                 monitor = Monitor(self.spec, self._emit, host=self._host, io=self._io,
                                   start_process=self._start_process)
             except BaseException:
+                keeper.open_gate()  # no pool to open it
                 self._close_endpoint(endpoint)
                 raise
             if self._subscribers:  # else it starts with the first subscribe()

@@ -1504,7 +1504,7 @@ group = subprocess.Popen(["sleep", "600"], start_new_session=True, stdin=subproc
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 keeper.register(group.pid)
 with open(out + ".tmp", "w") as fh:
-    fh.write(f"{keeper.pid} {group.pid} {keeper.table_path()}")
+    fh.write(f"{keeper.pid} {group.pid} {keeper.table_path()} {keeper._gone_w}")
 os.rename(out + ".tmp", out)
 import threading
 threading.Event().wait()  # until the test SIGKILLs this process
@@ -1524,8 +1524,9 @@ def test_the_keeper_of_a_supervisor_without_stdio_watches_its_pipe_and_table(
     no_leaks.add(proc.pid)
     try:
         wait_for(out.exists, 30, "the script's report")
-        keeper_pid, group, table = out.read_text().split()
+        keeper_pid, group, table, gone_w = out.read_text().split()
         no_leaks.update([int(keeper_pid), int(group)])
+        assert int(gone_w) > 2  # its own end too: stdio given back later (dup2) would close it
         argv = Path(f"/proc/{keeper_pid}/cmdline").read_bytes().split(b"\0")
         gone = int(argv[-3])  # ... <supervisor pid> <its pipe> <mark>
         assert gone > 2 and os.readlink(f"/proc/{keeper_pid}/fd/{gone}").startswith("pipe:")
@@ -1537,3 +1538,48 @@ def test_the_keeper_of_a_supervisor_without_stdio_watches_its_pipe_and_table(
     finally:
         proc.kill()
         proc.wait(10)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.timeout(60)
+def test_the_keeper_s_gate_execs_the_keeper_even_under_an_inherited_errexit(
+        tmp_path: Path) -> None:
+    # Where /bin/sh is bash, an exported SHELLOPTS=errexit made the gate's read, at the EOF
+    # that tells of the supervisor's death, end the shell: no keeper ran, no group was killed.
+    from corral._keeper import _GATE
+
+    r, w = os.pipe()
+    os.close(w)  # the supervisor is gone
+    marker = tmp_path / "ran"
+    code = f"open({str(marker)!r}, 'w').close()"
+    env = {**os.environ, "SHELLOPTS": "errexit"}
+    try:
+        done = subprocess.run(["bash", "--posix", "-c", _GATE, sys.executable, code, "1",
+                               str(r), "mark"], pass_fds=(r,), env=env, timeout=30,
+                              capture_output=True)
+    finally:
+        os.close(r)
+    assert done.returncode == 0, done.stderr
+    assert marker.exists()
+
+
+_SIGPIPE_SCRIPT = r"""
+import os, signal, sys, time
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # a command-line tool's usual choice
+from corral._keeper import keeper
+keeper.start(gated=True)
+os.kill(keeper.pid, signal.SIGKILL)  # someone kills the keeper at its gate
+os.waitid(os.P_PID, keeper.pid, os.WEXITED | os.WNOWAIT)  # dead (its pipe's reader gone)
+keeper.open_gate()  # a write to a pipe without a reader
+print("alive", flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_opening_the_gate_of_a_killed_keeper_does_not_kill_the_supervisor() -> None:
+    # The supervisor never wrote to the keeper's pipe before the gate; with SIGPIPE at its
+    # default, the newline to a keeper someone had killed ended the supervisor.
+    done = subprocess.run([sys.executable, "-c", _SIGPIPE_SCRIPT], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.strip() == "alive"
