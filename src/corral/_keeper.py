@@ -163,13 +163,16 @@ class _Keeper:
 
         Args:
             gated: the keeper's Python starts only at :meth:`open_gate` (or once this process
-                is gone): a pool's start opens it after its first workers are forked, so that
-                the keeper's start does not compete with theirs. Not gated: at once (and a
-                gated keeper's gate is opened).
+                is gone): a pool opens it once its first starts are back, so that the keeper's
+                start does not compete with theirs. Not gated: at once (and a gated keeper's
+                gate is opened).
         """
+        self._start(gated)
+        if not gated:  # (whichever thread started it, and however)
+            self.open_gate()
+
+    def _start(self, gated: bool) -> None:
         if self._pid == os.getpid() and (self._proc is not None or self._failed):
-            if not gated:
-                self.open_gate()
             return
         with self._lock:
             if self._pid != os.getpid():

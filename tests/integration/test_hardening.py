@@ -1583,3 +1583,64 @@ def test_opening_the_gate_of_a_killed_keeper_does_not_kill_the_supervisor() -> N
                           text=True, timeout=30)
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     assert done.stdout.strip() == "alive"
+
+
+_GATE_RACE_SCRIPT = r"""
+import os, subprocess, sys, threading, time
+from corral import _keeper
+from corral._keeper import keeper
+in_popen, go_on = threading.Event(), threading.Event()
+Popen = subprocess.Popen
+def held_popen(*args, **kwargs):  # the gated start held half-way, its lock held
+    proc = Popen(*args, **kwargs)
+    in_popen.set()
+    go_on.wait(30)
+    return proc
+_keeper.subprocess.Popen = held_popen
+gated = threading.Thread(target=keeper.start, kwargs={"gated": True})
+gated.start()
+in_popen.wait(30)
+_keeper.subprocess.Popen = Popen
+import inspect
+code = getattr(keeper, "_start", keeper.start).__func__
+lines, first = inspect.getsourcelines(code)
+at_lock = first + next(i for i, line in enumerate(lines) if "with self._lock:" in line)
+plain = threading.Thread(target=keeper.start)  # a ProcessPool's start, say, meanwhile
+plain.start()
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:  # until it waits for the lock inside the start
+    frame = sys._current_frames().get(plain.ident)
+    if frame is not None and frame.f_code is code.__code__ and frame.f_lineno == at_lock:
+        break
+    time.sleep(0.001)
+else:
+    sys.exit("the plain start never reached the lock")
+go_on.set()
+gated.join(30)
+plain.join(30)
+print(keeper.pid, flush=True)
+sys.stdin.read()  # until the test ends it
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_plain_start_that_waited_for_a_gated_one_opens_the_gate(no_leaks: set[int]) -> None:
+    # A start that wants the keeper running at once, made while another thread was starting
+    # it gated, found it started and returned with the gate still closed.
+    proc = subprocess.Popen([sys.executable, "-c", _GATE_RACE_SCRIPT], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        keeper_pid = int(proc.stdout.readline())
+        no_leaks.add(keeper_pid)
+        wait_for(lambda: exe_of(keeper_pid) == os.path.realpath(sys.executable), 30,
+                 "the keeper's Python to start")
+        proc.kill()
+        proc.wait(10)
+        wait_gone([keeper_pid], 10, "the keeper, after its supervisor")
+    finally:
+        proc.kill()
+        proc.wait(10)
+        for p in (proc.stdout, proc.stdin):
+            if p is not None:
+                p.close()
