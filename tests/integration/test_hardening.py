@@ -1375,14 +1375,28 @@ def exe_of(pid: int) -> str:
 SHELL = os.path.realpath("/bin/sh")
 
 
+@contextlib.contextmanager
+def python_script(code: str, *args: str, **popen: Any) -> Iterator[subprocess.Popen[str]]:
+    """``python -c code *args`` (text streams), killed and reaped and its pipes closed when
+    the block ends, however it ends."""
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], text=True, **popen)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(10)
+        for stream in (proc.stdout, proc.stdin):
+            if stream is not None:
+                stream.close()
+
+
 @pytest.mark.parametrize("gate", ["open", "gated"])
 @pytest.mark.timeout(60)
 def test_keeper_kills_registered_groups_only(gate: str, no_leaks: set[int]) -> None:
     # Gated (a pool's start: the keeper's Python starts once the first workers are forked): a
     # supervisor that dies before the gate opens still has its groups killed.
-    proc = subprocess.Popen([sys.executable, "-c", _KEEPER_SCRIPT, gate], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    try:
+    with python_script(_KEEPER_SCRIPT, gate, stdin=subprocess.PIPE,
+                       stdout=subprocess.PIPE) as proc:
         assert proc.stdout is not None
         *pids, keeper_pid = (int(x) for x in proc.stdout.readline().split())
         no_leaks.update([*pids, keeper_pid])
@@ -1395,12 +1409,6 @@ def test_keeper_kills_registered_groups_only(gate: str, no_leaks: set[int]) -> N
         assert pid_alive(pids[1])
         os.kill(pids[1], signal.SIGKILL)
         wait_gone([pids[1]], 5, "the unregistered group")
-    finally:
-        proc.kill()
-        proc.wait(10)
-        for p in (proc.stdout, proc.stdin):
-            if p is not None:
-                p.close()
 
 
 @pytest.mark.timeout(60)
@@ -1464,9 +1472,8 @@ def test_a_pool_s_start_opens_the_keeper_s_gate_once_its_workers_are_forked(
         no_leaks: set[int]) -> None:
     # The keeper's Python start (~10 ms of CPU) competed with a pool's first workers for the
     # CPU: a pool's start leaves it at its gate (a shell) until the first starts are back.
-    proc = subprocess.Popen([sys.executable, "-c", _GATE_SCRIPT], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, cwd=HERE)
-    try:
+    with python_script(_GATE_SCRIPT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                       cwd=HERE) as proc:
         assert proc.stdin is not None and proc.stdout is not None
         keeper_pid, group = (int(x) for x in proc.stdout.readline().split())
         no_leaks.update([keeper_pid, group])
@@ -1485,12 +1492,6 @@ def test_a_pool_s_start_opens_the_keeper_s_gate_once_its_workers_are_forked(
         proc.kill()
         proc.wait(10)
         wait_gone([keeper_pid, group, *workers], 5, "the keeper, its group and the workers")
-    finally:
-        proc.kill()
-        proc.wait(10)
-        for p in (proc.stdout, proc.stdin):
-            if p is not None:
-                p.close()
 
 
 _CLOSED_STDIO_SCRIPT = r"""
@@ -1519,10 +1520,8 @@ def test_the_keeper_of_a_supervisor_without_stdio_watches_its_pipe_and_table(
     # stdio left room (0-2), the keeper's own stdio replaced them (its pipe became /dev/null,
     # read as the supervisor's end: every group killed at once).
     out = tmp_path / "keeper"
-    proc = subprocess.Popen([sys.executable, "-c", _CLOSED_STDIO_SCRIPT, gate, str(out)],
-                            stdin=subprocess.DEVNULL)
-    no_leaks.add(proc.pid)
-    try:
+    with python_script(_CLOSED_STDIO_SCRIPT, gate, str(out), stdin=subprocess.DEVNULL) as proc:
+        no_leaks.add(proc.pid)
         wait_for(out.exists, 30, "the script's report")
         keeper_pid, group, table, gone_w = out.read_text().split()
         no_leaks.update([int(keeper_pid), int(group)])
@@ -1535,9 +1534,6 @@ def test_the_keeper_of_a_supervisor_without_stdio_watches_its_pipe_and_table(
         proc.kill()
         proc.wait(10)
         wait_gone([int(keeper_pid), int(group)], 5, "the keeper and the registered group")
-    finally:
-        proc.kill()
-        proc.wait(10)
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
@@ -1627,9 +1623,8 @@ sys.stdin.read()  # until the test ends it
 def test_a_plain_start_that_waited_for_a_gated_one_opens_the_gate(no_leaks: set[int]) -> None:
     # A start that wants the keeper running at once, made while another thread was starting
     # it gated, found it started and returned with the gate still closed.
-    proc = subprocess.Popen([sys.executable, "-c", _GATE_RACE_SCRIPT], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    try:
+    with python_script(_GATE_RACE_SCRIPT, stdin=subprocess.PIPE,
+                       stdout=subprocess.PIPE) as proc:
         assert proc.stdout is not None
         keeper_pid = int(proc.stdout.readline())
         no_leaks.add(keeper_pid)
@@ -1638,9 +1633,3 @@ def test_a_plain_start_that_waited_for_a_gated_one_opens_the_gate(no_leaks: set[
         proc.kill()
         proc.wait(10)
         wait_gone([keeper_pid], 10, "the keeper, after its supervisor")
-    finally:
-        proc.kill()
-        proc.wait(10)
-        for p in (proc.stdout, proc.stdin):
-            if p is not None:
-                p.close()
